@@ -1,0 +1,173 @@
+"""Training-step throughput: emjax vs Hugging Face transformers (PyTorch), same shape, one process.
+
+Both sides train the same Llama/Qwen2-shaped model (random weights) with AdamW on
+the same batch size and sequence length; each is warmed up, then timed over
+`--steps` steps. Prints one JSON line:
+
+  {"emjax": {"tokens_per_s", "mfu", ...}, "hf": {...}, "ratio_tokens_per_s": emjax / hf, ...}
+
+MFU = model FLOPs (6 N T + causal attention) / (seconds * peak). The peak is the
+device's dense bf16 figure on accelerators; on CPU there is no vendor figure, so
+the benchmark measures a float32 matmul peak first and reports MFU against it.
+
+  python benchmarks/train.py                      # CPU: small Llama shape
+  python benchmarks/train.py --preset=qwen2.5-0.5b  # GPU: Qwen2.5-0.5B shape, seq 2048, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+PRESETS = {
+    # A small Llama shape that a 2-core CPU steps through in about a second.
+    "cpu-small": dict(
+        model=dict(family="llama", vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704,
+                   rope_theta=10000.0, tie_embeddings=False, dtype="float32"),
+        batch=8, seq=256),
+    # Qwen2.5-0.5B: what the peer figures in shared/benchmarks/peer_baselines.md use.
+    "qwen2.5-0.5b": dict(
+        model=dict(family="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                   d_ff=4864, rope_theta=1e6, qkv_bias=True, tie_embeddings=True, norm_eps=1e-6,
+                   dtype="bfloat16", remat="dots_with_no_batch_dims", attention="cudnn"),
+        batch=8, seq=2048),
+}
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
+  import jax
+  from emjax import config as config_lib
+  from emjax import sharding as shd
+  from emjax.train import loop
+
+  config = config_lib.base_config()
+  config.model.update(**preset["model"])
+  config.data.seq_len = preset["seq"]
+  config.train.update(batch_size=preset["batch"], steps=steps + warmup, lr=1e-4, warmup_steps=0)
+  trainer = loop.Trainer(config)
+  state = trainer.init_state()
+  rng = np.random.default_rng(0)
+  b, l = preset["batch"], preset["seq"]
+  tokens = rng.integers(0, config.model.vocab_size, (b, l + 1)).astype(np.int32)
+  local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, l), np.int32),
+           "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy(),
+           "loss_mask": np.ones((b, l), np.float32)}
+  batch = shd.put_local_batch(local, trainer.mesh)
+  compiled = trainer.compile()
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - t0) / steps
+  return {"step_s": seconds, "tokens_per_s": b * l / seconds, "flops_per_step": trainer.flops_per_step(),
+          "loss": float(metrics["loss"]), "devices": trainer.mesh.size,
+          "device_kind": jax.devices()[0].device_kind}
+
+
+def bench_hf(preset: dict, steps: int, warmup: int, compile_model: bool) -> dict:
+  import torch
+  import transformers
+
+  m = preset["model"]
+  common = dict(vocab_size=m["vocab_size"], hidden_size=m["d_model"], intermediate_size=m["d_ff"],
+                num_hidden_layers=m["n_layers"], num_attention_heads=m["n_heads"],
+                num_key_value_heads=m["n_kv_heads"], rope_theta=m["rope_theta"],
+                tie_word_embeddings=m["tie_embeddings"], rms_norm_eps=m.get("norm_eps", 1e-5))
+  if m["family"] == "qwen2":
+    hf_cfg = transformers.Qwen2Config(**common)
+  else:
+    hf_cfg = transformers.LlamaConfig(**common)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  hf_cfg._attn_implementation = "sdpa"
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device)
+  model.train()
+  fwd = torch.compile(model) if compile_model else model
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+  b, l = preset["batch"], preset["seq"]
+  tokens = torch.randint(0, m["vocab_size"], (b, l), device=device)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=m["dtype"] == "bfloat16")
+
+  def step():
+    with autocast:
+      loss = fwd(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  for _ in range(warmup):
+    step()
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  sync()
+  seconds = (time.perf_counter() - t0) / steps
+  return {"step_s": seconds, "tokens_per_s": b * l / seconds, "loss": float(loss), "torch": torch.__version__,
+          "threads": torch.get_num_threads(), "compiled": compile_model}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                      help="default: qwen2.5-0.5b on a GPU, cpu-small otherwise")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--hf_compile", action="store_true", help="also wrap the HF model in torch.compile")
+  parser.add_argument("--peak_flops", type=float, default=0.0, help="override the per-device peak FLOP/s")
+  args = parser.parse_args()
+
+  import jax
+  from emjax.models.transformer import TransformerConfig
+  from emjax.train import perf
+
+  on_cpu = jax.devices()[0].platform == "cpu"
+  name = args.preset or ("cpu-small" if on_cpu else "qwen2.5-0.5b")
+  preset = PRESETS[name]
+  peak = perf.peak_flops_per_device(args.peak_flops)
+  peak_source = "config/device table"
+  if peak is None:
+    peak, peak_source = measure_matmul_peak(), "measured fp32 1024^3 matmul on this CPU"
+  emjax_result = bench_emjax(preset, args.steps, args.warmup)
+  hf_result = bench_hf(preset, args.steps, args.warmup, args.hf_compile)
+  flops = emjax_result["flops_per_step"]
+  for r in (emjax_result, hf_result):
+    r["mfu"] = flops / r["step_s"] / (emjax_result["devices"] * peak)
+  cfg = TransformerConfig.from_config(preset["model"])
+  print(json.dumps({
+      "preset": name, "params": cfg.num_params(), "batch": preset["batch"], "seq": preset["seq"],
+      "dtype": preset["model"]["dtype"], "device_kind": emjax_result["device_kind"],
+      "peak_flops_per_device": peak, "peak_source": peak_source,
+      "emjax": emjax_result, "hf": hf_result,
+      "ratio_tokens_per_s": emjax_result["tokens_per_s"] / hf_result["tokens_per_s"],
+      "date": time.strftime("%Y-%m-%d"),
+  }))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main()

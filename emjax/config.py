@@ -1,0 +1,126 @@
+"""Config helpers: the full default config, validation with clear messages, variants.
+
+Config files (`configs/**/*.py`) start from `base_config()` so that every key
+exists; `emjax.main` locks the result, so an override of a misspelt key is an
+error naming that key instead of a silently ignored setting. Variants follow
+big_vision: `--config=configs/pretrain/tiny.py:mix=grammar_heavy,steps=50` calls
+`get_config("mix=grammar_heavy,steps=50")`; `parse_arg` turns that string into a
+ConfigDict of typed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from emjax.models import transformer
+
+JOBS = ("pretrain", "compile")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from emjax.data.pipeline import default_data_config
+
+  c = ml_collections.ConfigDict()
+  c.job = "pretrain"
+  c.model = dataclasses.asdict(transformer.TransformerConfig())
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.train = dict(
+      steps=100,
+      batch_size=8,  # global, in sequences
+      seed=0,
+      objective="ce",
+      optimizer="adamw",  # adamw | sgd | adafactor
+      lr=3e-4,
+      schedule="cosine",  # cosine | linear | constant
+      warmup_steps=10,
+      end_lr_fraction=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      momentum=0.9,  # sgd only
+      weight_decay=0.1,
+      grad_clip=1.0,  # global-norm clip; 0 disables
+      grad_accum_steps=1,
+      log_every=1,
+      peak_flops_per_device=0.0,  # 0 = detect from the device kind (unknown on CPU: no MFU)
+  )
+  c.data = default_data_config()
+  c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
+  # AOT compile job: compile for the mesh without materialising anything.
+  c.compile = dict(topology="", platform="")  # e.g. topology="v5e:16x16", platform="tpu" (later issue)
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'a=1,b=x,c' -> ConfigDict(a=1, b='x', c=True), typed like `defaults` (unknown names are errors)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config variant: unknown option {key!r} in {arg!r}; options: {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
+
+
+def _fail(key: str, msg: str):
+  raise ValueError(f"config.{key}: {msg}")
+
+
+def validate(config) -> None:
+  """Checks that cut across sections; each message names the offending key."""
+  from emjax.data.pipeline import validate_data_config
+
+  if config.job not in JOBS:
+    _fail("job", f"unknown job {config.job!r}; known: {', '.join(JOBS)}")
+  transformer.TransformerConfig.from_config(config.model)
+  tc = config.train
+  for key in ("steps", "batch_size", "grad_accum_steps", "log_every"):
+    if int(tc[key]) < 1:
+      _fail(f"train.{key}", f"must be >= 1, got {tc[key]}")
+  if not math.isfinite(tc.lr) or tc.lr < 0:
+    _fail("train.lr", f"must be a finite non-negative number, got {tc.lr}")
+  if config.checkpoint.every_steps < 1:
+    _fail("checkpoint.every_steps", f"must be >= 1, got {config.checkpoint.every_steps}")
+  validate_data_config(config.data)
+
+
+def write_config(config, workdir: str) -> None:
+  """The resolved config as JSON; a resumed run with a different config keeps the old one beside it."""
+  import jax
+
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      n = 1
+      while os.path.exists(f"{path}.{n}"):
+        n += 1
+      os.rename(path, f"{path}.{n}")
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def load_config_json(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))

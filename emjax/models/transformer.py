@@ -1,0 +1,380 @@
+"""Decoder-only transformer in Flax NNX for the Llama / Qwen2 / OLMo-2 family.
+
+One module tree covers the three families; they differ only in switches:
+
+  llama   pre-norm blocks, no biases, optional Llama-3 RoPE scaling
+  qwen2   llama + a bias on the q/k/v projections
+  olmo2   post-norm blocks (norm applied to each sub-layer's output) + RMS
+          QK-norm over the full q and k projections
+
+Parameters live in `param_dtype` (float32) and are cast to the compute `dtype`
+(bfloat16 on accelerators) where they are used. Every parameter carries its
+logical axis names as `logical_axes` metadata; `emjax.sharding` maps them onto
+the mesh. The blocks are stored stacked (a leading `layers` axis) so that the
+forward pass can `lax.scan` over them: one compiled block whatever the depth.
+
+Shapes are named in variable suffixes: B batch, L length (queries), S length
+(keys), D model width, H query heads, K kv heads, G = H // K, Dh head dim,
+F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emjax import sharding as shd
+
+FAMILIES = ("llama", "qwen2", "olmo2")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture of the decoder; built from `config.model` by `from_config`."""
+
+  family: str = "llama"
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 0  # 0 = d_model // n_heads
+  d_ff: int = 128
+  rope_theta: float = 10000.0
+  # Llama-3 style frequency scaling; factor 0 disables it.
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  post_norm: bool = False
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+  attention: str = "auto"
+
+  def __post_init__(self):
+    def bad(key, msg):
+      raise ValueError(f"config.model.{key}: {msg}")
+
+    if self.family not in FAMILIES:
+      bad("family", f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+      if getattr(self, key) <= 0:
+        bad(key, f"must be positive, got {getattr(self, key)}")
+    if self.n_heads % self.n_kv_heads:
+      bad("n_kv_heads", f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim == 0 and self.d_model % self.n_heads:
+      bad("head_dim", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+    if self.resolved_head_dim % 2:
+      bad("head_dim", f"must be even for RoPE, got {self.resolved_head_dim}")
+    if self.remat not in REMAT_POLICIES:
+      bad("remat", f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLS:
+      bad("attention", f"unknown attention implementation {self.attention!r}; choose from {', '.join(ATTENTION_IMPLS)}")
+    for key in ("param_dtype", "dtype"):
+      try:
+        jnp.dtype(getattr(self, key))
+      except TypeError:
+        bad(key, f"unknown dtype {getattr(self, key)!r}")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @classmethod
+  def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":
+    values = dict(model_cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"config.model: unknown keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    d, dh, f = self.d_model, self.resolved_head_dim, self.d_ff
+    attn = d * dh * (2 * self.n_heads + 2 * self.n_kv_heads)
+    if self.qkv_bias:
+      attn += dh * (self.n_heads + 2 * self.n_kv_heads)
+    if self.qk_norm:
+      attn += dh * (self.n_heads + self.n_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    total = self.n_layers * per_layer + d
+    if include_embeddings:
+      total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return total
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (non-embedding matmuls + lm head) + causal attention."""
+    n_matmul = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+    attn = 6 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len  # causal: half of 12
+    return 6.0 * n_matmul + attn
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: TransformerConfig, std: float | None = None, init: str = "normal"):
+  dtype = jnp.dtype(cfg.param_dtype)
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std if std is not None else cfg.init_std) * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.scale = _param(rngs, (dim,), ("norm",), cfg, init="ones")
+
+  def __call__(self, x):
+    # Normalise in float32 (as HF does), then return in the input's dtype.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: TransformerConfig) -> jax.Array:
+  dh = cfg.resolved_head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if cfg.rope_scaling_factor:
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth in between.
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = jnp.where(is_medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x_BxLxNxDh, positions_BxL, inv_freq):
+  """Rotary embedding with the "rotate half" layout that HF Llama/Qwen2/OLMo-2 use."""
+  angles_BxLxHalf = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxLxHalf)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxHalf)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxNxDh.dtype)
+
+
+def attention_mask(q_positions_BxL, q_segments_BxL, kv_positions_BxS, kv_segments_BxS):
+  """Causal and same-document: query i sees key j iff same segment and pos_j <= pos_i.
+
+  Segment id 0 marks padding; padded keys are never visible. A padded query sees
+  nothing, and its (ignored) output is defined as zeros by the softmax guard below.
+  """
+  same_doc = q_segments_BxL[:, :, None] == kv_segments_BxS[:, None, :]
+  causal = kv_positions_BxS[:, None, :] <= q_positions_BxL[:, :, None]
+  real_key = kv_segments_BxS[:, None, :] != 0
+  return same_doc & causal & real_key
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: str):
+  """Grouped-query attention; `impl` picks XLA's or cuDNN's fused kernel."""
+  if impl in ("auto", "cudnn"):
+    return jax.nn.dot_product_attention(
+        q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None],
+        implementation=None if impl == "auto" else "cudnn")
+  b, l, h, dh = q_BxLxHxDh.shape
+  k_heads = k_BxSxKxDh.shape[2]
+  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # A fully masked row (padding query) would attend uniformly; zero it instead.
+  probs = jnp.where(mask_BxLxS[:, None, None].any(-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
+  return out.reshape(b, l, h, dh)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+    self.q_proj = _param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), cfg)
+    self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.o_proj = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), cfg)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, dh), ("q_heads", "head_dim"), cfg, init="zeros")
+      self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
+      self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
+    if cfg.qk_norm:
+      # OLMo-2 normalises the whole projected q (and k) vector, across heads.
+      self.q_norm = _param(rngs, (h, dh), ("q_heads", "head_dim"), cfg, init="ones")
+      self.k_norm = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="ones")
+
+  def _rms_over_heads(self, x_BxLxNxDh, scale):
+    x32 = x_BxLxNxDh.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=(-2, -1), keepdims=True)
+    return (x32 * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale[...].astype(jnp.float32)).astype(x_BxLxNxDh.dtype)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq):
+    cfg = self.cfg
+    dtype = x_BxLxD.dtype
+    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_proj[...].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k_proj[...].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v_proj[...].astype(dtype))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dtype)
+      k = k + self.k_bias[...].astype(dtype)
+      v = v + self.v_bias[...].astype(dtype)
+    if cfg.qk_norm:
+      q = self._rms_over_heads(q, self.q_norm)
+      k = self._rms_over_heads(k, self.k_norm)
+    q = apply_rope(q, positions_BxL, inv_freq)
+    k = apply_rope(k, positions_BxL, inv_freq)
+    q = shd.constrain(q, ("batch", "length", "q_heads", "head_dim"))
+    k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    mask = attention_mask(positions_BxL, segment_ids_BxL, positions_BxL, segment_ids_BxL)
+    out_BxLxHxDh = dot_product_attention(q, k, v, mask, cfg.attention)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.o_proj[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+  def __call__(self, x_BxLxD):
+    dtype = x_BxLxD.dtype
+    gate_BxLxF = x_BxLxD @ self.gate_proj[...].astype(dtype)
+    up_BxLxF = x_BxLxD @ self.up_proj[...].astype(dtype)
+    h_BxLxF = shd.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    return h_BxLxF @ self.down_proj[...].astype(dtype)
+
+
+class Block(nnx.Module):
+  """One decoder layer. Pre-norm (Llama, Qwen2) or post-norm (OLMo-2)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.post_norm = cfg.post_norm
+    self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq):
+    if self.post_norm:
+      h = x_BxLxD + self.attn_norm(self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq))
+      out = h + self.mlp_norm(self.mlp(h))
+    else:
+      h = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, inv_freq)
+      out = h + self.mlp(self.mlp_norm(h))
+    return shd.constrain(out, ("batch", "length", "embed_act"))
+
+
+def _remat_policy(name: str):
+  return {
+      "full": None,  # save nothing: recompute the whole block
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+class Transformer(nnx.Module):
+  """Token ids in, next-token logits out."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+    self.layers = _stacked_blocks(cfg, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones_like(tokens_BxL)
+    # Gather rows from the whole table (as FSDP gathers any weight before use): the
+    # SPMD partitioner cannot gather from a vocab- or width-split table efficiently.
+    table_VxD = shd.constrain(self.embed[...], (None, None))
+    x = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
+    x = shd.constrain(x, ("batch", "length", "embed_act"))
+    inv_freq = rope_inverse_frequencies(cfg)
+    x = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq)
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dtype))
+    else:
+      logits = x @ self.lm_head[...].astype(dtype)
+    return shd.constrain(logits, ("batch", "length", "vocab"))
+
+  def _apply_layers(self, x, positions, segment_ids, inv_freq):
+    graphdef, stacked_state = nnx.split(self.layers)
+
+    def layer(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, inv_freq)
+
+    if self.cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_remat_policy(self.cfg.remat))
+    if self.cfg.scan_layers:
+      x, _ = jax.lax.scan(lambda carry, s: (layer(carry, s), None), x, stacked_state)
+      return x
+    for i in range(self.cfg.n_layers):
+      x = layer(x, jax.tree.map(lambda a: a[i], stacked_state))
+    return x
+
+
+def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
+  """n_layers Blocks stored as one Block whose parameters have a leading `layers` axis."""
+  blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+  for _, variable in nnx.to_flat_state(stacked):
+    variable.set_metadata("logical_axes", ("layers",) + tuple(variable.get_metadata()["logical_axes"]))
+  return nnx.merge(graphdef, stacked)
+
+
+# ----------------------------------------------------------------------------- pure-pytree helpers
+
+
+def param_logical_axes(model: Transformer) -> dict:
+  """Nested dict (same structure as `params_of(model)`) of logical-axis tuples."""
+  state = nnx.state(model, nnx.Param)
+  axes = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return _to_pure_dict(axes)
+
+
+def split_model(model: Transformer):
+  """The graph (static) and the parameters as a plain nested dict of arrays."""
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, _to_pure_dict(state)
+
+
+def _to_pure_dict(state) -> dict:
+  # flax >= 0.12 moved this from a State method to a function.
+  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def abstract_model(cfg: TransformerConfig) -> Transformer:
+  """The model with `jax.ShapeDtypeStruct` leaves: nothing is allocated."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,334 @@
+"""The one training loop: every channel is an objective plus a batch source.
+
+    batches (grain) -> put on the mesh -> jitted step (donated state) -> metrics
+                                                 \\-> orbax checkpoint (+ data position)
+
+The step is a pure function `(state, batch) -> (state, metrics)` compiled once
+with explicit in/out shardings. The model graph is split off once; inside the
+step `nnx.merge` only happens at trace time, so no per-step Python work grows
+with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from emjax import config as config_lib
+from emjax import sharding as shd
+from emjax.models import transformer
+from emjax.train import checkpoint as ckpt_lib
+from emjax.train import objectives as objectives_lib
+from emjax.train import perf
+from emjax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+# Keys of a batch that the step reads; other keys (e.g. `source_id`) stay on the host.
+MODEL_BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def _merge_trees(a: Mapping, b: Mapping) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge_trees(out[k], v) if k in out and isinstance(v, Mapping) else v
+  return out
+
+
+def _global_norm(tree) -> jax.Array:
+  # optax.tree.norm replaced optax.global_norm; support both.
+  tree_utils = getattr(optax, "tree", None)
+  return tree_utils.norm(tree) if hasattr(tree_utils, "norm") else optax.global_norm(tree)
+
+
+def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh | None) -> Callable:
+  """The pure step: exact token-mean gradients over all micro-batches, then one update."""
+
+  def loss_sums(params, frozen, batch):
+    model = nnx.merge(graphdef, _merge_trees(frozen, params))
+    with shd.activation_sharding(mesh):
+      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    out = objective(logits, batch)
+    return out.loss_sum, out
+
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+  def step(state, batch):
+    params, frozen = state["params"], state["frozen"]
+    if grad_accum_steps == 1:
+      (loss_sum, out), grads = grad_fn(params, frozen, batch)
+      weight, extra = out.weight, out.metrics
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+      if mesh is not None:
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES))), micro)
+
+      def accumulate(carry, mb):
+        (l, o), g = grad_fn(params, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (g, l, o.weight, o.metrics)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      first = jax.tree.map(lambda x: x[0], micro)
+      _, o_shape = jax.eval_shape(loss_sums, params, frozen, first)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+              jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), o_shape.metrics))
+      (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, init, micro)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = _global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt_state=opt_state)
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
+               "learning_rate": schedule(state["step"]), "loss_tokens": weight}
+    metrics.update({k: v / denom for k, v in extra.items()})
+    return new_state, metrics
+
+  return step
+
+
+def batch_abstract(batch_size: int, seq_len: int, mesh: Mesh) -> dict:
+  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
+            "positions": jnp.int32, "loss_mask": jnp.float32}
+  return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes[k], sharding=shd.batch_sharding(mesh))
+          for k in MODEL_BATCH_KEYS}
+
+
+class Trainer:
+  """Static pieces of a run (mesh, layout, jitted step) built from a config, nothing materialised."""
+
+  def __init__(self, config, mesh: Mesh | None = None):
+    config_lib.validate(config)
+    self.config = config
+    self.model_cfg = transformer.TransformerConfig.from_config(config.model)
+    self.mesh = mesh or shd.make_mesh(config.mesh)
+    dp = shd.data_parallel_size(self.mesh)
+    tc = config.train
+    if tc.batch_size % (dp * tc.grad_accum_steps):
+      raise ValueError(
+          f"config.train.batch_size={tc.batch_size} must be divisible by the data-parallel size "
+          f"(mesh.data*mesh.fsdp={dp}) times train.grad_accum_steps={tc.grad_accum_steps}")
+    self.schedule = state_lib.make_schedule(tc)
+    self.tx = state_lib.make_optimizer(tc, self.schedule)
+    self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh)
+    self.objective = objectives_lib.get_objective(tc.objective)
+    step = make_train_step(self.layout.graphdef, self.objective, self.tx, self.schedule,
+                           tc.grad_accum_steps, self.mesh)
+    self.batch_abstract = batch_abstract(tc.batch_size, config.data.seq_len, self.mesh)
+    self.batch_shardings = {k: v.sharding for k, v in self.batch_abstract.items()}
+    self.step_fn = jax.jit(step, in_shardings=(self.layout.shardings, self.batch_shardings),
+                           out_shardings=(self.layout.shardings, shd.replicated(self.mesh)),
+                           donate_argnums=(0,))
+
+  def compile(self):
+    """Lower and compile from abstract shapes alone (ahead of time; no parameter materialised)."""
+    return self.step_fn.lower(self.layout.abstract, self.batch_abstract).compile()
+
+  def init_state(self) -> dict:
+    return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed)
+
+  def flops_per_step(self) -> float:
+    tc = self.config.train
+    return self.model_cfg.flops_per_token(self.config.data.seq_len) * tc.batch_size * self.config.data.seq_len
+
+
+class MetricsWriter:
+  """metrics.jsonl (one object per logged step) + TensorBoard events; process 0 only."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not self.enabled:
+      return
+    _truncate_metrics(self.path, resume_step)
+    self._file = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # optional: metrics.jsonl is the record
+      log.warning("tensorboardX not installed: no TensorBoard events")
+
+  def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and v is not None:
+          self._tb.add_scalar(k, v, row["step"])
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _truncate_metrics(path: str, resume_step: int) -> None:
+  """Keep rows up to the resumed step; rows after it (recomputed now) are kept aside, not lost."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep, later = [], []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a line cut by a kill: set aside
+      later.append(line)
+      continue
+    (keep if row.get("step", 0) <= resume_step else later).append(line)
+  if later:
+    aside = f"{path}.after_step_{resume_step}"
+    with open(aside, "a") as f:
+      f.writelines(later)
+    log.info("metrics: %d rows after step %d moved to %s (they are recomputed now)", len(later), resume_step, aside)
+  with open(path, "w") as f:
+    f.writelines(keep)
+
+
+def _finite_or_raise(rows: list[dict], last_good_ckpt: int | None, ckpt_dir: str) -> None:
+  for row in rows:
+    if not math.isfinite(row["loss"]):
+      where = (f"the last good checkpoint is step {last_good_ckpt} in {ckpt_dir}" if last_good_ckpt is not None
+               else "no checkpoint was written before it")
+      raise NonFiniteLossError(
+          f"loss became {row['loss']} at step {row['step']}; training stopped and nothing from that step "
+          f"on was saved; {where}. Lower train.lr or check the data.")
+
+
+def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool = True) -> dict:
+  """Run (or resume) the configured training job in `workdir`; returns the final metrics row."""
+  from emjax.data import pipeline as data_pipeline
+  from emjax.data import tokenizers
+
+  os.makedirs(workdir, exist_ok=True)
+  _clear_status(workdir)
+  trainer = Trainer(config, mesh)
+  tc, mesh = config.train, trainer.mesh
+  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > trainer.model_cfg.vocab_size:
+    raise ValueError(f"config.model.vocab_size={trainer.model_cfg.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer.vocab_size}, config.data.tokenizer)")
+  config_lib.write_config(config, workdir)
+
+  batches = iter(data_pipeline.make_batches(config.data, tokenizer, tc.batch_size, seed=tc.seed))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  restored = checkpointer.restore_latest(trainer.layout.abstract) if config.checkpoint.resume else None
+  if restored is not None:
+    start_step, state, data_state = restored
+    data_pipeline.restore_iterator(batches, data_state)
+    log.info("resumed from step %d (%s)", start_step, checkpointer.directory)
+  else:
+    start_step, state = 0, trainer.init_state()
+  last_saved = start_step if restored is not None else None
+
+  compiled = trainer.compile()
+  _log_memory(compiled)
+  writer = MetricsWriter(workdir, start_step)
+  peak = perf.peak_flops_per_device(tc.peak_flops_per_device)
+  flops_per_step = trainer.flops_per_step()
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  pending: list[tuple[int, dict]] = []
+  last_row: dict = {}
+  t_last, steps_since = time.perf_counter(), 0
+
+  progress = _progress(start_step, tc.steps, show_progress)
+  try:
+    for step in range(start_step + 1, tc.steps + 1):
+      local = next(batches)
+      batch = shd.put_local_batch({k: local[k] for k in MODEL_BATCH_KEYS}, mesh)
+      state, metrics = compiled(state, batch)
+      pending.append((step, metrics))
+      steps_since += 1
+      should_save = step % config.checkpoint.every_steps == 0 or step == tc.steps
+      if step % tc.log_every == 0 or should_save:
+        rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending.clear()
+        elapsed = time.perf_counter() - t_last
+        step_time = elapsed / steps_since
+        t_last, steps_since = time.perf_counter(), 0
+        _finite_or_raise(rows, last_saved, checkpointer.directory)
+        for row in rows:
+          row.update(tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
+                     mfu=perf.mfu(flops_per_step, step_time, mesh.size, peak))
+          if row["step"] % tc.log_every == 0 or row["step"] == tc.steps:
+            writer.write(row)
+        last_row = rows[-1]
+        progress.set_postfix(loss=f"{last_row['loss']:.4f}", refresh=False)
+      if should_save:
+        checkpointer.save(step, state, data_pipeline.iterator_state(batches))
+        last_saved = step
+      progress.update(1)
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+  final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
+  _mark_complete(workdir, final)
+  return final
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, desc="train", disable=not enabled or jax.process_index() != 0,
+              dynamic_ncols=True)
+
+
+def _log_memory(compiled) -> None:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # not every backend reports it
+    return
+  if mem is not None:
+    log.info("compiled step memory per device: %s", format_memory(mem))
+
+
+def format_memory(mem) -> str:
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes", "alias_size_in_bytes")
+  return ", ".join(f"{f.replace('_size_in_bytes', '')}={getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields)
+
+
+COMPLETE_FILE = "COMPLETED"
+FAILED_FILE = "FAILED"
+
+
+def _clear_status(workdir: str) -> None:
+  for name in (COMPLETE_FILE, FAILED_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and jax.process_index() == 0:
+      os.remove(path)
+
+
+def _mark_complete(workdir: str, final: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, COMPLETE_FILE), "w") as f:
+      json.dump(final, f)
+
+
+def mark_failed(workdir: str, error: BaseException) -> None:
+  if jax.process_index() == 0 and os.path.isdir(workdir):
+    with open(os.path.join(workdir, FAILED_FILE), "w") as f:
+      f.write(f"{type(error).__name__}: {error}\n")

@@ -1,0 +1,25 @@
+# Sourced by the launch scripts: use the active virtualenv, else create ./.venv, and install emjax.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  PYTHON="${PYTHON:-python3}"
+  if [ ! -x .venv/bin/python ]; then
+    echo "[emjax] creating virtualenv .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+  fi
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+emjax_install() {  # $1: pip extras spec, e.g. "" or "[test]"
+  local stamp=".venv-installed${1}"
+  local want
+  want="$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  if [ -f "$VIRTUAL_ENV/$stamp" ] && [ "$(cat "$VIRTUAL_ENV/$stamp")" = "$want" ] && python -c "import emjax" 2>/dev/null; then
+    return
+  fi
+  echo "[emjax] installing emjax$1 into $VIRTUAL_ENV"
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -e ".$1"
+  echo "$want" > "$VIRTUAL_ENV/$stamp"
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (virtualenv + install) and run the main job: pretrain a tiny model from scratch on a
+# mixture of built-in synthetic sources, offline, on this machine's CPU (a couple of minutes).
+#   bash launch/quickstart.sh [WORKDIR] [extra flags, e.g. --config.train.steps=100]
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+emjax_install ""
+WORKDIR="${1:-runs/tiny}"
+shift || true
+python -m emjax.main --config=configs/pretrain/tiny.py --workdir="$WORKDIR" "$@"
+python - "$WORKDIR" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
+print(f"[emjax] step {rows[0]['step']}: loss {rows[0]['loss']:.3f}  ->  step {rows[-1]['step']}: "
+      f"loss {rows[-1]['loss']:.3f}, {rows[-1]['tokens_per_s']:.0f} tokens/s; outputs in {sys.argv[1]}")
+PY

@@ -1,0 +1,42 @@
+"""Shared test setup: 8 fake CPU devices (set before jax is imported) and tiny configs."""
+
+import os
+import sys
+
+# Must happen before the first `import jax` anywhere in the test process.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_overrides):
+  """A 2-layer model on the built-in synthetic mixture; seconds per run on CPU."""
+  from emjax import config as config_lib
+
+  c = config_lib.base_config()
+  c.model.update(family="llama", vocab_size=288, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+  c.data.seq_len = 32
+  c.train.update(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1)
+  c.train.update(**train_overrides)
+  c.checkpoint.update(every_steps=2, keep=3, async_save=False)
+  return c
+
+
+def subprocess_env(num_devices: int = 1) -> dict:
+  """Environment for a child `python -m emjax.main`: its own device count, repo on the path."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+@pytest.fixture
+def one_device_mesh():
+  import jax
+  from emjax import sharding
+
+  return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])

@@ -1,0 +1,132 @@
+"""The decoder: shapes, families, logical axes, packing isolation, scan == unrolled."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from emjax.models import transformer as T
+
+BASE = T.TransformerConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48)
+FAMILY_CONFIGS = {
+    "llama": BASE,
+    "llama3_rope": dataclasses.replace(BASE, rope_scaling_factor=8.0, rope_original_max_position=16),
+    "qwen2": dataclasses.replace(BASE, family="qwen2", qkv_bias=True, tie_embeddings=True),
+    "olmo2": dataclasses.replace(BASE, family="olmo2", qk_norm=True, post_norm=True),
+}
+
+
+def make(cfg, seed=0):
+  return T.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
+def test_forward_shapes_and_param_count(name):
+  cfg = FAMILY_CONFIGS[name]
+  model = make(cfg)
+  tokens = jnp.arange(2 * 7).reshape(2, 7) % cfg.vocab_size
+  logits = model(tokens)
+  assert logits.shape == (2, 7, cfg.vocab_size)
+  assert np.isfinite(np.asarray(logits)).all()
+  _, params = T.split_model(model)
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
+def test_every_parameter_has_logical_axes_matching_its_rank(name):
+  model = make(FAMILY_CONFIGS[name])
+  _, params = T.split_model(model)
+  axes = T.param_logical_axes(model)
+  flat_p = jax.tree_util.tree_leaves_with_path(params)
+  flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda t: isinstance(t, tuple)))
+  assert len(flat_p) == len(flat_a)
+  for path, value in flat_p:
+    assert len(flat_a[path]) == value.ndim, (path, flat_a[path], value.shape)
+    if path[0].key == "layers":
+      assert flat_a[path][0] == "layers"
+
+
+def test_scan_equals_unrolled_and_remat_does_not_change_values():
+  cfg = FAMILY_CONFIGS["olmo2"]
+  model = make(cfg)
+  graph, params = T.split_model(model)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+  ref = model(tokens)
+  for variant in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots_with_no_batch_dims"),
+                  dict(attention="xla")):
+    other_graph, _ = T.split_model(T.abstract_model(dataclasses.replace(cfg, **variant)))
+    out = nnx.merge(other_graph, params)(tokens)
+    np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=str(variant))
+
+
+@pytest.mark.parametrize("attention", ["auto", "xla"])
+def test_packed_documents_do_not_attend_across_segments(attention):
+  cfg = dataclasses.replace(FAMILY_CONFIGS["qwen2"], attention=attention)
+  model = make(cfg)
+  rng = np.random.default_rng(0)
+  doc_a, doc_b = rng.integers(0, cfg.vocab_size, 5), rng.integers(0, cfg.vocab_size, 4)
+  packed = np.concatenate([doc_a, doc_b, [0, 0]])[None]
+  positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0]])
+  segments = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]])
+  out = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  alone_a = model(jnp.asarray(doc_a[None]))
+  alone_b = model(jnp.asarray(doc_b[None]))
+  np.testing.assert_allclose(out[0, :5], alone_a[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 5:9], alone_b[0], atol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()  # padding rows stay finite
+
+
+def test_causality():
+  cfg = FAMILY_CONFIGS["llama"]
+  model = make(cfg)
+  tokens = jnp.array([[5, 6, 7, 8, 9, 10]])
+  changed = tokens.at[0, 4].set(11)
+  a, b = model(tokens), model(changed)
+  np.testing.assert_allclose(a[0, :4], b[0, :4], atol=1e-6)
+  assert np.abs(np.asarray(a[0, 4:] - b[0, 4:])).max() > 1e-4
+
+
+def test_llama3_rope_scaling_matches_reference_formula():
+  cfg = FAMILY_CONFIGS["llama3_rope"]
+  inv = np.asarray(T.rope_inverse_frequencies(cfg))
+  # Reference: transformers' _compute_llama3_parameters, transcribed to numpy.
+  dh = cfg.resolved_head_dim
+  base = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2) / dh))
+  factor, low, high, old = 8.0, 1.0, 4.0, 16
+  wavelen = 2 * np.pi / base
+  ref = np.where(wavelen > old / low, base / factor, base)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * ref / factor + smooth * ref
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  ref = np.where(medium, smoothed, ref)
+  np.testing.assert_allclose(inv, ref, rtol=1e-6)
+  assert not np.allclose(inv, base)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = dataclasses.replace(BASE, dtype="bfloat16")
+  model = make(cfg)
+  logits = model(jnp.ones((1, 4), jnp.int32))
+  assert logits.dtype == jnp.bfloat16
+  _, params = T.split_model(model)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("family", "gpt2", "unknown model family 'gpt2'"),
+    ("n_kv_heads", 3, "multiple of n_kv_heads"),
+    ("remat", "sometimes", "unknown remat policy"),
+    ("dtype", "float77", "unknown dtype"),
+])
+def test_bad_model_config_names_the_key(key, value, match):
+  with pytest.raises(ValueError, match=match) as e:
+    dataclasses.replace(BASE, **{key: value})
+  assert f"config.model.{key}" in str(e.value)
+
+
+def test_unknown_model_key_is_rejected():
+  with pytest.raises(ValueError, match="unknown keys \\['n_layer'\\]"):
+    T.TransformerConfig.from_config({"n_layer": 2})
