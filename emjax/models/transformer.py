@@ -229,7 +229,14 @@ class Attention(nnx.Module):
     var = jnp.mean(x32 * x32, axis=(-2, -1), keepdims=True)
     return (x32 * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale[...].astype(jnp.float32)).astype(x_BxLxNxDh.dtype)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None):
+    """Self-attention over the new tokens, or (with `layer_cache`) over the KV cache.
+
+    `layer_cache` is (k_BxSxKxDh, v_BxSxKxDh); `kv` = (positions_BxS, segment_ids_BxS,
+    cache_index): the new keys/values are written at `cache_index` and the queries
+    attend to every cache slot their positions and segments allow.
+    Returns (out_BxLxD, updated layer_cache or None).
+    """
     cfg = self.cfg
     dtype = x_BxLxD.dtype
     q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_proj[...].astype(dtype))
@@ -247,9 +254,17 @@ class Attention(nnx.Module):
     q = shd.constrain(q, ("batch", "length", "q_heads", "head_dim"))
     k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-    mask = attention_mask(positions_BxL, segment_ids_BxL, positions_BxL, segment_ids_BxL)
-    out_BxLxHxDh = dot_product_attention(q, k, v, mask, cfg.attention)
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.o_proj[...].astype(dtype))
+    if layer_cache is None:
+      mask = attention_mask(positions_BxL, segment_ids_BxL, positions_BxL, segment_ids_BxL)
+    else:
+      kv_positions_BxS, kv_segments_BxS, cache_index = kv
+      cache_k, cache_v = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
+      layer_cache = (k, v)
+      mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS)
+    out_BxLxHxDh = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.o_proj[...].astype(dtype)), layer_cache
 
 
 class MLP(nnx.Module):
@@ -277,14 +292,16 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None):
     if self.post_norm:
-      h = x_BxLxD + self.attn_norm(self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq))
+      a, layer_cache = self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache, kv)
+      h = x_BxLxD + self.attn_norm(a)
       out = h + self.mlp_norm(self.mlp(h))
     else:
-      h = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, inv_freq)
+      a, layer_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, inv_freq, layer_cache, kv)
+      h = x_BxLxD + a
       out = h + self.mlp(self.mlp_norm(h))
-    return shd.constrain(out, ("batch", "length", "embed_act"))
+    return shd.constrain(out, ("batch", "length", "embed_act")), layer_cache
 
 
 def _remat_policy(name: str):
@@ -306,7 +323,13 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None):
+    """Logits [B, L, V]; with `cache` (see `init_cache`), returns (logits, updated cache).
+
+    With a cache the new tokens are written at slot `cache_index` (a scalar shared by
+    all rows) and attend to every earlier slot of their own row and segment; slots
+    whose segment id is 0 (padding, or not yet written) are never attended.
+    """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     if positions_BxL is None:
@@ -319,28 +342,68 @@ class Transformer(nnx.Module):
     x = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
     x = shd.constrain(x, ("batch", "length", "embed_act"))
     inv_freq = rope_inverse_frequencies(cfg)
-    x = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq)
+    kv = None
+    if cache is not None:
+      kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, cache_index, axis=1)
+      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BxL, cache_index, axis=1)
+      kv = (kv_positions, kv_segments, cache_index)
+      layer_caches = (cache["k"], cache["v"])
+    else:
+      layer_caches = None
+    x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq, layer_caches, kv)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dtype))
     else:
       logits = x @ self.lm_head[...].astype(dtype)
-    return shd.constrain(logits, ("batch", "length", "vocab"))
+    logits = shd.constrain(logits, ("batch", "length", "vocab"))
+    if cache is None:
+      return logits
+    k, v = layer_caches
+    return logits, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}
 
-  def _apply_layers(self, x, positions, segment_ids, inv_freq):
+  def _apply_layers(self, x, positions, segment_ids, inv_freq, layer_caches, kv):
     graphdef, stacked_state = nnx.split(self.layers)
 
-    def layer(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, inv_freq)
+    def layer(x, layer_state, layer_cache):
+      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, inv_freq, layer_cache, kv)
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_remat_policy(self.cfg.remat))
     if self.cfg.scan_layers:
-      x, _ = jax.lax.scan(lambda carry, s: (layer(carry, s), None), x, stacked_state)
-      return x
+      def body(carry, xs):
+        layer_state, layer_cache = xs
+        return layer(carry, layer_state, layer_cache)
+      return jax.lax.scan(body, x, (stacked_state, layer_caches))
+    new_caches = []
     for i in range(self.cfg.n_layers):
-      x = layer(x, jax.tree.map(lambda a: a[i], stacked_state))
-    return x
+      take = lambda a: a[i]  # noqa: E731
+      x, c = layer(x, jax.tree.map(take, stacked_state),
+                   None if layer_caches is None else jax.tree.map(take, layer_caches))
+      new_caches.append(c)
+    if layer_caches is None:
+      return x, None
+    return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new_caches)
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+  """An empty KV cache: per layer keys/values [n_layers, B, S, K, Dh], plus slot positions/segments.
+
+  Segment id 0 marks a slot as empty, so nothing attends to it until it is written.
+  """
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.n_layers, batch_size, max_length, cfg.n_kv_heads, cfg.resolved_head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "positions": jnp.zeros((batch_size, max_length), jnp.int32),
+          "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32)}
+
+
+CACHE_LOGICAL_AXES = {
+    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "positions": ("batch", "length"),
+    "segment_ids": ("batch", "length"),
+}
 
 
 def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
