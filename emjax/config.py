@@ -20,7 +20,7 @@ import ml_collections
 
 from emjax.models import transformer
 
-JOBS = ("pretrain", "compile")
+JOBS = ("pretrain", "compile", "sample")
 
 
 def base_config() -> ml_collections.ConfigDict:

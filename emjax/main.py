@@ -43,6 +43,9 @@ def main(argv) -> int:
     if config.job == "pretrain":
       final = loop.train(config, workdir, show_progress=flags.FLAGS.progress)
       log.info("done: %s", final)
+    elif config.job == "sample":
+      from emjax.sample import run as sample_run
+      sample_run.run_sampling(config, workdir)
     elif config.job == "compile":
       from emjax.train import aot
       aot.compile_and_report(config, workdir)

@@ -6,7 +6,7 @@ The main job: runs offline on a CPU in a couple of minutes.
 
 Variants (`:arg`, comma separated):
   mix=balanced|arithmetic_heavy|grammar_heavy|sorting_heavy   the pretraining-composition ablation
-  steps=N            train for N steps
+  steps=N            train for N steps (default 300; 20 with smoke)
   smoke              a smaller, shorter model for tests and quick checks
 
 Single weights can also be set directly: `--config.data.sources.grammar.weight=0.1`.
@@ -23,7 +23,7 @@ MIXES = {
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, mix="balanced", steps=300, smoke=False)
+  args = config_lib.parse_arg(arg, mix="balanced", steps=0, smoke=False)
   if args.mix not in MIXES:
     raise ValueError(f"configs/pretrain/tiny.py: unknown mix {args.mix!r}; choose from {sorted(MIXES)}")
   c = config_lib.base_config()
@@ -33,11 +33,11 @@ def get_config(arg=None):
   c.data.tokenizer.kind = "byte"
   for name, weight in MIXES[args.mix].items():
     c.data.sources[name].weight = weight
-  c.train.update(steps=args.steps, batch_size=16, lr=3e-3, warmup_steps=20, weight_decay=0.1, log_every=10)
+  c.train.update(steps=args.steps or 300, batch_size=16, lr=3e-3, warmup_steps=20, weight_decay=0.1, log_every=10)
   c.checkpoint.update(every_steps=100, keep=2)
   if args.smoke:
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64)
     c.data.seq_len = 32
-    c.train.update(steps=min(args.steps, 20), batch_size=8, warmup_steps=2, log_every=1)
+    c.train.update(steps=args.steps or 20, batch_size=8, warmup_steps=2, log_every=1)
     c.checkpoint.update(every_steps=5, keep=3)
   return c
