@@ -246,3 +246,18 @@ def test_aot_compile_from_abstract_shapes_only(capsys):
   assert not [a.shape for a in jax.live_arrays() if id(a) not in before]  # nothing allocated
   assert report["devices"] == 8 and report["memory_per_device_bytes"]["argument"] > 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_params"] == report["num_params"]
+
+
+def test_aot_compile_of_the_1b_config_on_the_2x2x2_mesh():
+  """configs/pretrain/llama_1b.py:compile: 1.24B parameters, compiled without materialising them."""
+  import importlib.util
+  from emjax.train import aot
+  spec = importlib.util.spec_from_file_location("llama_1b", os.path.join(ROOT, "configs/pretrain/llama_1b.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("compile,seq=512,batch=8")
+  assert config.job == "compile"
+  report = aot.compile_and_report(config, "")
+  assert report["num_params"] > 1.2e9 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  # fp32 params + two Adam moments (12 bytes/param), split 4 ways by fsdp x tensor, are arguments.
+  assert 0.9 < report["memory_per_device_bytes"]["argument"] / (12 * report["num_params"] / 4) < 1.1
