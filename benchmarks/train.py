@@ -127,7 +127,7 @@ def bench_hf(preset: dict, steps: int, warmup: int, compile_model: bool) -> dict
     loss = step()
   sync()
   seconds = (time.perf_counter() - t0) / steps
-  return {"step_s": seconds, "tokens_per_s": b * l / seconds, "loss": float(loss), "torch": torch.__version__,
+  return {"step_s": seconds, "tokens_per_s": b * l / seconds, "loss": float(loss.detach()), "torch": torch.__version__,
           "threads": torch.get_num_threads(), "compiled": compile_model}
 
 

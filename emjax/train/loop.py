@@ -285,6 +285,8 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     progress.close()
     checkpointer.close()
     writer.close()
+    if hasattr(batches, "close"):  # stops grain's prefetch thread and worker processes
+      batches.close()
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   _mark_complete(workdir, final)
   return final
