@@ -64,7 +64,7 @@ def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
   config.data.seq_len = preset["seq"]
   config.train.update(batch_size=preset["batch"], steps=steps + warmup, lr=1e-4, warmup_steps=0)
   trainer = loop.Trainer(config)
-  state = trainer.init_state()
+  state, frozen = trainer.init_state()
   rng = np.random.default_rng(0)
   b, l = preset["batch"], preset["seq"]
   tokens = rng.integers(0, config.model.vocab_size, (b, l + 1)).astype(np.int32)
@@ -74,11 +74,11 @@ def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
   batch = shd.put_local_batch(local, trainer.mesh)
   compiled = trainer.compile()
   for _ in range(warmup):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - t0) / steps
   return {"step_s": seconds, "tokens_per_s": b * l / seconds, "flops_per_step": trainer.flops_per_step(),

@@ -52,6 +52,12 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
+  # Where the weights of step 0 come from: empty = random; an emjax workdir / checkpoint dir.
+  c.init = dict(checkpoint="")
+  # LoRA / rsLoRA adapters (trained; the base weights stay frozen). targets: any of
+  # q,k,v,o,gate,up,down; layers: comma-separated indices, empty = all layers.
+  c.lora = dict(enabled=False, rank=32, alpha=64.0, rslora=True, dropout=0.0,
+                targets="q,k,v,o,gate,up,down", layers="")
   # AOT compile job: compile for the mesh without materialising anything.
   c.compile = dict(topology="", platform="")  # e.g. topology="v5e:16x16", platform="tpu" (later issue)
   return c

@@ -112,7 +112,7 @@ def test_eight_device_mesh_matches_one_device_and_shards_params(tmp_path, one_de
   assert abs(single["loss"] - sharded["loss"]) < 1e-4
 
   trainer = loop.Trainer(config, mesh8)
-  state = trainer.init_state()
+  state, _ = trainer.init_state()
   specs = {"/".join(str(k.key) for k in path): tuple(leaf.sharding.spec)
            for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])}
   assert specs["layers/mlp/gate_proj"] == (None, "fsdp", "tensor")

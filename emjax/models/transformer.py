@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +137,22 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: TransformerConfig, std: float | Non
   return nnx.Param(value, logical_axes=tuple(axes))
 
 
+class LayerContext(NamedTuple):
+  """What a layer's projections may need besides their input (LoRA adapters use it)."""
+
+  index: Any  # this layer's index in the stack (traced under scan)
+  dropout_key: Any = None  # None: no dropout (evaluation, sampling)
+
+
+def project(module: nnx.Module, name: str, equation: str, x, ctx: LayerContext | None):
+  """x . W for the weight `module.<name>`, plus its LoRA adapter (`<name>_lora`) if one is attached."""
+  y = jnp.einsum(equation, x, getattr(module, name)[...].astype(x.dtype))
+  adapter = getattr(module, f"{name}_lora", None)
+  if adapter is not None:
+    y = y + adapter(x, equation, ctx).astype(y.dtype)
+  return y
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.eps = cfg.norm_eps
@@ -229,7 +245,7 @@ class Attention(nnx.Module):
     var = jnp.mean(x32 * x32, axis=(-2, -1), keepdims=True)
     return (x32 * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale[...].astype(jnp.float32)).astype(x_BxLxNxDh.dtype)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None, ctx=None):
     """Self-attention over the new tokens, or (with `layer_cache`) over the KV cache.
 
     `layer_cache` is (k_BxSxKxDh, v_BxSxKxDh); `kv` = (positions_BxS, segment_ids_BxS,
@@ -239,9 +255,9 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     dtype = x_BxLxD.dtype
-    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_proj[...].astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k_proj[...].astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v_proj[...].astype(dtype))
+    q = project(self, "q_proj", "bld,dhk->blhk", x_BxLxD, ctx)
+    k = project(self, "k_proj", "bld,dhk->blhk", x_BxLxD, ctx)
+    v = project(self, "v_proj", "bld,dhk->blhk", x_BxLxD, ctx)
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dtype)
       k = k + self.k_bias[...].astype(dtype)
@@ -264,7 +280,7 @@ class Attention(nnx.Module):
       layer_cache = (k, v)
       mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS)
     out_BxLxHxDh = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention)
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.o_proj[...].astype(dtype)), layer_cache
+    return project(self, "o_proj", "blhk,hkd->bld", out_BxLxHxDh, ctx), layer_cache
 
 
 class MLP(nnx.Module):
@@ -274,12 +290,11 @@ class MLP(nnx.Module):
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-  def __call__(self, x_BxLxD):
-    dtype = x_BxLxD.dtype
-    gate_BxLxF = x_BxLxD @ self.gate_proj[...].astype(dtype)
-    up_BxLxF = x_BxLxD @ self.up_proj[...].astype(dtype)
+  def __call__(self, x_BxLxD, ctx=None):
+    gate_BxLxF = project(self, "gate_proj", "bld,df->blf", x_BxLxD, ctx)
+    up_BxLxF = project(self, "up_proj", "bld,df->blf", x_BxLxD, ctx)
     h_BxLxF = shd.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-    return h_BxLxF @ self.down_proj[...].astype(dtype)
+    return project(self, "down_proj", "blf,fd->bld", h_BxLxF, ctx)
 
 
 class Block(nnx.Module):
@@ -292,15 +307,16 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None, ctx=None):
     if self.post_norm:
-      a, layer_cache = self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache, kv)
+      a, layer_cache = self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache, kv, ctx)
       h = x_BxLxD + self.attn_norm(a)
-      out = h + self.mlp_norm(self.mlp(h))
+      out = h + self.mlp_norm(self.mlp(h, ctx))
     else:
-      a, layer_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, inv_freq, layer_cache, kv)
+      a, layer_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, inv_freq, layer_cache,
+                                 kv, ctx)
       h = x_BxLxD + a
-      out = h + self.mlp(self.mlp_norm(h))
+      out = h + self.mlp(self.mlp_norm(h), ctx)
     return shd.constrain(out, ("batch", "length", "embed_act")), layer_cache
 
 
@@ -323,8 +339,11 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None):
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None,
+               dropout_key=None):
     """Logits [B, L, V]; with `cache` (see `init_cache`), returns (logits, updated cache).
+
+    `dropout_key` switches on the dropout of attached LoRA adapters (training only).
 
     With a cache the new tokens are written at slot `cache_index` (a scalar shared by
     all rows) and attend to every earlier slot of their own row and segment; slots
@@ -350,7 +369,8 @@ class Transformer(nnx.Module):
       layer_caches = (cache["k"], cache["v"])
     else:
       layer_caches = None
-    x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq, layer_caches, kv)
+    x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq, layer_caches, kv,
+                                         dropout_key)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dtype))
@@ -362,24 +382,26 @@ class Transformer(nnx.Module):
     k, v = layer_caches
     return logits, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}
 
-  def _apply_layers(self, x, positions, segment_ids, inv_freq, layer_caches, kv):
+  def _apply_layers(self, x, positions, segment_ids, inv_freq, layer_caches, kv, dropout_key):
     graphdef, stacked_state = nnx.split(self.layers)
 
-    def layer(x, layer_state, layer_cache):
-      return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, inv_freq, layer_cache, kv)
+    def layer(x, layer_state, layer_cache, index):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions, segment_ids, inv_freq, layer_cache, kv, LayerContext(index, key))
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_remat_policy(self.cfg.remat))
     if self.cfg.scan_layers:
       def body(carry, xs):
-        layer_state, layer_cache = xs
-        return layer(carry, layer_state, layer_cache)
-      return jax.lax.scan(body, x, (stacked_state, layer_caches))
+        layer_state, layer_cache, index = xs
+        return layer(carry, layer_state, layer_cache, index)
+      return jax.lax.scan(body, x, (stacked_state, layer_caches, jnp.arange(self.cfg.n_layers)))
     new_caches = []
     for i in range(self.cfg.n_layers):
       take = lambda a: a[i]  # noqa: E731
       x, c = layer(x, jax.tree.map(take, stacked_state),
-                   None if layer_caches is None else jax.tree.map(take, layer_caches))
+                   None if layer_caches is None else jax.tree.map(take, layer_caches), i)
       new_caches.append(c)
     if layer_caches is None:
       return x, None

@@ -93,3 +93,32 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """The `params` of an emjax checkpoint, e.g. a pretrained base to fine-tune.
+
+  `path` is a run's workdir, its `checkpoints/` directory or one step directory;
+  the newest complete step is used. Parameters are read straight into the
+  shardings of `abstract_params` (ShapeDtypeStructs); the optimizer state of the
+  other run is not read at all.
+  """
+  directory = os.path.abspath(path)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(os.path.join(directory, "state")):
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    if not steps:
+      raise FileNotFoundError(f"config.init.checkpoint: no complete checkpoint under {path}")
+    directory = os.path.join(directory, str(max(steps)))
+  target = {"params": abstract_params}
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(directory, "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
+  except Exception as e:  # noqa: BLE001 -- report which checkpoint and why, not orbax's internals alone
+    raise ValueError(f"config.init.checkpoint: cannot load parameters from {directory} "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     "does its model config match config.model?") from e
+  return restored["params"]

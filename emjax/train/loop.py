@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from emjax import config as config_lib
 from emjax import sharding as shd
+from emjax.models import lora as lora_lib
 from emjax.models import transformer
 from emjax.train import checkpoint as ckpt_lib
 from emjax.train import objectives as objectives_lib
@@ -43,13 +44,6 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def _merge_trees(a: Mapping, b: Mapping) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _merge_trees(out[k], v) if k in out and isinstance(v, Mapping) else v
-  return out
-
-
 def _global_norm(tree) -> jax.Array:
   # optax.tree.norm replaced optax.global_norm; support both.
   tree_utils = getattr(optax, "tree", None)
@@ -57,22 +51,28 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh | None) -> Callable:
-  """The pure step: exact token-mean gradients over all micro-batches, then one update."""
+                    schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh | None,
+                    use_dropout: bool = False) -> Callable:
+  """The pure step `(state, frozen, batch) -> (state, metrics)`.
 
-  def loss_sums(params, frozen, batch):
-    model = nnx.merge(graphdef, _merge_trees(frozen, params))
+  Exact token-mean gradients over all micro-batches, then one update of the
+  trainable parameters; `frozen` parameters are only read.
+  """
+
+  def loss_sums(params, frozen, batch, dropout_key=None):
+    model = nnx.merge(graphdef, state_lib.merge_trees(frozen, params))
     with shd.activation_sharding(mesh):
-      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
     out = objective(logits, batch)
     return out.loss_sum, out
 
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
-  def step(state, batch):
-    params, frozen = state["params"], state["frozen"]
+  def step(state, frozen, batch):
+    params = state["params"]
+    step_key = jax.random.fold_in(state["rng"], state["step"]) if use_dropout else None
     if grad_accum_steps == 1:
-      (loss_sum, out), grads = grad_fn(params, frozen, batch)
+      (loss_sum, out), grads = grad_fn(params, frozen, batch, step_key)
       weight, extra = out.weight, out.metrics
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
@@ -81,8 +81,10 @@ def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.Gra
             lambda x: jax.lax.with_sharding_constraint(
                 x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES))), micro)
 
-      def accumulate(carry, mb):
-        (l, o), g = grad_fn(params, frozen, mb)
+      def accumulate(carry, xs):
+        mb, index = xs
+        key = None if step_key is None else jax.random.fold_in(step_key, index)
+        (l, o), g = grad_fn(params, frozen, mb, key)
         return jax.tree.map(jnp.add, carry, (g, l, o.weight, o.metrics)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
@@ -90,7 +92,7 @@ def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.Gra
       _, o_shape = jax.eval_shape(loss_sums, params, frozen, first)
       init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), o_shape.metrics))
-      (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, init, micro)
+      (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = _global_norm(grads)
@@ -126,24 +128,31 @@ class Trainer:
       raise ValueError(
           f"config.train.batch_size={tc.batch_size} must be divisible by the data-parallel size "
           f"(mesh.data*mesh.fsdp={dp}) times train.grad_accum_steps={tc.grad_accum_steps}")
+    self.lora_cfg = lora_lib.LoRAConfig.from_config(config.lora) if config.lora.enabled else None
     self.schedule = state_lib.make_schedule(tc)
     self.tx = state_lib.make_optimizer(tc, self.schedule)
-    self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh)
+    self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh, self.lora_cfg)
     self.objective = objectives_lib.get_objective(tc.objective)
     step = make_train_step(self.layout.graphdef, self.objective, self.tx, self.schedule,
-                           tc.grad_accum_steps, self.mesh)
+                           tc.grad_accum_steps, self.mesh,
+                           use_dropout=self.lora_cfg is not None and self.lora_cfg.dropout > 0)
     self.batch_abstract = batch_abstract(tc.batch_size, config.data.seq_len, self.mesh)
     self.batch_shardings = {k: v.sharding for k, v in self.batch_abstract.items()}
-    self.step_fn = jax.jit(step, in_shardings=(self.layout.shardings, self.batch_shardings),
-                           out_shardings=(self.layout.shardings, shd.replicated(self.mesh)),
-                           donate_argnums=(0,))
+    self.step_fn = jax.jit(
+        step, in_shardings=(self.layout.shardings, self.layout.frozen_shardings, self.batch_shardings),
+        out_shardings=(self.layout.shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
 
   def compile(self):
     """Lower and compile from abstract shapes alone (ahead of time; no parameter materialised)."""
-    return self.step_fn.lower(self.layout.abstract, self.batch_abstract).compile()
+    return self.step_fn.lower(self.layout.abstract, self.layout.frozen_abstract, self.batch_abstract).compile()
 
-  def init_state(self) -> dict:
-    return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed)
+  def init_state(self) -> tuple[dict, dict]:
+    """(train state, frozen params) for step 0, from `config.init` (random when unset)."""
+    base = None
+    if self.config.init.checkpoint:
+      base = ckpt_lib.load_params(self.config.init.checkpoint, self.layout.base_abstract)
+    return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
+                                self.lora_cfg, base)
 
   def flops_per_step(self) -> float:
     tc = self.config.train
@@ -239,9 +248,11 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   if restored is not None:
     start_step, state, data_state = restored
     data_pipeline.restore_iterator(batches, data_state)
+    # Frozen weights are not checkpointed: rebuild them from config.init (deterministic).
+    frozen = trainer.init_state()[1] if trainer.lora_cfg is not None else {}
     log.info("resumed from step %d (%s)", start_step, checkpointer.directory)
   else:
-    start_step, state = 0, trainer.init_state()
+    start_step, (state, frozen) = 0, trainer.init_state()
   last_saved = start_step if restored is not None else None
 
   compiled = trainer.compile()
@@ -259,7 +270,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     for step in range(start_step + 1, tc.steps + 1):
       local = next(batches)
       batch = shd.put_local_batch({k: local[k] for k in MODEL_BATCH_KEYS}, mesh)
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, frozen, batch)
       pending.append((step, metrics))
       steps_since += 1
       should_save = step % config.checkpoint.every_steps == 0 or step == tc.steps

@@ -4,13 +4,15 @@ The train state is a plain pytree (a dict) so that jit, orbax and optax all see
 the same thing:
 
   step      int32 scalar, optimizer steps taken
-  params    trainable parameters (nested dict of arrays, NNX names)
-  frozen    parameters that are used but not trained (empty for pretraining;
-            the base weights under LoRA); never in the optimizer state
+  params    trainable parameters (nested dict of arrays, NNX names): every
+            weight, or only the LoRA adapters
   opt_state optax state for `params`
   rng       raw uint32 PRNG key
 
-The model's graph (`graphdef`) is split off once and never travels with the state.
+Frozen parameters (the base weights under LoRA) are a second pytree passed to
+the step beside the state: used, never trained, never in the optimizer state,
+not checkpointed (they are reloaded from `config.init`). The model's graph
+(`graphdef`) is split off once and never travels with either.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from emjax import sharding as shd
+from emjax.models import lora as lora_lib
 from emjax.models import transformer
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
@@ -77,51 +80,117 @@ def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransfo
   return opt
 
 
+def build_model(model_cfg: transformer.TransformerConfig, lora_cfg: "lora_lib.LoRAConfig | None",
+                key, base_params: dict | None = None, base_graphdef=None) -> transformer.Transformer:
+  """The model to train: random or given base weights, plus LoRA adapters when configured."""
+  base_key, lora_key = jax.random.split(key)
+  if base_params is None:
+    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(params=base_key))
+  else:
+    model = nnx.merge(base_graphdef, base_params)
+  if lora_cfg is not None:
+    lora_lib.add_lora(model, lora_cfg, rngs=nnx.Rngs(params=lora_key))
+  return model
+
+
+def split_trainable(model: transformer.Transformer, lora_cfg) -> tuple[Any, dict, dict]:
+  """(graphdef, trainable, frozen): the adapters under LoRA, every parameter otherwise."""
+  if lora_cfg is None:
+    graphdef, trainable = nnx.split(model, nnx.Param)
+    frozen = {}
+  else:
+    graphdef, trainable, frozen = nnx.split(model, lora_lib.LoRAParam, nnx.Param)
+    frozen = transformer._to_pure_dict(frozen)
+  return graphdef, transformer._to_pure_dict(trainable), frozen
+
+
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
-  """Everything static about the train state: graph, shapes and shardings."""
+  """Everything static about the train state: graph, shapes and shardings.
+
+  `abstract`/`shardings` describe the checkpointed train state; `frozen_*` the
+  frozen parameters, which are passed to the step separately, never donated,
+  never in the optimizer and never checkpointed (they come from `config.init`).
+  """
 
   graphdef: Any
   abstract: dict  # pytree of ShapeDtypeStruct (with shardings)
   shardings: dict  # pytree of NamedSharding, same structure as `abstract`
-  param_axes: dict
+  frozen_abstract: dict
+  frozen_shardings: dict
+  base_graphdef: Any  # the model without adapters (to load base weights into)
+  base_abstract: dict  # its parameters
 
 
-def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+def _shape_only(tree):
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), tree)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                 lora_cfg=None) -> StateLayout:
   """Shapes and shardings of the whole train state, from abstract shapes alone."""
-  graphdef, abstract_params = transformer.split_model(transformer.abstract_model(model_cfg))
-  abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_params)
-  param_axes = transformer.param_logical_axes(transformer.abstract_model(model_cfg))
-  param_sh = shd.tree_shardings(param_axes, abstract_params, mesh)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
+  graphdef, trainable, frozen = split_trainable(abstract_model, lora_cfg)
+  axes = transformer.param_logical_axes(abstract_model)
+  trainable, frozen = _shape_only(trainable), _shape_only(frozen)
+  all_sh = shd.tree_shardings(axes, merge_trees(frozen, trainable), mesh)
+  param_sh = _select(all_sh, trainable)
+  frozen_sh = _select(all_sh, frozen)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
   rep = shd.replicated(mesh)
   # Optimizer leaves shaped like their parameter share its sharding; factored
   # (Adafactor) statistics and counters are replicated.
   opt_sh = optax.tree_utils.tree_map_params(
       tx, lambda x, p, sh: sh if x.shape == p.shape else rep,
-      abstract_opt, abstract_params, param_sh, transform_non_params=lambda _: rep,
+      abstract_opt, trainable, param_sh, transform_non_params=lambda _: rep,
       is_leaf=lambda x: isinstance(x, (NamedSharding, jax.ShapeDtypeStruct)))
-  shardings = {"step": rep, "params": param_sh, "frozen": {}, "opt_state": opt_sh, "rng": rep}
+  shardings = {"step": rep, "params": param_sh, "opt_state": opt_sh, "rng": rep}
   abstract = {
       "step": jax.ShapeDtypeStruct((), jnp.int32),
-      "params": abstract_params,
-      "frozen": {},
+      "params": trainable,
       "opt_state": abstract_opt,
       "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
   }
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings, param_axes=param_axes)
+  base_graphdef, base_params = transformer.split_model(transformer.abstract_model(model_cfg))
+  base_params = _shape_only(base_params)
+  base_axes = transformer.param_logical_axes(transformer.abstract_model(model_cfg))
+  base_abstract = _with_shardings(base_params, shd.tree_shardings(base_axes, base_params, mesh))
+  return StateLayout(graphdef=graphdef, abstract=_with_shardings(abstract, shardings), shardings=shardings,
+                     frozen_abstract=_with_shardings(frozen, frozen_sh), frozen_shardings=frozen_sh,
+                     base_graphdef=base_graphdef, base_abstract=base_abstract)
+
+
+def merge_trees(a, b) -> dict:
+  """Nested-dict union of two parameter trees (frozen base + trainable adapters)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def _select(full: dict, like: dict) -> dict:
+  """The subtree of `full` with the structure of `like`."""
+  return {k: _select(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
 
 
 def init_state(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation,
-               layout: StateLayout, seed: int) -> dict:
-  """Initialise parameters and optimizer state directly in their shardings (jit out_shardings)."""
+               layout: StateLayout, seed: int, lora_cfg=None, base_params: dict | None = None) -> tuple[dict, dict]:
+  """(train state, frozen params), created directly in their shardings (jit out_shardings).
 
-  def init(key):
-    param_key, state_key = jax.random.split(key)
-    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(params=param_key))
-    _, params = transformer.split_model(model)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {},
-            "opt_state": tx.init(params), "rng": state_key}
+  `base_params` (e.g. a pretrained checkpoint's) replace the random base weights.
+  """
 
-  return jax.jit(init, out_shardings=layout.shardings)(jax.random.PRNGKey(seed))
+  def init(key, base):
+    model_key, state_key = jax.random.split(key)
+    model = build_model(model_cfg, lora_cfg, model_key, base, layout.base_graphdef)
+    _, trainable, frozen = split_trainable(model, lora_cfg)
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable),
+             "rng": state_key}
+    return state, frozen
+
+  fn = jax.jit(init, out_shardings=(layout.shardings, layout.frozen_shardings))
+  return fn(jax.random.PRNGKey(seed), base_params)

@@ -1,0 +1,103 @@
+"""Fine-tuning in the one loop: LoRA adapters on a pretrained base, full-parameter switch."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import tiny_config
+from emjax.train import checkpoint as ckpt_lib
+from emjax.train import loop
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A briefly pretrained tiny model: the base that the fine-tuning tests start from."""
+  import jax
+  from emjax import sharding as shd
+  workdir = tmp_path_factory.mktemp("base")
+  mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  loop.train(tiny_config(steps=4), str(workdir), mesh=mesh, show_progress=False)
+  return workdir
+
+
+def lora_config(base_dir, **lora):
+  config = tiny_config(steps=6, lr=1e-2)
+  config.init.checkpoint = str(base_dir)
+  config.lora.update(enabled=True, rank=4, alpha=8.0, **lora)
+  config.data.sources.arithmetic.weight = 1.0
+  config.data.sources.grammar.weight = 0.0
+  config.data.sources.sorting.weight = 0.0
+  return config
+
+
+def saved_tree(workdir, step):
+  return ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+def test_lora_trains_only_adapters_and_leaves_the_base_untouched(tmp_path, pretrained, one_device_mesh):
+  config = lora_config(pretrained)
+  trainer = loop.Trainer(config, one_device_mesh)
+  state, frozen = trainer.init_state()
+  base = ckpt_lib.load_params(str(pretrained), trainer.layout.base_abstract)
+  # frozen = exactly the pretrained weights; trainable = only the adapters
+  for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(x, y)
+  trainable_names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(
+      state["params"])}
+  assert trainable_names and all("_lora/lora_" in n for n in trainable_names)
+  assert len(trainable_names) == 14
+
+  final = loop.train(config, str(tmp_path), mesh=one_device_mesh, show_progress=False)
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert final["loss"] < rows[0]["loss"]
+  saved = saved_tree(tmp_path, 6)
+  leaves = jax.tree_util.tree_leaves_with_path(saved["params"])
+  assert all("lora" in jax.tree_util.keystr(p) for p, _ in leaves)  # adapter-only checkpoint
+  base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
+  assert sum(x.nbytes for _, x in leaves) < 0.5 * base_bytes
+  # The base on disk is unchanged and reloading it gives the same weights (checksum).
+  again = ckpt_lib.load_params(str(pretrained), trainer.layout.base_abstract)
+  assert sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(again)) == \
+      sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(base))
+
+
+def test_lora_with_dropout_resumes_exactly(tmp_path, pretrained, one_device_mesh):
+  config = lora_config(pretrained, dropout=0.1)
+  config.train.update(schedule="constant", warmup_steps=0)  # stopping at 4 of 6 must not change the lr
+  loop.train(config, str(tmp_path / "straight"), mesh=one_device_mesh, show_progress=False)
+  config.train.steps = 4
+  loop.train(config, str(tmp_path / "resumed"), mesh=one_device_mesh, show_progress=False)
+  config.train.steps = 6
+  loop.train(config, str(tmp_path / "resumed"), mesh=one_device_mesh, show_progress=False)
+  a = [json.loads(l)["loss"] for l in open(tmp_path / "straight" / "metrics.jsonl")]
+  b = [json.loads(l)["loss"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert a == b
+
+
+def test_full_finetuning_from_a_checkpoint_starts_from_its_weights(tmp_path, pretrained, one_device_mesh):
+  config = tiny_config(steps=1, lr=0.0, warmup_steps=0)
+  config.init.checkpoint = str(pretrained)
+  trainer = loop.Trainer(config, one_device_mesh)
+  state, frozen = trainer.init_state()
+  assert frozen == {}
+  base = saved_tree(pretrained, 4)["params"]
+  for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_bad_init_checkpoint_and_lora_target(tmp_path, pretrained, one_device_mesh):
+  config = tiny_config()
+  config.init.checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="config.init.checkpoint: no complete checkpoint"):
+    loop.Trainer(config, one_device_mesh).init_state()
+  config = lora_config(pretrained, targets="q,attention")
+  with pytest.raises(ValueError, match=r"config.lora.targets: \['attention'\] matches no projection"):
+    loop.Trainer(config, one_device_mesh)
+  config = lora_config(pretrained)
+  config.model.d_model = 48  # not the shape the base was trained with
+  with pytest.raises(ValueError, match="config.init.checkpoint: cannot load parameters"):
+    loop.Trainer(config, one_device_mesh).init_state()
