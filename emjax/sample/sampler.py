@@ -1,0 +1,575 @@
+"""Batched sampling with a KV cache: one jitted prefill, one jitted decode loop.
+
+A batch of prompts is left-padded to a static *bucket* length P, so every
+prompt ends at slot P-1 and one scalar cache index serves all rows:
+
+    slot     0 ........ P-2 | P-1               | P ......... P-2+cap
+    holds    pad, prompt[:-1] | last prompt token | generated tokens, fed back
+    written  by prefill       | by decode step 0  | by decode steps 1, 2, ...
+
+Padding slots carry segment id 0 and are never attended; positions restart at
+0 at each row's first real token, so a row's output does not depend on the
+rest of the batch (the model's cache path, see `transformer.Transformer`).
+
+* `prefill` (jitted) runs the prompts minus their last token into a fresh
+  cache, optionally in sub-batches (`prefill_chunk`), and repeats each
+  prompt's cache rows `n` times (one prefill per prompt, not per sample).
+* `decode` (jitted, cache donated) is one `lax.while_loop`: feed the current
+  token, sample the next, stop when every row is done or `max_new_tokens` (a
+  runtime value <= the static cap) is reached. Nothing returns to the host
+  until the loop ends.
+
+The weights are an argument of both functions, never closed over: new weights
+of the same shapes (after a training step) reuse the compiled code. What does
+recompile: a new prompt bucket, batch size, `n`, the static cap, or switching a
+sampling rule on/off (greedy, top-k, top-p, min-p: `SamplingRules`); the
+*values* of temperature/top-k/top-p/min-p, the seed, the stop ids (up to a
+padded count) and `max_new_tokens` are runtime inputs.
+
+Randomness is per row: the key of (prompt, sample j) at decode step t is
+fold_in(fold_in(fold_in(PRNGKey(seed), prompt_seed), j), t), so a sample
+does not depend on which other prompts share its batch.
+
+Speed notes (measured on CPU; see benchmarks/sampler.py): layers are unrolled
+and weights/cache are handed over per layer (`prepare_weights`; see the
+comment above it), sampling reductions avoid XLA:CPU's slow variadic argmax
+reduce, and random draws are inverse-CDF (one uniform per row, not V Gumbels).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from emjax import sharding as shd
+from emjax.models import transformer
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def make_buckets(max_prompt_length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Powers of two from `smallest` up to (and ending with) `max_prompt_length`."""
+  if max_prompt_length < 1:
+    raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+  buckets, b = [], smallest
+  while b < max_prompt_length:
+    buckets.append(b)
+    b *= 2
+  return tuple(buckets) + (max_prompt_length,)
+
+
+# ----------------------------------------------------------------------------- sampling rules
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRules:
+  """The static part of a sampling configuration: which filters exist in the compiled code."""
+
+  greedy: bool = False
+  top_k: bool = False
+  top_p: bool = False
+  min_p: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample. temperature 0 = greedy; top_k 0, top_p 1 and min_p 0 disable those filters.
+
+  Filters apply in the order temperature -> top-k -> top-p -> min-p (as in HF
+  `generate`); ties at a threshold are all kept.
+  """
+
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  n: int = 1
+  seed: int = 0
+  stop_token_ids: tuple[int, ...] = ()
+
+  @property
+  def rules(self) -> SamplingRules:
+    if self.temperature == 0:
+      return SamplingRules(greedy=True)
+    return SamplingRules(top_k=self.top_k > 0, top_p=self.top_p < 1.0, min_p=self.min_p > 0.0)
+
+  def validate(self, vocab_size: int, max_new_tokens_cap: int) -> None:
+    def bad(msg):
+      raise ValueError(f"sampling: {msg}")
+
+    if self.n < 1:
+      bad(f"n (samples per prompt) must be >= 1, got {self.n}")
+    if not 1 <= self.max_new_tokens <= max_new_tokens_cap:
+      bad(f"max_new_tokens must be in [1, {max_new_tokens_cap}] (the sampler's max_new_tokens_cap), "
+          f"got {self.max_new_tokens}")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+    if self.top_k < 0:
+      bad(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      bad(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+    if not 0.0 <= self.min_p < 1.0:
+      bad(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+    for t in self.stop_token_ids:
+      if not 0 <= int(t) < vocab_size:
+        bad(f"stop token id {t} is not in the model's vocabulary [0, {vocab_size})")
+
+
+def truncate_logits(scaled_BxV: jax.Array, top_k, top_p, min_p, rules: SamplingRules) -> jax.Array:
+  """Sets logits outside the top-k / top-p / min-p support to -inf (temperature already applied)."""
+  neg_inf = jnp.asarray(-jnp.inf, scaled_BxV.dtype)
+  x_BxV = scaled_BxV
+  vocab = x_BxV.shape[-1]
+  if rules.top_k or rules.top_p:
+    sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
+    if rules.top_k:
+      k = jnp.clip(top_k, 1, vocab)
+      kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, k - 1, 1, axis=1)
+      x_BxV = jnp.where(x_BxV < kth_Bx1, neg_inf, x_BxV)
+      sorted_BxV = jnp.where(jnp.arange(vocab) < k, sorted_BxV, neg_inf)
+    if rules.top_p:
+      probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+      mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+      # Keep the smallest prefix whose mass reaches top_p (the first token always).
+      keep_BxV = mass_before_BxV < top_p
+      threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+      x_BxV = jnp.where(x_BxV < threshold_Bx1, neg_inf, x_BxV)
+  if rules.min_p:
+    # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p): no softmax needed.
+    max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+    x_BxV = jnp.where(x_BxV < max_Bx1 + jnp.log(min_p), neg_inf, x_BxV)
+  return x_BxV
+
+
+def _categorical(key, logits_V):
+  """Inverse-CDF draw: one uniform per row instead of V Gumbel variates (threefry is costly on CPU)."""
+  cdf_V = jnp.cumsum(jax.nn.softmax(logits_V))
+  u = 1.0 - jax.random.uniform(key, (), jnp.float32)  # (0, 1]: never selects a zero-probability token
+  index = jnp.sum(cdf_V < u * cdf_V[-1])
+  return jnp.minimum(index, logits_V.shape[-1] - 1).astype(jnp.int32)
+
+
+def sample_logits(logits_BxV, keys_Bx2, knobs: Mapping[str, jax.Array], rules: SamplingRules):
+  """(token_B, raw_logprob_B, sampled_logprob_B, raw_lse_B) for one step.
+
+  raw = the model's distribution (temperature 1, untruncated); sampled = the
+  distribution actually drawn from (0 under greedy: a point mass).
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  raw_lse_B = max_Bx1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BxV - max_Bx1), axis=-1))
+  if rules.greedy:
+    # argmax as max + first index reaching it: two plain reductions (sharing the max with the
+    # log-sum-exp) instead of XLA:CPU's slow variadic (value, index) reduce.
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_BxV.shape, 1)
+    token_B = jnp.min(jnp.where(logits_BxV == max_Bx1, vocab_ids, logits_BxV.shape[-1]), axis=-1)
+    sampled_lp_B = jnp.zeros(token_B.shape, jnp.float32)
+  else:
+    scaled_BxV = truncate_logits(logits_BxV / knobs["temperature"], knobs["top_k"], knobs["top_p"],
+                                 knobs["min_p"], rules)
+    token_B = jax.vmap(_categorical)(keys_Bx2, scaled_BxV)
+    picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
+    sampled_lp_B = picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
+  raw_lp_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0] - raw_lse_B
+  return token_B, raw_lp_B, sampled_lp_B, raw_lse_B
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """Host arrays for Np prompts x n samples x T = max_new_tokens steps.
+
+  `tokens` include the stop token when a row finished on one ('stop'); slots
+  after `lengths` are 0. `logprobs` are under the raw model distribution,
+  `sampled_logprobs` under the distribution sampled from. `top_ids` /
+  `top_logprobs` (raw log-probabilities, descending) exist when the sampler
+  was built with `top_logprobs` > 0.
+  """
+
+  tokens: np.ndarray  # [Np, n, T] int32
+  lengths: np.ndarray  # [Np, n] int32
+  finish_reasons: np.ndarray  # [Np, n] str: 'stop' | 'length'
+  logprobs: np.ndarray  # [Np, n, T] float32
+  sampled_logprobs: np.ndarray  # [Np, n, T] float32
+  prompt_lengths: np.ndarray  # [Np]
+  top_ids: np.ndarray | None = None  # [Np, n, T, k]
+  top_logprobs: np.ndarray | None = None  # [Np, n, T, k]
+
+  def sample(self, i: int, j: int = 0) -> dict[str, Any]:
+    """Sample j of prompt i, trimmed to its length, as plain Python values."""
+    n = int(self.lengths[i, j])
+    out = {"tokens": self.tokens[i, j, :n].tolist(), "logprobs": self.logprobs[i, j, :n].tolist(),
+           "sampled_logprobs": self.sampled_logprobs[i, j, :n].tolist(),
+           "finish_reason": str(self.finish_reasons[i, j])}
+    if self.top_ids is not None:
+      out["top_ids"] = self.top_ids[i, j, :n].tolist()
+      out["top_logprobs"] = self.top_logprobs[i, j, :n].tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+class Sampler:
+  """Compiled prefill + decode for one model architecture; weights are passed to every call.
+
+  Args:
+    model_cfg: the architecture (the weights' shapes must match it).
+    mesh: the device mesh (batch over data/fsdp, KV heads over tensor); None = default device.
+    prompt_buckets: static prompt lengths; a prompt is left-padded to the smallest bucket that
+      holds it. The largest bucket is the longest prompt accepted.
+    max_new_tokens_cap: static size of the output buffers; `max_new_tokens` may be anything up to it
+      without recompiling. The cache holds bucket - 1 + cap slots.
+    prefill_chunk: prefill in sub-batches of this many prompts (0 = the whole batch at once), to
+      bound prefill activation memory for large batches of long prompts.
+    top_logprobs: also return the k most likely tokens and their raw log-probs at each step (0 = off).
+    unroll_layers: decode with the layers unrolled instead of `lax.scan`ned (same weights; less
+      per-step loop overhead, longer compile).
+    cache_dtype: KV cache dtype (default: the model's compute dtype).
+  """
+
+  def __init__(self, model_cfg: transformer.TransformerConfig, *, mesh: Mesh | None = None,
+               prompt_buckets: Sequence[int] = DEFAULT_BUCKETS, max_new_tokens_cap: int = 256,
+               prefill_chunk: int = 0, top_logprobs: int = 0, unroll_layers: bool = True,
+               cache_dtype: Any = None):
+    buckets = tuple(sorted({int(b) for b in prompt_buckets}))
+    if not buckets or buckets[0] < 1:
+      raise ValueError(f"prompt_buckets must be positive lengths, got {tuple(prompt_buckets)}")
+    if max_new_tokens_cap < 1:
+      raise ValueError(f"max_new_tokens_cap must be >= 1, got {max_new_tokens_cap}")
+    if prefill_chunk < 0:
+      raise ValueError(f"prefill_chunk must be >= 0 (0 = no chunking), got {prefill_chunk}")
+    if not 0 <= top_logprobs <= model_cfg.vocab_size:
+      raise ValueError(f"top_logprobs must be in [0, vocab_size={model_cfg.vocab_size}], got {top_logprobs}")
+    self.unroll_layers = bool(unroll_layers)
+    self.model_cfg = dataclasses.replace(model_cfg, scan_layers=not unroll_layers, remat="none")
+    self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    self.data_parallel = shd.data_parallel_size(self.mesh) if self.mesh is not None else 1
+    if prefill_chunk and prefill_chunk % self.data_parallel:
+      raise ValueError(f"prefill_chunk={prefill_chunk} must be a multiple of the data-parallel size "
+                       f"(mesh.data*mesh.fsdp={self.data_parallel})")
+    self.buckets = buckets
+    self.max_new_tokens_cap = int(max_new_tokens_cap)
+    self.prefill_chunk = int(prefill_chunk)
+    self.top_logprobs = int(top_logprobs)
+    self.cache_dtype = jnp.dtype(cache_dtype or self.model_cfg.dtype)
+    self.graphdef, _ = transformer.split_model(transformer.abstract_model(self.model_cfg))
+    # One query per row: fused attention kernels (cuDNN) bring nothing, the einsum path is the one
+    # to tune. Same parameters, so the same weights feed both graphs.
+    decode_cfg = dataclasses.replace(self.model_cfg, attention="xla")
+    self.decode_graphdef, _ = transformer.split_model(transformer.abstract_model(decode_cfg))
+    self._param_axes = transformer.param_logical_axes(transformer.abstract_model(self.model_cfg))
+    # Incremented inside the traced functions, so they count traces (= compilations).
+    self.trace_counts: collections.Counter = collections.Counter()
+    self.unstack_fn = jax.jit(self._unstack_weights)
+    self.prefill_fn = jax.jit(self._prefill, static_argnames=("n",))
+    self.decode_fn = jax.jit(self._decode, static_argnames=("rules",), donate_argnames=("cache",))
+
+  # --------------------------------------------------------------------------- weights and cache layout
+  #
+  # With unrolled layers the compiled functions take the layer weights as a list (one dict per
+  # layer) and carry the KV cache as per-layer lists, and restack both inside the innermost traced
+  # body just before the model (which slices layer i out of stacked arrays) sees them: XLA then
+  # folds slice(stack(...)) away. Handing it stacked arrays instead makes it copy every layer's
+  # weights (and cache) out of the stack at every decode step, which on CPU costs more than the
+  # matmuls themselves.
+
+  def shard_params(self, params: dict) -> dict:
+    """Puts a (stacked) params tree on the mesh with the training layout (no-op without a mesh)."""
+    if self.mesh is None:
+      return params
+    shardings = shd.tree_shardings(self._param_axes, params, self.mesh)
+    return jax.device_put(params, shardings)
+
+  def prepare_weights(self, params: dict) -> dict:
+    """`params` (stacked, as trained) in the layout the compiled functions take.
+
+    Unrolled: a copy with `layers` split into a list of per-layer dicts (one weight copy; do it
+    once per set of weights when sampling repeatedly). Scanned: `params` itself.
+    """
+    if not self.unroll_layers or isinstance(params["layers"], (list, tuple)):
+      return params
+    return self.unstack_fn(params)
+
+  def _unstack_weights(self, params: dict) -> dict:
+    self.trace_counts["unstack"] += 1
+    layers = []
+    with shd.activation_sharding(self.mesh):
+      for i in range(self.model_cfg.n_layers):
+        layer = jax.tree.map(lambda a: a[i], params["layers"])  # noqa: B023
+        # Each layer keeps its stacked layout minus the `layers` axis (a prefix tree of axes).
+        layer = jax.tree.map(lambda x, axes: shd.constrain(x, axes[1:]), layer, self._param_axes["layers"])
+        layers.append(layer)
+    return dict(params, layers=layers)
+
+  def _model(self, weights: dict, graphdef=None):
+    """The model over `weights`; call inside the innermost traced body (see above)."""
+    if self.unroll_layers:
+      weights = dict(weights, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *weights["layers"]))
+    return nnx.merge(self.graphdef if graphdef is None else graphdef, weights)
+
+  def _stack_cache(self, cache: dict) -> dict:
+    if not self.unroll_layers:
+      return cache
+    return dict(cache, k=jnp.stack(cache["k"]), v=jnp.stack(cache["v"]))
+
+  def _unstack_cache(self, cache: dict) -> dict:
+    if not self.unroll_layers:
+      return cache
+    n = self.model_cfg.n_layers
+    return dict(cache, k=[cache["k"][i] for i in range(n)], v=[cache["v"][i] for i in range(n)])
+
+  def _put_batch(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim))
+
+  def _put_replicated(self, x) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(np.asarray(x), shd.replicated(self.mesh))
+
+  def _constrain_cache(self, cache: dict) -> dict:
+    if self.mesh is None:
+      return cache
+    out = {}
+    for name, value in cache.items():
+      axes = transformer.CACHE_LOGICAL_AXES[name]
+      if isinstance(value, (list, tuple)):  # per-layer list: drop the `layers` axis
+        out[name] = [shd.constrain(x, axes[1:]) for x in value]
+      else:
+        out[name] = shd.constrain(value, axes)
+    return out
+
+  def cache_length(self, bucket: int) -> int:
+    return bucket - 1 + self.max_new_tokens_cap
+
+  def bucket_for(self, length: int) -> int:
+    for b in self.buckets:
+      if length <= b:
+        return b
+    raise ValueError(f"a prompt of {length} tokens is longer than the cache allows: the largest prompt "
+                     f"bucket (max prompt length) is {self.buckets[-1]}")
+
+  # --------------------------------------------------------------------------- jitted functions
+
+  def _prefill(self, weights, tokens_BpxP, lengths_Bp, *, n: int):
+    """Cache for Bp*n rows (prompt-major) holding each prompt except its last token."""
+    self.trace_counts["prefill"] += 1
+    cfg = self.model_cfg
+    num_prompts, bucket = tokens_BpxP.shape
+    rows, cache_len, lp = num_prompts * n, self.cache_length(bucket), bucket - 1
+    slots_P = jnp.arange(bucket, dtype=jnp.int32)
+    pad_Bp = bucket - lengths_Bp
+    positions_BpxP = jnp.maximum(slots_P[None] - pad_Bp[:, None], 0)
+    segments_BpxP = (slots_P[None] >= pad_Bp[:, None]).astype(jnp.int32)
+    with shd.activation_sharding(self.mesh):
+      if lp == 0:  # bucket 1: nothing to prefill, the single token is fed by decode
+        cache = transformer.init_cache(cfg, rows, cache_len, self.cache_dtype)
+        return self._constrain_cache(self._unstack_cache(cache))
+
+      def run(tok, pos, seg):
+        small = transformer.init_cache(cfg, tok.shape[0], lp, self.cache_dtype)
+        _, small = self._model(weights)(tok, pos, seg, cache=small, cache_index=0)  # logits unused: dropped
+        return small["k"], small["v"]
+
+      inputs = (tokens_BpxP[:, :lp], positions_BpxP[:, :lp], segments_BpxP[:, :lp])
+      chunk = self.prefill_chunk
+      if not chunk or chunk >= num_prompts:
+        k, v = run(*inputs)
+      else:
+        # Chunk i takes rows {d*Bp/dp + i*c/dp + r}: every chunk spans all data shards, so each
+        # device prefills its own rows and nothing moves between devices.
+        dp, num_chunks = self.data_parallel, num_prompts // chunk
+
+        def to_chunks(x_BpxL):
+          x = x_BpxL.reshape(dp, num_chunks, chunk // dp, lp).transpose(1, 0, 2, 3)
+          return x.reshape(num_chunks, chunk, lp)
+
+        k_c, v_c = jax.lax.map(lambda xs: run(*xs), tuple(to_chunks(x) for x in inputs))
+
+        def from_chunks(c_NxLyrxCxSxKxDh):
+          nl, kh, dh = cfg.n_layers, cfg.n_kv_heads, cfg.resolved_head_dim
+          x = c_NxLyrxCxSxKxDh.reshape(num_chunks, nl, dp, chunk // dp, lp, kh, dh)
+          return x.transpose(1, 2, 0, 3, 4, 5, 6).reshape(nl, num_prompts, lp, kh, dh)
+
+        k, v = from_chunks(k_c), from_chunks(v_c)
+
+      # One prefill per prompt; its n samples share a copy of its cache rows. The decode slots
+      # after the prompt start empty (segment id 0).
+      def widen(x_BpxLx___, axis):
+        x = jnp.repeat(x_BpxLx___, n, axis=0) if n > 1 else x_BpxLx___
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, cache_len - lp)
+        return jnp.pad(x, pad)
+
+      per_layer = lambda x: [widen(x[i].astype(self.cache_dtype), 1) for i in range(cfg.n_layers)]  # noqa: E731
+      if self.unroll_layers:
+        cache_k, cache_v = per_layer(k), per_layer(v)
+      else:
+        cache_k, cache_v = jnp.stack(per_layer(k)), jnp.stack(per_layer(v))
+      cache = {"k": cache_k, "v": cache_v, "positions": widen(positions_BpxP[:, :lp], 1),
+               "segment_ids": widen(segments_BpxP[:, :lp], 1)}
+      return self._constrain_cache(cache)
+
+  def _decode(self, weights, cache, last_tokens_B, prompt_lengths_B, active_B, prompt_seeds_B, sample_ids_B,
+              stop_ids_S, knobs, *, rules: SamplingRules):
+    """The decode loop; returns (outputs dict, cache)."""
+    self.trace_counts["decode"] += 1
+    fold = jax.vmap(jax.random.fold_in, (0, 0))
+    base_key = jax.random.PRNGKey(knobs["seed"])
+    row_keys_Bx2 = fold(fold(jnp.broadcast_to(base_key, (*prompt_seeds_B.shape, *base_key.shape)),
+                             prompt_seeds_B), sample_ids_B)
+    rows, cache_len = cache["positions"].shape
+    cap, k_top = self.max_new_tokens_cap, self.top_logprobs
+    first_slot = cache_len - cap  # = bucket - 1: the slot of the last prompt token
+    max_new = knobs["max_new_tokens"]
+    batch = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+    with shd.activation_sharding(self.mesh):
+      ones_Bx1 = jnp.ones((rows, 1), jnp.int32)
+      outputs = {"tokens": jnp.zeros((rows, cap), jnp.int32),
+                 "logprobs": jnp.zeros((rows, cap), jnp.float32),
+                 "sampled_logprobs": jnp.zeros((rows, cap), jnp.float32)}
+      if k_top:
+        outputs["top_ids"] = jnp.zeros((rows, cap, k_top), jnp.int32)
+        outputs["top_logprobs"] = jnp.zeros((rows, cap, k_top), jnp.float32)
+      outputs = jax.tree.map(batch, outputs)
+      done_B = ~active_B
+      carry = dict(step=jnp.zeros((), jnp.int32), token=last_tokens_B, done=done_B,
+                   stopped=jnp.zeros_like(done_B), length=jnp.zeros((rows,), jnp.int32),
+                   outputs=outputs, cache=cache)
+
+      def cond(c):
+        return (c["step"] < max_new) & ~jnp.all(c["done"])
+
+      def body(c):
+        step = c["step"]
+        positions_Bx1 = (prompt_lengths_B - 1 + step)[:, None]
+        model = self._model(weights, self.decode_graphdef)
+        logits_Bx1xV, cache = model(c["token"][:, None], positions_Bx1, ones_Bx1,
+                                    cache=self._stack_cache(c["cache"]), cache_index=first_slot + step)
+        cache = self._unstack_cache(cache)
+        logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
+        keys_Bx2 = jax.vmap(jax.random.fold_in, (0, None))(row_keys_Bx2, step)
+        token_B, raw_lp_B, sampled_lp_B, lse_B = sample_logits(logits_BxV, keys_Bx2, knobs, rules)
+        live_B = ~c["done"]
+        token_B = jnp.where(live_B, token_B, 0)
+        out = dict(c["outputs"])
+        write = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, step, axis=1)  # noqa: E731
+        out["tokens"] = write(out["tokens"], token_B)
+        out["logprobs"] = write(out["logprobs"], jnp.where(live_B, raw_lp_B, 0.0))
+        out["sampled_logprobs"] = write(out["sampled_logprobs"], jnp.where(live_B, sampled_lp_B, 0.0))
+        if k_top:
+          top_vals_BxK, top_ids_BxK = jax.lax.top_k(logits_BxV, k_top)
+          out["top_ids"] = write(out["top_ids"], top_ids_BxK)
+          out["top_logprobs"] = write(out["top_logprobs"], top_vals_BxK - lse_B[:, None])
+        hit_stop_B = live_B & jnp.any(token_B[:, None] == stop_ids_S[None, :], axis=-1)
+        done_B = c["done"] | hit_stop_B | (step + 1 >= max_new)
+        return dict(step=step + 1, token=token_B, done=done_B, stopped=c["stopped"] | hit_stop_B,
+                    length=jnp.where(live_B, step + 1, c["length"]),
+                    outputs=jax.tree.map(batch, out), cache=self._constrain_cache(cache))
+
+      final = jax.lax.while_loop(cond, body, carry)
+    outputs = dict(final["outputs"], lengths=final["length"], stopped=final["stopped"])
+    return outputs, final["cache"]
+
+  # --------------------------------------------------------------------------- host API
+
+  def generate(self, params: dict, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
+               *, prompt_seeds: Sequence[int] | None = None, pad_batch_to: int = 0, **overrides) -> SampleOutput:
+    """Samples `sampling.n` continuations of each prompt (lists of token ids) with `params`.
+
+    All prompts go in one batch, left-padded to the bucket of the longest. `prompt_seeds`
+    (default: the prompt's index) key each prompt's random stream; give stable ones (e.g. a hash of
+    a prompt id) to get the same samples whatever the batching. `pad_batch_to` pads the batch with
+    dummy prompts to a fixed size so that smaller batches reuse the compiled code. Keyword
+    `overrides` replace fields of `sampling` (e.g. `temperature=0.0`).
+
+    `params` may be the trained (stacked) tree, re-laid out on every call, or the result of
+    `prepare_weights(params)`, which saves that copy when sampling repeatedly with the same weights.
+    """
+    sampling = dataclasses.replace(sampling or SamplingParams(), **overrides)
+    sampling.validate(self.model_cfg.vocab_size, self.max_new_tokens_cap)
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+      raise ValueError("generate: no prompts given")
+    vocab = self.model_cfg.vocab_size
+    for i, p in enumerate(prompts):
+      if not p:
+        raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+      bad = [t for t in p if not 0 <= t < vocab]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+      raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
+    num_real, n = len(prompts), sampling.n
+    bucket = self.bucket_for(max(len(p) for p in prompts))
+
+    # Batch size: at least pad_batch_to, then a multiple of the data-parallel size and the chunk.
+    num_prompts = max(num_real, pad_batch_to)
+    multiple = self.data_parallel
+    if self.prefill_chunk and num_prompts > self.prefill_chunk:
+      multiple = math.lcm(multiple, self.prefill_chunk)
+    num_prompts = -(-num_prompts // multiple) * multiple
+    # Dummy prompts (one token, id 0) fill the batch; they start finished.
+    tokens_BpxP = np.zeros((num_prompts, bucket), np.int32)
+    lengths_Bp = np.ones((num_prompts,), np.int32)
+    for i, p in enumerate(prompts):
+      tokens_BpxP[i, bucket - len(p):] = p
+      lengths_Bp[i] = len(p)
+    seeds_Bp = np.zeros((num_prompts,), np.uint32)
+    seeds_Bp[:num_real] = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(num_real),
+                                     dtype=np.int64) % 2**32
+    active_Bp = np.arange(num_prompts) < num_real
+    stop_ids_S = np.full((_padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
+    stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
+    knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
+             "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
+             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
+    per_row = lambda x_Bp: self._put_batch(np.repeat(x_Bp, n))  # noqa: E731  (prompt-major rows)
+
+    weights = self.prepare_weights(params)
+    cache = self.prefill_fn(weights, self._put_batch(tokens_BpxP), self._put_batch(lengths_Bp), n=n)
+    outputs, _ = self.decode_fn(
+        weights, cache, per_row(tokens_BpxP[:, -1]), per_row(lengths_Bp), per_row(active_Bp), per_row(seeds_Bp),
+        self._put_batch(np.tile(np.arange(n, dtype=np.uint32), num_prompts)), self._put_replicated(stop_ids_S),
+        {k: self._put_replicated(v) for k, v in knobs.items()}, rules=sampling.rules)
+    host = jax.device_get(outputs)
+    steps = sampling.max_new_tokens
+
+    def per_prompt(x):
+      return np.asarray(x).reshape(num_prompts, n, *np.shape(x)[1:])[:num_real]
+
+    lengths = per_prompt(host["lengths"])
+    return SampleOutput(
+        tokens=per_prompt(host["tokens"])[:, :, :steps],
+        lengths=lengths,
+        finish_reasons=np.where(per_prompt(host["stopped"]), FINISH_STOP, FINISH_LENGTH),
+        logprobs=per_prompt(host["logprobs"])[:, :, :steps],
+        sampled_logprobs=per_prompt(host["sampled_logprobs"])[:, :, :steps],
+        prompt_lengths=lengths_Bp[:num_real].copy(),
+        top_ids=per_prompt(host["top_ids"])[:, :, :steps] if self.top_logprobs else None,
+        top_logprobs=per_prompt(host["top_logprobs"])[:, :, :steps] if self.top_logprobs else None,
+    )
+
+
+def _padded_count(k: int) -> int:
+  """Stop-id array length: a power of two >= 4, so that most stop-id sets share one compilation."""
+  size = 4
+  while size < k:
+    size *= 2
+  return size
