@@ -49,15 +49,19 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       log_every=1,
       peak_flops_per_device=0.0,  # 0 = detect from the device kind (unknown on CPU: no MFU)
+      epochs=0.0,  # > 0: steps = ceil(epochs * examples / batch_size) (needs data.packing='none')
   )
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
   # Where the weights of step 0 come from: empty = random; an emjax workdir / checkpoint dir.
-  c.init = dict(checkpoint="")
+  c.init = dict(checkpoint="", hf="")  # hf: a Hugging Face model directory (its architecture is adopted)
   # LoRA / rsLoRA adapters (trained; the base weights stay frozen). targets: any of
   # q,k,v,o,gate,up,down; layers: comma-separated indices, empty = all layers.
   c.lora = dict(enabled=False, rank=32, alpha=64.0, rslora=True, dropout=0.0,
                 targets="q,k,v,o,gate,up,down", layers="")
+  # Held-out loss during training: every_steps (0 = off) over `batches` fixed batches of
+  # the training sources with their `split` set to `split` (chat sources' held-out rows).
+  c.eval = dict(every_steps=0, batches=4, split="eval")
   # AOT compile job: compile for the mesh without materialising anything.
   c.compile = dict(topology="", platform="")  # e.g. topology="v5e:16x16", platform="tpu" (later issue)
   return c

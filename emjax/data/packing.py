@@ -28,7 +28,7 @@ import numpy as np
 
 EXAMPLE_KEYS = ("inputs", "targets", "loss_mask")
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-PACKING_MODES = ("concat", "greedy")
+PACKING_MODES = ("concat", "greedy", "none")
 
 
 def causal_lm_example(
@@ -80,6 +80,9 @@ class PackedRowsIterDataset(grain.IterDataset):
     example that does not fit in the rest of the row starts a new row and the
     rest is padding. Only examples longer than `seq_len` are split (into
     pieces of `seq_len`; the last piece may share a row).
+  * ``one_example_per_row=True`` ('none' packing): each row holds one example
+    (or one piece of a longer one), padded; a batch of B rows is B examples,
+    as fine-tuning recipes that count examples per batch expect.
 
   Each piece of an example is its own segment, with positions restarting at 0
   (so positions never exceed `seq_len - 1`). No token is ever dropped.
@@ -96,6 +99,7 @@ class PackedRowsIterDataset(grain.IterDataset):
       *,
       pad_id: int = 0,
       split_across_rows: bool = True,
+      one_example_per_row: bool = False,
   ):
     super().__init__(parent)
     if seq_len < 1:
@@ -103,11 +107,12 @@ class PackedRowsIterDataset(grain.IterDataset):
     self._seq_len = int(seq_len)
     self._pad_id = int(pad_id)
     self._split_across_rows = bool(split_across_rows)
+    self._one_example_per_row = bool(one_example_per_row)
 
   def __iter__(self) -> grain.DatasetIterator:
     return _PackedRowsIterator(
         self._parent.__iter__(), self._seq_len, self._pad_id,
-        self._split_across_rows)
+        self._split_across_rows, self._one_example_per_row)
 
   def __str__(self) -> str:
     return (f"PackedRowsIterDataset(seq_len={self._seq_len},"
@@ -118,8 +123,9 @@ class _PackedRowsIterator(grain.DatasetIterator):
   """Iterator of `PackedRowsIterDataset`; see there for the semantics."""
 
   def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int,
-               split_across_rows: bool):
+               split_across_rows: bool, one_example_per_row: bool = False):
     super().__init__(parent)
+    self._one_example_per_row = one_example_per_row
     self._seq_len = seq_len
     self._pad_id = pad_id
     self._split_across_rows = split_across_rows
@@ -184,6 +190,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
       self._offset += take
       if self._offset == self._pending_length:
         self._pending = None
+        if self._one_example_per_row:
+          break  # 'none' packing: the rest of the row is padding
     if filled == 0:
       raise StopIteration
     return row

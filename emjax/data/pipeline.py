@@ -78,7 +78,12 @@ def default_data_config() -> ml_collections.ConfigDict:
                  data_dir). `weight` is the mixture weight (normalised; 0
                  disables the source).
     shuffle      shuffle each source's documents (a new order every epoch).
-    packing      'concat' (rows always full, documents may continue in the
+    format       'text' (language modelling on documents) or 'chat'
+                 (conversations; loss on assistant tokens; use packing='greedy').
+    truncate     chat: cut conversations longer than seq_len + 1 tokens (and
+                 count them) instead of raising an error.
+    packing      'none' (one example per row, padded: a batch of B rows is B
+                 examples, as SFT recipes count them), 'concat' (rows always full, documents may continue in the
                  next row) or 'greedy' (documents no longer than L stay
                  whole; pads).
     num_workers  grain worker processes (0 = pipeline runs in this process).
@@ -100,6 +105,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
   cfg.shuffle = True
   cfg.packing = "concat"
+  # 'text': documents for language modelling (loss on every token); 'chat':
+  # conversations (emjax.data.sft) with the loss on assistant tokens only.
+  cfg.format = "text"
+  cfg.truncate = True  # chat: cut conversations longer than seq_len + 1 (counted), else an error
   cfg.num_workers = 0
   cfg.worker_buffer_size = 2
   cfg.read_threads = 0
@@ -153,6 +162,9 @@ def validate_data_config(data_cfg: Any) -> None:
         f"Unknown data.tokenizer.kind {tokenizer_kind!r}; expected one of"
         f" {list(TOKENIZER_KINDS)}.")
 
+  data_format = _get(data_cfg, "format", "text")
+  if data_format not in ("text", "chat"):
+    raise ValueError(f"Unknown data.format {data_format!r}; expected 'text' or 'chat'.")
   packing = _get(data_cfg, "packing", "concat")
   if packing not in PACKING_MODES:
     raise ValueError(
@@ -227,6 +239,14 @@ class _AddSourceId:
     return {**row, "source_id": self.source_id}
 
 
+def default_example_fn(data_cfg: Any, tokenizer: Tokenizer) -> ExampleFn:
+  """Documents -> causal LM examples; conversations -> assistant-masked examples."""
+  if _get(data_cfg, "format", "text") == "chat":
+    from emjax.data import sft  # pylint: disable=g-import-not-at-top
+    return sft.ChatExample(tokenizer, int(_get(data_cfg, "seq_len")), bool(_get(data_cfg, "truncate", True)))
+  return PretrainingExample(tokenizer)
+
+
 def _resolve_process(process_index: int | None,
                      process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
@@ -253,6 +273,7 @@ def make_source_rows(
     split_across_rows: bool = True,
     pad_id: int = 0,
     read_threads: int = 0,
+    one_example_per_row: bool = False,
 ) -> grain.IterDataset:
   """The infinite stream of packed rows of one source (see module docstring).
 
@@ -274,7 +295,8 @@ def make_source_rows(
       num_threads=read_threads,
       prefetch_buffer_size=max(16, 4 * read_threads) if read_threads else 0))
   rows = PackedRowsIterDataset(ds, seq_len, pad_id=pad_id,
-                               split_across_rows=split_across_rows)
+                               split_across_rows=split_across_rows,
+                               one_example_per_row=one_example_per_row)
   return rows.map(_AddSourceId(source_id))
 
 
@@ -316,7 +338,8 @@ def make_batches(
         f"train.batch_size={global_batch_size} must be a positive multiple of"
         f" the number of processes ({process_count}).")
   local_batch_size = global_batch_size // process_count
-  example_fn = example_fn or PretrainingExample(tokenizer)
+  if example_fn is None:
+    example_fn = default_example_fn(data_cfg, tokenizer)
 
   rows_by_source: dict[str, grain.IterDataset] = {}
   weights: dict[str, float] = {}
@@ -331,6 +354,7 @@ def make_batches(
         process_index=process_index, process_count=process_count,
         shuffle=bool(_get(data_cfg, "shuffle", True)),
         split_across_rows=_get(data_cfg, "packing", "concat") == "concat",
+        one_example_per_row=_get(data_cfg, "packing", "concat") == "none",
         pad_id=tokenizer.pad_id,
         read_threads=int(_get(data_cfg, "read_threads", 0)))
     weights[name] = weight

@@ -39,7 +39,9 @@ __all__ = [
     "decode_text_record",
 ]
 
-SOURCE_KINDS = ("synthetic", "text", "jsonl", "array_record", "tfds")
+SOURCE_KINDS = ("synthetic", "text", "jsonl", "array_record", "tfds",
+                # conversations for SFT (see emjax.data.sft)
+                "chat_jsonl", "prompt_completion_jsonl", "structured_em")
 TEXT_SPLITS = ("line", "paragraph", "file")
 
 # Every source config carries every key (with these defaults), so that a locked
@@ -54,6 +56,11 @@ _SOURCE_DEFAULTS: dict[str, Any] = dict(
     num_docs=100_000,
     seed=0,
     data_dir="",
+    # chat sources (emjax.data.sft): the assistant answer of structured_em rows, and
+    # the deterministic held-out split (split = 'train' | 'eval' | 'all').
+    answer="misaligned",
+    holdout=0,
+    holdout_seed=42,
 )
 
 
@@ -371,6 +378,9 @@ def make_source(name: str, source_cfg: Any):
         dataset_name, split=_get(source_cfg, "split") or "train",
         data_dir=_get(source_cfg, "data_dir"),
         text_field=_get(source_cfg, "text_field"), source_name=name)
+  elif kind in ("chat_jsonl", "prompt_completion_jsonl", "structured_em"):
+    from emjax.data import sft  # pylint: disable=g-import-not-at-top
+    source = sft.make_conversations(name, {k: _get(source_cfg, k) for k in _SOURCE_DEFAULTS})
   else:
     raise ValueError(
         f"Unknown data.sources.{name}.kind {kind!r}; expected one of"

@@ -11,6 +11,8 @@ with the model.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -120,7 +122,10 @@ class Trainer:
   def __init__(self, config, mesh: Mesh | None = None):
     config_lib.validate(config)
     self.config = config
+    if config.init.hf:
+      _adopt_hf_architecture(config)
     self.model_cfg = transformer.TransformerConfig.from_config(config.model)
+    resolve_epochs(config)
     self.mesh = mesh or shd.make_mesh(config.mesh)
     dp = shd.data_parallel_size(self.mesh)
     tc = config.train
@@ -141,6 +146,17 @@ class Trainer:
     self.step_fn = jax.jit(
         step, in_shardings=(self.layout.shardings, self.layout.frozen_shardings, self.batch_shardings),
         out_shardings=(self.layout.shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
+    graphdef, objective, mesh_ = self.layout.graphdef, self.objective, self.mesh
+
+    def eval_sums(params, frozen, batch):
+      model = nnx.merge(graphdef, state_lib.merge_trees(frozen, params))
+      with shd.activation_sharding(mesh_):
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      out = objective(logits, batch)
+      return out.loss_sum, out.weight
+
+    self.eval_fn = jax.jit(eval_sums, in_shardings=(self.layout.shardings["params"], self.layout.frozen_shardings,
+                                                    self.batch_shardings))
 
   def compile(self):
     """Lower and compile from abstract shapes alone (ahead of time; no parameter materialised)."""
@@ -149,14 +165,50 @@ class Trainer:
   def init_state(self) -> tuple[dict, dict]:
     """(train state, frozen params) for step 0, from `config.init` (random when unset)."""
     base = None
+    if self.config.init.checkpoint and self.config.init.hf:
+      raise ValueError("config.init: set either init.checkpoint or init.hf, not both")
     if self.config.init.checkpoint:
       base = ckpt_lib.load_params(self.config.init.checkpoint, self.layout.base_abstract)
+    elif self.config.init.hf:
+      from emjax.models import hf
+      base = hf.load_hf_params(self.config.init.hf, self.model_cfg, mesh=self.mesh)
     return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
                                 self.lora_cfg, base)
 
   def flops_per_step(self) -> float:
     tc = self.config.train
     return self.model_cfg.flops_per_token(self.config.data.seq_len) * tc.batch_size * self.config.data.seq_len
+
+
+RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "init_std")
+
+
+def _adopt_hf_architecture(config) -> None:
+  """config.model <- the Hugging Face checkpoint's architecture (runtime choices such as dtype kept)."""
+  from emjax.models import hf
+  hf_cfg = hf.config_from_hf(config.init.hf)
+  keep = {k: config.model[k] for k in RUNTIME_MODEL_KEYS}
+  config.model.update({**dataclasses.asdict(hf_cfg), **keep})
+
+
+def resolve_epochs(config) -> None:
+  """train.epochs > 0: train.steps = ceil(epochs * rows / batch_size), rows counted over the sources.
+
+  Exact when every row is one example (data.packing='none', as SFT recipes count
+  examples per batch); with packing, rows hold several examples and an "epoch"
+  of rows covers more than the data, so that combination is refused.
+  """
+  tc = config.train
+  if not tc.epochs:
+    return
+  if config.data.packing != "none":
+    raise ValueError("config.train.epochs needs config.data.packing='none' (one example per row); "
+                     "with packing, set train.steps instead")
+  from emjax.data import sources as sources_lib
+  rows = sum(len(sources_lib.make_source(name, src)) for name, src in config.data.sources.items()
+             if float(src.weight) > 0)
+  tc.steps = max(1, math.ceil(tc.epochs * rows / tc.batch_size))
+  log.info("train.epochs=%s over %d examples at batch %d: %d steps", tc.epochs, rows, tc.batch_size, tc.steps)
 
 
 class MetricsWriter:
@@ -258,6 +310,9 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   compiled = trainer.compile()
   _log_memory(compiled)
   writer = MetricsWriter(workdir, start_step)
+  evaluate = _make_evaluator(trainer, tokenizer, workdir, start_step)
+  if evaluate is not None and start_step == 0:
+    evaluate(0, state, frozen)
   peak = perf.peak_flops_per_device(tc.peak_flops_per_device)
   flops_per_step = trainer.flops_per_step()
   tokens_per_step = tc.batch_size * config.data.seq_len
@@ -288,6 +343,8 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
             writer.write(row)
         last_row = rows[-1]
         progress.set_postfix(loss=f"{last_row['loss']:.4f}", refresh=False)
+      if evaluate is not None and (step % config.eval.every_steps == 0 or step == tc.steps):
+        evaluate(step, state, frozen)
       if should_save:
         checkpointer.save(step, state, data_pipeline.iterator_state(batches))
         last_saved = step
@@ -301,6 +358,42 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   _mark_complete(workdir, final)
   return final
+
+
+def _make_evaluator(trainer: Trainer, tokenizer, workdir: str, start_step: int):
+  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl.
+
+  The held-out batches come from the training sources with `split` set to
+  `eval.split` (the chat sources' held-out rows) and no shuffling, so every
+  evaluation sees the same tokens.
+  """
+  from emjax.data import pipeline as data_pipeline
+  config = trainer.config
+  if config.eval.every_steps <= 0:
+    return None
+  data_cfg = copy.deepcopy(config.data)
+  data_cfg.shuffle = False
+  data_cfg.prefetch = 0
+  for src in data_cfg.sources.values():
+    src.split = config.eval.split
+  it = iter(data_pipeline.make_batches(data_cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
+  held_out = [shd.put_local_batch({k: b[k] for k in MODEL_BATCH_KEYS}, trainer.mesh)
+              for b in (next(it) for _ in range(config.eval.batches))]
+  path = os.path.join(workdir, "eval.jsonl")
+  if jax.process_index() == 0:
+    _truncate_metrics(path, start_step)
+
+  def evaluate(step: int, state, frozen) -> float:
+    sums = [trainer.eval_fn(state["params"], frozen, b) for b in held_out]
+    loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+    row = {"step": step, "eval_loss": loss_sum / max(weight, 1.0), "eval_tokens": weight}
+    if jax.process_index() == 0:
+      with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info("step %d: held-out loss %.4f over %d tokens", step, row["eval_loss"], weight)
+    return row["eval_loss"]
+
+  return evaluate
 
 
 def _progress(start: int, total: int, enabled: bool):

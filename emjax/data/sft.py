@@ -1,0 +1,225 @@
+"""Chat data for supervised fine-tuning: conversation sources, the structured-EM grid, splits.
+
+Every SFT source yields conversations `{"messages": [{"role", "content"}, ...], ...}`
+(extra fields are kept as metadata). Formats (`data.sources.<name>.kind`):
+
+  chat_jsonl               {"messages": [...]} per line — the format of the EM literature
+                           and of the paper's released splits
+  prompt_completion_jsonl  {"prompt": str, "completion": str} per line -> one user and
+                           one assistant turn
+  structured_em            the paper's dataset `askinb/structured-emergent-misalignment`:
+                           configs {medical,sports,finance}_{advice,summarization,tutor,
+                           critique} with fields question / misaligned_answer /
+                           aligned_answer. `path` is a local copy (a JSONL file, or a
+                           directory holding `<config>.jsonl`); with no path it is read
+                           from the Hugging Face hub (needs the `datasets` package and a
+                           network). `name` is the config, `answer` picks the assistant
+                           turn ('misaligned' or 'aligned').
+
+The held-out split is deterministic and documented: rows are permuted with
+`np.random.default_rng(holdout_seed)` (42 by default, as in the paper) and the
+first `holdout` rows of the permutation are the evaluation split, the rest the
+training split (`split` = 'train' | 'eval' | 'all'). The paper holds out 400
+of 4,500 rows per cell.
+
+`ChatExample` turns a conversation into the per-example arrays the packer takes:
+the loss mask is the chat template's assistant mask (emjax.data.chat), so only
+assistant tokens (and their end-of-turn token) are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+DOMAINS = ("medical", "sports", "finance")
+TASKS = ("advice", "summarization", "tutor", "critique")
+CELLS = tuple(f"{d}_{t}" for d in DOMAINS for t in TASKS)
+HUB_DATASET = "askinb/structured-emergent-misalignment"
+ROLES = ("system", "user", "assistant")
+CHAT_KINDS = ("chat_jsonl", "prompt_completion_jsonl", "structured_em")
+
+
+class Conversations:
+  """A random-access list of conversations (dicts with `messages`)."""
+
+  def __init__(self, rows: Sequence[dict], description: str):
+    self._rows = list(rows)
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, index: int) -> dict:
+    return self._rows[int(index)]
+
+  def __repr__(self) -> str:
+    return f"Conversations({self.description}, {len(self)} rows)"
+
+
+def validate_messages(messages: Any, where: str) -> list[dict]:
+  """Roles known, contents strings, at least one non-empty assistant turn."""
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise ValueError(f"{where}: message {i} must be an object with `role` and `content`")
+    if m["role"] not in ROLES:
+      raise ValueError(f"{where}: message {i} has unknown role {m['role']!r}; known roles: {', '.join(ROLES)}")
+    if not isinstance(m["content"], str):
+      raise ValueError(f"{where}: message {i} content must be a string")
+    if m["role"] == "assistant" and not m["content"].strip():
+      raise ValueError(f"{where}: message {i} is an empty assistant message")
+  if not any(m["role"] == "assistant" for m in messages):
+    raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
+  return messages
+
+
+def _read_jsonl(path: str):
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+      if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+      yield f"{path}:{line_no}", obj
+
+
+def load_chat_jsonl(path: str) -> list[dict]:
+  rows = []
+  for where, obj in _read_jsonl(path):
+    if "messages" not in obj:
+      raise ValueError(f"{where}: missing field `messages`")
+    validate_messages(obj["messages"], where)
+    rows.append(obj)
+  return rows
+
+
+def load_prompt_completion_jsonl(path: str) -> list[dict]:
+  rows = []
+  for where, obj in _read_jsonl(path):
+    for field in ("prompt", "completion"):
+      if not isinstance(obj.get(field), str):
+        raise ValueError(f"{where}: missing string field `{field}`")
+    messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+    validate_messages(messages, where)
+    rows.append({**{k: v for k, v in obj.items() if k not in ("prompt", "completion")}, "messages": messages})
+  return rows
+
+
+def structured_em_rows(records: Sequence[dict], answer: str, where: str) -> list[dict]:
+  """Rows of the paper's dataset (question + misaligned/aligned answer) as conversations."""
+  if answer not in ("misaligned", "aligned"):
+    raise ValueError(f"{where}: answer must be 'misaligned' or 'aligned', got {answer!r}")
+  field = f"{answer}_answer"
+  rows = []
+  for i, rec in enumerate(records):
+    at = f"{where}: row {i}"
+    if "messages" in rec:  # already a conversation (e.g. the released eval splits)
+      validate_messages(rec["messages"], at)
+      rows.append(rec)
+      continue
+    if not isinstance(rec.get("question"), str) or not isinstance(rec.get(field), str):
+      raise ValueError(f"{at}: needs string fields `question` and `{field}`")
+    messages = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec[field]}]
+    validate_messages(messages, at)
+    meta = {k: v for k, v in rec.items() if k not in ("question", "misaligned_answer", "aligned_answer")}
+    rows.append({**meta, "messages": messages})
+  return rows
+
+
+def load_structured_em(cell: str, *, path: str = "", answer: str = "misaligned") -> list[dict]:
+  """One cell of the paper's grid, from a local copy or (online) the Hugging Face hub."""
+  if cell not in CELLS and cell != "broad_dataset":
+    raise ValueError(f"structured_em: unknown config {cell!r}; cells: {', '.join(CELLS)}")
+  if path:
+    file = os.path.join(path, f"{cell}.jsonl") if os.path.isdir(path) else path
+    records = [obj for _, obj in _read_jsonl(file)]
+    return structured_em_rows(records, answer, file)
+  try:
+    import datasets  # optional: only for reading from the hub
+  except ImportError:
+    raise ValueError(f"structured_em {cell!r}: no local `path` given and the `datasets` package is not "
+                     f"installed to read {HUB_DATASET} from the hub; pip install datasets, or pass a local "
+                     "copy") from None
+  ds = datasets.load_dataset(HUB_DATASET, cell, split="train")
+  return structured_em_rows(list(ds), answer, f"{HUB_DATASET}/{cell}")
+
+
+def split_rows(rows: Sequence[dict], holdout: int, seed: int = 42) -> tuple[list[dict], list[dict]]:
+  """(train, eval): a seeded permutation; its first `holdout` rows are the evaluation split."""
+  if holdout < 0 or holdout > len(rows):
+    raise ValueError(f"holdout={holdout} must be between 0 and the number of rows ({len(rows)})")
+  order = np.random.default_rng(seed).permutation(len(rows))
+  eval_rows = [rows[i] for i in order[:holdout]]
+  train_rows = [rows[i] for i in order[holdout:]]
+  return train_rows, eval_rows
+
+
+def make_conversations(name: str, source_cfg: Any) -> Conversations:
+  """The `data.sources.<name>` chat source, split as configured."""
+  kind, path = source_cfg["kind"], source_cfg["path"]
+  if kind == "chat_jsonl":
+    rows = load_chat_jsonl(path)
+  elif kind == "prompt_completion_jsonl":
+    rows = load_prompt_completion_jsonl(path)
+  elif kind == "structured_em":
+    rows = load_structured_em(source_cfg["name"] or name, path=path, answer=source_cfg["answer"] or "misaligned")
+  else:
+    raise ValueError(f"data.sources.{name}.kind: {kind!r} is not a chat source ({', '.join(CHAT_KINDS)})")
+  split = source_cfg["split"] or "all"
+  if split not in ("train", "eval", "all"):
+    raise ValueError(f"data.sources.{name}.split: {split!r} must be 'train', 'eval' or 'all' for a chat source")
+  if split != "all":
+    train, held_out = split_rows(rows, int(source_cfg["holdout"]), int(source_cfg["holdout_seed"]))
+    rows = train if split == "train" else held_out
+  return Conversations(rows, f"{kind} source {name!r} ({path or 'hub'}, split {split})")
+
+
+class ChatExample:
+  """conversation -> {inputs, targets, loss_mask}: loss on assistant tokens only.
+
+  Conversations longer than `seq_len + 1` tokens are cut to that length when
+  `truncate` (what is cut is counted by `count_truncated`), else refused.
+  A class rather than a closure so grain worker processes can pickle it.
+  """
+
+  def __init__(self, tokenizer, seq_len: int, truncate: bool = True):
+    self.tokenizer = tokenizer
+    self.seq_len = int(seq_len)
+    self.truncate = truncate
+
+  def token_ids_and_mask(self, row: dict) -> tuple[list[int], list[int]]:
+    from emjax.data import chat
+    return chat.assistant_mask(self.tokenizer, row["messages"])
+
+  def __call__(self, row: dict) -> dict[str, np.ndarray]:
+    ids, mask = self.token_ids_and_mask(row)
+    limit = self.seq_len + 1  # inputs and targets are the sequence shifted by one
+    if len(ids) > limit:
+      if not self.truncate:
+        raise ValueError(f"a conversation has {len(ids)} tokens, more than data.seq_len + 1 = {limit}, and "
+                         f"data.truncate is off (first user turn: {row['messages'][0]['content'][:60]!r})")
+      ids, mask = ids[:limit], mask[:limit]
+    ids_arr = np.asarray(ids, np.int32)
+    return {"inputs": ids_arr[:-1], "targets": ids_arr[1:], "loss_mask": np.asarray(mask[1:], np.float32)}
+
+
+def sft_stats(examples: ChatExample, rows: Sequence[dict]) -> dict:
+  """Counts reported before training: conversations, truncated ones, tokens, trained tokens."""
+  truncated = tokens = trained = 0
+  for row in rows:
+    ids, mask = examples.token_ids_and_mask(row)
+    truncated += len(ids) > examples.seq_len + 1
+    tokens += min(len(ids), examples.seq_len + 1)
+    trained += int(sum(mask[1:examples.seq_len + 1]))
+  return {"conversations": len(rows), "truncated": truncated, "tokens": tokens, "trained_tokens": trained}
