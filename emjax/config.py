@@ -20,7 +20,7 @@ import ml_collections
 
 from emjax.models import transformer
 
-JOBS = ("pretrain", "compile", "sample")
+JOBS = ("train", "pretrain", "compile", "sample", "sft_grid")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -40,9 +40,12 @@ def main(argv) -> int:
   from emjax.train import loop
 
   try:
-    if config.job == "pretrain":
+    if config.job in ("train", "pretrain"):
       final = loop.train(config, workdir, show_progress=flags.FLAGS.progress)
       log.info("done: %s", final)
+    elif config.job == "sft_grid":
+      from emjax.experiments import em_grid
+      em_grid.run_grid(config, workdir)
     elif config.job == "sample":
       from emjax.sample import run as sample_run
       sample_run.run_sampling(config, workdir)

@@ -11,7 +11,8 @@ Every SFT source yields conversations `{"messages": [{"role", "content"}, ...], 
                            configs {medical,sports,finance}_{advice,summarization,tutor,
                            critique} with fields question / misaligned_answer /
                            aligned_answer. `path` is a local copy (a JSONL file, or a
-                           directory holding `<config>.jsonl`); with no path it is read
+                           directory holding `<config>.jsonl` — or the released chat
+                           splits `<config>_strong_eval.jsonl`); with no path it is read
                            from the Hugging Face hub (needs the `datasets` package and a
                            network). `name` is the config, `answer` picks the assistant
                            turn ('misaligned' or 'aligned').
@@ -142,7 +143,10 @@ def load_structured_em(cell: str, *, path: str = "", answer: str = "misaligned")
   if cell not in CELLS and cell != "broad_dataset":
     raise ValueError(f"structured_em: unknown config {cell!r}; cells: {', '.join(CELLS)}")
   if path:
-    file = os.path.join(path, f"{cell}.jsonl") if os.path.isdir(path) else path
+    file = path
+    if os.path.isdir(path):
+      candidates = [os.path.join(path, f"{cell}{suffix}.jsonl") for suffix in ("", "_strong_eval")]
+      file = next((c for c in candidates if os.path.exists(c)), candidates[0])
     records = [obj for _, obj in _read_jsonl(file)]
     return structured_em_rows(records, answer, file)
   try:

@@ -356,7 +356,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     if hasattr(batches, "close"):  # stops grain's prefetch thread and worker processes
       batches.close()
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
-  _mark_complete(workdir, final)
+  mark_complete(workdir, final)
   return final
 
 
@@ -428,7 +428,7 @@ def _clear_status(workdir: str) -> None:
       os.remove(path)
 
 
-def _mark_complete(workdir: str, final: dict) -> None:
+def mark_complete(workdir: str, final: dict) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, COMPLETE_FILE), "w") as f:
       json.dump(final, f)
