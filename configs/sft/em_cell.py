@@ -17,7 +17,7 @@ Variant options (comma separated `key=value`):
   answer      misaligned (default) | aligned
   holdout     rows held out for evaluation (400 in the paper)
   micro       per-device micro-batch: grad accumulation = 16 / micro
-  cpu         the SmolLM2-135M-Instruct-on-a-laptop variant: seq 384, fp32, held-out eval
+  cpu         the SmolLM2-135M-Instruct-on-a-laptop variant: seq 256, fp32, held-out eval
   grid        run the grid instead of one cell: 'all' or cells separated by '+', e.g.
               grid=medical_advice+sports_tutor (job sft_grid; a killed sweep resumes)
 """
@@ -51,10 +51,10 @@ def get_config(arg=None):
   if args.grid:
     c.job = "sft_grid"
   if args.cpu:
-    c.data.seq_len = 384
+    c.data.seq_len = 256
     c.model.update(dtype="float32", remat="none")
     c.train.grad_accum_steps = 4
-    c.eval.update(every_steps=5, batches=7)
+    c.eval.update(every_steps=10, batches=3)
   return c
 
 
