@@ -292,6 +292,8 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     raise ValueError(f"config.model.vocab_size={trainer.model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size}, config.data.tokenizer)")
   config_lib.write_config(config, workdir)
+  if config.data.format == "chat":
+    _report_chat_data(config, tokenizer, workdir)
 
   batches = iter(data_pipeline.make_batches(config.data, tokenizer, tc.batch_size, seed=tc.seed))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
@@ -358,6 +360,24 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   mark_complete(workdir, final)
   return final
+
+
+def _report_chat_data(config, tokenizer, workdir: str) -> None:
+  """Per chat source: conversations, how many are truncated to data.seq_len, tokens trained on."""
+  from emjax.data import sft, sources as sources_lib
+  examples = sft.ChatExample(tokenizer, config.data.seq_len, config.data.truncate)
+  stats = {}
+  for name, src in config.data.sources.items():
+    if float(src.weight) > 0:
+      source = sources_lib.make_source(name, src)
+      stats[name] = sft.sft_stats(examples, [source[i] for i in range(len(source))])
+      log.info("data %s: %s", name, stats[name])
+      if stats[name]["truncated"] and not config.data.truncate:
+        raise ValueError(f"data.sources.{name}: {stats[name]['truncated']} conversations are longer than "
+                         f"data.seq_len + 1 = {config.data.seq_len + 1} tokens and data.truncate is off")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+      json.dump(stats, f, indent=2)
 
 
 def _make_evaluator(trainer: Trainer, tokenizer, workdir: str, start_step: int):
