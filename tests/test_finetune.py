@@ -101,3 +101,35 @@ def test_bad_init_checkpoint_and_lora_target(tmp_path, pretrained, one_device_me
   config.model.d_model = 48  # not the shape the base was trained with
   with pytest.raises(ValueError, match="config.init.checkpoint: cannot load parameters"):
     loop.Trainer(config, one_device_mesh).init_state()
+
+
+def test_packed_batch_gives_the_same_loss_as_unpacked_examples():
+  """Segment ids isolate packed conversations: the token-mean loss is the same packed or one per row."""
+  import grain
+  import jax.numpy as jnp
+  from flax import nnx
+  from emjax.data import packing
+  from emjax.models import transformer as T
+  from emjax.train import objectives
+
+  cfg = T.TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+  model = T.Transformer(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  examples = []
+  for n in (7, 12, 5, 9, 3):
+    ids = rng.integers(3, 64, n + 1).astype(np.int32)
+    mask = (np.arange(n) >= n // 2).astype(np.float32)  # "assistant" tokens: the second half
+    examples.append({"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask})
+
+  def loss(one_per_row):
+    ds = grain.MapDataset.source(examples).to_iter_dataset()
+    rows = list(packing.PackedRowsIterDataset(ds, 16, split_across_rows=False, one_example_per_row=one_per_row))
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    out = objectives.cross_entropy(logits, batch)
+    return len(rows), float(out.loss_sum) / float(out.weight)
+
+  rows_packed, packed = loss(False)
+  rows_unpacked, unpacked = loss(True)
+  assert rows_packed < rows_unpacked == 5
+  np.testing.assert_allclose(packed, unpacked, rtol=1e-5)

@@ -32,7 +32,7 @@ def compare(run_dir: str, n: int = 3, max_new_tokens: int = 128) -> list[dict]:
   steps = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=0).steps()
   if not steps:
     raise FileNotFoundError(f"{run_dir}: no checkpoint to compare with")
-  saved = ocp.PyTreeCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(steps[-1]), "state"))
+  saved = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(run_dir, "checkpoints", str(steps[-1]), "state")))
   lora_cfg = lora.LoRAConfig.from_config(config.lora)
   from emjax.train.state import merge_trees
   finetuned = lora.merge_lora(merge_trees(base, saved["params"]), lora_cfg)
