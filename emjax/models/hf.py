@@ -1,106 +1,789 @@
-"""emjax parameters -> a Hugging Face `transformers` model of the same family (Llama, Qwen2, OLMo-2).
+"""Hugging Face interop: import and export Llama, Qwen2/2.5 and OLMo-2 checkpoints.
 
-`to_hf(params, model_cfg)` returns the matching `transformers` config and a
-`state_dict` of torch tensors, so that `AutoModelForCausalLM.from_config(cfg)`
-+ `load_state_dict` gives a model with the same logits (float32: <= 1e-4).
+    cfg = hf.config_from_hf("/models/Qwen2.5-0.5B-Instruct")          # config.json -> TransformerConfig
+    params = hf.load_hf_params("/models/Qwen2.5-0.5B-Instruct", cfg, mesh)   # safetensors -> sharded params
+    hf.export_hf(params, cfg, "/tmp/out", tokenizer_dir="/models/Qwen2.5-0.5B-Instruct")
+
+    python -m emjax.models.hf import SRC_HF_DIR_OR_HUB_ID DST_EMJAX_DIR   # then config.init.checkpoint=DST
+    python -m emjax.models.hf export SRC_EMJAX_WORKDIR DST_HF_DIR [--tokenizer DIR] [--dtype bfloat16]
+
+Supported `model_type`s: llama (Llama-3 `llama3` RoPE scaling included; SmolLM2 is
+one), qwen2 (Qwen2 / Qwen2.5: q/k/v biases, tied embeddings) and olmo2 (QK-norm
+over the whole projection, norms after each sub-layer). Anything else is refused
+with a message naming the type.
+
+Weights: safetensors only, read by this module's own reader (a JSON header and
+raw little-endian tensors; bfloat16 through `ml_dtypes`), so neither torch nor
+transformers is needed to import or export. A directory holding only PyTorch
+pickles (`pytorch_model.bin`, `*.pt`) is refused: nothing is ever unpickled and
+no remote code is ever run. Import reads one tensor at a time (memory-mapped)
+and places it straight into its sharding on the mesh (`param_logical_axes`):
+the stacked per-layer arrays are allocated on the devices and filled layer by
+layer, so host memory holds one HF tensor at a time and a model larger than one
+device loads onto a mesh.
 
 Layout: emjax keeps attention projections per head ([D, H, Dh], [H, Dh, D]) and
 dense weights as [in, out]; torch `nn.Linear` stores [out, in], heads flattened
-head-major (H*Dh). Both use the same "rotate half" RoPE layout, so no permutation
-of q/k is needed. Stacked layers (leading `layers` axis) become `model.layers.{i}`.
+head-major (H*Dh). Both use the same "rotate half" RoPE layout, so q/k need no
+permutation. Stacked layers (leading `layers` axis) become `model.layers.{i}`.
+OLMo-2's post-norms are emjax's `attn_norm` / `mlp_norm` (`post_norm=True`).
+
+Export writes `config.json` (in the transformers-4 spelling, `rope_theta` /
+`rope_scaling`, which transformers 5 reads too), `model.safetensors` or
+`model-0000k-of-0000n.safetensors` shards + `model.safetensors.index.json`,
+and the tokenizer files (and `generation_config.json`) of `tokenizer_dir`;
+the special-token ids of config.json come from that directory. The same params
+always give byte-identical files. `to_hf` / `to_hf_model` build an in-memory
+`transformers` model instead (benchmarks, tests).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import sys
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from emjax import sharding as shd
 from emjax.models import transformer
 
+log = logging.getLogger(__name__)
 
-def hf_config(model_cfg: transformer.TransformerConfig, **extra):
-  """The `transformers` config describing the same architecture."""
-  import transformers
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "olmo2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+# transformers' class defaults for keys a config.json may leave out.
+_DEFAULT_NORM_EPS = {"llama": 1e-6, "qwen2": 1e-6, "olmo2": 1e-5}
 
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# What `export_hf` copies from a tokenizer directory (the ones present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+# The emjax model config keys that only change how the weights run (kept from the caller on import).
+RUNTIME_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention", "init_std")
+
+
+class HFFormatError(ValueError):
+  """A Hugging Face checkpoint or config that emjax cannot read (the message says what and where)."""
+
+
+# ============================================================================ config
+
+
+def read_hf_config(path_or_dict: str | Mapping[str, Any]) -> tuple[dict, str]:
+  """(the config.json dict, a description of where it came from for messages)."""
+  if isinstance(path_or_dict, Mapping):
+    return dict(path_or_dict), "the Hugging Face config"
+  path = os.fspath(path_or_dict)
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  elif path.endswith(".safetensors"):
+    path = os.path.join(os.path.dirname(path), "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no Hugging Face config.json at {path}")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f), path
+    except json.JSONDecodeError as e:
+      raise HFFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def _rope_settings(c: Mapping[str, Any], where: str) -> dict:
+  """emjax's rope_* fields from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x)."""
+  params = c.get("rope_parameters")
+  if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
+    # transformers 5 per-layer-type form: {"full_attention": {...}, "sliding_attention": {...}}.
+    if set(params) != {"full_attention"}:
+      raise HFFormatError(f"{where}: rope_parameters for layer types {sorted(params)}; emjax supports full "
+                          "attention only")
+    params = params["full_attention"]
+  if isinstance(params, Mapping) and params:
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    scaling = params
+  else:
+    theta = c.get("rope_theta", 10000.0)
+    scaling = c.get("rope_scaling") or {}
+  rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  if float(c.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+    raise HFFormatError(f"{where}: partial_rotary_factor != 1 is not supported")
+  out = {"rope_theta": float(theta)}
+  if rope_type in (None, "default"):
+    return out
+  if rope_type != "llama3":
+    raise HFFormatError(f"{where}: RoPE scaling type {rope_type!r} is not supported; emjax implements plain "
+                        "RoPE and Llama-3 ('llama3') scaling")
+  for key in ("factor", "original_max_position_embeddings"):
+    if scaling.get(key) is None:
+      raise HFFormatError(f"{where}: llama3 rope scaling without {key!r}")
+  out.update(rope_scaling_factor=float(scaling["factor"]),
+             rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+             rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+             rope_original_max_position=int(scaling["original_max_position_embeddings"]))
+  return out
+
+
+def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transformer.TransformerConfig:
+  """The emjax model config for a Hugging Face `config.json` (a directory, the file, or its dict).
+
+  `overrides` set non-architectural fields (`RUNTIME_KEYS`: param_dtype, dtype, remat, ...).
+  Raises HFFormatError for an unsupported `model_type` or a feature emjax does not implement.
+  """
+  c, where = read_hf_config(path_or_dict)
+  model_type = c.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise HFFormatError(f"{where}: model_type {model_type!r} is not supported; emjax imports "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+  def need(key):
+    if c.get(key) is None:
+      raise HFFormatError(f"{where}: {key!r} is missing")
+    return int(c[key])
+
+  d, n_heads = need("hidden_size"), need("num_attention_heads")
+  act = c.get("hidden_act", c.get("hidden_activation", "silu"))
+  if act not in ("silu", "swish"):
+    raise HFFormatError(f"{where}: hidden_act {act!r} is not supported (emjax's MLP is SwiGLU: silu)")
+  if c.get("mlp_bias"):
+    raise HFFormatError(f"{where}: mlp_bias=true is not supported")
+  attention_bias = bool(c.get("attention_bias", False))
+  family = model_type
+  extra: dict[str, Any] = {}
+  if family == "llama":
+    # HF's attention_bias also adds an o_proj bias; load_hf_params accepts it only when it is zero.
+    extra["qkv_bias"] = attention_bias
+  elif family == "qwen2":
+    if c.get("use_sliding_window"):
+      raise HFFormatError(f"{where}: use_sliding_window=true is not supported (emjax has full attention only)")
+    layer_types = c.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+      raise HFFormatError(f"{where}: layer_types {sorted(set(layer_types))}: emjax has full attention only")
+    extra["qkv_bias"] = True
+  else:  # olmo2
+    if attention_bias:
+      raise HFFormatError(f"{where}: OLMo-2 with attention_bias=true is not supported")
+    extra.update(qk_norm=True, post_norm=True)
+  head_dim = int(c.get("head_dim") or d // n_heads)
+  unknown = sorted(set(overrides) - set(RUNTIME_KEYS))
+  if unknown:
+    raise ValueError(f"config_from_hf: only {', '.join(RUNTIME_KEYS)} may be overridden, not {unknown}")
+  return transformer.TransformerConfig(
+      family=family, vocab_size=need("vocab_size"), d_model=d, n_layers=need("num_hidden_layers"),
+      n_heads=n_heads, n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+      head_dim=0 if head_dim * n_heads == d else head_dim, d_ff=need("intermediate_size"),
+      norm_eps=float(c.get("rms_norm_eps", _DEFAULT_NORM_EPS[family])),
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+      **_rope_settings(c, where), **extra, **overrides)
+
+
+def hf_config_dict(model_cfg: transformer.TransformerConfig, *, dtype: str = "float32", **extra) -> dict:
+  """The `config.json` contents describing `model_cfg` (transformers 4.x spelling; 5.x reads it too).
+
+  `extra` adds or replaces keys (e.g. bos_token_id / eos_token_id, max_position_embeddings).
+  """
   c = model_cfg
   rope_scaling = None
   if c.rope_scaling_factor:
     rope_scaling = {"rope_type": "llama3", "factor": c.rope_scaling_factor, "low_freq_factor": c.rope_low_freq_factor,
                     "high_freq_factor": c.rope_high_freq_factor,
                     "original_max_position_embeddings": c.rope_original_max_position}
-  common = dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-                num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-                head_dim=c.resolved_head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                rope_scaling=rope_scaling, tie_word_embeddings=c.tie_embeddings, hidden_act="silu",
-                max_position_embeddings=max(32768, int(c.rope_original_max_position * (c.rope_scaling_factor or 1))),
-                # emjax models know nothing of special tokens; the caller sets them (e.g. from the
-                # tokenizer). HF's class defaults (Llama eos=2, OLMo-2 eos=50279) would be wrong.
-                bos_token_id=None, eos_token_id=None, pad_token_id=None)
-  common.update(extra)
+  out = {
+      "architectures": [ARCHITECTURES[c.family]], "model_type": c.family,
+      "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
+      "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+      "head_dim": c.resolved_head_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+      "rope_theta": c.rope_theta, "rope_scaling": rope_scaling, "tie_word_embeddings": c.tie_embeddings,
+      "max_position_embeddings": max(32768, int(c.rope_original_max_position * (c.rope_scaling_factor or 1))),
+      "attention_dropout": 0.0, "initializer_range": c.init_std, "use_cache": True, "torch_dtype": dtype,
+      # emjax models know nothing of special tokens; export_hf takes them from the tokenizer directory.
+      # HF's class defaults (Llama eos=2, OLMo-2 eos=50279) would be wrong.
+      "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+  }
   if c.family == "qwen2":
-    # HF Qwen2 always has q/k/v biases (zeros when the emjax model has none).
-    return transformers.Qwen2Config(**common)
-  if c.family == "olmo2":
-    return transformers.Olmo2Config(**common)
-  # Llama's `attention_bias` also adds an o_proj bias; it is exported as zeros.
-  return transformers.LlamaConfig(attention_bias=c.qkv_bias, **common)
+    # HF Qwen2 always has q/k/v biases (exported as zeros when the emjax model has none).
+    out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layers)
+  elif c.family == "olmo2":
+    out.update(attention_bias=False)
+  else:
+    # Llama's attention_bias also adds an o_proj bias; it is exported as zeros.
+    out.update(attention_bias=c.qkv_bias, mlp_bias=False, pretraining_tp=1)
+  out.update(extra)
+  return out
+
+
+def hf_config(model_cfg: transformer.TransformerConfig, **extra):
+  """The `transformers` config object describing the same architecture (needs transformers)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  values = hf_config_dict(model_cfg, **extra)
+  values.pop("architectures")
+  values.pop("torch_dtype")
+  return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+# ============================================================================ tensor mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One Hugging Face tensor (per layer when `layered`) and how it maps onto an emjax parameter.
+
+  `path` None: a tensor HF has and emjax does not (a bias emjax lacks): exported as zeros, and
+  accepted on import only when it is all zeros.
+  """
+
+  hf_name: str  # with "{i}" for the layer index
+  path: tuple[str, ...] | None
+  hf_shape: tuple[int, ...]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+  to_emjax: Callable[[np.ndarray], np.ndarray]
+  layered: bool
+
+  def name(self, layer: int | None = None) -> str:
+    return self.hf_name.format(i=layer) if self.layered else self.hf_name
+
+
+def tensor_specs(model_cfg: transformer.TransformerConfig) -> list[_Tensor]:
+  """Every Hugging Face tensor of the model, in the order export writes them."""
+  c = model_cfg
+  d, h, k, dh, f, v = c.d_model, c.n_heads, c.n_kv_heads, c.resolved_head_dim, c.d_ff, c.vocab_size
+  same = (lambda x: x)  # noqa: E731
+  t = (lambda x: x.T)  # noqa: E731
+  specs: list[_Tensor] = []
+
+  def add(hf_name, path, hf_shape, to_hf=same, to_emjax=same, layered=True):
+    specs.append(_Tensor(hf_name, path, tuple(hf_shape), to_hf, to_emjax, layered))
+
+  def heads_in(n):  # [D, n, Dh] <-> [n*Dh, D]
+    return dict(to_hf=lambda x: x.reshape(d, n * dh).T, to_emjax=lambda w: w.T.reshape(d, n, dh))
+
+  def flat(n):  # [n, Dh] <-> [n*Dh]
+    return dict(to_hf=lambda x: x.reshape(n * dh), to_emjax=lambda w: w.reshape(n, dh))
+
+  lp = "model.layers.{i}."
+  add("model.embed_tokens.weight", ("embed",), (v, d), layered=False)
+  if not c.post_norm:
+    add(lp + "input_layernorm.weight", ("layers", "attn_norm", "scale"), (d,))
+  for name, n in (("q", h), ("k", k), ("v", k)):
+    add(lp + f"self_attn.{name}_proj.weight", ("layers", "attn", f"{name}_proj"), (n * dh, d), **heads_in(n))
+  has_bias = c.qkv_bias or c.family == "qwen2"
+  for name, n in (("q", h), ("k", k), ("v", k)) if has_bias else ():
+    path = ("layers", "attn", f"{name}_bias") if c.qkv_bias else None
+    add(lp + f"self_attn.{name}_proj.bias", path, (n * dh,), **flat(n))
+  add(lp + "self_attn.o_proj.weight", ("layers", "attn", "o_proj"), (d, h * dh),
+      to_hf=lambda x: x.reshape(h * dh, d).T, to_emjax=lambda w: w.T.reshape(h, dh, d))
+  if c.family == "llama" and c.qkv_bias:
+    add(lp + "self_attn.o_proj.bias", None, (d,))
+  if c.qk_norm:
+    add(lp + "self_attn.q_norm.weight", ("layers", "attn", "q_norm"), (h * dh,), **flat(h))
+    add(lp + "self_attn.k_norm.weight", ("layers", "attn", "k_norm"), (k * dh,), **flat(k))
+  if c.post_norm:  # OLMo-2: the norms apply to each sub-layer's output
+    add(lp + "post_attention_layernorm.weight", ("layers", "attn_norm", "scale"), (d,))
+    add(lp + "post_feedforward_layernorm.weight", ("layers", "mlp_norm", "scale"), (d,))
+  else:
+    add(lp + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), (d,))
+  add(lp + "mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), (f, d), t, t)
+  add(lp + "mlp.up_proj.weight", ("layers", "mlp", "up_proj"), (f, d), t, t)
+  add(lp + "mlp.down_proj.weight", ("layers", "mlp", "down_proj"), (d, f), t, t)
+  add("model.norm.weight", ("final_norm", "scale"), (d,), layered=False)
+  if not c.tie_embeddings:
+    add("lm_head.weight", ("lm_head",), (v, d), t, t, layered=False)
+  return specs
+
+
+def _hf_tensors(model_cfg) -> Iterator[tuple[str, _Tensor, int | None]]:
+  """(HF name, spec, layer or None) for every tensor in the file order: embedding, layer 0, 1, ..., head."""
+  specs = tensor_specs(model_cfg)
+  for s in specs:
+    if not s.layered and s.path == ("embed",):
+      yield s.name(), s, None
+  for i in range(model_cfg.n_layers):
+    for s in specs:
+      if s.layered:
+        yield s.name(i), s, i
+  for s in specs:
+    if not s.layered and s.path != ("embed",):
+      yield s.name(), s, None
+
+
+def _get_path(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set_path(tree: dict, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+# ============================================================================ safetensors files
+
+# safetensors dtype names <-> numpy dtypes (bfloat16 / float8 through ml_dtypes, which jax ships).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _np_dtype(name: str) -> np.dtype:
+  return np.dtype(jnp.dtype(name))  # jnp.dtype resolves the ml_dtypes names
+
+
+_DTYPE_TO_ST = {_np_dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  file: str
+  dtype: str
+  shape: tuple[int, ...]
+  start: int  # absolute byte offset in the file
+  end: int
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, _Entry], dict]:
+  """({tensor name: entry}, metadata) of one .safetensors file, validated against its size."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) < 8:
+      raise HFFormatError(f"{path}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, 1 << 30):
+      raise HFFormatError(f"{path}: not a safetensors file (header size {n} for a {size}-byte file)")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise HFFormatError(f"{path}: not a safetensors file (bad header: {e})") from None
+  metadata = header.pop("__metadata__", None) or {}
+  entries = {}
+  for name, info in header.items():
+    try:
+      dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+      raise HFFormatError(f"{path}: bad header entry for {name!r}: {info!r}") from None
+    if dtype not in _ST_DTYPES:
+      raise HFFormatError(f"{path}: tensor {name!r} has dtype {dtype}, which emjax cannot read "
+                          f"(known: {', '.join(_ST_DTYPES)})")
+    nbytes = math.prod(shape) * _np_dtype(_ST_DTYPES[dtype]).itemsize
+    if end - begin != nbytes or 8 + n + end > size or begin < 0:
+      raise HFFormatError(f"{path}: tensor {name!r} ({dtype}{list(shape)}) has bad offsets {begin}..{end} "
+                          f"(file truncated or corrupt?)")
+    entries[name] = _Entry(path, dtype, shape, 8 + n + begin, 8 + n + end)
+  return entries, metadata
+
+
+class SafetensorsCheckpoint:
+  """The tensors of a Hugging Face model directory (single file or sharded with an index), memory-mapped."""
+
+  def __init__(self, path: str):
+    self.path = path
+    files = _weight_files(path)
+    self.entries: dict[str, _Entry] = {}
+    for file in files:
+      entries, _ = read_safetensors_header(file)
+      for name, entry in entries.items():
+        if name in self.entries:
+          raise HFFormatError(f"{path}: tensor {name!r} is in both {self.entries[name].file} and {file}")
+        self.entries[name] = entry
+    index = os.path.join(path, WEIGHTS_INDEX_NAME) if os.path.isdir(path) else None
+    if index and os.path.isfile(index):
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map", {})
+      for name, file in weight_map.items():
+        entry = self.entries.get(name)
+        if entry is None or os.path.basename(entry.file) != file:
+          raise HFFormatError(f"{index}: lists {name!r} in {file}, but that file does not hold it")
+    self._maps: dict[str, np.memmap] = {}
+
+  def names(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.entries[name].shape
+
+  def read(self, name: str) -> np.ndarray:
+    """The tensor as a read-only numpy array (a view of the memory-mapped file)."""
+    e = self.entries[name]
+    mm = self._maps.get(e.file)
+    if mm is None:
+      mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
+    dtype = _np_dtype(_ST_DTYPES[e.dtype])
+    return np.frombuffer(mm, dtype=dtype, count=math.prod(e.shape), offset=e.start).reshape(e.shape)
+
+  def close(self):
+    self._maps.clear()
+
+
+def _weight_files(path: str) -> list[str]:
+  """The safetensors files of a model directory (or one file); a clear error for pickles or nothing."""
+  if os.path.isfile(path):
+    if not path.endswith(".safetensors"):
+      raise HFFormatError(f"{path}: emjax reads safetensors weights only (it never unpickles PyTorch files)")
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no Hugging Face model at {path!r}")
+  index = os.path.join(path, WEIGHTS_INDEX_NAME)
+  if os.path.isfile(index):
+    with open(index, encoding="utf-8") as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise HFFormatError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    files = sorted(set(weight_map.values()))
+    missing = [x for x in files if not os.path.isfile(os.path.join(path, x))]
+    if missing:
+      raise FileNotFoundError(f"{index} names shard(s) that are not there: {', '.join(missing)}")
+    return [os.path.join(path, x) for x in files]
+  single = os.path.join(path, WEIGHTS_NAME)
+  if os.path.isfile(single):
+    return [single]
+  names = sorted(os.listdir(path))
+  safetensors = [x for x in names if x.endswith(".safetensors")]
+  if len(safetensors) == 1:
+    return [os.path.join(path, safetensors[0])]
+  pickles = [x for x in names if x.endswith(PICKLE_SUFFIXES)]
+  if pickles:
+    raise HFFormatError(
+        f"{path} has only PyTorch pickle weights ({', '.join(pickles[:3])}); emjax reads safetensors only and "
+        "never unpickles files. Convert them once where you trust the file, e.g. "
+        "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`")
+  if safetensors:
+    raise HFFormatError(f"{path}: several .safetensors files ({', '.join(safetensors[:4])}) but no "
+                        f"{WEIGHTS_INDEX_NAME} saying which tensors each holds")
+  raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (no weights)")
+
+
+def _write_safetensors(path: str, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                       fetch: Callable[[str], np.ndarray]) -> None:
+  """Writes a .safetensors file; the header comes first (from shapes alone), then each tensor as fetched."""
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, dtype in tensors:
+    nbytes = math.prod(shape) * dtype.itemsize
+    header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name, shape, dtype in tensors:
+      x = np.ascontiguousarray(fetch(name), dtype=dtype)
+      if x.shape != tuple(shape):
+        raise AssertionError(f"internal: {name} has shape {x.shape}, expected {shape}")
+      f.write(x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes())
+  os.replace(tmp, path)
+
+
+# ============================================================================ import
+
+
+def resolve_hf_path(path_or_id: str) -> str:
+  """A local directory for a model directory or a hub id (downloaded only when online).
+
+  A hub id is looked up in the local Hugging Face cache first; it is downloaded (safetensors,
+  config and tokenizer files only) only when HF_HUB_OFFLINE is not set.
+  """
+  path = os.path.expanduser(os.fspath(path_or_id))
+  if os.path.exists(path):
+    return path
+  looks_like_id = path.count("/") == 1 and not path.startswith((".", "/"))
+  if not looks_like_id:
+    raise FileNotFoundError(f"no Hugging Face model directory at {path!r}")
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FileNotFoundError(f"{path!r} is not a local directory, and huggingface_hub (to look it up as a hub "
+                            "id) is not installed") from None
+  patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "*.jinja"]
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+  except Exception:  # noqa: BLE001 -- not cached: maybe download below
+    pass
+  offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+  if offline:
+    raise FileNotFoundError(f"{path!r} is not a local directory nor in the Hugging Face cache, and "
+                            "HF_HUB_OFFLINE is set (no download)")
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=patterns)
+  except Exception as e:  # noqa: BLE001
+    raise FileNotFoundError(f"{path!r}: not a local directory, and downloading it from the hub failed "
+                            f"({type(e).__name__}: {e})") from e
+
+
+def _check_names_and_shapes(ckpt: SafetensorsCheckpoint, model_cfg, where: str) -> list[tuple[str, _Tensor, Any]]:
+  tensors = list(_hf_tensors(model_cfg))
+  expected = {name for name, _, _ in tensors}
+  have = set(ckpt.names())
+  missing = [name for name, _, _ in tensors if name not in have]
+  if missing:
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise HFFormatError(f"{where}: missing weight(s) {', '.join(repr(m) for m in missing[:5])}{more} "
+                        f"for a {model_cfg.family} model with {model_cfg.n_layers} layers")
+  ignorable = lambda n: n.endswith("rotary_emb.inv_freq") or (  # noqa: E731
+      n == "lm_head.weight" and model_cfg.tie_embeddings)
+  unexpected = sorted(n for n in have - expected if not ignorable(n))
+  if unexpected:
+    more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+    raise HFFormatError(f"{where}: unexpected weight(s) {', '.join(repr(u) for u in unexpected[:5])}{more}: "
+                        f"the checkpoint does not match its config (emjax maps every tensor or refuses)")
+  for name, spec, _ in tensors:
+    if ckpt.shape(name) != spec.hf_shape:
+      raise HFFormatError(f"{where}: weight {name!r} has shape {list(ckpt.shape(name))}, but config.json "
+                          f"implies {list(spec.hf_shape)}")
+  return tensors
+
+
+def load_hf_params(path: str, model_cfg: transformer.TransformerConfig | None = None, mesh=None) -> dict:
+  """Parameters (a nested dict matching `transformer.split_model`) from a Hugging Face directory.
+
+  `model_cfg` defaults to `config_from_hf(path)`; its `param_dtype` is the dtype of the result.
+  With a `mesh`, each parameter is created in its sharding from `param_logical_axes`; without,
+  on the default device. Tensors are read one at a time from the memory-mapped files.
+  """
+  path = resolve_hf_path(path)
+  if model_cfg is None:
+    model_cfg = config_from_hf(path)
+  ckpt = SafetensorsCheckpoint(path)
+  where = path
+  tensors = _check_names_and_shapes(ckpt, model_cfg, where)
+  abstract_model = transformer.abstract_model(model_cfg)
+  _, abstract = transformer.split_model(abstract_model)
+  if mesh is not None:
+    shardings = shd.tree_shardings(transformer.param_logical_axes(abstract_model), abstract, mesh)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  dtype = np.dtype(jnp.dtype(model_cfg.param_dtype))
+  out: dict = {}
+  filled: dict[tuple, Any] = {}
+  try:
+    for name, spec, layer in tensors:
+      raw = ckpt.read(name)
+      if spec.path is None:  # a tensor emjax does not have: only zeros are representable
+        if np.any(raw.astype(np.float32) != 0):
+          raise HFFormatError(f"{where}: weight {name!r} is non-zero, but emjax's {model_cfg.family} has no "
+                              "such parameter")
+        continue
+      leaf_abstract, sharding = _get_path(abstract, spec.path), _get_path(shardings, spec.path)
+      value = np.asarray(spec.to_emjax(raw)).astype(dtype)
+      if layer is None:
+        assert value.shape == leaf_abstract.shape, (name, value.shape, leaf_abstract.shape)
+        _set_path(out, spec.path, _put(value, sharding))
+        continue
+      assert value.shape == leaf_abstract.shape[1:], (name, value.shape, leaf_abstract.shape)
+      if spec.path not in filled:
+        filled[spec.path] = _LayerFiller(leaf_abstract.shape, dtype, sharding)
+      filled[spec.path].set(layer, value)
+  finally:
+    ckpt.close()
+  for p, filler in filled.items():
+    _set_path(out, p, filler.array)
+  if jax.tree.structure(out) != jax.tree.structure(abstract):
+    raise AssertionError(f"internal: imported tree {jax.tree.structure(out)} != model {jax.tree.structure(abstract)}")
+  return out
+
+
+def _put(value: np.ndarray, sharding) -> jax.Array:
+  """A host array placed in `sharding` (each device gets only its slice)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _layer_sharding(sharding):
+  """The sharding of one layer's slice of a stacked array (its spec without the leading axis)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec)
+    if spec and spec[0] is not None:  # the layers axis itself is split: give each layer to all devices
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+  return sharding
+
+
+class _LayerFiller:
+  """A stacked [n_layers, ...] array allocated on the devices and written one layer at a time (donated)."""
+
+  def __init__(self, shape, dtype, sharding):
+    # Zeros straight into each device's shard: no compilation, nothing gathered anywhere.
+    self.array = jax.make_array_from_callback(
+        shape, sharding, lambda index: np.zeros(_slice_shape(shape, index), dtype))
+    self.sharding = sharding
+    self.layer_sharding = _layer_sharding(sharding)
+
+  def set(self, i: int, value: np.ndarray):
+    self.array = _set_layer(self.array, _put(value, self.layer_sharding), np.int32(i), self.sharding)
+
+
+def _slice_shape(shape, index) -> tuple[int, ...]:
+  return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _set_layer(stacked, layer, i, sharding):
+  """stacked[i] = layer, in place; compiled once per (shape, sharding)."""
+  out = jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
+  return jax.lax.with_sharding_constraint(out, sharding)
+
+
+# ============================================================================ export
+
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _hf_tensor(params, spec: _Tensor, layer: int | None, dtype: np.dtype) -> np.ndarray:
+  if spec.path is None:
+    return np.zeros(spec.hf_shape, dtype)
+  leaf = _get_path(params, spec.path)
+  x = _to_host(leaf if layer is None else leaf[layer])
+  return np.ascontiguousarray(spec.to_hf(x)).astype(dtype)
+
+
+def _special_token_ids(tokenizer_dir: str | None) -> dict:
+  """bos/eos/pad token ids for config.json, from the tokenizer directory's config files or its tokenizer."""
+  if not tokenizer_dir:
+    return {}
+  keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+  for name in ("config.json", "generation_config.json"):
+    p = os.path.join(tokenizer_dir, name)
+    if os.path.isfile(p):
+      with open(p, encoding="utf-8") as f:
+        c = json.load(f)
+      found = {k: c[k] for k in keys if c.get(k) is not None}
+      if found:
+        return found
+  try:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 -- best effort: the ids are optional
+    log.warning("export: could not read special-token ids from %s (%s); config.json will have none",
+                tokenizer_dir, e)
+    return {}
+  return {k: getattr(tok, k) for k in keys if getattr(tok, k, None) is not None}
+
+
+def export_hf(params: Mapping[str, Any], model_cfg: transformer.TransformerConfig, out_dir: str,
+              tokenizer_dir: str | None = None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              dtype: str | None = None, config_overrides: Mapping[str, Any] | None = None) -> str:
+  """Writes a Hugging Face model directory (config.json, safetensors + index, tokenizer files); returns it.
+
+  `dtype` (default: the parameters' own) is the dtype of the written tensors. Shards hold at most
+  `max_shard_bytes` (one tensor larger than that gets a shard of its own); a single shard is
+  `model.safetensors` with no index. Tensors are fetched to the host one at a time. In a
+  multi-process job every process must call this (it gathers); process 0 writes.
+  """
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  tokenizer_files = []
+  if tokenizer_dir is not None:
+    if not os.path.isdir(tokenizer_dir):
+      raise FileNotFoundError(f"export: tokenizer directory {tokenizer_dir!r} does not exist")
+    tokenizer_files = [x for x in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, x))]
+    if not any(x.startswith("tokenizer") for x in tokenizer_files):
+      raise FileNotFoundError(f"export: no tokenizer files in {tokenizer_dir!r} (looked for "
+                              f"{', '.join(x for x in TOKENIZER_FILES if x.startswith('tokenizer'))})")
+  leaves = jax.tree.leaves(params)
+  out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(jnp.dtype(leaves[0].dtype))
+  if out_dtype.name not in ("float32", "bfloat16", "float16", "float64"):
+    raise ValueError(f"export: dtype {out_dtype} cannot be written (use float32, bfloat16 or float16)")
+  _, abstract = transformer.split_model(transformer.abstract_model(model_cfg))
+  if jax.tree.structure(params) != jax.tree.structure(abstract):
+    raise ValueError("export: params do not match model_cfg (LoRA adapters must be merged first: "
+                     "emjax.models.lora.merge_lora)")
+  bad = [(jax.tree_util.keystr(p), tuple(x.shape), a.shape)
+         for (p, x), a in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract))
+         if tuple(x.shape) != a.shape]
+  if bad:
+    raise ValueError(f"export: parameter {bad[0][0]} has shape {bad[0][1]}, model_cfg implies {bad[0][2]}")
+
+  tensors = list(_hf_tensors(model_cfg))
+  by_name = {name: (spec, layer) for name, spec, layer in tensors}
+  shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+  size = 0
+  for name, spec, _ in tensors:
+    nbytes = math.prod(spec.hf_shape) * out_dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((name, spec.hf_shape, out_dtype))
+    size += nbytes
+  n = len(shards)
+  files = [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # shards of an earlier export would confuse loaders
+      if stale == WEIGHTS_INDEX_NAME or (stale.startswith("model") and stale.endswith(".safetensors")):
+        os.remove(os.path.join(out_dir, stale))
+  fetch = lambda name: _hf_tensor(params, *by_name[name], out_dtype)  # noqa: E731
+  for file, shard in zip(files, shards):
+    if writer:
+      _write_safetensors(os.path.join(out_dir, file), shard, fetch)
+    else:
+      for name, _, _ in shard:
+        fetch(name)  # take part in the gathers
+  if not writer:
+    return out_dir
+  if n > 1:
+    total = sum(math.prod(s) * d.itemsize for shard in shards for _, s, d in shard)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
+    with open(os.path.join(out_dir, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+      f.write("\n")
+  extra = _special_token_ids(tokenizer_dir)
+  extra.update(config_overrides or {})
+  config = hf_config_dict(model_cfg, dtype=out_dtype.name, **extra)
+  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write("\n")
+  if tokenizer_dir is not None and os.path.abspath(tokenizer_dir) != os.path.abspath(out_dir):
+    for x in tokenizer_files:
+      shutil.copyfile(os.path.join(tokenizer_dir, x), os.path.join(out_dir, x))
+  return out_dir
+
+
+# ============================================================================ in-memory transformers model
 
 
 def to_hf(params: Mapping[str, Any], model_cfg: transformer.TransformerConfig,
           torch_dtype: str = "float32") -> tuple[Any, dict]:
   """(transformers config, state_dict of torch tensors) for emjax `params` (a nested dict of arrays)."""
-  import torch
+  import torch  # pylint: disable=g-import-not-at-top
 
-  c = model_cfg
   dtype = getattr(torch, torch_dtype)
-  h, k, dh, d = c.n_heads, c.n_kv_heads, c.resolved_head_dim, c.d_model
-
-  def t(x) -> "torch.Tensor":
-    # np.array copies (also out of bf16 / device arrays); torch gets its own contiguous memory.
-    return torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype).contiguous()
-
-  sd: dict[str, Any] = {"model.embed_tokens.weight": t(params["embed"]),
-                        "model.norm.weight": t(params["final_norm"]["scale"])}
-  if not c.tie_embeddings:
-    sd["lm_head.weight"] = t(np.asarray(params["lm_head"]).T)
-  layers = params["layers"]
-  attn, mlp = layers["attn"], layers["mlp"]
-  for i in range(c.n_layers):
-    p = f"model.layers.{i}."
-    sd[p + "self_attn.q_proj.weight"] = t(np.asarray(attn["q_proj"][i]).reshape(d, h * dh).T)
-    sd[p + "self_attn.k_proj.weight"] = t(np.asarray(attn["k_proj"][i]).reshape(d, k * dh).T)
-    sd[p + "self_attn.v_proj.weight"] = t(np.asarray(attn["v_proj"][i]).reshape(d, k * dh).T)
-    sd[p + "self_attn.o_proj.weight"] = t(np.asarray(attn["o_proj"][i]).reshape(h * dh, d).T)
-    has_bias = c.qkv_bias or c.family == "qwen2"
-    if has_bias:
-      for name, heads in (("q", h), ("k", k), ("v", k)):
-        bias = attn[f"{name}_bias"][i] if c.qkv_bias else np.zeros((heads, dh), np.float32)
-        sd[p + f"self_attn.{name}_proj.bias"] = t(np.asarray(bias).reshape(heads * dh))
-    if c.family == "llama" and c.qkv_bias:
-      sd[p + "self_attn.o_proj.bias"] = t(np.zeros((d,), np.float32))
-    if c.qk_norm:
-      sd[p + "self_attn.q_norm.weight"] = t(np.asarray(attn["q_norm"][i]).reshape(h * dh))
-      sd[p + "self_attn.k_norm.weight"] = t(np.asarray(attn["k_norm"][i]).reshape(k * dh))
-    sd[p + "mlp.gate_proj.weight"] = t(np.asarray(mlp["gate_proj"][i]).T)
-    sd[p + "mlp.up_proj.weight"] = t(np.asarray(mlp["up_proj"][i]).T)
-    sd[p + "mlp.down_proj.weight"] = t(np.asarray(mlp["down_proj"][i]).T)
-    attn_norm = t(layers["attn_norm"]["scale"][i])
-    mlp_norm = t(layers["mlp_norm"]["scale"][i])
-    if c.post_norm:  # OLMo-2: the norms apply to each sub-layer's output
-      sd[p + "post_attention_layernorm.weight"] = attn_norm
-      sd[p + "post_feedforward_layernorm.weight"] = mlp_norm
-    else:
-      sd[p + "input_layernorm.weight"] = attn_norm
-      sd[p + "post_attention_layernorm.weight"] = mlp_norm
-  return hf_config(c), sd
+  sd = {}
+  for name, spec, layer in _hf_tensors(model_cfg):
+    # float32 on the host, then torch's own contiguous copy in the requested dtype.
+    sd[name] = torch.from_numpy(_hf_tensor(params, spec, layer, np.dtype(np.float32)).copy()).to(dtype).contiguous()
+  return hf_config(model_cfg), sd
 
 
 def to_hf_model(params: Mapping[str, Any], model_cfg: transformer.TransformerConfig,
                 torch_dtype: str = "float32", attn_implementation: str = "sdpa"):
   """A ready `transformers` causal LM (eval mode, CPU) holding the same weights."""
-  import torch
-  import transformers
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
 
   cfg, sd = to_hf(params, model_cfg, torch_dtype)
   cfg._attn_implementation = attn_implementation  # pylint: disable=protected-access
@@ -111,3 +794,143 @@ def to_hf_model(params: Mapping[str, Any], model_cfg: transformer.TransformerCon
   if missing or unexpected:
     raise ValueError(f"to_hf_model: state_dict mismatch: missing {missing}, unexpected {unexpected}")
   return model.eval()
+
+
+# ============================================================================ emjax checkpoints and the CLI
+
+
+def save_emjax_checkpoint(params: Mapping[str, Any], model_cfg: transformer.TransformerConfig, dst: str,
+                          tokenizer_dir: str | None = None, source: str = "") -> str:
+  """An emjax directory that `config.init.checkpoint=DST` (and the sample job) can read.
+
+  DST/checkpoints/0/state holds `{"params": params}` (orbax), DST/config.json the full default
+  config with this `model` block and, given `tokenizer_dir`, `data.tokenizer` = {kind: hf, path}.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  dst = os.path.abspath(dst)
+  ckpt_dir = os.path.join(dst, "checkpoints")
+  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a new destination")
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=True),
+                                  item_names=("state",))
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+  manager.wait_until_finished()
+  manager.close()
+  config = config_lib.base_config()
+  config.model = dataclasses.asdict(model_cfg)
+  if tokenizer_dir:
+    config.data.tokenizer.kind = "hf"
+    config.data.tokenizer.path = os.path.abspath(tokenizer_dir)
+  if jax.process_index() == 0:
+    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if source:
+      with open(os.path.join(dst, "hf_source.json"), "w", encoding="utf-8") as f:
+        json.dump({"source": source}, f, indent=2)
+  return dst
+
+
+def load_emjax_params(workdir: str, mesh=None) -> tuple[dict, transformer.TransformerConfig, Any]:
+  """(params, model config, saved config) of an emjax workdir; LoRA adapters merged into their base."""
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise FileNotFoundError(f"{workdir}: no config.json (expected an emjax workdir, e.g. from "
+                            "`python -m emjax.main` or `python -m emjax.models.hf import`)")
+  saved = config_lib.load_config_json(workdir)
+  model_cfg = transformer.TransformerConfig.from_config(saved.model)
+  abstract_model = transformer.abstract_model(model_cfg)
+  _, abstract = transformer.split_model(abstract_model)
+  if mesh is None:
+    mesh = shd.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+  shardings = shd.tree_shardings(transformer.param_logical_axes(abstract_model), abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  lora = saved.get("lora")
+  if lora is None or not lora.get("enabled", False):
+    return ckpt_lib.load_params(workdir, abstract), model_cfg, saved
+  # A LoRA run checkpoints its adapters only; the base weights are its config.init.checkpoint.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from emjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  lora_cfg = lora_lib.LoRAConfig.from_config(lora)
+  base_path = saved.get("init", {}).get("checkpoint", "")
+  if not base_path:
+    raise ValueError(f"{workdir}: a LoRA run without config.init.checkpoint (its base weights were random and "
+                     "are not saved); nothing to export")
+  base = ckpt_lib.load_params(base_path, abstract)
+  adapted = nnx.eval_shape(lambda: state_lib.build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
+  _, adapters, _ = state_lib.split_trainable(adapted, lora_cfg)
+  adapters = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), adapters)
+  adapters = ckpt_lib.load_params(workdir, adapters)
+  return lora_lib.merge_lora(state_lib.merge_trees(base, adapters), lora_cfg), model_cfg, saved
+
+
+def _parse_size(text: str) -> int:
+  units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+  s = text.strip().upper()
+  num = s.rstrip("KMGIB")
+  try:
+    return int(float(num) * units[s[len(num):]])
+  except (ValueError, KeyError):
+    raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)") from None
+
+
+def _copy_tokenizer(src: str, dst: str) -> str | None:
+  present = [x for x in TOKENIZER_FILES if os.path.isfile(os.path.join(src, x))]
+  if not any(x.startswith("tokenizer") for x in present):
+    return None
+  os.makedirs(dst, exist_ok=True)
+  for x in present + ["config.json"]:
+    if os.path.isfile(os.path.join(src, x)):
+      shutil.copyfile(os.path.join(src, x), os.path.join(dst, x))
+  return dst
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m emjax.models.hf",
+                                   description="Convert between Hugging Face and emjax checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="HF directory (or hub id) -> emjax checkpoint (for config.init.checkpoint)")
+  imp.add_argument("src", help="Hugging Face model directory or hub id")
+  imp.add_argument("dst", help="new emjax directory")
+  imp.add_argument("--param_dtype", default="float32", help="dtype the parameters are stored in")
+  imp.add_argument("--dtype", default="float32", help="compute dtype written to config.model.dtype")
+  exp = sub.add_parser("export", help="emjax workdir -> HF directory (LoRA adapters merged)")
+  exp.add_argument("src", help="emjax workdir (config.json + checkpoints/)")
+  exp.add_argument("dst", help="output Hugging Face directory")
+  exp.add_argument("--tokenizer", default=None,
+                   help="directory whose tokenizer files to copy (default: the run's data.tokenizer.path if kind=hf)")
+  exp.add_argument("--dtype", default=None, help="dtype of the written tensors (default: the parameters')")
+  exp.add_argument("--max_shard_size", type=_parse_size, default=DEFAULT_MAX_SHARD_BYTES,
+                   help="largest shard, e.g. 5GB or 2GiB")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  mesh = shd.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+  if args.command == "import":
+    src = resolve_hf_path(args.src)
+    cfg = config_from_hf(src, param_dtype=args.param_dtype, dtype=args.dtype)
+    params = load_hf_params(src, cfg, mesh)
+    tokenizer = _copy_tokenizer(src, os.path.join(os.path.abspath(args.dst), "hf"))
+    dst = save_emjax_checkpoint(params, cfg, args.dst, tokenizer_dir=tokenizer, source=args.src)
+    print(f"imported {args.src} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) -> {dst}; "
+          f"fine-tune with --config.init.checkpoint={dst}")
+    return 0
+  params, cfg, saved = load_emjax_params(args.src, mesh)
+  tokenizer = args.tokenizer
+  if tokenizer is None:
+    tok_cfg = saved.get("data", {}).get("tokenizer", {})
+    if tok_cfg.get("kind") == "hf" and tok_cfg.get("path") and os.path.isdir(tok_cfg["path"]):
+      tokenizer = tok_cfg["path"]
+    else:
+      log.warning("export: no tokenizer directory (give --tokenizer DIR); the output has no tokenizer files")
+  out = export_hf(params, cfg, args.dst, tokenizer, max_shard_bytes=args.max_shard_size, dtype=args.dtype)
+  print(f"exported {args.src} ({cfg.family}) -> {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
