@@ -851,17 +851,21 @@ def load_emjax_params(workdir: str, mesh=None) -> tuple[dict, transformer.Transf
   lora = saved.get("lora")
   if lora is None or not lora.get("enabled", False):
     return ckpt_lib.load_params(workdir, abstract), model_cfg, saved
-  # A LoRA run checkpoints its adapters only; the base weights are its config.init.checkpoint.
+  # A LoRA run checkpoints its adapters only; the base weights are its config.init (checkpoint or hf).
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from emjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from emjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   lora_cfg = lora_lib.LoRAConfig.from_config(lora)
   base_path = saved.get("init", {}).get("checkpoint", "")
-  if not base_path:
-    raise ValueError(f"{workdir}: a LoRA run without config.init.checkpoint (its base weights were random and "
-                     "are not saved); nothing to export")
-  base = ckpt_lib.load_params(base_path, abstract)
+  base_hf = saved.get("init", {}).get("hf", "")
+  if base_path:
+    base = ckpt_lib.load_params(base_path, abstract)
+  elif base_hf:
+    base = load_hf_params(base_hf, model_cfg, mesh=mesh)
+  else:
+    raise ValueError(f"{workdir}: a LoRA run without config.init.checkpoint or config.init.hf (its base weights "
+                     "were random and are not saved); nothing to export")
   adapted = nnx.eval_shape(lambda: state_lib.build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
   _, adapters, _ = state_lib.split_trainable(adapted, lora_cfg)
   adapters = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), adapters)
