@@ -277,7 +277,8 @@ class Sampler:
     self.trace_counts: collections.Counter = collections.Counter()
     self.unstack_fn = jax.jit(self._unstack_weights)
     self.prefill_fn = jax.jit(self._prefill, static_argnames=("n",))
-    self.decode_fn = jax.jit(self._decode, static_argnames=("rules",), donate_argnames=("cache",))
+    self.decode_fn = jax.jit(self._decode, static_argnames=("rules",), donate_argnames=("cache",),
+                             compiler_options=decode_compiler_options(self.mesh))
 
   # --------------------------------------------------------------------------- weights and cache layout
   #
@@ -402,10 +403,11 @@ class Sampler:
 
         k_c, v_c = jax.lax.map(lambda xs: run(*xs), tuple(to_chunks(x) for x in inputs))
 
-        def from_chunks(c_NxLyrxCxSxKxDh):
-          nl, kh, dh = cfg.n_layers, cfg.n_kv_heads, cfg.resolved_head_dim
-          x = c_NxLyrxCxSxKxDh.reshape(num_chunks, nl, dp, chunk // dp, lp, kh, dh)
-          return x.transpose(1, 2, 0, 3, 4, 5, 6).reshape(nl, num_prompts, lp, kh, dh)
+        def from_chunks(c_NxLyrxCx___):  # chunk-major rows back to the batch order
+          rest = c_NxLyrxCx___.shape[3:]
+          x = c_NxLyrxCx___.reshape(num_chunks, cfg.n_layers, dp, chunk // dp, *rest)
+          x = x.transpose(1, 2, 0, 3, *range(4, x.ndim))
+          return x.reshape(cfg.n_layers, num_prompts, *rest)
 
         k, v = from_chunks(k_c), from_chunks(v_c)
 
@@ -417,11 +419,13 @@ class Sampler:
         pad[axis] = (0, cache_len - lp)
         return jnp.pad(x, pad)
 
-      per_layer = lambda x: [widen(x[i].astype(self.cache_dtype), 1) for i in range(cfg.n_layers)]  # noqa: E731
-      if self.unroll_layers:
-        cache_k, cache_v = per_layer(k), per_layer(v)
-      else:
-        cache_k, cache_v = jnp.stack(per_layer(k)), jnp.stack(per_layer(v))
+      def per_layer(x_LyrxBpx___, name):
+        axis = transformer.CACHE_LOGICAL_AXES[name].index("length") - 1  # without the layers axis
+        return [widen(x_LyrxBpx___[i].astype(self.cache_dtype), axis) for i in range(cfg.n_layers)]
+
+      cache_k, cache_v = per_layer(k, "k"), per_layer(v, "v")
+      if not self.unroll_layers:
+        cache_k, cache_v = jnp.stack(cache_k), jnp.stack(cache_v)
       cache = {"k": cache_k, "v": cache_v, "positions": widen(positions_BpxP[:, :lp], 1),
                "segment_ids": widen(segments_BpxP[:, :lp], 1)}
       return self._constrain_cache(cache)
@@ -565,6 +569,31 @@ class Sampler:
         top_ids=per_prompt(host["top_ids"])[:, :, :steps] if self.top_logprobs else None,
         top_logprobs=per_prompt(host["top_logprobs"])[:, :, :steps] if self.top_logprobs else None,
     )
+
+
+# XLA:CPU hands dots, and by default also reductions and elementwise ops, to the YNNPACK library.
+# For the decode step's tiny reductions (RMS norms, softmax, log-sum-exp over one token per row)
+# each library call costs more than the work: keeping only dots there made a batch-32 decode step
+# of benchmarks/sampler.py 35 -> 27 ms (jax 0.10.2). Prefill (whole prompts) is faster with the
+# default (35 vs 70 ms for one 128-token prompt), so only the decode gets it; set per compiled
+# function, never process-wide.
+_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+_cpu_options_supported: bool | None = None
+
+
+def decode_compiler_options(mesh: Mesh | None) -> dict:
+  """XLA options for the decode loop: `_CPU_DECODE_OPTIONS` on CPU if this XLA has them, else none."""
+  global _cpu_options_supported
+  devices = mesh.devices.flat if mesh is not None else jax.devices()
+  if next(iter(devices)).platform != "cpu":
+    return {}
+  if _cpu_options_supported is None:
+    try:  # the option is experimental: an XLA without it rejects it at compile time
+      jax.jit(lambda x: x + 1, compiler_options=_CPU_DECODE_OPTIONS).lower(np.zeros(2, np.float32)).compile()
+      _cpu_options_supported = True
+    except Exception:  # pylint: disable=broad-except
+      _cpu_options_supported = False
+  return dict(_CPU_DECODE_OPTIONS) if _cpu_options_supported else {}
 
 
 def _padded_count(k: int) -> int:
