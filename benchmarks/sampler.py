@@ -13,9 +13,12 @@ counts. Prints one JSON line per batch size:
 
 new tokens/s = batch * new_tokens / seconds. `bandwidth_floor_fraction` (emjax,
 decode only) = (bytes of weights + KV cache read per decode step / measured
-device copy bandwidth) / measured seconds per decode step.
+device copy bandwidth) / measured seconds per decode step; `read_floor_fraction` is the
+same with the measured read-only bandwidth (a sum over a large array) in place of the
+copy bandwidth, the tighter floor for a step that reads weights and cache.
 
   python benchmarks/sampler.py                          # CPU: ~34M-param Llama, fp32, bs 1 and 32
+  python benchmarks/sampler.py --preset=cpu-tiny        # CPU: ~5M-param Llama (laptop-pretraining scale)
   python benchmarks/sampler.py --preset=qwen2.5-0.5b    # GPU: Qwen2.5-0.5B shape, bf16, bs 1 and 64
 """
 
@@ -36,6 +39,11 @@ PRESETS = {
     "cpu-small": dict(
         model=dict(family="llama", vocab_size=16384, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4,
                    d_ff=1376, rope_theta=10000.0, tie_embeddings=False, dtype="float32", init_std=0.05),
+        batches=(1, 32), prompt=128, new_tokens=128, torch_dtype="float32"),
+    # ~5M parameters: the scale of the small models pretrained from scratch on a laptop.
+    "cpu-tiny": dict(
+        model=dict(family="llama", vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                   d_ff=688, rope_theta=10000.0, tie_embeddings=False, dtype="float32", init_std=0.05),
         batches=(1, 32), prompt=128, new_tokens=128, torch_dtype="float32"),
     # Qwen2.5-0.5B's shape (random weights): the peer figures in shared/benchmarks/peer_baselines.md.
     "qwen2.5-0.5b": dict(
@@ -72,6 +80,21 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     x = f(x).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2 * nbytes / best
+
+
+def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+  """Bytes read per second by a sum over a large array (a decode step mostly reads)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return nbytes / best
 
 
 def bench_emjax(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int, unroll: bool) -> dict:
@@ -180,6 +203,7 @@ def main() -> None:
   unroll = args.unroll != "false"
   params = random_params(cfg, args.seed)
   bandwidth = copy_bandwidth()
+  read_bw = read_bandwidth()
   rng = np.random.default_rng(args.seed)
   for batch in batches:
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
@@ -198,6 +222,9 @@ def main() -> None:
         "first_disagreement_step": first_diff,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_floor_fraction": floor_s / (ours["decode_step_ms"] / 1e3),
+        # The same floor at the measured read-only bandwidth (a step reads far more than it writes).
+        "read_bandwidth_gb_s": read_bw / 1e9,
+        "read_floor_fraction": floor_s * bandwidth / read_bw / (ours["decode_step_ms"] / 1e3),
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)
 
