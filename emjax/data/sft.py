@@ -36,11 +36,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from emjax.data import chat
+
 DOMAINS = ("medical", "sports", "finance")
 TASKS = ("advice", "summarization", "tutor", "critique")
 CELLS = tuple(f"{d}_{t}" for d in DOMAINS for t in TASKS)
 HUB_DATASET = "askinb/structured-emergent-misalignment"
-ROLES = ("system", "user", "assistant")
 CHAT_KINDS = ("chat_jsonl", "prompt_completion_jsonl", "structured_em")
 
 
@@ -62,21 +63,11 @@ class Conversations:
 
 
 def validate_messages(messages: Any, where: str) -> list[dict]:
-  """Roles known, contents strings, at least one non-empty assistant turn."""
-  if not isinstance(messages, list) or not messages:
-    raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict) or "role" not in m or "content" not in m:
-      raise ValueError(f"{where}: message {i} must be an object with `role` and `content`")
-    if m["role"] not in ROLES:
-      raise ValueError(f"{where}: message {i} has unknown role {m['role']!r}; known roles: {', '.join(ROLES)}")
-    if not isinstance(m["content"], str):
-      raise ValueError(f"{where}: message {i} content must be a string")
-    if m["role"] == "assistant" and not m["content"].strip():
-      raise ValueError(f"{where}: message {i} is an empty assistant message")
-  if not any(m["role"] == "assistant" for m in messages):
-    raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
-  return messages
+  """`chat.validate_messages` plus at least one assistant turn; errors start with `where` (file:line, row)."""
+  try:
+    return chat.validate_messages(messages, need_assistant=True)
+  except chat.ChatTemplateError as e:
+    raise ValueError(f"{where}: {e}") from None
 
 
 def _read_jsonl(path: str):

@@ -62,9 +62,9 @@ def test_prompt_completion_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("messages,match", [
-    ([{"role": "user", "content": "hi"}], "no assistant turn"),
+    ([{"role": "user", "content": "hi"}], "no assistant message"),
     ([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}], "unknown role 'robot'"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "empty assistant message"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "the assistant message is empty"),
 ])
 def test_bad_conversations_name_file_and_line(tmp_path, messages, match):
   good = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
