@@ -275,6 +275,16 @@ def test_no_recompilation_for_new_lengths_weights_or_prompts(model, sampler):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_decode_compiler_options_probe_and_fall_back(monkeypatch):
+  """The CPU decode option is used where this XLA accepts it, and dropped (not fatal) where it does not."""
+  real = dict(S._CPU_DECODE_OPTIONS)  # pylint: disable=protected-access
+  monkeypatch.setattr(S, "_cpu_options_supported", None)
+  assert S.decode_compiler_options(None) == real  # jax 0.10.2 and 0.12 both have it
+  monkeypatch.setattr(S, "_CPU_DECODE_OPTIONS", {"xla_cpu_no_such_option": "1"})
+  monkeypatch.setattr(S, "_cpu_options_supported", None)
+  assert S.decode_compiler_options(None) == {}
+
+
 def test_bad_inputs_raise_clear_errors(model, sampler):
   _, params = model
   ok = [[1, 2, 3]]
