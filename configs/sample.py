@@ -1,4 +1,4 @@
-"""Sample continuations of a JSONL file of prompts from a trained checkpoint.
+"""Sample continuations of a JSONL file of prompts from a trained checkpoint or a Hugging Face model.
 
   python -m emjax.main --config=configs/sample.py --workdir=/tmp/samples \\
       --config.sample.checkpoint=/tmp/tiny --config.prompts=prompts.jsonl \\
@@ -9,6 +9,9 @@ Prompts: one JSON object per line, `{"id": ..., "prompt": "text"}` or
 `sample.chat_template=True` and a Hugging Face tokenizer). Output:
 `WORKDIR/samples.jsonl`, one line per (prompt id, sample index); a rerun skips
 prompts already written.
+
+With `--config.sample.hf=DIR` (instead of `sample.checkpoint`) the model, its architecture
+and its tokenizer come from the Hugging Face directory.
 
 The architecture and tokenizer come from the checkpoint's workdir
 (`config.json`): leave `config.model` and `config.data.tokenizer` alone.
@@ -27,7 +30,8 @@ def get_config(arg=None):
   c.job = "sample"
   c.prompts = ""  # JSONL: {"id", "prompt"} or {"id", "messages"} per line
   c.sample = dict(
-      checkpoint="",  # a training workdir, its checkpoints/ dir, or one step dir
+      checkpoint="",  # a training workdir, its checkpoints/ dir, or one step dir (LoRA runs: merged into their base)
+      hf="",  # or: a Hugging Face model directory / hub id (architecture and tokenizer from it)
       step=-1,  # checkpoint step to load; -1 = the latest readable one
       output="samples.jsonl",  # relative to --workdir
       # What to sample.

@@ -439,6 +439,13 @@ def test_sample_job_rejects_bad_input_before_writing(train_dir, tmp_path):
     config.model.d_model = 48
   with pytest.raises(ValueError, match=r"config.model.d_model=48 disagrees with the checkpoint's 32"):
     run.run_sampling(config, str(tmp_path / "out"))
+  with pytest.raises(ValueError, match=r"config.sample.hf and config.sample.checkpoint are both set"):
+    run.run_sampling(_sample_config(train_dir, prompts, hf=str(tmp_path)), str(tmp_path / "out"))
+  config = _sample_config(train_dir, prompts, checkpoint="", hf=str(tmp_path / "some_hf_dir"))
+  with config.unlocked():
+    config.model.n_layers = 3
+  with pytest.raises(ValueError, match=r"config.model.n_layers is set, but with config.sample.hf the architecture"):
+    run.run_sampling(config, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / "samples.jsonl")
 
 

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import hf_fixtures as F
+from conftest import ROOT
 from emjax.data import chat
 from emjax.models import hf
 from emjax.models import transformer as T
@@ -130,3 +131,35 @@ def test_export_with_tokenizer_loads_in_transformers(smol, tmp_path):
                                                                       model.config.eos_token_id)
   tokens = np.asarray([chat.apply_chat_template(loaded_tokenizer, CONVERSATIONS[1])])
   np.testing.assert_array_equal(F.torch_logits(loaded.float().eval(), tokens), F.torch_logits(model, tokens))
+
+
+def test_sample_job_from_the_hf_directory(smol, tmp_path):
+  """`sample.hf=DIR`: the sample job reads a Hugging Face model (architecture, weights, tokenizer, chat
+  template) and answers as transformers does, token for token."""
+  import importlib.util
+  import json
+
+  from emjax.sample import run
+
+  d, _, _, model, tokenizer = smol
+  prompt = chat.apply_chat_template(tokenizer, CONVERSATIONS[0], add_generation_prompt=True)
+  eos = tokenizer.eos_token_id
+  with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+  theirs = out[0, len(prompt):].tolist()
+
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"id": "france", "messages": CONVERSATIONS[0]}) + "\n")
+  spec = importlib.util.spec_from_file_location("sample_config", os.path.join(ROOT, "configs", "sample.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("greedy")
+  config.prompts = str(prompts)
+  config.sample.update(hf=d, chat_template=True, max_new_tokens=24, batch_size=1, max_prompt_length=64,
+                       unroll_layers=False)
+  summary = run.run_sampling(config, str(tmp_path / "samples"))
+  assert summary["sampled"] == 1 and summary["model"] == d
+  row, = [json.loads(line) for line in open(tmp_path / "samples" / "samples.jsonl")]
+  assert row["tokens"] == theirs
+  assert row["finish_reason"] == "stop" and "Paris" in row["text"]

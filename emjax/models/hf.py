@@ -852,24 +852,15 @@ def load_emjax_params(workdir: str, mesh=None) -> tuple[dict, transformer.Transf
   if lora is None or not lora.get("enabled", False):
     return ckpt_lib.load_params(workdir, abstract), model_cfg, saved
   # A LoRA run checkpoints its adapters only; the base weights are its config.init (checkpoint or hf).
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from emjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from emjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   lora_cfg = lora_lib.LoRAConfig.from_config(lora)
-  base_path = saved.get("init", {}).get("checkpoint", "")
-  base_hf = saved.get("init", {}).get("hf", "")
-  if base_path:
-    base = ckpt_lib.load_params(base_path, abstract)
-  elif base_hf:
-    base = load_hf_params(base_hf, model_cfg, mesh=mesh)
-  else:
+  base = ckpt_lib.load_init_params(saved.get("init", {}), model_cfg, abstract, mesh)
+  if base is None:
     raise ValueError(f"{workdir}: a LoRA run without config.init.checkpoint or config.init.hf (its base weights "
                      "were random and are not saved); nothing to export")
-  adapted = nnx.eval_shape(lambda: state_lib.build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
-  _, adapters, _ = state_lib.split_trainable(adapted, lora_cfg)
-  adapters = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), adapters)
-  adapters = ckpt_lib.load_params(workdir, adapters)
+  adapters = ckpt_lib.load_params(workdir, state_lib.adapter_abstract(model_cfg, lora_cfg, mesh))
   return lora_lib.merge_lora(state_lib.merge_trees(base, adapters), lora_cfg), model_cfg, saved
 
 

@@ -1,7 +1,13 @@
-"""The `sample` job: a checkpoint and a JSONL file of prompts -> WORKDIR/samples.jsonl.
+"""The `sample` job: a checkpoint or a Hugging Face model + a JSONL file of prompts -> samples.jsonl.
 
     python -m emjax.main --config=configs/sample.py --workdir=DIR \\
         --config.sample.checkpoint=TRAIN_WORKDIR --config.prompts=FILE.jsonl
+    python -m emjax.main --config=configs/sample.py --workdir=DIR \\
+        --config.sample.hf=HF_DIR_OR_HUB_ID --config.sample.chat_template=True --config.prompts=FILE.jsonl
+
+A LoRA run (`config.lora.enabled`) is sampled with its adapters merged into its base
+(the run's `config.init`). With `sample.hf`, architecture and tokenizer come from the
+Hugging Face directory; `config.model` may only set runtime keys (dtype, ...).
 
 Model and tokenizer: the architecture comes from the checkpoint's workdir
 (`TRAIN_WORKDIR/config.json`), so `config.model` need not repeat it. Keys of
@@ -67,8 +73,8 @@ class Prompt:
 def resolve_checkpoint(path: str) -> tuple[str, str, int | None]:
   """(checkpoints dir, the training run's workdir, step or None) for a workdir, checkpoints dir or step dir."""
   if not path:
-    raise ValueError("config.sample.checkpoint is required: a training workdir, its checkpoints/ directory, "
-                     "or one step directory")
+    raise ValueError("config.sample.checkpoint (a training workdir, its checkpoints/ directory, or one step "
+                     "directory) or config.sample.hf (a Hugging Face model) is required")
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.sample.checkpoint={path!r} does not exist")
@@ -110,8 +116,20 @@ def _step_dirs(ckpt_dir: str) -> list[int]:
   return sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
 
 
-def restore_params(ckpt_dir: str, step: int | None, model_cfg: transformer.TransformerConfig, mesh) -> tuple[int, dict]:
-  """(step, params) from the newest readable step (or `step`), laid out on `mesh`; only `state/params` is read."""
+def abstract_params(model_cfg: transformer.TransformerConfig, mesh) -> dict:
+  """ShapeDtypeStructs of the model's parameters, with their shardings on `mesh`."""
+  model = transformer.abstract_model(model_cfg)
+  _, abstract = transformer.split_model(model)
+  shardings = shd.tree_shardings(transformer.param_logical_axes(model), abstract, mesh)
+  # dtype from the config: a float32 checkpoint restores as bfloat16 when param_dtype says so.
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def restore_params(ckpt_dir: str, step: int | None, abstract: Any) -> tuple[int, Any]:
+  """(step, params) from the newest readable step (or `step`), shaped and laid out as `abstract`.
+
+  Only `state/params` is read (an adapter-only tree for a LoRA run).
+  """
   import orbax.checkpoint as ocp
 
   steps = _step_dirs(ckpt_dir) if os.path.isdir(ckpt_dir) else []
@@ -121,11 +139,6 @@ def restore_params(ckpt_dir: str, step: int | None, model_cfg: transformer.Trans
     steps = [step]
   if not steps:
     raise FileNotFoundError(f"no checkpoint steps in {ckpt_dir}")
-  model = transformer.abstract_model(model_cfg)
-  _, abstract = transformer.split_model(model)
-  shardings = shd.tree_shardings(transformer.param_logical_axes(model), abstract, mesh)
-  # dtype from the config: a float32 checkpoint restores as bfloat16 when param_dtype says so.
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   checkpointer = ocp.PyTreeCheckpointer()
   for s in steps:
@@ -141,6 +154,52 @@ def restore_params(ckpt_dir: str, step: int | None, model_cfg: transformer.Trans
       continue
     return s, restored["params"]
   raise FileNotFoundError(f"no readable checkpoint step in {ckpt_dir} (tried {steps})")
+
+
+def load_run_weights(ckpt_dir: str, run_dir: str, step: int | None, model_cfg: transformer.TransformerConfig,
+                     mesh) -> tuple[int, dict]:
+  """(step, params) of a training run; a LoRA run's adapters are merged into its base weights.
+
+  A LoRA run checkpoints its adapters only: the base is the run's `config.init` (an emjax
+  checkpoint or a Hugging Face model), read with `model_cfg` (runtime overrides included).
+  """
+  abstract = abstract_params(model_cfg, mesh)
+  saved = config_lib.load_config_json(run_dir) if os.path.isfile(os.path.join(run_dir, "config.json")) else None
+  lora_saved = saved.get("lora") if saved is not None else None
+  if not lora_saved or not lora_saved.get("enabled", False):
+    return restore_params(ckpt_dir, step, abstract)
+  from emjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  lora_cfg = lora_lib.LoRAConfig.from_config(lora_saved)
+  restored_step, adapters = restore_params(ckpt_dir, step, state_lib.adapter_abstract(model_cfg, lora_cfg, mesh))
+  init = saved.get("init", {})
+  base = ckpt_lib.load_init_params(init, model_cfg, abstract, mesh)
+  if base is None:
+    raise ValueError(f"{run_dir}: a LoRA run without config.init.checkpoint or config.init.hf: its base "
+                     "weights were random and are not saved, so there is nothing to sample from")
+  log.info("LoRA run: adapters of step %d merged into the base from %s", restored_step,
+           init.get("checkpoint", "") or init.get("hf", ""))
+  return restored_step, lora_lib.merge_lora(state_lib.merge_trees(base, adapters), lora_cfg)
+
+
+def resolve_hf_model(config) -> tuple[transformer.TransformerConfig, dict]:
+  """Model and tokenizer configs for `config.sample.hf` (a Hugging Face directory or hub id)."""
+  from emjax.models import hf as hf_lib  # pylint: disable=g-import-not-at-top
+
+  path = config.sample.hf
+  defaults = dataclasses.asdict(transformer.TransformerConfig())
+  overrides = {k: v for k, v in dict(config.model).items() if v != defaults.get(k)}
+  not_runtime = sorted(set(overrides) - set(hf_lib.RUNTIME_KEYS))
+  if not_runtime:
+    raise ValueError(f"config.model.{not_runtime[0]} is set, but with config.sample.hf the architecture comes "
+                     f"from {path}/config.json; only {', '.join(hf_lib.RUNTIME_KEYS)} may be overridden")
+  model_cfg = hf_lib.config_from_hf(path, **overrides)
+  tokenizer = dict(config.data.tokenizer)
+  if tokenizer == dict(config_lib.base_config().data.tokenizer):  # left at its default: the model's own
+    tokenizer.update(kind="hf", path=path)
+  return model_cfg, tokenizer
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -298,13 +357,18 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   for key in ("batch_size", "n", "max_new_tokens"):
     if int(sc[key]) < 1:
       raise ValueError(f"config.sample.{key} must be >= 1, got {sc[key]}")
-  ckpt_dir, run_dir, step = resolve_checkpoint(sc.checkpoint)
-  if os.path.abspath(workdir) == run_dir:
-    raise ValueError(f"--workdir must not be the checkpoint's own workdir ({run_dir}): its config.json "
-                     "describes the training run; pick another directory for the samples")
-  if int(sc.step) >= 0:
-    step = int(sc.step)
-  model_cfg, tokenizer_cfg = resolve_model_config(config, run_dir)
+  if sc.hf and sc.checkpoint:
+    raise ValueError("config.sample.hf and config.sample.checkpoint are both set: sample from one of them")
+  if sc.hf:
+    model_cfg, tokenizer_cfg = resolve_hf_model(config)
+  else:
+    ckpt_dir, run_dir, step = resolve_checkpoint(sc.checkpoint)
+    if os.path.abspath(workdir) == run_dir:
+      raise ValueError(f"--workdir must not be the checkpoint's own workdir ({run_dir}): its config.json "
+                       "describes the training run; pick another directory for the samples")
+    if int(sc.step) >= 0:
+      step = int(sc.step)
+    model_cfg, tokenizer_cfg = resolve_model_config(config, run_dir)
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
@@ -330,9 +394,13 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   sampler = sampler_lib.Sampler(model_cfg, mesh=mesh, prompt_buckets=buckets, max_new_tokens_cap=cap,
                                 prefill_chunk=int(sc.prefill_chunk), top_logprobs=int(sc.top_logprobs),
                                 unroll_layers=bool(sc.unroll_layers))
-  restored_step, params = restore_params(ckpt_dir, step, model_cfg, mesh)
-  log.info("sampling %d prompts (%d already written) with step %d of %s", len(pending), len(done),
-           restored_step, ckpt_dir)
+  if sc.hf:
+    from emjax.models import hf as hf_lib  # pylint: disable=g-import-not-at-top
+    restored_step, params, source = None, hf_lib.load_hf_params(sc.hf, model_cfg, mesh=mesh), sc.hf
+  else:
+    restored_step, params = load_run_weights(ckpt_dir, run_dir, step, model_cfg, mesh)
+    source = f"step {restored_step} of {ckpt_dir}"
+  log.info("sampling %d prompts (%d already written) with %s", len(pending), len(done), source)
   weights = sampler.prepare_weights(params)
   del params  # only the sampling layout is needed from here on
 
@@ -359,5 +427,6 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
                  summary["new_tokens"] / elapsed)
   summary["seconds"] = time.perf_counter() - t0
   summary["checkpoint_step"] = restored_step
+  summary["model"] = source
   log.info("done: %s", summary)
   return summary

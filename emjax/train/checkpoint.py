@@ -122,3 +122,20 @@ def load_params(path: str, abstract_params: Any) -> Any:
                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                      "does its model config match config.model?") from e
   return restored["params"]
+
+
+def load_init_params(init: Any, model_cfg: Any, abstract_params: Any, mesh=None) -> Any:
+  """The base weights a config's `init` block names, or None (random init).
+
+  `init.checkpoint`: an emjax run/checkpoint (read into the shardings of `abstract_params`);
+  `init.hf`: a Hugging Face directory or hub id (read one tensor at a time onto `mesh`).
+  """
+  checkpoint, hf_path = init.get("checkpoint", ""), init.get("hf", "")
+  if checkpoint and hf_path:
+    raise ValueError("config.init: set either init.checkpoint or init.hf, not both")
+  if checkpoint:
+    return load_params(checkpoint, abstract_params)
+  if hf_path:
+    from emjax.models import hf  # pylint: disable=g-import-not-at-top
+    return hf.load_hf_params(hf_path, model_cfg, mesh=mesh)
+  return None

@@ -164,14 +164,7 @@ class Trainer:
 
   def init_state(self) -> tuple[dict, dict]:
     """(train state, frozen params) for step 0, from `config.init` (random when unset)."""
-    base = None
-    if self.config.init.checkpoint and self.config.init.hf:
-      raise ValueError("config.init: set either init.checkpoint or init.hf, not both")
-    if self.config.init.checkpoint:
-      base = ckpt_lib.load_params(self.config.init.checkpoint, self.layout.base_abstract)
-    elif self.config.init.hf:
-      from emjax.models import hf
-      base = hf.load_hf_params(self.config.init.hf, self.model_cfg, mesh=self.mesh)
+    base = ckpt_lib.load_init_params(self.config.init, self.model_cfg, self.layout.base_abstract, self.mesh)
     return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
                                 self.lora_cfg, base)
 

@@ -130,6 +130,13 @@ def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def adapter_abstract(model_cfg: transformer.TransformerConfig, lora_cfg, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs (replicated on `mesh`) of the LoRA adapters: what a LoRA run checkpoints as `params`."""
+  adapted = nnx.eval_shape(lambda: build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
+  _, adapters, _ = split_trainable(adapted, lora_cfg)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), adapters)
+
+
 def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation, mesh: Mesh,
                  lora_cfg=None) -> StateLayout:
   """Shapes and shardings of the whole train state, from abstract shapes alone."""
