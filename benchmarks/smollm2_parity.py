@@ -23,14 +23,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one word."},
-     {"role": "user", "content": "Name a primary colour."},
-     {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another one?"}],
-    [{"role": "user", "content": "Hi!"}],
-]
 EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -52,7 +44,8 @@ def main() -> None:
   cfg = hf.config_from_hf(model_dir)
   params = hf.load_hf_params(model_dir, cfg)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-  prompts = [chat.apply_chat_template(tokenizer, c, add_generation_prompt=True) for c in CONVERSATIONS]
+  prompts = [chat.apply_chat_template(tokenizer, c, add_generation_prompt=True)
+             for c in hf_fixtures.SMOLLM2_CONVERSATIONS]  # the prompts of tests/test_smollm2.py
   length = max(map(len, prompts))
   tokens = np.zeros((len(prompts), length), np.int32)
   real = np.zeros((len(prompts), length), bool)

@@ -106,6 +106,16 @@ def torch_logits(model, tokens, attention_mask=None, position_ids=None) -> np.nd
 
 # ----------------------------------------------------------------------------- SmolLM2
 
+# Chat prompts for the SmolLM2 checks: a single turn, a multi-turn one with a system prompt, a short one.
+SMOLLM2_CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Name a primary colour."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another one?"}],
+    [{"role": "user", "content": "Hi!"}],
+]
+
 
 def cache_root() -> str:
   return os.environ.get("EMJAX_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "emjax-test-cache")

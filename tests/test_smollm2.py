@@ -27,14 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow  # a real 135M-parameter model; part of CI
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one word."},
-     {"role": "user", "content": "Name a primary colour."},
-     {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another one?"}],
-    [{"role": "user", "content": "Hi!"}],
-]
+CONVERSATIONS = F.SMOLLM2_CONVERSATIONS
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +39,14 @@ def smol():
   model = transformers.AutoModelForCausalLM.from_pretrained(d, local_files_only=True).float().eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)
   return d, cfg, params, model, tokenizer
+
+
+def hf_greedy(model, prompt: list[int], eos: int, max_new_tokens: int) -> list[int]:
+  """transformers' greedy `generate` continuation of one prompt (stops at `eos`)."""
+  with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+  return out[0, len(prompt):].tolist()
 
 
 def test_config_is_smollm2_135m(smol):
@@ -102,10 +103,7 @@ def test_greedy_answer_matches_transformers_token_for_token(smol):
   _, cfg, params, model, tokenizer = smol
   prompt = chat.apply_chat_template(tokenizer, CONVERSATIONS[0], add_generation_prompt=True)
   eos = tokenizer.eos_token_id
-  with torch.no_grad():
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-  theirs = out[0, len(prompt):].tolist()
+  theirs = hf_greedy(model, prompt, eos, 32)
   # Scanned layers: the 30-layer model compiles in seconds on CPU (unrolled decode is the faster one).
   sampler = Sampler(cfg, prompt_buckets=(64,), max_new_tokens_cap=32, unroll_layers=False)
   result = sampler.generate(params, [prompt], SamplingParams(max_new_tokens=32, temperature=0.0,
@@ -143,11 +141,7 @@ def test_sample_job_from_the_hf_directory(smol, tmp_path):
 
   d, _, _, model, tokenizer = smol
   prompt = chat.apply_chat_template(tokenizer, CONVERSATIONS[0], add_generation_prompt=True)
-  eos = tokenizer.eos_token_id
-  with torch.no_grad():
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-  theirs = out[0, len(prompt):].tolist()
+  theirs = hf_greedy(model, prompt, tokenizer.eos_token_id, 24)
 
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"id": "france", "messages": CONVERSATIONS[0]}) + "\n")

@@ -204,6 +204,14 @@ def attention_mask(q_positions_BxL, q_segments_BxL, kv_positions_BxS, kv_segment
   return same_doc & causal & real_key
 
 
+def _masked_softmax(scores_BxKxGxLxS, mask_BxLxS):
+  """Softmax over the keys each query may see; a query that sees none (padding) gets all zeros."""
+  scores = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # A fully masked row would otherwise attend uniformly.
+  return jnp.where(mask_BxLxS[:, None, None].any(-1, keepdims=True), probs, 0.0)
+
+
 def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: str):
   """Grouped-query attention; `impl` picks XLA's or cuDNN's fused kernel."""
   if impl in ("auto", "cudnn"):
@@ -215,10 +223,7 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: 
   q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh)
   scores = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
                       preferred_element_type=jnp.float32) / math.sqrt(dh)
-  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  # A fully masked row (padding query) would attend uniformly; zero it instead.
-  probs = jnp.where(mask_BxLxS[:, None, None].any(-1, keepdims=True), probs, 0.0)
+  probs = _masked_softmax(scores, mask_BxLxS)
   out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
   return out.reshape(b, l, h, dh)
 
@@ -228,18 +233,16 @@ def cached_attention(q_BxLxHxDh, k_BxKxDhxS, v_BxKxSxDh, mask_BxLxS):
 
   Keys are cached [B, K, Dh, S] and values [B, K, S, Dh], so that both products are
   plain (batch, kv head)-batched matmuls that read the cache in place: scores = q . K
-  and out = p . V. In XLA:CPU's dot library a key cache laid out [.., S, Dh] (or
-  [B, S, K, Dh]) is repacked at every decode step; with these layouts a batch-32
-  decode step of benchmarks/sampler.py went from 45 ms to 24 ms.
+  and out = p . V. With keys laid out [B, S, K, Dh] (or [.., S, Dh]), XLA:CPU's dot
+  library repacked the whole cache at every decode step (profiled; figures in
+  benchmarks/README.md).
   """
   b, l, h, dh = q_BxLxHxDh.shape
   k_heads = k_BxKxDhxS.shape[1]
   q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh).transpose(0, 2, 3, 1, 4)
   scores = jnp.einsum("bkgld,bkds->bkgls", q_BxKxGxLxDh, k_BxKxDhxS,
                       preferred_element_type=jnp.float32) / math.sqrt(dh)
-  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = jnp.where(mask_BxLxS[:, None, None].any(-1, keepdims=True), probs, 0.0)
+  probs = _masked_softmax(scores, mask_BxLxS)
   out_BxKxGxLxDh = jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxKxSxDh.dtype), v_BxKxSxDh)
   return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
