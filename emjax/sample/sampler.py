@@ -33,7 +33,9 @@ does not depend on which other prompts share its batch.
 Speed notes (measured on CPU; see benchmarks/sampler.py): layers are unrolled
 and weights/cache are handed over per layer (`prepare_weights`; see the
 comment above it), sampling reductions avoid XLA:CPU's slow variadic argmax
-reduce, and random draws are inverse-CDF (one uniform per row, not V Gumbels).
+reduce, random draws are inverse-CDF (one uniform per row, not V Gumbels), the KV cache
+is laid out the way decode attention reads it (`transformer.cached_attention`), and on
+CPU the decode loop keeps XLA's YNNPACK library for dots only (`decode_compiler_options`).
 """
 
 from __future__ import annotations
