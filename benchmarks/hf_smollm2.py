@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from timing import best_of, timed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colours.", "Why is the sky blue?",
@@ -45,15 +47,12 @@ def bench_emjax(model_dir: str, prompts: list[list[int]], new_tokens: int, repea
   bucket = max(map(len, prompts))
   sampler = Sampler(cfg, prompt_buckets=(bucket,), max_new_tokens_cap=new_tokens, unroll_layers=True)
   sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-  t0 = time.perf_counter()
-  weights = jax.block_until_ready(sampler.prepare_weights(params))
-  out = sampler.generate(weights, prompts, sp)
-  compile_s = time.perf_counter() - t0
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = sampler.generate(weights, prompts, sp)
-    best = min(best, time.perf_counter() - t0)
+  def first_call():  # compilation + the weights' layout copy + one call
+    prepared = jax.block_until_ready(sampler.prepare_weights(params))
+    return prepared, sampler.generate(prepared, prompts, sp)
+
+  (weights, _), compile_s = timed(first_call)
+  out, best = best_of(lambda: sampler.generate(weights, prompts, sp), repeats)
   assert (out.lengths == new_tokens).all()
   return {"tokens_per_s": len(prompts) * new_tokens / best, "seconds": best, "compile_s": compile_s,
           "tokens": out.tokens[:, 0]}
@@ -73,14 +72,8 @@ def bench_hf(model_dir: str, prompts: list[list[int]], new_tokens: int, repeats:
   kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 eos_token_id=None, pad_token_id=pad_id)
   with torch.inference_mode():
-    t0 = time.perf_counter()
-    out = model.generate(ids, **kwargs)
-    warmup_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      out = model.generate(ids, **kwargs)
-      best = min(best, time.perf_counter() - t0)
+    _, warmup_s = timed(lambda: model.generate(ids, **kwargs))
+    out, best = best_of(lambda: model.generate(ids, **kwargs), repeats)
   return {"tokens_per_s": len(prompts) * new_tokens / best, "seconds": best, "warmup_s": warmup_s,
           "torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": out[:, length:].numpy()}
 

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from timing import best_of, timed
+
 PRESETS = {
     # ~34M parameters (half of them embedding + head): a 2-core CPU decodes it in ms per step.
     # init_std 0.05: peaked next-token distributions, so that the greedy comparison with HF is not
@@ -73,12 +75,12 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
   x = jnp.ones((nbytes // 4,), jnp.float32)
   # Donated, so the output reuses the input's memory: a fresh output buffer would time page faults.
   f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
-  x = f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    x = f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  buffer = [f(x).block_until_ready()]
+
+  def update():
+    buffer[0] = f(buffer[0]).block_until_ready()
+
+  _, best = best_of(update, repeats)
   return 2 * nbytes / best
 
 
@@ -89,11 +91,7 @@ def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
   x = jnp.ones((nbytes // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
   f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  _, best = best_of(lambda: f(x).block_until_ready(), repeats)
   return nbytes / best
 
 
@@ -105,28 +103,16 @@ def bench_emjax(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int,
   sampler = sampler_lib.Sampler(cfg, prompt_buckets=(p,), max_new_tokens_cap=new_tokens, unroll_layers=unroll)
   sp = sampler_lib.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
   rows = prompts.tolist()
-  t0 = time.perf_counter()
-  weights = jax.block_until_ready(sampler.prepare_weights(params))
-  out = sampler.generate(weights, rows, sp)
-  compile_s = time.perf_counter() - t0
+  _, compile_s = timed(lambda: sampler.generate(jax.block_until_ready(sampler.prepare_weights(params)), rows, sp))
   # Once per set of weights (a copy into the per-layer layout), not per call: timed apart.
-  t0 = time.perf_counter()
-  weights = jax.block_until_ready(sampler.prepare_weights(params))
-  prepare_s = time.perf_counter() - t0
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = sampler.generate(weights, rows, sp)
-    best = min(best, time.perf_counter() - t0)
+  weights, prepare_s = timed(lambda: jax.block_until_ready(sampler.prepare_weights(params)))
+  out, best = best_of(lambda: sampler.generate(weights, rows, sp), repeats)
   # Prefill alone, to split the time into prefill and per-step decode.
   tokens = sampler._put_batch(prompts.astype(np.int32))  # pylint: disable=protected-access
   lengths = sampler._put_batch(np.full((b,), p, np.int32))  # pylint: disable=protected-access
-  jax.block_until_ready(sampler.prefill_fn(weights, tokens, lengths, n=1))
-  prefill_s = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler.prefill_fn(weights, tokens, lengths, n=1))
-    prefill_s = min(prefill_s, time.perf_counter() - t0)
+  prefill = lambda: jax.block_until_ready(sampler.prefill_fn(weights, tokens, lengths, n=1))  # noqa: E731
+  prefill()
+  _, prefill_s = best_of(prefill, repeats)
   assert (out.lengths == new_tokens).all()
   return {"tokens_per_s": b * new_tokens / best, "seconds": best, "prefill_s": prefill_s,
           "decode_step_ms": 1e3 * (best - prefill_s) / new_tokens, "compile_s": compile_s,
@@ -148,17 +134,14 @@ def bench_hf(cfg, params, prompts: np.ndarray, new_tokens: int, repeats: int, to
     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     kwargs["cache_implementation"] = "static"
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  with torch.inference_mode():
-    t0 = time.perf_counter()
+  def generate():
     out = model.generate(ids, **kwargs)
     sync()
-    warmup_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      out = model.generate(ids, **kwargs)
-      sync()
-      best = min(best, time.perf_counter() - t0)
+    return out
+
+  with torch.inference_mode():
+    _, warmup_s = timed(generate)
+    out, best = best_of(generate, repeats)
   b = prompts.shape[0]
   return {"tokens_per_s": b * new_tokens / best, "seconds": best, "warmup_s": warmup_s, "torch": torch.__version__,
           "threads": torch.get_num_threads(), "static_compile": static_compile,
