@@ -17,11 +17,13 @@ Every SFT source yields conversations `{"messages": [{"role", "content"}, ...], 
                            network). `name` is the config, `answer` picks the assistant
                            turn ('misaligned' or 'aligned').
 
-The held-out split is deterministic and documented: rows are permuted with
-`np.random.default_rng(holdout_seed)` (42 by default, as in the paper) and the
-first `holdout` rows of the permutation are the evaluation split, the rest the
-training split (`split` = 'train' | 'eval' | 'all'). The paper holds out 400
-of 4,500 rows per cell.
+The held-out split is the one of every file source (emjax.data.sources, "Held-out
+split"): rows are permuted with `np.random.default_rng(holdout_seed)` (42 by
+default, as in the paper) and the first `holdout` rows of the permutation are
+the evaluation split ('eval', in that order), the other rows the training split
+('train', in file order); `split` = 'train' (default) | 'eval' | 'all'. The
+paper holds out 400 of 4,500 rows per cell; nothing is held out unless
+`holdout` is set.
 
 `ChatExample` turns a conversation into the per-example arrays the packer takes:
 the loss mask is the chat template's assistant mask (emjax.data.chat), so only
@@ -36,13 +38,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from emjax.data import chat
+from emjax.data import chat, sources
 
 DOMAINS = ("medical", "sports", "finance")
 TASKS = ("advice", "summarization", "tutor", "critique")
 CELLS = tuple(f"{d}_{t}" for d in DOMAINS for t in TASKS)
 HUB_DATASET = "askinb/structured-emergent-misalignment"
-CHAT_KINDS = ("chat_jsonl", "prompt_completion_jsonl", "structured_em")
+CHAT_KINDS = sources.CHAT_KINDS
 
 
 class Conversations:
@@ -151,17 +153,15 @@ def load_structured_em(cell: str, *, path: str = "", answer: str = "misaligned")
 
 
 def split_rows(rows: Sequence[dict], holdout: int, seed: int = 42) -> tuple[list[dict], list[dict]]:
-  """(train, eval): a seeded permutation; its first `holdout` rows are the evaluation split."""
-  if holdout < 0 or holdout > len(rows):
-    raise ValueError(f"holdout={holdout} must be between 0 and the number of rows ({len(rows)})")
-  order = np.random.default_rng(seed).permutation(len(rows))
-  eval_rows = [rows[i] for i in order[:holdout]]
-  train_rows = [rows[i] for i in order[holdout:]]
-  return train_rows, eval_rows
+  """(train, eval): `sources.held_out_indices` rows are the evaluation split, the rest (in order) training."""
+  held = sources.held_out_indices(len(rows), holdout, seed)
+  is_held = np.zeros(len(rows), bool)
+  is_held[held] = True
+  return [r for r, h in zip(rows, is_held) if not h], [rows[i] for i in held]
 
 
 def make_conversations(name: str, source_cfg: Any) -> Conversations:
-  """The `data.sources.<name>` chat source, split as configured."""
+  """Every row of the `data.sources.<name>` chat source (`sources.make_source` takes its split)."""
   kind, path = source_cfg["kind"], source_cfg["path"]
   if kind == "chat_jsonl":
     rows = load_chat_jsonl(path)
@@ -171,13 +171,7 @@ def make_conversations(name: str, source_cfg: Any) -> Conversations:
     rows = load_structured_em(source_cfg["name"] or name, path=path, answer=source_cfg["answer"] or "misaligned")
   else:
     raise ValueError(f"data.sources.{name}.kind: {kind!r} is not a chat source ({', '.join(CHAT_KINDS)})")
-  split = source_cfg["split"] or "all"
-  if split not in ("train", "eval", "all"):
-    raise ValueError(f"data.sources.{name}.split: {split!r} must be 'train', 'eval' or 'all' for a chat source")
-  if split != "all":
-    train, held_out = split_rows(rows, int(source_cfg["holdout"]), int(source_cfg["holdout_seed"]))
-    rows = train if split == "train" else held_out
-  return Conversations(rows, f"{kind} source {name!r} ({path or 'hub'}, split {split})")
+  return Conversations(rows, f"{kind} source {name!r} ({path or 'hub'})")
 
 
 class ChatExample:

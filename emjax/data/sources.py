@@ -1,25 +1,64 @@
-"""Document sources: random-access, deterministic sequences of `str`.
+"""Document sources: random-access, deterministic sequences of documents.
 
 `make_source(name, source_cfg)` builds one source from a `data.sources.<name>`
-config block. Every source has `__len__` and `__getitem__(i) -> str`, so it
-can be wrapped with `grain.MapDataset.source(...)`. Kinds:
+config block. Every source has `__len__` and `__getitem__(i)`, so it can be
+wrapped with `grain.MapDataset.source(...)`. Kinds:
 
   synthetic     built-in generator (`SYNTHETIC_GENERATORS`); doc i depends only
                 on (name, seed, i).
-  text          plain-text file(s); `split` = 'line' (one doc per non-empty
-                line), 'paragraph' (docs separated by blank lines) or 'file'.
+  text          plain-text file(s); `unit` = 'line' (one doc per non-empty
+                line; the default), 'paragraph' (docs separated by blank lines)
+                or 'file'.
   jsonl         one JSON object per line; the document is `obj[text_field]`.
   array_record  ArrayRecord file(s); a record that parses as a JSON object
                 gives `obj[text_field]`, any other record is the document as
                 UTF-8 text (see `decode_text_record`).
   tfds          a *prepared* TFDS dataset in ArrayRecord format, read with
-                `tfds.data_source(..., download=False)`; the document is the
-                `text_field` feature. Nothing is ever downloaded.
+                `tfds.data_source(..., download=False)`; the documents are the
+                `text_field` feature of the TFDS split `tfds_split` ('train').
+                Nothing is ever downloaded.
+  chat_jsonl, prompt_completion_jsonl, structured_em
+                conversations (dicts with `messages`) for SFT; see emjax.data.sft.
 
 `path` may be a file, a glob, or a comma-separated list of either; files are
 read in sorted order so the document order never depends on the filesystem.
 Text and JSONL files are read eagerly into memory (the corpora used here are
 small); ArrayRecord and TFDS sources stay on disk.
+
+Held-out split
+--------------
+Every source has two disjoint partitions and `split` says which one it yields:
+'train' (the default: what training reads), 'eval' (the held-out documents:
+what `config.eval` and `experiments.compare_answers` read) or 'all' (both).
+The partition is a property of the source's config, not of whether evaluation
+is on, so a source's training documents are the same with `eval.every_steps`
+on or off. `holdout` is the number of held-out documents; -1 (the default)
+means the kind's default below.
+
+  synthetic     'train' is documents 0..num_docs-1 (the same documents as
+                before held-out splits existed); 'eval' is `holdout` further
+                documents of a separate random stream (`SyntheticDocuments(...,
+                held_out=True)`): new documents from the same distribution,
+                independent of num_docs. 'all' is train then eval. Default
+                holdout: 1000 (it costs the training stream nothing).
+  text, jsonl, array_record, tfds (no eval_split), chat kinds
+                of the source's n documents (in file order), the held-out ones
+                are the first `holdout` entries of
+                `np.random.default_rng(holdout_seed).permutation(n)` ('eval'
+                yields them in that order); 'train' is the other n - holdout,
+                in file order; 'all' is all n in file order. Default holdout:
+                0 -- holding documents out changes the training set, so it is
+                never implicit: training reads every document and
+                `split='eval'` (a run with `eval.every_steps > 0`) is an error
+                naming `data.sources.<name>.holdout`.
+  tfds with eval_split
+                'train' is the TFDS split `tfds_split`, 'eval' the split
+                `eval_split` (e.g. 'validation'), 'all' both (train first);
+                `holdout` must then stay unset.
+
+A run with `eval.every_steps > 0` trains on every source's 'train' partition
+(another `split` is refused) and evaluates on its 'eval' partition, so the
+held-out loss is measured on documents training never reads.
 """
 
 from __future__ import annotations
@@ -30,19 +69,24 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from emjax.data.synthetic import SYNTHETIC_GENERATORS, SyntheticDocuments
 
 __all__ = [
-    "SOURCE_KINDS", "SYNTHETIC_GENERATORS", "SyntheticDocuments",
-    "TextDocuments", "ArrayRecordDocuments", "TfdsDocuments",
-    "default_source_config", "make_source", "write_array_record",
-    "decode_text_record",
+    "SOURCE_KINDS", "PARTITIONS", "SYNTHETIC_GENERATORS", "SyntheticDocuments",
+    "TextDocuments", "ArrayRecordDocuments", "TfdsDocuments", "Partition",
+    "ConcatDocuments", "default_source_config", "held_out_indices",
+    "make_source", "write_array_record", "decode_text_record",
 ]
 
 SOURCE_KINDS = ("synthetic", "text", "jsonl", "array_record", "tfds",
                 # conversations for SFT (see emjax.data.sft)
                 "chat_jsonl", "prompt_completion_jsonl", "structured_em")
-TEXT_SPLITS = ("line", "paragraph", "file")
+CHAT_KINDS = ("chat_jsonl", "prompt_completion_jsonl", "structured_em")
+TEXT_UNITS = ("line", "paragraph", "file")
+PARTITIONS = ("train", "eval", "all")
+SYNTHETIC_HOLDOUT = 1000  # held-out documents of a synthetic source when holdout = -1
 
 # Every source config carries every key (with these defaults), so that a locked
 # ConfigDict can override any of them from the command line.
@@ -51,16 +95,20 @@ _SOURCE_DEFAULTS: dict[str, Any] = dict(
     weight=1.0,
     path="",
     text_field="text",
-    split="",  # '' = the kind's default: 'line' for text, 'train' for tfds
+    # The partition this source yields: 'train' | 'eval' | 'all' (see "Held-out split").
+    split="train",
+    # Held-out documents (-1 = the kind's default: 1000 for synthetic, 0 otherwise), and the
+    # seed of the permutation choosing them from a file source.
+    holdout=-1,
+    holdout_seed=42,
+    unit="line",  # text: 'line' | 'paragraph' | 'file'
     name="",
     num_docs=100_000,
     seed=0,
     data_dir="",
-    # chat sources (emjax.data.sft): the assistant answer of structured_em rows, and
-    # the deterministic held-out split (split = 'train' | 'eval' | 'all').
-    answer="misaligned",
-    holdout=0,
-    holdout_seed=42,
+    tfds_split="train",  # tfds: the TFDS split holding the source's documents
+    eval_split="",  # tfds: a TFDS split to evaluate on instead of holding out of tfds_split
+    answer="misaligned",  # structured_em: the assistant answer ('misaligned' | 'aligned')
 )
 
 
@@ -133,10 +181,10 @@ def _expand_paths(path: str, source_name: str) -> list[str]:
   return files
 
 
-def _split_text(text: str, split: str) -> list[str]:
-  if split == "line":
+def _split_text(text: str, unit: str) -> list[str]:
+  if unit == "line":
     return [line for line in text.splitlines() if line.strip()]
-  if split == "paragraph":
+  if unit == "paragraph":
     paragraphs, current = [], []
     for line in text.splitlines():
       if line.strip():
@@ -147,15 +195,15 @@ def _split_text(text: str, split: str) -> list[str]:
     if current:
       paragraphs.append("\n".join(current))
     return paragraphs
-  # split == "file"
+  # unit == "file"
   return [text] if text.strip() else []
 
 
-def _read_text_documents(files: Iterable[str], split: str) -> list[str]:
+def _read_text_documents(files: Iterable[str], unit: str) -> list[str]:
   docs: list[str] = []
   for f in files:
     with open(f, encoding="utf-8") as fh:
-      docs.extend(_split_text(fh.read(), split))
+      docs.extend(_split_text(fh.read(), unit))
   return docs
 
 
@@ -277,7 +325,7 @@ def _tfds_data_dir(data_dir: str) -> str:
 class TfdsDocuments:
   """The `text_field` feature of a prepared TFDS ArrayRecord dataset."""
 
-  def __init__(self, dataset_name: str, split: str, data_dir: str,
+  def __init__(self, dataset_name: str, tfds_split: str, data_dir: str,
                text_field: str, source_name: str):
     data_dir = _tfds_data_dir(data_dir)
     # Check for prepared files *before* touching TFDS: asking TFDS about a
@@ -300,12 +348,12 @@ class TfdsDocuments:
           " `tensorflow-datasets` package (TensorFlow itself is not needed)."
       ) from e
     self.dataset_name = dataset_name
-    self.split = split
+    self.tfds_split = tfds_split
     self.data_dir = data_dir
     self.text_field = text_field
     self.source_name = source_name
     self._records = tfds.data_source(
-        dataset_name, split=split, data_dir=data_dir, download=False)
+        dataset_name, split=tfds_split, data_dir=data_dir, download=False)
 
   def __len__(self) -> int:
     return len(self._records)
@@ -321,8 +369,140 @@ class TfdsDocuments:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
   def __repr__(self) -> str:
-    return (f"TfdsDocuments({self.dataset_name!r}, split={self.split!r},"
+    return (f"TfdsDocuments({self.dataset_name!r}, split={self.tfds_split!r},"
             f" data_dir={self.data_dir!r})")
+
+
+# ----------------------------------------------------------------------------
+# Held-out split (see the module docstring)
+# ----------------------------------------------------------------------------
+
+
+def held_out_indices(num_docs: int, holdout: int, seed: int) -> np.ndarray:
+  """The held-out documents of a file source: `default_rng(seed).permutation(num_docs)[:holdout]`."""
+  if not 0 <= holdout <= num_docs:
+    raise ValueError(f"holdout={holdout} must be between 0 and the number of documents ({num_docs})")
+  if holdout == 0:
+    return np.zeros(0, np.int64)
+  return np.random.default_rng(seed).permutation(num_docs)[:holdout].astype(np.int64)
+
+
+class Partition:
+  """The 'train' or 'eval' partition of a random-access source, without copying it.
+
+  'eval' is `documents[held_out[i]]`; 'train' is the documents not in
+  `held_out`, in their order in `documents` (found by binary search, so a
+  large on-disk source costs O(holdout) memory).
+  """
+
+  def __init__(self, documents: Any, held_out: np.ndarray, partition: str, description: str = ""):
+    if partition not in ("train", "eval"):
+      raise ValueError(f"partition must be 'train' or 'eval', got {partition!r}")
+    self.documents = documents
+    self.partition = partition
+    self.description = description or repr(documents)
+    self._held_out = np.asarray(held_out, np.int64)
+    if partition == "train":
+      ordered = np.sort(self._held_out)
+      # ordered[k] - k = how many training documents come before the k-th held-out one.
+      self._before = ordered - np.arange(len(ordered))
+      self._len = len(documents) - len(ordered)
+    else:
+      self._len = len(self._held_out)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def source_index(self, index: int) -> int:
+    """Index in the underlying source of this partition's document `index`."""
+    index = int(index)
+    if index < 0:
+      index += self._len
+    if not 0 <= index < self._len:
+      raise IndexError(f"document {index} out of range for {self!r}")
+    if self.partition == "eval":
+      return int(self._held_out[index])
+    return index + int(np.searchsorted(self._before, index, side="right"))
+
+  def __getitem__(self, index: int):
+    return self.documents[self.source_index(index)]
+
+  def __repr__(self) -> str:
+    return f"Partition({self.partition!r} of {self.description}, {len(self)} docs)"
+
+
+class ConcatDocuments:
+  """Several random-access sources one after another (a source's 'all' partition)."""
+
+  def __init__(self, parts: Sequence[Any], description: str):
+    self.parts = list(parts)
+    self.description = description
+    self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int):
+    index = int(index)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"document {index} out of range for {self!r}")
+    part = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return self.parts[part][index - int(self._starts[part])]
+
+  def __repr__(self) -> str:
+    return f"ConcatDocuments({self.description}, {len(self)} docs)"
+
+
+def _partition_of(name: str, source_cfg: Any, kind: str) -> str:
+  split = _get(source_cfg, "split") or "train"
+  if split in PARTITIONS:
+    return split
+  hint = ""
+  if kind == "text" and split in TEXT_UNITS:
+    hint = f"; the unit of a text document is data.sources.{name}.unit={split!r}"
+  elif kind == "tfds":
+    hint = (f"; the TFDS split to read is data.sources.{name}.tfds_split (and"
+            f" data.sources.{name}.eval_split a TFDS split to evaluate on)")
+  raise ValueError(
+      f"Unknown data.sources.{name}.split {split!r}: it picks the partition,"
+      f" one of {list(PARTITIONS)}{hint}.")
+
+
+def _holdout(name: str, source_cfg: Any, kind: str) -> int:
+  holdout = int(_get(source_cfg, "holdout"))
+  if holdout == -1:
+    return SYNTHETIC_HOLDOUT if kind == "synthetic" else 0
+  if holdout < 0:
+    raise ValueError(
+        f"data.sources.{name}.holdout={holdout}: the number of held-out"
+        " documents must be >= 0 (or -1 for the kind's default).")
+  return holdout
+
+
+def _no_held_out_documents(name: str, kind: str) -> ValueError:
+  tfds_hint = (f", or data.sources.{name}.eval_split to a prepared TFDS split"
+               " such as 'validation'") if kind == "tfds" else ""
+  return ValueError(
+      f"data.sources.{name}.split='eval' but source {name!r} ({kind}) holds"
+      " out no documents (a file source holds out nothing by default): set"
+      f" data.sources.{name}.holdout=N to keep N documents, chosen with"
+      f" data.sources.{name}.holdout_seed, out of its training split for"
+      f" evaluation{tfds_hint}.")
+
+
+def _split_documents(name: str, documents: Any, partition: str, holdout: int, seed: int,
+                     description: str):
+  """The `partition` of a file source's documents (module docstring, "Held-out split")."""
+  if holdout > len(documents) or (partition == "train" and holdout and holdout == len(documents)):
+    raise ValueError(
+        f"data.sources.{name}.holdout={holdout} leaves no training documents:"
+        f" {description} has {len(documents)}.")
+  if partition == "all" or (partition == "train" and holdout == 0):
+    return documents
+  return Partition(documents, held_out_indices(len(documents), holdout, seed), partition,
+                   description)
 
 
 # ----------------------------------------------------------------------------
@@ -333,14 +513,36 @@ class TfdsDocuments:
 def make_source(name: str, source_cfg: Any):
   """Builds the document source `data.sources.<name>` described by `source_cfg`.
 
-  Returns an object with `__len__` and `__getitem__(i) -> str`.
+  Returns an object with `__len__` and `__getitem__(i)`: the partition of the
+  source named by its `split` (module docstring, "Held-out split").
 
   Raises:
-    ValueError: unknown kind / generator / split, malformed records, or a
-      source with zero documents.
+    ValueError: unknown kind / generator / split / unit, malformed records, a
+      held-out split that is empty, or a source with zero documents.
     FileNotFoundError: a path or TFDS dataset that does not exist.
   """
   kind = _get(source_cfg, "kind")
+  if kind not in SOURCE_KINDS:
+    raise ValueError(
+        f"Unknown data.sources.{name}.kind {kind!r}; expected one of"
+        f" {list(SOURCE_KINDS)}.")
+  partition = _partition_of(name, source_cfg, kind)
+  holdout = _holdout(name, source_cfg, kind)
+  seed = int(_get(source_cfg, "holdout_seed"))
+  eval_split = _get(source_cfg, "eval_split")
+  if eval_split and kind != "tfds":
+    raise ValueError(
+        f"data.sources.{name}.eval_split={eval_split!r} names a TFDS split, but"
+        f" the source's kind is {kind!r}: hold documents out with"
+        f" data.sources.{name}.holdout instead.")
+  if eval_split and int(_get(source_cfg, "holdout")) != -1:
+    raise ValueError(
+        f"data.sources.{name}: set either eval_split={eval_split!r} (a TFDS split"
+        f" to evaluate on) or holdout={holdout} (documents held out of"
+        f" tfds_split), not both.")
+  if partition == "eval" and holdout == 0 and not eval_split:
+    raise _no_held_out_documents(name, kind)
+
   if kind == "synthetic":
     generator = _get(source_cfg, "name") or name
     if generator not in SYNTHETIC_GENERATORS:
@@ -348,44 +550,61 @@ def make_source(name: str, source_cfg: Any):
           f"Unknown synthetic generator {generator!r} for source {name!r}"
           f" (data.sources.{name}.name); known generators:"
           f" {sorted(SYNTHETIC_GENERATORS)}.")
-    source = SyntheticDocuments(
-        generator, num_docs=int(_get(source_cfg, "num_docs")),
-        seed=int(_get(source_cfg, "seed")))
-  elif kind == "text":
-    split = _get(source_cfg, "split") or "line"
-    if split not in TEXT_SPLITS:
-      raise ValueError(
-          f"Unknown data.sources.{name}.split {split!r} for a text source;"
-          f" expected one of {list(TEXT_SPLITS)}.")
-    files = _expand_paths(_get(source_cfg, "path"), name)
-    source = TextDocuments(_read_text_documents(files, split),
-                           f"text source {name!r} ({', '.join(files)})")
-  elif kind == "jsonl":
-    files = _expand_paths(_get(source_cfg, "path"), name)
-    source = TextDocuments(
-        _read_jsonl_documents(files, _get(source_cfg, "text_field")),
-        f"jsonl source {name!r} ({', '.join(files)})")
-  elif kind == "array_record":
-    files = _expand_paths(_get(source_cfg, "path"), name)
-    source = ArrayRecordDocuments(files, _get(source_cfg, "text_field"), name)
+    num_docs, doc_seed = int(_get(source_cfg, "num_docs")), int(_get(source_cfg, "seed"))
+    parts = []
+    if partition in ("train", "all"):
+      parts.append(SyntheticDocuments(generator, num_docs=num_docs, seed=doc_seed))
+    if partition in ("eval", "all") and holdout:
+      parts.append(SyntheticDocuments(generator, num_docs=holdout, seed=doc_seed, held_out=True))
+    source = parts[0] if len(parts) == 1 else ConcatDocuments(
+        parts, f"synthetic source {name!r}, train + eval")
   elif kind == "tfds":
     dataset_name = _get(source_cfg, "name")
     if not dataset_name:
       raise ValueError(
           f"data.sources.{name}.name must name the TFDS dataset"
           " (e.g. 'my_corpus' or 'my_corpus/config:1.0.0').")
-    source = TfdsDocuments(
-        dataset_name, split=_get(source_cfg, "split") or "train",
-        data_dir=_get(source_cfg, "data_dir"),
-        text_field=_get(source_cfg, "text_field"), source_name=name)
-  elif kind in ("chat_jsonl", "prompt_completion_jsonl", "structured_em"):
-    from emjax.data import sft  # pylint: disable=g-import-not-at-top
-    source = sft.make_conversations(name, {k: _get(source_cfg, k) for k in _SOURCE_DEFAULTS})
+
+    def tfds_documents(tfds_split: str) -> TfdsDocuments:
+      return TfdsDocuments(
+          dataset_name, tfds_split=tfds_split, data_dir=_get(source_cfg, "data_dir"),
+          text_field=_get(source_cfg, "text_field"), source_name=name)
+
+    tfds_split = _get(source_cfg, "tfds_split") or "train"
+    if not eval_split:
+      source = _split_documents(name, tfds_documents(tfds_split), partition, holdout, seed,
+                                f"tfds source {name!r} ({dataset_name}, {tfds_split})")
+    elif partition == "all":
+      source = ConcatDocuments([tfds_documents(tfds_split), tfds_documents(eval_split)],
+                               f"tfds source {name!r} ({dataset_name}, {tfds_split} + {eval_split})")
+    else:
+      source = tfds_documents(tfds_split if partition == "train" else eval_split)
   else:
-    raise ValueError(
-        f"Unknown data.sources.{name}.kind {kind!r}; expected one of"
-        f" {list(SOURCE_KINDS)}.")
+    if kind == "text":
+      unit = _get(source_cfg, "unit") or "line"
+      if unit not in TEXT_UNITS:
+        raise ValueError(
+            f"Unknown data.sources.{name}.unit {unit!r} for a text source;"
+            f" expected one of {list(TEXT_UNITS)}.")
+      files = _expand_paths(_get(source_cfg, "path"), name)
+      description = f"text source {name!r} ({', '.join(files)})"
+      documents = TextDocuments(_read_text_documents(files, unit), description)
+    elif kind == "jsonl":
+      files = _expand_paths(_get(source_cfg, "path"), name)
+      description = f"jsonl source {name!r} ({', '.join(files)})"
+      documents = TextDocuments(
+          _read_jsonl_documents(files, _get(source_cfg, "text_field")), description)
+    elif kind == "array_record":
+      files = _expand_paths(_get(source_cfg, "path"), name)
+      description = f"array_record source {name!r} ({', '.join(files)})"
+      documents = ArrayRecordDocuments(files, _get(source_cfg, "text_field"), name)
+    else:  # CHAT_KINDS
+      from emjax.data import sft  # pylint: disable=g-import-not-at-top
+      documents = sft.make_conversations(name, {k: _get(source_cfg, k) for k in _SOURCE_DEFAULTS})
+      description = documents.description
+    source = _split_documents(name, documents, partition, holdout, seed, description)
   if len(source) == 0:
     raise ValueError(
-        f"Source {name!r} is empty: {source!r} has zero documents.")
+        f"Source {name!r} is empty: {source!r} has zero documents"
+        f" (data.sources.{name}.split={partition!r}).")
   return source

@@ -5,6 +5,10 @@ Each generator maps a `np.random.Generator` to one short document (roughly
 random-access source whose document i is generated from
 `np.random.default_rng([seed, i])`, so it depends only on (name, seed, i): no
 state, no files, identical on every host and in every worker process.
+`SyntheticDocuments(..., held_out=True)` is the held-out stream: document j is
+generated from `np.random.default_rng([seed, j, HELD_OUT_STREAM])`, new
+documents from the same distribution that no training index ever produces and
+that do not depend on `num_docs`.
 
 The generators differ clearly in token statistics, so mixtures of them are
 easy to tell apart:
@@ -213,14 +217,22 @@ SYNTHETIC_GENERATORS: dict[str, DocumentGenerator] = {
 }
 
 
+# A third seed word that is non-zero: numpy's SeedSequence pads entropy with zeros, so
+# [seed, j, 0] would be the training document [seed, j]. A large constant also keeps it from
+# being the high word of a (>= 2**32) training index.
+HELD_OUT_STREAM = 0x686F6C64  # "hold"
+
+
 class SyntheticDocuments:
   """Random-access source of `num_docs` generated documents.
 
   Document i is `generator(np.random.default_rng([seed, i]))`: a pure function
-  of (name, seed, i). Usable with `grain.MapDataset.source`.
+  of (name, seed, i); with `held_out`, `default_rng([seed, i, HELD_OUT_STREAM])`
+  (the held-out documents, disjoint from every training one). Usable with
+  `grain.MapDataset.source`.
   """
 
-  def __init__(self, name: str, num_docs: int, seed: int = 0):
+  def __init__(self, name: str, num_docs: int, seed: int = 0, held_out: bool = False):
     if name not in SYNTHETIC_GENERATORS:
       raise ValueError(
           f"Unknown synthetic generator {name!r}; known generators:"
@@ -234,6 +246,7 @@ class SyntheticDocuments:
     self.name = name
     self.num_docs = int(num_docs)
     self.seed = int(seed)
+    self.held_out = bool(held_out)
     self._generate = SYNTHETIC_GENERATORS[name]
 
   def __len__(self) -> int:
@@ -246,8 +259,10 @@ class SyntheticDocuments:
     if not 0 <= index < self.num_docs:
       raise IndexError(
           f"document {index} out of range for {self!r}")
-    return self._generate(np.random.default_rng([self.seed, index]))
+    key = [self.seed, index, HELD_OUT_STREAM] if self.held_out else [self.seed, index]
+    return self._generate(np.random.default_rng(key))
 
   def __repr__(self) -> str:
+    held_out = ", held_out=True" if self.held_out else ""
     return (f"SyntheticDocuments(name={self.name!r}, num_docs={self.num_docs},"
-            f" seed={self.seed})")
+            f" seed={self.seed}{held_out})")

@@ -122,10 +122,10 @@ def test_text_source_splits(tmp_path):
   assert [lines[i] for i in range(len(lines))] == ["one", "two", "three",
                                                     "four"]
   paras = sources.make_source("t", _cfg(kind="text", path=pattern,
-                                        split="paragraph"))
+                                        unit="paragraph"))
   assert [paras[i] for i in range(len(paras))] == ["one\ntwo", "three", "four"]
   files = sources.make_source(
-      "t", _cfg(kind="text", split="file",
+      "t", _cfg(kind="text", unit="file",
                 path=f"{tmp_path / 'b.txt'},{tmp_path / 'a.txt'}"))
   assert len(files) == 2 and files[0] == "four\n"
 
@@ -173,11 +173,16 @@ def test_empty_source_is_an_error(tmp_path):
     sources.make_source("blank", _cfg(kind="text", path=str(path)))
 
 
-def test_unknown_kind_and_split():
+def test_unknown_kind_split_and_unit():
   with pytest.raises(ValueError, match=r"data\.sources\.web\.kind 'parquet'"):
     sources.make_source("web", _cfg(kind="parquet"))
   with pytest.raises(ValueError, match=r"data\.sources\.web\.split 'page'"):
     sources.make_source("web", _cfg(kind="text", path="x", split="page"))
+  with pytest.raises(ValueError, match=r"data\.sources\.web\.unit 'page'"):
+    sources.make_source("web", _cfg(kind="text", path="x", unit="page"))
+  # `split` picks the partition; the old meaning of a text source's split points at `unit`.
+  with pytest.raises(ValueError, match=r"data\.sources\.web\.unit='paragraph'"):
+    sources.make_source("web", _cfg(kind="text", path="x", split="paragraph"))
 
 
 def test_default_source_config_rejects_unknown_keys():
@@ -237,7 +242,7 @@ def test_tfds_source_reads_prepared_array_record_dataset(tmp_path):
                             file_format="array_record")
   builder.download_and_prepare()
   src = sources.make_source(
-      "tf", _cfg(kind="tfds", name="emjax_tiny_corpus", split="train",
+      "tf", _cfg(kind="tfds", name="emjax_tiny_corpus", tfds_split="train",
                  data_dir=str(tmp_path)))
   assert len(src) == 5
   assert sorted(src[i] for i in range(5)) == [
