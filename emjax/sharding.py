@@ -40,21 +40,40 @@ LOGICAL_RULES: dict[str, Any] = {
 BATCH_AXES = LOGICAL_RULES["batch"]
 
 
-def maybe_initialize_distributed(force: bool = False) -> None:
-  """`jax.distributed.initialize()` when this is one process of a multi-process job.
+def maybe_initialize_distributed(dist_cfg: Mapping[str, Any] | None = None, force: bool = False) -> None:
+  """`jax.distributed.initialize(...)` when this is one process of a multi-process job.
 
-  Multi-host TPU VMs list several workers in TPU_WORKER_HOSTNAMES; GPU launchers set
-  JAX_COORDINATOR_ADDRESS or SLURM_NTASKS. Single-host runs (CPU tests, Colab, one
-  GPU) skip the call so they never wait for a coordinator.
+  `dist_cfg` is `config.distributed`: with `num_processes` > 1 the three keys
+  (`coordinator_address` host:port, `num_processes`, `process_id`) are passed as
+  given, e.g. several processes on one machine (launch/multiprocess.sh). Left at
+  their defaults, the cluster is detected: multi-host TPU VMs list several
+  workers in TPU_WORKER_HOSTNAMES; GPU launchers set JAX_COORDINATOR_ADDRESS or
+  SLURM_NTASKS. Single-host runs (CPU tests, Colab, one GPU) skip the call so
+  they never wait for a coordinator. Must run before anything touches a device.
   """
-  env = os.environ
-  multi_process = (force or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-                   or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-                   or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
-  if not multi_process:
-    return
+  cfg = dict(dist_cfg or {})
+  address = str(cfg.get("coordinator_address") or "")
+  num_processes = int(cfg.get("num_processes") or 0)
+  process_id = int(-1 if cfg.get("process_id") is None else cfg.get("process_id"))
+  kwargs = {}
+  if address or num_processes > 0 or process_id >= 0:
+    if not address or num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(
+          "config.distributed: set coordinator_address (host:port), num_processes (>= 1) and process_id "
+          f"(0 .. num_processes-1) together, or none of them to detect the cluster; got "
+          f"coordinator_address={address!r}, num_processes={num_processes}, process_id={process_id}")
+    if num_processes == 1:
+      return
+    kwargs = dict(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+  else:
+    env = os.environ
+    multi_process = (force or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+                     or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                     or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
+    if not multi_process:
+      return
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
   except RuntimeError as e:  # already initialised by the launcher
     if "already" not in str(e):
       raise

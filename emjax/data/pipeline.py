@@ -1,23 +1,25 @@
 """Training batches: tokenize -> pack (per source) -> mix rows -> batch.
 
-Per source `s` (in sorted-name order; `source_id` = that index):
+Per shard (`data.shards`, default one per process) and per source `s` (in
+sorted-name order; `source_id` = that index):
 
   grain.MapDataset.source(documents)
-    [process_index::process_count]        disjoint documents per process
+    [shard::shards]                       disjoint documents per shard
     .shuffle(seed_s).repeat()             new order every epoch, forever
     .map(document -> example)             {inputs, targets, loss_mask}
     .to_iter_dataset()
     -> PackedRowsIterDataset(seq_len)     rows + segment_ids/positions
     .map(add source_id)
 
-then `grain.IterDataset.mix(rows_by_source, weights)` -> `.batch(local_batch)`
--> optional `mp_prefetch` (worker processes) -> optional thread prefetch.
+then `grain.IterDataset.mix(rows_by_source, weights)` -> `.batch(batch/shards)`,
+this process's shards side by side -> optional `mp_prefetch` (worker
+processes) -> optional thread prefetch.
 
 Sources are packed *separately* and mixed at the level of packed rows: with
 the default 'concat' packing rows carry no padding, so the fraction of tokens
 from each source equals its normalised weight, whatever its document lengths
 (mixing documents would tie the token fraction to document lengths). Each
-source's row stream depends only on (its config, seed, source name, process
+source's row stream depends only on (its config, seed, source name, shard
 index/count, tokenizer, seq_len, packing): changing weights changes which rows
 are taken, never what a source's k-th row is.
 
@@ -87,6 +89,16 @@ def default_data_config() -> ml_collections.ConfigDict:
                  next row) or 'greedy' (documents no longer than L stay
                  whole; pads).
     num_workers  grain worker processes (0 = pipeline runs in this process).
+    shards       how many disjoint parts the data is cut into for the processes
+                 (0 = one per process). Each shard takes documents s::shards of
+                 every source and packs and mixes them on its own; a global batch
+                 is `shards` blocks of batch_size/shards rows, block s from shard
+                 s, and process i of n builds the blocks of shards
+                 i*shards/n ... (i+1)*shards/n - 1. The batch sequence is a
+                 function of the shard count, not of the process count: runs on
+                 1 and on 2 processes with the same `shards` see the same global
+                 batches. Must be a multiple of the number of processes and
+                 divide train.batch_size.
     worker_buffer_size  batches buffered per worker process.
     read_threads threads reading + tokenizing documents per source (0 =
                  inline; best for in-memory and synthetic sources).
@@ -110,6 +122,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.format = "text"
   cfg.truncate = True  # chat: cut conversations longer than seq_len + 1 (counted), else an error
   cfg.num_workers = 0
+  cfg.shards = 0
   cfg.worker_buffer_size = 2
   cfg.read_threads = 0
   cfg.prefetch = 2
@@ -170,7 +183,7 @@ def validate_data_config(data_cfg: Any) -> None:
     raise ValueError(
         f"Unknown data.packing {packing!r}; expected one of"
         f" {list(PACKING_MODES)}.")
-  for key in ("num_workers", "worker_buffer_size", "read_threads", "prefetch"):
+  for key in ("num_workers", "worker_buffer_size", "read_threads", "prefetch", "shards"):
     value = _get(data_cfg, key)
     if value is not None:
       _check_nonnegative_int(value, f"data.{key}")
@@ -285,7 +298,7 @@ def make_source_rows(
   if len(ds) == 0:
     raise ValueError(
         f"Source {name!r} has {len(documents)} documents: too few to give each"
-        f" of {process_count} processes at least one.")
+        f" of {process_count} processes (data.shards) at least one.")
   if shuffle:
     ds = ds.shuffle(seed=_source_seed(seed, name))
   ds = ds.repeat()  # infinite; each epoch reshuffled (seed folded with epoch)
@@ -337,31 +350,23 @@ def make_batches(
     raise ValueError(
         f"train.batch_size={global_batch_size} must be a positive multiple of"
         f" the number of processes ({process_count}).")
-  local_batch_size = global_batch_size // process_count
+  shards = int(_get(data_cfg, "shards", 0)) or process_count
+  if shards % process_count:
+    raise ValueError(
+        f"data.shards={shards} must be a multiple of the number of processes"
+        f" ({process_count}).")
+  if global_batch_size % shards:
+    raise ValueError(
+        f"train.batch_size={global_batch_size} must be a multiple of"
+        f" data.shards={shards} (each shard gives the same number of rows per batch).")
   if example_fn is None:
     example_fn = default_example_fn(data_cfg, tokenizer)
-
-  rows_by_source: dict[str, grain.IterDataset] = {}
-  weights: dict[str, float] = {}
-  for source_id, (name, source_cfg) in enumerate(_items(_get(data_cfg, "sources"))):
-    weight = float(_get(source_cfg, "weight"))
-    if weight == 0:
-      continue  # disabled: not even opened (grain cannot mix zero weights)
-    documents = sources_lib.make_source(name, source_cfg)
-    rows_by_source[name] = make_source_rows(
-        name, documents, example_fn,
-        seq_len=int(_get(data_cfg, "seq_len")), seed=seed, source_id=source_id,
-        process_index=process_index, process_count=process_count,
-        shuffle=bool(_get(data_cfg, "shuffle", True)),
-        split_across_rows=_get(data_cfg, "packing", "concat") == "concat",
-        one_example_per_row=_get(data_cfg, "packing", "concat") == "none",
-        pad_id=tokenizer.pad_id,
-        read_threads=int(_get(data_cfg, "read_threads", 0)))
-    weights[name] = weight
-
-  # A mapping (not a list) so that grain restores each source's state by name.
-  ds = grain.IterDataset.mix(rows_by_source, weights)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
+  per_process = shards // process_count
+  shard_ids = range(process_index * per_process, (process_index + 1) * per_process)
+  parts = [_shard_batches(data_cfg, tokenizer, example_fn, global_batch_size // shards, seed=seed,
+                          shard=shard, shards=shards) for shard in shard_ids]
+  # One shard per process (the default) is exactly the pipeline of that shard.
+  ds = parts[0] if len(parts) == 1 else ConcatBatchesIterDataset(parts)
 
   num_workers = int(_get(data_cfg, "num_workers", 0))
   if num_workers > 0:
@@ -373,6 +378,65 @@ def make_batches(
   if prefetch > 0:
     ds = _thread_prefetch(ds, prefetch)
   return ds
+
+
+def _shard_batches(data_cfg: Any, tokenizer: Tokenizer, example_fn: ExampleFn, batch_size: int, *,
+                   seed: int, shard: int, shards: int) -> grain.IterDataset:
+  """Batches of `batch_size` rows of one shard: its documents of every source, packed, mixed."""
+  rows_by_source: dict[str, grain.IterDataset] = {}
+  weights: dict[str, float] = {}
+  for source_id, (name, source_cfg) in enumerate(_items(_get(data_cfg, "sources"))):
+    weight = float(_get(source_cfg, "weight"))
+    if weight == 0:
+      continue  # disabled: not even opened (grain cannot mix zero weights)
+    documents = sources_lib.make_source(name, source_cfg)
+    rows_by_source[name] = make_source_rows(
+        name, documents, example_fn,
+        seq_len=int(_get(data_cfg, "seq_len")), seed=seed, source_id=source_id,
+        process_index=shard, process_count=shards,
+        shuffle=bool(_get(data_cfg, "shuffle", True)),
+        split_across_rows=_get(data_cfg, "packing", "concat") == "concat",
+        one_example_per_row=_get(data_cfg, "packing", "concat") == "none",
+        pad_id=tokenizer.pad_id,
+        read_threads=int(_get(data_cfg, "read_threads", 0)))
+    weights[name] = weight
+  # A mapping (not a list) so that grain restores each source's state by name.
+  ds = grain.IterDataset.mix(rows_by_source, weights)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+class ConcatBatchesIterDataset(grain.IterDataset):
+  """Batches of several parent datasets side by side: row blocks in parent order (this process's shards)."""
+
+  def __init__(self, parents: list[grain.IterDataset]):
+    super().__init__(parents)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ConcatBatchesIterator([p.__iter__() for p in self._parents])
+
+  def __str__(self) -> str:
+    return f"ConcatBatchesIterDataset({len(self._parents)} parts)"
+
+
+class _ConcatBatchesIterator(grain.DatasetIterator):
+
+  def __init__(self, parents: list[grain.DatasetIterator]):
+    super().__init__(parents)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(p) for p in self._parents]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parts": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state["parts"]) != len(self._parents):
+      raise ValueError(
+          f"the data position holds {len(state['parts'])} shards, this process builds"
+          f" {len(self._parents)} (data.shards / number of processes): it is not this pipeline's.")
+    for p, s in zip(self._parents, state["parts"]):
+      p.set_state(s)
 
 
 def _ensure_absl_flags_parsed() -> None:
