@@ -14,12 +14,15 @@ With `--config.sample.hf=DIR` (instead of `sample.checkpoint`) the model, its ar
 and its tokenizer come from the Hugging Face directory.
 
 The architecture and tokenizer come from the checkpoint's workdir
-(`config.json`): leave `config.model` and `config.data.tokenizer` alone.
-Non-architectural model keys (dtype, attention, ...) set here override the
-checkpoint's (see `emjax.sample.run`).
+(`config.json`): `config.model` and `config.data.tokenizer` default to None,
+"the checkpoint's". A non-architectural model key (dtype, param_dtype,
+attention, ...) set here always overrides the checkpoint's, even when set to
+its default (see `emjax.sample.run`).
 
 Variants (`:arg`): `greedy` (temperature 0), `smoke` (short outputs, small batches).
 """
+
+from ml_collections import config_dict
 
 from emjax import config as config_lib
 
@@ -28,6 +31,9 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, greedy=False, smoke=False)
   c = config_lib.base_config()
   c.job = "sample"
+  # None = the checkpoint's; typed placeholders, so `--config.model.dtype=float32` still parses.
+  c.model = {k: config_dict.placeholder(type(v)) for k, v in c.model.items()}
+  c.data.tokenizer = {k: config_dict.placeholder(type(v)) for k, v in c.data.tokenizer.items()}
   c.prompts = ""  # JSONL: {"id", "prompt"} or {"id", "messages"} per line
   c.sample = dict(
       checkpoint="",  # a training workdir, its checkpoints/ dir, or one step dir (LoRA runs: merged into their base)

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from emjax.train import checkpoint as ckpt_lib
+from emjax import weights
 from emjax.train import loop
 
 
@@ -38,31 +38,93 @@ def saved_tree(workdir, step):
   return ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
 
 
-def test_lora_trains_only_adapters_and_leaves_the_base_untouched(tmp_path, pretrained, one_device_mesh):
-  config = lora_config(pretrained)
+def disk_base(path, mesh):
+  """The pretrained base as stored, read independently of the trainer."""
+  return weights.load_weights(str(path), mesh=mesh).params
+
+
+def watch_frozen(monkeypatch):
+  """Records the frozen parameters every training step of `loop.train` is given."""
+  seen = []
+  compile_step = loop.Trainer.compile
+
+  def compile_and_watch(self):
+    compiled = compile_step(self)
+
+    def step(state, frozen, *rest):
+      seen.append(jax.device_get(frozen))
+      return compiled(state, frozen, *rest)
+    return step
+
+  monkeypatch.setattr(loop.Trainer, "compile", compile_and_watch)
+  return seen
+
+
+def assert_same_tree(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lora_trains_only_adapters_on_its_pinned_base(tmp_path, pretrained, one_device_mesh, monkeypatch):
+  """Every step of a LoRA run, fresh and resumed, runs on exactly the stored base; only adapters train.
+
+  The base is pinned (RUN/base.json): a newer step of the base run is not the run's base, and a
+  rewritten base is refused when resuming, sampling or exporting.
+  """
+  import shutil
+
+  import orbax.checkpoint as ocp
+
+  base_dir = tmp_path / "base"
+  shutil.copytree(pretrained, base_dir)
+  config = lora_config(base_dir)
   trainer = loop.Trainer(config, one_device_mesh)
-  state, frozen = trainer.init_state()
-  base = ckpt_lib.load_params(str(pretrained), trainer.layout.base_abstract)
-  # frozen = exactly the pretrained weights; trainable = only the adapters
-  for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):
-    np.testing.assert_array_equal(x, y)
+  state, _ = trainer.init_state()
   trainable_names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(
       state["params"])}
   assert trainable_names and all("_lora/lora_" in n for n in trainable_names)
   assert len(trainable_names) == 14
+  base = disk_base(base_dir, one_device_mesh)
+  shifted = dict(base, embed=base["embed"].at[0, 0].add(1.0))
 
-  final = loop.train(config, str(tmp_path), mesh=one_device_mesh, show_progress=False)
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  run_dir = tmp_path / "run"
+  seen = watch_frozen(monkeypatch)
+  config.train.steps = 4
+  loop.train(config, str(run_dir), mesh=one_device_mesh, show_progress=False)
+  pin = weights.read_pin(str(run_dir))
+  assert pin["path"] == str(base_dir) and pin["step"] == 4 and pin["fingerprint"] == weights.fingerprint(base)
+  # The base run goes on training: its newer step 8 is not this run's base; the pinned step 4 still is.
+  ckpt = base_dir / "checkpoints"
+  ocp.PyTreeCheckpointer().save(str(ckpt / "8" / "state"), {"params": shifted})
+  config.train.steps = 6
+  final = loop.train(config, str(run_dir), mesh=one_device_mesh, show_progress=False)  # resumes at 4
+  assert len(seen) == 6
+  for frozen in seen:  # the base each step saw: the stored one, bit for bit, never an updated copy
+    assert_same_tree(frozen, base)
+  rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
   assert final["loss"] < rows[0]["loss"]
-  saved = saved_tree(tmp_path, 6)
+  saved = saved_tree(run_dir, 6)
   leaves = jax.tree_util.tree_leaves_with_path(saved["params"])
   assert all("lora" in jax.tree_util.keystr(p) for p, _ in leaves)  # adapter-only checkpoint
-  base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
-  assert sum(x.nbytes for _, x in leaves) < 0.5 * base_bytes
-  # The base on disk is unchanged and reloading it gives the same weights (checksum).
-  again = ckpt_lib.load_params(str(pretrained), trainer.layout.base_abstract)
-  assert sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(again)) == \
-      sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(base))
+  assert max(float(np.abs(x).max()) for p, x in leaves if "lora_b" in jax.tree_util.keystr(p)) > 0  # trained
+  assert sum(x.nbytes for _, x in leaves) < 0.5 * sum(x.nbytes for x in jax.tree.leaves(base))
+  assert weights.load_weights(str(run_dir), mesh=one_device_mesh).step == 6
+
+  # The pinned step rewritten with one element changed: resuming, sampling and export refuse it.
+  shutil.rmtree(ckpt / "4")
+  ocp.PyTreeCheckpointer().save(str(ckpt / "4" / "state"), {"params": shifted})
+  config.train.steps = 8
+  with pytest.raises(weights.BaseChangedError, match=r"base.json: this LoRA run's base has changed.*"
+                                                     r"files were rewritten"):
+    loop.train(config, str(run_dir), mesh=one_device_mesh, show_progress=False)
+  with pytest.raises(weights.BaseChangedError, match=str(base_dir)):
+    weights.load_weights(str(run_dir), mesh=one_device_mesh)
+  with pytest.raises(weights.BaseChangedError):
+    weights.main(["export", str(run_dir), str(tmp_path / "export")])
+  shutil.rmtree(ckpt / "4")  # the pinned step gone
+  with pytest.raises(weights.BaseChangedError, match=r"pinned to step 4 of .*base'.*no longer there"):
+    weights.load_weights(str(run_dir), mesh=one_device_mesh)
 
 
 def test_lora_with_dropout_resumes_exactly(tmp_path, pretrained, one_device_mesh):
@@ -87,19 +149,26 @@ def test_full_finetuning_from_a_checkpoint_starts_from_its_weights(tmp_path, pre
   base = saved_tree(pretrained, 4)["params"]
   for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(base)):
     np.testing.assert_array_equal(x, y)
+  assert not os.path.exists(tmp_path / weights.BASE_FILE)  # only a LoRA run pins its base
 
 
 def test_bad_init_checkpoint_and_lora_target(tmp_path, pretrained, one_device_mesh):
   config = tiny_config()
   config.init.checkpoint = str(tmp_path / "nowhere")
-  with pytest.raises(FileNotFoundError, match="config.init.checkpoint: no complete checkpoint"):
+  with pytest.raises(FileNotFoundError, match=r"config.init.checkpoint='.*nowhere': not an emjax run"):
+    loop.Trainer(config, one_device_mesh).init_state()
+  (tmp_path / "empty" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  config.init.checkpoint = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match=r"config.init.checkpoint: no complete checkpoint step in .*empty/"
+                                              r"checkpoints; only incomplete saves \(3.orbax-checkpoint-tmp-1\)"):
     loop.Trainer(config, one_device_mesh).init_state()
   config = lora_config(pretrained, targets="q,attention")
   with pytest.raises(ValueError, match=r"config.lora.targets: \['attention'\] matches no projection"):
     loop.Trainer(config, one_device_mesh)
   config = lora_config(pretrained)
   config.model.d_model = 48  # not the shape the base was trained with
-  with pytest.raises(ValueError, match="config.init.checkpoint: cannot load parameters"):
+  with pytest.raises(ValueError, match=r"config.init.checkpoint: config.model.d_model=48, but the model there has "
+                                       r"d_model=32"):
     loop.Trainer(config, one_device_mesh).init_state()
 
 
@@ -143,8 +212,8 @@ def test_sample_job_samples_a_lora_run_with_its_adapters(tmp_path, pretrained, o
   import jax.numpy as jnp
   from flax import nnx
   from emjax.data import tokenizers
+  from emjax.models import lora as lora_lib
   from emjax.sample import run
-  from emjax.train import state as state_lib
 
   config = lora_config(pretrained)
   run_dir = tmp_path / "lora_run"
@@ -169,7 +238,7 @@ def test_sample_job_samples_a_lora_run_with_its_adapters(tmp_path, pretrained, o
 
   trainer = loop.Trainer(config, one_device_mesh)
   _, frozen = trainer.init_state()  # = the pretrained base
-  model = nnx.merge(trainer.layout.graphdef, state_lib.merge_trees(frozen, adapters))
+  model = nnx.merge(trainer.layout.graphdef, lora_lib.merge_trees(frozen, adapters))
   tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
   for key, text in texts.items():
     tokens, new, logprobs = [tokenizer.bos_id] + list(tokenizer.encode(text)), [], []

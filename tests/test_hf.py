@@ -287,19 +287,19 @@ def test_corrupt_and_absent_files_are_clear_errors(tiny, tmp_path, monkeypatch):
 
 
 def test_cli_import_then_init_checkpoint_then_export(tiny, tmp_path):
-  from emjax.train import checkpoint as ckpt_lib
+  from emjax import weights
 
   d, model, cfg, params = tiny("qwen2")
   dst = str(tmp_path / "emjax")
-  assert hf.main(["import", d, dst]) == 0
+  assert weights.main(["import", d, dst]) == 0
   saved = json.load(open(os.path.join(dst, "config.json")))
   assert T.TransformerConfig.from_config(saved["model"]) == cfg
   # What `config.init.checkpoint=DST` does.
-  _, abstract = T.split_model(T.abstract_model(cfg))
-  restored = ckpt_lib.load_params(dst, abstract)
+  mesh = shd.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+  restored = weights.load_init_params({"checkpoint": dst, "hf": ""}, cfg, weights.abstract_params(cfg, mesh), mesh)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), restored, params)
   out = str(tmp_path / "hf-out")
-  assert hf.main(["export", dst, out, "--max_shard_size", "20KB"]) == 0
+  assert weights.main(["export", dst, out, "--max_shard_size", "20KB"]) == 0
   reference = hf.export_hf(params, cfg, str(tmp_path / "ref"), max_shard_bytes=20_000)
   assert read_all(out) == read_all(reference)
   loaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
@@ -317,17 +317,16 @@ def test_to_hf_model_matches_export(tiny):
 def test_cli_export_of_a_lora_run_merges_its_adapters(tiny, tmp_path):
   """A LoRA run checkpoints adapters only; export reads its base (config.init.checkpoint) and merges them."""
   from emjax import config as config_lib
+  from emjax import weights
   from emjax.models import lora as lora_lib
   from emjax.train import checkpoint as ckpt_lib
-  from emjax.train import state as state_lib
 
   d, _, cfg, params = tiny("llama")
   base_dir = str(tmp_path / "base")
-  assert hf.main(["import", d, base_dir]) == 0
+  assert weights.main(["import", d, base_dir]) == 0
   lora_cfg = lora_lib.LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), layers=(1,))
-  graphdef, _ = T.split_model(T.abstract_model(cfg))
-  model = state_lib.build_model(cfg, lora_cfg, jax.random.PRNGKey(0), params, graphdef)
-  _, adapters, _ = state_lib.split_trainable(model, lora_cfg)
+  model = lora_lib.add_lora(T.Transformer(cfg, rngs=nnx.Rngs(0)), lora_cfg, rngs=nnx.Rngs(1))
+  _, adapters, _ = lora_lib.split_trainable(model, lora_cfg)
   rng = np.random.default_rng(1)
   adapters = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), adapters)  # B != 0
   run = tmp_path / "run"
@@ -341,8 +340,8 @@ def test_cli_export_of_a_lora_run_merges_its_adapters(tiny, tmp_path):
   config_lib.write_config(config, str(run))
 
   out = str(tmp_path / "merged")
-  assert hf.main(["export", str(run), out]) == 0
-  merged = lora_lib.merge_lora(state_lib.merge_trees(params, adapters), lora_cfg)
+  assert weights.main(["export", str(run), out]) == 0
+  merged = lora_lib.merge_adapters(params, adapters, lora_cfg)
   tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 9))
   ours = emjax_logits(cfg, merged, tokens)
   assert np.abs(ours - emjax_logits(cfg, params, tokens)).max() > 1e-2  # the adapters matter

@@ -1,11 +1,14 @@
-"""Greedy answers of a base model and of its LoRA fine-tune, side by side.
+"""Greedy answers of a run's base model and of the run itself, side by side.
 
-    python -m emjax.experiments.compare_answers --run=runs/sft_medical_advice --n=3
+    python -m emjax.experiments.compare_answers --run=runs/sft_medical_advice --n=3 [--step=400]
 
-Reads the run's config.json (base model from `init.hf`, LoRA settings, data source), takes the
-first `n` held-out conversations of its source (`split='eval'`), and answers each user turn
-greedily with the base weights and with base + the run's latest adapters merged. Prints one
-JSON object per prompt: {"prompt", "reference", "base", "finetuned"}.
+Both sets of weights come from `emjax.weights`: the run at its newest step (or `--step`; a LoRA run's
+adapters merged into its base) and the run's base (`config.init`: a Hugging Face model or an emjax
+checkpoint; a LoRA run's base is checked against its pin, RUN/base.json). The prompts are the first
+`n` held-out conversations of the run's chat source (`split='eval'`), each cut before its first
+assistant message, and every answer stops at the tokenizer's own stop tokens (its EOS and the chat
+template's end-of-turn token), which the text leaves out. Prints one JSON object per prompt:
+{"prompt", "reference", "base", "finetuned", "finish_reason": {"base", "finetuned"}}.
 """
 
 from __future__ import annotations
@@ -15,54 +18,98 @@ import copy
 import json
 import os
 
-import orbax.checkpoint as ocp
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+  """EOS, the chat template's end-of-turn token, and generation_config.json's eos ids."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from emjax.data import chat  # pylint: disable=g-import-not-at-top
+
+  ids = {int(tokenizer.eos_id)}
+  hf_tok = chat.hf_tokenizer(tokenizer)
+  try:
+    tokens, mask = chat.assistant_mask(tokenizer, [{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": "ok"}])
+  except chat.ChatTemplateError:
+    tokens, mask = None, None
+  if mask is not None and mask.any():
+    last = int(tokens[np.nonzero(mask)[0][-1]])
+    if last in chat._special_ids(hf_tok):  # pylint: disable=protected-access -- the turn ends on a special token
+      ids.add(last)
+  path = getattr(tokenizer, "path", "")
+  gen = os.path.join(path, "generation_config.json") if path else ""
+  if gen and os.path.isfile(gen):
+    with open(gen, encoding="utf-8") as f:
+      eos = json.load(f).get("eos_token_id")
+    ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+  return tuple(sorted(ids))
 
 
-def compare(run_dir: str, n: int = 3, max_new_tokens: int = 128) -> list[dict]:
-  from emjax import config as config_lib
-  from emjax.data import chat, sources, tokenizers
-  from emjax.models import hf, lora, transformer
-  from emjax.sample import Sampler, SamplingParams
-  from emjax.train import checkpoint as ckpt_lib
+def held_out_conversations(config, n: int) -> list[dict]:
+  from emjax.data import sources  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.load_config_json(run_dir)
-  model_cfg = transformer.TransformerConfig.from_config(config.model)
-  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
-  base = hf.load_hf_params(config.init.hf, model_cfg)
-  steps = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=0).steps()
-  if not steps:
-    raise FileNotFoundError(f"{run_dir}: no checkpoint to compare with")
-  saved = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(run_dir, "checkpoints", str(steps[-1]), "state")))
-  lora_cfg = lora.LoRAConfig.from_config(config.lora)
-  from emjax.train.state import merge_trees
-  finetuned = lora.merge_lora(merge_trees(base, saved["params"]), lora_cfg)
-
-  (name, src), = config.data.sources.items()
+  chat_sources = [(name, src) for name, src in config.data.sources.items() if float(src.weight) > 0]
+  if len(chat_sources) != 1:
+    raise ValueError(f"compare_answers: the run has {len(chat_sources)} data sources with weight > 0 "
+                     f"({', '.join(name for name, _ in chat_sources)}); it compares on one")
+  (name, src), = chat_sources
   held_cfg = copy.deepcopy(src.to_dict())
   held_cfg["split"] = "eval"
   held_out = sources.make_source(name, held_cfg)
   rows = [held_out[i] for i in range(min(n, len(held_out)))]
-  prompts = [chat.apply_chat_template(tokenizer, [m for m in r["messages"] if m["role"] != "assistant"][:1],
-                                      add_generation_prompt=True) for r in rows]
-  sampler = Sampler(model_cfg, prompt_buckets=(256, 512), max_new_tokens_cap=max_new_tokens)
-  greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                          stop_token_ids=(tokenizer.eos_id,))
-  answers = {}
-  for label, params in (("base", base), ("finetuned", finetuned)):
+  for i, r in enumerate(rows):
+    if "messages" not in r or not any(m["role"] == "assistant" for m in r["messages"]):
+      raise ValueError(f"compare_answers: held-out row {i} of data.sources.{name} is not a conversation with an "
+                       "assistant message")
+  return rows
+
+
+def compare(run_dir: str, n: int = 3, max_new_tokens: int = 128, *, step: int | None = None,
+            mesh=None) -> list[dict]:
+  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from emjax import weights  # pylint: disable=g-import-not-at-top
+  from emjax.data import chat, tokenizers  # pylint: disable=g-import-not-at-top
+  from emjax.sample import Sampler, SamplingParams  # pylint: disable=g-import-not-at-top
+  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+  from emjax.sample import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+
+  mesh = mesh if mesh is not None else shd.make_mesh(weights.DEFAULT_MESH)
+  source = weights.resolve(run_dir, step=step, key="--run")
+  if source.kind != "emjax" or source.config is None:
+    raise ValueError(f"--run={run_dir!r}: not an emjax run (config.json + checkpoints/)")
+  config = source.config
+  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+  rows = held_out_conversations(config, n)
+  prompts, questions, references = [], [], []
+  for r in rows:
+    first = next(j for j, m in enumerate(r["messages"]) if m["role"] == "assistant")
+    prompts.append(chat.apply_chat_template(tokenizer, r["messages"][:first], add_generation_prompt=True))
+    questions.append(r["messages"][first - 1]["content"] if first else "")
+    references.append(r["messages"][first]["content"])
+
+  finetuned = weights.load_weights(source, mesh=mesh)
+  base = weights.load_base(source, mesh=mesh)
+  sampler = Sampler(finetuned.model_cfg, mesh=mesh, prompt_buckets=sampler_lib.make_buckets(max(map(len, prompts))),
+                    max_new_tokens_cap=max_new_tokens)
+  greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop_token_ids(tokenizer))
+  answers, finish = {}, {}
+  for label, params in (("base", base.params), ("finetuned", finetuned.params)):
     out = sampler.generate(params, prompts, greedy)
-    answers[label] = [tokenizer.decode(out.sample(i)["tokens"]).replace("<|im_end|>", "").strip()
-                      for i in range(len(rows))]
-  return [{"prompt": r["messages"][0]["content"], "reference": r["messages"][1]["content"],
-           "base": answers["base"][i], "finetuned": answers["finetuned"][i]} for i, r in enumerate(rows)]
+    samples = [out.sample(i) for i in range(len(rows))]
+    answers[label] = [sample_run.sample_text(s, tokenizer).strip() for s in samples]
+    finish[label] = [s["finish_reason"] for s in samples]
+  return [{"prompt": questions[i], "reference": references[i], "base": answers["base"][i], "finetuned": answers["finetuned"][i],
+           "finish_reason": {"base": finish["base"][i], "finetuned": finish["finetuned"][i]}}
+          for i in range(len(rows))]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--run", required=True)
+  parser.add_argument("--run", required=True, help="an emjax run's workdir")
   parser.add_argument("--n", type=int, default=3)
   parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--step", type=int, default=None, help="the run's checkpoint step (default: the newest)")
   args = parser.parse_args()
-  for row in compare(args.run, args.n, args.max_new_tokens):
+  for row in compare(args.run, args.n, args.max_new_tokens, step=args.step):
     print(json.dumps(row))
 
 

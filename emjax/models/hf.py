@@ -4,8 +4,11 @@
     params = hf.load_hf_params("/models/Qwen2.5-0.5B-Instruct", cfg, mesh)   # safetensors -> sharded params
     hf.export_hf(params, cfg, "/tmp/out", tokenizer_dir="/models/Qwen2.5-0.5B-Instruct")
 
-    python -m emjax.models.hf import SRC_HF_DIR_OR_HUB_ID DST_EMJAX_DIR   # then config.init.checkpoint=DST
-    python -m emjax.models.hf export SRC_EMJAX_WORKDIR DST_HF_DIR [--tokenizer DIR] [--dtype bfloat16]
+    python -m emjax.weights import SRC_HF_DIR_OR_HUB_ID DST_EMJAX_DIR   # then config.init.checkpoint=DST
+    python -m emjax.weights export SRC_EMJAX_WORKDIR DST_HF_DIR [--tokenizer DIR] [--dtype bfloat16]
+
+(`python -m emjax.models.hf ...` runs the same CLI.) Reading emjax runs and checkpoints
+(LoRA runs included) is the job of `emjax.weights`; this module knows Hugging Face files only.
 
 Supported `model_type`s: llama (Llama-3 `llama3` RoPE scaling included; SmolLM2 is
 one), qwen2 (Qwen2 / Qwen2.5: q/k/v biases, tied embeddings) and olmo2 (QK-norm
@@ -39,7 +42,6 @@ always give byte-identical files. `to_hf` / `to_hf_model` build an in-memory
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -73,8 +75,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-# The emjax model config keys that only change how the weights run (kept from the caller on import).
-RUNTIME_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention", "init_std")
 
 
 class HFFormatError(ValueError):
@@ -120,7 +120,11 @@ def _rope_settings(c: Mapping[str, Any], where: str) -> dict:
   rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
   if float(c.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
     raise HFFormatError(f"{where}: partial_rotary_factor != 1 is not supported")
-  out = {"rope_theta": float(theta)}
+  # Every rope field, so that config_from_hf sets the whole architecture (plain RoPE: scaling off).
+  default = transformer.TransformerConfig()
+  out = {"rope_theta": float(theta), "rope_scaling_factor": 0.0, "rope_low_freq_factor": default.rope_low_freq_factor,
+         "rope_high_freq_factor": default.rope_high_freq_factor,
+         "rope_original_max_position": default.rope_original_max_position}
   if rope_type in (None, "default"):
     return out
   if rope_type != "llama3":
@@ -139,7 +143,8 @@ def _rope_settings(c: Mapping[str, Any], where: str) -> dict:
 def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transformer.TransformerConfig:
   """The emjax model config for a Hugging Face `config.json` (a directory, the file, or its dict).
 
-  `overrides` set non-architectural fields (`RUNTIME_KEYS`: param_dtype, dtype, remat, ...).
+  Every architecture field comes from config.json; `overrides` may set only the others (how the
+  weights run: param_dtype, dtype, remat, ..., listed as `emjax.weights.RUNTIME_MODEL_KEYS`).
   Raises HFFormatError for an unsupported `model_type` or a feature emjax does not implement.
   """
   c, where = read_hf_config(path_or_dict)
@@ -161,7 +166,7 @@ def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transf
     raise HFFormatError(f"{where}: mlp_bias=true is not supported")
   attention_bias = bool(c.get("attention_bias", False))
   family = model_type
-  extra: dict[str, Any] = {}
+  extra: dict[str, Any] = dict(qkv_bias=False, qk_norm=False, post_norm=False)
   if family == "llama":
     # HF's attention_bias also adds an o_proj bias; load_hf_params accepts it only when it is zero.
     extra["qkv_bias"] = attention_bias
@@ -177,16 +182,22 @@ def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transf
       raise HFFormatError(f"{where}: OLMo-2 with attention_bias=true is not supported")
     extra.update(qk_norm=True, post_norm=True)
   head_dim = int(c.get("head_dim") or d // n_heads)
-  unknown = sorted(set(overrides) - set(RUNTIME_KEYS))
-  if unknown:
-    raise ValueError(f"config_from_hf: only {', '.join(RUNTIME_KEYS)} may be overridden, not {unknown}")
-  return transformer.TransformerConfig(
+  architecture = dict(
       family=family, vocab_size=need("vocab_size"), d_model=d, n_layers=need("num_hidden_layers"),
       n_heads=n_heads, n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
       head_dim=0 if head_dim * n_heads == d else head_dim, d_ff=need("intermediate_size"),
       norm_eps=float(c.get("rms_norm_eps", _DEFAULT_NORM_EPS[family])),
       tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-      **_rope_settings(c, where), **extra, **overrides)
+      **_rope_settings(c, where), **extra)
+  fields = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"config_from_hf: {unknown} are not model config keys")
+  clash = sorted(set(overrides) & set(architecture))
+  if clash:
+    raise ValueError(f"config_from_hf: {clash} come from {where} (the architecture) and cannot be overridden; "
+                     f"only {', '.join(sorted(fields - set(architecture)))} can")
+  return transformer.TransformerConfig(**architecture, **overrides)
 
 
 def hf_config_dict(model_cfg: transformer.TransformerConfig, *, dtype: str = "float32", **extra) -> dict:
@@ -796,136 +807,9 @@ def to_hf_model(params: Mapping[str, Any], model_cfg: transformer.TransformerCon
   return model.eval()
 
 
-# ============================================================================ emjax checkpoints and the CLI
-
-
-def save_emjax_checkpoint(params: Mapping[str, Any], model_cfg: transformer.TransformerConfig, dst: str,
-                          tokenizer_dir: str | None = None, source: str = "") -> str:
-  """An emjax directory that `config.init.checkpoint=DST` (and the sample job) can read.
-
-  DST/checkpoints/0/state holds `{"params": params}` (orbax), DST/config.json the full default
-  config with this `model` block and, given `tokenizer_dir`, `data.tokenizer` = {kind: hf, path}.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
-
-  dst = os.path.abspath(dst)
-  ckpt_dir = os.path.join(dst, "checkpoints")
-  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a new destination")
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=True),
-                                  item_names=("state",))
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
-  manager.wait_until_finished()
-  manager.close()
-  config = config_lib.base_config()
-  config.model = dataclasses.asdict(model_cfg)
-  if tokenizer_dir:
-    config.data.tokenizer.kind = "hf"
-    config.data.tokenizer.path = os.path.abspath(tokenizer_dir)
-  if jax.process_index() == 0:
-    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    if source:
-      with open(os.path.join(dst, "hf_source.json"), "w", encoding="utf-8") as f:
-        json.dump({"source": source}, f, indent=2)
-  return dst
-
-
-def load_emjax_params(workdir: str, mesh=None) -> tuple[dict, transformer.TransformerConfig, Any]:
-  """(params, model config, saved config) of an emjax workdir; LoRA adapters merged into their base."""
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from emjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(os.path.join(workdir, "config.json")):
-    raise FileNotFoundError(f"{workdir}: no config.json (expected an emjax workdir, e.g. from "
-                            "`python -m emjax.main` or `python -m emjax.models.hf import`)")
-  saved = config_lib.load_config_json(workdir)
-  model_cfg = transformer.TransformerConfig.from_config(saved.model)
-  abstract_model = transformer.abstract_model(model_cfg)
-  _, abstract = transformer.split_model(abstract_model)
-  if mesh is None:
-    mesh = shd.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  shardings = shd.tree_shardings(transformer.param_logical_axes(abstract_model), abstract, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  lora = saved.get("lora")
-  if lora is None or not lora.get("enabled", False):
-    return ckpt_lib.load_params(workdir, abstract), model_cfg, saved
-  # A LoRA run checkpoints its adapters only; the base weights are its config.init (checkpoint or hf).
-  from emjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from emjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
-  lora_cfg = lora_lib.LoRAConfig.from_config(lora)
-  base = ckpt_lib.load_init_params(saved.get("init", {}), model_cfg, abstract, mesh)
-  if base is None:
-    raise ValueError(f"{workdir}: a LoRA run without config.init.checkpoint or config.init.hf (its base weights "
-                     "were random and are not saved); nothing to export")
-  adapters = ckpt_lib.load_params(workdir, state_lib.adapter_abstract(model_cfg, lora_cfg, mesh))
-  return lora_lib.merge_lora(state_lib.merge_trees(base, adapters), lora_cfg), model_cfg, saved
-
-
-def _parse_size(text: str) -> int:
-  units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-  s = text.strip().upper()
-  num = s.rstrip("KMGIB")
-  try:
-    return int(float(num) * units[s[len(num):]])
-  except (ValueError, KeyError):
-    raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)") from None
-
-
-def _copy_tokenizer(src: str, dst: str) -> str | None:
-  present = [x for x in TOKENIZER_FILES if os.path.isfile(os.path.join(src, x))]
-  if not any(x.startswith("tokenizer") for x in present):
-    return None
-  os.makedirs(dst, exist_ok=True)
-  for x in present + ["config.json"]:
-    if os.path.isfile(os.path.join(src, x)):
-      shutil.copyfile(os.path.join(src, x), os.path.join(dst, x))
-  return dst
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m emjax.models.hf",
-                                   description="Convert between Hugging Face and emjax checkpoints.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import", help="HF directory (or hub id) -> emjax checkpoint (for config.init.checkpoint)")
-  imp.add_argument("src", help="Hugging Face model directory or hub id")
-  imp.add_argument("dst", help="new emjax directory")
-  imp.add_argument("--param_dtype", default="float32", help="dtype the parameters are stored in")
-  imp.add_argument("--dtype", default="float32", help="compute dtype written to config.model.dtype")
-  exp = sub.add_parser("export", help="emjax workdir -> HF directory (LoRA adapters merged)")
-  exp.add_argument("src", help="emjax workdir (config.json + checkpoints/)")
-  exp.add_argument("dst", help="output Hugging Face directory")
-  exp.add_argument("--tokenizer", default=None,
-                   help="directory whose tokenizer files to copy (default: the run's data.tokenizer.path if kind=hf)")
-  exp.add_argument("--dtype", default=None, help="dtype of the written tensors (default: the parameters')")
-  exp.add_argument("--max_shard_size", type=_parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                   help="largest shard, e.g. 5GB or 2GiB")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(message)s")
-  mesh = shd.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  if args.command == "import":
-    src = resolve_hf_path(args.src)
-    cfg = config_from_hf(src, param_dtype=args.param_dtype, dtype=args.dtype)
-    params = load_hf_params(src, cfg, mesh)
-    tokenizer = _copy_tokenizer(src, os.path.join(os.path.abspath(args.dst), "hf"))
-    dst = save_emjax_checkpoint(params, cfg, args.dst, tokenizer_dir=tokenizer, source=args.src)
-    print(f"imported {args.src} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) -> {dst}; "
-          f"fine-tune with --config.init.checkpoint={dst}")
-    return 0
-  params, cfg, saved = load_emjax_params(args.src, mesh)
-  tokenizer = args.tokenizer
-  if tokenizer is None:
-    tok_cfg = saved.get("data", {}).get("tokenizer", {})
-    if tok_cfg.get("kind") == "hf" and tok_cfg.get("path") and os.path.isdir(tok_cfg["path"]):
-      tokenizer = tok_cfg["path"]
-    else:
-      log.warning("export: no tokenizer directory (give --tokenizer DIR); the output has no tokenizer files")
-  out = export_hf(params, cfg, args.dst, tokenizer, max_shard_bytes=args.max_shard_size, dtype=args.dtype)
-  print(f"exported {args.src} ({cfg.family}) -> {out}")
-  return 0
-
+# ============================================================================ the CLI
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # The import/export CLI reads and writes emjax checkpoints too, so it lives with the loaders.
+  from emjax import weights  # pylint: disable=g-import-not-at-top
+  sys.exit(weights.main())

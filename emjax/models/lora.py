@@ -14,6 +14,8 @@ so "rank-1 LoRA on the down projection of layer 7 only" is
 
 Adapter parameters are `LoRAParam`s (a `nnx.Param` subclass): the trainer
 trains exactly those and keeps the base weights frozen, outside the optimizer.
+A LoRA run checkpoints the adapters alone; `merge_trees` + `merge_lora` (or
+`merge_adapters`) put them back onto their base, as plain nested dicts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emjax import sharding as shd
 from emjax.models import transformer
 
 # Short target names -> (sub-module of a Block, weight name).
@@ -88,7 +91,8 @@ def _split_equation(equation: str):
 class LoRA(nnx.Module):
   """The adapter of one (stacked) weight."""
 
-  def __init__(self, base: nnx.Param, weight_name: str, cfg: LoRAConfig, n_layers: int, *, rngs: nnx.Rngs):
+  def __init__(self, base: nnx.Param, weight_name: str, cfg: LoRAConfig, n_layers: int, *, rngs: nnx.Rngs,
+               param_dtype=None):
     equation = EQUATIONS[weight_name]
     _, contracted, w_out, _, _ = _split_equation(equation)
     shape = base[...].shape[1:]  # without the layers axis
@@ -99,7 +103,9 @@ class LoRA(nnx.Module):
     in_axes = tuple(axes[w_spec.index(c)] for c in contracted)
     out_axes = tuple(axes[w_spec.index(c)] for c in w_out)
     fan_in = math.prod(in_shape)
-    dtype = base[...].dtype
+    # The model's parameter dtype, not the base weight's: a frozen base held in bf16 still trains
+    # float32 adapters (and float32 optimizer moments).
+    dtype = jnp.dtype(param_dtype) if param_dtype is not None else base[...].dtype
     # A as in PEFT (kaiming-uniform, a=sqrt(5) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B = 0.
     bound = 1.0 / math.sqrt(fan_in)
     self.lora_a = LoRAParam(
@@ -146,7 +152,8 @@ def add_lora(model: transformer.Transformer, cfg: LoRAConfig, *, rngs: nnx.Rngs)
   for target in cfg.targets:
     sub_name, weight_name = TARGETS[target]
     sub = getattr(model.layers, sub_name)
-    adapter = LoRA(getattr(sub, weight_name), weight_name, cfg, n_layers, rngs=rngs)
+    adapter = LoRA(getattr(sub, weight_name), weight_name, cfg, n_layers, rngs=rngs,
+                   param_dtype=model.cfg.param_dtype)
     setattr(sub, f"{weight_name}_lora", adapter)
   return model
 
@@ -167,3 +174,44 @@ def merge_lora(params: dict, cfg: LoRAConfig) -> dict:
     sub[weight_name] = (sub[weight_name] + delta.astype(sub[weight_name].dtype))
     merged["layers"] = dict(merged["layers"], **{sub_name: sub})
   return merged
+
+
+def merge_adapters(base: dict, adapters: dict, cfg: LoRAConfig) -> dict:
+  """A LoRA run's effective weights: `adapters` (its checkpointed `params`) merged into `base`."""
+  return merge_lora(merge_trees(base, adapters), cfg)
+
+
+# ----------------------------------------------------------------------------- parameter trees
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+  """Nested-dict union of two parameter trees (frozen base + trainable adapters)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def select_like(full: dict, like: dict) -> dict:
+  """The subtree of `full` with the structure of `like`."""
+  return {k: select_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
+
+
+def split_trainable(model: transformer.Transformer, lora_cfg: LoRAConfig | None) -> tuple[object, dict, dict]:
+  """(graphdef, trainable, frozen): the adapters and the base under LoRA; every parameter and {} otherwise."""
+  if lora_cfg is None:
+    graphdef, trainable = nnx.split(model, nnx.Param)
+    frozen = {}
+  else:
+    graphdef, trainable, frozen = nnx.split(model, LoRAParam, nnx.Param)
+    frozen = transformer._to_pure_dict(frozen)  # pylint: disable=protected-access
+  return graphdef, transformer._to_pure_dict(trainable), frozen  # pylint: disable=protected-access
+
+
+def adapter_abstract(model_cfg: transformer.TransformerConfig, cfg: LoRAConfig, mesh) -> dict:
+  """ShapeDtypeStructs (replicated on `mesh`) of the adapters: what a LoRA run checkpoints as `params`."""
+  adapted = nnx.eval_shape(lambda: add_lora(transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)), cfg,
+                                            rngs=nnx.Rngs(1)))
+  _, adapters, _ = split_trainable(adapted, cfg)
+  rep = shd.replicated(mesh)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), adapters)

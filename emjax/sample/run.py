@@ -5,18 +5,19 @@
     python -m emjax.main --config=configs/sample.py --workdir=DIR \\
         --config.sample.hf=HF_DIR_OR_HUB_ID --config.sample.chat_template=True --config.prompts=FILE.jsonl
 
-A LoRA run (`config.lora.enabled`) is sampled with its adapters merged into its base
-(the run's `config.init`). With `sample.hf`, architecture and tokenizer come from the
-Hugging Face directory; `config.model` may only set runtime keys (dtype, ...).
+Weights are loaded by `emjax.weights.load_weights`: a LoRA run (`config.lora.enabled`)
+is sampled with its adapters merged into its pinned base (the run's `config.init`,
+checked against RUN/base.json); `sample.step` picks a step (default: the newest readable).
 
-Model and tokenizer: the architecture comes from the checkpoint's workdir
-(`TRAIN_WORKDIR/config.json`), so `config.model` need not repeat it. Keys of
-`config.model` left at their defaults are taken from the checkpoint; keys set
-here may change how the model runs (`RUNTIME_MODEL_KEYS`: dtype, param_dtype,
-attention, ...) but an architecture key that disagrees with the checkpoint is
-an error. Likewise `config.data.tokenizer`, if left at its default, is the
-checkpoint's. Without a `config.json` next to the checkpoint, `config.model`
-and `config.data.tokenizer` are used as given.
+Model and tokenizer: the architecture comes from the weights (`TRAIN_WORKDIR/config.json`,
+or the Hugging Face directory's), so `config.model` need not repeat it. The sample
+config's `config.model` and `config.data.tokenizer` keys default to None, "the weights'
+own"; a key set (on the command line or in a config file) always wins, even when set to
+its default, for the keys that change how the model runs (`weights.RUNTIME_MODEL_KEYS`:
+dtype, param_dtype, attention, ...): a bf16 run sampled with `--config.model.dtype=float32`
+runs in float32. An architecture key that disagrees with the weights is an error. Without
+a `config.json` next to the checkpoint, `config.model` and `config.data.tokenizer` are used
+as given (defaults for the keys left unset). WORKDIR/config.json records what ran.
 
 Output: one JSON line per (prompt id, sample index) with the text, the tokens
 (a final stop token included; the text leaves it out), the log-probability of
@@ -34,6 +35,7 @@ samples as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -47,13 +49,11 @@ import numpy as np
 
 from emjax import config as config_lib
 from emjax import sharding as shd
+from emjax import weights as weights_lib
 from emjax.models import transformer
 from emjax.sample import sampler as sampler_lib
 
 log = logging.getLogger(__name__)
-
-# Model keys that change how the weights are run, not their shapes: a sampling config may set them.
-RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "attention", "scan_layers", "remat")
 
 
 @dataclasses.dataclass
@@ -67,139 +67,61 @@ class Prompt:
     return zlib.crc32(self.key.encode())
 
 
-# ----------------------------------------------------------------------------- checkpoint and model
+# ----------------------------------------------------------------------------- weights and model
 
 
-def resolve_checkpoint(path: str) -> tuple[str, str, int | None]:
-  """(checkpoints dir, the training run's workdir, step or None) for a workdir, checkpoints dir or step dir."""
-  if not path:
+def _given(block) -> dict:
+  """The keys of a config block that are set: the sample config's model and tokenizer keys default to None."""
+  return {k: v for k, v in dict(block).items() if v is not None}
+
+
+def resolve_source(config) -> weights_lib.Source:
+  """Where the weights come from: `config.sample.checkpoint` (an emjax run, checkpoints/ or step dir) or `.hf`."""
+  sc = config.sample
+  if sc.hf and sc.checkpoint:
+    raise ValueError("config.sample.hf and config.sample.checkpoint are both set: sample from one of them")
+  if sc.hf:
+    not_runtime = sorted(set(_given(config.model)) - set(weights_lib.RUNTIME_MODEL_KEYS))
+    if not_runtime:  # before anything is read
+      raise ValueError(f"config.model.{not_runtime[0]} is set, but with config.sample.hf the architecture comes "
+                       f"from {sc.hf}/config.json; only {', '.join(weights_lib.RUNTIME_MODEL_KEYS)} may be "
+                       "overridden")
+    src = weights_lib.resolve(sc.hf, key="config.sample.hf")
+    if src.kind != "hf":
+      raise ValueError(f"config.sample.hf={sc.hf!r} is an emjax checkpoint ({src.directory}); set "
+                       "config.sample.checkpoint instead")
+    return src
+  if not sc.checkpoint:
     raise ValueError("config.sample.checkpoint (a training workdir, its checkpoints/ directory, or one step "
                      "directory) or config.sample.hf (a Hugging Face model) is required")
-  path = os.path.abspath(path)
+  path = os.path.abspath(sc.checkpoint)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.sample.checkpoint={path!r} does not exist")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), path, None
-  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
-    ckpt_dir = os.path.dirname(path)
-    return ckpt_dir, os.path.dirname(ckpt_dir), int(os.path.basename(path))
-  return path, os.path.dirname(path), None
+  step = int(sc.step) if int(sc.step) >= 0 else None
+  src = weights_lib.resolve(path, step=step, key="config.sample.checkpoint")
+  if src.kind != "emjax":
+    raise ValueError(f"config.sample.checkpoint={path!r} is a Hugging Face model; set config.sample.hf instead")
+  return src
 
 
-def resolve_model_config(config, run_dir: str) -> tuple[transformer.TransformerConfig, dict]:
-  """The model config and tokenizer config: the checkpoint's, with this config's runtime overrides."""
-  defaults = dataclasses.asdict(transformer.TransformerConfig())
+def resolve_model_config(config, src: weights_lib.Source) -> tuple[transformer.TransformerConfig, dict]:
+  """The model and tokenizer configs: the weights' own, with every key this config sets.
+
+  A model key set here (even to its default) wins when it only changes how the model runs
+  (weights.RUNTIME_MODEL_KEYS); an architecture key must agree with the weights. A tokenizer key
+  set here replaces the weights' own.
+  """
+  given_model, given_tokenizer = _given(config.model), _given(config.data.tokenizer)
   default_tokenizer = dict(config_lib.base_config().data.tokenizer)
-  given_model, given_tokenizer = dict(config.model), dict(config.data.tokenizer)
-  saved_path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(saved_path):
-    log.warning("no config.json next to the checkpoint (%s): using config.model and config.data.tokenizer "
-                "as given", saved_path)
-    return transformer.TransformerConfig.from_config(given_model), given_tokenizer
-  saved = config_lib.load_config_json(run_dir)
-  model = dict(saved.model)
-  for key, value in given_model.items():
-    if value == defaults.get(key) or model.get(key) == value:
-      continue
-    if key not in RUNTIME_MODEL_KEYS:
-      raise ValueError(f"config.model.{key}={value!r} disagrees with the checkpoint's {model.get(key)!r} "
-                       f"({saved_path}); the architecture comes from the checkpoint: leave config.model.{key} "
-                       f"unset (only {', '.join(RUNTIME_MODEL_KEYS)} may be overridden)")
-    log.info("config.model.%s=%r overrides the checkpoint's %r", key, value, model.get(key))
-    model[key] = value
-  tokenizer = given_tokenizer if given_tokenizer != default_tokenizer else dict(saved.data.tokenizer)
-  return transformer.TransformerConfig.from_config(model), tokenizer
-
-
-def _step_dirs(ckpt_dir: str) -> list[int]:
-  # Orbax names finished steps by their number; a save cut by a kill is a *.orbax-checkpoint-tmp-* dir.
-  return sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
-
-
-def abstract_params(model_cfg: transformer.TransformerConfig, mesh) -> dict:
-  """ShapeDtypeStructs of the model's parameters, with their shardings on `mesh`."""
-  model = transformer.abstract_model(model_cfg)
-  _, abstract = transformer.split_model(model)
-  shardings = shd.tree_shardings(transformer.param_logical_axes(model), abstract, mesh)
-  # dtype from the config: a float32 checkpoint restores as bfloat16 when param_dtype says so.
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def restore_params(ckpt_dir: str, step: int | None, abstract: Any) -> tuple[int, Any]:
-  """(step, params) from the newest readable step (or `step`), shaped and laid out as `abstract`.
-
-  Only `state/params` is read (an adapter-only tree for a LoRA run).
-  """
-  import orbax.checkpoint as ocp
-
-  steps = _step_dirs(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-  if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f"checkpoint step {step} not found in {ckpt_dir} (steps there: {sorted(steps)})")
-    steps = [step]
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint steps in {ckpt_dir}")
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  checkpointer = ocp.PyTreeCheckpointer()
-  for s in steps:
-    path = os.path.join(ckpt_dir, str(s), "state")
-    try:
-      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
-    except Exception as e:  # noqa: BLE001 -- unreadable: say so, try an older step
-      if step is not None:
-        raise
-      log.error("checkpoint: step %d in %s is unreadable (%s: %s); trying an older one", s, ckpt_dir,
-                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-      continue
-    return s, restored["params"]
-  raise FileNotFoundError(f"no readable checkpoint step in {ckpt_dir} (tried {steps})")
-
-
-def load_run_weights(ckpt_dir: str, run_dir: str, step: int | None, model_cfg: transformer.TransformerConfig,
-                     mesh) -> tuple[int, dict]:
-  """(step, params) of a training run; a LoRA run's adapters are merged into its base weights.
-
-  A LoRA run checkpoints its adapters only: the base is the run's `config.init` (an emjax
-  checkpoint or a Hugging Face model), read with `model_cfg` (runtime overrides included).
-  """
-  abstract = abstract_params(model_cfg, mesh)
-  saved = config_lib.load_config_json(run_dir) if os.path.isfile(os.path.join(run_dir, "config.json")) else None
-  lora_saved = saved.get("lora") if saved is not None else None
-  if not lora_saved or not lora_saved.get("enabled", False):
-    return restore_params(ckpt_dir, step, abstract)
-  from emjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from emjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from emjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
-  lora_cfg = lora_lib.LoRAConfig.from_config(lora_saved)
-  restored_step, adapters = restore_params(ckpt_dir, step, state_lib.adapter_abstract(model_cfg, lora_cfg, mesh))
-  init = saved.get("init", {})
-  base = ckpt_lib.load_init_params(init, model_cfg, abstract, mesh)
-  if base is None:
-    raise ValueError(f"{run_dir}: a LoRA run without config.init.checkpoint or config.init.hf: its base "
-                     "weights were random and are not saved, so there is nothing to sample from")
-  log.info("LoRA run: adapters of step %d merged into the base from %s", restored_step,
-           init.get("checkpoint", "") or init.get("hf", ""))
-  return restored_step, lora_lib.merge_lora(state_lib.merge_trees(base, adapters), lora_cfg)
-
-
-def resolve_hf_model(config) -> tuple[transformer.TransformerConfig, dict]:
-  """Model and tokenizer configs for `config.sample.hf` (a Hugging Face directory or hub id)."""
-  from emjax.models import hf as hf_lib  # pylint: disable=g-import-not-at-top
-
-  path = config.sample.hf
-  defaults = dataclasses.asdict(transformer.TransformerConfig())
-  overrides = {k: v for k, v in dict(config.model).items() if v != defaults.get(k)}
-  not_runtime = sorted(set(overrides) - set(hf_lib.RUNTIME_KEYS))
-  if not_runtime:
-    raise ValueError(f"config.model.{not_runtime[0]} is set, but with config.sample.hf the architecture comes "
-                     f"from {path}/config.json; only {', '.join(hf_lib.RUNTIME_KEYS)} may be overridden")
-  model_cfg = hf_lib.config_from_hf(path, **overrides)
-  tokenizer = dict(config.data.tokenizer)
-  if tokenizer == dict(config_lib.base_config().data.tokenizer):  # left at its default: the model's own
-    tokenizer.update(kind="hf", path=path)
-  return model_cfg, tokenizer
+  if src.model_cfg is None:
+    log.warning("no config.json next to the checkpoint (%s): using config.model and config.data.tokenizer as "
+                "given", os.path.join(src.directory, "config.json"))
+    values = {**dataclasses.asdict(transformer.TransformerConfig()), **given_model}
+    return transformer.TransformerConfig.from_config(values), {**default_tokenizer, **given_tokenizer}
+  what = "the Hugging Face model's" if src.kind == "hf" else "the checkpoint's"
+  model_cfg = weights_lib.with_overrides(src.model_cfg, given_model, where=os.path.join(src.directory, "config.json"),
+                                         what=what)
+  return model_cfg, {**(src.tokenizer or default_tokenizer), **given_tokenizer}
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -324,13 +246,18 @@ def recover_output(path: str, n: int) -> set[str]:
   return complete
 
 
+def sample_text(row: Mapping[str, Any], tokenizer) -> str:
+  """The text of one sample (`SampleOutput.sample`): its tokens without the stop token it finished on."""
+  tokens = row["tokens"][:-1] if row["finish_reason"] == sampler_lib.FINISH_STOP else row["tokens"]
+  return tokenizer.decode(tokens)
+
+
 def output_lines(batch: list[Prompt], out: sampler_lib.SampleOutput, tokenizer) -> list[str]:
   lines = []
   for i, prompt in enumerate(batch):
     for j in range(out.lengths.shape[1]):
       row = out.sample(i, j)
-      text_tokens = row["tokens"][:-1] if row["finish_reason"] == sampler_lib.FINISH_STOP else row["tokens"]
-      record = {"id": prompt.id, "sample": j, "text": tokenizer.decode(text_tokens),
+      record = {"id": prompt.id, "sample": j, "text": sample_text(row, tokenizer),
                 "finish_reason": row.pop("finish_reason"), "prompt_tokens": len(prompt.tokens), **row}
       lines.append(json.dumps(record, ensure_ascii=False) + "\n")
   return lines
@@ -353,22 +280,20 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   from emjax.data import tokenizers
 
   sc = config.sample
-  config_lib.validate(config)
   for key in ("batch_size", "n", "max_new_tokens"):
     if int(sc[key]) < 1:
       raise ValueError(f"config.sample.{key} must be >= 1, got {sc[key]}")
-  if sc.hf and sc.checkpoint:
-    raise ValueError("config.sample.hf and config.sample.checkpoint are both set: sample from one of them")
-  if sc.hf:
-    model_cfg, tokenizer_cfg = resolve_hf_model(config)
-  else:
-    ckpt_dir, run_dir, step = resolve_checkpoint(sc.checkpoint)
-    if os.path.abspath(workdir) == run_dir:
-      raise ValueError(f"--workdir must not be the checkpoint's own workdir ({run_dir}): its config.json "
-                       "describes the training run; pick another directory for the samples")
-    if int(sc.step) >= 0:
-      step = int(sc.step)
-    model_cfg, tokenizer_cfg = resolve_model_config(config, run_dir)
+  src = resolve_source(config)
+  if src.kind == "emjax" and os.path.abspath(workdir) == src.directory:
+    raise ValueError(f"--workdir must not be the checkpoint's own workdir ({src.directory}): its config.json "
+                     "describes the training run; pick another directory for the samples")
+  model_cfg, tokenizer_cfg = resolve_model_config(config, src)
+  # What runs, written to WORKDIR/config.json: the weights' model with this config's overrides.
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model = dataclasses.asdict(model_cfg)
+    config.data.tokenizer = tokenizer_cfg
+  config_lib.validate(config)
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
@@ -385,7 +310,7 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   done = recover_output(out_path, sampling.n)
   pending = [p for p in prompts if p.key not in done]
   summary = {"prompts": len(prompts), "already_written": len(prompts) - len(pending), "sampled": 0,
-             "new_tokens": 0, "output": out_path}
+             "new_tokens": 0, "output": out_path, "model_config": dataclasses.asdict(model_cfg)}
   if not pending:
     log.info("all %d prompts already in %s", len(prompts), out_path)
     return summary
@@ -394,12 +319,10 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   sampler = sampler_lib.Sampler(model_cfg, mesh=mesh, prompt_buckets=buckets, max_new_tokens_cap=cap,
                                 prefill_chunk=int(sc.prefill_chunk), top_logprobs=int(sc.top_logprobs),
                                 unroll_layers=bool(sc.unroll_layers))
-  if sc.hf:
-    from emjax.models import hf as hf_lib  # pylint: disable=g-import-not-at-top
-    restored_step, params, source = None, hf_lib.load_hf_params(sc.hf, model_cfg, mesh=mesh), sc.hf
-  else:
-    restored_step, params = load_run_weights(ckpt_dir, run_dir, step, model_cfg, mesh)
-    source = f"step {restored_step} of {ckpt_dir}"
+  loaded = weights_lib.load_weights(src, mesh=mesh, model_cfg=model_cfg,
+                                    key="config.sample.hf" if sc.hf else "config.sample.checkpoint")
+  restored_step, params = loaded.step, loaded.params
+  source = sc.hf if sc.hf else loaded.describe()
   log.info("sampling %d prompts (%d already written) with %s", len(pending), len(done), source)
   weights = sampler.prepare_weights(params)
   del params  # only the sampling layout is needed from here on

@@ -1,0 +1,720 @@
+"""The one place weights are loaded: Hugging Face models, emjax runs and checkpoints, LoRA runs on their base.
+
+    w = weights.load_weights("runs/sft", mesh=mesh)                   # newest step; a LoRA run merged into its base
+    w = weights.load_weights("runs/sft", step=400, dtype="bfloat16")
+    w = weights.load_weights("runs/sft/checkpoints/400")                # one step directory
+    w = weights.load_weights("Qwen/Qwen2.5-0.5B-Instruct", mesh=mesh)   # a Hugging Face directory or hub id
+    w.params, w.model_cfg, w.step, w.source.tokenizer
+
+    python -m emjax.weights import SRC_HF_DIR_OR_HUB_ID DST_EMJAX_DIR   # then config.init.checkpoint=DST
+    python -m emjax.weights export SRC DST_HF_DIR [--step N] [--tokenizer DIR] [--dtype bfloat16]
+
+What a path is (`resolve`), tried in this order:
+  - a directory with `checkpoints/` or an emjax `config.json`: a run's workdir;
+  - a numbered directory holding `state/`: one step of RUN/checkpoints/;
+  - a directory named `checkpoints` or holding numbered steps: RUN/checkpoints/;
+  - anything else: a Hugging Face model directory (config.json + safetensors) or hub id.
+An emjax checkpoint's architecture is its run's RUN/config.json. Its steps are the numbered
+directories (orbax gives a step its number only once the step is complete); the newest is used
+unless a step is asked for. A step whose files cannot be read is reported and the next older one
+used (never when a step was asked for); parameters that do not match the model are an error that
+names the parameter, and nothing is moved or deleted.
+
+`dtype` is the dtype of the returned parameters (`param_dtype`; default: the source's). Parameters
+are created directly in their shardings on `mesh` (default: all devices, fsdp).
+
+LoRA runs (`config.lora.enabled`) checkpoint their adapters alone: their weights are the adapters
+merged into the run's base (`config.init`: a Hugging Face model or any emjax checkpoint, LoRA run
+included). The base is pinned. When a LoRA run starts, the trainer records in RUN/base.json what its
+base resolved to: the path, the step (an emjax base), the dtype of each parameter, and a fingerprint
+of the parameters (`fingerprint`: exact, the same on any mesh). Resuming, sampling, exporting or
+comparing the run then loads that step again and refuses a base whose fingerprint has changed, with
+an error that names the path and what changed. A run without base.json (made before pinning) is
+loaded with a warning.
+
+Layering: this module reads models/ (architecture, Hugging Face files, LoRA trees) and orbax, and
+imports nothing from train/, so the trainer, the sample job, export and experiments load weights the
+same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emjax import sharding as shd
+from emjax.models import hf
+from emjax.models import lora as lora_lib
+from emjax.models import transformer
+
+log = logging.getLogger(__name__)
+
+# Model config keys that change how the weights run, not what they are: a sampling config, an
+# import or `config.init.hf` may set them; every other key is the architecture, fixed by the weights.
+RUNTIME_MODEL_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention", "init_std")
+ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(transformer.TransformerConfig)
+                          if f.name not in RUNTIME_MODEL_KEYS)
+BASE_FILE = "base.json"
+DEFAULT_MESH = dict(data=1, fsdp=-1, tensor=1)
+
+
+class BaseChangedError(ValueError):
+  """A LoRA run's base is not the one its adapters were trained on (RUN/base.json)."""
+
+
+# ============================================================================ what a path is
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where weights come from, resolved without reading any parameter."""
+
+  path: str  # as given
+  kind: str  # "hf" | "emjax"
+  directory: str  # hf: the local model directory; emjax: the run's workdir (where config.json is)
+  checkpoints: str = ""  # emjax: the directory of numbered steps
+  step: int | None = None  # emjax: the step asked for (a step directory, or step=); None = the newest
+  config: Any = None  # emjax: the run's saved config (None without RUN/config.json)
+  model_cfg: transformer.TransformerConfig | None = None  # None: an emjax checkpoint without config.json
+
+  @property
+  def lora(self) -> lora_lib.LoRAConfig | None:
+    """The run's LoRA settings when it is a LoRA run (its checkpoints hold adapters only)."""
+    block = self.config.get("lora") if self.config is not None else None
+    return lora_lib.LoRAConfig.from_config(block) if block and block.get("enabled", False) else None
+
+  @property
+  def tokenizer(self) -> dict | None:
+    """The tokenizer config that goes with these weights (None: unknown)."""
+    if self.kind == "hf":
+      return {"kind": "hf", "path": self.directory}
+    if self.config is None or "data" not in self.config:
+      return None
+    return dict(self.config.data.tokenizer)
+
+  def steps(self) -> list[int]:
+    return complete_steps(self.checkpoints) if self.kind == "emjax" else []
+
+
+def _label(key: str, path: str) -> str:
+  return f"{key}={path!r}" if key else repr(path)
+
+
+def _is_emjax_config(path: str) -> bool:
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      c = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(c, dict) and isinstance(c.get("model"), dict) and "model_type" not in c
+
+
+def complete_steps(checkpoints: str) -> list[int]:
+  """The step numbers in a checkpoints directory, ascending (a save cut by a kill has no number)."""
+  if not os.path.isdir(checkpoints):
+    return []
+  return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+
+
+def resolve(path: str, *, step: int | None = None, key: str = "") -> Source:
+  """What `path` is (see the module docstring); `key` (e.g. 'config.init.checkpoint') names it in errors."""
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  label = _label(key, path)
+  if not path:
+    raise ValueError(f"{key or 'weights'}: no path given (a Hugging Face model, an emjax run, its checkpoints/ "
+                     "directory or one step directory)")
+  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  run = ckpts = None
+  given_step = None
+  if os.path.isdir(p):
+    if os.path.isdir(os.path.join(p, "checkpoints")) or _is_emjax_config(os.path.join(p, "config.json")):
+      run, ckpts = p, os.path.join(p, "checkpoints")
+    elif os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "state")):
+      ckpts = os.path.dirname(p)
+      run, given_step = os.path.dirname(ckpts), int(os.path.basename(p))
+    elif os.path.basename(p) == "checkpoints" or complete_steps(p):
+      run, ckpts = os.path.dirname(p), p
+  if run is None:
+    try:
+      directory = hf.resolve_hf_path(path)
+      model_cfg = hf.config_from_hf(directory)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{label}: not an emjax run (config.json + checkpoints/), checkpoints/ or step "
+                              f"directory, nor a Hugging Face model ({e})") from None
+    if step is not None:
+      raise ValueError(f"{label} is a Hugging Face model, which has no steps (step={step} was asked for)")
+    return Source(path=os.fspath(path), kind="hf", directory=directory, model_cfg=model_cfg)
+  if step is not None and given_step is not None and int(step) != given_step:
+    raise ValueError(f"{label} is step {given_step}, but step {step} was asked for")
+  step = given_step if step is None else int(step)
+  config = config_lib.load_config_json(run) if os.path.isfile(os.path.join(run, "config.json")) else None
+  model_cfg = transformer.TransformerConfig.from_config(config.model) if config is not None else None
+  return Source(path=os.fspath(path), kind="emjax", directory=run, checkpoints=ckpts, step=step, config=config,
+                model_cfg=model_cfg)
+
+
+def model_config(path: str, *, key: str = "") -> transformer.TransformerConfig:
+  """The model config of the weights at `path` (nothing but config files read)."""
+  src = resolve(path, key=key)
+  if src.model_cfg is None:
+    raise FileNotFoundError(f"{_label(key, path)}: no config.json in {src.directory} to take the model's "
+                            "architecture from")
+  return src.model_cfg
+
+
+# ============================================================================ model configs
+
+
+def with_overrides(model_cfg: transformer.TransformerConfig, overrides: Mapping[str, Any], *, where: str,
+                   what: str = "the checkpoint's") -> transformer.TransformerConfig:
+  """`model_cfg` with `overrides` (keys of config.model; None = not set) applied.
+
+  A runtime key (RUNTIME_MODEL_KEYS) always wins, even when set to its default. An architecture
+  key must agree with `model_cfg` (the weights fix it): otherwise a ValueError names the key.
+  """
+  values = dataclasses.asdict(model_cfg)
+  for k, v in overrides.items():
+    if v is None:
+      continue
+    if k not in values:
+      raise ValueError(f"config.model.{k}: unknown key; known keys: {sorted(values)}")
+    if k in RUNTIME_MODEL_KEYS:
+      if values[k] != v:
+        log.info("config.model.%s=%r overrides %s %r", k, v, what, values[k])
+      values[k] = v
+    elif values[k] != v:
+      raise ValueError(f"config.model.{k}={v!r} disagrees with {what} {values[k]!r} ({where}); the architecture "
+                       f"comes from the weights: leave config.model.{k} unset (only "
+                       f"{', '.join(RUNTIME_MODEL_KEYS)} may be overridden)")
+  return transformer.TransformerConfig(**values)
+
+
+def _check_architecture(known: transformer.TransformerConfig | None, wanted: transformer.TransformerConfig,
+                        label: str, where: str) -> None:
+  if known is None:
+    return
+  for k in ARCHITECTURE_KEYS:
+    if getattr(known, k) != getattr(wanted, k):
+      raise ValueError(f"{label}: config.model.{k}={getattr(wanted, k)!r}, but the model there has "
+                       f"{k}={getattr(known, k)!r} ({where}); the architectures must agree")
+
+
+def _where_config(src: Source) -> str:
+  return os.path.join(src.directory, "config.json")
+
+
+def abstract_params(model_cfg: transformer.TransformerConfig, mesh, dtypes: Any = None) -> dict:
+  """ShapeDtypeStructs of the model's parameters with their shardings on `mesh`.
+
+  dtype: `model_cfg.param_dtype`, or `dtypes` (one dtype, or a {'layers/attn/q_proj': dtype} map).
+  """
+  model = transformer.abstract_model(model_cfg)
+  _, abstract = transformer.split_model(model)
+  shardings = shd.tree_shardings(transformer.param_logical_axes(model), abstract, mesh)
+
+  def leaf(path, a, s):
+    dt = a.dtype
+    if isinstance(dtypes, Mapping):
+      dt = dtypes.get(_path_name(path), dt)
+    elif dtypes:
+      dt = dtypes
+    return jax.ShapeDtypeStruct(a.shape, jnp.dtype(dt), sharding=s)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _flat(tree) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not isinstance(x, Mapping))[0]
+  return {_path_name(p): x for p, x in leaves}
+
+
+# ============================================================================ emjax checkpoints
+
+
+def _saved_params(state_dir: str) -> dict:
+  """{name: metadata (shape, dtype)} of the `params` a step's `state` holds (reads metadata only)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+  meta = getattr(meta, "item_metadata", meta)
+  tree = getattr(meta, "tree", meta)
+  if not isinstance(tree, Mapping):
+    raise ValueError(f"{state_dir}: unexpected checkpoint metadata {type(tree).__name__}")
+  if "params" not in tree:
+    raise _Mismatch(f"{state_dir}: the checkpoint has no 'params' (it holds {sorted(tree)})")
+  return _flat(tree["params"])
+
+
+class _Mismatch(ValueError):
+  pass
+
+
+def _check_structure(saved: dict, abstract: dict, where: str) -> None:
+  want = _flat(abstract)
+  missing = [k for k in want if k not in saved]
+  unexpected = [k for k in saved if k not in want]
+  shapes = [f"{k} is {list(saved[k].shape)} there, {list(want[k].shape)} for the model" for k in want
+            if k in saved and tuple(saved[k].shape) != tuple(want[k].shape)]
+  if not (missing or unexpected or shapes):
+    return
+
+  def some(names):
+    return ", ".join(names[:4]) + (f" (and {len(names) - 4} more)" if len(names) > 4 else "")
+
+  parts = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(unexpected)}"] if unexpected
+                                                               else []) + shapes[:3]
+  hint = ""
+  if missing and all("_lora/" in k for k in unexpected) and unexpected:
+    hint = " (it holds LoRA adapters: load the LoRA run itself, which merges them into its base)"
+  elif missing and all("_lora/" in k for k in missing):
+    hint = " (the model expects LoRA adapters: is config.lora the run's?)"
+  raise _Mismatch(f"{where}: the checkpoint's parameters do not match the model: {'; '.join(parts)}{hint}")
+
+
+def read_params(checkpoints: str, abstract: dict, *, step: int | None = None, label: str = "",
+                saved_dtypes: bool = False) -> tuple[int, dict]:
+  """(step, params) from `checkpoints` (the newest readable step, or `step`), laid out as `abstract`.
+
+  Only `state/params` is read. `saved_dtypes`: keep each parameter's dtype in the checkpoint
+  instead of `abstract`'s. A mismatch of names or shapes is a ValueError naming the parameter;
+  an unreadable step (files missing or truncated) is skipped for an older one unless `step` is given.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  label = label or checkpoints
+  steps = complete_steps(checkpoints)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"{label}: no step {step} in {checkpoints} (steps there: {steps or 'none'})")
+    candidates = [step]
+  else:
+    if not steps:
+      partial = sorted(d for d in os.listdir(checkpoints) if "tmp" in d) if os.path.isdir(checkpoints) else []
+      why = (f"; only incomplete saves ({', '.join(partial)}) of a run stopped while writing" if partial
+             else "" if os.path.isdir(checkpoints) else "; the directory does not exist")
+      raise FileNotFoundError(f"{label}: no complete checkpoint step in {checkpoints}{why}")
+    candidates = list(reversed(steps))
+  for s in candidates:
+    state_dir = os.path.join(checkpoints, str(s), "state")
+    try:
+      saved = _saved_params(state_dir)
+      _check_structure(saved, abstract, state_dir)
+      target = abstract
+      if saved_dtypes:
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, a: jax.ShapeDtypeStruct(a.shape, saved[_path_name(p)].dtype, sharding=a.sharding), abstract)
+      item = {"params": target}
+      restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    except _Mismatch as e:
+      raise ValueError(f"{label}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- unreadable: say which step and why
+      first = str(e).splitlines()[0] if str(e) else ""
+      if step is not None:
+        raise FileNotFoundError(f"{label}: step {s} ({state_dir}) cannot be read ({type(e).__name__}: {first})") from e
+      log.error("checkpoint: step %d in %s is unreadable (%s: %s); trying an older one", s, checkpoints,
+                type(e).__name__, first)
+      continue
+    return s, restored["params"]
+  raise FileNotFoundError(f"{label}: no readable checkpoint step in {checkpoints} (tried {candidates})")
+
+
+def save_emjax_checkpoint(params: Mapping[str, Any], model_cfg: transformer.TransformerConfig, dst: str,
+                          tokenizer_dir: str | None = None, source: str = "") -> str:
+  """An emjax directory that `config.init.checkpoint=DST`, the sample job and `load_weights` read.
+
+  DST/checkpoints/0/state holds `{"params": params}` (orbax), DST/config.json the full default
+  config with this `model` block and, given `tokenizer_dir`, `data.tokenizer` = {kind: hf, path}.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  dst = os.path.abspath(dst)
+  ckpt_dir = os.path.join(dst, "checkpoints")
+  if complete_steps(ckpt_dir):
+    raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a new destination")
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=True),
+                                  item_names=("state",))
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+  manager.wait_until_finished()
+  manager.close()
+  config = config_lib.base_config()
+  config.model = dataclasses.asdict(model_cfg)
+  if tokenizer_dir:
+    config.data.tokenizer.kind = "hf"
+    config.data.tokenizer.path = os.path.abspath(tokenizer_dir)
+  if jax.process_index() == 0:
+    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if source:
+      with open(os.path.join(dst, "hf_source.json"), "w", encoding="utf-8") as f:
+        json.dump({"source": source}, f, indent=2)
+  return dst
+
+
+# ============================================================================ fingerprints and pinned bases
+
+
+def _fmix32(h):
+  # murmur3's finaliser: a bijection of uint32 that spreads consecutive indices over all bits.
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _leaf_digest(x) -> jax.Array:
+  """Two wrapping uint32 sums of bits[i] * odd(i): exact integer sums, the same in any reduction order."""
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    if x.dtype.itemsize > 4:
+      raise ValueError(f"fingerprint: {x.dtype} parameters are not supported")
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)  # exact for bf16/f16/f32
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    bits = x.astype(jnp.uint32)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(x.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+    stride *= x.shape[d]
+  # An odd multiplier is invertible mod 2**32: changing any one element always changes each sum.
+  m1 = _fmix32(index) | jnp.uint32(1)
+  m2 = _fmix32(index ^ jnp.uint32(0x9E3779B9)) | jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits * m1, dtype=jnp.uint32), jnp.sum(bits * m2, dtype=jnp.uint32)])
+
+
+_digests = jax.jit(lambda flat: {k: _leaf_digest(v) for k, v in flat.items()})  # compiled once per layout
+
+
+def fingerprint(params: Any) -> str:
+  """A digest of a parameter tree's exact values, names, shapes and dtypes, identical on any mesh.
+
+  Every process of a multi-process job must call it (it runs a jitted reduction over the global arrays).
+  """
+  flat = _flat(params)
+  digests = jax.device_get(_digests(flat))
+  h = hashlib.sha256()
+  for name in sorted(flat):
+    x = flat[name]
+    d = np.asarray(digests[name], np.uint32)
+    h.update(f"{name}|{tuple(x.shape)}|{jnp.dtype(x.dtype).name}|{int(d[0]):08x}{int(d[1]):08x}\n".encode())
+  return "sha256:" + h.hexdigest()[:32]
+
+
+def _dtypes(params: Any) -> str | dict:
+  names = {k: jnp.dtype(v.dtype).name for k, v in _flat(params).items()}
+  kinds = set(names.values())
+  return kinds.pop() if len(kinds) == 1 else dict(sorted(names.items()))
+
+
+def read_pin(run_dir: str) -> dict | None:
+  """What RUN/base.json records about a LoRA run's base, or None when the run has none."""
+  path = os.path.join(run_dir, BASE_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}); it records this LoRA run's base") from None
+
+
+def _write_pin(run_dir: str, record: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, BASE_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  log.info("LoRA base pinned in %s: %s (step %s, %s)", path, record["path"], record["step"], record["fingerprint"])
+
+
+def _check_pin(run_dir: str, pinned: dict, record: dict) -> None:
+  path = os.path.join(run_dir, BASE_FILE)
+  if pinned.get("fingerprint") == record["fingerprint"]:
+    if (pinned.get("path"), pinned.get("step")) != (record["path"], record["step"]):
+      log.info("LoRA base: %s (step %s) has the pinned parameters of %s (step %s)", record["path"],
+               record["step"], pinned.get("path"), pinned.get("step"))
+    return
+  changed = [f"{k} {pinned.get(k)!r} -> {record.get(k)!r}" for k in ("init", "path", "resolved", "step", "dtype")
+             if pinned.get(k) != record.get(k)]
+  if not changed:
+    changed = ["its parameters (same path, step and dtype: the files were rewritten)"]
+  raise BaseChangedError(
+      f"{path}: this LoRA run's base has changed since the run started, so its adapters do not apply to it. "
+      f"Pinned: config.init.{pinned.get('init')}={pinned.get('path')!r} (step {pinned.get('step')}, "
+      f"fingerprint {pinned.get('fingerprint')}); now: config.init.{record['init']}={record['path']!r} (step "
+      f"{record['step']}, fingerprint {record['fingerprint']}); changed: {'; '.join(changed)}. Point config.init "
+      "back at the pinned base, or train the new base in a new workdir.")
+
+
+def load_init_params(init: Any, model_cfg: transformer.TransformerConfig, abstract_params: Any, mesh=None, *,
+                     pin: str | None = None, write_pin: bool = True) -> Any:
+  """The base weights a config's `init` block names, laid out as `abstract_params`, or None (random init).
+
+  `init.checkpoint`: any emjax run or checkpoint (a LoRA run: its merged weights); `init.hf`: a
+  Hugging Face directory or hub id (read one tensor at a time onto `mesh`).
+
+  `pin` (a LoRA run's workdir): the base is checked against PIN/base.json, whose step is the one
+  loaded (not a newer step of a base that kept training); a changed base is a BaseChangedError.
+  Without base.json the base is recorded there (process 0) when `write_pin`, else a warning says
+  it cannot be checked. The fingerprint is taken before the caller consumes the parameters.
+  """
+  loaded = _load_init(init, model_cfg, abstract_params, mesh, pin=pin, write_pin=write_pin)
+  return None if loaded is None else loaded[0]
+
+
+def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tuple[dict, Source, int | None] | None:
+  """(params, the base's Source, the step read) for load_init_params."""
+  checkpoint, hf_path = init.get("checkpoint", ""), init.get("hf", "")
+  if checkpoint and hf_path:
+    raise ValueError("config.init: set either init.checkpoint or init.hf, not both")
+  if not (checkpoint or hf_path):
+    return None
+  which, given = ("checkpoint", checkpoint) if checkpoint else ("hf", hf_path)
+  key = f"config.init.{which}"
+  pinned = read_pin(pin) if pin else None
+  step = None
+  if pinned and pinned.get("init") == which and pinned.get("path") == given and pinned.get("step") is not None:
+    step = int(pinned["step"])
+  src = resolve(given, key=key)
+  if which == "checkpoint" and src.kind != "emjax":
+    raise ValueError(f"{key}={given!r} is a Hugging Face model ({src.directory}); set config.init.hf instead")
+  if which == "hf" and src.kind != "hf":
+    raise ValueError(f"{key}={given!r} is an emjax checkpoint ({src.directory}); set config.init.checkpoint "
+                     "instead")
+  if step is not None:
+    if step not in src.steps():
+      raise BaseChangedError(
+          f"{os.path.join(pin, BASE_FILE)}: this LoRA run's base is pinned to step {step} of {given!r}, which is "
+          f"no longer there (steps in {src.checkpoints}: {src.steps() or 'none'}); its adapters were trained on "
+          "that step")
+    src = dataclasses.replace(src, step=step)
+  dtypes = {a.dtype for a in jax.tree.leaves(abstract_params)}
+  load_cfg = dataclasses.replace(model_cfg, param_dtype=jnp.dtype(dtypes.pop()).name) if len(dtypes) == 1 \
+      else model_cfg
+  loaded_step = None
+  if src.kind == "hf":
+    _check_architecture(src.model_cfg, model_cfg, key, os.path.join(src.directory, "config.json"))
+    params = _cast_like(hf.load_hf_params(src.directory, load_cfg, mesh=mesh), abstract_params)
+  elif src.lora is not None:
+    w = load_weights(src, mesh=mesh, model_cfg=load_cfg, key=key)
+    params, loaded_step = _cast_like(w.params, abstract_params), w.step
+  else:
+    _check_architecture(src.model_cfg, model_cfg, key, _where_config(src))
+    loaded_step, params = read_params(src.checkpoints, abstract_params, step=src.step, label=key)
+  if pin and pinned is None and not write_pin:
+    log.warning("%s: no %s (the run predates pinned bases): its base %s cannot be checked", pin, BASE_FILE, given)
+  elif pin:
+    record = {"init": which, "path": given, "resolved": src.directory if src.kind == "hf" else src.checkpoints,
+              "step": loaded_step, "dtype": _dtypes(params), "fingerprint": fingerprint(params)}
+    if pinned is not None:
+      _check_pin(pin, pinned, record)
+    else:
+      _write_pin(pin, record)
+  return params, src, loaded_step
+
+
+def _cast_like(params: dict, abstract: dict) -> dict:
+  """`params` in `abstract`'s dtypes (each leaf converted on its own; the source leaf is freed)."""
+  def cast(x, a):
+    if x.dtype == a.dtype:
+      return x
+    y = x.astype(a.dtype)
+    if isinstance(x, jax.Array):
+      x.delete()
+    return y
+  return jax.tree.map(cast, params, abstract)
+
+
+def _cast_to(params: dict, dtype) -> dict:
+  dt = jnp.dtype(dtype)
+  return _cast_like(params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), params))
+
+
+# ============================================================================ load_weights
+
+
+@dataclasses.dataclass
+class Weights:
+  params: dict  # the model's parameters (a nested dict matching transformer.split_model), on the mesh
+  model_cfg: transformer.TransformerConfig
+  source: Source
+  step: int | None  # the emjax step read (a LoRA run: its adapters' step); None for a Hugging Face model
+
+  def describe(self) -> str:
+    if self.source.kind == "hf":
+      return f"{self.source.path} (Hugging Face)"
+    what = "LoRA adapters merged into their base, " if self.source.lora is not None else ""
+    return f"{what}step {self.step} of {self.source.checkpoints}"
+
+
+def load_weights(path: str | Source, *, mesh=None, dtype: str | None = None, step: int | None = None,
+                 model_cfg: transformer.TransformerConfig | None = None, key: str = "") -> Weights:
+  """The weights at `path`: a Hugging Face directory / hub id, an emjax run, checkpoints/ or step directory.
+
+  `step`: an emjax step (default: the newest readable; a step directory names its own). `dtype`:
+  the parameters' dtype (default: the source's `param_dtype`). `model_cfg`: the model to load them
+  into; its architecture must be the source's (runtime keys are free); needed for a checkpoint
+  without RUN/config.json. A LoRA run's adapters are merged into its pinned base (module docstring).
+  `key` names the path in errors (e.g. 'config.sample.checkpoint').
+  """
+  if isinstance(path, Source):
+    src = path if step is None else dataclasses.replace(path, step=int(step))
+  else:
+    src = resolve(path, step=step, key=key)
+  label = _label(key, src.path)
+  mesh = mesh if mesh is not None else shd.make_mesh(DEFAULT_MESH)
+  if model_cfg is None:
+    if src.model_cfg is None:
+      raise FileNotFoundError(f"{label}: no config.json in {src.directory} to take the model's architecture from "
+                              "(give the model config)")
+    cfg = src.model_cfg
+  else:
+    _check_architecture(src.model_cfg, model_cfg, label, _where_config(src))
+    cfg = model_cfg
+  if dtype:
+    cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
+  if src.kind == "hf":
+    return Weights(hf.load_hf_params(src.directory, cfg, mesh=mesh), cfg, src, None)
+  lora = src.lora
+  if lora is None:
+    s, params = read_params(src.checkpoints, abstract_params(cfg, mesh), step=src.step, label=label)
+    return Weights(params, cfg, src, s)
+  # A LoRA run: its checkpoints hold the adapters; the base is its config.init, as pinned.
+  run_cfg = src.model_cfg
+  base = load_base(src, mesh=mesh)
+  s, adapters = read_params(src.checkpoints, lora_lib.adapter_abstract(run_cfg, lora, mesh), step=src.step,
+                            label=label, saved_dtypes=True)
+  # Merge in the wider of the base's and the requested dtype, so the small update is not rounded away.
+  params = base.params
+  if jnp.dtype(cfg.param_dtype).itemsize >= max(x.dtype.itemsize for x in jax.tree.leaves(params)):
+    params = _cast_to(params, cfg.param_dtype)
+  params = _cast_to(lora_lib.merge_adapters(params, adapters, lora), cfg.param_dtype)
+  log.info("LoRA run %s: adapters of step %d merged into its base %s", src.directory, s, base.describe())
+  return Weights(params, cfg, src, s)
+
+
+def load_base(path: str | Source, *, mesh=None, dtype: str | None = None) -> Weights:
+  """The base an emjax run started from (its `config.init`); a LoRA run's is checked against its pin.
+
+  The base is read in the dtypes the run trained it in (base.json's, else the run's param_dtype),
+  so that its fingerprint can be checked, then converted to `dtype` if given.
+  """
+  src = path if isinstance(path, Source) else resolve(path)
+  if src.kind != "emjax" or src.config is None:
+    raise ValueError(f"{src.path!r}: only an emjax run (with its config.json) has a base (config.init)")
+  init = src.config.get("init", {})
+  if not (init.get("checkpoint") or init.get("hf")):
+    raise ValueError(f"{src.directory}: the run has neither config.init.checkpoint nor config.init.hf: its base "
+                     "weights were random and are not saved, so there is no base to load"
+                     + (" (nor anything to merge its LoRA adapters into)" if src.lora is not None else ""))
+  mesh = mesh if mesh is not None else shd.make_mesh(DEFAULT_MESH)
+  lora = src.lora
+  pinned = read_pin(src.directory) if lora is not None else None
+  run_cfg = src.model_cfg
+  # The dtypes the run held its base in: the pinned ones, else its config's (lora.base_dtype).
+  held = pinned.get("dtype") if pinned else (src.config.lora.get("base_dtype") or None) if lora is not None else None
+  abstract = abstract_params(run_cfg, mesh, dtypes=held)
+  params, base_src, step = _load_init(init, run_cfg, abstract, mesh,
+                                      pin=src.directory if lora is not None else None, write_pin=False)
+  cfg = run_cfg
+  if dtype:
+    cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
+    params = _cast_to(params, dtype)
+  return Weights(params, cfg, base_src, step)
+
+
+# ============================================================================ the import / export CLI
+
+
+def _parse_size(text: str) -> int:
+  units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+  s = text.strip().upper()
+  num = s.rstrip("KMGIB")
+  try:
+    return int(float(num) * units[s[len(num):]])
+  except (ValueError, KeyError):
+    raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)") from None
+
+
+def _copy_tokenizer(src: str, dst: str) -> str | None:
+  present = [x for x in hf.TOKENIZER_FILES if os.path.isfile(os.path.join(src, x))]
+  if not any(x.startswith("tokenizer") for x in present):
+    return None
+  os.makedirs(dst, exist_ok=True)
+  for x in present + ["config.json"]:
+    if os.path.isfile(os.path.join(src, x)):
+      shutil.copyfile(os.path.join(src, x), os.path.join(dst, x))
+  return dst
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m emjax.weights",
+                                   description="Convert between Hugging Face and emjax checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="HF directory (or hub id) -> emjax checkpoint (for config.init.checkpoint)")
+  imp.add_argument("src", help="Hugging Face model directory or hub id")
+  imp.add_argument("dst", help="new emjax directory")
+  imp.add_argument("--param_dtype", default="float32", help="dtype the parameters are stored in")
+  imp.add_argument("--dtype", default="float32", help="compute dtype written to config.model.dtype")
+  exp = sub.add_parser("export", help="emjax run, checkpoints/ or step directory -> HF directory (LoRA merged)")
+  exp.add_argument("src", help="emjax workdir (config.json + checkpoints/), its checkpoints/ or a step directory")
+  exp.add_argument("dst", help="output Hugging Face directory")
+  exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
+  exp.add_argument("--tokenizer", default=None,
+                   help="directory whose tokenizer files to copy (default: the run's data.tokenizer.path if kind=hf)")
+  exp.add_argument("--dtype", default=None, help="dtype of the written tensors (default: the parameters')")
+  exp.add_argument("--max_shard_size", type=_parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
+                   help="largest shard, e.g. 5GB or 2GiB")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  mesh = shd.make_mesh(DEFAULT_MESH)
+  if args.command == "import":
+    src = hf.resolve_hf_path(args.src)
+    cfg = hf.config_from_hf(src, param_dtype=args.param_dtype, dtype=args.dtype)
+    params = hf.load_hf_params(src, cfg, mesh)
+    tokenizer = _copy_tokenizer(src, os.path.join(os.path.abspath(args.dst), "hf"))
+    dst = save_emjax_checkpoint(params, cfg, args.dst, tokenizer_dir=tokenizer, source=args.src)
+    print(f"imported {args.src} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) -> {dst}; "
+          f"fine-tune with --config.init.checkpoint={dst}")
+    return 0
+  w = load_weights(args.src, mesh=mesh, step=args.step)
+  tokenizer = args.tokenizer
+  if tokenizer is None:
+    tok_cfg = w.source.tokenizer or {}
+    if tok_cfg.get("kind") == "hf" and tok_cfg.get("path") and os.path.isdir(tok_cfg["path"]):
+      tokenizer = tok_cfg["path"]
+    else:
+      log.warning("export: no tokenizer directory (give --tokenizer DIR); the output has no tokenizer files")
+  out = hf.export_hf(w.params, w.model_cfg, args.dst, tokenizer, max_shard_bytes=args.max_shard_size,
+                     dtype=args.dtype)
+  print(f"exported {w.describe()} ({w.model_cfg.family}) -> {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
