@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=1,
       peak_flops_per_device=0.0,  # 0 = detect from the device kind (unknown on CPU: no MFU)
       epochs=0.0,  # > 0: steps = ceil(epochs * examples / batch_size) (needs data.packing='none')
+      # The loss unembeds this many positions at a time, so the [B, L, V] float32 logits of a long
+      # sequence and a large vocabulary never exist at once (0 = the whole sequence in one go).
+      loss_chunk_len=512,
   )
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
@@ -58,12 +61,21 @@ def base_config() -> ml_collections.ConfigDict:
   # LoRA / rsLoRA adapters (trained; the base weights stay frozen). targets: any of
   # q,k,v,o,gate,up,down; layers: comma-separated indices, empty = all layers.
   c.lora = dict(enabled=False, rank=32, alpha=64.0, rslora=True, dropout=0.0,
-                targets="q,k,v,o,gate,up,down", layers="")
-  # Held-out loss during training: every_steps (0 = off) over `batches` fixed batches of
-  # the training sources with their `split` set to `split` (chat sources' held-out rows).
+                targets="q,k,v,o,gate,up,down", layers="",
+                # dtype of the frozen base weights ('' = model.param_dtype); 'bfloat16' halves their memory.
+                base_dtype="")
+  # A frozen teacher read by distillation objectives: a Hugging Face directory or an emjax run
+  # (weights module), held in `dtype` on the same mesh; never trained, never checkpointed.
+  c.teacher = dict(path="", dtype="bfloat16")
+  # Held-out loss during training: every_steps (0 = off) over `batches` fixed batches of the
+  # training sources with their `split` set to `split` ('eval': each source's held-out documents,
+  # which training never reads; see emjax/data/sources.py "Held-out split" for `holdout`).
   c.eval = dict(every_steps=0, batches=4, split="eval")
   # AOT compile job: compile for the mesh without materialising anything.
   c.compile = dict(topology="", platform="")  # e.g. topology="v5e:16x16", platform="tpu" (later issue)
+  # Multi-process jobs: all three set (launch/multiprocess.sh sets them for N local processes), or
+  # left as they are to detect the cluster (TPU VM workers, SLURM, JAX_COORDINATOR_ADDRESS).
+  c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
   return c
 
 

@@ -372,7 +372,19 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None,
                dropout_key=None):
-    """Logits [B, L, V]; with `cache` (see `init_cache`), returns (logits, updated cache).
+    """Logits [B, L, V]; with `cache` (see `init_cache`), returns (logits, updated cache)."""
+    out = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache, cache_index=cache_index,
+                      dropout_key=dropout_key)
+    if cache is None:
+      return self.logits(out)
+    return self.logits(out[0]), out[1]
+
+  def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None,
+             dropout_key=None):
+    """Final-normed hidden states [B, L, D] (and the updated cache when `cache` is given).
+
+    Split from `logits` so that a loss can unembed a few positions at a time and
+    the [B, L, V] logits of a large vocabulary never exist at once.
 
     `dropout_key` switches on the dropout of attached LoRA adapters (training only).
 
@@ -403,15 +415,19 @@ class Transformer(nnx.Module):
     x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq, layer_caches, kv,
                                          dropout_key)
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dtype))
-    else:
-      logits = x @ self.lm_head[...].astype(dtype)
-    logits = shd.constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
-      return logits
+      return x
     k, v = layer_caches
-    return logits, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}
+    return x, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}
+
+  def logits(self, hidden_BxLxD):
+    """Next-token logits [B, L, V] from final-normed hidden states (see `hidden`)."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", hidden_BxLxD, self.embed[...].astype(dtype))
+    else:
+      logits = hidden_BxLxD @ self.lm_head[...].astype(dtype)
+    return shd.constrain(logits, ("batch", "length", "vocab"))
 
   def _apply_layers(self, x, positions, segment_ids, inv_freq, layer_caches, kv, dropout_key):
     graphdef, stacked_state = nnx.split(self.layers)

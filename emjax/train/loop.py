@@ -31,16 +31,13 @@ from emjax import config as config_lib
 from emjax import sharding as shd
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
+from emjax.train import batches as batches_lib
 from emjax.train import checkpoint as ckpt_lib
 from emjax.train import objectives as objectives_lib
 from emjax.train import perf
 from emjax.train import state as state_lib
 
 log = logging.getLogger(__name__)
-
-# Keys of a batch that the step reads; other keys (e.g. `source_id`) stay on the host.
-MODEL_BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 class NonFiniteLossError(RuntimeError):
   pass
@@ -52,46 +49,90 @@ def _global_norm(tree) -> jax.Array:
   return tree_utils.norm(tree) if hasattr(tree_utils, "norm") else optax.global_norm(tree)
 
 
-def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh | None,
-                    use_dropout: bool = False) -> Callable:
-  """The pure step `(state, frozen, batch) -> (state, metrics)`.
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen model the objective reads: its own graph and parameters (any size, any dtype).
 
-  Exact token-mean gradients over all micro-batches, then one update of the
-  trainable parameters; `frozen` parameters are only read.
+  Its parameters are an argument of the step beside the train state: never
+  donated, never differentiated, never in the optimizer or a checkpoint.
   """
 
-  def loss_sums(params, frozen, batch, dropout_key=None):
+  graphdef: Any
+  abstract: dict  # ShapeDtypeStructs with shardings
+  shardings: dict
+
+
+def micro_batches(batch: Mapping[str, jax.Array], grad_accum_steps: int, mesh: Mesh | None) -> dict:
+  """[B, ...] -> [grad_accum_steps, B / grad_accum_steps, ...], each device keeping its own rows.
+
+  The global batch is split over the batch axes in contiguous blocks, one per
+  device. Micro-batch k takes the rows i with i % grad_accum_steps == k, so every
+  device's micro-batch rows come from its own block and no row crosses devices
+  (a contiguous split would hand micro-batch k to a few devices and reshuffle
+  the whole batch every step).
+  """
+  def split(x):
+    b = x.shape[0]
+    y = x.reshape(b // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    if mesh is not None:
+      y = jax.lax.with_sharding_constraint(
+          y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES)))
+    return y
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_loss_sums(graphdef, objective: objectives_lib.Objective, mesh: Mesh | None, loss_chunk_len: int,
+                   teacher_graphdef=None) -> Callable:
+  """`(params, frozen, batch, teacher_params, dropout_key) -> (loss_sum, ObjectiveOutput)` for one batch."""
+
+  def loss_sums(params, frozen, batch, teacher_params=None, dropout_key=None):
     model = nnx.merge(graphdef, state_lib.merge_trees(frozen, params))
     with shd.activation_sharding(mesh):
-      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
-    out = objective(logits, batch)
+      hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+      t_hidden = t_unembed = None
+      if teacher_graphdef is not None:
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        t_hidden = jax.lax.stop_gradient(
+            teacher.hidden(batch["inputs"], batch["positions"], batch["segment_ids"]))
+        t_unembed = teacher.logits
+      out = objectives_lib.chunked_sums(objective, model.logits, hidden, batch, loss_chunk_len,
+                                        teacher_unembed=t_unembed, teacher_hidden_BxLxD=t_hidden)
     return out.loss_sum, out
 
+  return loss_sums
+
+
+def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh | None,
+                    use_dropout: bool = False, loss_chunk_len: int = 0, teacher_graphdef=None) -> Callable:
+  """The pure step `(state, frozen, batch, teacher_params) -> (state, metrics)`.
+
+  Exact token-mean gradients over all micro-batches, then one update of the
+  trainable parameters; `frozen` and `teacher_params` are only read. The teacher
+  runs on each micro-batch beside the student.
+  """
+  loss_sums = make_loss_sums(graphdef, objective, mesh, loss_chunk_len, teacher_graphdef)
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
-  def step(state, frozen, batch):
+  def step(state, frozen, batch, teacher_params=None):
     params = state["params"]
     step_key = jax.random.fold_in(state["rng"], state["step"]) if use_dropout else None
     if grad_accum_steps == 1:
-      (loss_sum, out), grads = grad_fn(params, frozen, batch, step_key)
+      (loss_sum, out), grads = grad_fn(params, frozen, batch, teacher_params, step_key)
       weight, extra = out.weight, out.metrics
     else:
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
-      if mesh is not None:
-        micro = jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES))), micro)
+      micro = micro_batches(batch, grad_accum_steps, mesh)
 
       def accumulate(carry, xs):
         mb, index = xs
         key = None if step_key is None else jax.random.fold_in(step_key, index)
-        (l, o), g = grad_fn(params, frozen, mb, key)
+        (l, o), g = grad_fn(params, frozen, mb, teacher_params, key)
         return jax.tree.map(jnp.add, carry, (g, l, o.weight, o.metrics)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       first = jax.tree.map(lambda x: x[0], micro)
-      _, o_shape = jax.eval_shape(loss_sums, params, frozen, first)
+      _, o_shape = jax.eval_shape(loss_sums, params, frozen, first, teacher_params)
       init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), o_shape.metrics))
       (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(grad_accum_steps)))
@@ -109,11 +150,13 @@ def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.Gra
   return step
 
 
-def batch_abstract(batch_size: int, seq_len: int, mesh: Mesh) -> dict:
-  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-            "positions": jnp.int32, "loss_mask": jnp.float32}
-  return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes[k], sharding=shd.batch_sharding(mesh))
-          for k in MODEL_BATCH_KEYS}
+def batch_abstract(objective: objectives_lib.Objective, batch_size: int, seq_len: int, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs of the batch the step is compiled for: the model inputs plus the objective's keys."""
+  out = {}
+  for k, (trailing, dtype) in sorted(objective.full_batch_spec().items()):
+    shape = (batch_size, seq_len, *trailing)
+    out[k] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=shd.batch_sharding(mesh, len(shape)))
+  return out
 
 
 class Trainer:
@@ -136,35 +179,85 @@ class Trainer:
     self.lora_cfg = lora_lib.LoRAConfig.from_config(config.lora) if config.lora.enabled else None
     self.schedule = state_lib.make_schedule(tc)
     self.tx = state_lib.make_optimizer(tc, self.schedule)
-    self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh, self.lora_cfg)
+    self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh, self.lora_cfg,
+                                         base_dtype=config.lora.base_dtype)
     self.objective = objectives_lib.get_objective(tc.objective)
+    self.teacher = self._teacher_layout()
+    if self.objective.needs_teacher and self.teacher is None:
+      raise ValueError(f"config.train.objective={tc.objective!r} needs a teacher: set config.teacher.path")
+    teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
     step = make_train_step(self.layout.graphdef, self.objective, self.tx, self.schedule,
                            tc.grad_accum_steps, self.mesh,
-                           use_dropout=self.lora_cfg is not None and self.lora_cfg.dropout > 0)
-    self.batch_abstract = batch_abstract(tc.batch_size, config.data.seq_len, self.mesh)
+                           use_dropout=self.lora_cfg is not None and self.lora_cfg.dropout > 0,
+                           loss_chunk_len=int(tc.loss_chunk_len), teacher_graphdef=teacher_graphdef)
+    self.batch_abstract = batch_abstract(self.objective, tc.batch_size, config.data.seq_len, self.mesh)
     self.batch_shardings = {k: v.sharding for k, v in self.batch_abstract.items()}
+    self.batch_keys = tuple(self.batch_abstract)
+    teacher_shardings = self.teacher.shardings if self.teacher is not None else None
     self.step_fn = jax.jit(
-        step, in_shardings=(self.layout.shardings, self.layout.frozen_shardings, self.batch_shardings),
+        step, in_shardings=(self.layout.shardings, self.layout.frozen_shardings, self.batch_shardings,
+                            teacher_shardings),
         out_shardings=(self.layout.shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
-    graphdef, objective, mesh_ = self.layout.graphdef, self.objective, self.mesh
+    loss_sums = make_loss_sums(self.layout.graphdef, self.objective, self.mesh, int(tc.loss_chunk_len),
+                               teacher_graphdef)
 
-    def eval_sums(params, frozen, batch):
-      model = nnx.merge(graphdef, state_lib.merge_trees(frozen, params))
-      with shd.activation_sharding(mesh_):
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      out = objective(logits, batch)
+    def eval_sums(params, frozen, batch, teacher_params=None):
+      _, out = loss_sums(params, frozen, batch, teacher_params)
       return out.loss_sum, out.weight
 
     self.eval_fn = jax.jit(eval_sums, in_shardings=(self.layout.shardings["params"], self.layout.frozen_shardings,
-                                                    self.batch_shardings))
+                                                    self.batch_shardings, teacher_shardings))
+
+  def _teacher_layout(self) -> Teacher | None:
+    """The teacher's graph, shapes and shardings from `config.teacher` (nothing loaded)."""
+    tcfg = self.config.teacher
+    if not tcfg.path:
+      return None
+    from emjax import weights as weights_lib
+    model_cfg = weights_lib.model_config(tcfg.path)
+    model_cfg = dataclasses.replace(model_cfg, param_dtype=tcfg.dtype or model_cfg.param_dtype,
+                                    dtype=tcfg.dtype or self.model_cfg.dtype, remat="none")
+    if model_cfg.vocab_size != self.model_cfg.vocab_size:
+      raise ValueError(f"config.teacher.path={tcfg.path}: the teacher's vocabulary ({model_cfg.vocab_size}) "
+                       f"differs from the student's ({self.model_cfg.vocab_size}); they must share a tokenizer")
+    self.teacher_model_cfg = model_cfg
+    abstract = transformer.abstract_model(model_cfg)
+    graphdef, params = transformer.split_model(abstract)
+    axes = transformer.param_logical_axes(abstract)
+    shardings = shd.tree_shardings(axes, params, self.mesh)
+    abstract_params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                   params, shardings)
+    return Teacher(graphdef=graphdef, abstract=abstract_params, shardings=shardings)
+
+  def load_teacher(self) -> dict | None:
+    """The teacher's parameters on the mesh in `config.teacher.dtype` (None without a teacher)."""
+    if self.teacher is None:
+      return None
+    from emjax import weights as weights_lib
+    loaded = weights_lib.load_weights(self.config.teacher.path, mesh=self.mesh,
+                                      dtype=self.teacher_model_cfg.param_dtype)
+    got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), loaded.params)
+    want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.teacher.abstract)
+    if got != want:
+      raise ValueError(f"config.teacher.path={self.config.teacher.path}: loaded parameters do not match "
+                       "the teacher's model config")
+    return jax.device_put(loaded.params, self.teacher.shardings)
 
   def compile(self):
     """Lower and compile from abstract shapes alone (ahead of time; no parameter materialised)."""
-    return self.step_fn.lower(self.layout.abstract, self.layout.frozen_abstract, self.batch_abstract).compile()
+    teacher = self.teacher.abstract if self.teacher is not None else None
+    return self.step_fn.lower(self.layout.abstract, self.layout.frozen_abstract, self.batch_abstract,
+                              teacher).compile()
 
-  def init_state(self) -> tuple[dict, dict]:
-    """(train state, frozen params) for step 0, from `config.init` (random when unset)."""
-    base = ckpt_lib.load_init_params(self.config.init, self.model_cfg, self.layout.base_abstract, self.mesh)
+  def init_state(self, workdir: str | None = None) -> tuple[dict, dict]:
+    """(train state, frozen params) for step 0, from `config.init` (random when unset).
+
+    `workdir`: the run's; a LoRA run's base is pinned there (WORKDIR/base.json, see emjax.weights):
+    recorded the first time, checked (and its pinned step loaded) every time after.
+    """
+    from emjax import weights as weights_lib
+    base = weights_lib.load_init_params(self.config.init, self.model_cfg, self.layout.base_abstract, self.mesh,
+                                        pin=workdir if self.lora_cfg is not None else None)
     return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
                                 self.lora_cfg, base)
 
@@ -173,14 +266,11 @@ class Trainer:
     return self.model_cfg.flops_per_token(self.config.data.seq_len) * tc.batch_size * self.config.data.seq_len
 
 
-RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "init_std")
-
-
 def _adopt_hf_architecture(config) -> None:
   """config.model <- the Hugging Face checkpoint's architecture (runtime choices such as dtype kept)."""
-  from emjax.models import hf
-  hf_cfg = hf.config_from_hf(config.init.hf)
-  keep = {k: config.model[k] for k in RUNTIME_MODEL_KEYS}
+  from emjax import weights as weights_lib
+  hf_cfg = weights_lib.model_config(config.init.hf, key="config.init.hf")
+  keep = {k: config.model[k] for k in weights_lib.RUNTIME_MODEL_KEYS}
   config.model.update({**dataclasses.asdict(hf_cfg), **keep})
 
 
@@ -271,9 +361,14 @@ def _finite_or_raise(rows: list[dict], last_good_ckpt: int | None, ckpt_dir: str
           f"on was saved; {where}. Lower train.lr or check the data.")
 
 
-def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool = True) -> dict:
-  """Run (or resume) the configured training job in `workdir`; returns the final metrics row."""
-  from emjax.data import pipeline as data_pipeline
+def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool = True,
+          make_batch_source: Callable[..., batches_lib.BatchSource] | None = None) -> dict:
+  """Run (or resume) the configured training job in `workdir`; returns the final metrics row.
+
+  Batches come from `make_batch_source(trainer, tokenizer)` (default: the grain
+  pipeline of `config.data`). A source with a `set_weights(params, frozen)` method
+  is handed the current weights before every batch it produces (on-policy data).
+  """
   from emjax.data import tokenizers
 
   os.makedirs(workdir, exist_ok=True)
@@ -288,26 +383,31 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   if config.data.format == "chat":
     _report_chat_data(config, tokenizer, workdir)
 
-  batches = iter(data_pipeline.make_batches(config.data, tokenizer, tc.batch_size, seed=tc.seed))
+  if make_batch_source is None:
+    batches = batches_lib.GrainBatchSource(config.data, tokenizer, tc.batch_size, seed=tc.seed)
+  else:
+    batches = make_batch_source(trainer, tokenizer)
+  wants_weights = hasattr(batches, "set_weights")
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   restored = checkpointer.restore_latest(trainer.layout.abstract) if config.checkpoint.resume else None
   if restored is not None:
     start_step, state, data_state = restored
-    data_pipeline.restore_iterator(batches, data_state)
+    batches.set_state(data_state)
     # Frozen weights are not checkpointed: rebuild them from config.init (deterministic).
-    frozen = trainer.init_state()[1] if trainer.lora_cfg is not None else {}
+    frozen = trainer.init_state(workdir)[1] if trainer.lora_cfg is not None else {}
     log.info("resumed from step %d (%s)", start_step, checkpointer.directory)
   else:
-    start_step, (state, frozen) = 0, trainer.init_state()
+    start_step, (state, frozen) = 0, trainer.init_state(workdir)
   last_saved = start_step if restored is not None else None
+  teacher = trainer.load_teacher()
 
   compiled = trainer.compile()
   _log_memory(compiled)
   writer = MetricsWriter(workdir, start_step)
   evaluate = _make_evaluator(trainer, tokenizer, workdir, start_step)
   if evaluate is not None and start_step == 0:
-    evaluate(0, state, frozen)
+    evaluate(0, state, frozen, teacher)
   peak = perf.peak_flops_per_device(tc.peak_flops_per_device)
   flops_per_step = trainer.flops_per_step()
   tokens_per_step = tc.batch_size * config.data.seq_len
@@ -318,9 +418,11 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   progress = _progress(start_step, tc.steps, show_progress)
   try:
     for step in range(start_step + 1, tc.steps + 1):
+      if wants_weights:
+        batches.set_weights(state["params"], frozen)
       local = next(batches)
-      batch = shd.put_local_batch({k: local[k] for k in MODEL_BATCH_KEYS}, mesh)
-      state, metrics = compiled(state, frozen, batch)
+      batch = shd.put_local_batch(_model_batch(local, trainer.batch_keys), mesh)
+      state, metrics = compiled(state, frozen, batch, teacher)
       pending.append((step, metrics))
       steps_since += 1
       should_save = step % config.checkpoint.every_steps == 0 or step == tc.steps
@@ -339,20 +441,27 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
         last_row = rows[-1]
         progress.set_postfix(loss=f"{last_row['loss']:.4f}", refresh=False)
       if evaluate is not None and (step % config.eval.every_steps == 0 or step == tc.steps):
-        evaluate(step, state, frozen)
+        evaluate(step, state, frozen, teacher)
       if should_save:
-        checkpointer.save(step, state, data_pipeline.iterator_state(batches))
+        checkpointer.save(step, state, batches.get_state())
         last_saved = step
       progress.update(1)
   finally:
     progress.close()
     checkpointer.close()
     writer.close()
-    if hasattr(batches, "close"):  # stops grain's prefetch thread and worker processes
-      batches.close()
+    batches.close()
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   mark_complete(workdir, final)
   return final
+
+
+def _model_batch(local: Mapping[str, np.ndarray], keys) -> dict:
+  missing = [k for k in keys if k not in local]
+  if missing:
+    raise ValueError(f"the step (config.train.objective) reads batch keys {missing} that the batch source "
+                     f"does not give (it gives {sorted(local)})")
+  return {k: local[k] for k in keys}
 
 
 def _report_chat_data(config, tokenizer, workdir: str) -> None:
@@ -377,27 +486,34 @@ def _make_evaluator(trainer: Trainer, tokenizer, workdir: str, start_step: int):
   """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl.
 
   The held-out batches come from the training sources with `split` set to
-  `eval.split` (the chat sources' held-out rows) and no shuffling, so every
-  evaluation sees the same tokens.
+  `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
+  "Held-out split") and no shuffling, so every evaluation sees the same tokens.
   """
   from emjax.data import pipeline as data_pipeline
+  from emjax.data import sources as sources_lib
   config = trainer.config
   if config.eval.every_steps <= 0:
     return None
+  if config.eval.split not in sources_lib.PARTITIONS:
+    raise ValueError(f"config.eval.split={config.eval.split!r}: expected one of {list(sources_lib.PARTITIONS)}")
   data_cfg = copy.deepcopy(config.data)
   data_cfg.shuffle = False
   data_cfg.prefetch = 0
-  for src in data_cfg.sources.values():
+  for name, src in data_cfg.sources.items():
+    # Any other partition would train on the documents eval.jsonl measures.
+    if float(src.weight) > 0 and (src.split or "train") != "train":
+      raise ValueError(f"data.sources.{name}.split={src.split!r}: with config.eval.every_steps > 0 training "
+                       "must read only each source's 'train' split, which excludes the held-out documents")
     src.split = config.eval.split
   it = iter(data_pipeline.make_batches(data_cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
-  held_out = [shd.put_local_batch({k: b[k] for k in MODEL_BATCH_KEYS}, trainer.mesh)
+  held_out = [shd.put_local_batch(_model_batch(b, trainer.batch_keys), trainer.mesh)
               for b in (next(it) for _ in range(config.eval.batches))]
   path = os.path.join(workdir, "eval.jsonl")
   if jax.process_index() == 0:
     _truncate_metrics(path, start_step)
 
-  def evaluate(step: int, state, frozen) -> float:
-    sums = [trainer.eval_fn(state["params"], frozen, b) for b in held_out]
+  def evaluate(step: int, state, frozen, teacher=None) -> float:
+    sums = [trainer.eval_fn(state["params"], frozen, b, teacher) for b in held_out]
     loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     row = {"step": step, "eval_loss": loss_sum / max(weight, 1.0), "eval_tokens": weight}
     if jax.process_index() == 0:

@@ -93,15 +93,11 @@ def build_model(model_cfg: transformer.TransformerConfig, lora_cfg: "lora_lib.Lo
   return model
 
 
-def split_trainable(model: transformer.Transformer, lora_cfg) -> tuple[Any, dict, dict]:
-  """(graphdef, trainable, frozen): the adapters under LoRA, every parameter otherwise."""
-  if lora_cfg is None:
-    graphdef, trainable = nnx.split(model, nnx.Param)
-    frozen = {}
-  else:
-    graphdef, trainable, frozen = nnx.split(model, lora_lib.LoRAParam, nnx.Param)
-    frozen = transformer._to_pure_dict(frozen)
-  return graphdef, transformer._to_pure_dict(trainable), frozen
+# The LoRA tree helpers live in models/lora.py (weight loading uses them without train/).
+split_trainable = lora_lib.split_trainable
+adapter_abstract = lora_lib.adapter_abstract
+merge_trees = lora_lib.merge_trees
+_select = lora_lib.select_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +126,19 @@ def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def adapter_abstract(model_cfg: transformer.TransformerConfig, lora_cfg, mesh: Mesh) -> dict:
-  """ShapeDtypeStructs (replicated on `mesh`) of the LoRA adapters: what a LoRA run checkpoints as `params`."""
-  adapted = nnx.eval_shape(lambda: build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
-  _, adapters, _ = split_trainable(adapted, lora_cfg)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), adapters)
-
-
 def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                 lora_cfg=None) -> StateLayout:
-  """Shapes and shardings of the whole train state, from abstract shapes alone."""
+                 lora_cfg=None, base_dtype: str = "") -> StateLayout:
+  """Shapes and shardings of the whole train state, from abstract shapes alone.
+
+  `base_dtype` (LoRA only) is the dtype the frozen base weights are held in
+  ('' = `model_cfg.param_dtype`); the adapters keep `param_dtype`.
+  """
   abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, lora_cfg, jax.random.PRNGKey(0)))
   graphdef, trainable, frozen = split_trainable(abstract_model, lora_cfg)
   axes = transformer.param_logical_axes(abstract_model)
   trainable, frozen = _shape_only(trainable), _shape_only(frozen)
+  if lora_cfg is not None and base_dtype:
+    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(base_dtype)), frozen)
   all_sh = shd.tree_shardings(axes, merge_trees(frozen, trainable), mesh)
   param_sh = _select(all_sh, trainable)
   frozen_sh = _select(all_sh, frozen)
@@ -164,6 +159,8 @@ def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTra
   }
   base_graphdef, base_params = transformer.split_model(transformer.abstract_model(model_cfg))
   base_params = _shape_only(base_params)
+  if lora_cfg is not None and base_dtype:
+    base_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(base_dtype)), base_params)
   base_axes = transformer.param_logical_axes(transformer.abstract_model(model_cfg))
   base_abstract = _with_shardings(base_params, shd.tree_shardings(base_axes, base_params, mesh))
   return StateLayout(graphdef=graphdef, abstract=_with_shardings(abstract, shardings), shardings=shardings,
@@ -171,24 +168,15 @@ def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTra
                      base_graphdef=base_graphdef, base_abstract=base_abstract)
 
 
-def merge_trees(a, b) -> dict:
-  """Nested-dict union of two parameter trees (frozen base + trainable adapters)."""
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
-  return out
-
-
-def _select(full: dict, like: dict) -> dict:
-  """The subtree of `full` with the structure of `like`."""
-  return {k: _select(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
-
-
 def init_state(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation,
                layout: StateLayout, seed: int, lora_cfg=None, base_params: dict | None = None) -> tuple[dict, dict]:
   """(train state, frozen params), created directly in their shardings (jit out_shardings).
 
   `base_params` (e.g. a pretrained checkpoint's) replace the random base weights.
+  They are consumed: each leaf is cast to the layout's dtype on its own, then the
+  whole tree is donated to the initialisation, so a base never exists twice
+  (a frozen or trainable leaf is the loaded buffer itself where dtype and
+  sharding already match). Do not use `base_params` after this call.
   """
 
   def init(key, base):
@@ -199,5 +187,25 @@ def init_state(model_cfg: transformer.TransformerConfig, tx: optax.GradientTrans
              "rng": state_key}
     return state, frozen
 
-  fn = jax.jit(init, out_shardings=(layout.shardings, layout.frozen_shardings))
+  if base_params is not None:
+    base_params = _cast_consuming(base_params, layout.base_abstract)
+  fn = jax.jit(init, out_shardings=(layout.shardings, layout.frozen_shardings),
+               donate_argnums=(1,) if base_params is not None else ())
   return fn(jax.random.PRNGKey(seed), base_params)
+
+
+def _cast_consuming(tree: dict, like: dict) -> dict:
+  """`tree` with each leaf in `like`'s dtype and sharding, converting (and freeing) one leaf at a time."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out[k] = _cast_consuming(v, like[k])
+      continue
+    target = like[k]
+    if v.dtype == target.dtype and getattr(v, "sharding", None) == target.sharding:
+      out[k] = v
+      continue
+    out[k] = jax.jit(lambda x, dt=target.dtype: x.astype(dt), out_shardings=target.sharding)(v)
+    if isinstance(v, jax.Array):
+      v.delete()
+  return out

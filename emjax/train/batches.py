@@ -1,0 +1,89 @@
+"""Batch sources: where the training loop's batches come from, resumably.
+
+The loop asks a source for this process's rows of the next global batch and,
+at every checkpoint, for its position; restoring that position makes the
+source continue with exactly the batches it would have produced. Any object
+with this protocol is a source:
+
+    next(source)          -> dict of numpy arrays, this process's rows ([b, L, ...])
+    source.get_state()    -> JSON-serialisable dict, this process's position
+    source.set_state(s)   -> continue from a state `get_state` returned
+    source.close()        -> stop background threads / worker processes
+
+`GrainBatchSource` (the grain pipeline of `emjax.data.pipeline`) is one
+implementation; an on-policy source (rollouts sampled from the student's
+current weights each step) is another, with its own state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    ...
+
+  def get_state(self) -> dict[str, Any]:
+    ...
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    ...
+
+  def close(self) -> None:
+    ...
+
+
+# What fixes the order of a grain pipeline's batches beyond the config's data
+# block: a checkpoint restored under other values would silently continue with
+# different data, so they are recorded with the position and compared.
+_ORDER_KEYS = ("num_workers", "process_count", "process_index", "local_batch_size")
+
+
+class GrainBatchSource:
+  """This process's batches of the configured grain pipeline (`emjax.data.pipeline.make_batches`)."""
+
+  def __init__(self, data_cfg, tokenizer, global_batch_size: int, *, seed: int,
+               process_index: int | None = None, process_count: int | None = None):
+    from emjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    self._pipeline = pipeline
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    self._iterator = iter(pipeline.make_batches(data_cfg, tokenizer, global_batch_size, seed=seed,
+                                                process_index=process_index, process_count=process_count))
+    self.order = {"num_workers": int(data_cfg.get("num_workers", 0) or 0), "process_count": int(process_count),
+                  "process_index": int(process_index), "local_batch_size": global_batch_size // process_count}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"order": dict(self.order), "iterator": self._pipeline.iterator_state(self._iterator)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if "iterator" not in state:  # a checkpoint written before positions carried their pipeline settings
+      self._pipeline.restore_iterator(self._iterator, state)
+      return
+    saved = dict(state.get("order", {}))
+    for key in _ORDER_KEYS:
+      if key in saved and saved[key] != self.order[key]:
+        where = {"num_workers": "config.data.num_workers", "local_batch_size": "config.train.batch_size / processes",
+                 "process_count": "the number of processes", "process_index": "this process's index"}[key]
+        raise ValueError(
+            f"the checkpoint's data position was saved with {key}={saved[key]}, this run has {self.order[key]} "
+            f"({where}); the batch order depends on it, so resuming would silently change the data. "
+            f"Resume with the same setting, or start a new workdir.")
+    self._pipeline.restore_iterator(self._iterator, state["iterator"])
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:  # stops grain's prefetch thread and worker processes
+      close()
