@@ -9,8 +9,10 @@ cache gives the same sequence".
 """
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,9 +43,15 @@ def model():
   return graph, params
 
 
+# Fewer sort candidates than the vocabulary (64), so that the rule tests below run both the
+# lax.top_k path and its full-sort fallback (see `S.truncate_logits`).
+SORT_CANDIDATES = 8
+
+
 @pytest.fixture(scope="module")
 def sampler():
-  return S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP, top_logprobs=3)
+  return S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP, top_logprobs=3,
+                   sort_candidates=SORT_CANDIDATES)
 
 
 _REF_FNS = {}
@@ -170,6 +178,131 @@ def test_truncate_logits_matches_numpy_reference():
       np.testing.assert_array_equal(np.isfinite(got[row]), np.isfinite(want), err_msg=str((top_k, top_p, min_p)))
 
 
+def _full_sort_truncate(x_BxV, top_k, top_p, rules):
+  """The sampler's top-k -> top-p before its candidate path: a descending sort of the whole vocabulary."""
+  vocab = x_BxV.shape[-1]
+  sorted_BxV = -jnp.sort(-x_BxV, axis=-1)
+  if rules.top_k:
+    k = jnp.clip(top_k, 1, vocab)
+    kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, k - 1, 1, axis=1)
+    x_BxV = jnp.where(x_BxV < kth_Bx1, -jnp.inf, x_BxV)
+    sorted_BxV = jnp.where(jnp.arange(vocab) < k, sorted_BxV, -jnp.inf)
+  if rules.top_p:
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p
+    threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    x_BxV = jnp.where(x_BxV < threshold_Bx1, -jnp.inf, x_BxV)
+  return x_BxV
+
+
+def test_sort_candidates_sample_exactly_as_a_full_sort():
+  """lax.top_k candidates, with the full-sort fallback, give the full sort's support bit for bit and
+  so the same tokens for the same keys: top-k within and beyond the candidates, top-p whose nucleus
+  fits in them (peaked rows) and whose does not (flat rows), and both together."""
+  rng = np.random.default_rng(3)
+  vocab, c = 1000, 32
+  peaked = (rng.normal(size=(16, vocab)) * 4).astype(np.float32)
+  flat = (rng.normal(size=(16, vocab)) * 0.3).astype(np.float32)
+  keys = jax.random.split(jax.random.PRNGKey(0), 16)
+
+  @jax.jit
+  def mass_of_top_c(x):
+    return jnp.sum(jax.nn.softmax(x, axis=-1) * (x >= jax.lax.top_k(x, c)[0][:, -1:]), axis=-1)
+
+  @functools.partial(jax.jit, static_argnames=("rules",))
+  def both_ways(x, top_k, top_p, rules):
+    knobs = {"temperature": jnp.float32(1.0), "top_k": top_k, "top_p": top_p, "min_p": jnp.float32(0.0)}
+    got = S.truncate_logits(x, top_k, top_p, 0.0, rules, candidates=c)
+    want = _full_sort_truncate(x, top_k, top_p, rules)
+    tokens = S.sample_logits(x, keys, knobs, rules, candidates=c)[0]
+    return got, want, tokens, jax.vmap(S._categorical)(keys, want)  # pylint: disable=protected-access
+
+  cases = [(peaked, 5, 1.0), (peaked, 200, 1.0), (peaked, 0, 0.9), (flat, 0, 0.9), (flat, 0, 0.02),
+           (peaked, 20, 0.8), (flat, 20, 0.8), (flat, 100, 0.5)]
+  paths = set()
+  for x, top_k, top_p in cases:
+    rules = S.SamplingRules(top_k=top_k > 0, top_p=top_p < 1)
+    fast = top_k <= c if top_k else bool((mass_of_top_c(x) >= top_p + 1e-3).all())
+    paths.add(fast)
+    got, want, tokens, want_tokens = map(np.asarray, both_ways(x, jnp.int32(top_k), jnp.float32(top_p), rules))
+    np.testing.assert_array_equal(got, want, err_msg=f"top_k={top_k} top_p={top_p}")
+    assert np.isfinite(want).sum(-1).min() >= 1
+    np.testing.assert_array_equal(tokens, want_tokens, err_msg=f"top_k={top_k} top_p={top_p}")
+  assert paths == {True, False}, "the cases must reach both the candidate path and the fallback"
+
+
+def _vocab_sorts_outside_branches(hlo_text: str, vocab: int) -> tuple[list[str], list[str]]:
+  """(computations with a sort over a [.., vocab] array reachable from ENTRY without entering a
+  conditional's branch, all computations with such a sort) in HLO text."""
+  comps, calls, name = {}, {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name = ("ENTRY " if head.group(1) else "") + head.group(2)
+      comps[name], calls[name] = [], []
+      continue
+    if name is None:
+      continue
+    comps[name].append(line)
+    branch = re.search(r"branch_computations=\{([^}]*)\}", line)
+    branches = set()
+    if branch:
+      branches = {b.strip().lstrip("%") for b in branch.group(1).split(",")}
+    for m in re.finditer(r"(?:to_apply|calls|body|condition|true_computation|false_computation)=%?([\w.\-]+)", line):
+      calls[name].append((m.group(1), m.group(0).startswith(("true_", "false_"))))
+    calls[name].extend((b, True) for b in branches)
+  vocab_sort = re.compile(r"\[(?:\d+,)*%d\][^ ]*\)? sort\(" % vocab)
+  with_sort = [c for c, lines in comps.items() if any(vocab_sort.search(l) for l in lines)]
+  entry = next(c for c in comps if c.startswith("ENTRY "))
+  seen, todo = {entry}, [entry]
+  while todo:
+    for callee, is_branch in calls[todo.pop()]:
+      if not is_branch and callee in comps and callee not in seen:
+        seen.add(callee)
+        todo.append(callee)
+  return [c for c in with_sort if c in seen], with_sort
+
+
+@pytest.mark.parametrize("rule", [dict(top_k=6, top_p=0.9), dict(top_p=0.9)])
+def test_decode_step_sorts_the_vocabulary_only_in_the_fallback(model, sampler, rule):
+  """The compiled decode loop under top-k / top-p takes lax.top_k; a sort of the whole vocabulary
+  exists only inside the fallback branch of a conditional. The optimised HLO is read, since XLA may
+  turn a top_k back into a sort (XLA:CPU does when the top_k's output is sliced twice)."""
+  _, params = model
+  captured = {}
+  real = sampler.decode_fn
+
+  def spy(*args, **kwargs):
+    captured["args"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args)
+    captured["kwargs"] = kwargs
+    return real(*args, **kwargs)
+
+  sampler.decode_fn = spy
+  try:
+    sampler.generate(params, ragged_prompts(seed=2), temperature=0.9, max_new_tokens=4, **rule)
+  finally:
+    sampler.decode_fn = real
+  hlo = real.lower(*captured["args"], **captured["kwargs"]).compile().as_text()
+  outside, anywhere = _vocab_sorts_outside_branches(hlo, CFG.vocab_size)
+  assert not outside, f"a full-vocabulary sort on the decode step's main path: {outside}"
+  assert anywhere, "the fallback's sort should exist (the parser found none: is it still reading this HLO?)"
+  assert '"TopK"' in hlo or re.search(rf"topk\(.*k={SORT_CANDIDATES}\b", hlo), "the candidates come from lax.top_k"
+
+
+def test_sort_candidates_do_not_change_samples(model, sampler):
+  """The same tokens and logprobs with sort candidates 8 (top-k path and fallback) and 0 (always sort)."""
+  _, params = model
+  always_sort = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP, sort_candidates=0)
+  prompts = ragged_prompts(seed=13)
+  for rule in (dict(temperature=0.9, top_k=6, top_p=0.9), dict(temperature=1.3, top_p=0.7)):
+    a = sampler.generate(params, prompts, max_new_tokens=CAP, n=2, seed=4, **rule)
+    b = always_sort.generate(params, prompts, max_new_tokens=CAP, n=2, seed=4, **rule)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.sampled_logprobs, b.sampled_logprobs)
+  with pytest.raises(ValueError, match=r"sort_candidates must be >= 0"):
+    S.Sampler(CFG, sort_candidates=-1)
+
+
 def test_padding_invariance(model, sampler):
   """A prompt alone (its own, smaller bucket) and in a batch of other lengths: same tokens and logprobs."""
   _, params = model
@@ -227,7 +360,7 @@ def test_token_frequencies_match_model_distribution():
 
   cfg = dataclasses.replace(CFG, vocab_size=16, init_std=0.3)
   graph, params = make_params(cfg, seed=1)
-  small = S.Sampler(cfg, prompt_buckets=(4,), max_new_tokens_cap=1)
+  small = S.Sampler(cfg, prompt_buckets=(4,), max_new_tokens_cap=1, sort_candidates=4)  # top_k=4: lax.top_k path
   prompt = [3, 1, 4]
   logits = reference_logits(graph, params, [prompt])[0, len(prompt) - 1]
   num = 4000

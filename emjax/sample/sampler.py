@@ -33,7 +33,8 @@ does not depend on which other prompts share its batch.
 Speed notes (measured on CPU; see benchmarks/sampler.py): layers are unrolled
 and weights/cache are handed over per layer (`prepare_weights`; see the
 comment above it), sampling reductions avoid XLA:CPU's slow variadic argmax
-reduce, random draws are inverse-CDF (one uniform per row, not V Gumbels), the KV cache
+reduce, top-k / top-p read the largest logits through `lax.top_k` instead of sorting the vocabulary
+(`truncate_logits`), random draws are inverse-CDF (one uniform per row, not V Gumbels), the KV cache
 is laid out the way decode attention reads it (`transformer.cached_attention`), and on
 CPU the decode loop keeps XLA's YNNPACK library for dots only (`decode_compiler_options`).
 """
@@ -129,29 +130,82 @@ class SamplingParams:
         bad(f"stop token id {t} is not in the model's vocabulary [0, {vocab_size})")
 
 
-def truncate_logits(scaled_BxV: jax.Array, top_k, top_p, min_p, rules: SamplingRules) -> jax.Array:
-  """Sets logits outside the top-k / top-p / min-p support to -inf (temperature already applied)."""
-  neg_inf = jnp.asarray(-jnp.inf, scaled_BxV.dtype)
+# How many of the largest logits top-k / top-p look at first (`lax.top_k`) before falling back to
+# a sort of the whole vocabulary; see `truncate_logits`.
+DEFAULT_CANDIDATES = 256
+
+# A step whose candidates carry less than top_p + this much probability sorts the whole vocabulary:
+# the margin keeps the candidate path's verdict from hanging on the last bits of a sum whose order
+# differs from the full sort's.
+_MASS_MARGIN = 1e-5
+
+
+def truncate_logits(scaled_BxV: jax.Array, top_k, top_p, min_p, rules: SamplingRules,
+                    candidates: int | None = DEFAULT_CANDIDATES) -> jax.Array:
+  """Sets logits outside the top-k / top-p / min-p support to -inf (temperature already applied).
+
+  top-k and top-p need the logits in descending order, but only as far as their support reaches.
+  With `candidates` = C < V they read the C largest (`lax.top_k`) instead of sorting all V, which
+  gives the same support whenever it lies within those C: top-k with k <= C, and top-p (after
+  top-k, if any) when the C candidates carry at least top_p of the probability (p over the whole
+  vocabulary, or over the top k). Otherwise, for that decode step and batch only (`lax.cond` on
+  the runtime values), the whole vocabulary is sorted, so the result does not depend on C (up to
+  the float rounding of top-p's normaliser, summed in another order, at a token whose mass lands
+  exactly on top_p): C only decides how often the fast path is taken. None (or C >= V) always sorts.
+  """
   x_BxV = scaled_BxV
   vocab = x_BxV.shape[-1]
   if rules.top_k or rules.top_p:
-    sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
-    if rules.top_k:
-      k = jnp.clip(top_k, 1, vocab)
-      kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, k - 1, 1, axis=1)
-      x_BxV = jnp.where(x_BxV < kth_Bx1, neg_inf, x_BxV)
-      sorted_BxV = jnp.where(jnp.arange(vocab) < k, sorted_BxV, neg_inf)
-    if rules.top_p:
-      probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-      mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-      # Keep the smallest prefix whose mass reaches top_p (the first token always).
-      keep_BxV = mass_before_BxV < top_p
-      threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-      x_BxV = jnp.where(x_BxV < threshold_Bx1, neg_inf, x_BxV)
+    c = vocab if candidates is None else max(1, min(int(candidates), vocab))
+    full = lambda x: _top_k_top_p(x, -jnp.sort(-x, axis=-1), None, top_k, top_p, rules)  # noqa: E731
+    if c == vocab:
+      x_BxV = full(x_BxV)
+    else:
+      cand_BxC, _ = jax.lax.top_k(x_BxV, c)
+      sum_Bx1 = None
+      if rules.top_k:
+        # top-p after top-k renormalises over top-k's support, which lies within the candidates.
+        need_full = top_k > c
+      else:
+        # p of the candidates over the whole vocabulary: softmax's own max-shift and normaliser,
+        # so the probabilities equal the full sort's. The max as a reduction, not as the slice
+        # cand[:, :1]: XLA:CPU turns a top_k whose output is sliced twice back into a full sort.
+        max_Bx1 = jnp.max(cand_BxC, axis=-1, keepdims=True)
+        sum_Bx1 = jnp.sum(jnp.exp(x_BxV - max_Bx1), axis=-1, keepdims=True)
+        cand_mass_B = jnp.sum(jnp.exp(cand_BxC - max_Bx1), axis=-1) / sum_Bx1[:, 0]
+        need_full = jnp.any(cand_mass_B < top_p + _MASS_MARGIN)
+      fast = lambda x: _top_k_top_p(x, cand_BxC, sum_Bx1, top_k, top_p, rules)  # noqa: E731
+      x_BxV = jax.lax.cond(need_full, full, fast, x_BxV)
   if rules.min_p:
     # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p): no softmax needed.
     max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
-    x_BxV = jnp.where(x_BxV < max_Bx1 + jnp.log(min_p), neg_inf, x_BxV)
+    x_BxV = jnp.where(x_BxV < max_Bx1 + jnp.log(min_p), -jnp.inf, x_BxV)
+  return x_BxV
+
+
+def _top_k_top_p(x_BxV, sorted_BxC, sum_Bx1, top_k, top_p, rules: SamplingRules):
+  """top-k then top-p given the C largest logits in descending order (C = V: all of them).
+
+  `sum_Bx1`: sum over the whole vocabulary of exp(x - max), the softmax normaliser of top-p
+  without top-k when the C candidates are not the whole vocabulary (None: sum the candidates).
+  """
+  neg_inf = jnp.asarray(-jnp.inf, x_BxV.dtype)
+  vocab, c = x_BxV.shape[-1], sorted_BxC.shape[-1]
+  if rules.top_k:
+    k = jnp.clip(top_k, 1, vocab)
+    kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxC, jnp.minimum(k, c) - 1, 1, axis=1)
+    x_BxV = jnp.where(x_BxV < kth_Bx1, neg_inf, x_BxV)
+    sorted_BxC = jnp.where(jnp.arange(c) < k, sorted_BxC, neg_inf)
+  if rules.top_p:
+    if rules.top_k or sum_Bx1 is None:
+      probs_BxC = jax.nn.softmax(sorted_BxC, axis=-1)
+    else:
+      probs_BxC = jnp.exp(sorted_BxC - jnp.max(sorted_BxC, axis=-1, keepdims=True)) / sum_Bx1
+    mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+    # Keep the smallest prefix whose mass reaches top_p (the first token always).
+    keep_BxC = mass_before_BxC < top_p
+    threshold_Bx1 = jnp.min(jnp.where(keep_BxC, sorted_BxC, jnp.inf), axis=-1, keepdims=True)
+    x_BxV = jnp.where(x_BxV < threshold_Bx1, neg_inf, x_BxV)
   return x_BxV
 
 
@@ -163,11 +217,13 @@ def _categorical(key, logits_V):
   return jnp.minimum(index, logits_V.shape[-1] - 1).astype(jnp.int32)
 
 
-def sample_logits(logits_BxV, keys_Bx2, knobs: Mapping[str, jax.Array], rules: SamplingRules):
+def sample_logits(logits_BxV, keys_Bx2, knobs: Mapping[str, jax.Array], rules: SamplingRules,
+                  candidates: int | None = DEFAULT_CANDIDATES):
   """(token_B, raw_logprob_B, sampled_logprob_B, raw_lse_B) for one step.
 
   raw = the model's distribution (temperature 1, untruncated); sampled = the
-  distribution actually drawn from (0 under greedy: a point mass).
+  distribution actually drawn from (0 under greedy: a point mass). `candidates`: see
+  `truncate_logits` (the tokens drawn do not depend on it).
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
@@ -180,7 +236,7 @@ def sample_logits(logits_BxV, keys_Bx2, knobs: Mapping[str, jax.Array], rules: S
     sampled_lp_B = jnp.zeros(token_B.shape, jnp.float32)
   else:
     scaled_BxV = truncate_logits(logits_BxV / knobs["temperature"], knobs["top_k"], knobs["top_p"],
-                                 knobs["min_p"], rules)
+                                 knobs["min_p"], rules, candidates)
     token_B = jax.vmap(_categorical)(keys_Bx2, scaled_BxV)
     picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
     sampled_lp_B = picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
@@ -242,12 +298,16 @@ class Sampler:
     unroll_layers: decode with the layers unrolled instead of `lax.scan`ned (same weights; less
       per-step loop overhead, longer compile).
     cache_dtype: KV cache dtype (default: the model's compute dtype).
+    sort_candidates: top-k / top-p first look at this many largest logits (`lax.top_k`) and sort
+      the whole vocabulary only at a step where their support does not fit in them (top_k above
+      it, or a top-p nucleus wider than it); the samples are the same for any value (see
+      `truncate_logits`), it only sets how often a step takes the slow path. 0 = always sort.
   """
 
   def __init__(self, model_cfg: transformer.TransformerConfig, *, mesh: Mesh | None = None,
                prompt_buckets: Sequence[int] = DEFAULT_BUCKETS, max_new_tokens_cap: int = 256,
                prefill_chunk: int = 0, top_logprobs: int = 0, unroll_layers: bool = True,
-               cache_dtype: Any = None):
+               cache_dtype: Any = None, sort_candidates: int = DEFAULT_CANDIDATES):
     buckets = tuple(sorted({int(b) for b in prompt_buckets}))
     if not buckets or buckets[0] < 1:
       raise ValueError(f"prompt_buckets must be positive lengths, got {tuple(prompt_buckets)}")
@@ -257,6 +317,9 @@ class Sampler:
       raise ValueError(f"prefill_chunk must be >= 0 (0 = no chunking), got {prefill_chunk}")
     if not 0 <= top_logprobs <= model_cfg.vocab_size:
       raise ValueError(f"top_logprobs must be in [0, vocab_size={model_cfg.vocab_size}], got {top_logprobs}")
+    if sort_candidates < 0:
+      raise ValueError(f"sort_candidates must be >= 0 (0 = always sort the vocabulary), got {sort_candidates}")
+    self.sort_candidates = int(sort_candidates) or None
     self.unroll_layers = bool(unroll_layers)
     self.model_cfg = dataclasses.replace(model_cfg, scan_layers=not unroll_layers, remat="none")
     self.mesh = mesh if mesh is not None and mesh.size > 1 else None
@@ -471,7 +534,8 @@ class Sampler:
         cache = self._unstack_cache(cache)
         logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
         keys_Bx2 = jax.vmap(jax.random.fold_in, (0, None))(row_keys_Bx2, step)
-        token_B, raw_lp_B, sampled_lp_B, lse_B = sample_logits(logits_BxV, keys_Bx2, knobs, rules)
+        token_B, raw_lp_B, sampled_lp_B, lse_B = sample_logits(logits_BxV, keys_Bx2, knobs, rules,
+                                                               self.sort_candidates)
         live_B = ~c["done"]
         token_B = jnp.where(live_B, token_B, 0)
         out = dict(c["outputs"])

@@ -39,6 +39,9 @@ def compile_and_report(config, workdir: str, devices=None) -> dict:
       "devices": trainer.mesh.size,
       "device_kind": trainer.mesh.devices.flat[0].device_kind,
       "compile_seconds": round(seconds, 2),
+      "batch_size": int(config.train.batch_size), "grad_accum_steps": int(config.train.grad_accum_steps),
+      "seq_len": int(config.data.seq_len),
+      "frozen_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(trainer.layout.frozen_abstract)}),
       "memory_per_device_bytes": {
           f.replace("_size_in_bytes", ""): int(getattr(mem, f, 0))
           for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
