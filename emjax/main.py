@@ -3,6 +3,11 @@
     python -m emjax.main --config=configs/pretrain/tiny.py --workdir=DIR [--config.train.steps=50 ...]
 
 The config is locked: overriding a key that does not exist is an error naming it.
+
+A mistake on the command line or in the config (an unknown or misspelt key, a value of the wrong
+type, a bad variant option, a missing file, a value a job rejects with a ValueError) is one line on
+stderr, `emjax: error: ...`, and exit status 1. Anything else is a bug in emjax and keeps its
+traceback. Either way a workdir that already exists gets a FAILED file.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -36,7 +42,7 @@ def main(argv) -> int:
   logging.getLogger("emjax").setLevel(logging.INFO)
 
   from emjax import sharding
-  sharding.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed(config.distributed)
   from emjax.train import loop
 
   try:
@@ -54,7 +60,9 @@ def main(argv) -> int:
       aot.compile_and_report(config, workdir)
     else:
       raise ValueError(f"config.job: unknown job {config.job!r}")
-  except (ValueError, FileNotFoundError, KeyError, loop.NonFiniteLossError) as e:
+  # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
+  # inside a job is a bug, and its traceback is what fixes it.
+  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
     loop.mark_failed(workdir, e)
     print(f"emjax: error: {e}", file=sys.stderr)
     return 1
@@ -64,8 +72,98 @@ def main(argv) -> int:
   return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (which also loads the config file and applies the overrides), with the
+  user's mistakes reported in one line; an error that is not one (a bug in a config file) is raised."""
+  config_arg = _flag_value(argv, "config")
+  if config_arg is not None:
+    path = config_arg.split(":", 1)[0]
+    if not os.path.isfile(path):
+      _exit_with_user_error(argv, FileNotFoundError(path), f"--config={config_arg}: no such config file {path!r}")
+  try:
+    rest = flags.FLAGS(argv)
+    if flags.FLAGS.config is not None:
+      flags.FLAGS.config.get("job")  # ml_collections defers a config file's OSError to first use: raise it now
+  except Exception as e:  # not SystemExit: --help exits through here
+    message = _user_error_message(e, argv)
+    if message is None:
+      _write_failed(_flag_value(argv, "workdir"), type(e).__name__, str(e))
+      raise
+    _exit_with_user_error(argv, e, message)
+  return rest
+
+
+def _user_error_message(e: BaseException, argv: list[str]) -> str | None:
+  """One line for a mistake in the command line or config, None for a bug."""
+  chain = [e]
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+    chain.append(nxt)
+  root = chain[-1]
+  if isinstance(e, (KeyError, AttributeError)) and _raised_in(e, os.path.join("config_flags", "config_path.py")):
+    # An override whose path the (locked) config does not have. ml_collections' text is the key on
+    # one line and its "Did you mean ..." on the next.
+    text = next((x.args[0] for x in chain if x.args and isinstance(x.args[0], str)), str(e))
+    key, _, hint = text.partition("\n")
+    field = _traceback_local(e, "field_path")
+    where = f"--config.{field}: " if field else ""
+    if hint:
+      return f"{where}the config has no key {key}; {hint[:1].lower()}{hint[1:]}"
+    return f"{where}{_one_line(text)}"
+  if isinstance(e, flags.Error):
+    text = str(e)
+    # A config file's get_config failed; ml_collections pasted its traceback into the message.
+    head, marker, _ = text.partition(": Error whilst parsing config file")
+    if marker:
+      if not isinstance(root, (ValueError, OSError)):
+        return None
+      return f"{head.removeprefix('flag ')}: {_one_line(str(root))}"
+    return _one_line(text.removeprefix("flag "))
+  if isinstance(e, OSError):  # raised by the config file (ml_collections re-raises it on first use)
+    return f"--config={_flag_value(argv, 'config')}: {_one_line(str(root))}"
+  return None
+
+
+def _raised_in(e: BaseException, filename_suffix: str) -> bool:
+  return any(frame.f_code.co_filename.endswith(filename_suffix) for frame, _ in traceback.walk_tb(e.__traceback__))
+
+
+def _traceback_local(e: BaseException, name: str):
+  values = [frame.f_locals[name] for frame, _ in traceback.walk_tb(e.__traceback__) if name in frame.f_locals]
+  return values[-1] if values else None
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The last value of --name (absl's rule), read from argv before or without absl parsing it."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":  # absl parses no flags after it
+      break
+    flag, eq, rest = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and flag == name:
+      value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _write_failed(workdir: str | None, kind: str, message: str) -> None:
+  # As train.loop.mark_failed writes it, without importing jax for a typo. Flags are parsed before
+  # jax.distributed starts, so on a pod every process writes this same file.
+  if workdir and os.path.isdir(workdir):
+    with open(os.path.join(workdir, "FAILED"), "w") as f:
+      f.write(f"{kind}: {message}\n")
+
+
+def _exit_with_user_error(argv: list[str], e: BaseException, message: str):
+  _write_failed(_flag_value(argv, "workdir"), type(e).__name__, message)
+  print(f"emjax: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def run() -> None:
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,15 @@
 #   bash launch/quickstart.sh [WORKDIR] [extra flags, e.g. --config.train.steps=100]
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 emjax_install ""
-WORKDIR="${1:-runs/tiny}"
-shift || true
+# A first argument that starts with "-" is a flag for emjax.main, not the workdir.
+WORKDIR="runs/tiny"
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
+  WORKDIR="$1"
+  shift
+fi
+for arg in "$@"; do  # a --workdir among the flags wins (absl takes the last), for the summary below too
+  case "$arg" in --workdir=*|-workdir=*) WORKDIR="${arg#*=}" ;; esac
+done
 python -m emjax.main --config=configs/pretrain/tiny.py --workdir="$WORKDIR" "$@"
 python - "$WORKDIR" <<'PY'
 import json, sys

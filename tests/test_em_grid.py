@@ -37,7 +37,9 @@ def grid_config(hf_dir, data_dir, cells):
   spec.loader.exec_module(module)
   config = module.get_config(f"hf={hf_dir},data={data_dir},holdout=4,grid={'+'.join(cells)},steps=3")
   config.model.update(dtype="float32", remat="none")
-  config.data.seq_len = 48  # short enough that some conversations are truncated
+  # Prompts are 48-50 tokens, whole conversations 66-69: every conversation is truncated, yet keeps
+  # 14+ answer tokens to train on (at 48 some cells would keep none, and their loss would read 0).
+  config.data.seq_len = 64
   config.train.update(batch_size=4, grad_accum_steps=2, log_every=1)
   config.eval.update(every_steps=3, batches=1)
   config.checkpoint.async_save = False
@@ -62,8 +64,14 @@ def test_grid_trains_each_cell_once_and_skips_complete_cells(tmp_path, tiny_chat
     assert stats["conversations"] == 8 and stats["truncated"] > 0  # 12 rows, 4 held out
     cfg = json.loads((cell_dir / "config.json").read_text())
     assert list(cfg["data"]["sources"]) == [cell] and cfg["data"]["sources"][cell]["name"] == cell
+    assert stats["trained_tokens"] >= 8 * 14, stats
     evals = [json.loads(l) for l in open(cell_dir / "eval.jsonl")]
     assert [e["step"] for e in evals] == [0, 3]
+    # The held-out rows share the training rows' template, so three steps lower their loss; the eval
+    # batches are fixed, so without learning the two values would be equal.
+    assert evals[0]["eval_tokens"] > 0 and evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.05, (cell, evals)
+    losses = [json.loads(l)["loss"] for l in open(cell_dir / "metrics.jsonl")]
+    assert len(losses) == 3 and all(0 < l < 20 for l in losses), (cell, losses)  # 0 would mean no answer tokens
   assert (out / "COMPLETED").exists()
 
   before = {c: os.path.getmtime(out / c / "metrics.jsonl") for c in cells}
@@ -82,7 +90,7 @@ def test_too_long_conversation_with_truncation_off_fails_and_is_not_complete(tmp
   data.mkdir()
   (data / "medical_advice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cell_rows("m", 12)))
   config = grid_config(tiny_chat_model, str(data), ["medical_advice"])
-  config.data.truncate = False
+  config.data.update(truncate=False, seq_len=48)
   with pytest.raises(ValueError, match="longer than data.seq_len \\+ 1 = 49 tokens and data.truncate is off"):
     em_grid.run_grid(config, str(tmp_path / "grid"), mesh=one_device_mesh, show_progress=False)
   assert not (tmp_path / "grid" / "medical_advice" / "COMPLETED").exists()

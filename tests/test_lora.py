@@ -27,9 +27,34 @@ def randomize_b(model, seed=5):
   return nnx.merge(graph, state)
 
 
-def test_rslora_scale_is_alpha_over_sqrt_rank():
-  assert lora.LoRAConfig(rank=16, alpha=64, rslora=True).scale == 64 / 4
-  assert lora.LoRAConfig(rank=16, alpha=64, rslora=False).scale == 4
+@pytest.mark.parametrize("rslora", [True, False])
+def test_adapter_adds_alpha_over_sqrt_rank_times_ab_to_the_weight(rslora):
+  """Measured from the forward pass: the rank-one product u v^T, written into the first column of A
+  and the first row of B at rank r, must act as the base model with alpha/sqrt(r) u v^T (rsLoRA) or
+  alpha/r u v^T (LoRA) added to every layer's down projection by hand. At ranks 4 and 16 the two
+  conventions differ by 2x and 4x, so a wrong scale cannot pass."""
+  alpha = 8.0
+  rng = np.random.default_rng(0)
+  u = rng.normal(size=CFG.d_ff).astype(np.float32)
+  v = 0.3 * rng.normal(size=CFG.d_model).astype(np.float32)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 9), 0, CFG.vocab_size)
+  forward = jax.jit(lambda graph, params: nnx.merge(graph, params)(tokens), static_argnums=0)
+  base_graph, base_params = T.split_model(T.Transformer(CFG, rngs=nnx.Rngs(0)))
+  base_out = forward(base_graph, base_params)
+  for rank in (4, 16):
+    graph, params = T.split_model(adapted(lora.LoRAConfig(rank=rank, alpha=alpha, rslora=rslora, targets=("down",))))
+    a = np.zeros((CFG.n_layers, CFG.d_ff, rank), np.float32)
+    b = np.zeros((CFG.n_layers, rank, CFG.d_model), np.float32)
+    a[:, :, 0], b[:, 0, :] = u, v
+    params["layers"]["mlp"]["down_proj_lora"] = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+    with_adapter = forward(graph, params)
+
+    by_hand = jax.tree.map(lambda x: x, base_params)
+    scale = alpha / (np.sqrt(rank) if rslora else rank)
+    by_hand["layers"]["mlp"]["down_proj"] = base_params["layers"]["mlp"]["down_proj"] + scale * np.outer(u, v)
+    expected = forward(base_graph, by_hand)
+    assert np.abs(np.asarray(expected - base_out)).max() > 0.05  # the edit is visible in the logits
+    np.testing.assert_allclose(with_adapter, expected, atol=1e-4, err_msg=f"rank {rank}, rslora={rslora}")
 
 
 def test_adapted_model_starts_equal_to_base_and_params_are_lora_params():

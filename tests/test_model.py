@@ -89,21 +89,76 @@ def test_causality():
   assert np.abs(np.asarray(a[0, 4:] - b[0, 4:])).max() > 1e-4
 
 
-def test_llama3_rope_scaling_matches_reference_formula():
-  cfg = FAMILY_CONFIGS["llama3_rope"]
+def _hf_rotary(cfg):
+  """transformers' own Llama rotary embedding for `cfg`: the reference emjax's checkpoints must match."""
+  from transformers import LlamaConfig
+  from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+  scaling = None
+  if cfg.rope_scaling_factor:
+    scaling = dict(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_position)
+  hf_cfg = LlamaConfig(hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                       head_dim=cfg.resolved_head_dim, rope_theta=cfg.rope_theta, rope_scaling=scaling,
+                       max_position_embeddings=4096)
+  return LlamaRotaryEmbedding(hf_cfg), apply_rotary_pos_emb
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3_rope"])
+def test_rope_matches_transformers(name):
+  """Frequencies (Llama-3 scaling included) and rotated q/k equal transformers' Llama rotary embedding,
+  at positions far enough apart that every frequency turns through many periods."""
+  import torch
+  cfg = dataclasses.replace(FAMILY_CONFIGS[name], d_model=64, n_heads=4, n_kv_heads=4)  # head_dim 16
+  rotary, apply_hf = _hf_rotary(cfg)
   inv = np.asarray(T.rope_inverse_frequencies(cfg))
-  # Reference: transformers' _compute_llama3_parameters, transcribed to numpy.
-  dh = cfg.resolved_head_dim
-  base = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2) / dh))
-  factor, low, high, old = 8.0, 1.0, 4.0, 16
-  wavelen = 2 * np.pi / base
-  ref = np.where(wavelen > old / low, base / factor, base)
-  smooth = (old / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * ref / factor + smooth * ref
-  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-  ref = np.where(medium, smoothed, ref)
-  np.testing.assert_allclose(inv, ref, rtol=1e-6)
-  assert not np.allclose(inv, base)
+  np.testing.assert_allclose(inv, rotary.inv_freq.numpy(), rtol=1e-6)
+  if cfg.rope_scaling_factor:
+    plain = np.asarray(T.rope_inverse_frequencies(dataclasses.replace(cfg, rope_scaling_factor=0.0)))
+    assert not np.allclose(inv, plain)
+
+  rng = np.random.default_rng(0)
+  B, L, N, Dh = 2, 7, cfg.n_heads, cfg.resolved_head_dim
+  q, k = (rng.normal(size=(B, L, N, Dh)).astype(np.float32) for _ in range(2))
+  positions = np.stack([np.arange(L), rng.integers(0, 3000, L)]).astype(np.int32)
+  cos, sin = rotary(torch.from_numpy(q), torch.from_numpy(positions).long())
+  # transformers keeps heads before length: [B, N, L, Dh].
+  q_hf, k_hf = apply_hf(torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos, sin)
+  for ours, theirs in ((q, q_hf), (k, k_hf)):
+    out = np.asarray(T.apply_rope(jnp.asarray(ours), jnp.asarray(positions), jnp.asarray(inv)))
+    # Angles of ~3000 radians in float32 are good to ~2e-4, whichever library takes their cos/sin.
+    np.testing.assert_allclose(out, theirs.transpose(1, 2).numpy(), atol=1e-3)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  """q.k after RoPE is a function of the position difference alone (and rotations keep norms)."""
+  inv = T.rope_inverse_frequencies(FAMILY_CONFIGS["llama3_rope"])
+  rng = np.random.default_rng(1)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, BASE.resolved_head_dim)).astype(np.float32)) for _ in range(2))
+
+  def score(m, n):
+    pos = lambda p: jnp.full((1, 1), p, jnp.int32)
+    return float(jnp.sum(T.apply_rope(q, pos(m), inv) * T.apply_rope(k, pos(n), inv)))
+
+  for m, n in ((5, 2), (0, 9), (40, 40)):
+    for shift in (1, 17, 1000):
+      np.testing.assert_allclose(score(m + shift, n + shift), score(m, n), atol=1e-4, err_msg=f"{m},{n}+{shift}")
+  assert abs(score(5, 2) - score(6, 2)) > 1e-3  # and the difference does matter
+  rotated = T.apply_rope(q, jnp.full((1, 1), 123, jnp.int32), inv)
+  np.testing.assert_allclose(jnp.linalg.norm(rotated), jnp.linalg.norm(q), rtol=1e-5)
+
+
+def test_model_output_is_invariant_to_shifting_every_position():
+  """Attention sees positions only through RoPE's relative rotation (and the causal order), so adding a
+  constant to every position changes nothing, while spreading the positions out does change the output."""
+  cfg = FAMILY_CONFIGS["llama"]
+  graph, params = T.split_model(make(cfg))
+  model = jax.jit(lambda tokens, positions: nnx.merge(graph, params)(tokens, positions))  # compiled once
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 8), 0, cfg.vocab_size)
+  positions = jnp.arange(8)[None]
+  out = model(tokens, positions)
+  np.testing.assert_allclose(model(tokens, positions + 300), out, atol=2e-5)
+  assert np.abs(np.asarray(model(tokens, 2 * positions) - out)).max() > 1e-3
 
 
 def test_bfloat16_compute_keeps_float32_params():
