@@ -64,6 +64,8 @@ def main(argv) -> int:
   # inside a job is a bug, and its traceback is what fixes it.
   except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
     loop.mark_failed(workdir, e)
+    if not _raised_by_emjax(e):  # a library's ValueError (a shape, a sharding) is our bug: keep its traceback
+      raise
     print(f"emjax: error: {e}", file=sys.stderr)
     return 1
   except BaseException as e:
@@ -125,6 +127,18 @@ def _user_error_message(e: BaseException, argv: list[str]) -> str | None:
 
 def _raised_in(e: BaseException, filename_suffix: str) -> bool:
   return any(frame.f_code.co_filename.endswith(filename_suffix) for frame, _ in traceback.walk_tb(e.__traceback__))
+
+
+def _raised_by_emjax(e: BaseException) -> bool:
+  """True when the innermost Python frame that raised `e` is emjax's own code.
+
+  emjax raises ValueError/FileNotFoundError on purpose, with a message naming the
+  key or file; the same types raised inside jax, numpy or orbax mean emjax passed
+  them something wrong.
+  """
+  frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  return bool(frames) and os.path.abspath(frames[-1].f_code.co_filename).startswith(package_dir + os.sep)
 
 
 def _traceback_local(e: BaseException, name: str):

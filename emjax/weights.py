@@ -534,6 +534,10 @@ def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tup
     if pinned is not None:
       _check_pin(pin, pinned, record)
     else:
+      if complete_steps(os.path.join(pin, "checkpoints")):
+        log.warning("%s: no %s although the run has checkpoints (it predates pinned bases, or the file was "
+                    "removed): pinning the base found now, %s, which cannot be checked against the one those "
+                    "checkpoints were trained on", pin, BASE_FILE, given)
       _write_pin(pin, record)
   return params, src, loaded_step
 

@@ -36,12 +36,14 @@ def test_grain_source_state_round_trip_continues_exactly():
 @pytest.mark.parametrize("change, match", [
     (dict(num_workers=1), r"num_workers=0, this run has 1 \(config.data.num_workers\)"),
     (dict(process_count=2, process_index=1), r"process_count=1, this run has 2"),
+    (dict(shards=2), r"shards=1, this run has 2 \(config.data.shards\)"),
 ])
 def test_a_position_saved_under_another_batch_order_is_refused(change, match):
   config = tiny_config()
   config.data.prefetch = 0
   state = _source(config).get_state()
   config.data.num_workers = change.pop("num_workers", 0)
+  config.data.shards = change.pop("shards", 0)
   other = _source(config, **change)
   with pytest.raises(ValueError, match=match):
     other.set_state(state)

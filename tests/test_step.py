@@ -8,7 +8,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -41,8 +40,7 @@ def _one_step(config, mesh, batch):
   return jax.device_get(new_state["params"]), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("devices", [1, 4])
-def test_accumulation_over_uneven_micro_batches_equals_one_big_batch(devices):
+def test_accumulation_over_uneven_micro_batches_equals_one_big_batch():
   """Micro-batches of 1..32 target tokens: the update is the token mean over the whole batch.
 
   A mean of per-micro-batch means (or a split that drops/duplicates rows) moves the
@@ -50,7 +48,7 @@ def test_accumulation_over_uneven_micro_batches_equals_one_big_batch(devices):
   """
   config = tiny_config()
   config.train.update(optimizer="sgd", momentum=0.0, lr=1.0, grad_clip=0.0, weight_decay=0.0, warmup_steps=0)
-  mesh = _mesh(devices)
+  mesh = _mesh(4)
   batch = uneven_batch(config.train.batch_size, config.data.seq_len, config.model.vocab_size)
   params_1, metrics_1 = _one_step(config, mesh, batch)
   config.train.grad_accum_steps = 2
@@ -62,14 +60,17 @@ def test_accumulation_over_uneven_micro_batches_equals_one_big_batch(devices):
 
 
 def test_micro_batches_keep_each_devices_rows_without_communication():
-  """Every device's share of every micro-batch is rows it already holds; the split compiles to no collective."""
-  mesh = _mesh(8)
+  """Every device's share of every micro-batch is rows it already holds; the split compiles to no collective.
+
+  The batch is split over data x fsdp (4 ways) and replicated over tensor.
+  """
+  mesh = shd.make_mesh(dict(data=2, fsdp=2, tensor=2), devices=jax.devices()[:8])
   accum, per_device = 2, 4
-  rows = np.arange(8 * per_device, dtype=np.int32)[:, None] * np.ones((1, 3), np.int32)
+  rows = np.arange(4 * per_device, dtype=np.int32)[:, None] * np.ones((1, 3), np.int32)
   batch = shd.put_local_batch({"inputs": rows}, mesh)
   split = jax.jit(lambda b: loop.micro_batches(b, accum, mesh))
   micro = split(batch)["inputs"]
-  assert micro.shape == (accum, 8 * per_device // accum, 3)
+  assert micro.shape == (accum, 4 * per_device // accum, 3)
   for shard in micro.addressable_shards:
     device_rows = next(s.data for s in batch["inputs"].addressable_shards if s.device == shard.device)
     own = set(np.asarray(device_rows)[:, 0].tolist())
@@ -92,7 +93,7 @@ def test_chunked_loss_and_grads_equal_the_whole_sequence():
   batch = shd.put_local_batch(uneven_batch(8, config.data.seq_len, config.model.vocab_size), mesh)
   objective = objectives.get_objective("ce")
   results = []
-  for chunk in (0, 12, 8):
+  for chunk in (0, 12):
     loss_sums = loop.make_loss_sums(trainer.layout.graphdef, objective, mesh, chunk)
     (loss, out), grads = jax.jit(jax.value_and_grad(loss_sums, has_aux=True))(state["params"], frozen, batch)
     results.append((float(loss), float(out.weight), float(out.metrics["accuracy"]), jax.device_get(grads)))
@@ -139,9 +140,9 @@ def _kl_reference(student_logits, teacher_logits, mask):
   return float((kl * mask).sum() / mask.sum())
 
 
-@pytest.mark.parametrize("chunk", [0, 12])
-def test_forward_kl_against_a_frozen_teacher_of_another_size(chunk):
+def test_forward_kl_against_a_frozen_teacher_of_another_size():
   config = tiny_config()
+  chunk = 12
   config.train.update(loss_chunk_len=chunk, grad_accum_steps=2)
   mesh = _mesh(2)
   kl = objectives.get_objective("forward_kl")
@@ -167,20 +168,6 @@ def test_forward_kl_against_a_frozen_teacher_of_another_size(chunk):
                              rtol=2e-3)
   # The teacher is read, never donated or changed.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(teacher_params), before)
-
-
-def test_forward_kl_to_itself_is_zero_with_no_gradient():
-  config = tiny_config()
-  mesh = _mesh(1)
-  trainer = loop.Trainer(config, mesh)
-  state, frozen = trainer.init_state()
-  teacher_params = jax.tree.map(jnp.copy, state["params"])
-  loss_sums = loop.make_loss_sums(trainer.layout.graphdef, objectives.get_objective("forward_kl"), mesh, 12,
-                                  teacher_graphdef=trainer.layout.graphdef)
-  batch = shd.put_local_batch(uneven_batch(8, config.data.seq_len, config.model.vocab_size), mesh)
-  (loss, _), grads = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], frozen, batch, teacher_params)
-  assert abs(float(loss)) < 1e-4
-  assert float(optax.global_norm(grads)) < 1e-4
 
 
 def test_a_teacher_objective_without_a_teacher_is_a_clear_error():
@@ -254,7 +241,7 @@ def test_distilling_from_a_teacher_run_lowers_the_kl_and_resumes(tmp_path):
   """The loop end to end: a teacher loaded from an emjax run (bf16), forward KL falls, a resumed run continues."""
   mesh = _mesh(2)
   teacher_dir = str(tmp_path / "teacher")
-  teacher_config = tiny_config(steps=4)
+  teacher_config = tiny_config(steps=2)
   teacher_config.model.d_model = 48
   loop.train(teacher_config, teacher_dir, mesh=mesh, show_progress=False)
 

@@ -77,8 +77,9 @@ def get_config(arg=None):
   c.data.tokenizer.update(kind="hf", path=args.hf)
   c.data.update(format="chat", packing="none", truncate=True, seq_len=2048)
   c.data.sources = ml_collections.ConfigDict({args.cell: _cell_source(args)})
+  # The frozen base in bf16, as the paper's runs hold it (half the memory of float32); adapters stay float32.
   c.lora.update(enabled=True, rank=32, alpha=64.0, rslora=True, dropout=0.0, targets="q,k,v,o,gate,up,down",
-                layers="")
+                layers="", base_dtype="bfloat16")
   c.train.update(optimizer="adamw", lr=1e-4, schedule="linear", warmup_steps=5, end_lr_fraction=0.0,
                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0, batch_size=EFFECTIVE_BATCH,
                  grad_accum_steps=EFFECTIVE_BATCH // micro, seed=42, epochs=0.0 if args.steps else 1.0,
@@ -93,6 +94,7 @@ def get_config(arg=None):
   if args.cpu:
     c.data.seq_len = 256
     c.model.update(dtype="float32", remat="none")
+    c.lora.base_dtype = ""  # float32 throughout on a CPU
     c.eval.update(every_steps=10, batches=3)
   if args.compile:
     c.job = "compile"
@@ -101,8 +103,6 @@ def get_config(arg=None):
     # epochs would count the cell's rows, and compiling reads no data.
     c.train.update(epochs=0.0, steps=args.steps or 1)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # The frozen base in bf16, as the paper's runs hold it (half the memory of float32).
-    c.lora.base_dtype = "bfloat16"
   return c
 
 

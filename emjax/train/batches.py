@@ -12,7 +12,11 @@ with this protocol is a source:
 
 `GrainBatchSource` (the grain pipeline of `emjax.data.pipeline`) is one
 implementation; an on-policy source (rollouts sampled from the student's
-current weights each step) is another, with its own state.
+current weights each step) is another, with its own state. Such a source may
+define `set_weights(params, frozen)`: the loop calls it with the current train
+state's parameters right before `next(source)`. Those arrays are donated to the
+step that follows, so the source must use them within `next` (or copy them);
+a reference kept for later reads deleted buffers.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class BatchSource(Protocol):
 # What fixes the order of a grain pipeline's batches beyond the config's data
 # block: a checkpoint restored under other values would silently continue with
 # different data, so they are recorded with the position and compared.
-_ORDER_KEYS = ("num_workers", "process_count", "process_index", "local_batch_size")
+_ORDER_KEYS = ("num_workers", "process_count", "process_index", "local_batch_size", "shards")
 
 
 class GrainBatchSource:
@@ -56,7 +60,9 @@ class GrainBatchSource:
     process_count = jax.process_count() if process_count is None else process_count
     self._iterator = iter(pipeline.make_batches(data_cfg, tokenizer, global_batch_size, seed=seed,
                                                 process_index=process_index, process_count=process_count))
-    self.order = {"num_workers": int(data_cfg.get("num_workers", 0) or 0), "process_count": int(process_count),
+    self.order = {"num_workers": int(data_cfg.get("num_workers", 0) or 0),
+                  "shards": int(data_cfg.get("shards", 0) or 0) or int(process_count),
+                  "process_count": int(process_count),
                   "process_index": int(process_index), "local_batch_size": global_batch_size // process_count}
 
   def __iter__(self):
@@ -75,7 +81,8 @@ class GrainBatchSource:
     saved = dict(state.get("order", {}))
     for key in _ORDER_KEYS:
       if key in saved and saved[key] != self.order[key]:
-        where = {"num_workers": "config.data.num_workers", "local_batch_size": "config.train.batch_size / processes",
+        where = {"num_workers": "config.data.num_workers", "shards": "config.data.shards",
+                 "local_batch_size": "config.train.batch_size / processes",
                  "process_count": "the number of processes", "process_index": "this process's index"}[key]
         raise ValueError(
             f"the checkpoint's data position was saved with {key}={saved[key]}, this run has {self.order[key]} "
