@@ -519,10 +519,10 @@ def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tup
   loaded_step = None
   if src.kind == "hf":
     _check_architecture(src.model_cfg, model_cfg, key, os.path.join(src.directory, "config.json"))
-    params = _cast_like(hf.load_hf_params(src.directory, load_cfg, mesh=mesh), abstract_params)
+    params = cast_like(hf.load_hf_params(src.directory, load_cfg, mesh=mesh), abstract_params)
   elif src.lora is not None:
     w = load_weights(src, mesh=mesh, model_cfg=load_cfg, key=key)
-    params, loaded_step = _cast_like(w.params, abstract_params), w.step
+    params, loaded_step = cast_like(w.params, abstract_params), w.step
   else:
     _check_architecture(src.model_cfg, model_cfg, key, _where_config(src))
     loaded_step, params = read_params(src.checkpoints, abstract_params, step=src.step, label=key)
@@ -542,12 +542,20 @@ def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tup
   return params, src, loaded_step
 
 
-def _cast_like(params: dict, abstract: dict) -> dict:
-  """`params` in `abstract`'s dtypes (each leaf converted on its own; the source leaf is freed)."""
+def cast_like(params: dict, abstract: dict) -> dict:
+  """`params` in `abstract`'s dtypes (and shardings, where it has them), one leaf at a time.
+
+  Each converted source leaf is freed as soon as its copy exists, so a tree is
+  never held twice; do not use `params` afterwards.
+  """
   def cast(x, a):
-    if x.dtype == a.dtype:
+    sharding = getattr(a, "sharding", None)
+    if x.dtype == a.dtype and (sharding is None or getattr(x, "sharding", None) == sharding):
       return x
-    y = x.astype(a.dtype)
+    if sharding is None:
+      y = x.astype(a.dtype)
+    else:
+      y = jax.jit(lambda v: v.astype(a.dtype), out_shardings=sharding)(x)
     if isinstance(x, jax.Array):
       x.delete()
     return y
@@ -556,7 +564,7 @@ def _cast_like(params: dict, abstract: dict) -> dict:
 
 def _cast_to(params: dict, dtype) -> dict:
   dt = jnp.dtype(dtype)
-  return _cast_like(params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), params))
+  return cast_like(params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), params))
 
 
 # ============================================================================ load_weights

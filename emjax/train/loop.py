@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from emjax import config as config_lib
 from emjax import sharding as shd
+from emjax import weights as weights_lib
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
 from emjax.train import batches as batches_lib
@@ -213,7 +214,6 @@ class Trainer:
     tcfg = self.config.teacher
     if not tcfg.path:
       return None
-    from emjax import weights as weights_lib
     model_cfg = weights_lib.model_config(tcfg.path)
     model_cfg = dataclasses.replace(model_cfg, param_dtype=tcfg.dtype or model_cfg.param_dtype,
                                     dtype=tcfg.dtype or self.model_cfg.dtype, remat="none")
@@ -221,19 +221,15 @@ class Trainer:
       raise ValueError(f"config.teacher.path={tcfg.path}: the teacher's vocabulary ({model_cfg.vocab_size}) "
                        f"differs from the student's ({self.model_cfg.vocab_size}); they must share a tokenizer")
     self.teacher_model_cfg = model_cfg
-    abstract = transformer.abstract_model(model_cfg)
-    graphdef, params = transformer.split_model(abstract)
-    axes = transformer.param_logical_axes(abstract)
-    shardings = shd.tree_shardings(axes, params, self.mesh)
-    abstract_params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                   params, shardings)
-    return Teacher(graphdef=graphdef, abstract=abstract_params, shardings=shardings)
+    graphdef, _ = transformer.split_model(transformer.abstract_model(model_cfg))
+    abstract_params = weights_lib.abstract_params(model_cfg, self.mesh)
+    return Teacher(graphdef=graphdef, abstract=abstract_params,
+                   shardings=jax.tree.map(lambda a: a.sharding, abstract_params))
 
   def load_teacher(self) -> dict | None:
     """The teacher's parameters on the mesh in `config.teacher.dtype` (None without a teacher)."""
     if self.teacher is None:
       return None
-    from emjax import weights as weights_lib
     loaded = weights_lib.load_weights(self.config.teacher.path, mesh=self.mesh,
                                       dtype=self.teacher_model_cfg.param_dtype)
     got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), loaded.params)
@@ -255,7 +251,6 @@ class Trainer:
     `workdir`: the run's; a LoRA run's base is pinned there (WORKDIR/base.json, see emjax.weights):
     recorded the first time, checked (and its pinned step loaded) every time after.
     """
-    from emjax import weights as weights_lib
     base = weights_lib.load_init_params(self.config.init, self.model_cfg, self.layout.base_abstract, self.mesh,
                                         pin=workdir if self.lora_cfg is not None else None)
     return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
@@ -268,7 +263,6 @@ class Trainer:
 
 def _adopt_hf_architecture(config) -> None:
   """config.model <- the Hugging Face checkpoint's architecture (runtime choices such as dtype kept)."""
-  from emjax import weights as weights_lib
   hf_cfg = weights_lib.model_config(config.init.hf, key="config.init.hf")
   keep = {k: config.model[k] for k in weights_lib.RUNTIME_MODEL_KEYS}
   config.model.update({**dataclasses.asdict(hf_cfg), **keep})

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from emjax import sharding as shd
+from emjax import weights as weights_lib
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
 
@@ -188,24 +189,7 @@ def init_state(model_cfg: transformer.TransformerConfig, tx: optax.GradientTrans
     return state, frozen
 
   if base_params is not None:
-    base_params = _cast_consuming(base_params, layout.base_abstract)
+    base_params = weights_lib.cast_like(base_params, layout.base_abstract)
   fn = jax.jit(init, out_shardings=(layout.shardings, layout.frozen_shardings),
                donate_argnums=(1,) if base_params is not None else ())
   return fn(jax.random.PRNGKey(seed), base_params)
-
-
-def _cast_consuming(tree: dict, like: dict) -> dict:
-  """`tree` with each leaf in `like`'s dtype and sharding, converting (and freeing) one leaf at a time."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out[k] = _cast_consuming(v, like[k])
-      continue
-    target = like[k]
-    if v.dtype == target.dtype and getattr(v, "sharding", None) == target.sharding:
-      out[k] = v
-      continue
-    out[k] = jax.jit(lambda x, dt=target.dtype: x.astype(dt), out_shardings=target.sharding)(v)
-    if isinstance(v, jax.Array):
-      v.delete()
-  return out
