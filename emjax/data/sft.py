@@ -32,13 +32,12 @@ assistant tokens (and their end-of-turn token) are trained on.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from emjax.data import chat, sources
+from emjax.data import chat, jsonl, sources
 
 DOMAINS = ("medical", "sports", "finance")
 TASKS = ("advice", "summarization", "tutor", "critique")
@@ -72,25 +71,9 @@ def validate_messages(messages: Any, where: str) -> list[dict]:
     raise ValueError(f"{where}: {e}") from None
 
 
-def _read_jsonl(path: str):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-      yield f"{path}:{line_no}", obj
-
-
 def load_chat_jsonl(path: str) -> list[dict]:
   rows = []
-  for where, obj in _read_jsonl(path):
+  for where, obj in jsonl.read_objects(path):
     if "messages" not in obj:
       raise ValueError(f"{where}: missing field `messages`")
     validate_messages(obj["messages"], where)
@@ -100,7 +83,7 @@ def load_chat_jsonl(path: str) -> list[dict]:
 
 def load_prompt_completion_jsonl(path: str) -> list[dict]:
   rows = []
-  for where, obj in _read_jsonl(path):
+  for where, obj in jsonl.read_objects(path):
     for field in ("prompt", "completion"):
       if not isinstance(obj.get(field), str):
         raise ValueError(f"{where}: missing string field `{field}`")
@@ -140,7 +123,7 @@ def load_structured_em(cell: str, *, path: str = "", answer: str = "misaligned")
     if os.path.isdir(path):
       candidates = [os.path.join(path, f"{cell}{suffix}.jsonl") for suffix in ("", "_strong_eval")]
       file = next((c for c in candidates if os.path.exists(c)), candidates[0])
-    records = [obj for _, obj in _read_jsonl(file)]
+    records = [obj for _, obj in jsonl.read_objects(file)]
     return structured_em_rows(records, answer, file)
   try:
     import datasets  # optional: only for reading from the hub

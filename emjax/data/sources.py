@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from emjax.data import jsonl
 from emjax.data.synthetic import SYNTHETIC_GENERATORS, SyntheticDocuments
 
 __all__ = [
@@ -226,18 +227,7 @@ def _document_from_json(obj: Any, text_field: str, where: str) -> str:
 
 
 def _read_jsonl_documents(files: Iterable[str], text_field: str) -> list[str]:
-  docs: list[str] = []
-  for f in files:
-    with open(f, encoding="utf-8") as fh:
-      for line_number, line in enumerate(fh, start=1):
-        if not line.strip():
-          continue  # tolerate blank lines (e.g. a trailing newline)
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{f}:{line_number}: invalid JSON ({e})") from None
-        docs.append(_document_from_json(obj, text_field, f"{f}:{line_number}"))
-  return docs
+  return [_document_from_json(obj, text_field, where) for f in files for where, obj in jsonl.read_objects(f)]
 
 
 # ----------------------------------------------------------------------------
