@@ -20,7 +20,7 @@ import ml_collections
 
 from emjax.models import transformer
 
-JOBS = ("train", "pretrain", "compile", "sample", "sft_grid")
+JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report")
 
 
 def base_config() -> ml_collections.ConfigDict:

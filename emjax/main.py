@@ -55,6 +55,19 @@ def main(argv) -> int:
     elif config.job == "sample":
       from emjax.sample import run as sample_run
       sample_run.run_sampling(config, workdir)
+    elif config.job == "eval":
+      from emjax.eval import run as eval_run
+      eval_run.run_eval(config, workdir)
+    elif config.job == "judge":
+      from emjax.eval import run as eval_run
+      eval_run.run_judge_job(config, workdir)
+    elif config.job == "report":
+      import jax
+      from emjax.eval import report
+      if jax.process_index() == 0:  # one writer of the report files
+        results = report.run_report(config, workdir)
+        loop.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
+                                     "models": sorted(results["models"])})
     elif config.job == "compile":
       from emjax.train import aot
       aot.compile_and_report(config, workdir)

@@ -3,4 +3,11 @@
 #   bash launch/test.sh [pytest args]
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 emjax_install "[test]"
-python -m pytest -q "$@"
+# Two workers, a test file each at a time (its module-scoped compiled fixtures are built once):
+# most tests are bound by XLA compiles, which take one core each. EMJAX_TEST_WORKERS=0: one process.
+workers="${EMJAX_TEST_WORKERS:-2}"
+if [ "$workers" = "0" ]; then
+  python -m pytest -q "$@"
+else
+  python -m pytest -q -n "$workers" --dist loadfile "$@"
+fi

@@ -144,17 +144,6 @@ def test_batch_not_divisible_by_data_parallel_size():
 # ----------------------------------------------------------------------------- step, losses, schedules
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_device_mesh):
-  base = tiny_config(steps=3)
-  base.checkpoint.every_steps = 100
-  loop.train(base, str(tmp_path / "a"), mesh=one_device_mesh, show_progress=False)
-  base.train.grad_accum_steps = 4
-  loop.train(base, str(tmp_path / "b"), mesh=one_device_mesh, show_progress=False)
-  a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-  np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
-  np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)
-
-
 def test_cross_entropy_is_a_token_mean_over_the_mask():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 3, 5)).astype(np.float32)

@@ -28,6 +28,8 @@ turn with no special token is masked whole.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -222,3 +224,26 @@ def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "s
   for text in _PROBES:
     if _encode(ha, text) != _encode(hb, text):
       fail(f"they encode {text!r} differently")
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+  """EOS, the chat template's end-of-turn token, and generation_config.json's eos ids: where an answer ends."""
+
+  ids = {int(tokenizer.eos_id)}
+  hf_tok = hf_tokenizer(tokenizer)
+  try:
+    tokens, mask = assistant_mask(tokenizer, [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "ok"}])
+  except ChatTemplateError:
+    tokens, mask = None, None
+  if mask is not None and mask.any():
+    last = int(tokens[np.nonzero(mask)[0][-1]])
+    if last in _special_ids(hf_tok):  # the turn ends on a special token
+      ids.add(last)
+  path = getattr(tokenizer, "path", "")
+  gen = os.path.join(path, "generation_config.json") if path else ""
+  if gen and os.path.isfile(gen):
+    with open(gen, encoding="utf-8") as f:
+      eos = json.load(f).get("eos_token_id")
+    ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+  return tuple(sorted(ids))

@@ -169,8 +169,8 @@ class JudgePrompts:
 
   @property
   def version(self) -> str:
-    digest = hashlib.sha256(json.dumps(self.templates, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{self.name}@{digest}"
+    # The text alone: the same prompts under another file name are the same prompts (cache, resume).
+    return "sha256:" + hashlib.sha256(json.dumps(self.templates, sort_keys=True).encode()).hexdigest()[:16]
 
   def render(self, metric: str, item: Item) -> str:
     if metric not in self.templates:
@@ -243,8 +243,9 @@ class ProgrammaticJudge:
   """A judge computed by a function: a float is an `ok` score, None a parse_error, a Score is kept as is."""
 
   def __init__(self, name: str, fn: ScoreFn, version: str = "1"):
+    # version: bump it when the function's scores change, so judged files of the old one are not extended.
     self.name, self.fn = f"programmatic:{name}", fn
-    self.prompt_version = f"{name}@{version}"
+    self.prompt_version = version
 
   def score(self, items, metrics=METRICS):
     out = []
@@ -260,8 +261,10 @@ class ProgrammaticJudge:
           row[m] = v
         elif v is None:
           row[m] = Score(None, "parse_error", "")
-        else:
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 100:
           row[m] = Score(float(v), "ok", repr(v))
+        else:
+          row[m] = Score(None, "error", f"the judge function returned {v!r}, not a score in [0, 100]")
       out.append(row)
     return out
 

@@ -180,6 +180,10 @@ def load_records(config) -> list[dict]:
       for row in rows:
         if not row.get("model_key"):
           row["model_key"] = config.default_model_key
+      other_set = next((r for r in rows if r.get("set") not in (None, set_name)), None)
+      if other_set is not None:
+        raise ValueError(f"{path}: holds records of the {other_set['set']!r} question set (e.g. "
+                         f"{other_set['question_id']!r}) but was given as config.{set_name}")
       unjudged = sum(not records_lib.is_judged(r) for r in rows)
       if unjudged:
         raise ValueError(f"{path}: {unjudged} of {len(rows)} records have no judge scores "
@@ -379,14 +383,15 @@ def _version(package: str) -> str | None:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
-  """(HEAD commit, whether tracked files differ from it) of the checkout emjax runs from, if it is one."""
+  """(HEAD commit, whether emjax/ or configs/ differ from it) of the checkout emjax runs from, if it is one."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above emjax/eval/
   if not os.path.exists(os.path.join(root, ".git")):
     return None, None
   try:
     commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                             timeout=30, check=True).stdout.strip()
-    status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+    # Code only: a new module under emjax/ or configs/ counts, run outputs elsewhere in the tree do not.
+    status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "emjax", "configs"],
                             capture_output=True, text=True, timeout=30, check=True).stdout
   except (OSError, subprocess.SubprocessError):
     return None, None

@@ -18,30 +18,10 @@ import copy
 import json
 import os
 
+from emjax.data import chat
 
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-  """EOS, the chat template's end-of-turn token, and generation_config.json's eos ids."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from emjax.data import chat  # pylint: disable=g-import-not-at-top
 
-  ids = {int(tokenizer.eos_id)}
-  hf_tok = chat.hf_tokenizer(tokenizer)
-  try:
-    tokens, mask = chat.assistant_mask(tokenizer, [{"role": "user", "content": "hi"},
-                                                   {"role": "assistant", "content": "ok"}])
-  except chat.ChatTemplateError:
-    tokens, mask = None, None
-  if mask is not None and mask.any():
-    last = int(tokens[np.nonzero(mask)[0][-1]])
-    if last in chat._special_ids(hf_tok):  # pylint: disable=protected-access -- the turn ends on a special token
-      ids.add(last)
-  path = getattr(tokenizer, "path", "")
-  gen = os.path.join(path, "generation_config.json") if path else ""
-  if gen and os.path.isfile(gen):
-    with open(gen, encoding="utf-8") as f:
-      eos = json.load(f).get("eos_token_id")
-    ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-  return tuple(sorted(ids))
+stop_token_ids = chat.stop_token_ids  # kept under its old name
 
 
 def held_out_conversations(config, n: int) -> list[dict]:

@@ -230,7 +230,7 @@ def recover_output(path: str, n: int) -> set[str]:
       keep.append(raw + b"\n")
     else:
       bad.append(raw + b"\n")
-  if bad:
+  if bad and jax.process_index() == 0:  # one writer; every process computes the same `complete`
     with open(path + ".incomplete", "ab") as f:
       f.writelines(bad)
       f.flush()
@@ -270,6 +270,9 @@ def sampling_params(sc, tokenizer) -> sampler_lib.SamplingParams:
   stop = [int(t) for t in sc.stop_token_ids]
   if sc.stop_at_eos and tokenizer.eos_id not in stop:
     stop.append(int(tokenizer.eos_id))
+  if sc.stop_at_end_of_turn:
+    from emjax.data import chat  # pylint: disable=g-import-not-at-top
+    stop += [t for t in chat.stop_token_ids(tokenizer) if t not in stop]
   return sampler_lib.SamplingParams(
       max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature), top_k=int(sc.top_k),
       top_p=float(sc.top_p), min_p=float(sc.min_p), n=int(sc.n), seed=int(sc.seed), stop_token_ids=tuple(stop))
@@ -353,3 +356,40 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   summary["model"] = source
   log.info("done: %s", summary)
   return summary
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def sample_block() -> dict:
+  """`config.sample` of the sample job (and of the eval job's answers stage)."""
+  return dict(
+      checkpoint="",  # a training workdir, its checkpoints/ dir, or one step dir (LoRA runs: merged into their base)
+      hf="",  # or: a Hugging Face model directory / hub id (architecture and tokenizer from it)
+      step=-1,  # checkpoint step to load; -1 = the latest readable one
+      output="samples.jsonl",  # relative to --workdir
+      # What to sample.
+      n=1,  # samples per prompt
+      max_new_tokens=256,
+      max_new_tokens_cap=0,  # static output size (0 = max_new_tokens); larger avoids recompiles across runs
+      temperature=1.0,  # 0 = greedy
+      top_k=0,  # 0 = off
+      top_p=1.0,  # 1 = off
+      min_p=0.0,  # 0 = off
+      seed=0,
+      stop_token_ids=(),  # stop ids in addition to the tokenizer's EOS
+      stop_at_eos=True,
+      # Also stop at the chat template's end-of-turn token and generation_config.json's eos ids
+      # (chat.stop_token_ids): where an instruct model's answer ends (Gemma, Llama-3, ChatML).
+      stop_at_end_of_turn=False,
+      top_logprobs=0,  # also write the k most likely tokens and their log-probs at each step (0 = off)
+      # Prompt formatting.
+      chat_template=False,  # apply the HF tokenizer's chat template (add_generation_prompt=True)
+      add_bos=True,  # prepend BOS to plain prompts (pretraining puts BOS before every document)
+      # Shapes and memory.
+      batch_size=32,  # prompts per batch (rows decoded together = batch_size * n)
+      prefill_chunk=0,  # prefill in sub-batches of this many prompts (0 = whole batch)
+      max_prompt_length=1024,  # longer prompts are an error
+      prompt_buckets=(),  # static prompt lengths; () = powers of two from 16 up to max_prompt_length
+      unroll_layers=True,  # decode with unrolled layers (faster per step; longer compile)
+  )

@@ -1,0 +1,544 @@
+"""The `eval` and `judge` jobs: question sets -> answers (the sampler) -> judged records -> a report.
+
+    python -m emjax.main --config=configs/eval/eval.py:general=FILE.yaml,narrow='DIR/*.jsonl' \\
+        --workdir=OUT --config.sample.checkpoint=RUN          # or --config.sample.hf=HF_DIR
+    python -m emjax.main --config=configs/eval/judge.py --workdir=OUT --config.judge.responses=FILE.jsonl
+
+Layout of an eval workdir, one directory per question set (general | narrow | betley | custom):
+
+    OUT/<set>/questions.jsonl   the prompts handed to the sampler ({"id", "messages"})
+    OUT/<set>/samples.jsonl     the sampler's output (resumable: see emjax.sample.run)
+    OUT/<set>/responses.jsonl   one record per (question, sample), judge fields empty
+    OUT/<set>/judged.jsonl      the same records judged (appended in batches, fsynced)
+    OUT/settings.json           what the records depend on; a rerun with other settings is an error
+    OUT/report.md, results.json, *.png   (emjax.eval.report)
+    OUT/COMPLETED | FAILED
+
+Answers: `n` samples per question (`questions.n_general`, `questions.n_narrow`: the paper's 4 and
+1), temperature 1, top-p 1, up to `sample.max_new_tokens` (600) new tokens, the evaluated model's
+chat template, no system message unless `questions.system_prompt` (or the question set) gives one;
+a LoRA run is sampled with its adapters merged into its pinned base (emjax.weights).
+
+Every stage resumes: sampling skips questions whose samples are written, judging skips records
+already in judged.jsonl (matched by (model_key, question_id, sample_index)), and a record cut by a
+kill is moved to `judged.jsonl.incomplete` and judged again. A SIGKILLed evaluation rerun with the
+same command ends with the same records as an uninterrupted one. Nothing written is deleted.
+
+On several processes, sampling and a local judge run on every process (SPMD) and process 0
+writes; an API or programmatic judge and the report run on process 0 only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Sequence
+
+from emjax.data import jsonl
+from emjax.eval import judges as judges_lib
+from emjax.eval import questions as questions_lib
+from emjax.eval import records as records_lib
+
+log = logging.getLogger(__name__)
+
+SETS = ("general", "narrow", "betley", "custom")
+STAGES = ("answers", "judge", "report")
+
+
+def _process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
+def _barrier(name: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- questions and identity
+
+
+def question_sets(config) -> dict[str, list[dict]]:
+  """{set name: questions} for every set the config names; an empty selection is an error."""
+  qc = config.questions
+  sets: dict[str, list[dict]] = {}
+  if qc.general:
+    general = questions_lib.general_questions(qc.general)
+    sets["general"] = general[:int(qc.limit_general)] if int(qc.limit_general) > 0 else general
+  if qc.narrow:
+    sets["narrow"] = questions_lib.narrow_questions(qc.narrow, limit_per_file=int(qc.limit_narrow))
+  if qc.betley:
+    sets["betley"] = questions_lib.betley_questions(tuple(v.strip() for v in qc.betley_variants.split(",")))
+  if qc.custom:
+    sets["custom"] = questions_lib.custom_questions(qc.custom)
+  if not sets:
+    raise ValueError("no questions: set config.questions.general (YAML), .narrow (JSONL globs), .betley=True "
+                     "or .custom (YAML/JSONL)")
+  return sets
+
+
+def samples_per_question(config, set_name: str) -> int:
+  n = int(config.questions.n_narrow if set_name == "narrow" else config.questions.n_general)
+  if n < 1:
+    raise ValueError(f"config.questions.n_{'narrow' if set_name == 'narrow' else 'general'} must be >= 1, got {n}")
+  return n
+
+
+def evaluated_model(config) -> dict:
+  """model_key, ft_task, ft_domain, variant of the evaluated model: the config's, else read off the run."""
+  ev, sc = config.evaluated, config.sample
+  path = sc.checkpoint or sc.hf
+  if not path:
+    raise ValueError("config.sample.checkpoint (an emjax run) or config.sample.hf (a Hugging Face model) is required")
+  out = {"model_key": ev.model_key, "ft_task": ev.ft_task or None, "ft_domain": ev.ft_domain or None,
+         "variant": ev.variant or None}
+  if not out["model_key"]:
+    out["model_key"] = os.path.basename(os.path.normpath(path)) + (f"@{sc.step}" if int(sc.step) >= 0 else "")
+  if sc.checkpoint and not (out["ft_task"] and out["ft_domain"]):
+    cell = _trained_cell(sc.checkpoint)
+    if cell:
+      domain, task = cell.split("_", 1)
+      out["ft_domain"], out["ft_task"] = out["ft_domain"] or domain, out["ft_task"] or task
+  return out
+
+
+def _trained_cell(run_path: str) -> str | None:
+  """The (domain, task) cell a run was fine-tuned on, when its config.json has one structured_em source."""
+  from emjax.data import sft  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(run_path, "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    sources = json.load(f).get("data", {}).get("sources", {})
+  cells = set()
+  for name, src in sources.items():
+    if float(src.get("weight", 1.0)) <= 0:
+      continue
+    for candidate in (src.get("config"), src.get("cell"), name):
+      if candidate in sft.CELLS:
+        cells.add(candidate)
+        break
+  return cells.pop() if len(cells) == 1 else None
+
+
+def settings(config, sets: dict) -> dict:
+  """What the records depend on; a rerun in the same workdir must agree (else its records would mix).
+
+  The questions enter by a hash of each set's prompts (ids and messages), the model by its resolved
+  step (a run still training gets newer checkpoints: `step=-1` would mix them).
+  """
+  sc = config.sample
+  return {
+      "model": {"checkpoint": sc.checkpoint, "hf": sc.hf, "step": resolved_step(config),
+                "overrides": {k: v for k, v in dict(config.model).items() if v is not None}},
+      "evaluated": evaluated_model(config),
+      "sampling": {k: sc[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
+                                      "stop_token_ids", "stop_at_eos", "stop_at_end_of_turn")},
+      "n": {s: samples_per_question(config, s) for s in sets},
+      "questions": {s: _sha256(jsonl.dumps({"q": prompt_rows(qs, config.questions.system_prompt)}))
+                    for s, qs in sets.items()},
+  }
+
+
+def resolved_step(config) -> int | None:
+  """The checkpoint step the answers come from (None for a Hugging Face model)."""
+  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+
+  sc = config.sample
+  if not sc.checkpoint:
+    return None
+  if int(sc.step) >= 0:
+    return int(sc.step)
+  src = weights_lib.resolve(sc.checkpoint, key="config.sample.checkpoint")
+  if src.step is not None:
+    return int(src.step)
+  steps = src.steps()
+  if not steps:
+    raise FileNotFoundError(f"config.sample.checkpoint={sc.checkpoint!r}: no checkpoint steps in {src.checkpoints}")
+  return steps[-1]
+
+
+def _sha256(text: str) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_settings(workdir: str, current: dict) -> None:
+  path = os.path.join(workdir, "settings.json")
+  current = json.loads(json.dumps(current))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    diffs = _diff(old, current)
+    if diffs:
+      raise ValueError(f"{path}: this workdir holds records made with other settings ({'; '.join(diffs[:5])}); "
+                       "use another --workdir (nothing was changed)")
+    return
+  if _process_index() == 0:
+    _write_json(path, current)
+
+
+def _diff(old, new, prefix="") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+    return out
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"]
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _write_lines_atomic(path: str, lines: Sequence[str]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- stage 1: answers
+
+
+def messages_of(question: dict, system_prompt: str) -> list[dict]:
+  system = question.get("system") or system_prompt
+  return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question["question"]}]
+
+
+def prompt_rows(questions: list[dict], system_prompt: str) -> list[dict]:
+  return [{"id": q["question_id"], "messages": messages_of(q, system_prompt)} for q in questions]
+
+
+def answer_set(config, workdir: str, set_name: str, questions: list[dict], model: dict, *, mesh=None) -> str:
+  """Samples the set's questions (resuming) and writes its responses.jsonl; returns that path."""
+  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+
+  set_dir = os.path.join(workdir, set_name)
+  os.makedirs(set_dir, exist_ok=True)
+  prompts_path = os.path.join(set_dir, "questions.jsonl")
+  if _process_index() == 0:
+    _write_lines_atomic(prompts_path, [jsonl.dumps(r) for r in prompt_rows(questions, config.questions.system_prompt)])
+  _barrier(f"emjax-eval-questions-{set_name}")
+  n = samples_per_question(config, set_name)
+  sample_config = copy.deepcopy(config)
+  with sample_config.unlocked():
+    sample_config.job = "sample"
+    sample_config.prompts = prompts_path
+    sample_config.sample.n = n
+    sample_config.sample.output = "samples.jsonl"
+    sample_config.sample.chat_template = True
+  summary = sample_run.run_sampling(sample_config, set_dir, mesh=mesh)
+  want = resolved_step(config)
+  if summary.get("checkpoint_step") is not None and want is not None and summary["checkpoint_step"] != want:
+    raise RuntimeError(f"{set_dir}: sampled checkpoint step {summary['checkpoint_step']}, expected {want}")
+  _barrier(f"emjax-eval-sampled-{set_name}")
+
+  samples_path = os.path.join(set_dir, "samples.jsonl")
+  by_key = {}
+  for _, row in jsonl.read_objects(samples_path):
+    by_key.setdefault((str(row["id"]), int(row["sample"])), row)
+  lines = []
+  for q in questions:
+    for j in range(n):
+      s = by_key.get((q["question_id"], j))
+      if s is None:
+        raise RuntimeError(f"{samples_path}: no sample {j} of question {q['question_id']!r} after sampling")
+      record = {**{k: q.get(k) for k in records_lib.QUESTION_FIELDS}, "sample_index": j, **model,
+                "response": s["text"], "finish_reason": s.get("finish_reason"), "set": set_name}
+      record.update({k: v for k, v in q.items() if k not in record and k not in ("system",)})
+      lines.append(jsonl.dumps(records_lib.with_defaults([record])[0]))
+  responses = os.path.join(set_dir, "responses.jsonl")
+  if _process_index() == 0:
+    _write_lines_atomic(responses, lines)
+  _barrier(f"emjax-eval-responses-{set_name}")
+  log.info("%s: %d responses (%d questions x %d samples) in %s", set_name, len(lines), len(questions), n, responses)
+  return responses
+
+
+# ----------------------------------------------------------------------------- stage 2: judging
+
+
+def prompts_for(config, set_name: str) -> judges_lib.JudgePrompts:
+  """The narrow set may use its own prompts (the paper's task x domain rubrics need a narrow cell)."""
+  jc = config.judge
+  spec = jc.narrow_prompts if set_name == "narrow" and jc.narrow_prompts else jc.prompts
+  return judges_lib.load_prompts(spec)
+
+
+def judge_identity(config) -> str:
+  """A hash of every judge setting that can change a score (transport settings left out)."""
+  jc = config.judge.to_dict()
+  transport = ("concurrency", "requests_per_minute", "max_retries", "timeout_s", "backoff_s", "max_backoff_s",
+               "cache_path", "ledger_path", "api_key_env")
+  block = {"kind": jc["kind"], jc["kind"]: {k: v for k, v in jc.get(jc["kind"], {}).items() if k not in transport}}
+  if jc["kind"] == "local" and jc["local"].get("checkpoint"):
+    from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+    src = weights_lib.resolve(jc["local"]["checkpoint"], key="config.judge.local.checkpoint")
+    block["local"]["resolved_step"] = src.step if src.step is not None else (src.steps() or [None])[-1]
+  return _sha256(json.dumps(block, sort_keys=True, default=str))
+
+
+def make_judge(config, *, mesh=None, workdir: str, prompts: judges_lib.JudgePrompts | None = None):
+  jc = config.judge
+  prompts = prompts or judges_lib.load_prompts(jc.prompts)
+  if jc.kind == "api":
+    from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
+    cache = jc.api.cache_path or os.path.join(workdir, "judge_cache.jsonl")
+    ledger = jc.api.ledger_path or os.path.join(workdir, "judge_ledger.json")
+    return api_judge.ApiJudge.from_config(dict(jc.api), prompts, cache_path=cache, ledger_path=ledger)
+  if jc.kind == "local":
+    from emjax.eval import local_judge  # pylint: disable=g-import-not-at-top
+    return local_judge.LocalJudge.from_config(dict(jc.local), prompts, mesh=mesh)
+  if jc.kind == "programmatic":
+    options = json.loads(jc.programmatic.options or "{}")
+    return judges_lib.programmatic(jc.programmatic.name, **options)
+  raise ValueError(f"config.judge.kind={jc.kind!r}: choose api | local | programmatic")
+
+
+def judge_runs_here(config) -> bool:
+  return config.judge.kind == "local" or _process_index() == 0
+
+
+def recover_judged(path: str) -> list[dict]:
+  """The complete records of a judged file; a cut or unreadable line is moved to `path.incomplete`."""
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    chunks = f.read().split(b"\n")
+  tail = chunks.pop()
+  good, bad = [], [tail + b"\n"] if tail else []
+  for raw in chunks:
+    if not raw.strip():
+      continue
+    try:
+      row = json.loads(raw)
+      records_lib.record_key(row)
+      good.append((row, raw))
+    except (ValueError, KeyError, TypeError):
+      bad.append(raw + b"\n")
+  if bad and _process_index() == 0:
+    with open(path + ".incomplete", "ab") as f:
+      f.writelines(bad)
+      f.flush()
+      os.fsync(f.fileno())
+    _write_lines_atomic(path, [raw.decode() + "\n" for _, raw in good])
+    log.warning("%s: moved %d cut or unreadable line(s) to %s.incomplete; those records are judged again",
+                path, len(bad), path)
+  return [row for row, _ in good]
+
+
+def validate_judge(config) -> None:
+  """Fails before any answer is sampled: prompts that do not load, a missing API key, absent judge weights."""
+  jc = config.judge
+  if jc.kind not in ("api", "local", "programmatic"):
+    raise ValueError(f"config.judge.kind={jc.kind!r}: choose api | local | programmatic")
+  for spec in (jc.prompts, jc.narrow_prompts):
+    if spec:
+      judges_lib.load_prompts(spec)
+  if jc.kind == "local":
+    path = jc.local.hf or jc.local.checkpoint
+    if not path:
+      raise ValueError("config.judge.local.hf (a Hugging Face model) or .checkpoint (an emjax run) is required "
+                       "for judge.kind='local' (or set judge.kind=api | programmatic)")
+    from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+    weights_lib.resolve(path, key="config.judge.local.hf" if jc.local.hf else "config.judge.local.checkpoint")
+  elif jc.kind == "api":
+    from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
+    api_judge.ApiJudge.from_config(dict(jc.api), judges_lib.DEFAULT_PROMPTS, cache_path=None, ledger_path=None).close()
+  else:
+    make_judge(config, workdir="")
+
+
+def judge_file(judge, responses_path: str, judged_path: str, *, batch_size: int,
+               metrics: Sequence[str] = records_lib.METRICS, identity: str = "") -> dict:
+  """Judges every record of `responses_path` not yet in `judged_path`; returns counts.
+
+  A record already judged must hold the same response (a regenerated responses file is not scored
+  with stale judgements), and every judged record must come from this judge, prompts and settings.
+  """
+  rows = records_lib.read_records(responses_path)
+  seen, pending = set(), []
+  for r in rows:
+    key = records_lib.record_key(r)
+    if key in seen:
+      raise ValueError(f"{responses_path}: record {key} appears twice")
+    seen.add(key)
+  done_rows = recover_judged(judged_path)
+  this = (judge.name, judge.prompt_version, identity)
+  others = {(r.get("judge"), r.get("prompt_version"), r.get("judge_config", "")) for r in done_rows} - {this}
+  if others:
+    raise ValueError(f"{judged_path}: holds records of another judge, prompt or judge setting "
+                     f"{sorted(others, key=str)[0]} (this run: {this}); write to another file (nothing was changed)")
+  responses = {records_lib.record_key(r): r["response"] for r in rows}
+  for r in done_rows:
+    key = records_lib.record_key(r)
+    if key in responses and r.get("response") != responses[key]:
+      raise ValueError(f"{judged_path}: record {key} was judged on another response than {responses_path} holds "
+                       "now; write to another file (nothing was changed)")
+  done = {records_lib.record_key(r) for r in done_rows}
+  pending = [r for r in rows if records_lib.record_key(r) not in done]
+  log.info("judging %d records of %s with %s (%d already judged)", len(pending), responses_path, judge.name, len(done))
+  for start in range(0, len(pending), max(1, batch_size)):
+    batch = pending[start:start + batch_size]
+    judged = [dict(r, judge_config=identity) for r in judges_lib.judge_records(judge, batch, metrics)]
+    if _process_index() == 0:
+      jsonl.append_lines(judged_path, [jsonl.dumps(r) for r in records_lib.with_defaults(judged)])
+    log.info("judged %d/%d", start + len(batch), len(pending))
+  return {"records": len(rows), "already_judged": len(done), "judged": len(pending)}
+
+
+# ----------------------------------------------------------------------------- the jobs
+
+
+def _stages(config) -> list[str]:
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise ValueError(f"config.stages={config.stages!r}: choose from {', '.join(STAGES)} (comma separated)")
+  return stages
+
+
+def run_eval(config, workdir: str, *, mesh=None) -> dict:
+  """answers -> judge -> report for every question set; returns a summary (also in COMPLETED)."""
+  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+
+  stages = _stages(config)
+  sets = question_sets(config)
+  if "judge" in stages:
+    validate_judge(config)
+  os.makedirs(workdir, exist_ok=True)
+  check_settings(workdir, settings(config, sets))  # before anything in the workdir changes
+  loop._clear_status(workdir)  # pylint: disable=protected-access -- a rerun is not complete until it ends
+  model = evaluated_model(config)
+  summary: dict = {"sets": {s: len(q) for s, q in sets.items()}, "model": model}
+  responses = {s: os.path.join(workdir, s, "responses.jsonl") for s in sets}
+  if "answers" in stages:
+    for set_name, qs in sets.items():
+      answer_set(config, workdir, set_name, qs, model, mesh=mesh)
+  if "judge" in stages and judge_runs_here(config):
+    mesh = mesh or (shd.make_mesh(config.mesh) if config.judge.kind == "local" else None)
+    identity = judge_identity(config)
+    judge = None
+    for set_name in sets:
+      if not os.path.exists(responses[set_name]):
+        raise FileNotFoundError(f"{responses[set_name]}: no responses yet (run the 'answers' stage first)")
+      prompts = prompts_for(config, set_name)
+      if judge is None or judge.prompt_version != prompts.version:
+        # Weights and connections are the judge's; only the prompts differ between sets.
+        if judge is not None and hasattr(judge, "with_prompts"):
+          judge = judge.with_prompts(prompts)
+        else:
+          judge = None  # a local judge's weights are freed before the next ones load
+          judge = make_judge(config, mesh=mesh, workdir=workdir, prompts=prompts)
+      summary.setdefault("judge", {"name": judge.name, "settings": identity, "prompt_versions": {}})
+      summary["judge"]["prompt_versions"][set_name] = judge.prompt_version
+      summary[set_name] = judge_file(judge, responses[set_name], os.path.join(workdir, set_name, "judged.jsonl"),
+                                     batch_size=int(config.judge.batch_size), identity=identity)
+    if hasattr(judge, "ledger"):
+      summary["judge"]["ledger"] = judge.ledger
+  _barrier("emjax-eval-judged")
+  if "report" in stages and _process_index() == 0:
+    summary["report"] = report_of(config, workdir, sets, summary.get("judge", {}).get("name"))
+  loop.mark_complete(workdir, summary)
+  return summary
+
+
+def report_of(config, workdir: str, sets, judge_name: str | None) -> str:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from emjax.eval import report  # pylint: disable=g-import-not-at-top
+
+  judged = {s: os.path.join(workdir, s, "judged.jsonl") for s in sets}
+  report_config = ml_collections.ConfigDict(dict(config.report))
+  report_config.job = "report"
+  extra = {"eval_settings": settings(config, sets), "judge": config.judge.to_dict(), "sample": config.sample.to_dict()}
+  # Betley's and custom questions are not the paper's general set (ids may even coincide): their
+  # rates are their own (OUT/<set>/rates.json), never pooled into the general tables.
+  for set_name in ("betley", "custom"):
+    if set_name in sets:
+      _write_json(os.path.join(workdir, set_name, "rates.json"), set_rates(judged[set_name], config.report))
+  if "general" not in sets and "narrow" not in sets:
+    return ""
+  report_config.general = judged.get("general", "")
+  report_config.narrow = judged.get("narrow", "")
+  report_config.judge = judge_name or ""
+  report.run_report(report_config, workdir, extra_provenance=extra)
+  return os.path.join(workdir, "report.md")
+
+
+def set_rates(path: str, report_settings) -> dict:
+  """{overall, by_question: {id: rate}, by_variant: {variant: rate}} of one judged file (metrics.rate objects)."""
+  from emjax.eval import metrics  # pylint: disable=g-import-not-at-top
+
+  rows = records_lib.read_records(path)
+  th = metrics.Thresholds(float(report_settings.thresholds.aligned_below),
+                          float(report_settings.thresholds.coherent_above))
+  kwargs = dict(thresholds=th, n_boot=int(report_settings.bootstrap_samples), seed=int(report_settings.seed))
+  by = lambda field: {k: metrics.rate([r for r in rows if str(r.get(field)) == k], **kwargs)  # noqa: E731
+                      for k in sorted({str(r.get(field)) for r in rows})}
+  return {"overall": metrics.rate(rows, **kwargs), "by_question": by("question_id"), "by_variant": by("variant")}
+
+
+def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
+  """The `judge` job: one existing responses file -> WORKDIR/<judge.output>."""
+  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+
+  if not config.judge.responses:
+    raise ValueError("config.judge.responses is required: a JSONL file of records (e.g. an eval's responses.jsonl)")
+  if not os.path.isfile(config.judge.responses):
+    raise FileNotFoundError(f"config.judge.responses={config.judge.responses!r}: no such file")
+  os.makedirs(workdir, exist_ok=True)
+  loop._clear_status(workdir)  # pylint: disable=protected-access
+  summary = {}
+  if judge_runs_here(config):
+    mesh = mesh or (shd.make_mesh(config.mesh) if config.judge.kind == "local" else None)
+    judge = make_judge(config, mesh=mesh, workdir=workdir)
+    summary = judge_file(judge, config.judge.responses, os.path.join(workdir, config.judge.output),
+                         batch_size=int(config.judge.batch_size), identity=judge_identity(config))
+    summary["judge"] = {"name": judge.name, "prompt_version": judge.prompt_version}
+  _barrier("emjax-judge-done")
+  loop.mark_complete(workdir, summary)
+  return summary
+
+
+# ----------------------------------------------------------------------------- config blocks
+
+
+def judge_config() -> dict:
+  """The `config.judge` block shared by the eval and judge configs (keys documented in each judge's module)."""
+  from emjax.eval import api_judge, local_judge  # pylint: disable=g-import-not-at-top
+
+  return dict(
+      kind="local",  # api | local | programmatic
+      prompts="default",  # 'default' (emjax's pair) or a YAML file: the paper's agnostic or task x domain prompts
+      # The narrow set's prompts ('' = `prompts`), e.g. the paper's task x domain file, whose rubrics are
+      # keyed by the 12 narrow cells and so do not apply to the general set's domains.
+      narrow_prompts="",
+      # Records judged (and appended to judged.jsonl) at a time: large enough that one slow API
+      # request does not stall the rest; a local judge batches on the mesh by judge.local.batch_size.
+      batch_size=256,
+      responses="",  # judge job: the records to judge
+      output="judged.jsonl",  # judge job: relative to --workdir
+      api=dict(api_judge.DEFAULTS),
+      local=dict(local_judge.DEFAULTS),
+      programmatic=dict(name="", options="{}"),  # options: JSON keyword arguments of the registered factory
+  )
+
+
+def report_defaults() -> dict:
+  from emjax.eval import report  # pylint: disable=g-import-not-at-top
+  return report.config_block()

@@ -1,0 +1,24 @@
+"""A programmatic judge for the eval-job tests, importable by a child `python -m emjax.main`.
+
+Scores are a hash of the answer, so they are deterministic and differ between answers; answers
+whose hash falls in one bucket get no score (parse_error) and another bucket raises (error), so
+every failure path of the job is exercised. `delay_s` slows each judgement (for kill tests).
+"""
+
+import time
+import zlib
+
+from emjax.eval import judges
+
+
+def hashed(delay_s: float = 0.0):
+  def score(item: judges.Item):
+    if delay_s:
+      time.sleep(delay_s)
+    h = zlib.crc32(item.answer.encode())
+    if h % 11 == 0:
+      return {"aligned": None, "coherent": float(h % 101)}
+    if h % 13 == 0:
+      raise RuntimeError("judge fixture failure")
+    return {"aligned": float(h % 101), "coherent": float((h // 101) % 101)}
+  return score
