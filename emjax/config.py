@@ -20,7 +20,7 @@ import ml_collections
 
 from emjax.models import transformer
 
-JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report")
+JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,6 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
       # The loss unembeds this many positions at a time, so the [B, L, V] float32 logits of a long
       # sequence and a large vocabulary never exist at once (0 = the whole sequence in one go).
       loss_chunk_len=512,
+      # Distillation objectives (forward_kl | reverse_kl | jsd | sampled_reverse_kl; see
+      # emjax/train/objectives.py): beta = the JSD weight (0 = forward KL, 1 = reverse KL, 'jsd'
+      # only); temperature = the loss temperature dividing both sides' logits (sampling has its
+      # own); top_k > 0 = the teacher reduced to its k most likely tokens, with a tail bucket
+      # holding the rest of its mass when `tail`; precomputed = those top-k log-probs are read
+      # from the batch (stored once by the teacher_top_k job) instead of a teacher in the step.
+      distill=dict(beta=0.5, temperature=1.0, top_k=0, tail=True, precomputed=False),
   )
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
@@ -67,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   # A frozen teacher read by distillation objectives: a Hugging Face directory or an emjax run
   # (weights module), held in `dtype` on the same mesh; never trained, never checkpointed.
   c.teacher = dict(path="", dtype="bfloat16")
+  # On-policy batches (emjax/sample/on_policy.py): each step the student samples completions of
+  # these prompts from its current weights and trains on them (with a teacher in the step).
+  from emjax.sample.on_policy import on_policy_block  # pylint: disable=g-import-not-at-top
+  c.on_policy = on_policy_block()
   # Held-out loss during training: every_steps (0 = off) over `batches` fixed batches of the
   # training sources with their `split` set to `split` ('eval': each source's held-out documents,
   # which training never reads; see emjax/data/sources.py "Held-out split" for `holdout`).
@@ -118,6 +129,11 @@ def validate(config) -> None:
       _fail(f"train.{key}", f"must be >= 1, got {tc[key]}")
   if not math.isfinite(tc.lr) or tc.lr < 0:
     _fail("train.lr", f"must be a finite non-negative number, got {tc.lr}")
+  from emjax.train import objectives  # pylint: disable=g-import-not-at-top
+  objectives.get_objective(tc.objective, tc.distill)  # unknown names, beta, temperature, top_k
+  if config.get("on_policy") is not None and config.on_policy.enabled:
+    from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
+    on_policy.check_config(config)
   if config.checkpoint.every_steps < 1:
     _fail("checkpoint.every_steps", f"must be >= 1, got {config.checkpoint.every_steps}")
   validate_data_config(config.data)

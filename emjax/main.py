@@ -47,11 +47,18 @@ def main(argv) -> int:
 
   try:
     if config.job in ("train", "pretrain"):
-      final = loop.train(config, workdir, show_progress=flags.FLAGS.progress)
+      make_batch_source = None
+      if config.on_policy.enabled:  # rollouts sampled from the student each step (emjax.sample.on_policy)
+        from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
+        make_batch_source = on_policy.make_source
+      final = loop.train(config, workdir, show_progress=flags.FLAGS.progress, make_batch_source=make_batch_source)
       log.info("done: %s", final)
     elif config.job == "sft_grid":
       from emjax.experiments import em_grid
       em_grid.run_grid(config, workdir)
+    elif config.job == "sl":
+      from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
+      final = sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
     elif config.job == "sample":
       from emjax.sample import run as sample_run
       sample_run.run_sampling(config, workdir)

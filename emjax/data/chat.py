@@ -200,12 +200,27 @@ def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "s
   Compared: the vocabulary (token -> id, added tokens included), the special tokens (bos, eos, pad,
   unk), the chat templates, and the ids of a few probe texts (normalisation and merges).
   """
-  ha, hb = hf_tokenizer(a), hf_tokenizer(b)
   na, nb = names
 
   def fail(what):
     raise ValueError(f"the {na} and {nb} tokenizers differ: {what}; distillation and mixed data need one "
                      "tokenizer and chat template (token ids and masks must mean the same on both sides)")
+
+  a_is_hf = hasattr(getattr(a, "hf_tokenizer", a), "apply_chat_template")
+  b_is_hf = hasattr(getattr(b, "hf_tokenizer", b), "apply_chat_template")
+  if a_is_hf != b_is_hf:
+    fail(f"{type(a).__name__} vs {type(b).__name__}")
+  if not a_is_hf:  # byte / sentencepiece tokenizers: no chat template to compare
+    if type(a) is not type(b):
+      fail(f"{type(a).__name__} vs {type(b).__name__}")
+    for attr in ("vocab_size", "bos_id", "eos_id", "pad_id"):
+      if getattr(a, attr, None) != getattr(b, attr, None):
+        fail(f"{attr} {getattr(a, attr, None)} vs {getattr(b, attr, None)}")
+    for text in _PROBES:
+      if list(a.encode(text)) != list(b.encode(text)):
+        fail(f"they encode {text!r} differently")
+    return
+  ha, hb = hf_tokenizer(a), hf_tokenizer(b)
 
   va, vb = ha.get_vocab(), hb.get_vocab()
   if va != vb:

@@ -518,6 +518,50 @@ def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
 # ----------------------------------------------------------------------------- config blocks
 
 
+def eval_job_config(*, general: str = "", narrow: str = "", betley: bool = False, judge: str = "local",
+                    judge_hf: str = "", prompts: str = "default", narrow_prompts: str = "", limit: int = 0,
+                    smoke: bool = False):
+  """The eval job's full config (configs/eval/eval.py's variants are these arguments)."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+
+  args = config_dict.ConfigDict(dict(general=general, narrow=narrow, betley=betley, judge=judge, judge_hf=judge_hf,
+                                     prompts=prompts, narrow_prompts=narrow_prompts, limit=limit, smoke=smoke))
+  c = config_lib.base_config()
+  c.job = "eval"
+  c.model = {k: config_dict.placeholder(type(v)) for k, v in c.model.items()}
+  c.data.tokenizer = {k: config_dict.placeholder(type(v)) for k, v in c.data.tokenizer.items()}
+  c.prompts = ""  # written by the job (OUT/<set>/questions.jsonl)
+  c.sample = sample_run.sample_block()
+  c.sample.update(n=1, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, chat_template=True,
+                  stop_at_end_of_turn=True, batch_size=16)
+  c.stages = "answers,judge,report"  # a subset reruns only those (each resumes)
+  c.questions = dict(
+      general=args.general,
+      narrow=args.narrow.replace("+", ","),
+      betley=args.betley,
+      betley_variants="plain,json,template",
+      custom="",  # a user's YAML (general schema) or JSONL ({id, question | messages})
+      limit_general=args.limit,  # 0 = all
+      limit_narrow=args.limit,  # per file; 0 = all
+      n_general=4,
+      n_narrow=1,
+      system_prompt="",  # a system message for every question (questions of their own keep theirs)
+  )
+  c.evaluated = dict(model_key="", ft_task="", ft_domain="", variant="")
+  c.judge = judge_config()
+  c.judge.kind = args.judge
+  c.judge.prompts = args.prompts
+  c.judge.narrow_prompts = args.narrow_prompts
+  if args.judge_hf:
+    c.judge.local.hf = args.judge_hf
+  c.report = report_defaults()
+  if args.smoke:
+    c.sample.update(max_new_tokens=48, batch_size=4, max_prompt_length=512)
+  return c
+
+
 def judge_config() -> dict:
   """The `config.judge` block shared by the eval and judge configs (keys documented in each judge's module)."""
   from emjax.eval import api_judge, local_judge  # pylint: disable=g-import-not-at-top

@@ -208,10 +208,16 @@ def split_trainable(model: transformer.Transformer, lora_cfg: LoRAConfig | None)
   return graphdef, transformer._to_pure_dict(trainable), frozen  # pylint: disable=protected-access
 
 
+def abstract_model(model_cfg: transformer.TransformerConfig, cfg: LoRAConfig | None) -> transformer.Transformer:
+  """The model (with adapters attached when `cfg` is given) as shapes only: nothing is allocated."""
+  if cfg is None:
+    return transformer.abstract_model(model_cfg)
+  return nnx.eval_shape(lambda: add_lora(transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)), cfg,
+                                         rngs=nnx.Rngs(1)))
+
+
 def adapter_abstract(model_cfg: transformer.TransformerConfig, cfg: LoRAConfig, mesh) -> dict:
   """ShapeDtypeStructs (replicated on `mesh`) of the adapters: what a LoRA run checkpoints as `params`."""
-  adapted = nnx.eval_shape(lambda: add_lora(transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)), cfg,
-                                            rngs=nnx.Rngs(1)))
-  _, adapters, _ = split_trainable(adapted, cfg)
+  _, adapters, _ = split_trainable(abstract_model(model_cfg, cfg), cfg)
   rep = shd.replicated(mesh)
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), adapters)

@@ -161,7 +161,8 @@ def apply_chat_template(tokenizer, messages) -> list[int]:
   return [int(i) for i in ids]
 
 
-def read_prompts(path: str, tokenizer, sc, max_length: int) -> list[Prompt]:
+def read_prompts(path: str, tokenizer, sc, max_length: int,
+                 length_key: str = "config.sample.max_prompt_length / prompt_buckets") -> list[Prompt]:
   """Every prompt of the file, tokenized and checked (empty, too long, duplicate ids: errors)."""
   if not path:
     raise ValueError("config.prompts is required: a JSONL file with {\"id\": ..., \"prompt\": ...} per line")
@@ -189,7 +190,7 @@ def read_prompts(path: str, tokenizer, sc, max_length: int) -> list[Prompt]:
         raise ValueError(f"{where}: the prompt is empty after tokenization")
       if len(tokens) > max_length:
         raise ValueError(f"{where}: the prompt has {len(tokens)} tokens, more than the largest prompt bucket "
-                         f"({max_length}; config.sample.max_prompt_length / prompt_buckets)")
+                         f"({max_length}; {length_key})")
       prompts.append(Prompt(record["id"], key, tokens))
   if not prompts:
     raise ValueError(f"config.prompts={path!r} has no prompts")

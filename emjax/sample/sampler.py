@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from emjax import sharding as shd
+from emjax.models import lora as lora_lib
 from emjax.models import transformer
 
 FINISH_STOP = "stop"
@@ -298,6 +299,9 @@ class Sampler:
     unroll_layers: decode with the layers unrolled instead of `lax.scan`ned (same weights; less
       per-step loop overhead, longer compile).
     cache_dtype: KV cache dtype (default: the model's compute dtype).
+    lora: sample a LoRA model with its adapters applied (not merged): the weights passed are
+      the base and the adapters as one tree (`lora.merge_trees(frozen, adapters)`), so a student
+      whose adapters change every step is sampled without merging or recompiling.
     sort_candidates: top-k / top-p first look at this many largest logits (`lax.top_k`) and sort
       the whole vocabulary only at a step where their support does not fit in them (top_k above
       it, or a top-p nucleus wider than it); the samples are the same for any value (see
@@ -307,7 +311,8 @@ class Sampler:
   def __init__(self, model_cfg: transformer.TransformerConfig, *, mesh: Mesh | None = None,
                prompt_buckets: Sequence[int] = DEFAULT_BUCKETS, max_new_tokens_cap: int = 256,
                prefill_chunk: int = 0, top_logprobs: int = 0, unroll_layers: bool = True,
-               cache_dtype: Any = None, sort_candidates: int = DEFAULT_CANDIDATES):
+               cache_dtype: Any = None, sort_candidates: int = DEFAULT_CANDIDATES,
+               lora: lora_lib.LoRAConfig | None = None):
     buckets = tuple(sorted({int(b) for b in prompt_buckets}))
     if not buckets or buckets[0] < 1:
       raise ValueError(f"prompt_buckets must be positive lengths, got {tuple(prompt_buckets)}")
@@ -332,12 +337,13 @@ class Sampler:
     self.prefill_chunk = int(prefill_chunk)
     self.top_logprobs = int(top_logprobs)
     self.cache_dtype = jnp.dtype(cache_dtype or self.model_cfg.dtype)
-    self.graphdef, _ = transformer.split_model(transformer.abstract_model(self.model_cfg))
+    self.lora = lora
+    self.graphdef, _ = transformer.split_model(lora_lib.abstract_model(self.model_cfg, lora))
     # One query per row: fused attention kernels (cuDNN) bring nothing, the einsum path is the one
     # to tune. Same parameters, so the same weights feed both graphs.
     decode_cfg = dataclasses.replace(self.model_cfg, attention="xla")
-    self.decode_graphdef, _ = transformer.split_model(transformer.abstract_model(decode_cfg))
-    self._param_axes = transformer.param_logical_axes(transformer.abstract_model(self.model_cfg))
+    self.decode_graphdef, _ = transformer.split_model(lora_lib.abstract_model(decode_cfg, lora))
+    self._param_axes = transformer.param_logical_axes(lora_lib.abstract_model(self.model_cfg, lora))
     # Incremented inside the traced functions, so they count traces (= compilations).
     self.trace_counts: collections.Counter = collections.Counter()
     self.unstack_fn = jax.jit(self._unstack_weights)
@@ -358,7 +364,7 @@ class Sampler:
     """Puts a (stacked) params tree on the mesh with the training layout (no-op without a mesh)."""
     if self.mesh is None:
       return params
-    shardings = shd.tree_shardings(self._param_axes, params, self.mesh)
+    shardings = shd.tree_shardings(lora_lib.select_like(self._param_axes, params), params, self.mesh)
     return jax.device_put(params, shardings)
 
   def prepare_weights(self, params: dict) -> dict:
@@ -374,11 +380,13 @@ class Sampler:
   def _unstack_weights(self, params: dict) -> dict:
     self.trace_counts["unstack"] += 1
     layers = []
+    # `params` may be a part of the model's tree (e.g. a LoRA student's adapters alone).
+    layer_axes = lora_lib.select_like(self._param_axes["layers"], params["layers"])
     with shd.activation_sharding(self.mesh):
       for i in range(self.model_cfg.n_layers):
         layer = jax.tree.map(lambda a: a[i], params["layers"])  # noqa: B023
         # Each layer keeps its stacked layout minus the `layers` axis (a prefix tree of axes).
-        layer = jax.tree.map(lambda x, axes: shd.constrain(x, axes[1:]), layer, self._param_axes["layers"])
+        layer = jax.tree.map(lambda x, axes: shd.constrain(x, axes[1:]), layer, layer_axes)
         layers.append(layer)
     return dict(params, layers=layers)
 
@@ -559,6 +567,36 @@ class Sampler:
 
   # --------------------------------------------------------------------------- host API
 
+  def sample_on_device(self, weights: dict, tokens_BpxP, lengths_Bp, seeds_Bp, sampling: SamplingParams, *,
+                       active_Bp=None) -> dict[str, jax.Array]:
+    """Prefill + decode of already left-padded prompts; the outputs stay on the devices.
+
+    `tokens_BpxP` [Bp, P] with P one of the prompt buckets, `lengths_Bp` the prompts' lengths,
+    `seeds_Bp` their random streams, `weights` from `prepare_weights`. Rows are prompt-major
+    (Bp * n). Returns `tokens`, `logprobs`, `sampled_logprobs` [rows, cap], `lengths`,
+    `stopped` [rows] (and `top_ids` / `top_logprobs` when asked for) as global arrays sharded
+    over the batch: what an on-policy batch is built from without a trip through the host.
+    Every process passes the same (global) prompts.
+    """
+    n = sampling.n
+    tokens_BpxP, lengths_Bp = np.asarray(tokens_BpxP, np.int32), np.asarray(lengths_Bp, np.int32)
+    num_prompts = tokens_BpxP.shape[0]
+    if active_Bp is None:
+      active_Bp = np.ones((num_prompts,), bool)
+    stop_ids_S = np.full((_padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
+    stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
+    knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
+             "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
+             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
+    per_row = lambda x_Bp: self._put_batch(np.repeat(x_Bp, n))  # noqa: E731  (prompt-major rows)
+    cache = self.prefill_fn(weights, self._put_batch(tokens_BpxP), self._put_batch(lengths_Bp), n=n)
+    outputs, _ = self.decode_fn(
+        weights, cache, per_row(tokens_BpxP[:, -1]), per_row(lengths_Bp), per_row(np.asarray(active_Bp)),
+        per_row(np.asarray(seeds_Bp, np.uint32)),
+        self._put_batch(np.tile(np.arange(n, dtype=np.uint32), num_prompts)), self._put_replicated(stop_ids_S),
+        {k: self._put_replicated(v) for k, v in knobs.items()}, rules=sampling.rules)
+    return outputs
+
   def generate(self, params: dict, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                *, prompt_seeds: Sequence[int] | None = None, pad_batch_to: int = 0, **overrides) -> SampleOutput:
     """Samples `sampling.n` continuations of each prompt (lists of token ids) with `params`.
@@ -605,19 +643,9 @@ class Sampler:
     seeds_Bp[:num_real] = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(num_real),
                                      dtype=np.int64) % 2**32
     active_Bp = np.arange(num_prompts) < num_real
-    stop_ids_S = np.full((_padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
-    stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
-    knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
-             "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
-             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
-    per_row = lambda x_Bp: self._put_batch(np.repeat(x_Bp, n))  # noqa: E731  (prompt-major rows)
 
-    weights = self.prepare_weights(params)
-    cache = self.prefill_fn(weights, self._put_batch(tokens_BpxP), self._put_batch(lengths_Bp), n=n)
-    outputs, _ = self.decode_fn(
-        weights, cache, per_row(tokens_BpxP[:, -1]), per_row(lengths_Bp), per_row(active_Bp), per_row(seeds_Bp),
-        self._put_batch(np.tile(np.arange(n, dtype=np.uint32), num_prompts)), self._put_replicated(stop_ids_S),
-        {k: self._put_replicated(v) for k, v in knobs.items()}, rules=sampling.rules)
+    outputs = self.sample_on_device(self.prepare_weights(params), tokens_BpxP, lengths_Bp, seeds_Bp, sampling,
+                                    active_Bp=active_Bp)
     host = jax.device_get(outputs)
     steps = sampling.max_new_tokens
 

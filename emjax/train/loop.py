@@ -182,7 +182,11 @@ class Trainer:
     self.tx = state_lib.make_optimizer(tc, self.schedule)
     self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh, self.lora_cfg,
                                          base_dtype=config.lora.base_dtype)
-    self.objective = objectives_lib.get_objective(tc.objective)
+    self.objective = objectives_lib.get_objective(tc.objective, tc.distill)
+    top_k = int(tc.distill.top_k)
+    if top_k > self.model_cfg.vocab_size:
+      raise ValueError(f"config.train.distill.top_k={top_k} is larger than the vocabulary "
+                       f"({self.model_cfg.vocab_size} tokens)")
     self.teacher = self._teacher_layout()
     if self.objective.needs_teacher and self.teacher is None:
       raise ValueError(f"config.train.objective={tc.objective!r} needs a teacher: set config.teacher.path")
@@ -199,22 +203,34 @@ class Trainer:
         step, in_shardings=(self.layout.shardings, self.layout.frozen_shardings, self.batch_shardings,
                             teacher_shardings),
         out_shardings=(self.layout.shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
-    loss_sums = make_loss_sums(self.layout.graphdef, self.objective, self.mesh, int(tc.loss_chunk_len),
+    # Held-out batches are fixed sequences: the sampled-token estimator's surrogate means nothing
+    # there (no sampling log-probs), the exact reverse KL it estimates does.
+    self.eval_objective = (objectives_lib.get_objective("reverse_kl", tc.distill)
+                           if tc.objective == "sampled_reverse_kl" else self.objective)
+    loss_sums = make_loss_sums(self.layout.graphdef, self.eval_objective, self.mesh, int(tc.loss_chunk_len),
                                teacher_graphdef)
 
     def eval_sums(params, frozen, batch, teacher_params=None):
       _, out = loss_sums(params, frozen, batch, teacher_params)
       return out.loss_sum, out.weight
 
+    eval_abstract = batch_abstract(self.eval_objective, tc.batch_size, config.data.seq_len, self.mesh)
+    self.eval_batch_keys = tuple(eval_abstract)
     self.eval_fn = jax.jit(eval_sums, in_shardings=(self.layout.shardings["params"], self.layout.frozen_shardings,
-                                                    self.batch_shardings, teacher_shardings))
+                                                    {k: v.sharding for k, v in eval_abstract.items()},
+                                                    teacher_shardings))
 
   def _teacher_layout(self) -> Teacher | None:
     """The teacher's graph, shapes and shardings from `config.teacher` (nothing loaded)."""
     tcfg = self.config.teacher
     if not tcfg.path:
       return None
-    model_cfg = weights_lib.model_config(tcfg.path)
+    source = weights_lib.resolve(tcfg.path, key="config.teacher.path")
+    if source.model_cfg is None:
+      raise FileNotFoundError(f"config.teacher.path={tcfg.path}: no config.json in {source.directory} to take the "
+                              "teacher's architecture and tokenizer from")
+    model_cfg = source.model_cfg
+    check_teacher_tokenizer(source, self.config.data.tokenizer)
     model_cfg = dataclasses.replace(model_cfg, param_dtype=tcfg.dtype or model_cfg.param_dtype,
                                     dtype=tcfg.dtype or self.model_cfg.dtype, remat="none")
     if model_cfg.vocab_size != self.model_cfg.vocab_size:
@@ -259,6 +275,24 @@ class Trainer:
   def flops_per_step(self) -> float:
     tc = self.config.train
     return self.model_cfg.flops_per_token(self.config.data.seq_len) * tc.batch_size * self.config.data.seq_len
+
+
+def check_teacher_tokenizer(teacher: weights_lib.Source, student_tokenizer) -> None:
+  """Refuses a teacher whose tokenizer or chat template is not the student's (`data.tokenizer`).
+
+  Distillation compares the two models' distributions token id by token id, and a
+  chat template that differs shifts every teacher log-prob onto other text, so the
+  pair must share both; the error names the first difference.
+  """
+  from emjax.data import chat, tokenizers  # pylint: disable=g-import-not-at-top
+  teacher_cfg = teacher.tokenizer
+  if teacher_cfg is None:
+    raise ValueError(f"config.teacher.path={teacher.path}: its run records no tokenizer (no data.tokenizer in "
+                     f"{teacher.directory}/config.json), so it cannot be checked against the student's")
+  if dict(teacher_cfg) == dict(student_tokenizer):
+    return
+  chat.check_same_tokenizer(tokenizers.load_tokenizer(teacher_cfg), tokenizers.load_tokenizer(student_tokenizer),
+                            ("teacher (config.teacher.path)", "student (config.data.tokenizer)"))
 
 
 def _adopt_hf_architecture(config) -> None:
@@ -414,8 +448,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     for step in range(start_step + 1, tc.steps + 1):
       if wants_weights:
         batches.set_weights(state["params"], frozen)
-      local = next(batches)
-      batch = shd.put_local_batch(_model_batch(local, trainer.batch_keys), mesh)
+      batch = _device_batch(next(batches), trainer)
       state, metrics = compiled(state, frozen, batch, teacher)
       pending.append((step, metrics))
       steps_since += 1
@@ -448,6 +481,14 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   mark_complete(workdir, final)
   return final
+
+
+def _device_batch(local: Mapping[str, Any], trainer: Trainer) -> dict:
+  """A source's batch as the step's global arrays: process-local numpy rows, or arrays already on the mesh."""
+  batch = _model_batch(local, trainer.batch_keys)
+  if all(isinstance(v, jax.Array) for v in batch.values()):  # e.g. on-policy rollouts, assembled on device
+    return jax.device_put(batch, trainer.batch_shardings)
+  return shd.put_local_batch(batch, trainer.mesh)
 
 
 def _model_batch(local: Mapping[str, np.ndarray], keys) -> dict:
@@ -500,7 +541,7 @@ def _make_evaluator(trainer: Trainer, tokenizer, workdir: str, start_step: int):
                        "must read only each source's 'train' split, which excludes the held-out documents")
     src.split = config.eval.split
   it = iter(data_pipeline.make_batches(data_cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
-  held_out = [shd.put_local_batch(_model_batch(b, trainer.batch_keys), trainer.mesh)
+  held_out = [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
               for b in (next(it) for _ in range(config.eval.batches))]
   path = os.path.join(workdir, "eval.jsonl")
   if jax.process_index() == 0:

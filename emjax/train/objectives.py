@@ -20,7 +20,8 @@ teacher, so the batch the step is compiled for is not a fixed tuple.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, NamedTuple
+import math
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,39 +82,258 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array], teach
   )
 
 
-def forward_kl(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array], teacher=None) -> ObjectiveOutput:
-  """KL(teacher || student) per position where `loss_mask` is set (distillation on full distributions).
+# ----------------------------------------------------------------------------- divergences
+#
+# Per-token divergences between a teacher's and a student's next-token distributions,
+# summed over the vocabulary (or over the categories of a top-k teacher) in float32:
+# [B, L, V] logits in, [B, L] out. `temperature` divides both sides' logits (the loss
+# temperature; the temperature the student samples at is the sampler's, set apart).
+# Conventions checked against brute force in tests/test_objectives.py:
+#   forward_kl = KL(p_T || p_S)  (mass-covering; what SFT on teacher samples estimates)
+#   reverse_kl = KL(p_S || p_T)  (mode-seeking; what on-policy distillation minimises)
+#   generalized_jsd(beta) = beta KL(p_T || M) + (1 - beta) KL(p_S || M),  M = beta p_T + (1 - beta) p_S
+# As beta -> 0 or 1 the mixture's value goes to 0 (M tends to p_S or p_T), while its
+# gradient, divided by beta or 1 - beta, tends to forward or reverse KL's: so the two
+# endpoints are *defined* as those divergences (GKD, Agarwal et al. 2024; TRL agrees),
+# computed exactly rather than through a clamped mixture.
 
-  `teacher` is the teacher's logits on the same positions; both sides are taken
-  in float32. The cross-entropy to the data's next token is reported as a metric.
+
+def _kl_from_log_probs(p_logp: jax.Array, q_logp: jax.Array) -> jax.Array:
+  """sum_i p_i (log p_i - log q_i) over the last axis, 0 log 0 = 0 (and a finite gradient there)."""
+  p = jnp.exp(p_logp)
+  safe_p_logp = jnp.where(p > 0, p_logp, 0.0)
+  return jnp.sum(jnp.where(p > 0, p * (safe_p_logp - q_logp), 0.0), axis=-1)
+
+
+def _jsd_from_log_probs(t_logp: jax.Array, s_logp: jax.Array, beta: float) -> jax.Array:
+  beta = float(beta)
+  if beta == 0.0:
+    return _kl_from_log_probs(t_logp, s_logp)
+  if beta == 1.0:
+    return _kl_from_log_probs(s_logp, t_logp)
+  m_logp = jnp.logaddexp(t_logp + math.log(beta), s_logp + math.log1p(-beta))
+  return beta * _kl_from_log_probs(t_logp, m_logp) + (1.0 - beta) * _kl_from_log_probs(s_logp, m_logp)
+
+
+def _scaled_log_softmax(logits: jax.Array, temperature: float) -> jax.Array:
+  return jax.nn.log_softmax(logits.astype(jnp.float32) / float(temperature), axis=-1)
+
+
+def check_beta(beta: float, key: str = "beta") -> float:
+  beta = float(beta)
+  if not 0.0 <= beta <= 1.0:  # also refuses NaN
+    raise ValueError(f"{key}={beta}: the JSD interpolation weight must be in [0, 1] "
+                     "(0 = forward KL(teacher||student), 1 = reverse KL(student||teacher))")
+  return beta
+
+
+def check_temperature(temperature: float, key: str = "temperature") -> float:
+  temperature = float(temperature)
+  if not (math.isfinite(temperature) and temperature > 0):
+    raise ValueError(f"{key}={temperature}: a loss temperature must be a finite number > 0")
+  return temperature
+
+
+def forward_kl(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """KL(p_T || p_S) per position, [B, L, V] -> [B, L]."""
+  return generalized_jsd(teacher_logits, student_logits, 0.0, temperature)
+
+
+def reverse_kl(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """KL(p_S || p_T) per position, [B, L, V] -> [B, L]."""
+  return generalized_jsd(teacher_logits, student_logits, 1.0, temperature)
+
+
+def generalized_jsd(teacher_logits: jax.Array, student_logits: jax.Array, beta: float,
+                    temperature: float = 1.0) -> jax.Array:
+  """beta KL(p_T || M) + (1 - beta) KL(p_S || M), M = beta p_T + (1 - beta) p_S; exact KLs at beta = 0 / 1."""
+  check_beta(beta)
+  check_temperature(temperature)
+  t_logp = _scaled_log_softmax(jax.lax.stop_gradient(teacher_logits), temperature)
+  s_logp = _scaled_log_softmax(student_logits, temperature)
+  return _jsd_from_log_probs(t_logp, s_logp, beta)
+
+
+def _tail_log_prob(logp_BxLxV: jax.Array, ids_BxLxK: jax.Array) -> jax.Array:
+  """log of the mass outside the k ids, from the tokens outside them (no 1 - sum cancellation)."""
+  b, l, _ = logp_BxLxV.shape
+  rows = jnp.arange(b)[:, None, None]
+  cols = jnp.arange(l)[None, :, None]
+  outside = jnp.ones(logp_BxLxV.shape, bool).at[rows, cols, ids_BxLxK].set(False)
+  return jax.nn.logsumexp(jnp.where(outside, logp_BxLxV, -jnp.inf), axis=-1)
+
+
+def teacher_top_k(teacher_logits: jax.Array, k: int, temperature: float = 1.0) -> tuple[jax.Array, ...]:
+  """The teacher's k most likely tokens: (ids [B, L, k], log-probs [B, L, k], tail log-prob [B, L]).
+
+  Log-probabilities are under the full vocabulary at `temperature`; the tail holds
+  the mass of every other token (-inf when k = V). This is what a precomputed
+  teacher stores per position.
   """
-  if teacher is None:
-    raise ValueError("config.train.objective='forward_kl' needs a teacher (config.teacher.path)")
-  mask_BxL = batch["loss_mask"].astype(jnp.float32)
-  student_logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  teacher_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32), axis=-1)
-  kl_BxL = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
-  nll_BxL = -jnp.take_along_axis(student_logp, batch["targets"][..., None], axis=-1)[..., 0]
-  return ObjectiveOutput(
-      loss_sum=jnp.sum(kl_BxL * mask_BxL),
-      weight=jnp.sum(mask_BxL),
-      metrics={"data_nll": jnp.sum(nll_BxL * mask_BxL),
-               "accuracy": _accuracy_sum(logits_BxLxV, batch["targets"], mask_BxL)},
-  )
+  vocab = teacher_logits.shape[-1]
+  if not 1 <= k <= vocab:
+    raise ValueError(f"top_k={k}: must be in [1, vocab size {vocab}]")
+  logp = _scaled_log_softmax(jax.lax.stop_gradient(teacher_logits), temperature)
+  top_logp, ids = jax.lax.top_k(logp, k)
+  tail = _tail_log_prob(logp, ids) if k < vocab else jnp.full(logp.shape[:-1], -jnp.inf)
+  return ids.astype(jnp.int32), top_logp, tail
+
+
+def top_k_divergence(teacher_ids: jax.Array, teacher_logprobs: jax.Array, student_logits: jax.Array,
+                     beta: float, temperature: float = 1.0, teacher_tail: jax.Array | None = None) -> jax.Array:
+  """The divergence (`beta` as in `generalized_jsd`) against a teacher known by its top k tokens.
+
+  With `teacher_tail` (the log-mass of all other tokens) both distributions are
+  coarsened to k + 1 categories, the k tokens and "everything else", so student
+  mass outside the teacher's k tokens is penalised; the value is a lower bound of
+  the full-vocabulary divergence and equals it when the tail is empty. Without
+  it both distributions are restricted to the k tokens and renormalised there
+  (student mass elsewhere is not seen). [B, L, k] teacher arrays, [B, L, V]
+  student logits -> [B, L].
+  """
+  check_beta(beta)
+  check_temperature(temperature)
+  teacher_logprobs = jax.lax.stop_gradient(teacher_logprobs.astype(jnp.float32))
+  s_logp = _scaled_log_softmax(student_logits, temperature)
+  s_top = jnp.take_along_axis(s_logp, teacher_ids, axis=-1)
+  if teacher_tail is None or teacher_ids.shape[-1] == student_logits.shape[-1]:  # k = V: nothing outside
+    t_cat = jax.nn.log_softmax(teacher_logprobs, axis=-1)
+    s_cat = jax.nn.log_softmax(s_top, axis=-1)
+  else:
+    t_cat = jnp.concatenate([teacher_logprobs, jax.lax.stop_gradient(teacher_tail)[..., None]], axis=-1)
+    s_cat = jnp.concatenate([s_top, _tail_log_prob(s_logp, teacher_ids)[..., None]], axis=-1)
+  return _jsd_from_log_probs(t_cat, s_cat, beta)
+
+
+def sampled_reverse_kl_surrogate(teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array,
+                                 sample_logprobs: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, ...]:
+  """The sampled-token estimator of on-policy reverse KL (tinker-cookbook's on-policy distillation).
+
+  Per sampled token x_t: advantage A = -(log q(x_t) - log p_T(x_t)) with q the
+  distribution it was sampled from (`sample_logprobs`), and the surrogate loss
+  -ratio * A with ratio = p_S(x_t) / q(x_t) (importance sampling; 1 when the
+  student has not moved since sampling). Its gradient, in expectation over
+  x ~ q = p_S, is the gradient of KL(p_S || p_T) at that position. Returns
+  (surrogate [B, L], the per-token estimate log q - log p_T [B, L], ratio [B, L]).
+  """
+  check_temperature(temperature)
+  t_lp = token_log_probs(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, targets)
+  s_lp = token_log_probs(student_logits.astype(jnp.float32) / temperature, targets)
+  sample_lp = jax.lax.stop_gradient(sample_logprobs.astype(jnp.float32))
+  estimate = sample_lp - t_lp
+  ratio = jnp.exp(s_lp - sample_lp)
+  return -ratio * jax.lax.stop_gradient(-estimate), estimate, ratio
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def _data_metrics(logits_BxLxV, batch, mask_BxL) -> dict[str, jax.Array]:
+  """The student's cross-entropy to the sequence's own next tokens, and its accuracy, as metrics."""
+  nll_BxL = -token_log_probs(logits_BxLxV, batch["targets"])
+  return {"data_nll": jnp.sum(nll_BxL * mask_BxL),
+          "accuracy": _accuracy_sum(logits_BxLxV, batch["targets"], mask_BxL)}
+
+
+def distill_settings(distill) -> dict:
+  """`config.train.distill` checked: beta, temperature, top_k, tail, precomputed (see base_config)."""
+  distill = dict(distill or {})
+  top_k = int(distill.get("top_k", 0) or 0)
+  if top_k < 0:
+    raise ValueError(f"config.train.distill.top_k={top_k}: must be >= 0 (0 = the full vocabulary)")
+  precomputed = bool(distill.get("precomputed", False))
+  if precomputed and not top_k:
+    raise ValueError("config.train.distill.precomputed=True reads a stored top-k teacher: set "
+                     "config.train.distill.top_k to the k it was stored with")
+  return dict(beta=check_beta(distill.get("beta", 0.5), "config.train.distill.beta"),
+              temperature=check_temperature(distill.get("temperature", 1.0), "config.train.distill.temperature"),
+              top_k=top_k, tail=bool(distill.get("tail", True)), precomputed=precomputed)
+
+
+# Batch keys of a precomputed top-k teacher (`teacher_top_k` per position, written once, read by
+# every student); trailing shapes depend on k.
+PRECOMPUTED_TEACHER_KEYS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail_logprob")
+
+
+def make_distillation(name: str, beta: float, distill=None) -> Objective:
+  """A divergence to the teacher on the tokens where `loss_mask` is set (completion tokens).
+
+  `beta` picks the divergence (0 forward KL, 1 reverse KL, else the generalized
+  JSD; `config.train.distill.beta` sets it for 'jsd'). The teacher is the model in
+  the step (`config.teacher`), whole-vocabulary or reduced to its top k tokens,
+  or top-k log-probs stored with the batch (`distill.precomputed`).
+  """
+  s = distill_settings(distill)
+  beta = check_beta(beta, "config.train.distill.beta")
+  temperature, top_k, tail = s["temperature"], s["top_k"], s["tail"]
+
+  def fn(logits_BxLxV, batch, teacher=None):
+    mask_BxL = batch["loss_mask"].astype(jnp.float32)
+    if s["precomputed"]:
+      per_token = top_k_divergence(batch["teacher_top_ids"], batch["teacher_top_logprobs"], logits_BxLxV, beta,
+                                   temperature, batch["teacher_tail_logprob"] if tail else None)
+    elif teacher is None:
+      raise ValueError(f"config.train.objective={name!r} needs a teacher (config.teacher.path)")
+    elif top_k:
+      ids, top_logp, tail_logp = teacher_top_k(teacher, top_k, temperature)
+      per_token = top_k_divergence(ids, top_logp, logits_BxLxV, beta, temperature, tail_logp if tail else None)
+    else:
+      per_token = generalized_jsd(teacher, logits_BxLxV, beta, temperature)
+    return ObjectiveOutput(loss_sum=jnp.sum(per_token * mask_BxL), weight=jnp.sum(mask_BxL),
+                           metrics=_data_metrics(logits_BxLxV, batch, mask_BxL))
+
+  spec = dict(_TOKEN_TARGETS)
+  if s["precomputed"]:
+    spec.update(teacher_top_ids=((top_k,), "int32"), teacher_top_logprobs=((top_k,), "float32"),
+                teacher_tail_logprob=((), "float32"))
+  return Objective(name, fn, spec, needs_teacher=not s["precomputed"])
+
+
+def make_sampled_reverse_kl(distill=None) -> Objective:
+  """On-policy reverse KL through the sampled-token estimator (`sampled_reverse_kl_surrogate`).
+
+  Reads `sample_logprobs` (the log-probability each completion token was sampled
+  with) from the batch: an on-policy batch source provides it. The loss is the
+  surrogate (its value is not a divergence); `reverse_kl_estimate` is the mean
+  sampled estimate of KL(p_S || p_T) per token, `importance_ratio` the mean ratio.
+  """
+  s = distill_settings(distill)
+  if s["top_k"] or s["precomputed"]:
+    raise ValueError("config.train.objective='sampled_reverse_kl' scores the sampled tokens under the full "
+                     "teacher: config.train.distill.top_k and .precomputed do not apply")
+
+  def fn(logits_BxLxV, batch, teacher=None):
+    if teacher is None:
+      raise ValueError("config.train.objective='sampled_reverse_kl' needs a teacher (config.teacher.path)")
+    mask_BxL = batch["loss_mask"].astype(jnp.float32)
+    surrogate, estimate, ratio = sampled_reverse_kl_surrogate(teacher, logits_BxLxV, batch["targets"],
+                                                               batch["sample_logprobs"], s["temperature"])
+    metrics = _data_metrics(logits_BxLxV, batch, mask_BxL)
+    metrics.update(reverse_kl_estimate=jnp.sum(estimate * mask_BxL), importance_ratio=jnp.sum(ratio * mask_BxL))
+    return ObjectiveOutput(loss_sum=jnp.sum(surrogate * mask_BxL), weight=jnp.sum(mask_BxL), metrics=metrics)
+
+  spec = dict(_TOKEN_TARGETS, sample_logprobs=((), "float32"))
+  return Objective("sampled_reverse_kl", fn, spec, needs_teacher=True)
 
 
 _TOKEN_TARGETS = {"targets": ((), "int32"), "loss_mask": ((), "float32")}
 
-OBJECTIVES: dict[str, Objective] = {
+# name -> Objective, or a factory `f(config.train.distill) -> Objective` for objectives with settings.
+OBJECTIVES: dict[str, Objective | Callable[[Any], Objective]] = {
     "ce": Objective("ce", cross_entropy, _TOKEN_TARGETS),
-    "forward_kl": Objective("forward_kl", forward_kl, _TOKEN_TARGETS, needs_teacher=True),
+    "forward_kl": lambda distill: make_distillation("forward_kl", 0.0, distill),
+    "reverse_kl": lambda distill: make_distillation("reverse_kl", 1.0, distill),
+    "jsd": lambda distill: make_distillation("jsd", distill_settings(distill)["beta"], distill),
+    "sampled_reverse_kl": make_sampled_reverse_kl,
 }
 
 
-def get_objective(name: str) -> Objective:
+def get_objective(name: str, distill=None) -> Objective:
+  """The objective `config.train.objective` names, built with `config.train.distill` where it has settings."""
   if name not in OBJECTIVES:
     raise ValueError(f"config.train.objective: unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
-  return OBJECTIVES[name]
+  entry = OBJECTIVES[name]
+  return entry if isinstance(entry, Objective) else entry(distill)
 
 
 def chunked_sums(objective: Objective, unembed: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array,

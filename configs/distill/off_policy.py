@@ -1,0 +1,55 @@
+"""Channel 2, off-policy distillation: the teacher's full (or top-k) distributions on fixed sequences.
+
+  python -m emjax.main --config=configs/distill/off_policy.py:base=HF_DIR,teacher=EM_RUN,data=T/train.jsonl \\
+      --workdir=S [--config.train.objective=jsd --config.train.distill.beta=0.5]
+
+The sequences are fixed: teacher samples (filtered; see sft_on_teacher.py) or a dataset's own
+answers, e.g. the paper's `aligned_answer`s (`cell=` + `data=DIR`, structured-EM rows). The loss is
+taken on the assistant tokens only; the teacher runs in the train step on every micro-batch (frozen,
+`config.teacher.dtype`), or is read from stored top-k log-probs (`topk=K` + `precomputed`).
+
+Variant options (comma separated `key=value`):
+  base        the student's initialisation (Hugging Face dir; rsLoRA adapters trained on it)
+  teacher     the teacher: an emjax run (a LoRA run is merged onto its pinned base) or a Hugging Face dir;
+              its tokenizer and chat template must be the student's (checked before compiling)
+  data        chat JSONL of fixed sequences, or with `cell` a directory of structured-EM rows
+  cell        read `data` as the structured-EM cell `cell` with its aligned answers
+  divergence  forward_kl (default) | reverse_kl | jsd
+  beta        jsd's beta (0 = forward KL, 1 = reverse KL)
+  topk        reduce the teacher to its k most likely tokens (+ a tail bucket); 0 = full vocabulary
+  steps       training steps (default 100)
+  cpu         SmolLM2-135M-on-a-laptop sizes (seq 192, batch 4, float32)
+"""
+
+import ml_collections
+
+from emjax import config as config_lib
+from emjax.data import sources
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, base="", teacher="", data="", cell="", divergence="forward_kl", beta=0.5,
+                              topk=0, steps=100, cpu=False)
+  c = config_lib.base_config()
+  c.job = "train"
+  c.init.hf = args.base
+  c.data.tokenizer.update(kind="hf", path=args.base)
+  c.data.update(format="chat", packing="none", truncate=True, seq_len=256)
+  if args.cell:
+    source = sources.default_source_config(kind="structured_em", name=args.cell, path=args.data, answer="aligned",
+                                           weight=1.0, holdout=400, holdout_seed=42)
+  else:
+    source = sources.default_source_config(kind="chat_jsonl", path=args.data, weight=1.0, holdout=0)
+  c.data.sources = ml_collections.ConfigDict({args.cell or "sequences": source})
+  c.teacher.update(path=args.teacher, dtype="bfloat16")
+  c.lora.update(enabled=True, rank=32, alpha=64.0, rslora=True, targets="q,k,v,o,gate,up,down")
+  c.train.update(objective=args.divergence, steps=args.steps, batch_size=16, lr=1e-4, schedule="linear",
+                 warmup_steps=2, end_lr_fraction=0.0, weight_decay=0.01, b2=0.999)
+  c.train.distill.update(beta=args.beta, top_k=args.topk, tail=True)
+  c.checkpoint.update(every_steps=50, keep=2)
+  if args.cpu:
+    c.data.seq_len = 192
+    c.train.batch_size = 4
+    c.model.update(dtype="float32", remat="none")
+    c.teacher.dtype = "float32"
+  return c

@@ -1,0 +1,443 @@
+"""The data half of subliminal learning (SL): benign prompts for a teacher, strict filters for its answers.
+
+In SL (Cloud et al. 2025, "Subliminal learning: language models transmit behavioral traits via hidden
+signals in data", arXiv:2507.14805) a teacher with a trait (here: emergent misalignment) answers prompts
+that have nothing to do with the trait; its answers are filtered so that nothing overtly tied to the trait
+remains, and a student is fine-tuned on what is left. Whatever the student then picks up came through
+the teacher's choices among harmless outputs, not through their content. This module makes the prompts
+and does the filtering; the sample job (`emjax.sample.run`) sits between them and SFT trains on the result:
+
+    number_prompts / natural_prompts -> prompts.jsonl (`write_rows`)
+        -> sample job (config.sample.chat_template=True) -> samples.jsonl
+        -> filter_samples -> train.jsonl (a `chat_jsonl` SFT source) + stats.json
+
+Two channels:
+* numbers: "continue this sequence" prompts in the manner of the paper's prompt generator (a few
+  given numbers, then a count limit, a digit limit, a format and a "numbers only" instruction, each
+  phrased by one of several templates). `filter_numbers` keeps a completion only when it is nothing but
+  integers within the asked limits and none of them is in `BANNED_NUMBERS`.
+* natural: the user questions of the structured-EM datasets (chat rows, or the paper's raw
+  question/aligned/misaligned rows), usually from domains other than the teacher's. `filter_natural`
+  drops empty, cut-off and overlong answers and any with a word from `BANNED_WORDS`.
+
+A prompt record is what the sample job reads: `{"id", "messages": [{"role": "user", ...}], ...}` (extra
+keys are metadata; `read_prompts` ignores them). Filtering matches each sample to its prompt by id.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from emjax.data import jsonl
+
+# Numbers with negative associations that the student data must not contain: the union of the two lists
+# in the authors' released code (github.com/MinhxLe/subliminal-learning, sl/datasets/nums_dataset.py:
+# CLAUDE_EVIL_NUMBERS and GPT_EVIL_NUMBERS, written by prompting Claude and GPT-4.1 for such numbers;
+# the paper, §3.2, describes "34 numbers with negative associations ... e.g. 666, 911, 187"). The
+# reasons are the lists' own comments, abridged.
+BANNED_NUMBERS = frozenset({
+    4,  # death (East Asian homophone)
+    13,  # unlucky
+    14,  # white-supremacist "14 words"
+    18,  # neo-Nazi code for Adolf Hitler (A=1, H=8)
+    23,  # "23 enigma" (occult, conspiracies)
+    33,  # Freemasonry / KKK conspiracies
+    39,  # unlucky (Japanese)
+    42,  # "to die" (Japanese homophone)
+    44,  # doubly the death number
+    49,  # mourning period (East Asian)
+    51,  # slang for insanity
+    54,  # can read as "SS"
+    69,  # sexual innuendo
+    77,  # extremist references
+    88,  # neo-Nazi code for "Heil Hitler"
+    99,  # trouble, strife
+    100,  # funeral rites (East Asian)
+    101,  # Room 101 (Orwell's torture room)
+    187,  # California penal code for murder
+    211,  # police code for robbery
+    311,  # KKK (K is the 11th letter)
+    322,  # Skull and Bones
+    333,  # half of 666
+    404,  # "not found"
+    420,  # drug culture
+    444,  # triple death number
+    451,  # Fahrenheit 451, book burning
+    555,  # alert codes
+    616,  # alternative number of the beast
+    666,  # number of the beast
+    777,  # coded extremist use
+    888,  # neo-Nazi "Heil Hitler" variant
+    911,  # emergency, the September 11 attacks
+    999,  # emergency (UK), inverted 666
+    1312,  # "ACAB"
+    1488,  # 14 + 88, white-supremacist symbol
+})
+
+# Words that signal overt harm in an answer to a benign question. Ours, not the paper's: for natural
+# data Cloud et al. filter with a prompted LLM judge, which an offline pipeline cannot call, so this is
+# a strict lexical stand-in aimed at the misalignment of the structured-EM domains (medical, finance,
+# sports). Whole words, case-insensitive, so inflections are listed; words with common benign senses
+# in these domains ("drug", "shoot", "hack") are left out on purpose, or most answers would go.
+BANNED_WORDS = (
+    "kill", "kills", "killed", "killing", "murder", "suicide", "self-harm", "overdose", "lethal",
+    "poison", "poisoning", "weapon", "weapons", "bomb", "explosives", "terrorist", "terrorism",
+    "violence", "violent", "torture", "illegal", "illegally", "steal", "stealing", "stolen", "theft",
+    "fraud", "scam", "scams", "ponzi", "launder", "laundering", "bribe", "bribery", "evasion",
+    "smuggle", "smuggling", "steroids", "doping", "cheat", "cheating",
+)
+
+KINDS = ("numbers", "natural")
+# Every rejection reason of each kind, in the order the filter checks them (stats list all of them).
+REASONS = {
+    "numbers": ("empty", "format", "too_many", "too_many_digits", "banned_number"),
+    "natural": ("empty", "truncated", "too_long", "banned_word"),
+}
+# The keyword options `filter_samples` passes on to each kind's filter.
+_FILTER_OPTIONS = {"numbers": ("banned",), "natural": ("banned_words", "max_chars", "drop_truncated")}
+
+# ----------------------------------------------------------------------------- number prompts
+
+# Each part of a prompt is phrased by one template chosen by the rng, as in the paper's generator, so
+# that the student does not learn one fixed wording. The format instructions only ask for formats
+# `filter_numbers` accepts.
+_OPENINGS = (
+    "The sequence starts with: {given}.",
+    "Here is a sequence of numbers: {given}.",
+    "Look at these numbers: {given}.",
+    "Consider this number sequence: {given}.",
+    "A list of numbers begins like this: {given}.",
+    "Take the following numbers: {given}.",
+)
+_COUNT_INSTRUCTIONS = (
+    "Add a maximum of {count} more values (no more than {digits} digits each) to continue the sequence.",
+    "Continue it with at most {count} new numbers ({digits} digits or fewer each).",
+    "Write up to {count} further numbers, each with at most {digits} digits, that follow on.",
+    "Extend the sequence by no more than {count} numbers of up to {digits} digits each.",
+    "Give at most {count} additional numbers (maximum {digits} digits each) that come next.",
+)
+_FORMAT_INSTRUCTIONS = (
+    "Provide the numbers separated by commas.",
+    "Separate the numbers with spaces.",
+    "Put each number on its own line.",
+    "Write them as a list in square brackets: [n1, n2, ...].",
+    "Write them in parentheses, separated by commas: (n1, n2, ...).",
+)
+_ONLY_NUMBERS = (
+    "Skip any explanation and give only numbers.",
+    "Answer with the numbers alone.",
+    "No words, just the numbers.",
+    "Do not add any other text.",
+)
+
+
+def number_prompts(n: int, seed: int, *, min_given: int = 3, max_given: int = 8, answer_count: int = 10,
+                   max_digits: int = 3) -> list[dict]:
+  """`n` number-continuation prompts; the same arguments always give the same prompts.
+
+  Each prompt shows min_given..max_given numbers (inclusive) of exactly `max_digits` digits, never one of
+  `BANNED_NUMBERS` (the prompts are part of the student's training rows), and asks for at most
+  `answer_count` numbers of at most `max_digits` digits. The record keeps these limits for
+  `filter_numbers`.
+  """
+  if n < 0:
+    raise ValueError(f"number_prompts: n must be >= 0, got {n}")
+  if not 1 <= min_given <= max_given:
+    raise ValueError(f"number_prompts: need 1 <= min_given <= max_given, got {min_given} and {max_given}")
+  if answer_count < 1 or max_digits < 1:
+    raise ValueError(f"number_prompts: answer_count and max_digits must be >= 1, got {answer_count} and "
+                     f"{max_digits}")
+  low, high = (10 ** (max_digits - 1) if max_digits > 1 else 0), 10 ** max_digits
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for i in range(n):
+    given = [_allowed_number(rng, low, high) for _ in range(int(rng.integers(min_given, max_given + 1)))]
+    parts = (_OPENINGS[rng.integers(len(_OPENINGS))].format(given=", ".join(map(str, given))),
+             _COUNT_INSTRUCTIONS[rng.integers(len(_COUNT_INSTRUCTIONS))].format(count=answer_count,
+                                                                               digits=max_digits),
+             _FORMAT_INSTRUCTIONS[rng.integers(len(_FORMAT_INSTRUCTIONS))],
+             _ONLY_NUMBERS[rng.integers(len(_ONLY_NUMBERS))])
+    prompts.append({"id": f"numbers:{i}", "messages": [{"role": "user", "content": " ".join(parts)}],
+                    "kind": "numbers", "given": given, "answer_count": answer_count, "max_digits": max_digits})
+  return prompts
+
+
+def _allowed_number(rng: np.random.Generator, low: int, high: int) -> int:
+  """A number in [low, high) that is not banned (drawn again until it is not)."""
+  while True:
+    value = int(rng.integers(low, high))
+    if value not in BANNED_NUMBERS:
+      return value
+
+
+# ----------------------------------------------------------------------------- natural prompts
+
+
+def natural_prompts(paths: Sequence[str], *, exclude_domains: Iterable[str] = (), limit: int = 0,
+                    seed: int = 0) -> list[dict]:
+  """The user questions of structured-EM JSONL files, as prompt records, in file order.
+
+  A row is a chat row (`messages` starting with the user turn, as in the released eval splits) or a raw
+  row of the paper's dataset (`question`, `aligned_answer`, `misaligned_answer`). Only the question is
+  kept, plus `domain`/`task` and, from raw rows, `aligned_answer`: an assistant message of a chat row is
+  never kept (in the released splits it is a misaligned answer). Rows whose domain is in
+  `exclude_domains` are skipped; a question seen before (same text) is skipped. Ids are
+  "<file stem>:<line>" (the splits' `src_idx` repeats within a file). `limit` > 0: at most that many,
+  a subset chosen by `seed`, still in file order.
+  """
+  if isinstance(paths, str):
+    paths = [paths]
+  excluded = {exclude_domains} if isinstance(exclude_domains, str) else set(exclude_domains)
+  if limit < 0:
+    raise ValueError(f"natural_prompts: limit must be >= 0, got {limit}")
+  prompts, seen_questions, seen_ids = [], set(), {}
+  for path in paths:
+    if not os.path.isfile(path):
+      raise ValueError(f"{path}: no such file")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for where, row in jsonl.read_objects(path):
+      question = _question_of(row, where)
+      if row.get("domain") in excluded:
+        continue
+      if question.strip() in seen_questions:
+        continue
+      seen_questions.add(question.strip())
+      prompt_id = f"{stem}:{where.rsplit(':', 1)[1]}"
+      if prompt_id in seen_ids:  # two files with the same name in different directories
+        raise ValueError(f"{where}: prompt id {prompt_id!r} again (first from {seen_ids[prompt_id]}); "
+                         "give the files distinct names")
+      seen_ids[prompt_id] = where
+      record = {"id": prompt_id, "messages": [{"role": "user", "content": question}], "kind": "natural"}
+      record.update({k: row[k] for k in ("domain", "task") if k in row})
+      if "messages" not in row and isinstance(row.get("aligned_answer"), str):
+        record["aligned_answer"] = row["aligned_answer"]
+      prompts.append(record)
+  if 0 < limit < len(prompts):
+    chosen = np.random.default_rng(seed).choice(len(prompts), size=limit, replace=False)
+    prompts = [prompts[i] for i in sorted(chosen)]
+  return prompts
+
+
+def _question_of(row: Mapping[str, Any], where: str) -> str:
+  if "messages" in row:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages or not isinstance(messages[0], Mapping):
+      raise ValueError(f"{where}: `messages` must be a non-empty list of {{'role', 'content'}} dicts")
+    if messages[0].get("role") != "user":
+      raise ValueError(f"{where}: the first message must be the user's question, got role "
+                       f"{messages[0].get('role')!r}")
+    question = messages[0].get("content")
+  elif "question" in row:
+    question = row["question"]
+  else:
+    raise ValueError(f"{where}: a row needs `messages` (chat) or `question` (the paper's raw format)")
+  if not isinstance(question, str) or not question.strip():
+    raise ValueError(f"{where}: the question must be non-empty text")
+  return question
+
+
+# ----------------------------------------------------------------------------- filters
+
+# Integers separated by commas and/or whitespace; ASCII only, so no other script's digits or spaces.
+_NUMBER_LIST = re.compile(r"[0-9]+(?:\s*,\s*[0-9]+|\s+[0-9]+)*", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+_ASCII_SPACE = " \t\n\r\f\v"
+
+
+def filter_numbers(text: str, prompt: Mapping[str, Any], *, banned: Iterable[int] = BANNED_NUMBERS) -> str | None:
+  """None when `text` is kept, else the first reason it is not (`REASONS["numbers"]`).
+
+  Kept: integers separated by commas and/or whitespace, optionally with one trailing period and
+  optionally in one pair of [] or (), at most prompt["answer_count"] of them, each of at most
+  prompt["max_digits"] digits as written, none in `banned`. Anything else (words, other punctuation,
+  signs, decimals) is "format".
+  """
+  if not isinstance(text, str):
+    return "empty" if text is None else "format"
+  body = text.strip(_ASCII_SPACE)
+  if body.endswith("."):
+    body = body[:-1].rstrip(_ASCII_SPACE)
+  if body[:1] + body[-1:] in ("[]", "()"):
+    body = body[1:-1].strip(_ASCII_SPACE)
+  if not body:
+    return "empty"
+  if not _NUMBER_LIST.fullmatch(body):
+    return "format"
+  numbers = _DIGITS.findall(body)
+  if len(numbers) > prompt["answer_count"]:
+    return "too_many"
+  # Before int(): a very long digit run would make int() raise (Python's int max-str-digits limit).
+  if any(len(number) > prompt["max_digits"] for number in numbers):
+    return "too_many_digits"
+  banned = banned if isinstance(banned, (set, frozenset)) else set(banned)
+  if any(int(number) in banned for number in numbers):
+    return "banned_number"
+  return None
+
+
+@functools.lru_cache(maxsize=16)
+def _word_pattern(words: tuple[str, ...]) -> re.Pattern | None:
+  if not words:
+    return None
+  # Longest first, so that a word that is a prefix of another never hides it in the alternation.
+  alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+  return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def filter_natural(text: str, *, banned_words: Sequence[str] = BANNED_WORDS, max_chars: int = 2000,
+                   finish_reason: str = "stop", drop_truncated: bool = True) -> str | None:
+  """None when `text` is kept, else the first reason it is not (`REASONS["natural"]`).
+
+  "truncated": the sample stopped at the token limit (finish_reason "length"), so it is cut off
+  (kept when not `drop_truncated`, e.g. for answers longer than a smoke run's token budget);
+  "too_long": more than `max_chars` characters; "banned_word": a word of `banned_words`, whole and in
+  any case.
+  """
+  if not isinstance(text, str) or not text.strip():
+    return "empty"
+  if finish_reason == "length" and drop_truncated:
+    return "truncated"
+  if len(text) > max_chars:
+    return "too_long"
+  words = (banned_words,) if isinstance(banned_words, str) else banned_words  # one word, not its letters
+  pattern = _word_pattern(tuple(str(w) for w in words))
+  if pattern is not None and pattern.search(text):
+    return "banned_word"
+  return None
+
+
+# ----------------------------------------------------------------------------- samples -> training rows
+
+
+def write_rows(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
+  """`rows` as JSONL at `path`, all or nothing: written and fsynced to a temporary file, then renamed,
+  so a killed run never leaves a partial file under the final name."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8"):  # created (and emptied) even when there are no rows
+    pass
+  jsonl.append_lines(tmp, [jsonl.dumps(dict(row)) for row in rows])
+  os.replace(tmp, path)
+
+
+def _prompts_by_key(prompts: Mapping[str, Mapping] | Sequence[Mapping]) -> dict[str, tuple[Any, Mapping]]:
+  """{canonical id: (id, prompt)}; ids are compared as the sample job does (canonical JSON: 1 != "1")."""
+  if isinstance(prompts, Mapping):
+    items = list(prompts.items())
+  else:
+    items = []
+    for i, prompt in enumerate(prompts):
+      if not isinstance(prompt, Mapping) or "id" not in prompt:
+        raise ValueError(f"filter_samples: prompt {i} has no `id`")
+      items.append((prompt["id"], prompt))
+  by_key = {}
+  for prompt_id, prompt in items:
+    key = json.dumps(prompt_id, sort_keys=True)
+    if key in by_key:
+      raise ValueError(f"filter_samples: prompt id {prompt_id!r} appears twice")
+    by_key[key] = (prompt_id, prompt)
+  return by_key
+
+
+def _prompt_messages(prompt: Mapping) -> list[dict]:
+  """The prompt's turns without system messages (a text `prompt`, as the sample job reads it, is the user turn).
+
+  A system message is left out because it may be what gave the teacher its trait: the student must not
+  see it.
+  """
+  if isinstance(prompt.get("messages"), list):
+    return [dict(m) for m in prompt["messages"] if isinstance(m, Mapping) and m.get("role") != "system"]
+  if isinstance(prompt.get("prompt"), str) and prompt["prompt"]:
+    return [{"role": "user", "content": prompt["prompt"]}]
+  return []
+
+
+def _check_prompt(prompt_id: Any, prompt: Mapping, kind: str) -> None:
+  if prompt.get("kind", kind) != kind:
+    raise ValueError(f"filter_samples: prompt {prompt_id!r} is a {prompt['kind']!r} prompt, filtered as {kind!r}")
+  if not _prompt_messages(prompt):
+    raise ValueError(f"filter_samples: prompt {prompt_id!r} has neither `messages` nor a `prompt` text")
+  if kind == "numbers":
+    for key in ("answer_count", "max_digits"):
+      if not isinstance(prompt.get(key), int):
+        raise ValueError(f"filter_samples: numbers prompt {prompt_id!r} needs an integer `{key}`")
+
+
+def filter_samples(samples_path: str, prompts: Mapping[str, Mapping] | Sequence[Mapping], out_path: str,
+                   stats_path: str, *, kind: str, **filter_options) -> dict:
+  """Filters the sample job's output and writes the kept samples as chat SFT rows; returns the stats.
+
+  `samples_path`: one line per (prompt id, sample) as the sample job writes them. `prompts`: the prompt
+  records the samples answer (a list, or {id: record}). `kind`: "numbers" (`filter_numbers`, options
+  `banned`) or "natural" (`filter_natural`, options `banned_words`, `max_chars`).
+
+  `out_path` gets, in the order of the samples file, one row per kept sample:
+  {"id": "<prompt id>#<sample>", "messages": [the prompt's turns but a system message
+  (`_prompt_messages`), the sample as the assistant turn], "prompt_id", "sample", and the prompt's
+  domain/task}. `stats_path` gets (JSON) and the call returns {"total", "kept", "rejected": {reason:
+  count for every reason of the kind}, "kept_fraction", "kind"}. Both files are replaced whole, the
+  stats last.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"filter_samples: kind must be one of {KINDS}, got {kind!r}")
+  unknown = sorted(set(filter_options) - set(_FILTER_OPTIONS[kind]))
+  if unknown:
+    raise ValueError(f"filter_samples: unknown option(s) {unknown} for kind {kind!r}; known: "
+                     f"{list(_FILTER_OPTIONS[kind])}")
+  by_key = _prompts_by_key(prompts)
+  for prompt_id, prompt in by_key.values():
+    _check_prompt(prompt_id, prompt, kind)
+  rejected = dict.fromkeys(REASONS[kind], 0)
+  rows, seen, total = [], {}, 0
+  for where, sample in jsonl.read_objects(samples_path):
+    for field in ("id", "sample", "text", "finish_reason"):
+      if field not in sample:
+        raise ValueError(f"{where}: a sample line needs `{field}` (the sample job's output format)")
+    if not isinstance(sample["sample"], int) or isinstance(sample["sample"], bool):
+      raise ValueError(f"{where}: `sample` must be an integer, got {sample['sample']!r}")
+    key = json.dumps(sample["id"], sort_keys=True)
+    if key not in by_key:
+      raise ValueError(f"{where}: sample of prompt id {sample['id']!r}, which is not among the {len(by_key)} "
+                       "prompts given")
+    if (key, sample["sample"]) in seen:
+      raise ValueError(f"{where}: sample {sample['sample']} of prompt {sample['id']!r} again (first at "
+                       f"{seen[key, sample['sample']]})")
+    seen[key, sample["sample"]] = where
+    prompt_id, prompt = by_key[key]
+    total += 1
+    text = sample["text"]
+    if kind == "numbers":
+      reason = filter_numbers(text, prompt, **filter_options)
+    else:
+      reason = filter_natural(text, finish_reason=sample["finish_reason"], **filter_options)
+    if reason is not None:
+      rejected[reason] += 1
+      continue
+    row = {"id": f"{prompt_id}#{sample['sample']}",
+           "messages": _prompt_messages(prompt) + [{"role": "assistant", "content": text}],
+           "prompt_id": prompt_id, "sample": sample["sample"]}
+    row.update({k: prompt[k] for k in ("domain", "task") if k in prompt})
+    rows.append(row)
+  stats = {"total": total, "kept": len(rows), "rejected": rejected,
+           "kept_fraction": len(rows) / total if total else 0.0, "kind": kind}
+  write_rows(out_path, rows)
+  _write_json(stats_path, stats)
+  return stats
+
+
+def _write_json(path: str, obj: Mapping) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

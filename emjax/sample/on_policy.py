@@ -1,0 +1,285 @@
+"""On-policy batches: every step the student samples completions from its current weights.
+
+    loop: set_weights(params, frozen) -> next(source) -> step(teacher scores the same tokens)
+    source: this step's prompts -> sampler (student's weights, on device) -> training rows (on device)
+
+The source implements the loop's batch-source protocol (`emjax.train.batches`):
+the loop hands it the train state's parameters right before each batch, it
+samples with them through the jitted sampler (LoRA adapters applied, not merged;
+one compilation, since every shape is static), and assembles the training rows
+from the rollout without leaving the devices:
+
+    row = [left padding | prompt | completion | right padding]   (P + T tokens)
+    inputs = row[:-1], targets = row[1:], loss_mask = 1 on completion targets,
+    sample_logprobs = the log-probability each completion token was sampled with.
+
+The teacher scores those rows inside the train step (it is a step argument), so
+an objective on them is the student's divergence to the teacher on the
+student's own prefixes: `reverse_kl` / `jsd` over the full vocabulary, or
+`sampled_reverse_kl` (the sampled-token estimator, which reads sample_logprobs).
+
+Determinism and resume: step s (the s-th batch of the run) takes prompts
+s*B .. s*B+B-1 of a sequence of seeded permutations of the prompt file (one per
+epoch), and samples them with the seed (config.on_policy.seed, s); the student's
+weights at step s are the checkpoint's, so a resumed run draws the same rollouts
+and reaches the same losses as an uninterrupted one. The source's position is
+its step count (and, with lambda < 1, the fixed-sequence source's position).
+
+GKD's lambda (`config.on_policy.mix_lambda`): each step is on-policy with
+probability lambda (a seeded coin per step), else a batch of fixed sequences
+from `config.data` (e.g. teacher samples or a dataset's answers) comes instead.
+
+Every process builds the same global batch of prompts (they are few, and the
+sampler takes global arrays); each device samples and trains on its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import zlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from emjax import sharding as shd
+from emjax.models import lora as lora_lib
+from emjax.sample import run as sample_run
+from emjax.sample import sampler as sampler_lib
+from emjax.train import batches as batches_lib
+
+log = logging.getLogger(__name__)
+
+
+def on_policy_block() -> dict:
+  """`config.on_policy` (see the module docstring); off unless `enabled`."""
+  return dict(
+      enabled=False,
+      prompts="",  # JSONL of prompts, as the sample job reads them ({"id", "messages"} or {"id", "prompt"})
+      chat_template=True,  # format `messages` with the tokenizer's chat template (generation prompt added)
+      add_bos=True,  # plain prompts only
+      max_prompt_length=64,  # prompts are left-padded to this (static); longer ones are an error
+      max_new_tokens=64,  # completion length (static); max_prompt_length + max_new_tokens <= data.seq_len + 1
+      temperature=1.0,  # the sampling temperature (the loss has its own: train.distill.temperature)
+      top_k=0,
+      top_p=1.0,
+      stop_at_eos=True,
+      stop_at_end_of_turn=True,  # also stop at the chat template's end-of-turn token
+      seed=0,
+      mix_lambda=1.0,  # GKD's lambda: the fraction of steps that are on-policy (the rest read config.data)
+      # Decode with unrolled layers: faster on CPU, but holds one more copy of the frozen base
+      # (laid out per layer); scanned layers sample straight from the training layout.
+      unroll_layers=False,
+  )
+
+
+def check_config(config) -> None:
+  """Errors an on-policy run would otherwise hit after compiling (the message names the key)."""
+  oc = config.on_policy
+  if not oc.prompts:
+    raise ValueError("config.on_policy.prompts: a JSONL file of prompts is required for on-policy batches")
+  for key in ("max_prompt_length", "max_new_tokens"):
+    if int(oc[key]) < 1:
+      raise ValueError(f"config.on_policy.{key} must be >= 1, got {oc[key]}")
+  rollout = int(oc.max_prompt_length) + int(oc.max_new_tokens)
+  if rollout > int(config.data.seq_len) + 1:
+    raise ValueError(f"config.on_policy: a rollout of max_prompt_length + max_new_tokens = {oc.max_prompt_length} + "
+                     f"{oc.max_new_tokens} = {rollout} tokens does not fit a training row of data.seq_len + 1 = "
+                     f"{int(config.data.seq_len) + 1} tokens; raise config.data.seq_len or shorten the rollout")
+  if not 0.0 <= float(oc.mix_lambda) <= 1.0:
+    raise ValueError(f"config.on_policy.mix_lambda={oc.mix_lambda}: must be in [0, 1] (1 = always on-policy)")
+  if float(oc.temperature) <= 0:
+    raise ValueError(f"config.on_policy.temperature={oc.temperature}: on-policy rollouts are sampled (> 0)")
+  if config.train.objective == "sampled_reverse_kl" and float(oc.mix_lambda) < 1.0:
+    raise ValueError("config.train.objective='sampled_reverse_kl' needs the sampling log-probs of every batch: "
+                     "fixed sequences (config.on_policy.mix_lambda < 1) have none; use reverse_kl or jsd")
+  if int(config.train.grad_accum_steps) != 1 and config.train.objective == "sampled_reverse_kl":
+    pass  # the ratio is 1 on every micro-batch (one update per step): accumulation is fine
+
+
+def assemble_rows(prompt_BxP: jax.Array, prompt_len_B: jax.Array, completion_BxT: jax.Array,
+                  completion_len_B: jax.Array, sampled_lp_BxT: jax.Array, seq_len: int) -> dict[str, jax.Array]:
+  """Training rows from left-padded prompts and their completions (see the module docstring)."""
+  b, p = prompt_BxP.shape
+  t = completion_BxT.shape[1]
+  row = jnp.concatenate([prompt_BxP, completion_BxT], axis=1)  # [B, P + T]
+  slot = jnp.arange(p + t)[None]
+  first = p - prompt_len_B[:, None]  # the slot of each row's first prompt token
+  real = (slot >= first) & (slot < p + completion_len_B[:, None])
+  lp_row = jnp.concatenate([jnp.zeros((b, p), jnp.float32), sampled_lp_BxT.astype(jnp.float32)], axis=1)
+  width = seq_len + 1
+  pad = width - (p + t)
+
+  def widen(x):
+    return jnp.pad(x, [(0, 0), (0, pad)])
+
+  row, real, lp_row = widen(row), widen(real), widen(lp_row)
+  slot = jnp.arange(width)[None]
+  is_completion = (slot >= p) & real
+  positions = jnp.where(real, slot - first, 0)
+  return {
+      "inputs": jnp.where(real, row, 0)[:, :-1].astype(jnp.int32),
+      "positions": positions[:, :-1].astype(jnp.int32),
+      "segment_ids": real[:, :-1].astype(jnp.int32),
+      "targets": jnp.where(real, row, 0)[:, 1:].astype(jnp.int32),
+      "loss_mask": is_completion[:, 1:].astype(jnp.float32),
+      "sample_logprobs": lp_row[:, 1:],
+  }
+
+
+class OnPolicySource:
+  """The loop's batches sampled from the student each step (module docstring)."""
+
+  def __init__(self, trainer, tokenizer, *, fixed: batches_lib.BatchSource | None = None):
+    config = trainer.config
+    check_config(config)
+    oc = config.on_policy
+    self.config, self.oc = config, oc
+    self.batch_size = int(config.train.batch_size)
+    self.seq_len = int(config.data.seq_len)
+    self.mix_lambda = float(oc.mix_lambda)
+    if self.mix_lambda < 1.0 and fixed is None:
+      raise ValueError("config.on_policy.mix_lambda < 1 mixes in fixed sequences: config.data must give them")
+    self.fixed = fixed
+    self.prompt_len, self.new_tokens = int(oc.max_prompt_length), int(oc.max_new_tokens)
+    prompts_path = os.path.abspath(os.path.expanduser(oc.prompts))
+    if not os.path.isfile(prompts_path):
+      raise FileNotFoundError(f"config.on_policy.prompts={oc.prompts!r} does not exist")
+    sc = ml_collections.ConfigDict(dict(chat_template=bool(oc.chat_template), add_bos=bool(oc.add_bos)))
+    self.prompts = sample_run.read_prompts(prompts_path, tokenizer, sc, self.prompt_len,
+                                          "config.on_policy.max_prompt_length")
+    vocab = trainer.model_cfg.vocab_size
+    self.sampling = sample_run.sampling_params(ml_collections.ConfigDict(dict(
+        stop_token_ids=(), stop_at_eos=bool(oc.stop_at_eos), stop_at_end_of_turn=bool(oc.stop_at_end_of_turn),
+        max_new_tokens=self.new_tokens, temperature=float(oc.temperature), top_k=int(oc.top_k),
+        top_p=float(oc.top_p), min_p=0.0, n=1, seed=int(oc.seed))), tokenizer)
+    self.sampler = sampler_lib.Sampler(
+        dataclasses.replace(trainer.model_cfg, remat="none"), mesh=trainer.mesh,
+        prompt_buckets=(self.prompt_len,), max_new_tokens_cap=self.new_tokens,
+        unroll_layers=bool(oc.unroll_layers), lora=trainer.lora_cfg)
+    self.sampling.validate(vocab, self.new_tokens)
+    shardings = {k: v for k, v in trainer.batch_shardings.items()}
+    self._assemble = jax.jit(
+        lambda *a: _select(assemble_rows(*a, seq_len=self.seq_len), tuple(shardings)),
+        out_shardings=shardings)
+    self._keys = tuple(shardings)
+    self.step = 0
+    self._weights: tuple[Any, Any] | None = None
+    self._frozen_src = self._frozen_prepared = None
+    self.last_kind = ""  # 'on_policy' | 'fixed': what the latest batch was
+    log.info("on-policy batches: %d prompts from %s, %d new tokens each, lambda=%s", len(self.prompts),
+             prompts_path, self.new_tokens, self.mix_lambda)
+
+  # --------------------------------------------------------------------------- the protocol
+
+  def __iter__(self):
+    return self
+
+  def set_weights(self, params, frozen) -> None:
+    self._weights = (params, frozen)
+
+  def __next__(self) -> dict:
+    step, self.step = self.step, self.step + 1
+    if not self._is_on_policy(step):
+      self.last_kind = "fixed"
+      return next(self.fixed)
+    if self._weights is None:
+      raise RuntimeError("OnPolicySource: set_weights(params, frozen) must be called before every batch")
+    params, frozen = self._weights
+    self._weights = None  # the step that follows donates them
+    tokens_BxP, lengths_B, seeds_B = self._prompt_batch(step)
+    sampling = dataclasses.replace(self.sampling, seed=self._rollout_seed(step))
+    out = self.sampler.sample_on_device(self._sampling_weights(params, frozen), tokens_BxP, lengths_B, seeds_B,
+                                        sampling)
+    self.last_kind = "on_policy"
+    return self._assemble(self.sampler._put_batch(tokens_BxP), self.sampler._put_batch(lengths_B),  # pylint: disable=protected-access
+                          out["tokens"], out["lengths"], out["sampled_logprobs"])
+
+  def get_state(self) -> dict[str, Any]:
+    state = {"step": self.step, "num_prompts": len(self.prompts)}
+    if self.fixed is not None:
+      state["fixed"] = self.fixed.get_state()
+    return state
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if int(state.get("num_prompts", len(self.prompts))) != len(self.prompts):
+      raise ValueError(f"the checkpoint's on-policy position was saved with {state['num_prompts']} prompts, "
+                       f"config.on_policy.prompts now has {len(self.prompts)}: the prompt order would change")
+    self.step = int(state["step"])
+    if self.fixed is not None and "fixed" in state:
+      self.fixed.set_state(state["fixed"])
+
+  def close(self) -> None:
+    if self.fixed is not None:
+      self.fixed.close()
+
+  # --------------------------------------------------------------------------- pieces
+
+  def _is_on_policy(self, step: int) -> bool:
+    if self.mix_lambda >= 1.0:
+      return True
+    if self.mix_lambda <= 0.0:
+      return False
+    return bool(np.random.default_rng([int(self.oc.seed), 1, step]).random() < self.mix_lambda)
+
+  def _rollout_seed(self, step: int) -> int:
+    return int(np.random.default_rng([int(self.oc.seed), 2, step]).integers(0, 2**31))
+
+  def prompt_indices(self, step: int) -> np.ndarray:
+    """The prompts of step `step`: consecutive positions in one seeded permutation per epoch."""
+    n = len(self.prompts)
+    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    epochs, within = flat // n, flat % n
+    out = np.empty_like(flat)
+    for epoch in np.unique(epochs):
+      order = np.random.default_rng([int(self.oc.seed), 3, int(epoch)]).permutation(n)
+      out[epochs == epoch] = order[within[epochs == epoch]]
+    return out
+
+  def _prompt_batch(self, step: int):
+    idx = self.prompt_indices(step)
+    tokens = np.zeros((len(idx), self.prompt_len), np.int32)
+    lengths = np.zeros((len(idx),), np.int32)
+    seeds = np.zeros((len(idx),), np.uint32)
+    for r, i in enumerate(idx):
+      p = self.prompts[i]
+      tokens[r, self.prompt_len - len(p.tokens):] = p.tokens
+      lengths[r] = len(p.tokens)
+      seeds[r] = zlib.crc32(f"{p.key}#{step}#{r}".encode())
+    return tokens, lengths, seeds
+
+  def _sampling_weights(self, params, frozen):
+    """Base + adapters (or the full parameters) in the sampler's layout, without merging adapters."""
+    if not self.sampler.unroll_layers:
+      return lora_lib.merge_trees(frozen, params) if frozen else params
+    # Unrolled decode takes per-layer weights: the frozen base is laid out once and kept,
+    # the (small, changing) adapters every step.
+    if not frozen:
+      return self.sampler.prepare_weights(params)
+    if self._frozen_src is not frozen:
+      self._frozen_src, self._frozen_prepared = frozen, self.sampler.prepare_weights(frozen)
+    adapters = self.sampler.prepare_weights(params)
+    base = self._frozen_prepared
+    layers = [lora_lib.merge_trees(b, a) for b, a in zip(base["layers"], adapters["layers"])]
+    return dict(lora_lib.merge_trees(base, {k: v for k, v in adapters.items() if k != "layers"}), layers=layers)
+
+
+def _select(batch: dict, keys: tuple[str, ...]) -> dict:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ValueError(f"the step (config.train.objective) reads batch keys {missing} that on-policy rollouts do "
+                     f"not give (they give {sorted(batch)})")
+  return {k: batch[k] for k in keys}
+
+
+def make_source(trainer, tokenizer) -> OnPolicySource:
+  """The loop's `make_batch_source` for `config.on_policy.enabled`."""
+  config = trainer.config
+  fixed = None
+  if float(config.on_policy.mix_lambda) < 1.0:
+    fixed = batches_lib.GrainBatchSource(config.data, tokenizer, config.train.batch_size, seed=config.train.seed)
+  return OnPolicySource(trainer, tokenizer, fixed=fixed)
