@@ -20,7 +20,7 @@ import ml_collections
 
 from emjax.models import transformer
 
-JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl")
+JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,9 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
       # emjax/train/objectives.py): beta = the JSD weight (0 = forward KL, 1 = reverse KL, 'jsd'
       # only); temperature = the loss temperature dividing both sides' logits (sampling has its
       # own); top_k > 0 = the teacher reduced to its k most likely tokens, with a tail bucket
-      # holding the rest of its mass when `tail`; precomputed = those top-k log-probs are read
-      # from the batch (stored once by the teacher_top_k job) instead of a teacher in the step.
-      distill=dict(beta=0.5, temperature=1.0, top_k=0, tail=True, precomputed=False),
+      # holding the rest of its mass when `tail`; precomputed = a store written by the
+      # teacher_top_k job (emjax/train/precompute.py): the teacher's top-k log-probs are read with
+      # the batches instead of running a teacher in the step.
+      distill=dict(beta=0.5, temperature=1.0, top_k=0, tail=True, precomputed=""),
   )
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
@@ -131,9 +132,13 @@ def validate(config) -> None:
     _fail("train.lr", f"must be a finite non-negative number, got {tc.lr}")
   from emjax.train import objectives  # pylint: disable=g-import-not-at-top
   objectives.get_objective(tc.objective, tc.distill)  # unknown names, beta, temperature, top_k
-  if config.get("on_policy") is not None and config.on_policy.enabled:
+  on_policy_enabled = config.get("on_policy") is not None and config.on_policy.enabled
+  if on_policy_enabled:
     from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
     on_policy.check_config(config)
+  elif tc.objective == "sampled_reverse_kl":
+    _fail("train.objective", "'sampled_reverse_kl' scores the student's own samples: it needs on-policy batches "
+          "(config.on_policy.enabled=True and config.on_policy.prompts)")
   if config.checkpoint.every_steps < 1:
     _fail("checkpoint.every_steps", f"must be >= 1, got {config.checkpoint.every_steps}")
   validate_data_config(config.data)

@@ -47,15 +47,15 @@ def main(argv) -> int:
 
   try:
     if config.job in ("train", "pretrain"):
-      make_batch_source = None
-      if config.on_policy.enabled:  # rollouts sampled from the student each step (emjax.sample.on_policy)
-        from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
-        make_batch_source = on_policy.make_source
-      final = loop.train(config, workdir, show_progress=flags.FLAGS.progress, make_batch_source=make_batch_source)
+      final = loop.train(config, workdir, show_progress=flags.FLAGS.progress,
+                         make_batch_source=batch_source_for(config))
       log.info("done: %s", final)
     elif config.job == "sft_grid":
       from emjax.experiments import em_grid
       em_grid.run_grid(config, workdir)
+    elif config.job == "teacher_top_k":
+      from emjax.train import precompute  # pylint: disable=g-import-not-at-top
+      precompute.run_teacher_top_k(config, workdir)
     elif config.job == "sl":
       from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
       final = sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
@@ -92,6 +92,17 @@ def main(argv) -> int:
     loop.mark_failed(workdir, e)
     raise
   return 0
+
+
+def batch_source_for(config):
+  """The training job's batch source: on-policy rollouts, a stored teacher's rows, or config.data (None)."""
+  if config.on_policy.enabled:  # rollouts sampled from the student each step (emjax.sample.on_policy)
+    from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
+    return on_policy.make_source
+  if config.train.distill.precomputed:  # rows + a stored teacher top-k (emjax.train.precompute)
+    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
+    return precompute.make_source
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

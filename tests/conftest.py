@@ -3,8 +3,12 @@
 import os
 import sys
 
-# Must happen before the first `import jax` anywhere in the test process.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Must happen before the first `import jax` anywhere in the test process. Most tests are bound by
+# XLA:CPU compiles of tiny programs; without LLVM's optimisation passes those compile in about half
+# the time (the matmuls stay library calls, so the numerics are the same and runs are barely slower).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Many tests (and the `python -m emjax.main` children they start) compile the same tiny step;
@@ -41,7 +45,7 @@ def tiny_config(**train_overrides):
 def subprocess_env(num_devices: int = 1) -> dict:
   """Environment for a child `python -m emjax.main`: its own device count, repo on the path."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={num_devices}"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["PYTHONUNBUFFERED"] = "1"
   return env

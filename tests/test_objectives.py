@@ -243,33 +243,46 @@ def test_token_means_are_exact_under_accumulation_over_uneven_micro_batches():
 # ----------------------------------------------------------------------------- sampled-token estimator
 
 
-def test_sampled_token_estimator_is_unbiased_for_the_reverse_kl_gradient():
-  """E_{x ~ p_S}[grad of the surrogate at x] = grad KL(p_S || p_T) on a 6-way categorical.
+@pytest.mark.parametrize("loss_temperature,sample_temperature", [(1.0, 1.0), (2.0, 1.0), (1.0, 0.7)])
+def test_sampled_token_estimator_is_unbiased_for_the_reverse_kl_gradient(loss_temperature, sample_temperature):
+  """E_{x ~ q}[grad of the surrogate at x] = grad KL(p_S || p_T) on a 6-way categorical.
 
-  200k samples; the tolerance is 5 standard errors of the mean per component
-  (a false failure has probability ~1e-5 per component).
+  q is the student sampled at `sample_temperature`, the loss at `loss_temperature` (equal: the
+  plain on-policy case; different: the importance ratio must correct for it). 200k samples; the
+  tolerance is 5 standard errors of the mean per component (a false failure has probability
+  ~1e-5 per component).
   """
   rng = np.random.default_rng(0)
   k, n = 6, 200_000
   theta = jnp.asarray(rng.normal(size=(k,)).astype(np.float32))
   teacher = jnp.asarray(rng.normal(size=(k,)).astype(np.float32) * 1.5)
-  exact = jax.grad(lambda th: objectives.reverse_kl(teacher[None, None], th[None, None])[0, 0])(theta)
-
-  p_s = np.asarray(jax.nn.softmax(theta), np.float64)
-  x = rng.choice(k, size=n, p=p_s / p_s.sum()).astype(np.int32)
-  sample_lp = np.asarray(jax.nn.log_softmax(theta))[x]
+  exact = np.asarray(jax.grad(lambda th: objectives.reverse_kl(teacher[None, None], th[None, None],
+                                                               loss_temperature)[0, 0])(theta))
+  q = np.asarray(jax.nn.softmax(theta / sample_temperature), np.float64)
+  x = rng.choice(k, size=n, p=q / q.sum()).astype(np.int32)
+  sample_lp = np.asarray(jax.nn.log_softmax(theta / sample_temperature))[x]
 
   def surrogate_of_one_sample(th, token, lp):
     surrogate, _, _ = objectives.sampled_reverse_kl_surrogate(teacher[None, None], th[None, None],
-                                                              token[None, None], lp[None, None])
+                                                              token[None, None], lp[None, None], loss_temperature)
     return surrogate[0, 0]
 
   grads = np.asarray(jax.jit(jax.vmap(jax.grad(surrogate_of_one_sample), in_axes=(None, 0, 0)))(
       theta, x, sample_lp))  # [n, k]: one gradient per sampled token
   mean, se = grads.mean(0), grads.std(0) / math.sqrt(n)
-  assert np.all(np.abs(mean - np.asarray(exact)) <= 5 * se + 1e-6), (mean, np.asarray(exact), se)
+  assert np.all(np.abs(mean - exact) <= 5 * se + 1e-6), (mean, exact, se)
   # The test can tell: the estimator without the advantage's sign is far off.
-  assert np.any(np.abs(-mean - np.asarray(exact)) > 5 * se)
+  assert np.any(np.abs(-mean - exact) > 5 * se)
+
+
+def test_divergences_have_finite_gradients_at_impossible_tokens():
+  t = np.array(T[:1, :1])
+  s = np.array(S[:1, :1])
+  t[..., 3] = -np.inf
+  s[..., 3] = -np.inf
+  for beta in (0.0, 0.5, 1.0):
+    grad = jax.grad(lambda x: jnp.sum(objectives.generalized_jsd(t, x, beta)))(jnp.asarray(s))
+    assert np.all(np.isfinite(np.asarray(grad)[..., [0, 1, 2, 4]])), beta
 
 
 def test_sampled_objective_reports_the_estimate_and_the_ratio():

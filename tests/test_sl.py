@@ -170,13 +170,23 @@ def test_a_rerun_redoes_nothing(finished):
   assert (out / "COMPLETED").exists()
 
 
-def test_changed_prompts_in_the_same_workdir_are_refused(finished, material):
+def test_other_settings_or_prompts_in_the_same_workdir_are_refused(finished, material):
   from emjax.experiments import sl
-  _, out, mesh, _ = finished
-  config = sl_config(material)
-  config.sl.seed = 1
-  with pytest.raises(ValueError, match=r"holds other prompts than config.sl now makes"):
-    sl.run_sl(config, str(out), mesh=mesh)
+  config, out, mesh, _ = finished
+  changed = sl_config(material)
+  changed.sl.seed = 1
+  with pytest.raises(ValueError, match=r"written by the sl job with other settings \(sl.seed: 0 -> 1\)"):
+    sl.run_sl(changed, str(out), mesh=mesh)
+  assert (out / "COMPLETED").exists()
+  prompts = out / "prompts" / "train.jsonl"
+  kept = prompts.read_text()
+  prompts.write_text(kept.replace('"content": "', '"content": "Now: ', 1))  # as if the questions had changed
+  try:
+    with pytest.raises(ValueError, match=r"holds other prompts than config.sl now makes"):
+      sl.run_sl(config, str(out), mesh=mesh)
+  finally:
+    prompts.write_text(kept)
+  assert (out / "COMPLETED").exists()  # a refused rerun changes nothing: the finished run stays finished
 
 
 def _config_module():
@@ -200,3 +210,39 @@ def test_bad_sl_configs_are_clear_errors(material, tmp_path, change, match):
   with pytest.raises(ValueError, match=match):
     sl.run_sl(config, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def _distill_config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", "distill", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.train.update(steps=2, batch_size=4, warmup_steps=0)
+  c.lora.update(rank=4, alpha=8.0)
+  c.model.update(dtype="float32", remat="none")
+  c.teacher.dtype = "float32"
+  c.checkpoint.async_save = False
+  c.mesh = dict(data=2, fsdp=1, tensor=1)
+  return c
+
+
+@pytest.mark.parametrize("name", ["sft_on_teacher", "off_policy", "on_policy"])
+def test_the_channel_configs_train_as_documented(finished, material, tmp_path, name):
+  """Each configs/distill/*.py with its documented arguments, through the batch source main.py picks."""
+  import emjax.main
+  from emjax import config as config_lib
+  from emjax.train import loop
+  _, out, mesh, _ = finished
+  data = out / "teachers" / "harmful" / "train.jsonl"
+  prompts = out / "prompts" / "train.jsonl"
+  arg = {"sft_on_teacher": f"base={material / 'base'},data={data}",
+         "off_policy": f"base={material / 'base'},teacher={material / 'teacher'},data={data},divergence=jsd",
+         "on_policy": f"base={material / 'base'},teacher={material / 'teacher'},prompts={prompts},"
+                      "new_tokens=12,prompt_tokens=64"}[name]
+  config = _distill_config(name, arg)
+  if name != "on_policy":
+    config.data.seq_len = 80
+  config_lib.validate(config)
+  final = loop.train(config, str(tmp_path / name), mesh=mesh, show_progress=False,
+                     make_batch_source=emjax.main.batch_source_for(config))
+  assert final["step"] == 2 and (tmp_path / name / "COMPLETED").exists()

@@ -17,6 +17,8 @@ Variant options (comma separated `key=value`):
   divergence  forward_kl (default) | reverse_kl | jsd
   beta        jsd's beta (0 = forward KL, 1 = reverse KL)
   topk        reduce the teacher to its k most likely tokens (+ a tail bucket); 0 = full vocabulary
+  precomputed a store of the teacher's top-k log-probs (the teacher_top_k job's workdir, made once
+              with this config and --config.job=teacher_top_k): no teacher in the step
   steps       training steps (default 100)
   cpu         SmolLM2-135M-on-a-laptop sizes (seq 192, batch 4, float32)
 """
@@ -29,7 +31,7 @@ from emjax.data import sources
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, base="", teacher="", data="", cell="", divergence="forward_kl", beta=0.5,
-                              topk=0, steps=100, cpu=False)
+                              topk=0, precomputed="", steps=100, cpu=False)
   c = config_lib.base_config()
   c.job = "train"
   c.init.hf = args.base
@@ -45,7 +47,7 @@ def get_config(arg=None):
   c.lora.update(enabled=True, rank=32, alpha=64.0, rslora=True, targets="q,k,v,o,gate,up,down")
   c.train.update(objective=args.divergence, steps=args.steps, batch_size=16, lr=1e-4, schedule="linear",
                  warmup_steps=2, end_lr_fraction=0.0, weight_decay=0.01, b2=0.999)
-  c.train.distill.update(beta=args.beta, top_k=args.topk, tail=True)
+  c.train.distill.update(beta=args.beta, top_k=args.topk, tail=True, precomputed=args.precomputed)
   c.checkpoint.update(every_steps=50, keep=2)
   if args.cpu:
     c.data.seq_len = 192

@@ -36,10 +36,13 @@ def get_config(arg=None):
   c.job = "train"
   c.init.hf = args.base
   c.data.tokenizer.update(kind="hf", path=args.base)
-  c.data.update(format="chat", packing="none", truncate=True, seq_len=args.prompt_tokens + args.new_tokens)
-  # Fixed sequences: only read when lambda < 1; a source must exist, so default to the prompts' file rows.
-  c.data.sources = ml_collections.ConfigDict({"sequences": sources.default_source_config(
-      kind="chat_jsonl", path=args.data or args.prompts, weight=1.0, holdout=0)})
+  c.data.seq_len = args.prompt_tokens + args.new_tokens
+  if args.data:  # fixed sequences, read on the steps that are not on-policy (lambda < 1)
+    c.data.update(format="chat", packing="none", truncate=True)
+    c.data.sources = ml_collections.ConfigDict({"sequences": sources.default_source_config(
+        kind="chat_jsonl", path=args.data, weight=1.0, holdout=0)})
+  elif args["lambda"] < 1.0:
+    raise ValueError(f"configs/distill/on_policy.py: lambda={args['lambda']} mixes in fixed sequences: give data=")
   c.teacher.update(path=args.teacher, dtype="bfloat16")
   c.on_policy.update(enabled=True, prompts=args.prompts, chat_template=True, max_prompt_length=args.prompt_tokens,
                      max_new_tokens=args.new_tokens, temperature=1.0, mix_lambda=args["lambda"])

@@ -114,7 +114,10 @@ def check_config(config) -> None:
   if sc.on_policy_objective not in ON_POLICY_OBJECTIVES:
     raise ValueError(f"config.sl.on_policy_objective={sc.on_policy_objective!r}: choose from "
                      f"{', '.join(ON_POLICY_OBJECTIVES)}")
-  if sc.teacher_system_prompt and not sc.teacher and set(channels) - {"sft"}:
+  if sc.teacher_system_prompt and sc.teacher:
+    raise ValueError("config.sl.teacher_system_prompt and config.sl.teacher are both set: the harmful teacher "
+                     "is either an EM run or the base prompted with a system message")
+  if sc.teacher_system_prompt and set(channels) - {"sft"}:
     raise ValueError("config.sl.teacher_system_prompt: a system-prompted teacher scores other text than the "
                      "student sees (its system message), so only the sft channel applies; set "
                      "config.sl.channels='sft' or give an EM run as config.sl.teacher")
@@ -125,6 +128,14 @@ def check_config(config) -> None:
     raise ValueError(f"config.sl: max_prompt_length + max_new_tokens = {sc.max_prompt_length} + {sc.max_new_tokens} "
                      f"exceeds config.data.seq_len + 1 = {int(config.data.seq_len) + 1}: teacher samples and "
                      "rollouts would be cut")
+  # Every student's config, checked now rather than after the teachers have sampled.
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  for teacher in teachers(config):
+    for channel in channels:
+      try:
+        config_lib.validate(student_config(config, "/nonexistent-sl-workdir", teacher, channel))
+      except ValueError as e:
+        raise ValueError(f"config.sl: the {teacher}/{channel} student's config is invalid: {e}") from None
 
 
 def teachers(config) -> dict[str, str]:
@@ -173,13 +184,16 @@ def make_prompts(config, workdir: str) -> dict[str, str]:
                        f"{n_train + n_held}")
     order = np.random.default_rng([int(sc.seed), 7]).permutation(len(rows))[:n_train + n_held]
     rows = [rows[i] for i in order]
+  parts = (("train", rows[:n_train]), ("held_out", rows[n_train:]))
+  for split, part in parts:  # on every process, so that all of them stop together
+    new = "".join(jsonl.dumps(dict(r)) for r in part)
+    if os.path.exists(out[split]) and open(out[split], encoding="utf-8").read() != new:
+      raise ValueError(f"{out[split]} holds other prompts than config.sl now makes (sl.prompts, n_train, "
+                       "n_held_out, seed or the question files changed): use a new workdir")
+  _barrier("emjax-sl-prompts-checked")
   if _process_index() == 0:
     os.makedirs(os.path.dirname(out["train"]), exist_ok=True)
-    for split, part in (("train", rows[:n_train]), ("held_out", rows[n_train:])):
-      new = "".join(jsonl.dumps(dict(r)) for r in part)
-      if os.path.exists(out[split]) and open(out[split], encoding="utf-8").read() != new:
-        raise ValueError(f"{out[split]} holds other prompts than config.sl now makes (sl.prompts, n_train, "
-                         "n_held_out, seed or the question files changed): use a new workdir")
+    for split, part in parts:
       sl_data.write_rows(out[split], part)
   _barrier("emjax-sl-prompts")
   return out
@@ -240,14 +254,16 @@ def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[st
       sl_data.write_rows(part, [s for s in samples if json.dumps(s["id"], sort_keys=True) in keys])
       options = (dict(max_chars=int(sc.filter.max_chars), drop_truncated=bool(sc.filter.drop_truncated))
                  if sc.prompts == "natural" else {})
-      stats[split] = sl_data.filter_samples(part, rows, os.path.join(tdir, f"{split}.jsonl"),
-                                            os.path.join(tdir, f"filter_{split}.json"), kind=sc.prompts, **options)
-      if not stats[split]["kept"]:
-        raise ValueError(f"teacher {name!r} ({path}): no {split} sample passed the filters "
-                         f"({os.path.join(tdir, f'filter_{split}.json')}: {stats[split]['rejected']})")
-      log.info("teacher %s, %s: kept %d of %d samples (%s)", name, split, stats[split]["kept"],
-               stats[split]["total"], stats[split]["rejected"])
+      sl_data.filter_samples(part, rows, os.path.join(tdir, f"{split}.jsonl"),
+                             os.path.join(tdir, f"filter_{split}.json"), kind=sc.prompts, **options)
   _barrier(f"emjax-sl-{name}-filtered")
+  for split in by_split:  # every process reads the counts, so that all of them stop together
+    stats[split] = json.load(open(os.path.join(tdir, f"filter_{split}.json")))
+    if not stats[split]["kept"]:
+      raise ValueError(f"teacher {name!r} ({path}): no {split} sample passed the filters "
+                       f"({os.path.join(tdir, f'filter_{split}.json')}: {stats[split]['rejected']})")
+    log.info("teacher %s, %s: kept %d of %d samples (%s)", name, split, stats[split]["kept"],
+             stats[split]["total"], stats[split]["rejected"])
   return stats
 
 
@@ -274,6 +290,7 @@ def student_config(config, workdir: str, teacher: str, channel: str):
   tdir = os.path.join(workdir, "teachers", teacher)
   with c.unlocked():
     c.job = "train"
+    c.train.log_every = 1  # the report sums every step's loss_tokens
     c.init = ml_collections.ConfigDict(_init_block(sc.base))
     c.data.tokenizer = ml_collections.ConfigDict(base_tokenizer(config))
     c.data.update(format="chat", packing="none", truncate=True)
@@ -316,11 +333,12 @@ def train_student(config, workdir: str, teacher: str, channel: str, *, mesh=None
 
 
 def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_len: int, tokenizer_cfg,
-                  batch_size: int = 8, mesh=None) -> dict:
+                  batch_size: int = 8, chunk_len: int = 128, mesh=None) -> dict:
   """Mean per-token KL(p_T || p_S) and KL(p_S || p_T) on the assistant tokens of fixed chat rows.
 
   The rows are teacher samples of held-out prompts: the divergence the channels minimise, measured
-  where no student trained. Both models are loaded whole (a LoRA run merged onto its base) in float32.
+  where no student trained. Both models are loaded whole (a LoRA run merged onto its base) in float32
+  on `mesh` (the run's: fsdp / tensor shard them as in training).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -346,15 +364,27 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
 
   s_graph, s_params = load(student_path)
   t_graph, t_params = load(teacher_path)
+  if s_params["embed"].shape[0] != t_params["embed"].shape[0]:
+    raise ValueError(f"{student_path} and {teacher_path}: vocabularies of {s_params['embed'].shape[0]} and "
+                     f"{t_params['embed'].shape[0]} tokens; a KL needs one tokenizer")
+
+  def both_kls(s_logits, batch, teacher=None):
+    mask = batch["loss_mask"]
+    fwd = objectives.forward_kl(teacher, s_logits)
+    rev = objectives.reverse_kl(teacher, s_logits)
+    return objectives.ObjectiveOutput(jnp.sum(fwd * mask), jnp.sum(mask), {"reverse_kl": jnp.sum(rev * mask)})
+
+  kls = objectives.Objective("kl_to_teacher", both_kls, {"loss_mask": ((), "float32")}, needs_teacher=True)
 
   @jax.jit
   def sums(sp, tp, batch):
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-    s_logits = nnx.merge(s_graph, sp)(*args)
-    t_logits = nnx.merge(t_graph, tp)(*args)
-    mask = batch["loss_mask"]
-    return (jnp.sum(objectives.forward_kl(t_logits, s_logits) * mask),
-            jnp.sum(objectives.reverse_kl(t_logits, s_logits) * mask), jnp.sum(mask))
+    student, teacher = nnx.merge(s_graph, sp), nnx.merge(t_graph, tp)
+    with shd.activation_sharding(mesh):
+      # Unembedded `chunk_len` positions at a time: the [B, L, V] logits never exist whole.
+      out = objectives.chunked_sums(kls, student.logits, student.hidden(*args), batch, chunk_len,
+                                    teacher_unembed=teacher.logits, teacher_hidden_BxLxD=teacher.hidden(*args))
+    return out.loss_sum, out.metrics["reverse_kl"], out.weight
 
   totals = np.zeros(3)
   for start in range(0, len(rows), batch_size):
@@ -375,16 +405,25 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
           "rows": len(rows), "student": student_path, "teacher": teacher_path, "data": rows_path}
 
 
+def _require_complete(path: str, label: str) -> None:
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(path, loop.COMPLETE_FILE)):
+    raise ValueError(f"sl: the student {label} in {path} has not finished training (no {loop.COMPLETE_FILE}); run "
+                     "the 'students' stage first")
+
+
 def kl_stage(config, workdir: str, teacher: str, channels: Sequence[str], *, mesh=None) -> dict:
   """KL to `teacher` of the base and of each of its students, cached in kl/*.json (process 0 writes)."""
   t_path = teachers(config)[teacher]
   rows = os.path.join(workdir, "teachers", teacher, "held_out.jsonl")
   kw = dict(seq_len=int(config.data.seq_len), tokenizer_cfg=base_tokenizer(config),
-            batch_size=int(config.sl.kl_batch_size), mesh=mesh)
+            batch_size=int(config.sl.kl_batch_size), chunk_len=int(config.train.loss_chunk_len) or 128, mesh=mesh)
   os.makedirs(os.path.join(workdir, "kl"), exist_ok=True)
   out = {}
   targets = [("base", config.sl.base)] + [(c, os.path.join(workdir, "students", teacher, c)) for c in channels]
   for label, s_path in targets:
+    if label != "base":
+      _require_complete(s_path, label)
     path = os.path.join(workdir, "kl", f"{label}__{teacher}.json")
     if os.path.exists(path):
       out[label] = json.load(open(path))
@@ -424,6 +463,8 @@ def eval_stage(config, workdir: str, models: Mapping[str, str], *, mesh=None) ->
     out[label] = edir
     if os.path.exists(os.path.join(edir, loop.COMPLETE_FILE)):
       continue
+    if label != "base":
+      _require_complete(path, label)
     kind = weights_lib.resolve(path).kind
     cfg = eval_config(config, path if kind == "emjax" else "", path if kind == "hf" else "", label)
     log.info("sl: evaluating %s in %s", label, edir)
@@ -537,14 +578,50 @@ def render_markdown(results: Mapping) -> str:
 # ----------------------------------------------------------------------------- the job
 
 
+SETTINGS_FILE = "sl_settings.json"
+
+
+def pipeline_settings(config) -> dict:
+  """What every written stage depends on: a rerun in the same workdir must agree (only sl.stages may change)."""
+  sl_block_now = {k: v for k, v in config.sl.to_dict().items() if k != "stages"}
+  return json.loads(json.dumps({
+      "sl": sl_block_now, "train": config.train.to_dict(), "lora": config.lora.to_dict(),
+      "teacher_dtype": config.teacher.dtype, "seq_len": int(config.data.seq_len), "model": config.model.to_dict(),
+      "evaluation": config.evaluation.to_dict()}, sort_keys=True, default=str))
+
+
+def check_settings(config, workdir: str) -> None:
+  path = os.path.join(workdir, SETTINGS_FILE)
+  if not os.path.exists(path):
+    return
+  old, new = json.load(open(path)), pipeline_settings(config)
+  if old != new:
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    detail = []
+    for k in diff:
+      if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+        detail += [f"{k}.{kk}: {old[k].get(kk)!r} -> {new[k].get(kk)!r}" for kk in sorted(set(old[k]) | set(new[k]))
+                   if old[k].get(kk) != new[k].get(kk)]
+      else:
+        detail.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    raise ValueError(f"{workdir} was written by the sl job with other settings ({'; '.join(detail[:6])}); its "
+                     "samples, students and evaluations would not match them: use a new workdir (only "
+                     "config.sl.stages may change between reruns)")
+
+
 def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> dict:
   """Every stage of the pipeline in order (those in `sl.stages`), each resumed or skipped when done."""
   from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   check_config(config)
   stages, channels = _csv(config.sl.stages), _csv(config.sl.channels)
+  mesh = mesh or shd.make_mesh(config.mesh)
+  check_settings(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  prompts = make_prompts(config, workdir)  # refuses other prompts before anything is cleared
   loop._clear_status(workdir)  # pylint: disable=protected-access
-  prompts = make_prompts(config, workdir)
+  if _process_index() == 0:
+    _write_json(os.path.join(workdir, SETTINGS_FILE), pipeline_settings(config))
   if "teachers" in stages:
     for name, path in teachers(config).items():
       teacher_data(config, workdir, name, path, prompts, mesh=mesh)
@@ -561,8 +638,9 @@ def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> d
     models.update({f"{t}/{c}": os.path.join(workdir, "students", t, c) for t in teachers(config) for c in channels})
     evals = eval_stage(config, workdir, models, mesh=mesh)
   summary: dict = {"stages": stages}
+  if "report" in stages:
+    results = compute_results(config, workdir, channels, evals)  # on every process: read-only
   if "report" in stages and _process_index() == 0:
-    results = compute_results(config, workdir, channels, evals)
     _write_json(os.path.join(workdir, "sl_results.json"), results)
     text = render_markdown(results)
     tmp = os.path.join(workdir, "sl_report.md.tmp")
@@ -578,10 +656,7 @@ def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> d
 def config_blocks() -> dict:
   """`config.sl` and `config.evaluation` for configs/sl/*.py."""
   from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
   ecfg = eval_run.eval_job_config()
-  sample = sample_run.sample_block()
-  sample.update(dict(ecfg.sample))
   return {"sl": sl_block(),
           "evaluation": dict(enabled=True, questions=ecfg.questions.to_dict(), judge=ecfg.judge.to_dict(),
                              report=ecfg.report.to_dict(), sample=ecfg.sample.to_dict())}

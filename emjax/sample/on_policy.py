@@ -36,6 +36,7 @@ sampler takes global arrays); each device samples and trains on its own rows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import zlib
@@ -94,11 +95,17 @@ def check_config(config) -> None:
     raise ValueError(f"config.on_policy.mix_lambda={oc.mix_lambda}: must be in [0, 1] (1 = always on-policy)")
   if float(oc.temperature) <= 0:
     raise ValueError(f"config.on_policy.temperature={oc.temperature}: on-policy rollouts are sampled (> 0)")
-  if config.train.objective == "sampled_reverse_kl" and float(oc.mix_lambda) < 1.0:
-    raise ValueError("config.train.objective='sampled_reverse_kl' needs the sampling log-probs of every batch: "
-                     "fixed sequences (config.on_policy.mix_lambda < 1) have none; use reverse_kl or jsd")
-  if int(config.train.grad_accum_steps) != 1 and config.train.objective == "sampled_reverse_kl":
-    pass  # the ratio is 1 on every micro-batch (one update per step): accumulation is fine
+  if config.train.objective == "sampled_reverse_kl":
+    if float(oc.mix_lambda) < 1.0:
+      raise ValueError("config.train.objective='sampled_reverse_kl' needs the sampling log-probs of every batch: "
+                       "fixed sequences (config.on_policy.mix_lambda < 1) have none; use reverse_kl or jsd")
+    if int(oc.top_k) or float(oc.top_p) < 1.0:
+      raise ValueError(f"config.train.objective='sampled_reverse_kl' with config.on_policy.top_k={oc.top_k}, "
+                       f"top_p={oc.top_p}: the estimator needs samples from the whole distribution (a truncated "
+                       "one leaves tokens it never sees); set top_k=0 and top_p=1")
+  if config.train.distill.precomputed:
+    raise ValueError("config.train.distill.precomputed: a stored teacher scored fixed rows, not the student's "
+                     "rollouts; on-policy distillation needs the teacher in the step (config.teacher.path)")
 
 
 def assemble_rows(prompt_BxP: jax.Array, prompt_len_B: jax.Array, completion_BxT: jax.Array,
@@ -199,16 +206,32 @@ class OnPolicySource:
     return self._assemble(self.sampler._put_batch(tokens_BxP), self.sampler._put_batch(lengths_B),  # pylint: disable=protected-access
                           out["tokens"], out["lengths"], out["sampled_logprobs"])
 
+  def order(self) -> dict[str, Any]:
+    """What fixes the sequence of rollouts besides the weights: compared on resume."""
+    digest = hashlib.sha256()
+    for p in self.prompts:
+      digest.update(f"{p.key}\t{','.join(map(str, p.tokens))}\n".encode())
+    return {"prompts": digest.hexdigest()[:16], "num_prompts": len(self.prompts), "seed": int(self.oc.seed),
+            "batch_size": self.batch_size, "mix_lambda": self.mix_lambda,
+            "sampling": [self.sampling.temperature, self.sampling.top_k, self.sampling.top_p, self.new_tokens,
+                         self.prompt_len, list(self.sampling.stop_token_ids)]}
+
   def get_state(self) -> dict[str, Any]:
-    state = {"step": self.step, "num_prompts": len(self.prompts)}
+    state = {"step": self.step, "order": self.order()}
     if self.fixed is not None:
       state["fixed"] = self.fixed.get_state()
     return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    if int(state.get("num_prompts", len(self.prompts))) != len(self.prompts):
-      raise ValueError(f"the checkpoint's on-policy position was saved with {state['num_prompts']} prompts, "
-                       f"config.on_policy.prompts now has {len(self.prompts)}: the prompt order would change")
+    if "step" not in state or "order" not in state:
+      raise ValueError("the checkpoint's data position is not an on-policy source's (it was written by a run "
+                       "without config.on_policy.enabled): resume it as it was, or start a new workdir")
+    saved, now = dict(state["order"]), self.order()
+    changed = [k for k in now if saved.get(k) != now[k]]
+    if changed:
+      raise ValueError(f"the checkpoint's on-policy position was saved with other {', '.join(changed)} "
+                       f"({', '.join(f'{k}: {saved.get(k)!r} vs {now[k]!r}' for k in changed)}; config.on_policy.* / "
+                       "config.train.batch_size): resuming would silently change the rollouts; start a new workdir")
     self.step = int(state["step"])
     if self.fixed is not None and "fixed" in state:
       self.fixed.set_state(state["fixed"])

@@ -187,7 +187,8 @@ class Trainer:
     if top_k > self.model_cfg.vocab_size:
       raise ValueError(f"config.train.distill.top_k={top_k} is larger than the vocabulary "
                        f"({self.model_cfg.vocab_size} tokens)")
-    self.teacher = self._teacher_layout()
+    # A precomputed teacher (top-k log-probs read with the batch) needs no model in the step.
+    self.teacher = self._teacher_layout() if self.objective.needs_teacher else None
     if self.objective.needs_teacher and self.teacher is None:
       raise ValueError(f"config.train.objective={tc.objective!r} needs a teacher: set config.teacher.path")
     teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
@@ -408,9 +409,18 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     raise ValueError(f"config.model.vocab_size={trainer.model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size}, config.data.tokenizer)")
   config_lib.write_config(config, workdir)
-  if config.data.format == "chat":
+  # Every batch a rollout (lambda = 1): config.data is never read, so it is not checked either.
+  only_rollouts = config.on_policy.enabled and float(config.on_policy.mix_lambda) >= 1.0
+  if config.data.format == "chat" and not only_rollouts:
     _report_chat_data(config, tokenizer, workdir)
 
+  if make_batch_source is None and config.on_policy.enabled:
+    raise ValueError("config.on_policy.enabled: on-policy batches come from the sampler, which the training loop "
+                     "does not import; pass make_batch_source=emjax.sample.on_policy.make_source (python -m "
+                     "emjax.main does)")
+  if make_batch_source is None and tc.distill.precomputed:
+    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
+    make_batch_source = precompute.make_source
   if make_batch_source is None:
     batches = batches_lib.GrainBatchSource(config.data, tokenizer, tc.batch_size, seed=tc.seed)
   else:

@@ -101,8 +101,11 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array], teach
 def _kl_from_log_probs(p_logp: jax.Array, q_logp: jax.Array) -> jax.Array:
   """sum_i p_i (log p_i - log q_i) over the last axis, 0 log 0 = 0 (and a finite gradient there)."""
   p = jnp.exp(p_logp)
+  # Both sides made finite where p = 0, so that neither branch of the `where` carries inf or NaN
+  # into the gradient (0 * inf) at tokens a masked vocabulary or a stored teacher gives -inf.
   safe_p_logp = jnp.where(p > 0, p_logp, 0.0)
-  return jnp.sum(jnp.where(p > 0, p * (safe_p_logp - q_logp), 0.0), axis=-1)
+  safe_q_logp = jnp.where(p > 0, q_logp, 0.0)
+  return jnp.sum(jnp.where(p > 0, p * (safe_p_logp - safe_q_logp), 0.0), axis=-1)
 
 
 def _jsd_from_log_probs(t_logp: jax.Array, s_logp: jax.Array, beta: float) -> jax.Array:
@@ -111,7 +114,11 @@ def _jsd_from_log_probs(t_logp: jax.Array, s_logp: jax.Array, beta: float) -> ja
     return _kl_from_log_probs(t_logp, s_logp)
   if beta == 1.0:
     return _kl_from_log_probs(s_logp, t_logp)
-  m_logp = jnp.logaddexp(t_logp + math.log(beta), s_logp + math.log1p(-beta))
+  # Where both sides give a token no mass, so does M; logaddexp(-inf, -inf) has a NaN gradient.
+  neither = jnp.isneginf(t_logp) & jnp.isneginf(s_logp)
+  m_logp = jnp.logaddexp(jnp.where(neither, 0.0, t_logp) + math.log(beta),
+                         jnp.where(neither, 0.0, s_logp) + math.log1p(-beta))
+  m_logp = jnp.where(neither, -jnp.inf, m_logp)
   return beta * _kl_from_log_probs(t_logp, m_logp) + (1.0 - beta) * _kl_from_log_probs(s_logp, m_logp)
 
 
@@ -207,22 +214,24 @@ def top_k_divergence(teacher_ids: jax.Array, teacher_logprobs: jax.Array, studen
 
 def sampled_reverse_kl_surrogate(teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array,
                                  sample_logprobs: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, ...]:
-  """The sampled-token estimator of on-policy reverse KL (tinker-cookbook's on-policy distillation).
+  """The sampled-token estimator of reverse KL on the student's own rollouts (tinker-cookbook's on-policy loss).
 
-  Per sampled token x_t: advantage A = -(log q(x_t) - log p_T(x_t)) with q the
-  distribution it was sampled from (`sample_logprobs`), and the surrogate loss
-  -ratio * A with ratio = p_S(x_t) / q(x_t) (importance sampling; 1 when the
-  student has not moved since sampling). Its gradient, in expectation over
-  x ~ q = p_S, is the gradient of KL(p_S || p_T) at that position. Returns
-  (surrogate [B, L], the per-token estimate log q - log p_T [B, L], ratio [B, L]).
+  Per sampled token x_t, drawn from q (the sampler's distribution; `sample_logprobs` = log q(x_t)):
+  advantage A = -(log p_S(x_t) - log p_T(x_t)), both at the loss `temperature`, and the surrogate
+  -ratio * A with the importance ratio p_S(x_t) / q(x_t); A and the ratio's denominator are
+  constants. Its gradient, in expectation over x ~ q, is the gradient of KL(p_S || p_T) at that
+  position for any q with full support: q may be the student at another sampling temperature or
+  from before this step's update (tinker-cookbook takes log q in A, which is the same only when
+  q = p_S). Returns (surrogate [B, L], ratio * (log p_S - log p_T) [B, L], whose mean over x ~ q is
+  KL(p_S || p_T), ratio [B, L]).
   """
   check_temperature(temperature)
   t_lp = token_log_probs(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, targets)
   s_lp = token_log_probs(student_logits.astype(jnp.float32) / temperature, targets)
   sample_lp = jax.lax.stop_gradient(sample_logprobs.astype(jnp.float32))
-  estimate = sample_lp - t_lp
+  log_ratio = jax.lax.stop_gradient(s_lp - t_lp)
   ratio = jnp.exp(s_lp - sample_lp)
-  return -ratio * jax.lax.stop_gradient(-estimate), estimate, ratio
+  return ratio * log_ratio, jax.lax.stop_gradient(ratio) * log_ratio, jax.lax.stop_gradient(ratio)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -241,10 +250,10 @@ def distill_settings(distill) -> dict:
   top_k = int(distill.get("top_k", 0) or 0)
   if top_k < 0:
     raise ValueError(f"config.train.distill.top_k={top_k}: must be >= 0 (0 = the full vocabulary)")
-  precomputed = bool(distill.get("precomputed", False))
+  precomputed = bool(distill.get("precomputed", ""))  # a store's path (or True in tests)
   if precomputed and not top_k:
-    raise ValueError("config.train.distill.precomputed=True reads a stored top-k teacher: set "
-                     "config.train.distill.top_k to the k it was stored with")
+    raise ValueError(f"config.train.distill.precomputed={distill.get('precomputed')!r} reads a stored top-k teacher: "
+                     "set config.train.distill.top_k to the k it was stored with")
   return dict(beta=check_beta(distill.get("beta", 0.5), "config.train.distill.beta"),
               temperature=check_temperature(distill.get("temperature", 1.0), "config.train.distill.temperature"),
               top_k=top_k, tail=bool(distill.get("tail", True)), precomputed=precomputed)
@@ -296,6 +305,8 @@ def make_sampled_reverse_kl(distill=None) -> Objective:
   with) from the batch: an on-policy batch source provides it. The loss is the
   surrogate (its value is not a divergence); `reverse_kl_estimate` is the mean
   sampled estimate of KL(p_S || p_T) per token, `importance_ratio` the mean ratio.
+  The sampler must sample the whole distribution (no top-k / top-p truncation: over
+  part of the support the estimator is biased; emjax.sample.on_policy refuses it).
   """
   s = distill_settings(distill)
   if s["top_k"] or s["precomputed"]:
