@@ -3,12 +3,12 @@
     python benchmarks/onpolicy.py --model=SMOLLM2_DIR [--batch=4 --prompt_tokens=64 --completion_tokens=32]
         [--beta=0.5 --iterations=3 --threads=1] [--no-trl]
 
-Both sides: the same Hugging Face model as student (rsLoRA r=8 on q,v for emjax; TRL trains the full
-model, as GKDTrainer does by default) and as teacher, the same batch of chat prompts of exactly
-`prompt_tokens` tokens, exactly `completion_tokens` sampled tokens per row (no early stop), temperature
-1, generalized JSD(beta) over the full vocabulary on the completion tokens (lambda = 1: every step
-on-policy), AdamW, float32. The emjax side runs first, then TRL's script (benchmarks/onpolicy_trl.py)
-in a subprocess, so they never share the CPU.
+Both sides: the same Hugging Face model as student (every parameter trained, as GKDTrainer does by
+default; `--lora` trains rsLoRA r=8 adapters on q,v instead, sampled unmerged) and as teacher, the same
+batch of chat prompts of exactly `prompt_tokens` tokens, exactly `completion_tokens` sampled tokens per
+row (no early stop), temperature 1, generalized JSD(beta) over the full vocabulary on the completion
+tokens (lambda = 1: every step on-policy), AdamW, float32. The emjax side runs first, then TRL's script
+(benchmarks/onpolicy_trl.py) in a subprocess, so they never share the CPU.
 
 emjax's iteration = rollout (sampler with the student's current weights, rows assembled on device)
 + train step (teacher forward + student forward/backward + update, one jitted call). The teacher's
@@ -72,7 +72,7 @@ def emjax_side(args) -> dict:
   c.on_policy.update(enabled=True, prompts=prompts_path, max_prompt_length=max(lengths),
                      max_new_tokens=args.completion_tokens, temperature=args.temperature, stop_at_eos=False,
                      stop_at_end_of_turn=False, unroll_layers=True)
-  c.lora.update(enabled=True, rank=8, alpha=16.0, targets="q,v")
+  c.lora.update(enabled=bool(args.lora), rank=8, alpha=16.0, targets="q,v")
   c.train.update(objective="jsd", batch_size=args.batch, steps=args.iterations + args.warmup, lr=1e-6,
                  warmup_steps=0, loss_chunk_len=0)
   c.train.distill.update(beta=args.beta, temperature=1.0)
@@ -111,7 +111,7 @@ def emjax_side(args) -> dict:
                  "loss": float(metrics["loss"]), "completion_tokens": float(metrics["loss_tokens"])})
   timed = rows[args.warmup:]
   med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
-  return {"side": "emjax", "jax": jax.__version__, "device": jax.devices()[0].device_kind, "batch": args.batch,
+  return {"side": "emjax", "lora": bool(args.lora), "jax": jax.__version__, "device": jax.devices()[0].device_kind, "batch": args.batch,
           "prompt_tokens_actual": sorted(set(lengths)), "completion_tokens": args.completion_tokens,
           "beta": args.beta, "lambda": 1.0, "iterations": args.iterations, "step_compile_s": compile_s,
           "iteration_s_median": med("iteration_s"), "sample_s_median": med("sample_s"),
@@ -134,6 +134,7 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--threads", type=int, default=1, help="TRL's torch threads")
   ap.add_argument("--no-trl", dest="trl", action="store_false")
+  ap.add_argument("--lora", action="store_true", help="emjax trains LoRA adapters (TRL still trains everything)")
   args = ap.parse_args(argv)
   ours = emjax_side(args)
   print(json.dumps(ours), flush=True)

@@ -271,12 +271,15 @@ def test_bad_distillation_settings_are_refused_before_compiling(teacher_dir, pro
   _raises_before_compiling(config, r"top_k=300 is larger than the vocabulary \(288 tokens\)", monkeypatch)
 
 
-def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, prompts_file, monkeypatch):
-  other = str(tmp_path / "other")
-  config = tiny_config(steps=1)
-  config.model.vocab_size = 320
-  loop.train(config, other, mesh=_mesh(1), show_progress=False)
-  _raises_before_compiling(_config(other, prompts_file), r"teacher's vocabulary \(320\) differs from the "
+def test_a_teacher_with_another_vocabulary_is_refused(teacher_dir, prompts_file, monkeypatch, tmp_path):
+  # The teacher run's config.json with a larger vocabulary: refused from its config, before any weight is read.
+  fake = tmp_path / "teacher"
+  fake.mkdir()
+  cfg = json.load(open(os.path.join(teacher_dir, "config.json")))
+  cfg["model"]["vocab_size"] = 320
+  (fake / "config.json").write_text(json.dumps(cfg))
+  os.symlink(os.path.join(teacher_dir, "checkpoints"), fake / "checkpoints")
+  _raises_before_compiling(_config(str(fake), prompts_file), r"teacher's vocabulary \(320\) differs from the "
                            r"student's \(288\)", monkeypatch)
 
 

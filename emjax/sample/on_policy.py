@@ -254,14 +254,7 @@ class OnPolicySource:
 
   def prompt_indices(self, step: int) -> np.ndarray:
     """The prompts of step `step`: consecutive positions in one seeded permutation per epoch."""
-    n = len(self.prompts)
-    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    epochs, within = flat // n, flat % n
-    out = np.empty_like(flat)
-    for epoch in np.unique(epochs):
-      order = np.random.default_rng([int(self.oc.seed), 3, int(epoch)]).permutation(n)
-      out[epochs == epoch] = order[within[epochs == epoch]]
-    return out
+    return batches_lib.epoch_rows(step, self.batch_size, len(self.prompts), (int(self.oc.seed), 3))
 
   def _prompt_batch(self, step: int):
     idx = self.prompt_indices(step)

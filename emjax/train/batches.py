@@ -42,6 +42,22 @@ class BatchSource(Protocol):
     ...
 
 
+def epoch_rows(step: int, batch_size: int, num_rows: int, seed: tuple[int, ...]) -> np.ndarray:
+  """Indices of global batch `step` when epoch e visits `num_rows` rows in the permutation seeded by (*seed, e).
+
+  Batch s is positions s*B .. s*B+B-1 of the concatenated epochs, so a batch may span two epochs
+  and the sequence depends only on (step, batch_size, num_rows, seed): a source that records its
+  step resumes exactly.
+  """
+  flat = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs, within = flat // num_rows, flat % num_rows
+  out = np.empty_like(flat)
+  for epoch in np.unique(epochs):
+    order = np.random.default_rng([*seed, int(epoch)]).permutation(num_rows)
+    out[epochs == epoch] = order[within[epochs == epoch]]
+  return out
+
+
 # What fixes the order of a grain pipeline's batches beyond the config's data
 # block: a checkpoint restored under other values would silently continue with
 # different data, so they are recorded with the position and compared.

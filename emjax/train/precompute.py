@@ -34,6 +34,7 @@ import numpy as np
 
 from emjax import sharding as shd
 from emjax import weights as weights_lib
+from emjax.train import batches as batches_lib
 from emjax.train import objectives as objectives_lib
 
 log = logging.getLogger(__name__)
@@ -194,13 +195,7 @@ class PrecomputedTeacherSource:
     return self
 
   def global_rows(self, step: int) -> np.ndarray:
-    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    epochs, within = flat // self.rows, flat % self.rows
-    out = np.empty_like(flat)
-    for epoch in np.unique(epochs):
-      order = np.random.default_rng([self.seed, 11, int(epoch)]).permutation(self.rows)
-      out[epochs == epoch] = order[within[epochs == epoch]]
-    return out
+    return batches_lib.epoch_rows(step, self.batch_size, self.rows, (self.seed, 11))
 
   def __next__(self) -> dict[str, np.ndarray]:
     rows = self.global_rows(self.step)
