@@ -297,3 +297,35 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher_dir, prompts_file, 
   _raises_before_compiling(_config(str(fake), prompts_file),
                            r"the teacher \(config.teacher.path\) and student \(config.data.tokenizer\) tokenizers "
                            r"differ: SentencePieceTokenizer vs ByteTokenizer", monkeypatch)
+
+
+def test_two_processes_draw_the_rollouts_of_one_process_with_eight_devices(teacher_dir, prompts_file, tmp_path):
+  """launch/multiprocess.sh, 2 processes x 4 devices, mesh 2x2x2: every process builds the same global
+  prompt batch and samples its own rows; the losses equal one process's on 8 devices (to float32
+  reduction order)."""
+  import importlib.util
+  import subprocess
+  from conftest import ROOT, subprocess_env
+  overrides = {"train.steps": 3, "model.vocab_size": 288, "teacher.path": teacher_dir, "teacher.dtype": "float32", "train.objective": "reverse_kl",
+               "on_policy.enabled": True, "on_policy.prompts": prompts_file, "on_policy.chat_template": False,
+               "on_policy.max_prompt_length": PROMPT_LEN, "on_policy.max_new_tokens": NEW_TOKENS,
+               "on_policy.stop_at_end_of_turn": False, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+               "data.shards": 2, "checkpoint.every_steps": 3, "checkpoint.async_save": False}
+  env = subprocess_env(4)
+  env["EMJAX_LOG_DIR"] = str(tmp_path / "logs")
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+  run = subprocess.run(["bash", os.path.join(ROOT, "launch", "multiprocess.sh"), "2", "4",
+                        "--config=configs/pretrain/tiny.py:smoke", f"--workdir={tmp_path / 'two'}", "--noprogress",
+                        *flags], cwd=ROOT, env=env, timeout=600)
+  assert run.returncode == 0, [(p, (tmp_path / "logs" / p).read_text()[-2000:]) for p in os.listdir(tmp_path / "logs")]
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "pretrain", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  for key, value in overrides.items():
+    block, name = key.split(".")
+    config[block][name] = value
+  one = str(tmp_path / "one")
+  _train(config, one, shd.make_mesh(dict(data=2, fsdp=2, tensor=2), devices=jax.devices()[:8]))
+  np.testing.assert_allclose([r["loss"] for r in _rows(str(tmp_path / "two"))], [r["loss"] for r in _rows(one)],
+                             rtol=1e-4)
