@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emjax import sharding as shd
 from emjax.models import lora as lora_lib
 from emjax.sample import run as sample_run
 from emjax.sample import sampler as sampler_lib

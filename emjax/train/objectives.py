@@ -259,11 +259,6 @@ def distill_settings(distill) -> dict:
               top_k=top_k, tail=bool(distill.get("tail", True)), precomputed=precomputed)
 
 
-# Batch keys of a precomputed top-k teacher (`teacher_top_k` per position, written once, read by
-# every student); trailing shapes depend on k.
-PRECOMPUTED_TEACHER_KEYS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail_logprob")
-
-
 def make_distillation(name: str, beta: float, distill=None) -> Objective:
   """A divergence to the teacher on the tokens where `loss_mask` is set (completion tokens).
 
