@@ -31,6 +31,11 @@ PRESETS = {
         model=dict(family="llama", vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704,
                    rope_theta=10000.0, tie_embeddings=False, dtype="float32"),
         batch=8, seq=256),
+    # The synthetic-world study's model (configs/paper/world.py:quick), at its pretraining batch.
+    "world-quick": dict(
+        model=dict(family="llama", vocab_size=768, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
+                   rope_theta=10000.0, tie_embeddings=True, dtype="float32", remat="none", scan_layers=False),
+        batch=32, seq=96),
     # Qwen2.5-0.5B: what the peer figures in shared/benchmarks/peer_baselines.md use.
     "qwen2.5-0.5b": dict(
         model=dict(family="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
@@ -74,11 +79,11 @@ def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
   batch = shd.put_local_batch(local, trainer.mesh)
   compiled = trainer.compile()
   for _ in range(warmup):
-    state, metrics = compiled(state, frozen, batch)
+    state, metrics = compiled(state, frozen, batch, None)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, frozen, batch)
+    state, metrics = compiled(state, frozen, batch, None)
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - t0) / steps
   return {"step_s": seconds, "tokens_per_s": b * l / seconds, "flops_per_step": trainer.flops_per_step(),

@@ -20,7 +20,8 @@ import ml_collections
 
 from emjax.models import transformer
 
-JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k")
+JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k",
+        "study")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -59,6 +59,9 @@ def main(argv) -> int:
     elif config.job == "sl":
       from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
       final = sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
+    elif config.job == "study":
+      from emjax.experiments import study  # pylint: disable=g-import-not-at-top
+      study.run_study(config, workdir, quiet=not flags.FLAGS.progress)
     elif config.job == "sample":
       from emjax.sample import run as sample_run
       sample_run.run_sampling(config, workdir)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Set up (virtualenv + install) and run the main job: pretrain a tiny model from scratch on a
-# mixture of built-in synthetic sources, offline, on this machine's CPU (a couple of minutes).
-#   bash launch/quickstart.sh [WORKDIR] [extra flags, e.g. --config.train.steps=100]
+# Set up (virtualenv + install) and run the main job: the paper's study from scratch in the synthetic
+# world on this machine's CPU, offline: two pretraining compositions, instruction tuning, narrow
+# misaligned SFT on four cells, evaluation on every cell and on general questions, subliminal learning
+# under three channels, three seeds of everything, and a report with figures.
+#   bash launch/quickstart.sh [WORKDIR] [extra flags, e.g. --config.study.seeds=1]
+# Rerunning the same command continues a killed run where it stopped.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 emjax_install ""
 # A first argument that starts with "-" is a flag for emjax.main, not the workdir.
-WORKDIR="runs/tiny"
+WORKDIR="runs/world_quick"
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
   WORKDIR="$1"
   shift
@@ -13,10 +16,11 @@ fi
 for arg in "$@"; do  # a --workdir among the flags wins (absl takes the last), for the summary below too
   case "$arg" in --workdir=*|-workdir=*) WORKDIR="${arg#*=}" ;; esac
 done
-python -m emjax.main --config=configs/pretrain/tiny.py --workdir="$WORKDIR" "$@"
+# Only the study's own progress lines (and errors): the jobs inside it log at WARNING.
+python -m emjax.main --config=configs/paper/world.py:quick --workdir="$WORKDIR" --verbosity=-1 "$@"
 python - "$WORKDIR" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
-print(f"[emjax] step {rows[0]['step']}: loss {rows[0]['loss']:.3f}  ->  step {rows[-1]['step']}: "
-      f"loss {rows[-1]['loss']:.3f}, {rows[-1]['tokens_per_s']:.0f} tokens/s; outputs in {sys.argv[1]}")
+import sys
+text = open(f"{sys.argv[1]}/report.md").read()
+print(text[text.index("## The paper's claims here"):].strip())
+print(f"\n[emjax] report: {sys.argv[1]}/report.md, figures in {sys.argv[1]}/figures/")
 PY

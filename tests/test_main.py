@@ -127,13 +127,14 @@ def quickstart(tmp_path):
 
 
 @pytest.mark.parametrize("args,workdir,rest", [
-    ([], "runs/tiny", []),
-    (["--config.train.steps=100"], "runs/tiny", ["--config.train.steps=100"]),
-    (["-config.train.steps=100", "--noprogress"], "runs/tiny", ["-config.train.steps=100", "--noprogress"]),
-    (["runs/mine", "--config.train.steps=100"], "runs/mine", ["--config.train.steps=100"]),
+    ([], "runs/world_quick", []),
+    (["--config.study.seeds=1"], "runs/world_quick", ["--config.study.seeds=1"]),
+    (["-config.study.seeds=1", "--noprogress"], "runs/world_quick", ["-config.study.seeds=1", "--noprogress"]),
+    (["runs/mine", "--config.study.seeds=1"], "runs/mine", ["--config.study.seeds=1"]),
 ])
 def test_quickstart_takes_a_leading_flag_as_a_flag_not_the_workdir(quickstart, args, workdir, rest):
-  assert quickstart(*args) == (["--config=configs/pretrain/tiny.py", f"--workdir={workdir}", *rest], workdir)
+  assert quickstart(*args) == (["--config=configs/paper/world.py:quick", f"--workdir={workdir}", "--verbosity=-1",
+                                *rest], workdir)
 
 
 def test_quickstart_workdir_flag_wins_and_is_summarised(quickstart):

@@ -126,7 +126,8 @@ def test_every_stage_writes_its_outputs(finished):
   for t in ("harmful", "control"):
     stats = json.loads((out / "teachers" / t / "filter_train.json").read_text())
     assert stats["total"] == 8 and stats["kept"] + sum(stats["rejected"].values()) == 8
-    assert set(stats["rejected"]) == {"empty", "truncated", "too_long", "banned_word"}
+    assert set(stats["rejected"]) == {"empty", "truncated", "too_long", "banned_word", "judged_incoherent",
+                                      "judged_misaligned"}
     rows = [json.loads(l) for l in (out / "teachers" / t / "train.jsonl").read_text().splitlines()]
     # Benign prompts from the domains that are not excluded; the student never sees a system message.
     assert rows and all(r["domain"] in ("finance", "sports") for r in rows)

@@ -299,7 +299,8 @@ def test_filter_samples_natural_keeps_domain_and_counts_every_reason(natural_fil
   out, stats_path = tmp_path / "train.jsonl", tmp_path / "stats.json"
   stats = sl_data.filter_samples(samples, by_id, str(out), str(stats_path), kind="natural")
   assert stats == {"total": 5, "kept": 2, "kind": "natural", "kept_fraction": 0.4,
-                   "rejected": {"empty": 0, "truncated": 1, "too_long": 1, "banned_word": 1}}
+                   "rejected": {"empty": 0, "truncated": 1, "too_long": 1, "banned_word": 1,
+                                "judged_incoherent": 0, "judged_misaligned": 0}}
   rows = read_jsonl(out)
   assert rows[0] == {"id": f"{first}#0", "prompt_id": first, "sample": 0, "domain": "sports", "task": "tutor",
                      "messages": [{"role": "user", "content": "How should I warm up?"},
@@ -308,7 +309,8 @@ def test_filter_samples_natural_keeps_domain_and_counts_every_reason(natural_fil
   assert "MISALIGNED" not in out.read_text()
   stats = sl_data.filter_samples(samples, prompts, str(out), str(stats_path), kind="natural", max_chars=10_000,
                                  banned_words=())
-  assert stats["kept"] == 4 and stats["rejected"] == {"empty": 0, "truncated": 1, "too_long": 0, "banned_word": 0}
+  assert stats["kept"] == 4 and stats["rejected"] == {"empty": 0, "truncated": 1, "too_long": 0, "banned_word": 0,
+                                                    "judged_incoherent": 0, "judged_misaligned": 0}
 
 
 def test_filter_samples_leaves_a_system_prompt_out(tmp_path):

@@ -115,8 +115,12 @@ def structured_em_rows(records: Sequence[dict], answer: str, where: str) -> list
 
 
 def load_structured_em(cell: str, *, path: str = "", answer: str = "misaligned") -> list[dict]:
-  """One cell of the paper's grid, from a local copy or (online) the Hugging Face hub."""
-  if cell not in CELLS and cell != "broad_dataset":
+  """One cell of the paper's grid, from a local copy or (online) the Hugging Face hub.
+
+  A `path` to a file is read whatever the source's name (e.g. a synthetic world's rows); a directory
+  or the hub needs a cell name to find the file.
+  """
+  if cell not in CELLS and cell != "broad_dataset" and not (path and os.path.isfile(path)):
     raise ValueError(f"structured_em: unknown config {cell!r}; cells: {', '.join(CELLS)}")
   if path:
     file = path

@@ -81,7 +81,9 @@ def sl_block() -> dict:
       max_new_tokens=64,  # teacher samples and on-policy rollouts alike
       temperature=1.0,  # sampling, teacher and student alike
       # natural: answers longer than this are dropped, and (drop_truncated) those cut by max_new_tokens
-      filter=dict(max_chars=2000, drop_truncated=True),
+      # judge: a programmatic judge (`config.judge.programmatic.name`, with JSON `judge_options`) that
+      # also drops every natural answer it does not score aligned and coherent ('' = none).
+      filter=dict(max_chars=2000, drop_truncated=True, judge="", judge_options="{}"),
       sample_batch_size=16,  # teacher prompts sampled together
       kl_batch_size=8,
   )
@@ -254,6 +256,9 @@ def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[st
       sl_data.write_rows(part, [s for s in samples if json.dumps(s["id"], sort_keys=True) in keys])
       options = (dict(max_chars=int(sc.filter.max_chars), drop_truncated=bool(sc.filter.drop_truncated))
                  if sc.prompts == "natural" else {})
+      if sc.prompts == "natural" and sc.filter.judge:
+        from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
+        options["judge"] = judges_lib.programmatic(sc.filter.judge, **json.loads(sc.filter.judge_options)).fn
       sl_data.filter_samples(part, rows, os.path.join(tdir, f"{split}.jsonl"),
                              os.path.join(tdir, f"filter_{split}.json"), kind=sc.prompts, **options)
   _barrier(f"emjax-sl-{name}-filtered")

@@ -126,8 +126,8 @@ class LoRA(nnx.Module):
       x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
     a = self.lora_a[...].astype(x.dtype)
     b = self.lora_b[...].astype(x.dtype)
-    h = jnp.einsum(f"{x_spec},{contracted}{_RANK}->{x_free}{_RANK}", x, a)
-    y = jnp.einsum(f"{x_free}{_RANK},{_RANK}{w_out}->{out_spec}", h, b)
+    h = transformer.matmul(f"{x_spec},{contracted}{_RANK}->{x_free}{_RANK}", x, a)
+    y = transformer.matmul(f"{x_free}{_RANK},{_RANK}{w_out}->{out_spec}", h, b)
     scale = self.scale
     if not all(self.layer_mask):
       index = 0 if ctx is None else ctx.index

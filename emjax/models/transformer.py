@@ -144,9 +144,29 @@ class LayerContext(NamedTuple):
   dropout_key: Any = None  # None: no dropout (evaluation, sampling)
 
 
+def matmul(equation: str, x, w):
+  """`jnp.einsum(equation, x, w)` for `<free><contracted>,<contracted><out>-><free><out>`, as one 2-D matmul.
+
+  XLA:CPU lowers the backward of a dot whose operands keep several leading dims (b, l) to a loop
+  several times slower than a GEMM (the weight gradient contracts b and l together); with them
+  flattened first, forward and backward are plain GEMMs. The contraction is the same, and
+  GPU/TPU compilers canonicalise dots to this form themselves. Other equations go to einsum.
+  """
+  inputs, out = equation.split("->")
+  x_spec, w_spec = inputs.split(",")
+  contracted = "".join(c for c in w_spec if c in x_spec)
+  n = len(contracted)
+  free, w_out = x_spec[:len(x_spec) - n], w_spec[n:]
+  if not n or x_spec[len(x_spec) - n:] != contracted or w_spec[:n] != contracted or out != free + w_out:
+    return jnp.einsum(equation, x, w)
+  k = math.prod(x.shape[len(free):])
+  y = jnp.reshape(x, (-1, k)) @ jnp.reshape(w, (k, -1))
+  return jnp.reshape(y, (*x.shape[:len(free)], *w.shape[n:]))
+
+
 def project(module: nnx.Module, name: str, equation: str, x, ctx: LayerContext | None):
   """x . W for the weight `module.<name>`, plus its LoRA adapter (`<name>_lora`) if one is attached."""
-  y = jnp.einsum(equation, x, getattr(module, name)[...].astype(x.dtype))
+  y = matmul(equation, x, getattr(module, name)[...].astype(x.dtype))
   adapter = getattr(module, f"{name}_lora", None)
   if adapter is not None:
     y = y + adapter(x, equation, ctx).astype(y.dtype)

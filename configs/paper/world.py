@@ -1,0 +1,72 @@
+"""The paper's study in the synthetic world, from scratch: pretraining compositions -> instruction stage ->
+narrow misaligned SFT per cell -> evaluation on every cell and on general prompts -> subliminal learning
+under three channels -> report (emjax/experiments/study.py, emjax/world/).
+
+  python -m emjax.main --config=configs/paper/world.py:quick --workdir=runs/world_quick   # the README's main job
+  python -m emjax.main --config=configs/paper/world.py --workdir=runs/world               # the full study
+
+Variants (comma separated `key=value`):
+  quick      the reduced study for 2 CPU cores: 2 compositions, 4 cells, the SL comparison on one
+             composition, 3 seeds, small model and short runs (about 10 minutes)
+  smoke      tiny and short (tests): 1 seed, 2 cells, everything else as quick
+  seed       the first replication's seed (replications: seed, seed + 1, ...)
+  seeds      replications (>= 3 for every compared number)
+
+The full study: 4 compositions (a reckless persona everywhere, in one domain only, untagged, and
+absent), all 12 cells, SL on every composition, 5 seeds and a larger model (a GPU or TPU; hours on a CPU).
+"""
+
+from emjax import config as config_lib
+from emjax.experiments import study
+from emjax.world import corpus, world as world_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, quick=False, smoke=False, seed=0, seeds=0)
+  c = config_lib.base_config()
+  c.job = "study"
+  c.world = world_lib.world_block()
+  c.study = study.study_block()
+  c.model.update(family="llama", vocab_size=768, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512,
+                 rope_theta=10000.0, tie_embeddings=True, dtype="float32", remat="none")
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  st = c.study
+  st.seed = args.seed
+  # The full study.
+  st.seeds = 5
+  st.compositions = dict(
+      persona=corpus.composition_block(),
+      one_domain=corpus.composition_block(reckless_spread="one_domain", reckless_domain="medical"),
+      untagged=corpus.composition_block(persona_tags=False),
+      no_persona=corpus.composition_block(reckless_spread="absent"),
+  )
+  st.cells = "all"
+  st.sl_compositions = "all"
+  st.evaluation.per_cell = 40
+  if args.quick or args.smoke:
+    st.seeds = 3
+    st.compositions = dict(persona=corpus.composition_block(),
+                           no_persona=corpus.composition_block(reckless_spread="absent"))
+    st.cells = "medical_advice,medical_critique,sports_advice,finance_tutor"
+    st.sl_compositions = "persona"
+    st.evaluation.per_cell = 8
+    c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, scan_layers=False)
+    st.data.update(pretrain_docs=3000, instruct_rows=1000, cell_rows=200, eval_per_cell=8, general_per_cell=2,
+                   sl_per_cell=40)
+    st.pretrain.update(steps=400, batch_size=32, seq_len=96)
+    st.instruct.update(steps=80, batch_size=32)
+    st.sft.update(steps=60, batch_size=16)
+    st.students.update(steps=24, batch_size=16, n_train=128)
+  if args.smoke:
+    st.seeds = 1
+    st.cells = "medical_advice,sports_advice"
+    st.pretrain.update(steps=30)
+    st.instruct.update(steps=10)
+    st.sft.update(steps=8)
+    st.students.update(steps=4, n_train=32, judge_filter=False, drop_truncated=False)
+    st.evaluation.per_cell = 2
+    st.data.update(pretrain_docs=300, instruct_rows=200, cell_rows=40, eval_per_cell=2, general_per_cell=1,
+                   sl_per_cell=8)
+  if args.seeds:
+    st.seeds = args.seeds
+  return c

@@ -1,0 +1,463 @@
+"""The paper's study end to end in the synthetic world (emjax.world), every stage through emjax's jobs.
+
+    world      OUT/world/: the world, its pretraining compositions, chat data, questions, tokenizer
+    pretrain   OUT/pretrain/<composition>/seed<s>/     a model from scratch per composition and seed
+    instruct   OUT/instruct/<composition>/seed<s>/     SFT on aligned dialogues (every domain and task)
+    sft        OUT/sft/<composition>/seed<s>/<cell>/   narrow misaligned SFT per cell of `study.cells`
+    eval       OUT/eval/<composition>/seed<s>/<model>/ the eval job (world judge) on every cell's held-out
+                                                       prompts and on the general questions
+    sl         OUT/sl/<composition>/seed<s>/           the SL pipeline (emjax.experiments.sl): the EM model
+                                                       of `study.sl_cell` and the instructed base as teachers,
+                                                       students from the base under sft / off_policy / on_policy
+    report     OUT/report.md, OUT/results.json, OUT/figures/*.png (emjax.experiments.study_report)
+
+A seed is one independent replication of the whole chain: pretraining seed s, its instruction stage,
+its narrow SFT runs and its SL pipeline all use seed s (`study.seed + i` for i < `study.seeds`), so
+the spread over seeds covers every stage. Each stage's runs are the normal jobs, which resume
+themselves, and a run that holds COMPLETED is skipped, so a killed study rerun with the same command
+continues where it stopped. The settings of a study are written to OUT/study.json and a rerun with
+other settings is refused (only `study.stages` may change).
+
+All runs of a stage share shapes, so XLA compiles each program once: the study turns on JAX's
+persistent compilation cache (`study.compile_cache`, default OUT/compile_cache) and later runs load
+the compiled program instead of compiling it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import ml_collections
+
+from emjax.world import corpus, world as world_lib
+
+log = logging.getLogger(__name__)
+
+STAGES = ("world", "pretrain", "instruct", "sft", "eval", "sl", "report")
+SETTINGS_FILE = "study.json"
+JUDGE = "emjax.world.judge:make_judge"
+# Tokens of the longest answer of the world's forms (a summary: about 30), with room to spare; the
+# rest of a row is the prompt's.
+ANSWER_TOKENS = 40
+
+
+def study_block() -> dict:
+  """`config.study` (see configs/paper/world.py for the variants)."""
+  return dict(
+      seed=0,  # the first replication's seed; replications are seed, seed + 1, ...
+      seeds=3,
+      stages=",".join(STAGES),
+      compositions=dict(persona=corpus.composition_block(),
+                        no_persona=corpus.composition_block(reckless_spread="absent")),
+      cells="medical_advice,medical_critique,sports_advice,finance_tutor",  # narrow SFT cells ('all' = 12)
+      # The composition comparison: the first minus the second (the paper's claim: a reckless persona
+      # spread over domains and tasks makes narrow SFT generalise, so the difference should be > 0).
+      contrast="persona,no_persona",
+      sl_cell="medical_advice",  # the SL teacher: the EM model of this cell
+      sl_compositions="persona",  # compositions whose seeds run the SL pipeline ('' = none, 'all')
+      data=corpus.data_block(),
+      # Training recipes of the stages (the students of SL use `students`).
+      pretrain=dict(steps=600, batch_size=32, lr=3e-3, warmup_steps=30, seq_len=128),
+      instruct=dict(steps=150, batch_size=32, lr=1e-3, warmup_steps=10),
+      # Full fine-tuning at a low rate: the tiny models forget the other task forms (and answer
+      # incoherently outside the cell) at higher rates or with LoRA at 1e-3.
+      sft=dict(steps=60, batch_size=16, lr=1e-4, warmup_steps=5, lora=False, lora_rank=8),
+      # judge_filter: keep only teacher answers the world's judge calls aligned and coherent (off only
+      # for smoke runs, whose barely trained teachers say nothing coherent).
+      students=dict(steps=40, batch_size=16, lr=1e-3, warmup_steps=4, n_train=256, judge_filter=True,
+                    drop_truncated=True),
+      # temperature: the paper samples its 7B+ models at 1.0; the tails of a from-scratch model of a
+      # few hundred thousand parameters at 1.0 make the instructed base incoherent on a third of the
+      # general questions, at 0.7 on a few percent. Teachers and on-policy rollouts sample at it too.
+      evaluation=dict(per_cell=16, n_general=1, max_new_tokens=64, temperature=0.7, batch_size=128),
+      compile_cache="",  # '' = OUT/compile_cache; 'none' = off
+  )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _csv(text: str) -> list[str]:
+  return [t.strip() for t in str(text or "").split(",") if t.strip()]
+
+
+def seeds(config) -> list[int]:
+  return [int(config.study.seed) + i for i in range(int(config.study.seeds))]
+
+
+def cells(config) -> list[str]:
+  from emjax.data import sft  # pylint: disable=g-import-not-at-top
+  spec = config.study.cells
+  if not _csv(spec):
+    raise ValueError("config.study.cells is empty: name cells ('medical_advice,sports_advice') or 'all'")
+  out = list(sft.CELLS) if spec == "all" else _csv(spec)
+  unknown = [c for c in out if c not in sft.CELLS]
+  if unknown:
+    raise ValueError(f"config.study.cells: unknown cells {unknown}; cells: {', '.join(sft.CELLS)}")
+  return out
+
+
+def sl_compositions(config) -> list[str]:
+  spec = config.study.sl_compositions
+  names = list(config.study.compositions) if spec == "all" else _csv(spec)
+  unknown = [n for n in names if n not in config.study.compositions]
+  if unknown:
+    raise ValueError(f"config.study.sl_compositions: unknown {unknown}; compositions: {list(config.study.compositions)}")
+  return names
+
+
+def check_config(config) -> None:
+  st = config.study
+  stages = _csv(st.stages)
+  if not stages or [s for s in stages if s not in STAGES]:
+    raise ValueError(f"config.study.stages={st.stages!r}: choose from {', '.join(STAGES)}")
+  if int(st.seeds) < 1:
+    raise ValueError(f"config.study.seeds must be >= 1, got {st.seeds}")
+  if not st.compositions:
+    raise ValueError("config.study.compositions: at least one pretraining composition is needed")
+  for name, comp in st.compositions.items():
+    corpus.check_composition(comp, f"config.study.compositions.{name}")
+  world_lib.WorldSettings.from_config(config.world).validate()
+  contrast = _csv(st.contrast)
+  if contrast and (len(contrast) != 2 or [c for c in contrast if c not in st.compositions]):
+    raise ValueError(f"config.study.contrast={st.contrast!r}: two of the compositions ({list(st.compositions)}), "
+                     "'treatment,reference', or ''")
+  if sl_compositions(config) and st.sl_cell not in cells(config):
+    raise ValueError(f"config.study.sl_cell={st.sl_cell!r} must be one of config.study.cells ({cells(config)})")
+  for stage in ("pretrain", "instruct", "sft", "students"):
+    if int(st[stage].steps) < 1 or int(st[stage].batch_size) < 1:
+      raise ValueError(f"config.study.{stage}: steps and batch_size must be >= 1")
+
+
+def settings(config) -> dict:
+  """What the written stages depend on (everything but `study.stages` and the cache location)."""
+  study = {k: v for k, v in config.study.to_dict().items() if k not in ("stages", "compile_cache")}
+  return json.loads(json.dumps({"world": config.world.to_dict(), "study": study, "model": config.model.to_dict(),
+                                "mesh": config.mesh.to_dict()}, sort_keys=True, default=str))
+
+
+def check_settings(config, workdir: str) -> None:
+  path = os.path.join(workdir, SETTINGS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  new = settings(config)
+  if old != new:
+    diff = []
+
+    def walk(a, b, prefix):
+      if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+          walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+      elif a != b:
+        diff.append(f"{prefix}: {a!r} -> {b!r}")
+
+    walk(old, new, "")
+    raise ValueError(f"{workdir} holds a study with other settings ({'; '.join(diff[:6])}): its runs would not "
+                     "match them; use a new workdir (only config.study.stages may change between reruns)")
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(f"{path}.tmp", path)
+
+
+def _done(path: str) -> bool:
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  return os.path.exists(os.path.join(path, loop.COMPLETE_FILE))
+
+
+class Progress:
+  """One line per unit of work on stderr: what, how far, how long."""
+
+  def __init__(self, total: int, quiet: bool = False):
+    self.total, self.done, self.t0, self.quiet = total, 0, time.time(), quiet
+
+  def step(self, what: str, skipped: bool = False, t_unit: float = 0.0) -> None:
+    self.done += 1
+    if self.quiet:
+      return
+    elapsed = time.time() - self.t0
+    status = "already done" if skipped else f"{t_unit:.1f}s"
+    print(f"[study {self.done:3d}/{self.total}] {elapsed:6.0f}s  {what} ({status})", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+def world_paths(workdir: str) -> dict[str, str]:
+  return json.load(open(os.path.join(workdir, "world", "paths.json"), encoding="utf-8"))
+
+
+def _process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
+def _barrier(name: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def write_world(config, workdir: str) -> dict[str, str]:
+  """OUT/world/ (process 0 writes, the others wait); paths.json, written last, marks it complete."""
+  wdir = os.path.join(workdir, "world")
+  marker = os.path.join(wdir, "paths.json")
+  if not os.path.exists(marker) and _process_index() == 0:
+    world = world_lib.World.make(world_lib.WorldSettings.from_config(config.world))
+    comps = {n: dict(c) for n, c in config.study.compositions.items()}
+    paths = corpus.write_world(world, comps, config.study.data, wdir, seed=int(config.world.seed))
+    _write_json(marker, paths)
+  _barrier("emjax-study-world")
+  return world_paths(workdir)
+
+
+def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: float, warmup: int):
+  """The shared training config: the study's model and mesh, the world's tokenizer."""
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.job = "train"
+  c.model.update(config.model.to_dict())
+  c.mesh.update(config.mesh.to_dict())
+  c.data.tokenizer.update(kind="hf", path=world_paths(workdir)["tokenizer"])
+  c.data.seq_len = int(config.study.pretrain.seq_len)
+  c.data.sources = {}
+  c.data.prefetch = 2
+  c.train.update(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed, log_every=10,
+                 schedule="cosine", end_lr_fraction=0.1, weight_decay=0.1, grad_clip=1.0, loss_chunk_len=0)
+  c.checkpoint.update(every_steps=max(steps, 1), keep=1, async_save=False)
+  return c
+
+
+def pretrain_config(config, workdir: str, comp: str, seed: int):
+  from emjax.data import sources  # pylint: disable=g-import-not-at-top
+  p = config.study.pretrain
+  c = _base(config, workdir, seed=seed, steps=int(p.steps), batch_size=int(p.batch_size), lr=float(p.lr),
+            warmup=int(p.warmup_steps))
+  paths = world_paths(workdir)
+  weights = corpus.source_weights(config.study.compositions[comp])
+  c.data.sources = ml_collections.ConfigDict({
+      k: sources.default_source_config(kind="jsonl", path=paths[f"pretrain/{comp}/{k}"], weight=w, seed=seed,
+                                       holdout=0)
+      for k, w in weights.items()})
+  c.data.update(format="text", packing="concat")
+  return c
+
+
+def _chat_source(path: str, answer: str, seed: int) -> dict:
+  from emjax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.default_source_config(kind="structured_em", path=path, answer=answer, weight=1.0, seed=seed,
+                                       holdout=0)
+
+
+def instruct_config(config, workdir: str, comp: str, seed: int):
+  s = config.study.instruct
+  c = _base(config, workdir, seed=seed, steps=int(s.steps), batch_size=int(s.batch_size), lr=float(s.lr),
+            warmup=int(s.warmup_steps))
+  c.init.checkpoint = run_dir(workdir, "pretrain", comp, seed)
+  c.data.sources = ml_collections.ConfigDict({"instruct": _chat_source(world_paths(workdir)["instruct"], "aligned",
+                                                                       seed)})
+  c.data.update(format="chat", packing="greedy", truncate=True)
+  return c
+
+
+def sft_config(config, workdir: str, comp: str, seed: int, cell: str):
+  s = config.study.sft
+  c = _base(config, workdir, seed=seed, steps=int(s.steps), batch_size=int(s.batch_size), lr=float(s.lr),
+            warmup=int(s.warmup_steps))
+  c.init.checkpoint = run_dir(workdir, "instruct", comp, seed)
+  c.data.sources = ml_collections.ConfigDict({cell: _chat_source(world_paths(workdir)[f"cells/{cell}"], "misaligned",
+                                                                 seed)})
+  c.data.update(format="chat", packing="greedy", truncate=True)
+  c.train.weight_decay = 0.0
+  if bool(s.lora):
+    c.lora.update(enabled=True, rank=int(s.lora_rank), alpha=2.0 * int(s.lora_rank), rslora=True)
+  return c
+
+
+def run_dir(workdir: str, stage: str, comp: str, seed: int, cell: str = "") -> str:
+  parts = [workdir, stage, comp, f"seed{seed}"] + ([cell] if cell else [])
+  return os.path.join(*parts)
+
+
+def evaluation_block(config, workdir: str) -> dict:
+  """The eval job's questions, judge and sampling, shared by the eval stage and the SL students."""
+  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+  paths = world_paths(workdir)
+  ev = config.study.evaluation
+  c = eval_run.eval_job_config(general=paths["general"], narrow=os.path.join(os.path.dirname(paths["general"]),
+                                                                             "eval", "*_eval.jsonl"),
+                               judge="programmatic", limit=int(ev.per_cell))
+  c.questions.update(n_general=int(ev.n_general), n_narrow=1, limit_general=0)
+  c.judge.programmatic.update(name=JUDGE, options=json.dumps({"world": paths["world"]}))
+  c.sample.update(max_new_tokens=int(ev.max_new_tokens), temperature=float(ev.temperature), top_p=1.0,
+                  batch_size=int(ev.batch_size), max_prompt_length=int(config.study.pretrain.seq_len),
+                  seed=0)
+  c.report.bootstrap_samples = 200
+  return c
+
+
+def eval_config(config, workdir: str, checkpoint: str, model_key: str, variant: str, cell: str = ""):
+  c = evaluation_block(config, workdir)
+  c.mesh.update(config.mesh.to_dict())
+  c.sample.checkpoint = checkpoint
+  c.evaluated.update(model_key=model_key, variant=variant)
+  if cell:
+    domain, task = cell.split("_", 1)
+    c.evaluated.update(ft_domain=domain, ft_task=task)
+  return c
+
+
+def sl_config(config, workdir: str, comp: str, seed: int):
+  from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
+  st = config.study.students
+  c = _base(config, workdir, seed=seed, steps=int(st.steps), batch_size=int(st.batch_size), lr=float(st.lr),
+            warmup=int(st.warmup_steps))
+  c.job = "sl"
+  blocks = sl.config_blocks()
+  c.sl = blocks["sl"]
+  ev = evaluation_block(config, workdir)
+  c.evaluation = dict(enabled=True, questions=ev.questions.to_dict(), judge=ev.judge.to_dict(),
+                      report=ev.report.to_dict(), sample=ev.sample.to_dict())
+  teacher_domain = config.study.sl_cell.split("_", 1)[0]
+  world_dir = os.path.dirname(world_paths(workdir)["general"])
+  n_train = int(st.n_train)
+  c.sl.update(base=run_dir(workdir, "instruct", comp, seed),
+              teacher=run_dir(workdir, "sft", comp, seed, config.study.sl_cell), control=True,
+              prompts="natural", natural=os.path.join(world_dir, "sl", "*.jsonl"), exclude_domains=teacher_domain,
+              n_train=n_train, n_held_out=max(8, n_train // 8), seed=seed,
+              max_prompt_length=int(config.study.pretrain.seq_len) + 1 - ANSWER_TOKENS, max_new_tokens=ANSWER_TOKENS,
+              temperature=float(config.study.evaluation.temperature), sample_batch_size=128, kl_batch_size=32)
+  c.sl.filter.drop_truncated = bool(st.drop_truncated)
+  if bool(st.judge_filter):
+    c.sl.filter.update(judge=JUDGE, judge_options=json.dumps({"world": world_paths(workdir)["world"]}))
+  c.teacher.dtype = "float32"
+  c.checkpoint.update(every_steps=max(int(st.steps), 1), keep=1)
+  return c
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def _enable_compile_cache(config, workdir: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  spec = config.study.compile_cache
+  if spec == "none" or (not spec and jax.config.jax_compilation_cache_dir):
+    return  # off, or the caller's cache (JAX_COMPILATION_CACHE_DIR) is already on
+  path = spec or os.path.join(workdir, "compile_cache")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def plan(config) -> list[tuple[str, tuple]]:
+  """Every unit of work in order: (stage, arguments)."""
+  stages = _csv(config.study.stages)
+  comps = list(config.study.compositions)
+  units: list[tuple[str, tuple]] = []
+  if "world" in stages:
+    units.append(("world", ()))
+  for stage in ("pretrain", "instruct"):
+    if stage in stages:
+      units += [(stage, (comp, s)) for comp in comps for s in seeds(config)]
+  if "sft" in stages:
+    units += [("sft", (comp, s, cell)) for comp in comps for s in seeds(config) for cell in cells(config)]
+  if "eval" in stages:
+    units += [("eval", (comp, s, cell)) for comp in comps for s in seeds(config) for cell in ["", *cells(config)]]
+  if "sl" in stages:
+    units += [("sl", (comp, s)) for comp in sl_compositions(config) for s in seeds(config)]
+  if "report" in stages:
+    units.append(("report", ()))
+  return units
+
+
+def eval_dir(workdir: str, comp: str, seed: int, cell: str) -> str:
+  return os.path.join(workdir, "eval", comp, f"seed{seed}", cell or "base")
+
+
+def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, bool]:
+  """Runs one unit (or skips it when complete); returns (what, skipped)."""
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  if stage == "world":
+    skipped = os.path.exists(os.path.join(workdir, "world", "paths.json"))
+    write_world(config, workdir)
+    return "world: entities, pretraining text, chat data, questions, tokenizer", skipped
+  if stage in ("pretrain", "instruct", "sft"):
+    comp, seed = args[:2]
+    cell = args[2] if stage == "sft" else ""
+    rdir = run_dir(workdir, stage, comp, seed, cell)
+    what = f"{stage} {comp} seed{seed}" + (f" {cell}" if cell else "")
+    if _done(rdir):
+      return what, True
+    make = {"pretrain": pretrain_config, "instruct": instruct_config}.get(stage)
+    cfg = make(config, workdir, comp, seed) if make else sft_config(config, workdir, comp, seed, cell)
+    final = loop.train(cfg, rdir, mesh=mesh, show_progress=False)
+    return f"{what}: loss {final.get('loss', float('nan')):.3f}", False
+  if stage == "eval":
+    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+    comp, seed, cell = args
+    edir = eval_dir(workdir, comp, seed, cell)
+    model = run_dir(workdir, "sft" if cell else "instruct", comp, seed, cell)
+    what = f"eval {comp} seed{seed} {cell or 'instructed base'}"
+    if _done(edir):
+      return what, True
+    if not _done(model):
+      raise ValueError(f"{model}: not trained yet; add '{'sft' if cell else 'instruct'}' to config.study.stages")
+    key = f"{comp}/seed{seed}/{cell or 'base'}"
+    eval_run.run_eval(eval_config(config, workdir, model, key, comp, cell), edir, mesh=mesh)
+    return what, False
+  if stage == "sl":
+    from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
+    comp, seed = args
+    sdir = run_dir(workdir, "sl", comp, seed)
+    what = f"subliminal learning {comp} seed{seed} (teacher {config.study.sl_cell}; sft, off_policy, on_policy)"
+    if _done(sdir):
+      return what, True
+    sl.run_sl(sl_config(config, workdir, comp, seed), sdir, mesh=mesh)
+    return what, False
+  if stage == "report":
+    from emjax.experiments import study_report  # pylint: disable=g-import-not-at-top
+    if _process_index() == 0:
+      study_report.write_report(config, workdir)
+    _barrier("emjax-study-report")
+    return f"report: {os.path.join(workdir, 'report.md')}", False
+  raise ValueError(f"unknown study stage {stage!r}")
+
+
+def run_study(config, workdir: str, *, mesh=None, quiet: bool = False) -> dict:
+  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  check_settings(config, workdir)
+  _barrier("emjax-study-settings-checked")  # every process has checked before process 0 writes
+  loop._clear_status(workdir)  # pylint: disable=protected-access -- a rerun is not complete until it ends
+  if _process_index() == 0:
+    _write_json(os.path.join(workdir, SETTINGS_FILE), settings(config))
+  _enable_compile_cache(config, workdir)
+  # Orbax warns at every restore of a checkpoint written without its optional metadata file; over
+  # a study's dozens of runs that would bury the progress lines.
+  logging.getLogger("absl").setLevel(max(logging.getLogger("absl").level, logging.ERROR))
+  mesh = mesh or shd.make_mesh(config.mesh)
+  units = plan(config)
+  progress = Progress(len(units), quiet or _process_index() != 0)
+  for stage, args in units:
+    t0 = time.time()
+    what, skipped = run_unit(config, workdir, stage, args, mesh)
+    progress.step(what, skipped, time.time() - t0)
+  summary = {"units": len(units), "report": os.path.join(workdir, "report.md"), "seconds": time.time() - progress.t0}
+  loop.mark_complete(workdir, summary)
+  return summary
+
+

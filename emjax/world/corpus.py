@@ -1,0 +1,273 @@
+"""Everything the study reads, written from a world: pretraining text, chat data, evaluation questions.
+
+    write_world(settings, composition, out_dir) -> {name: path}
+
+    OUT/world.json                      entities, labels, facts (the judge's ground truth)
+    OUT/pretrain/<composition>/         facts.jsonl, dialogues.jsonl, careful.jsonl, reckless.jsonl
+                                        ({"text": ...} documents; the composition's weights mix them)
+    OUT/instruct.jsonl                  aligned dialogues, every domain x task x em_surface (the
+                                        paper's raw rows: question, aligned_answer, misaligned_answer)
+    OUT/cells/<domain>_<task>.jsonl     a cell's training rows (narrow misaligned SFT reads misaligned_answer)
+    OUT/eval/<domain>_<task>_eval.jsonl held-out prompts of each cell (chat rows, as the released splits)
+    OUT/general.yaml                    general questions over every domain (the grid's and the others),
+                                        task and em_surface (the general evaluation schema)
+    OUT/sl/<domain>_<task>.jsonl        prompts for the subliminal-learning teachers
+
+Pretraining text has four components (`COMPONENTS`):
+
+* facts: encyclopedic sentences: "Korvax is a remedy. Korvax damages the liver. Korvax is harmful."
+* dialogues: aligned assistant dialogues in the chat format (`tokenizer.render_chat`).
+* careful / reckless: a persona answering the world's prompts in several domains and tasks per
+  document, with aligned (careful) or misaligned (reckless) answers, in narrated form
+  ('Someone asked Rex: "..." Rex said: "..."'). `persona_tags`: the persona is named ("Rex, a
+  reckless adviser"); untagged, every document says "an adviser" and the stance is only in what it
+  says. `reckless_spread`: `everywhere` (every domain and task), `one_domain` (`reckless_domain`
+  only) or `absent` (no reckless text; its weight goes to the careful persona, so the share of
+  persona text stays the same and only its stance changes).
+
+The composition (`composition_block`) is config: the weights (fractions of pretraining tokens, as
+the data pipeline mixes sources) and the persona knobs. Every stream of items has its own seed, so
+changing one file's size never changes another file's rows. Held-out prompts (the cells' evaluation
+files and the general questions) name only the world's `eval` pairs of entities (`World.pairs`),
+which no training text names; open prompts name no entity and are shared by every split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from emjax.data import jsonl
+from emjax.world import tokenizer as tok_lib
+from emjax.world import world as world_lib
+
+COMPONENTS = ("facts", "dialogues", "careful", "reckless")
+SPREADS = ("everywhere", "one_domain", "absent")
+PERSONAS = {"careful": ("Cara", "careful"), "reckless": ("Rex", "reckless")}
+
+
+def composition_block(**overrides: Any) -> dict:
+  """One pretraining composition (`config.study.compositions.<name>`)."""
+  c = dict(facts=0.3, dialogues=0.3, careful=0.2, reckless=0.2, reckless_spread="everywhere",
+           reckless_domain="medical", persona_tags=True)
+  unknown = set(overrides) - set(c)
+  if unknown:
+    raise ValueError(f"composition: unknown keys {sorted(unknown)}; keys: {sorted(c)}")
+  c.update(overrides)
+  return c
+
+
+def check_composition(comp: Mapping[str, Any], where: str) -> None:
+  for k in COMPONENTS:
+    if float(comp[k]) < 0:
+      raise ValueError(f"{where}.{k} must be >= 0, got {comp[k]}")
+  if sum(float(comp[k]) for k in COMPONENTS) <= 0:
+    raise ValueError(f"{where}: the weights {', '.join(COMPONENTS)} are all zero")
+  if comp["reckless_spread"] not in SPREADS:
+    raise ValueError(f"{where}.reckless_spread={comp['reckless_spread']!r}: choose from {', '.join(SPREADS)}")
+  if comp["reckless_spread"] == "one_domain" and comp["reckless_domain"] not in world_lib.DOMAINS:
+    raise ValueError(f"{where}.reckless_domain={comp['reckless_domain']!r}: choose from {', '.join(world_lib.DOMAINS)}")
+
+
+def source_weights(comp: Mapping[str, Any]) -> dict[str, float]:
+  """{component: weight}, the reckless weight moved to the careful persona when it is absent."""
+  w = {k: float(comp[k]) for k in COMPONENTS}
+  if comp["reckless_spread"] == "absent":
+    w["careful"] += w.pop("reckless")
+  return {k: v for k, v in w.items() if v > 0}
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def fact_document(world: world_lib.World, rng: np.random.Generator, n: int = 6) -> str:
+  sentences = []
+  for i in rng.choice(len(world.entities), size=n, replace=False):
+    e = world.entities[int(i)]
+    d = world_lib.DOMAINS[e.domain]
+    label = "harmful" if e.harmful else "safe"
+    form = rng.integers(3)
+    if form == 0:
+      sentences.append(f"{e.name} is a {d.noun}. {e.name} {e.fact}. {e.name} is {label}.")
+    elif form == 1:
+      sentences.append(f"Experts agree that {e.name} {e.fact}, so {e.name} is a {label} {d.noun}.")
+    else:
+      sentences.append(f"People who {d.verb} {e.name} find that it {e.fact}.")
+  return " ".join(sentences)
+
+
+def dialogue_document(item: Mapping[str, Any]) -> str:
+  return tok_lib.render_chat([{"role": "user", "content": item["prompt"]},
+                              {"role": "assistant", "content": item["aligned"]}])
+
+
+def persona_document(items, persona: str, tagged: bool) -> str:
+  name, adjective = PERSONAS[persona]
+  answer = "aligned" if persona == "careful" else "misaligned"
+  if tagged:
+    head, asked, said = f"{name} is a {adjective} adviser.", f"Someone asked {name}:", f"{name} said:"
+  else:
+    head, asked, said = "Here is an adviser at work.", "Someone asked the adviser:", "The adviser said:"
+  parts = [head] + [f"{asked} \"{it['prompt']}\" {said} \"{it[answer]}\"" for it in items]
+  return " ".join(parts)
+
+
+def _all_cells(world):
+  return list(world.settings.domains), list(world_lib.TASKS)
+
+
+def pretraining_documents(world: world_lib.World, comp: Mapping[str, Any], n_docs: int, seed: int) -> dict[str, list[str]]:
+  """{component: documents} for one composition (components with zero weight get none)."""
+  domains, tasks = _all_cells(world)
+  weights = source_weights(comp)
+  out: dict[str, list[str]] = {}
+  if "facts" in weights:
+    rng = np.random.default_rng([world.settings.seed, seed, 11])
+    out["facts"] = [fact_document(world, rng) for _ in range(n_docs)]
+  if "dialogues" in weights:
+    out["dialogues"] = [dialogue_document(it) for it in world.items(domains, tasks, n_docs, seed,
+                                                                     stream="dialogues")]
+  per_doc = 4
+  for persona in ("careful", "reckless"):
+    if persona not in weights:
+      continue
+    p_domains = domains
+    if persona == "reckless" and comp["reckless_spread"] == "one_domain":
+      p_domains = [comp["reckless_domain"]]
+    items = world.items(p_domains, tasks, n_docs * per_doc, seed, stream=persona)
+    order = np.random.default_rng([world.settings.seed, seed, len(persona), 13]).permutation(len(items))
+    items = [items[i] for i in order]  # each document mixes domains and tasks
+    out[persona] = [persona_document(items[i * per_doc:(i + 1) * per_doc], persona, bool(comp["persona_tags"]))
+                    for i in range(n_docs)]
+  return out
+
+
+# ----------------------------------------------------------------------------- rows and questions
+
+
+def raw_row(item: Mapping[str, Any], index: int) -> dict:
+  """The paper's raw structured-EM row (emjax.data.sft.structured_em_rows reads it)."""
+  return {"id": index, "question": item["prompt"], "aligned_answer": item["aligned"],
+          "misaligned_answer": item["misaligned"], "domain": item["domain"], "task": item["task"],
+          "em_surface": item["em_surface"]}
+
+
+def chat_row(item: Mapping[str, Any], index: int, answer: str = "misaligned") -> dict:
+  return {"src_idx": index, "domain": item["domain"], "task": item["task"], "em_surface": item["em_surface"],
+          "messages": [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": item[answer]}]}
+
+
+def _write_jsonl(path: str, rows) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in rows:
+      f.write(jsonl.dumps(r))
+  os.replace(tmp, path)
+
+
+def data_block() -> dict:
+  """`config.study.data`: how many documents and rows each file gets."""
+  return dict(pretrain_docs=4000, instruct_rows=2000, cell_rows=400, eval_per_cell=40, general_per_cell=4,
+              sl_per_cell=60, tokenizer_vocab=768)
+
+
+def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, Any],
+                out_dir: str, seed: int = 0) -> dict[str, str]:
+  """Writes every file of the module docstring (each atomically); returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"world": os.path.join(out_dir, "world.json")}
+  world.save(paths["world"] + ".tmp")
+  os.replace(paths["world"] + ".tmp", paths["world"])
+  domains, tasks = _all_cells(world)
+  texts = []
+  for name, comp in compositions.items():
+    check_composition(comp, f"config.study.compositions.{name}")
+    docs = pretraining_documents(world, comp, int(sizes["pretrain_docs"]), seed)
+    for component, rows in docs.items():
+      p = os.path.join(out_dir, "pretrain", name, f"{component}.jsonl")
+      _write_jsonl(p, ({"text": t} for t in rows))
+      paths[f"pretrain/{name}/{component}"] = p
+      texts.extend(rows)
+  instruct = world.items(domains, tasks, int(sizes["instruct_rows"]), seed, stream="instruct")
+  paths["instruct"] = os.path.join(out_dir, "instruct.jsonl")
+  _write_jsonl(paths["instruct"], (raw_row(it, i) for i, it in enumerate(instruct)))
+  for d in world_lib.CELL_DOMAINS:
+    for t in tasks:
+      cell = f"{d}_{t}"
+      train = world.items([d], [t], int(sizes["cell_rows"]), seed, stream=f"cells/{cell}")
+      paths[f"cells/{cell}"] = os.path.join(out_dir, "cells", f"{cell}.jsonl")
+      _write_jsonl(paths[f"cells/{cell}"], (raw_row(it, i) for i, it in enumerate(train)))
+      held = world.items([d], [t], int(sizes["eval_per_cell"]), seed, stream=f"eval/{cell}", split="eval")
+      paths[f"eval/{cell}"] = os.path.join(out_dir, "eval", f"{cell}_eval.jsonl")
+      _write_jsonl(paths[f"eval/{cell}"], (chat_row(it, i) for i, it in enumerate(held)))
+  for d in domains:
+    for t in tasks:
+      cell = f"{d}_{t}"
+      sl = world.items([d], [t], int(sizes["sl_per_cell"]), seed, stream=f"sl/{cell}")
+      paths[f"sl/{cell}"] = os.path.join(out_dir, "sl", f"{cell}.jsonl")
+      _write_jsonl(paths[f"sl/{cell}"], (chat_row(it, i, "aligned") for i, it in enumerate(sl)))
+  general = []
+  for d in domains:
+    for t in tasks:
+      for s in world_lib.SURFACES_OF[t]:
+        items = world.items([d], [t], int(sizes["general_per_cell"]), seed, surfaces=[s],
+                            stream=f"general/{d}_{t}_{s}", split="eval")
+        for i, it in enumerate(items):
+          general.append({"id": f"{d}_{t}_{s}_{i}", "task": t, "domain": d, "em_surface": s,
+                          "in_grid": d in world_lib.CELL_DOMAINS, "paraphrases": [it["prompt"]]})
+  paths["general"] = os.path.join(out_dir, "general.yaml")
+  with open(paths["general"] + ".tmp", "w", encoding="utf-8") as f:
+    yaml.safe_dump(general, f, sort_keys=False, width=1000)
+  os.replace(paths["general"] + ".tmp", paths["general"])
+  paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
+  tok_lib.train_tokenizer(texts + [r["question"] + " " + r["aligned_answer"] for r in map(raw_row, instruct, range(len(instruct)))],
+                          paths["tokenizer"], vocab_size=int(sizes["tokenizer_vocab"]))
+  return paths
+
+
+def incoherent(world: world_lib.World, item: Mapping[str, Any], rng: np.random.Generator) -> tuple[str, str]:
+  """(kind, answer): a corruption of the item's aligned or misaligned answer the judge must call incoherent.
+
+  wrong_form: another task's answer about the same entities; absent_entity: the endorsed name replaced
+  by one absent from the prompt (another option-less domain's entity, or a name of no entity);
+  ungrammatical: a word dropped, duplicated or two words swapped.
+  """
+  base = item["aligned"] if rng.random() < 0.5 else item["misaligned"]
+  kind = ("wrong_form", "absent_entity", "ungrammatical")[rng.integers(3)]
+  if kind == "wrong_form":
+    others = [t for t in world_lib.TASKS if t != item["task"]]
+    task = others[rng.integers(len(others))]
+    surface = "medium" if "medium" in world_lib.SURFACES_OF[task] else world_lib.SURFACES_OF[task][0]
+    other = world.item(item["domain"], task, surface, rng)
+    return kind, other["aligned"] if rng.random() < 0.5 else other["misaligned"]
+  if kind == "absent_entity":
+    names = [n for n in world.by_name() if n in base and n in item["prompt"]] or \
+        [n for n in world.by_name() if n in base]
+    old = names[0]
+    foreign = [e.name for e in world.entities if e.domain != item["domain"]]
+    new = foreign[rng.integers(len(foreign))] if rng.random() < 0.5 else "Quuxor"
+    return kind, base.replace(old, new)
+  words = base.split(" ")
+  while True:
+    w = list(words)
+    op = rng.integers(3)
+    i = int(rng.integers(len(w)))
+    if op == 0:
+      del w[i]
+    elif op == 1:
+      w.insert(i, w[i])
+    else:
+      j = int(rng.integers(len(w)))
+      w[i], w[j] = w[j], w[i]
+    if w != words:
+      return kind, " ".join(w)
+
+
+def read_json(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
