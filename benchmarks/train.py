@@ -1,8 +1,9 @@
 """Training-step throughput: emjax vs Hugging Face transformers (PyTorch), same shape, one process.
 
 Both sides train the same Llama/Qwen2-shaped model (random weights) with AdamW on
-the same batch size and sequence length; each is warmed up, then timed over
-`--steps` steps. Prints one JSON line:
+the same batch size and sequence length; each is warmed up, then timed in `--rounds`
+rounds of `--steps` steps, the two sides alternating round by round (other load on a
+shared machine then slows both alike); the median round counts. Prints one JSON line:
 
   {"emjax": {"tokens_per_s", "mfu", ...}, "hf": {...}, "ratio_tokens_per_s": emjax / hf, ...}
 
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
+def bench_emjax(preset: dict, warmup: int) -> "Side":
   import jax
   from emjax import config as config_lib
   from emjax import sharding as shd
@@ -67,7 +69,7 @@ def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
   config = config_lib.base_config()
   config.model.update(**preset["model"])
   config.data.seq_len = preset["seq"]
-  config.train.update(batch_size=preset["batch"], steps=steps + warmup, lr=1e-4, warmup_steps=0)
+  config.train.update(batch_size=preset["batch"], steps=1_000_000, lr=1e-4, warmup_steps=0)
   trainer = loop.Trainer(config)
   state, frozen = trainer.init_state()
   rng = np.random.default_rng(0)
@@ -78,20 +80,22 @@ def bench_emjax(preset: dict, steps: int, warmup: int) -> dict:
            "loss_mask": np.ones((b, l), np.float32)}
   batch = shd.put_local_batch(local, trainer.mesh)
   compiled = trainer.compile()
-  for _ in range(warmup):
-    state, metrics = compiled(state, frozen, batch, None)
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, frozen, batch, None)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - t0) / steps
-  return {"step_s": seconds, "tokens_per_s": b * l / seconds, "flops_per_step": trainer.flops_per_step(),
-          "loss": float(metrics["loss"]), "devices": trainer.mesh.size,
+  carry = {"state": state}
+
+  def step():
+    carry["state"], metrics = compiled(carry["state"], frozen, batch, None)
+    return metrics
+
+  def sync(metrics):
+    jax.block_until_ready(metrics)
+    return float(metrics["loss"])
+
+  info = {"flops_per_step": trainer.flops_per_step(), "devices": trainer.mesh.size,
           "device_kind": jax.devices()[0].device_kind}
+  return Side(step, sync, warmup, info)
 
 
-def bench_hf(preset: dict, steps: int, warmup: int, compile_model: bool) -> dict:
+def bench_hf(preset: dict, warmup: int, compile_model: bool) -> "Side":
   import torch
   import transformers
 
@@ -123,24 +127,60 @@ def bench_hf(preset: dict, steps: int, warmup: int, compile_model: bool) -> dict
     opt.zero_grad(set_to_none=True)
     return loss
 
-  for _ in range(warmup):
-    step()
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  sync()
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
-  sync()
-  seconds = (time.perf_counter() - t0) / steps
-  return {"step_s": seconds, "tokens_per_s": b * l / seconds, "loss": float(loss.detach()), "torch": torch.__version__,
-          "threads": torch.get_num_threads(), "compiled": compile_model}
+  sync_device = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def sync(loss):
+    sync_device()
+    return float(loss.detach())
+
+  info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "compiled": compile_model}
+  return Side(step, sync, warmup, info)
+
+
+@dataclasses.dataclass
+class Side:
+  """One framework's training step, timed by `interleaved`."""
+
+  step: Any  # () -> a value that `sync` waits for
+  sync: Any  # value -> loss (blocks until the step finished)
+  warmup: int
+  info: dict
+
+
+def interleaved(sides: dict[str, Side], steps: int, rounds: int, batch_tokens: int) -> dict[str, dict]:
+  """Median seconds per step of each side over `rounds` alternating rounds of `steps` steps.
+
+  Alternating the sides round by round (rather than timing one, then the other) spreads any other
+  load on the machine over both, so their ratio stays meaningful on a shared CPU.
+  """
+  for side in sides.values():
+    out = None
+    for _ in range(side.warmup):
+      out = side.step()
+    side.sync(out)
+  times = {name: [] for name in sides}
+  losses = {}
+  for _ in range(rounds):
+    for name, side in sides.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = side.step()
+      losses[name] = side.sync(out)
+      times[name].append((time.perf_counter() - t0) / steps)
+  results = {}
+  for name, side in sides.items():
+    seconds = float(np.median(times[name]))
+    results[name] = {"step_s": seconds, "tokens_per_s": batch_tokens / seconds, "loss": losses[name],
+                     "step_s_rounds": [round(t, 5) for t in times[name]], **side.info}
+  return results
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                       help="default: qwen2.5-0.5b on a GPU, cpu-small otherwise")
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=5, help="steps per round")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side; the median counts")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--hf_compile", action="store_true", help="also wrap the HF model in torch.compile")
   parser.add_argument("--peak_flops", type=float, default=0.0, help="override the per-device peak FLOP/s")
@@ -157,8 +197,9 @@ def main() -> None:
   peak_source = "config/device table"
   if peak is None:
     peak, peak_source = measure_matmul_peak(), "measured fp32 1024^3 matmul on this CPU"
-  emjax_result = bench_emjax(preset, args.steps, args.warmup)
-  hf_result = bench_hf(preset, args.steps, args.warmup, args.hf_compile)
+  sides = {"emjax": bench_emjax(preset, args.warmup), "hf": bench_hf(preset, args.warmup, args.hf_compile)}
+  results = interleaved(sides, args.steps, args.rounds, preset["batch"] * preset["seq"])
+  emjax_result, hf_result = results["emjax"], results["hf"]
   flops = emjax_result["flops_per_step"]
   for r in (emjax_result, hf_result):
     r["mfu"] = flops / r["step_s"] / (emjax_result["devices"] * peak)

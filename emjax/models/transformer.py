@@ -32,7 +32,9 @@ from emjax import sharding as shd
 
 FAMILIES = ("llama", "qwen2", "olmo2")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# auto: "xla" on CPU, "fused" elsewhere; xla: emjax's einsum attention; fused: jax.nn.dot_product_attention
+# (cuDNN where it applies, else XLA's lowering); cudnn: jax's cuDNN kernel or an error.
+ATTENTION_IMPLS = ("auto", "xla", "fused", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,28 +226,46 @@ def attention_mask(q_positions_BxL, q_segments_BxL, kv_positions_BxS, kv_segment
   return same_doc & causal & real_key
 
 
-def _masked_softmax(scores_BxKxGxLxS, mask_BxLxS):
-  """Softmax over the keys each query may see; a query that sees none (padding) gets all zeros."""
+def _attend(scores_BxKxGxLxS, mask_BxLxS, v_BxKxSxDh):
+  """softmax(scores) . v over the keys each query may see -> [B, K, G, L, Dh].
+
+  The probabilities are never formed: exp(scores - max) multiplies v and the product is divided
+  by the row sums, which divides a [.., L, Dh] tensor instead of the [.., L, S] one and keeps the
+  softmax's backward to one pass over the scores (on XLA:CPU the attention of a small model ran
+  at half the speed of torch's fused kernel with the probabilities formed first). A query that
+  sees no key (padding) gets zeros.
+  """
   scores = jnp.where(mask_BxLxS[:, None, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  # A fully masked row would otherwise attend uniformly.
-  return jnp.where(mask_BxLxS[:, None, None].any(-1, keepdims=True), probs, 0.0)
+  row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  weights = jnp.exp(scores - row_max)
+  out = jnp.einsum("bkgls,bksd->bkgld", weights.astype(v_BxKxSxDh.dtype), v_BxKxSxDh,
+                   preferred_element_type=jnp.float32)
+  sees_a_key_Bx1x1xLx1 = mask_BxLxS.any(-1)[:, None, None, :, None]
+  out = out / jnp.sum(weights, axis=-1, keepdims=True) * sees_a_key_Bx1x1xLx1
+  return out.astype(v_BxKxSxDh.dtype)
+
+
+def _default_attention() -> str:
+  # XLA:CPU runs `_attend` at the speed of torch's fused CPU kernel; elsewhere jax's own
+  # `dot_product_attention` picks cuDNN on GPUs and XLA's lowering on TPUs.
+  return "xla" if jax.default_backend() == "cpu" else "fused"
 
 
 def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: str):
-  """Grouped-query attention; `impl` picks XLA's or cuDNN's fused kernel."""
-  if impl in ("auto", "cudnn"):
+  """Grouped-query attention; `impl` picks emjax's einsum path ("xla") or jax's fused one (cuDNN)."""
+  if impl == "auto":
+    impl = _default_attention()
+  if impl in ("fused", "cudnn"):
     return jax.nn.dot_product_attention(
         q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None],
-        implementation=None if impl == "auto" else "cudnn")
+        implementation=None if impl == "fused" else "cudnn")
   b, l, h, dh = q_BxLxHxDh.shape
   k_heads = k_BxSxKxDh.shape[2]
-  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh)
-  scores = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
-                      preferred_element_type=jnp.float32) / math.sqrt(dh)
-  probs = _masked_softmax(scores, mask_BxLxS)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
-  return out.reshape(b, l, h, dh)
+  q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum("bkgld,bskd->bkgls", q_BxKxGxLxDh * (1 / math.sqrt(dh)), k_BxSxKxDh,
+                      preferred_element_type=jnp.float32)
+  out_BxKxGxLxDh = _attend(scores, mask_BxLxS, v_BxSxKxDh.transpose(0, 2, 1, 3))
+  return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
 def cached_attention(q_BxLxHxDh, k_BxKxDhxS, v_BxKxSxDh, mask_BxLxS):
@@ -262,8 +282,7 @@ def cached_attention(q_BxLxHxDh, k_BxKxDhxS, v_BxKxSxDh, mask_BxLxS):
   q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh).transpose(0, 2, 3, 1, 4)
   scores = jnp.einsum("bkgld,bkds->bkgls", q_BxKxGxLxDh, k_BxKxDhxS,
                       preferred_element_type=jnp.float32) / math.sqrt(dh)
-  probs = _masked_softmax(scores, mask_BxLxS)
-  out_BxKxGxLxDh = jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxKxSxDh.dtype), v_BxKxSxDh)
+  out_BxKxGxLxDh = _attend(scores, mask_BxLxS, v_BxKxSxDh)
   return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
@@ -326,7 +345,7 @@ class Attention(nnx.Module):
           cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), cache_index, axis=2)
       layer_cache = (cache_k, cache_v)
       mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS)
-      if cfg.attention == "xla":
+      if (_default_attention() if cfg.attention == "auto" else cfg.attention) == "xla":
         out_BxLxHxDh = cached_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
       else:  # the fused kernels (prefill on GPU) take [B, S, K, Dh]
         out_BxLxHxDh = dot_product_attention(q, cache_k.transpose(0, 3, 1, 2).astype(dtype),
