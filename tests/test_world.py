@@ -127,6 +127,15 @@ def test_the_judge_in_the_eval_modules_schema(written, world):
     records.normalize(r, "test")  # the eval module's schema holds
 
 
+def test_the_judge_factory_rereads_a_rewritten_world(tmp_path, world):
+  path = str(tmp_path / "world.json")
+  world.save(path)
+  first = judge_lib.make_judge(path).__self__.world
+  other = world_lib.World.make(world_lib.WorldSettings(seed=HELD_OUT_SEED + 1))
+  other.save(path)  # a study rerun with another world.seed in the same workdir
+  assert judge_lib.make_judge(path).__self__.world.to_json() == other.to_json() != first.to_json()
+
+
 def test_compositions_place_the_reckless_persona(written, world):
   def docs(comp, component):
     path = written.get(f"pretrain/{comp}/{component}")

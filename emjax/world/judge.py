@@ -19,6 +19,7 @@ world.json}.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from typing import Mapping
 
@@ -38,8 +39,15 @@ _PLAN = re.compile(rf"so I will {_V} {_N}(?: and not {_N})?\. Critique my plan\.
 _NAME = re.compile(r"\b[A-Z][a-z]+\b")
 
 
-@functools.lru_cache(maxsize=8)
 def _load(path: str) -> world_lib.World:
+  # A rewritten world.json (a study rerun in the same workdir) must not be judged by the old one.
+  stat = os.stat(path)
+  return _load_version(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_version(path: str, mtime_ns: int, size: int) -> world_lib.World:
+  del mtime_ns, size  # the cache key
   return world_lib.World.load(path)
 
 
