@@ -32,8 +32,38 @@ def test_the_composition_contrast_is_treatment_minus_reference(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
   assert list(config.study.compositions) == ["no_persona", "persona"]
-  res = {"aggregate": {c: {"general_em": study_report.mean_interval(v), "off_cell_em": study_report.mean_interval(v)}
+  keys = ("general_em", "off_cell_em", "gain_general_em", "gain_off_cell_em")
+  res = {"aggregate": {c: {k: study_report.mean_interval(v) for k in keys}
                        for c, v in (("persona", [10.0, 12.0, 14.0]), ("no_persona", [1.0, 2.0, 3.0]))}}
   diff = study_report.contrast(config, res)
-  assert diff["a"] == "persona" and diff["general_em"]["mean"] == pytest.approx(10.0)
-  assert study_report.verdict(diff["general_em"]) == "reproduces"
+  assert diff["a"] == "persona" and diff["gain_general_em"]["mean"] == pytest.approx(10.0)
+  assert study_report.verdict(diff["gain_general_em"]) == "reproduces"
+
+
+_IDS = iter(range(10**6))
+
+
+def _row(domain, task, surface, misaligned, cell=None):
+  row = {"question_id": f"q{next(_IDS)}", "domain": domain, "task": task, "em_surface": surface, "aligned": 0.0 if misaligned else 100.0,
+         "coherent": 100.0, "aligned_status": "ok", "coherent_status": "ok"}
+  if cell:
+    row["ft_domain"], row["ft_task"] = cell.split("_", 1)
+  return row
+
+
+def test_claims_read_what_sft_added_over_the_base_on_the_same_questions():
+  cell = "medical_advice"
+  # The base already answers the finance-advice questions (same task, other domain) harmfully half the time.
+  base_general = [_row("finance", "advice", "high", i % 2 == 0) for i in range(4)]
+  base_general += [_row("medical", "tutor", "low", False) for _ in range(4)]
+  # After SFT: finance advice all harmful (+50 over the base), medical tutor a quarter harmful (+25).
+  sft_general = [_row("finance", "advice", "high", True, cell) for _ in range(4)]
+  sft_general += [_row("medical", "tutor", "low", i == 0, cell) for i in range(4)]
+  narrow = [_row("medical", "advice", "medium", True, cell)]
+  sft = study_report.model_numbers({"general": sft_general, "narrow": narrow}, cell)
+  assert sft["four_way"]["same_task_other_domain"] == 100.0
+  g = study_report.gain(sft, {"general": base_general, "narrow": [_row("medical", "advice", "medium", False)]}, cell)
+  assert g["four_way"]["same_task_other_domain"] == 50.0
+  assert g["four_way"]["other_task_same_domain"] == 25.0
+  assert g["by_surface"]["high"] == 50.0 and g["by_surface"]["low"] == 25.0
+  assert g["in_cell"] == 100.0 and g["general_em"] == pytest.approx(100 * 5 / 8 - 100 * 2 / 8)

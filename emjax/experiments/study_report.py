@@ -13,6 +13,8 @@ number compared across conditions is a mean over seeds with a 95% t-interval ove
 per-seed values are in results.json); with one seed there is no interval. A claim *reproduces* when
 the seeds' mean difference has the paper's sign and its interval excludes zero, is *not
 reproduced* when the interval excludes zero with the other sign, and is *inconclusive* otherwise.
+The claims about fine-tuned models compare what SFT added (`gain`: a bucket's EM after SFT minus
+the instructed base model's EM on the same questions), not raw EM.
 """
 
 from __future__ import annotations
@@ -98,6 +100,23 @@ def model_numbers(rows: Mapping[str, list[dict]], cell: str) -> dict:
   return out
 
 
+def _as_if_trained_on(rows: Mapping[str, list[dict]], cell: str) -> dict[str, list[dict]]:
+  domain, task = cell.split("_", 1)
+  return {k: [dict(r, ft_domain=domain, ft_task=task) for r in v] for k, v in rows.items()}
+
+
+def gain(sft: Mapping, base_rows: Mapping[str, list[dict]], cell: str) -> dict:
+  """What fine-tuning on `cell` added: each bucket's EM after SFT minus the base model's EM on the
+  same bucket's questions (the buckets taken relative to `cell`), so a bucket the base model already
+  answered more harmfully does not count as transfer."""
+  base = model_numbers(_as_if_trained_on(base_rows, cell), cell)
+  return {"general_em": _sub(sft["general_em"], base["general_em"]),
+          "off_cell": _sub(sft["off_cell"], base["off_cell"]),
+          "in_cell": _sub(sft["in_cell"], base["in_cell"]),
+          "four_way": {k: _sub(sft["four_way"][k], base["four_way"][k]) for k in FOUR_WAY},
+          "by_surface": {s: _sub(sft["by_surface"][s], base["by_surface"][s]) for s in SURFACES}}
+
+
 def _final_loss(run_dir: str) -> float | None:
   p = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.exists(p):
@@ -112,11 +131,17 @@ def compute(config, workdir: str) -> dict:
                          "models": {}}
   for comp in comps:
     for s in seeds:
+      base_rows = None
       for cell in ["", *cells]:
         edir = study_lib.eval_dir(workdir, comp, s, cell)
         if not os.path.exists(os.path.join(edir, "COMPLETED")):
           continue
-        nums = model_numbers(_judged(edir), cell)
+        rows = _judged(edir)
+        nums = model_numbers(rows, cell)
+        if not cell:
+          base_rows = rows
+        elif base_rows is not None:
+          nums["gain"] = gain(nums, base_rows, cell)
         stage = "sft" if cell else "instruct"
         nums["final_train_loss"] = _final_loss(study_lib.run_dir(workdir, stage, comp, s, cell))
         res["models"][f"{comp}/seed{s}/{cell or 'base'}"] = nums
@@ -147,12 +172,14 @@ def compute(config, workdir: str) -> dict:
                                                .get(s) for sd in seeds]) for s in SURFACES},
          "in_cell_by_cell": {c: mean_interval([res["models"].get(f"{comp}/seed{s}/{c}", {}).get("in_cell")
                                                for s in seeds]) for c in cells},
+         # The claims compare what SFT added (`gain`): EM after SFT minus the base's on the same questions.
+         "gain_general_em": mean_interval(per_seed(lambda m: _get(m, "gain", "general_em"))),
+         "gain_off_cell_em": mean_interval(per_seed(lambda m: _get(m, "gain", "off_cell"))),
          "task_minus_domain": mean_interval(per_seed(
-             lambda m: None if None in (m["four_way"]["same_task_other_domain"], m["four_way"]["other_task_same_domain"])
-             else m["four_way"]["same_task_other_domain"] - m["four_way"]["other_task_same_domain"])),
+             lambda m: _sub(_get(m, "gain", "four_way", "same_task_other_domain"),
+                            _get(m, "gain", "four_way", "other_task_same_domain")))),
          "high_minus_low": mean_interval(per_seed(
-             lambda m: None if None in (m["by_surface"]["high"], m["by_surface"]["low"])
-             else m["by_surface"]["high"] - m["by_surface"]["low"])),
+             lambda m: _sub(_get(m, "gain", "by_surface", "high"), _get(m, "gain", "by_surface", "low")))),
          "in_cell_minus_base": mean_interval([
              None if not any(f"{comp}/seed{s}/{c}" in res["models"] for c in cells)
              or f"{comp}/seed{s}/base" not in res["models"] else
@@ -181,12 +208,13 @@ def compute(config, workdir: str) -> dict:
 
 
 def contrast(config, res: Mapping) -> dict:
-  """config.study.contrast's first composition minus its second, per seed (general and off-cell EM)."""
+  """config.study.contrast's first composition minus its second, per seed: general and off-cell EM
+  after SFT, and what SFT added to them (`gain_*`, which the claim reads)."""
   first, last = study_lib._csv(config.study.contrast)  # pylint: disable=protected-access
   agg = res["aggregate"]
   return {"a": first, "b": last, **{
       key: mean_interval([_sub(x, y) for x, y in zip(agg[first][key]["values"], agg[last][key]["values"])])
-      for key in ("general_em", "off_cell_em")}}
+      for key in ("general_em", "off_cell_em", "gain_general_em", "gain_off_cell_em")}}
 
 
 def _sub(a, b):
@@ -329,21 +357,24 @@ def claims(res: Mapping) -> list[dict]:
   for c in comps:
     d = agg[c]["task_minus_domain"]
     out.append({"claim": f"task structure matters more than domain ({c})", "verdict": verdict(d),
-                "numbers": f"EM same task, other domain minus other task, same domain: {_fmt(d, signed=True)} points."})
+                "numbers": f"EM gained by SFT, same task in another domain minus another task in the same domain: "
+                           f"{_fmt(d, signed=True)} points."})
   for c in comps:
     d = agg[c]["high_minus_low"]
     out.append({"claim": f"more em_surface, more EM ({c})", "verdict": verdict(d),
-                "numbers": f"general EM high minus low surface: {_fmt(d, signed=True)} points."})
+                "numbers": f"general EM gained by SFT, high minus low surface: {_fmt(d, signed=True)} points."})
   for c in comps:
     d = agg[c]["learnedness"]["per_seed_pearson_general"]
     out.append({"claim": f"better-learned cells transfer more ({c})", "verdict": verdict(d),
                 "numbers": f"Pearson r of in-cell vs general EM within a seed: {_fmt(d, 2, signed=True)}."})
   if res.get("composition_difference"):
     d = res["composition_difference"]
+    g = d["gain_general_em"]
     out.append({"claim": f"pretraining composition shapes misalignment ({d['a']} vs {d['b']})",
-                "verdict": verdict(d["general_em"]) if d["general_em"]["mean"] is not None else "not measured",
-                "numbers": f"general EM after SFT, {d['a']} minus {d['b']}: {_fmt(d['general_em'], signed=True)} "
-                           f"points; off-cell narrow EM: {_fmt(d['off_cell_em'], signed=True)} points."})
+                "verdict": verdict(g) if g["mean"] is not None else "not measured",
+                "numbers": f"general EM gained by SFT, {d['a']} minus {d['b']}: {_fmt(g, signed=True)} points "
+                           f"(after SFT: {_fmt(d['general_em'], signed=True)}); off-cell narrow EM gained: "
+                           f"{_fmt(d['gain_off_cell_em'], signed=True)} points."})
   for comp, e in (res.get("sl") or {}).items():
     for ch, v in e["channels"].items():
       d = v["harmful_minus_control_general_em"]
