@@ -210,10 +210,13 @@ def main() -> None:
       "peak_flops_per_device": peak, "peak_source": peak_source,
       "emjax": emjax_result, "hf": hf_result,
       "ratio_tokens_per_s": emjax_result["tokens_per_s"] / hf_result["tokens_per_s"],
-      "date": time.strftime("%Y-%m-%d"),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "date": time.strftime("%Y-%m-%d"),
   }))
 
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from emjax import runtime
+  # What the main job runs with (emjax.main sets it the same way), for both sides alike.
+  runtime.reexec_with_huge_pages([os.path.abspath(__file__), *sys.argv[1:]])
   main()

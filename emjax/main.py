@@ -211,6 +211,8 @@ def _exit_with_user_error(argv: list[str], e: BaseException, message: str):
 
 
 def run() -> None:
+  from emjax import runtime
+  runtime.reexec_with_huge_pages(["-m", "emjax.main", *sys.argv[1:]])
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 

@@ -11,6 +11,11 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
+# glibc's malloc on transparent huge pages for everything started from here (the test suite too):
+# emjax/runtime.py says why; emjax.main sets it by itself when it is missing.
+if [ "$(uname -s)" = Linux ] && [ "${EMJAX_HUGE_PAGES:-1}" != 0 ] && [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+fi
 emjax_install() {  # $1: pip extras spec, e.g. "" or "[test]"
   local stamp=".venv-installed${1}"
   local want
