@@ -201,6 +201,33 @@ def test_all_linear_and_an_explicit_base(tmp_path, hf_base):
     weights.resolve(hf_base, base=hf_base)
 
 
+def test_import_cli_and_the_sample_job_take_an_adapter(tmp_path, hf_base, adapters):
+  """`python -m emjax.weights import ADAPTER DST` writes the merged model; config.sample.hf takes the adapter."""
+  import importlib.util
+
+  from emjax.sample import run as sample_run
+
+  d = adapters[False]
+  dst = str(tmp_path / "merged")
+  assert weights.main(["import", d, dst]) == 0
+  merged, direct = weights.load_weights(dst, mesh=mesh1()), weights.load_weights(d, mesh=mesh1())
+  assert merged.model_cfg == direct.model_cfg
+  for x, y in zip(jax.tree.leaves(merged.params), jax.tree.leaves(direct.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="--peft_base='x' is set, but .* is not a PEFT adapter"):
+    weights.main(["import", hf_base, str(tmp_path / "other"), "--peft_base=x"])
+
+  spec = importlib.util.spec_from_file_location("sample_config", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "configs", "sample.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.sample.hf = d
+  src = sample_run.resolve_source(config)
+  assert src.adapter is not None and src.adapter.base.directory == hf_base
+  assert sample_run.resolve_model_config(config, src)[0] == direct.model_cfg
+
+
 @pytest.mark.parametrize("torch_dtype", [None, "bfloat16"])
 def test_import_export_round_trip_is_bit_identical(tmp_path, hf_base, adapters, torch_dtype):
   if torch_dtype is None:
