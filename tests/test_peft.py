@@ -197,6 +197,9 @@ def test_all_linear_and_an_explicit_base(tmp_path, hf_base):
   json.dump(config, open(config_path, "w"))
   diff = float(np.abs(emjax_logits(w.model_cfg, w.params, tokens) - peft_logits(hf_base, d, tokens)).max())
   assert diff <= 1e-5
+  # The same written as the keyword (as configs made by hand or older PEFT have it).
+  json.dump(dict(config, target_modules="all-linear"), open(config_path, "w"))
+  assert weights.resolve(d).adapter.lora == src.adapter.lora
   with pytest.raises(ValueError, match=r"base='.*' is set, but .* is not a PEFT adapter"):
     weights.resolve(hf_base, base=hf_base)
 

@@ -418,9 +418,9 @@ def check_continues(adapter: lora_lib.LoRAConfig, run: lora_lib.LoRAConfig, key:
           "layers": ",".join(str(i) for i in run.layers)}
   differ = [k for k in want if (layers(adapter) != layers(run) if k == "layers" else want[k] != have[k])]
   if differ:
+    what = ", ".join(f"lora.{k}={have[k]!r} (adapter: {want[k]!r})" for k in differ)
     raise ValueError(
         f"{key}: a LoRA run from a PEFT adapter goes on training that adapter, so config.lora must be the "
-        f"adapter's ({where}); it differs in {', '.join(f'lora.{k}={have[k]!r} (adapter: {want[k]!r})' for k in differ)}"
-        f". Set {' '.join(f'--config.lora.{k}={want[k]}' for k in want)}; or, to train a new adapter on the "
+        f"adapter's ({where}); it differs in {what}. Set {' '.join(f'--config.lora.{k}={want[k]}' for k in want)}; or, to train a new adapter on the "
         "adapted model, import it first (python -m emjax.weights import ADAPTER DST) and set "
         "config.init.checkpoint=DST")
