@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
   # Where the weights of step 0 come from: empty = random; an emjax workdir / checkpoint dir.
-  c.init = dict(checkpoint="", hf="")  # hf: a Hugging Face model directory (its architecture is adopted)
+  # hf: a Hugging Face model directory (its architecture is adopted), or a PEFT LoRA adapter: merged into its
+  # base, or, with config.lora (the adapter's), trained on; peft_base: its base ('' = the one it names).
+  c.init = dict(checkpoint="", hf="", peft_base="")
   # LoRA / rsLoRA adapters (trained; the base weights stay frozen). targets: any of
   # q,k,v,o,gate,up,down; layers: comma-separated indices, empty = all layers.
   c.lora = dict(enabled=False, rank=32, alpha=64.0, rslora=True, dropout=0.0,
@@ -75,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
                 base_dtype="")
   # A frozen teacher read by distillation objectives: a Hugging Face directory or an emjax run
   # (weights module), held in `dtype` on the same mesh; never trained, never checkpointed.
-  c.teacher = dict(path="", dtype="bfloat16")
+  c.teacher = dict(path="", dtype="bfloat16", peft_base="")  # peft_base: as init.peft_base
   # On-policy batches (emjax/sample/on_policy.py): each step the student samples completions of
   # these prompts from its current weights and trains on them (with a teacher in the step).
   from emjax.sample.on_policy import on_policy_block  # pylint: disable=g-import-not-at-top

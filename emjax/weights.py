@@ -4,16 +4,19 @@
     w = weights.load_weights("runs/sft", step=400, dtype="bfloat16")
     w = weights.load_weights("runs/sft/checkpoints/400")                # one step directory
     w = weights.load_weights("Qwen/Qwen2.5-0.5B-Instruct", mesh=mesh)   # a Hugging Face directory or hub id
+    w = weights.load_weights("adapters/em-organism", mesh=mesh)          # a PEFT LoRA adapter, merged into its base
     w.params, w.model_cfg, w.step, w.source.tokenizer
 
     python -m emjax.weights import SRC_HF_DIR_OR_HUB_ID DST_EMJAX_DIR   # then config.init.checkpoint=DST
     python -m emjax.weights export SRC DST_HF_DIR [--step N] [--tokenizer DIR] [--dtype bfloat16]
+    python -m emjax.weights export LORA_RUN DST_ADAPTER_DIR --peft      # its adapters as a PEFT adapter
 
 What a path is (`resolve`), tried in this order:
   - a directory with `checkpoints/` or an emjax `config.json`: a run's workdir;
   - a numbered directory holding `state/`: one step of RUN/checkpoints/;
   - a directory named `checkpoints` or holding numbered steps: RUN/checkpoints/;
-  - anything else: a Hugging Face model directory (config.json + safetensors) or hub id.
+  - anything else: a Hugging Face model directory (config.json + safetensors) or hub id, or a PEFT
+    LoRA adapter (adapter_config.json + adapter_model.safetensors; emjax.models.peft).
 An emjax checkpoint's architecture is its run's RUN/config.json. Its steps are the numbered
 directories (orbax gives a step its number only once the step is complete); the newest is used
 unless a step is asked for. A step whose files cannot be read is reported and the next older one
@@ -22,6 +25,13 @@ names the parameter, and nothing is moved or deleted.
 
 `dtype` is the dtype of the returned parameters (`param_dtype`; default: the source's). Parameters
 are created directly in their shardings on `mesh` (default: all devices, fsdp).
+
+A PEFT adapter's weights are its LoRA merged into its base: `base=` (config keys
+`init.peft_base`, `teacher.peft_base`, `sample.peft_base`) or else the adapter's own
+`base_model_name_or_path`, resolved as any path is (a hub id from the local Hugging Face cache).
+Its Source is kind "hf" (it is given where a Hugging Face model is) with `adapter` set. A LoRA run
+whose `config.init.hf` is an adapter goes on training that adapter: its base is the adapter's base,
+its adapters start as the adapter's (`init_adapters`), and config.lora must be the adapter's.
 
 LoRA runs (`config.lora.enabled`) checkpoint their adapters alone: their weights are the adapters
 merged into the run's base (`config.init`: a Hugging Face model or any emjax checkpoint, LoRA run
@@ -56,6 +66,7 @@ import numpy as np
 from emjax import sharding as shd
 from emjax.models import hf
 from emjax.models import lora as lora_lib
+from emjax.models import peft as peft_lib
 from emjax.models import transformer
 
 log = logging.getLogger(__name__)
@@ -82,11 +93,12 @@ class Source:
 
   path: str  # as given
   kind: str  # "hf" | "emjax"
-  directory: str  # hf: the local model directory; emjax: the run's workdir (where config.json is)
+  directory: str  # hf: the local model (or PEFT adapter) directory; emjax: the run's workdir (its config.json)
   checkpoints: str = ""  # emjax: the directory of numbered steps
   step: int | None = None  # emjax: the step asked for (a step directory, or step=); None = the newest
   config: Any = None  # emjax: the run's saved config (None without RUN/config.json)
   model_cfg: transformer.TransformerConfig | None = None  # None: an emjax checkpoint without config.json
+  adapter: "Adapter | None" = None  # a PEFT LoRA adapter (kind "hf"): its LoRA and its base
 
   @property
   def lora(self) -> lora_lib.LoRAConfig | None:
@@ -97,6 +109,10 @@ class Source:
   @property
   def tokenizer(self) -> dict | None:
     """The tokenizer config that goes with these weights (None: unknown)."""
+    if self.adapter is not None:  # hub adapters often ship their tokenizer; else it is the base's
+      has_own = any(os.path.isfile(os.path.join(self.directory, x)) for x in hf.TOKENIZER_FILES
+                    if x.startswith("tokenizer"))
+      return {"kind": "hf", "path": self.directory} if has_own else self.adapter.base.tokenizer
     if self.kind == "hf":
       return {"kind": "hf", "path": self.directory}
     if self.config is None or "data" not in self.config:
@@ -105,6 +121,16 @@ class Source:
 
   def steps(self) -> list[int]:
     return complete_steps(self.checkpoints) if self.kind == "emjax" else []
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """A PEFT LoRA adapter: its settings in emjax's terms, and the base it applies to."""
+
+  lora: lora_lib.LoRAConfig
+  base: Source
+  base_name: str  # the base as named (base= or base_model_name_or_path): what an export of it names
+  where: str  # its adapter_config.json
 
 
 def _label(key: str, path: str) -> str:
@@ -129,14 +155,18 @@ def complete_steps(checkpoints: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
 
 
-def resolve(path: str, *, step: int | None = None, key: str = "") -> Source:
-  """What `path` is (see the module docstring); `key` (e.g. 'config.init.checkpoint') names it in errors."""
+def resolve(path: str, *, step: int | None = None, key: str = "", base: str = "", base_key: str = "") -> Source:
+  """What `path` is (see the module docstring); `key` (e.g. 'config.init.checkpoint') names it in errors.
+
+  `base` (named `base_key` in errors, e.g. 'config.teacher.peft_base'): the base of a PEFT adapter
+  at `path`, instead of its adapter_config.json's base_model_name_or_path.
+  """
   from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   label = _label(key, path)
   if not path:
-    raise ValueError(f"{key or 'weights'}: no path given (a Hugging Face model, an emjax run, its checkpoints/ "
-                     "directory or one step directory)")
+    raise ValueError(f"{key or 'weights'}: no path given (a Hugging Face model, a PEFT adapter, an emjax run, its "
+                     "checkpoints/ directory or one step directory)")
   p = os.path.abspath(os.path.expanduser(os.fspath(path)))
   run = ckpts = None
   given_step = None
@@ -151,12 +181,20 @@ def resolve(path: str, *, step: int | None = None, key: str = "") -> Source:
   if run is None:
     try:
       directory = hf.resolve_hf_path(path)
-      model_cfg = hf.config_from_hf(directory)
+      adapter = peft_lib.is_adapter_dir(directory)
+      model_cfg = None if adapter else hf.config_from_hf(directory)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"{label}: not an emjax run (config.json + checkpoints/), checkpoints/ or step "
-                              f"directory, nor a Hugging Face model ({e})") from None
+                              f"directory, nor a Hugging Face model or PEFT adapter ({e})") from None
     if step is not None:
-      raise ValueError(f"{label} is a Hugging Face model, which has no steps (step={step} was asked for)")
+      raise ValueError(f"{label} is a Hugging Face {'PEFT adapter' if adapter else 'model'}, which has no steps "
+                       f"(step={step} was asked for)")
+    if adapter:
+      return _resolve_adapter(os.fspath(path), directory, label, base, base_key)
+  if base:
+    raise ValueError(f"{base_key or 'base'}={base!r} is set, but {label} is not a PEFT adapter (no "
+                     f"{peft_lib.CONFIG_NAME}): only an adapter has a base to give")
+  if run is None:
     return Source(path=os.fspath(path), kind="hf", directory=directory, model_cfg=model_cfg)
   if step is not None and given_step is not None and int(step) != given_step:
     raise ValueError(f"{label} is step {given_step}, but step {step} was asked for")
@@ -167,9 +205,36 @@ def resolve(path: str, *, step: int | None = None, key: str = "") -> Source:
                 model_cfg=model_cfg)
 
 
-def model_config(path: str, *, key: str = "") -> transformer.TransformerConfig:
-  """The model config of the weights at `path` (nothing but config files read)."""
-  src = resolve(path, key=key)
+def _resolve_adapter(path: str, directory: str, label: str, base: str, base_key: str) -> Source:
+  """The Source of the PEFT adapter in `directory`: its LoRA settings checked against its resolved base."""
+  config, where = peft_lib.read_adapter_config(directory)
+  name = base or config.get("base_model_name_or_path") or ""
+  named_by = f"{base_key or 'base'}={base!r}" if base else f"base_model_name_or_path in {where}"
+  hint = f"give the base with {base_key}" if base_key else "give the base explicitly (base=)"
+  if not name:
+    raise ValueError(f"{label}: the PEFT adapter names no base (no base_model_name_or_path in {where}); {hint}")
+  try:
+    base_src = resolve(name, key=base_key)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{label}: the PEFT adapter's base {name!r} ({named_by}) is not here ({e}); "
+                            f"{hint}") from None
+  if base_src.adapter is not None:
+    raise ValueError(f"{label}: the PEFT adapter's base {name!r} ({named_by}) is itself a PEFT adapter; its base "
+                     "must be a model")
+  if base_src.model_cfg is None:
+    raise FileNotFoundError(f"{label}: the PEFT adapter's base {name!r} has no config.json in "
+                            f"{base_src.directory} to take its architecture from")
+  if config.get("revision"):
+    log.warning("%s: the adapter asks for revision %r of its base %s; emjax loads %s as it is", where,
+                config["revision"], name, base_src.directory)
+  lora = peft_lib.lora_config(config, base_src.model_cfg, where)
+  return Source(path=path, kind="hf", directory=directory, model_cfg=base_src.model_cfg,
+                adapter=Adapter(lora=lora, base=base_src, base_name=name, where=where))
+
+
+def model_config(path: str, *, key: str = "", base: str = "", base_key: str = "") -> transformer.TransformerConfig:
+  """The model config of the weights at `path` (nothing but config files read; a PEFT adapter: its base's)."""
+  src = resolve(path, key=key, base=base, base_key=base_key)
   if src.model_cfg is None:
     raise FileNotFoundError(f"{_label(key, path)}: no config.json in {src.directory} to take the model's "
                             "architecture from")
@@ -214,6 +279,8 @@ def _check_architecture(known: transformer.TransformerConfig | None, wanted: tra
 
 
 def _where_config(src: Source) -> str:
+  if src.adapter is not None:  # the architecture is the base's
+    return _where_config(src.adapter.base)
   return os.path.join(src.directory, "config.json")
 
 
@@ -472,40 +539,58 @@ def _check_pin(run_dir: str, pinned: dict, record: dict) -> None:
 
 
 def load_init_params(init: Any, model_cfg: transformer.TransformerConfig, abstract_params: Any, mesh=None, *,
-                     pin: str | None = None, write_pin: bool = True) -> Any:
+                     pin: str | None = None, write_pin: bool = True,
+                     lora: lora_lib.LoRAConfig | None = None) -> Any:
   """The base weights a config's `init` block names, laid out as `abstract_params`, or None (random init).
 
   `init.checkpoint`: any emjax run or checkpoint (a LoRA run: its merged weights); `init.hf`: a
-  Hugging Face directory or hub id (read one tensor at a time onto `mesh`).
+  Hugging Face directory or hub id (read one tensor at a time onto `mesh`), or a PEFT adapter
+  (base: `init.peft_base` or its own): merged into its base, unless `lora` (the run's config.lora)
+  is given: then the run goes on training the adapter, and its base is the adapter's base.
 
   `pin` (a LoRA run's workdir): the base is checked against PIN/base.json, whose step is the one
   loaded (not a newer step of a base that kept training); a changed base is a BaseChangedError.
   Without base.json the base is recorded there (process 0) when `write_pin`, else a warning says
   it cannot be checked. The fingerprint is taken before the caller consumes the parameters.
   """
-  loaded = _load_init(init, model_cfg, abstract_params, mesh, pin=pin, write_pin=write_pin)
+  loaded = _load_init(init, model_cfg, abstract_params, mesh, pin=pin, write_pin=write_pin, lora=lora)
   return None if loaded is None else loaded[0]
 
 
-def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tuple[dict, Source, int | None] | None:
-  """(params, the base's Source, the step read) for load_init_params."""
+def _init_source(init: Any) -> tuple[str, str, Source] | None:
+  """(which: 'checkpoint' | 'hf', the path given, its Source) of an `init` block; None when it names nothing."""
   checkpoint, hf_path = init.get("checkpoint", ""), init.get("hf", "")
   if checkpoint and hf_path:
     raise ValueError("config.init: set either init.checkpoint or init.hf, not both")
   if not (checkpoint or hf_path):
+    if init.get("peft_base", ""):
+      raise ValueError(f"config.init.peft_base={init['peft_base']!r} is set, but config.init.hf names no PEFT "
+                       "adapter")
     return None
   which, given = ("checkpoint", checkpoint) if checkpoint else ("hf", hf_path)
+  key = f"config.init.{which}"
+  src = resolve(given, key=key, base=init.get("peft_base", ""), base_key="config.init.peft_base")
+  if which == "checkpoint" and src.kind != "emjax":
+    what = "a PEFT adapter" if src.adapter is not None else "a Hugging Face model"
+    raise ValueError(f"{key}={given!r} is {what} ({src.directory}); set config.init.hf instead")
+  if which == "hf" and src.kind != "hf":
+    raise ValueError(f"{key}={given!r} is an emjax checkpoint ({src.directory}); set config.init.checkpoint "
+                     "instead")
+  return which, given, src
+
+
+def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin,
+               lora=None) -> tuple[dict, Source, int | None] | None:
+  """(params, the base's Source, the step read) for load_init_params."""
+  named = _init_source(init)
+  if named is None:
+    return None
+  which, given, src = named
   key = f"config.init.{which}"
   pinned = read_pin(pin) if pin else None
   step = None
   if pinned and pinned.get("init") == which and pinned.get("path") == given and pinned.get("step") is not None:
     step = int(pinned["step"])
-  src = resolve(given, key=key)
-  if which == "checkpoint" and src.kind != "emjax":
-    raise ValueError(f"{key}={given!r} is a Hugging Face model ({src.directory}); set config.init.hf instead")
-  if which == "hf" and src.kind != "hf":
-    raise ValueError(f"{key}={given!r} is an emjax checkpoint ({src.directory}); set config.init.checkpoint "
-                     "instead")
   if step is not None:
     if step not in src.steps():
       raise BaseChangedError(
@@ -517,7 +602,15 @@ def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tup
   load_cfg = dataclasses.replace(model_cfg, param_dtype=jnp.dtype(dtypes.pop()).name) if len(dtypes) == 1 \
       else model_cfg
   loaded_step = None
-  if src.kind == "hf":
+  if src.adapter is not None:
+    if lora is None:  # its weights: the adapter merged into its base
+      w = load_weights(src, mesh=mesh, model_cfg=load_cfg, key=key)
+    else:  # the run trains the adapter itself (init_adapters), on the adapter's base
+      peft_lib.check_continues(src.adapter.lora, lora, key, src.adapter.where, model_cfg.n_layers)
+      w = load_weights(src.adapter.base, mesh=mesh, model_cfg=load_cfg, key=f"{key} (the PEFT adapter's base)")
+    # No step is pinned: an adapter names its base by path (a changed base fails the fingerprint).
+    params = cast_like(w.params, abstract_params)
+  elif src.kind == "hf":
     _check_architecture(src.model_cfg, model_cfg, key, os.path.join(src.directory, "config.json"))
     params = cast_like(hf.load_hf_params(src.directory, load_cfg, mesh=mesh), abstract_params)
   elif src.lora is not None:
@@ -540,6 +633,21 @@ def _load_init(init, model_cfg, abstract_params, mesh, *, pin, write_pin) -> tup
                     "checkpoints were trained on", pin, BASE_FILE, given)
       _write_pin(pin, record)
   return params, src, loaded_step
+
+
+def init_adapters(init: Any, lora: lora_lib.LoRAConfig | None, abstract: Any) -> dict | None:
+  """The adapters a LoRA run starts from when `init.hf` is a PEFT adapter (else None: fresh ones).
+
+  Laid out as `abstract` (the train state's `params`: dtypes and shardings); config.lora must be
+  the adapter's (load_init_params loads its base).
+  """
+  named = _init_source(init) if lora is not None else None
+  if named is None or named[2].adapter is None:
+    return None
+  _, _, src = named
+  peft_lib.check_continues(src.adapter.lora, lora, "config.init.hf", src.adapter.where, src.model_cfg.n_layers)
+  adapters = peft_lib.read_adapters(src.directory, src.model_cfg, src.adapter.lora)
+  return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), adapters, abstract)
 
 
 def cast_like(params: dict, abstract: dict) -> dict:
@@ -578,6 +686,8 @@ class Weights:
   step: int | None  # the emjax step read (a LoRA run: its adapters' step); None for a Hugging Face model
 
   def describe(self) -> str:
+    if self.source.adapter is not None:
+      return f"{self.source.path} (a PEFT adapter merged into {self.source.adapter.base_name})"
     if self.source.kind == "hf":
       return f"{self.source.path} (Hugging Face)"
     what = "LoRA adapters merged into their base, " if self.source.lora is not None else ""
@@ -585,8 +695,10 @@ class Weights:
 
 
 def load_weights(path: str | Source, *, mesh=None, dtype: str | None = None, step: int | None = None,
-                 model_cfg: transformer.TransformerConfig | None = None, key: str = "") -> Weights:
-  """The weights at `path`: a Hugging Face directory / hub id, an emjax run, checkpoints/ or step directory.
+                 model_cfg: transformer.TransformerConfig | None = None, key: str = "", base: str = "",
+                 base_key: str = "") -> Weights:
+  """The weights at `path`: a Hugging Face directory / hub id, a PEFT adapter (merged into its base:
+  `base`, or the one it names), an emjax run, checkpoints/ or step directory.
 
   `step`: an emjax step (default: the newest readable; a step directory names its own). `dtype`:
   the parameters' dtype (default: the source's `param_dtype`). `model_cfg`: the model to load them
@@ -597,7 +709,7 @@ def load_weights(path: str | Source, *, mesh=None, dtype: str | None = None, ste
   if isinstance(path, Source):
     src = path if step is None else dataclasses.replace(path, step=int(step))
   else:
-    src = resolve(path, step=step, key=key)
+    src = resolve(path, step=step, key=key, base=base, base_key=base_key)
   label = _label(key, src.path)
   mesh = mesh if mesh is not None else shd.make_mesh(DEFAULT_MESH)
   if model_cfg is None:
@@ -610,6 +722,14 @@ def load_weights(path: str | Source, *, mesh=None, dtype: str | None = None, ste
     cfg = model_cfg
   if dtype:
     cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
+  if src.adapter is not None:
+    base_w = load_weights(src.adapter.base, mesh=mesh, model_cfg=cfg, key=f"{label} (the PEFT adapter's base)")
+    adapters = peft_lib.read_adapters(src.directory, cfg, src.adapter.lora)
+    rep = shd.replicated(mesh)
+    adapters = jax.tree.map(lambda x: jax.device_put(x, rep), adapters)
+    params = _merged(base_w.params, adapters, src.adapter.lora, cfg.param_dtype)
+    log.info("PEFT adapter %s merged into its base %s", src.directory, base_w.describe())
+    return Weights(params, cfg, src, None)
   if src.kind == "hf":
     return Weights(hf.load_hf_params(src.directory, cfg, mesh=mesh), cfg, src, None)
   lora = src.lora
@@ -621,13 +741,17 @@ def load_weights(path: str | Source, *, mesh=None, dtype: str | None = None, ste
   base = load_base(src, mesh=mesh)
   s, adapters = read_params(src.checkpoints, lora_lib.adapter_abstract(run_cfg, lora, mesh), step=src.step,
                             label=label, saved_dtypes=True)
-  # Merge in the wider of the base's and the requested dtype, so the small update is not rounded away.
-  params = base.params
-  if jnp.dtype(cfg.param_dtype).itemsize >= max(x.dtype.itemsize for x in jax.tree.leaves(params)):
-    params = _cast_to(params, cfg.param_dtype)
-  params = _cast_to(lora_lib.merge_adapters(params, adapters, lora), cfg.param_dtype)
+  params = _merged(base.params, adapters, lora, cfg.param_dtype)
   log.info("LoRA run %s: adapters of step %d merged into its base %s", src.directory, s, base.describe())
   return Weights(params, cfg, src, s)
+
+
+def _merged(base: dict, adapters: dict, lora: lora_lib.LoRAConfig, dtype) -> dict:
+  """`adapters` merged into `base`, returned in `dtype`."""
+  # Merge in the wider of the base's and the requested dtype, so the small update is not rounded away.
+  if jnp.dtype(dtype).itemsize >= max(x.dtype.itemsize for x in jax.tree.leaves(base)):
+    base = _cast_to(base, dtype)
+  return _cast_to(lora_lib.merge_adapters(base, adapters, lora), dtype)
 
 
 def load_base(path: str | Source, *, mesh=None, dtype: str | None = None) -> Weights:
@@ -652,7 +776,7 @@ def load_base(path: str | Source, *, mesh=None, dtype: str | None = None) -> Wei
   held = pinned.get("dtype") if pinned else (src.config.lora.get("base_dtype") or None) if lora is not None else None
   abstract = abstract_params(run_cfg, mesh, dtypes=held)
   params, base_src, step = _load_init(init, run_cfg, abstract, mesh,
-                                      pin=src.directory if lora is not None else None, write_pin=False)
+                                      pin=src.directory if lora is not None else None, write_pin=False, lora=lora)
   cfg = run_cfg
   if dtype:
     cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
@@ -684,12 +808,69 @@ def _copy_tokenizer(src: str, dst: str) -> str | None:
   return dst
 
 
+def peft_base_name(src: Source) -> str:
+  """The base a LoRA run's adapters apply to, as an exported adapter's base_model_name_or_path names it.
+
+  `config.init.hf` as given (a PEFT adapter there: that adapter's base); an emjax checkpoint imported
+  from Hugging Face (`import`): what it was imported from; any other emjax base: its path, with a
+  warning, since PEFT cannot load it (export it with `export` and name that).
+  """
+  init = src.config.get("init", {}) if src.config is not None else {}
+  named = _init_source(init)
+  if named is None:
+    raise ValueError(f"{src.directory}: the run has neither config.init.checkpoint nor config.init.hf: its base "
+                     "weights were random and are not saved, so its adapters apply to nothing PEFT can load")
+  which, given, base = named
+  if base.adapter is not None:
+    return base.adapter.base_name
+  if which == "hf":
+    return given
+  imported = os.path.join(base.directory, "hf_source.json")
+  if base.lora is None and os.path.isfile(imported):
+    with open(imported, encoding="utf-8") as f:
+      return json.load(f)["source"]
+  log.warning("export: the run's base %s is an emjax checkpoint, which PEFT cannot load; base_model_name_or_path "
+              "names it as it is (export that base with `python -m emjax.weights export` and give "
+              "--base_model_name_or_path)", given)
+  return given
+
+
+def export_peft(path: str | Source, dst: str, *, step: int | None = None, mesh=None, dtype: str | None = None,
+                base_model_name_or_path: str = "", tokenizer_dir: str | None = None) -> tuple[str, int]:
+  """(DST, the step written): a LoRA run's adapters as a PEFT adapter directory.
+
+  The run's pinned base is loaded and checked first (a changed base is a BaseChangedError), so the
+  adapter names the base it was trained on: `base_model_name_or_path`, default `peft_base_name`.
+  The tokenizer files of `tokenizer_dir` are copied beside it.
+  """
+  src = path if isinstance(path, Source) else resolve(path, step=step)
+  if step is not None and src.step != step:
+    src = dataclasses.replace(src, step=int(step))
+  lora = src.lora
+  if src.kind != "emjax" or lora is None:
+    raise ValueError(f"export --peft: {src.path!r} is not a LoRA run (config.lora.enabled): it holds whole weights, "
+                     "not adapters; export it without --peft")
+  name = base_model_name_or_path or peft_base_name(src)
+  mesh = mesh if mesh is not None else shd.make_mesh(DEFAULT_MESH)
+  del load_base(src, mesh=mesh).params  # refuses a base that is not the pinned one
+  s, adapters = read_params(src.checkpoints, lora_lib.adapter_abstract(src.model_cfg, lora, mesh), step=src.step,
+                            label=src.path, saved_dtypes=True)
+  out = peft_lib.export_adapters(adapters, src.model_cfg, lora, dst, base_model_name_or_path=name, dtype=dtype)
+  if tokenizer_dir is not None and jax.process_index() == 0:
+    for x in hf.TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(tokenizer_dir, x)):
+        shutil.copyfile(os.path.join(tokenizer_dir, x), os.path.join(out, x))
+  return out, s
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m emjax.weights",
                                    description="Convert between Hugging Face and emjax checkpoints.")
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF directory (or hub id) -> emjax checkpoint (for config.init.checkpoint)")
-  imp.add_argument("src", help="Hugging Face model directory or hub id")
+  imp.add_argument("src", help="Hugging Face model directory or hub id, or a PEFT adapter (merged into its base)")
+  imp.add_argument("--peft_base", default="",
+                   help="a PEFT adapter's base (default: its adapter_config.json's base_model_name_or_path)")
   imp.add_argument("dst", help="new emjax directory")
   imp.add_argument("--param_dtype", default="float32", help="dtype the parameters are stored in")
   imp.add_argument("--dtype", default="float32", help="compute dtype written to config.model.dtype")
@@ -702,26 +883,48 @@ def main(argv: Sequence[str] | None = None) -> int:
   exp.add_argument("--dtype", default=None, help="dtype of the written tensors (default: the parameters')")
   exp.add_argument("--max_shard_size", type=_parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
                    help="largest shard, e.g. 5GB or 2GiB")
+  exp.add_argument("--peft", action="store_true",
+                   help="a LoRA run's adapters alone, as a PEFT adapter (adapter_config.json + "
+                        "adapter_model.safetensors) on the run's base")
+  exp.add_argument("--base_model_name_or_path", default="",
+                   help="--peft: the base the adapter names (default: the run's config.init.hf, or what its "
+                        "emjax base was imported from)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   mesh = shd.make_mesh(DEFAULT_MESH)
   if args.command == "import":
     src = hf.resolve_hf_path(args.src)
-    cfg = hf.config_from_hf(src, param_dtype=args.param_dtype, dtype=args.dtype)
-    params = hf.load_hf_params(src, cfg, mesh)
-    tokenizer = _copy_tokenizer(src, os.path.join(os.path.abspath(args.dst), "hf"))
+    if peft_lib.is_adapter_dir(src):
+      w = load_weights(args.src, mesh=mesh, dtype=args.param_dtype, base=args.peft_base, base_key="--peft_base")
+      cfg, params = dataclasses.replace(w.model_cfg, dtype=args.dtype), w.params
+      tok_cfg = w.source.tokenizer or {}  # the adapter's tokenizer files, else its base's
+      src = tok_cfg.get("path") if tok_cfg.get("kind") == "hf" else None
+    else:
+      if args.peft_base:
+        raise ValueError(f"--peft_base={args.peft_base!r} is set, but {args.src} is not a PEFT adapter")
+      cfg = hf.config_from_hf(src, param_dtype=args.param_dtype, dtype=args.dtype)
+      params = hf.load_hf_params(src, cfg, mesh)
+    tokenizer = _copy_tokenizer(src, os.path.join(os.path.abspath(args.dst), "hf")) if src else None
     dst = save_emjax_checkpoint(params, cfg, args.dst, tokenizer_dir=tokenizer, source=args.src)
     print(f"imported {args.src} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) -> {dst}; "
           f"fine-tune with --config.init.checkpoint={dst}")
     return 0
-  w = load_weights(args.src, mesh=mesh, step=args.step)
+  if args.base_model_name_or_path and not args.peft:
+    raise ValueError("--base_model_name_or_path names the base of a PEFT adapter: it needs --peft")
+  source = resolve(args.src, step=args.step)
   tokenizer = args.tokenizer
   if tokenizer is None:
-    tok_cfg = w.source.tokenizer or {}
+    tok_cfg = source.tokenizer or {}
     if tok_cfg.get("kind") == "hf" and tok_cfg.get("path") and os.path.isdir(tok_cfg["path"]):
       tokenizer = tok_cfg["path"]
     else:
       log.warning("export: no tokenizer directory (give --tokenizer DIR); the output has no tokenizer files")
+  if args.peft:
+    out, step = export_peft(source, args.dst, mesh=mesh, dtype=args.dtype,
+                            base_model_name_or_path=args.base_model_name_or_path, tokenizer_dir=tokenizer)
+    print(f"exported the LoRA adapters of step {step} of {source.checkpoints} as a PEFT adapter -> {out}")
+    return 0
+  w = load_weights(source, mesh=mesh)
   out = hf.export_hf(w.params, w.model_cfg, args.dst, tokenizer, max_shard_bytes=args.max_shard_size,
                      dtype=args.dtype)
   print(f"exported {w.describe()} ({w.model_cfg.family}) -> {out}")

@@ -86,7 +86,8 @@ def resolve_source(config) -> weights_lib.Source:
       raise ValueError(f"config.model.{not_runtime[0]} is set, but with config.sample.hf the architecture comes "
                        f"from {sc.hf}/config.json; only {', '.join(weights_lib.RUNTIME_MODEL_KEYS)} may be "
                        "overridden")
-    src = weights_lib.resolve(sc.hf, key="config.sample.hf")
+    src = weights_lib.resolve(sc.hf, key="config.sample.hf", base=sc.get("peft_base", ""),
+                              base_key="config.sample.peft_base")
     if src.kind != "hf":
       raise ValueError(f"config.sample.hf={sc.hf!r} is an emjax checkpoint ({src.directory}); set "
                        "config.sample.checkpoint instead")
@@ -98,7 +99,8 @@ def resolve_source(config) -> weights_lib.Source:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.sample.checkpoint={path!r} does not exist")
   step = int(sc.step) if int(sc.step) >= 0 else None
-  src = weights_lib.resolve(path, step=step, key="config.sample.checkpoint")
+  src = weights_lib.resolve(path, step=step, key="config.sample.checkpoint", base=sc.get("peft_base", ""),
+                            base_key="config.sample.peft_base")
   if src.kind != "emjax":
     raise ValueError(f"config.sample.checkpoint={path!r} is a Hugging Face model; set config.sample.hf instead")
   return src
@@ -119,7 +121,8 @@ def resolve_model_config(config, src: weights_lib.Source) -> tuple[transformer.T
     values = {**dataclasses.asdict(transformer.TransformerConfig()), **given_model}
     return transformer.TransformerConfig.from_config(values), {**default_tokenizer, **given_tokenizer}
   what = "the Hugging Face model's" if src.kind == "hf" else "the checkpoint's"
-  model_cfg = weights_lib.with_overrides(src.model_cfg, given_model, where=os.path.join(src.directory, "config.json"),
+  config_dir = (src.adapter.base if src.adapter is not None else src).directory  # an adapter's model is its base's
+  model_cfg = weights_lib.with_overrides(src.model_cfg, given_model, where=os.path.join(config_dir, "config.json"),
                                          what=what)
   return model_cfg, {**(src.tokenizer or default_tokenizer), **given_tokenizer}
 
@@ -366,7 +369,8 @@ def sample_block() -> dict:
   """`config.sample` of the sample job (and of the eval job's answers stage)."""
   return dict(
       checkpoint="",  # a training workdir, its checkpoints/ dir, or one step dir (LoRA runs: merged into their base)
-      hf="",  # or: a Hugging Face model directory / hub id (architecture and tokenizer from it)
+      hf="",  # or: a Hugging Face model directory / hub id (architecture and tokenizer from it), or a PEFT adapter
+      peft_base="",  # a PEFT adapter's base ('' = its adapter_config.json's base_model_name_or_path)
       step=-1,  # checkpoint step to load; -1 = the latest readable one
       output="samples.jsonl",  # relative to --workdir
       # What to sample.

@@ -226,7 +226,8 @@ class Trainer:
     tcfg = self.config.teacher
     if not tcfg.path:
       return None
-    source = weights_lib.resolve(tcfg.path, key="config.teacher.path")
+    source = weights_lib.resolve(tcfg.path, key="config.teacher.path", base=tcfg.get("peft_base", ""),
+                                 base_key="config.teacher.peft_base")
     if source.model_cfg is None:
       raise FileNotFoundError(f"config.teacher.path={tcfg.path}: no config.json in {source.directory} to take the "
                               "teacher's architecture and tokenizer from")
@@ -238,6 +239,7 @@ class Trainer:
       raise ValueError(f"config.teacher.path={tcfg.path}: the teacher's vocabulary ({model_cfg.vocab_size}) "
                        f"differs from the student's ({self.model_cfg.vocab_size}); they must share a tokenizer")
     self.teacher_model_cfg = model_cfg
+    self.teacher_source = source
     graphdef, _ = transformer.split_model(transformer.abstract_model(model_cfg))
     abstract_params = weights_lib.abstract_params(model_cfg, self.mesh)
     return Teacher(graphdef=graphdef, abstract=abstract_params,
@@ -247,8 +249,8 @@ class Trainer:
     """The teacher's parameters on the mesh in `config.teacher.dtype` (None without a teacher)."""
     if self.teacher is None:
       return None
-    loaded = weights_lib.load_weights(self.config.teacher.path, mesh=self.mesh,
-                                      dtype=self.teacher_model_cfg.param_dtype)
+    loaded = weights_lib.load_weights(self.teacher_source, mesh=self.mesh,
+                                      dtype=self.teacher_model_cfg.param_dtype, key="config.teacher.path")
     got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), loaded.params)
     want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.teacher.abstract)
     if got != want:
@@ -266,12 +268,14 @@ class Trainer:
     """(train state, frozen params) for step 0, from `config.init` (random when unset).
 
     `workdir`: the run's; a LoRA run's base is pinned there (WORKDIR/base.json, see emjax.weights):
-    recorded the first time, checked (and its pinned step loaded) every time after.
+    recorded the first time, checked (and its pinned step loaded) every time after. A LoRA run from a
+    PEFT adapter (config.init.hf) starts from that adapter, on its base.
     """
     base = weights_lib.load_init_params(self.config.init, self.model_cfg, self.layout.base_abstract, self.mesh,
-                                        pin=workdir if self.lora_cfg is not None else None)
+                                        pin=workdir if self.lora_cfg is not None else None, lora=self.lora_cfg)
+    adapters = weights_lib.init_adapters(self.config.init, self.lora_cfg, self.layout.abstract["params"])
     return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
-                                self.lora_cfg, base)
+                                self.lora_cfg, base, adapters)
 
   def flops_per_step(self) -> float:
     tc = self.config.train
@@ -298,7 +302,8 @@ def check_teacher_tokenizer(teacher: weights_lib.Source, student_tokenizer) -> N
 
 def _adopt_hf_architecture(config) -> None:
   """config.model <- the Hugging Face checkpoint's architecture (runtime choices such as dtype kept)."""
-  hf_cfg = weights_lib.model_config(config.init.hf, key="config.init.hf")
+  hf_cfg = weights_lib.model_config(config.init.hf, key="config.init.hf", base=config.init.get("peft_base", ""),
+                                    base_key="config.init.peft_base")
   keep = {k: config.model[k] for k in weights_lib.RUNTIME_MODEL_KEYS}
   config.model.update({**dataclasses.asdict(hf_cfg), **keep})
 

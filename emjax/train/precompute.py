@@ -88,7 +88,8 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
   if not config.teacher.path:
     raise ValueError("config.teacher.path: the teacher_top_k job needs the teacher")
   mesh = mesh or shd.make_mesh(config.mesh)
-  source = weights_lib.resolve(config.teacher.path, key="config.teacher.path")
+  source = weights_lib.resolve(config.teacher.path, key="config.teacher.path",
+                               base=config.teacher.get("peft_base", ""), base_key="config.teacher.peft_base")
   loop.check_teacher_tokenizer(source, config.data.tokenizer)
   loaded = weights_lib.load_weights(source, mesh=mesh, dtype=config.teacher.dtype or None,
                                     key="config.teacher.path")

@@ -170,20 +170,24 @@ def build_layout(model_cfg: transformer.TransformerConfig, tx: optax.GradientTra
 
 
 def init_state(model_cfg: transformer.TransformerConfig, tx: optax.GradientTransformation,
-               layout: StateLayout, seed: int, lora_cfg=None, base_params: dict | None = None) -> tuple[dict, dict]:
+               layout: StateLayout, seed: int, lora_cfg=None, base_params: dict | None = None,
+               adapters: dict | None = None) -> tuple[dict, dict]:
   """(train state, frozen params), created directly in their shardings (jit out_shardings).
 
-  `base_params` (e.g. a pretrained checkpoint's) replace the random base weights.
+  `base_params` (e.g. a pretrained checkpoint's) replace the random base weights; `adapters`
+  (laid out as the state's `params`, e.g. a PEFT adapter's) replace the fresh LoRA adapters.
   They are consumed: each leaf is cast to the layout's dtype on its own, then the
   whole tree is donated to the initialisation, so a base never exists twice
   (a frozen or trainable leaf is the loaded buffer itself where dtype and
   sharding already match). Do not use `base_params` after this call.
   """
 
-  def init(key, base):
+  def init(key, base, given_adapters):
     model_key, state_key = jax.random.split(key)
     model = build_model(model_cfg, lora_cfg, model_key, base, layout.base_graphdef)
     _, trainable, frozen = split_trainable(model, lora_cfg)
+    if given_adapters is not None:
+      trainable = given_adapters
     state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable),
              "rng": state_key}
     return state, frozen
@@ -192,4 +196,6 @@ def init_state(model_cfg: transformer.TransformerConfig, tx: optax.GradientTrans
     base_params = weights_lib.cast_like(base_params, layout.base_abstract)
   fn = jax.jit(init, out_shardings=(layout.shardings, layout.frozen_shardings),
                donate_argnums=(1,) if base_params is not None else ())
-  return fn(jax.random.PRNGKey(seed), base_params)
+  if adapters is not None and jax.tree.structure(adapters) != jax.tree.structure(layout.abstract["params"]):
+    raise ValueError("init_state: the adapters given do not match config.lora's")
+  return fn(jax.random.PRNGKey(seed), base_params, adapters)
