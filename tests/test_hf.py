@@ -65,14 +65,51 @@ def test_import_matches_transformers_on_a_ragged_batch(tiny, name):
     assert cfg.qk_norm and cfg.post_norm
   if name == "llama3_rope":
     assert (cfg.rope_scaling_factor, cfg.rope_original_max_position, cfg.resolved_head_dim) == (8.0, 16, 16)
+  if name == "qwen3":
+    assert cfg.qk_norm and cfg.qk_norm_per_head and not cfg.post_norm and not cfg.qkv_bias
+  if name == "olmo3":
+    assert cfg.qk_norm and not cfg.qk_norm_per_head and cfg.post_norm
+    assert cfg.sliding_layers == (True, True, True, False) and cfg.sliding_window == 5
+    assert (cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_original_max_position) == ("yarn", 8.0, 16)
   tokens, segments, positions, attention_mask, position_ids = F.ragged_batch(cfg.vocab_size)
   ours = emjax_logits(cfg, params, tokens, positions, segments)
   theirs = F.torch_logits(model, tokens, attention_mask, position_ids)
   real = segments.astype(bool)
   diff = float(np.abs(ours - theirs)[real].max())
   print(f"{name}: max |emjax - transformers| = {diff:.2e} (logits up to {np.abs(theirs).max():.2f})")
-  assert diff <= 1e-4
+  assert diff <= 1e-5
   assert np.abs(theirs).max() > 1.0  # the comparison is not between near-zero logits
+
+
+@pytest.mark.parametrize("change", ["no window", "window + 1", "yarn in every layer", "no yarn",
+                                    "qwen3 qk-norm over all heads"])
+def test_the_parity_check_sees_each_new_feature(tiny, monkeypatch, change):
+  """The tiny olmo3 / qwen3 models are sensitive to what those families add: their weights run with the
+  feature dropped or misplaced give logits far from transformers' (so the parity test above can fail)."""
+  name = "qwen3" if change.startswith("qwen3") else "olmo3"
+  _, model, cfg, params = tiny(name)
+  wrong = cfg
+  if change == "no window":
+    wrong = dataclasses.replace(cfg, layer_types=(), sliding_window=0)
+  elif change == "window + 1":  # off by one at the window's far end
+    wrong = dataclasses.replace(cfg, sliding_window=cfg.sliding_window + 1)
+  elif change == "yarn in every layer":  # the sliding layers scaled too (transformers 5.2's OLMo-3 regression)
+    everywhere = T.layer_attention(dataclasses.replace(cfg, layer_types=(), sliding_window=0))
+    per_layer = T.layer_attention
+    monkeypatch.setattr(T, "layer_attention", lambda c: per_layer(c)._replace(
+        inv_freq=everywhere.inv_freq, rope_scale=everywhere.rope_scale))
+  elif change == "no yarn":
+    wrong = dataclasses.replace(cfg, rope_scaling_factor=0.0)
+  else:  # OLMo's norm over the whole projection, with Qwen3's per-head scale repeated for every head
+    wrong = dataclasses.replace(cfg, qk_norm_per_head=False)
+    params = jax.tree.map(lambda x: x, params)  # new containers: the module's fixture stays as it is
+    for key, n in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
+      params["layers"]["attn"][key] = jnp.tile(params["layers"]["attn"][key][:, None], (1, n, 1))
+  tokens, segments, positions, attention_mask, position_ids = F.ragged_batch(cfg.vocab_size)
+  theirs = F.torch_logits(model, tokens, attention_mask, position_ids)
+  real = segments.astype(bool)
+  diff = np.abs(emjax_logits(wrong, params, tokens, positions, segments) - theirs)[real].max()
+  assert diff > 1e-2, (change, diff)
 
 
 def test_config_round_trips_through_hf_config_dict():
@@ -82,8 +119,15 @@ def test_config_round_trips_through_hf_config_dict():
                                   rope_low_freq_factor=2.0, rope_high_freq_factor=8.0, rope_original_max_position=64),
               dataclasses.replace(base, family="llama", qkv_bias=True),
               dataclasses.replace(base, family="qwen2", qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
-              dataclasses.replace(base, family="olmo2", qk_norm=True, post_norm=True)):
-    assert hf.config_from_hf(hf.hf_config_dict(cfg)) == cfg
+              dataclasses.replace(base, family="olmo2", qk_norm=True, post_norm=True),
+              dataclasses.replace(base, family="qwen3", qk_norm=True, qk_norm_per_head=True, head_dim=16),
+              dataclasses.replace(base, rope_scaling_factor=4.0, rope_scaling_type="yarn", rope_yarn_beta_fast=16.0,
+                                  rope_yarn_beta_slow=2.0, rope_attention_factor=1.5, rope_original_max_position=64),
+              dataclasses.replace(base, family="olmo3", qk_norm=True, post_norm=True),  # all layers full
+              dataclasses.replace(base, family="olmo3", qk_norm=True, post_norm=True, sliding_window=7,
+                                  layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                                  rope_scaling_factor=8.0, rope_scaling_type="yarn", rope_original_max_position=32)):
+    assert hf.config_from_hf(hf.hf_config_dict(cfg)) == cfg, cfg
 
 
 def test_config_reads_transformers5_rope_parameters():
@@ -98,6 +142,59 @@ def test_config_reads_transformers5_rope_parameters():
   per_type = dict(F.TINY_HF["qwen2"], rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 7.0}})
   assert hf.config_from_hf(per_type).rope_theta == 7.0
   assert hf.config_from_hf(F.TINY_HF["llama"], param_dtype="bfloat16").param_dtype == "bfloat16"
+
+
+def test_olmo3_config_as_the_released_models_write_it():
+  """Olmo-3-7B's config.json spelling (transformers 4.57): rope_theta + a YaRN rope_scaling that applies to the
+  full-attention layers; and without layer_types, Olmo3Config's default pattern."""
+  c = dict(F.TINY_HF["olmo3"], rope_theta=500000.0, num_hidden_layers=8, sliding_window=4096,
+           max_position_embeddings=65536,
+           rope_scaling={"attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "factor": 8.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "yarn"})
+  c.pop("rope_parameters")
+  cfg = hf.config_from_hf(c)
+  assert cfg.sliding_layers == (True, True, True, False) * 2 and cfg.sliding_window == 4096
+  assert (cfg.rope_theta, cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_original_max_position,
+          cfg.rope_attention_factor) == (500000.0, "yarn", 8.0, 8192, 1.2079441541679836)
+  # transformers' own reading of the same dict: the same frequencies, in which layers.
+  hf_cfg = F.hf_config("olmo3", **{k: v for k, v in c.items() if k != "model_type"}, rope_parameters=None)
+  rotary = transformers.models.olmo3.modeling_olmo3.Olmo3RotaryEmbedding(hf_cfg)
+  per_layer = T.layer_attention(cfg)
+  for i, layer_type in enumerate(hf_cfg.layer_types):
+    np.testing.assert_allclose(per_layer.inv_freq[i], getattr(rotary, f"{layer_type}_inv_freq").numpy(), rtol=1e-6)
+    assert float(per_layer.rope_scale[i]) == pytest.approx(getattr(rotary, f"{layer_type}_attention_scaling"))
+  # A layer_types of all full layers needs no window; the defaults fill in for missing keys.
+  full = hf.config_from_hf(dict(c, layer_types=["full_attention"] * 8))
+  assert (full.layer_types, full.sliding_window) == ((), 0)
+  assert hf.config_from_hf({k: v for k, v in c.items() if k not in ("rope_theta", "sliding_window")}).rope_theta \
+      == 500000.0
+
+
+@pytest.mark.parametrize("name", ["qwen3", "olmo3"])
+def test_greedy_sampler_matches_transformers_generate(tiny, name):
+  """Ragged prompts longer than OLMo-3's window (5) and 8 new tokens: emjax's sampler (prefill, then decode over
+  its KV cache through the sliding window) picks transformers' greedy tokens. (The scanned-layers cache path
+  is checked against the full forward in test_model.)"""
+  from emjax.sample import sampler as sampler_lib
+
+  _, model, cfg, params = tiny(name)
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (11, 7)]
+  new = 8
+  sampler = sampler_lib.Sampler(cfg, prompt_buckets=(12,), max_new_tokens_cap=new)
+  ours = sampler.generate(params, prompts, temperature=0.0, max_new_tokens=new).tokens[:, 0]
+  width = max(map(len, prompts))
+  ids, mask = np.zeros((2, width), np.int64), np.zeros((2, width), np.int64)
+  for i, p in enumerate(prompts):  # left-padded, as generate wants
+    ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  config = transformers.GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                                         pad_token_id=0)
+  with torch.no_grad():
+    theirs = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                            generation_config=config)[:, width:].numpy()
+  assert theirs.shape == (2, new)
+  print(f"{name}: emjax {ours.tolist()} transformers {theirs.tolist()}")
+  np.testing.assert_array_equal(ours, theirs)
 
 
 # ----------------------------------------------------------------------------- export
@@ -139,6 +236,23 @@ def test_exported_directory_loads_in_transformers(tiny, tmp_path, caplog, name):
   np.testing.assert_allclose(theirs[real], F.torch_logits(model, tokens, attention_mask, position_ids)[real],
                              atol=1e-5)
   assert loaded.config.model_type == F.TINY_HF[name]["model_type"]
+
+
+@pytest.mark.parametrize("family,switches,match", [
+    ("llama", dict(layer_types=("sliding_attention", "full_attention"), sliding_window=4), "sliding-window layers"),
+    ("qwen3", dict(qk_norm=True), "qk_norm_per_head=False"),
+    ("olmo2", dict(qk_norm=True, post_norm=True, layer_types=("full_attention", "sliding_attention"),
+                   sliding_window=4), "sliding-window layers"),
+    ("olmo3", dict(qk_norm=True, post_norm=True, qkv_bias=True), "qkv_bias=True"),
+])
+def test_export_refuses_what_the_family_cannot_hold(tmp_path, family, switches, match):
+  cfg = T.TransformerConfig(family=family, vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=48, **switches)
+  _, params = T.split_model(T.Transformer(cfg, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=f"export: a {family} model in Hugging Face format cannot have .*{match}"):
+    hf.export_hf(params, cfg, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")  # refused before writing
+  with pytest.raises(ValueError, match=match):
+    hf.to_hf(params, cfg)
 
 
 def test_export_takes_special_ids_and_tokenizer_files(tiny, tmp_path):
@@ -192,21 +306,53 @@ def _edit_config(d, **changes):
   json.dump(c, open(path, "w"))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "mistral", "olmo3", None])
+@pytest.mark.parametrize("model_type", ["gpt2", "mistral", "qwen3_moe", "gemma3", None])
 def test_unsupported_model_type_is_refused(tiny, tmp_path, model_type):
   d = _copy(tiny("llama")[0], tmp_path / "m")
   _edit_config(d, model_type=model_type)
-  with pytest.raises(hf.HFFormatError, match=rf"model_type {model_type!r} is not supported.*llama, qwen2, olmo2"):
+  with pytest.raises(hf.HFFormatError,
+                     match=rf"model_type {model_type!r} is not supported.*llama, qwen2, qwen3, olmo2, olmo3"):
     hf.config_from_hf(d)
   with pytest.raises(hf.HFFormatError, match="not supported"):
     hf.load_hf_params(d)
 
 
 def test_unsupported_features_are_refused():
-  with pytest.raises(hf.HFFormatError, match="RoPE scaling type 'yarn' is not supported"):
-    hf.config_from_hf(dict(F.TINY_HF["qwen2"], rope_scaling={"type": "yarn", "factor": 4.0}))
-  with pytest.raises(hf.HFFormatError, match="use_sliding_window"):
-    hf.config_from_hf(dict(F.TINY_HF["qwen2"], use_sliding_window=True))
+  with pytest.raises(hf.HFFormatError, match="RoPE scaling type 'dynamic' is not supported"):
+    hf.config_from_hf(dict(F.TINY_HF["qwen2"], rope_scaling={"type": "dynamic", "factor": 4.0}))
+  for name in ("qwen2", "qwen3"):
+    with pytest.raises(hf.HFFormatError, match=f"use_sliding_window=true is not supported for {name}"):
+      hf.config_from_hf(dict(F.TINY_HF[name], use_sliding_window=True))
+    with pytest.raises(hf.HFFormatError, match="layer_types.*full attention only"):
+      hf.config_from_hf(dict(F.TINY_HF[name], layer_types=["full_attention", "sliding_attention"]))
+  with pytest.raises(hf.HFFormatError, match="Qwen3 with attention_bias=true"):
+    hf.config_from_hf(dict(F.TINY_HF["qwen3"], attention_bias=True))
+  with pytest.raises(hf.HFFormatError, match="olmo3 with attention_bias=true"):
+    hf.config_from_hf(dict(F.TINY_HF["olmo3"], attention_bias=True))
+  yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
+  with pytest.raises(hf.HFFormatError, match="truncate=false"):
+    hf.config_from_hf(dict(F.TINY_HF["qwen3"], rope_scaling=dict(yarn, truncate=False)))
+  with pytest.raises(hf.HFFormatError, match="'mscale'"):
+    hf.config_from_hf(dict(F.TINY_HF["qwen3"], rope_scaling=dict(yarn, mscale=1.0, mscale_all_dim=1.0)))
+  with pytest.raises(hf.HFFormatError, match="yarn rope scaling without 'factor'"):
+    hf.config_from_hf(dict(F.TINY_HF["qwen3"], rope_scaling={"rope_type": "yarn"}))
+  olmo3 = F.TINY_HF["olmo3"]
+  with pytest.raises(hf.HFFormatError, match="sliding-window layers rope_theta 500000 and the full-attention layers "
+                                             "10000"):
+    hf.config_from_hf(dict(olmo3, rope_parameters={"full_attention": {"rope_theta": 10000.0},
+                                                   "sliding_attention": {"rope_theta": 500000.0}}))
+  with pytest.raises(hf.HFFormatError, match="sliding_attention has RoPE scaling type 'yarn'"):
+    hf.config_from_hf(dict(olmo3, rope_parameters={"full_attention": {"rope_theta": 1e4},
+                                                   "sliding_attention": dict(yarn, rope_theta=1e4)}))
+  with pytest.raises(hf.HFFormatError, match=r"rope_parameters for layer types \['chunked_attention', "
+                                             r"'full_attention'\]"):
+    hf.config_from_hf(dict(olmo3, rope_parameters={"full_attention": {}, "chunked_attention": {}}))
+  with pytest.raises(hf.HFFormatError, match=r"layer_types \['chunked_attention'\] are not supported"):
+    hf.config_from_hf(dict(olmo3, layer_types=["chunked_attention", "full_attention"] * 2))
+  with pytest.raises(hf.HFFormatError, match="one type per layer"):
+    hf.config_from_hf(dict(olmo3, layer_types=["full_attention"]))
+  with pytest.raises(hf.HFFormatError, match="'sliding_attention' layers but sliding_window is None"):
+    hf.config_from_hf(dict(olmo3, sliding_window=None))
   with pytest.raises(hf.HFFormatError, match="hidden_act 'gelu'"):
     hf.config_from_hf(dict(F.TINY_HF["llama"], hidden_act="gelu"))
   with pytest.raises(hf.HFFormatError, match="'hidden_size' is missing"):

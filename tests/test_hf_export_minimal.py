@@ -20,6 +20,11 @@ CONFIGS = {
     "llama3_rope_scaling": dataclasses.replace(BASE, rope_scaling_factor=8.0, rope_original_max_position=16),
     "qwen2": dataclasses.replace(BASE, family="qwen2", qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
     "olmo2": dataclasses.replace(BASE, family="olmo2", qk_norm=True, post_norm=True),
+    "qwen3": dataclasses.replace(BASE, family="qwen3", qk_norm=True, qk_norm_per_head=True, head_dim=16),
+    # 40-token sequences through a window of 6; YaRN in the full layer, rope_theta not transformers' 500000.
+    "olmo3": dataclasses.replace(BASE, family="olmo3", qk_norm=True, post_norm=True, rope_theta=1e4, sliding_window=6,
+                                 layer_types=("sliding_attention", "full_attention"), rope_scaling_type="yarn",
+                                 rope_scaling_factor=4.0, rope_original_max_position=16, rope_attention_factor=1.3),
 }
 
 

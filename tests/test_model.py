@@ -16,6 +16,11 @@ FAMILY_CONFIGS = {
     "llama3_rope": dataclasses.replace(BASE, rope_scaling_factor=8.0, rope_original_max_position=16),
     "qwen2": dataclasses.replace(BASE, family="qwen2", qkv_bias=True, tie_embeddings=True),
     "olmo2": dataclasses.replace(BASE, family="olmo2", qk_norm=True, post_norm=True),
+    "qwen3": dataclasses.replace(BASE, family="qwen3", qk_norm=True, qk_norm_per_head=True),
+    # A window of 3, shorter than the test sequences, in layers 0 and 2; YaRN in layer 1.
+    "olmo3": dataclasses.replace(BASE, family="olmo3", qk_norm=True, post_norm=True, sliding_window=3,
+                                 layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                                 rope_scaling_type="yarn", rope_scaling_factor=8.0, rope_original_max_position=16),
 }
 
 
@@ -50,7 +55,7 @@ def test_every_parameter_has_logical_axes_matching_its_rank(name):
 
 
 def test_scan_equals_unrolled_and_remat_does_not_change_values():
-  cfg = FAMILY_CONFIGS["olmo2"]
+  cfg = FAMILY_CONFIGS["olmo3"]  # sliding and full layers: the per-layer window and RoPE are scanned data
   model = make(cfg)
   graph, params = T.split_model(model)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
@@ -98,6 +103,43 @@ def test_einsum_attention_matches_jax_fused_attention_in_values_and_gradients():
   grads = [jax.grad(loss, argnums=(1, 2, 3))(impl, q, key, v) for impl in ("xla", "fused")]
   for g_ours, g_theirs in zip(*grads):
     np.testing.assert_allclose(g_ours, g_theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["auto", "xla", "fused"])
+def test_sliding_window_sees_exactly_the_last_window_positions(attention):
+  """One sliding layer (window 3): the output at position p depends on the tokens at p-2..p and on no earlier
+  one, and packed documents neither see each other nor carry the window across their boundary."""
+  cfg = dataclasses.replace(BASE, n_layers=1, layer_types=("sliding_attention",), sliding_window=3,
+                            attention=attention)
+  model = make(cfg)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (1, 10))
+  out = np.asarray(model(jnp.asarray(tokens)))
+
+  def changed_at(i):
+    other = tokens.copy()
+    other[0, i] = (other[0, i] + 1) % cfg.vocab_size
+    return np.abs(np.asarray(model(jnp.asarray(other))) - out)[0].max(-1)  # per position
+
+  d = changed_at(4)
+  np.testing.assert_array_equal(d[:4], 0.0)  # causal
+  assert (d[4:7] > 1e-4).all()  # positions 4, 5, 6 see key 4
+  np.testing.assert_allclose(d[7:], 0.0, atol=1e-6)  # 7 - 4 = 3 = the window: out of sight
+  # The same weights without the window do see it.
+  full = nnx.merge(T.split_model(T.abstract_model(dataclasses.replace(cfg, layer_types=(), sliding_window=0)))[0],
+                   T.split_model(model)[1])
+  assert (np.abs(np.asarray(full(jnp.asarray(tokens))) - out)[0, 3:].max(-1) > 1e-4).all()  # p >= 3
+  # Packed: document b (positions from 0) is computed as if alone, its window within itself.
+  doc_a, doc_b = tokens[0, :4], tokens[0, 4:]
+  packed = np.concatenate([doc_a, doc_b])[None]
+  positions = np.concatenate([np.arange(4), np.arange(6)])[None]
+  segments = np.array([[1] * 4 + [2] * 6])
+  out_packed = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  np.testing.assert_allclose(out_packed[0, 4:], model(jnp.asarray(doc_b[None]))[0], atol=1e-5)
+  np.testing.assert_allclose(out_packed[0, :4], model(jnp.asarray(doc_a[None]))[0], atol=1e-5)
+  # A sliding layer reads at most `window` keys: less attention in the FLOP count at long sequences.
+  assert cfg.flops_per_token(512) < dataclasses.replace(cfg, layer_types=(), sliding_window=0).flops_per_token(512)
+  assert cfg.flops_per_token(3) == dataclasses.replace(cfg, layer_types=(), sliding_window=0).flops_per_token(3)
 
 
 def test_causality():
@@ -196,6 +238,12 @@ def test_bfloat16_compute_keeps_float32_params():
     ("n_kv_heads", 3, "multiple of n_kv_heads"),
     ("remat", "sometimes", "unknown remat policy"),
     ("dtype", "float77", "unknown dtype"),
+    ("layer_types", ("full_attention",), "has 1 entries for n_layers=3"),
+    ("layer_types", ("full_attention", "local", "full_attention"), r"unknown layer type\(s\) \['local'\]"),
+    ("layer_types", "sliding_attention", "must be a list"),
+    ("sliding_window", 4, "no layer is 'sliding_attention'"),
+    ("qk_norm_per_head", True, "needs qk_norm=True"),
+    ("rope_scaling_type", "ntk", "unknown RoPE scaling 'ntk'"),
 ])
 def test_bad_model_config_names_the_key(key, value, match):
   with pytest.raises(ValueError, match=match) as e:
@@ -208,10 +256,20 @@ def test_unknown_model_key_is_rejected():
     T.TransformerConfig.from_config({"n_layer": 2})
 
 
-@pytest.mark.parametrize("name", ["llama", "olmo2"])
+def test_layer_types_from_json_become_a_tuple():
+  """A config read back from JSON lists its layer types; the config stays hashable and equal to the original."""
+  cfg = FAMILY_CONFIGS["olmo3"]
+  again = T.TransformerConfig.from_config(dict(dataclasses.asdict(cfg), layer_types=list(cfg.layer_types)))
+  assert again == cfg and hash(again) == hash(cfg)
+  with pytest.raises(ValueError, match="config.model.sliding_window: layer_types has 'sliding_attention' layers"):
+    dataclasses.replace(cfg, sliding_window=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "olmo2", "olmo3"])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_prefill_then_decode_matches_full_forward(name, scan_layers):
-  """Left-padded ragged prompts: prefill into the cache, then one token at a time."""
+  """Left-padded ragged prompts: prefill into the cache, then one token at a time (olmo3: through a window of 3,
+  shorter than the prompts, over a cache that holds every earlier slot)."""
   cfg = dataclasses.replace(FAMILY_CONFIGS[name], scan_layers=scan_layers)
   model = make(cfg)
   rng = np.random.default_rng(3)

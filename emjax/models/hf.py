@@ -1,4 +1,4 @@
-"""Hugging Face interop: import and export Llama, Qwen2/2.5 and OLMo-2 checkpoints.
+"""Hugging Face interop: import and export Llama, Qwen2/2.5, Qwen3, OLMo-2 and OLMo-3 checkpoints.
 
     cfg = hf.config_from_hf("/models/Qwen2.5-0.5B-Instruct")          # config.json -> TransformerConfig
     params = hf.load_hf_params("/models/Qwen2.5-0.5B-Instruct", cfg, mesh)   # safetensors -> sharded params
@@ -11,9 +11,12 @@
 (LoRA runs included) is the job of `emjax.weights`; this module knows Hugging Face files only.
 
 Supported `model_type`s: llama (Llama-3 `llama3` RoPE scaling included; SmolLM2 is
-one), qwen2 (Qwen2 / Qwen2.5: q/k/v biases, tied embeddings) and olmo2 (QK-norm
-over the whole projection, norms after each sub-layer). Anything else is refused
-with a message naming the type.
+one), qwen2 (Qwen2 / Qwen2.5: q/k/v biases, tied embeddings), qwen3 (QK-norm over
+each head, before RoPE), olmo2 (QK-norm over the whole projection, norms after each
+sub-layer) and olmo3 (olmo2 + sliding-window attention in the layers `layer_types`
+marks; RoPE scaling, YaRN for the released models, in the full-attention layers
+only). RoPE scaling may be `llama3` or `yarn`. Anything else (another model type,
+RoPE type, Qwen's optional sliding window, ...) is refused with a message naming it.
 
 Weights: safetensors only, read by this module's own reader (a JSON header and
 raw little-endian tensors; bfloat16 through `ml_dtypes`), so neither torch nor
@@ -29,10 +32,11 @@ Layout: emjax keeps attention projections per head ([D, H, Dh], [H, Dh, D]) and
 dense weights as [in, out]; torch `nn.Linear` stores [out, in], heads flattened
 head-major (H*Dh). Both use the same "rotate half" RoPE layout, so q/k need no
 permutation. Stacked layers (leading `layers` axis) become `model.layers.{i}`.
-OLMo-2's post-norms are emjax's `attn_norm` / `mlp_norm` (`post_norm=True`).
+OLMo's post-norms are emjax's `attn_norm` / `mlp_norm` (`post_norm=True`).
 
 Export writes `config.json` (in the transformers-4 spelling, `rope_theta` /
-`rope_scaling`, which transformers 5 reads too), `model.safetensors` or
+`rope_scaling`, which transformers 5 reads too; for olmo3 also transformers 5's
+per-layer-type `rope_parameters`, see `hf_config_dict`), `model.safetensors` or
 `model-0000k-of-0000n.safetensors` shards + `model.safetensors.index.json`,
 and the tokenizer files (and `generation_config.json`) of `tokenizer_dir`;
 the special-token ids of config.json come from that directory. The same params
@@ -62,10 +66,14 @@ from emjax.models import transformer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "olmo2")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo2", "olmo3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 # transformers' class defaults for keys a config.json may leave out.
-_DEFAULT_NORM_EPS = {"llama": 1e-6, "qwen2": 1e-6, "olmo2": 1e-5}
+_DEFAULT_NORM_EPS = {"llama": 1e-6, "qwen2": 1e-6, "qwen3": 1e-6, "olmo2": 1e-5, "olmo3": 1e-5}
+_DEFAULT_ROPE_THETA = {"olmo3": 500000.0}  # else 10000
+_OLMO3_DEFAULT_WINDOW = 4096
+FULL, SLIDING = transformer.FULL_ATTENTION, transformer.SLIDING_ATTENTION
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -102,42 +110,107 @@ def read_hf_config(path_or_dict: str | Mapping[str, Any]) -> tuple[dict, str]:
       raise HFFormatError(f"{path}: not valid JSON ({e})") from None
 
 
-def _rope_settings(c: Mapping[str, Any], where: str) -> dict:
-  """emjax's rope_* fields from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x)."""
+def _rope_type(params: Mapping[str, Any]) -> str:
+  return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def _rope_settings(c: Mapping[str, Any], where: str, model_type: str) -> dict:
+  """emjax's rope_* fields from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x).
+
+  transformers 5 may nest the parameters per layer type. OLMo-3 has two: the full-attention
+  layers' (with the scaling, if any) become the rope_* fields; the sliding-window layers' must be
+  plain RoPE at the same theta, which is what emjax's sliding layers use.
+  """
+  theta = c.get("rope_theta", _DEFAULT_ROPE_THETA.get(model_type, 10000.0))  # unless the parameters say
   params = c.get("rope_parameters")
-  if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
-    # transformers 5 per-layer-type form: {"full_attention": {...}, "sliding_attention": {...}}.
-    if set(params) != {"full_attention"}:
-      raise HFFormatError(f"{where}: rope_parameters for layer types {sorted(params)}; emjax supports full "
-                          "attention only")
-    params = params["full_attention"]
+  if isinstance(params, Mapping) and any(k in transformer.LAYER_TYPES for k in params):
+    allowed = (FULL, SLIDING) if model_type == "olmo3" else (FULL,)
+    if set(params) - set(allowed) or not isinstance(params.get(FULL), Mapping):
+      raise HFFormatError(f"{where}: rope_parameters for layer types {sorted(params)}; emjax reads "
+                          f"{' and '.join(allowed)} for {model_type}")
+    sliding = params.get(SLIDING)
+    params = dict(params[FULL])
+    if model_type == "olmo3":
+      # What transformers 5's Olmo3Config does with both spellings: rope_scaling updates the full layers.
+      params.update(c.get("rope_scaling") or {})
+    if isinstance(sliding, Mapping):
+      if _rope_type(sliding) != "default":
+        raise HFFormatError(f"{where}: rope_parameters.{SLIDING} has RoPE scaling type {_rope_type(sliding)!r}; "
+                            "emjax's sliding-window layers use plain RoPE (scaling applies to full attention)")
+      local, full = (float(p.get("rope_theta", theta)) for p in (sliding, params))
+      if local != full:
+        # transformers 5.24 writes this for an Olmo3Config built with a rope_theta other than its
+        # default 500000 (the sliding layers keep the default); OLMo-3 itself has one theta.
+        raise HFFormatError(f"{where}: rope_parameters gives the sliding-window layers rope_theta {local:g} and "
+                            f"the full-attention layers {full:g}; emjax uses one rope_theta for both")
   if isinstance(params, Mapping) and params:
-    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", theta)
     scaling = params
   else:
-    theta = c.get("rope_theta", 10000.0)
     scaling = c.get("rope_scaling") or {}
-  rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  rope_type = _rope_type(scaling) if scaling else "default"
   if float(c.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
     raise HFFormatError(f"{where}: partial_rotary_factor != 1 is not supported")
   # Every rope field, so that config_from_hf sets the whole architecture (plain RoPE: scaling off).
   default = transformer.TransformerConfig()
-  out = {"rope_theta": float(theta), "rope_scaling_factor": 0.0, "rope_low_freq_factor": default.rope_low_freq_factor,
+  out = {"rope_theta": float(theta), "rope_scaling_factor": 0.0, "rope_scaling_type": default.rope_scaling_type,
+         "rope_low_freq_factor": default.rope_low_freq_factor,
          "rope_high_freq_factor": default.rope_high_freq_factor,
-         "rope_original_max_position": default.rope_original_max_position}
+         "rope_original_max_position": default.rope_original_max_position,
+         "rope_yarn_beta_fast": default.rope_yarn_beta_fast, "rope_yarn_beta_slow": default.rope_yarn_beta_slow,
+         "rope_attention_factor": default.rope_attention_factor}
   if rope_type in (None, "default"):
     return out
-  if rope_type != "llama3":
+  if rope_type not in transformer.ROPE_SCALING_TYPES:
     raise HFFormatError(f"{where}: RoPE scaling type {rope_type!r} is not supported; emjax implements plain "
-                        "RoPE and Llama-3 ('llama3') scaling")
-  for key in ("factor", "original_max_position_embeddings"):
-    if scaling.get(key) is None:
-      raise HFFormatError(f"{where}: llama3 rope scaling without {key!r}")
-  out.update(rope_scaling_factor=float(scaling["factor"]),
-             rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-             rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-             rope_original_max_position=int(scaling["original_max_position_embeddings"]))
+                        f"RoPE and {' and '.join(repr(t) for t in transformer.ROPE_SCALING_TYPES)} scaling")
+  if scaling.get("factor") is None:
+    raise HFFormatError(f"{where}: {rope_type} rope scaling without 'factor'")
+  if rope_type == "llama3":
+    if scaling.get("original_max_position_embeddings") is None:
+      raise HFFormatError(f"{where}: llama3 rope scaling without 'original_max_position_embeddings'")
+    out.update(rope_scaling_factor=float(scaling["factor"]), rope_scaling_type="llama3",
+               rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+               rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+               rope_original_max_position=int(scaling["original_max_position_embeddings"]))
+    return out
+  # yarn
+  if scaling.get("truncate") is False:
+    raise HFFormatError(f"{where}: yarn rope scaling with truncate=false is not supported")
+  if scaling.get("attention_factor") is None and (scaling.get("mscale") or scaling.get("mscale_all_dim")):
+    raise HFFormatError(f"{where}: yarn rope scaling with 'mscale' / 'mscale_all_dim' (DeepSeek's attention "
+                        "factor) is not supported; give 'attention_factor'")
+  # transformers falls back to max_position_embeddings for the pretraining context.
+  original = scaling.get("original_max_position_embeddings", c.get("max_position_embeddings"))
+  if original is None:
+    raise HFFormatError(f"{where}: yarn rope scaling without 'original_max_position_embeddings'")
+  out.update(rope_scaling_factor=float(scaling["factor"]), rope_scaling_type="yarn",
+             rope_original_max_position=int(original),
+             # transformers reads these with `or`: 0 / null mean the defaults.
+             rope_yarn_beta_fast=float(scaling.get("beta_fast") or 32.0),
+             rope_yarn_beta_slow=float(scaling.get("beta_slow") or 1.0),
+             rope_attention_factor=float(scaling.get("attention_factor") or 0.0))
   return out
+
+
+def _olmo3_layers(c: Mapping[str, Any], where: str, n_layers: int) -> dict:
+  """layer_types / sliding_window of an OLMo-3 config (all-full: no window)."""
+  layer_types = c.get("layer_types")
+  if layer_types is None:  # Olmo3Config's default: every fourth layer full, the others sliding
+    layer_types = [SLIDING if (i + 1) % 4 else FULL for i in range(n_layers)]
+  if not isinstance(layer_types, (list, tuple)) or len(layer_types) != n_layers:
+    raise HFFormatError(f"{where}: layer_types must list one type per layer (num_hidden_layers={n_layers}), got "
+                        f"{layer_types!r}")
+  unknown = sorted({t for t in layer_types if t not in transformer.LAYER_TYPES})
+  if unknown:
+    raise HFFormatError(f"{where}: layer_types {unknown} are not supported; emjax has "
+                        f"{' and '.join(transformer.LAYER_TYPES)}")
+  if SLIDING not in layer_types:
+    return dict(layer_types=(), sliding_window=0)
+  window = c.get("sliding_window", _OLMO3_DEFAULT_WINDOW)
+  if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+    raise HFFormatError(f"{where}: layer_types has {SLIDING!r} layers but sliding_window is {window!r}")
+  return dict(layer_types=tuple(layer_types), sliding_window=window)
 
 
 def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transformer.TransformerConfig:
@@ -166,21 +239,32 @@ def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transf
     raise HFFormatError(f"{where}: mlp_bias=true is not supported")
   attention_bias = bool(c.get("attention_bias", False))
   family = model_type
-  extra: dict[str, Any] = dict(qkv_bias=False, qk_norm=False, post_norm=False)
+  extra: dict[str, Any] = dict(qkv_bias=False, qk_norm=False, qk_norm_per_head=False, post_norm=False,
+                               layer_types=(), sliding_window=0)
   if family == "llama":
     # HF's attention_bias also adds an o_proj bias; load_hf_params accepts it only when it is zero.
     extra["qkv_bias"] = attention_bias
-  elif family == "qwen2":
+  elif family in ("qwen2", "qwen3"):
+    # Qwen's optional sliding window (off in every released Qwen2/2.5/3) is not implemented for Qwen.
     if c.get("use_sliding_window"):
-      raise HFFormatError(f"{where}: use_sliding_window=true is not supported (emjax has full attention only)")
+      raise HFFormatError(f"{where}: use_sliding_window=true is not supported for {family} (emjax has full "
+                          "attention only for Qwen)")
     layer_types = c.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-      raise HFFormatError(f"{where}: layer_types {sorted(set(layer_types))}: emjax has full attention only")
-    extra["qkv_bias"] = True
-  else:  # olmo2
+    if any(t != FULL for t in layer_types):
+      raise HFFormatError(f"{where}: layer_types {sorted(set(layer_types))}: emjax has full attention only for "
+                          f"{family}")
+    if family == "qwen2":
+      extra["qkv_bias"] = True
+    elif attention_bias:
+      raise HFFormatError(f"{where}: Qwen3 with attention_bias=true is not supported")
+    else:
+      extra.update(qk_norm=True, qk_norm_per_head=True)
+  else:  # olmo2, olmo3
     if attention_bias:
-      raise HFFormatError(f"{where}: OLMo-2 with attention_bias=true is not supported")
+      raise HFFormatError(f"{where}: {family} with attention_bias=true is not supported")
     extra.update(qk_norm=True, post_norm=True)
+    if family == "olmo3":
+      extra.update(_olmo3_layers(c, where, need("num_hidden_layers")))
   head_dim = int(c.get("head_dim") or d // n_heads)
   architecture = dict(
       family=family, vocab_size=need("vocab_size"), d_model=d, n_layers=need("num_hidden_layers"),
@@ -188,7 +272,7 @@ def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transf
       head_dim=0 if head_dim * n_heads == d else head_dim, d_ff=need("intermediate_size"),
       norm_eps=float(c.get("rms_norm_eps", _DEFAULT_NORM_EPS[family])),
       tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-      **_rope_settings(c, where), **extra)
+      **_rope_settings(c, where, model_type), **extra)
   fields = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
@@ -200,14 +284,49 @@ def config_from_hf(path_or_dict: str | Mapping[str, Any], **overrides) -> transf
   return transformer.TransformerConfig(**architecture, **overrides)
 
 
+# The switches each family's Hugging Face class fixes (a qwen2 without biases is written with zero ones).
+_HF_SWITCHES = {
+    "llama": dict(qk_norm=False, post_norm=False),
+    "qwen2": dict(qk_norm=False, post_norm=False),
+    "qwen3": dict(qkv_bias=False, qk_norm=True, qk_norm_per_head=True, post_norm=False),
+    "olmo2": dict(qkv_bias=False, qk_norm=True, qk_norm_per_head=False, post_norm=True),
+    "olmo3": dict(qkv_bias=False, qk_norm=True, qk_norm_per_head=False, post_norm=True),
+}
+
+
+def check_exportable(model_cfg: transformer.TransformerConfig) -> None:
+  """Raises ValueError when `model_cfg.family`'s Hugging Face class cannot hold the architecture (it would
+  load with other weights or ignore a switch, e.g. sliding-window layers in a llama)."""
+  c = model_cfg
+  wrong = [f"{k}={getattr(c, k)}" for k, v in _HF_SWITCHES[c.family].items() if getattr(c, k) != v]
+  if any(c.sliding_layers) and c.family != "olmo3":
+    wrong.append("sliding-window layers (layer_types)")
+  if wrong:
+    want = ", ".join(f"{k}={v}" for k, v in _HF_SWITCHES[c.family].items())
+    raise ValueError(f"export: a {c.family} model in Hugging Face format cannot have {', '.join(wrong)} "
+                     f"({ARCHITECTURES[c.family]} has {want}{'' if c.family == 'olmo3' else ', full attention'})")
+
+
 def hf_config_dict(model_cfg: transformer.TransformerConfig, *, dtype: str = "float32", **extra) -> dict:
   """The `config.json` contents describing `model_cfg` (transformers 4.x spelling; 5.x reads it too).
 
+  olmo3 also gets transformers 5's `rope_parameters` per layer type: from a legacy `rope_theta`
+  other than 500000, transformers 5.24 would give the sliding layers 500000 instead.
   `extra` adds or replaces keys (e.g. bos_token_id / eos_token_id, max_position_embeddings).
   """
+  check_exportable(model_cfg)
   c = model_cfg
   rope_scaling = None
-  if c.rope_scaling_factor:
+  max_positions = max(32768, int(c.rope_original_max_position * (c.rope_scaling_factor or 1)))
+  if c.rope_scaling_factor and c.rope_scaling_type == "yarn":
+    rope_scaling = {"rope_type": "yarn", "factor": c.rope_scaling_factor,
+                    "original_max_position_embeddings": c.rope_original_max_position,
+                    "beta_fast": c.rope_yarn_beta_fast, "beta_slow": c.rope_yarn_beta_slow}
+    if c.rope_attention_factor:
+      rope_scaling["attention_factor"] = c.rope_attention_factor
+    # transformers warns when the factor and this ratio disagree.
+    max_positions = round(c.rope_original_max_position * c.rope_scaling_factor)
+  elif c.rope_scaling_factor:
     rope_scaling = {"rope_type": "llama3", "factor": c.rope_scaling_factor, "low_freq_factor": c.rope_low_freq_factor,
                     "high_freq_factor": c.rope_high_freq_factor,
                     "original_max_position_embeddings": c.rope_original_max_position}
@@ -217,17 +336,25 @@ def hf_config_dict(model_cfg: transformer.TransformerConfig, *, dtype: str = "fl
       "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
       "head_dim": c.resolved_head_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
       "rope_theta": c.rope_theta, "rope_scaling": rope_scaling, "tie_word_embeddings": c.tie_embeddings,
-      "max_position_embeddings": max(32768, int(c.rope_original_max_position * (c.rope_scaling_factor or 1))),
+      "max_position_embeddings": max_positions,
       "attention_dropout": 0.0, "initializer_range": c.init_std, "use_cache": True, "torch_dtype": dtype,
       # emjax models know nothing of special tokens; export_hf takes them from the tokenizer directory.
       # HF's class defaults (Llama eos=2, OLMo-2 eos=50279) would be wrong.
       "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
   }
-  if c.family == "qwen2":
+  if c.family in ("qwen2", "qwen3"):
     # HF Qwen2 always has q/k/v biases (exported as zeros when the emjax model has none).
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layers)
-  elif c.family == "olmo2":
+    if c.family == "qwen3":
+      out.update(attention_bias=False)
+  elif c.family in ("olmo2", "olmo3"):
     out.update(attention_bias=False)
+    if c.family == "olmo3":
+      # Always explicit: Olmo3Config's default is three sliding layers in four.
+      out.update(layer_types=list(c.layer_types or (transformer.FULL_ATTENTION,) * c.n_layers),
+                 sliding_window=c.sliding_window or None,
+                 rope_parameters={FULL: {"rope_type": "default", "rope_theta": c.rope_theta, **(rope_scaling or {})},
+                                  SLIDING: {"rope_type": "default", "rope_theta": c.rope_theta}})
   else:
     # Llama's attention_bias also adds an o_proj bias; it is exported as zeros.
     out.update(attention_bias=c.qkv_bias, mlp_bias=False, pretraining_tp=1)
@@ -298,10 +425,13 @@ def tensor_specs(model_cfg: transformer.TransformerConfig) -> list[_Tensor]:
       to_hf=lambda x: x.reshape(h * dh, d).T, to_emjax=lambda w: w.T.reshape(h, dh, d))
   if c.family == "llama" and c.qkv_bias:
     add(lp + "self_attn.o_proj.bias", None, (d,))
-  if c.qk_norm:
+  if c.qk_norm and c.qk_norm_per_head:  # Qwen3: one [Dh] scale shared by the heads
+    add(lp + "self_attn.q_norm.weight", ("layers", "attn", "q_norm"), (dh,))
+    add(lp + "self_attn.k_norm.weight", ("layers", "attn", "k_norm"), (dh,))
+  elif c.qk_norm:
     add(lp + "self_attn.q_norm.weight", ("layers", "attn", "q_norm"), (h * dh,), **flat(h))
     add(lp + "self_attn.k_norm.weight", ("layers", "attn", "k_norm"), (k * dh,), **flat(k))
-  if c.post_norm:  # OLMo-2: the norms apply to each sub-layer's output
+  if c.post_norm:  # OLMo: the norms apply to each sub-layer's output
     add(lp + "post_attention_layernorm.weight", ("layers", "attn_norm", "scale"), (d,))
     add(lp + "post_feedforward_layernorm.weight", ("layers", "mlp_norm", "scale"), (d,))
   else:
@@ -704,6 +834,7 @@ def export_hf(params: Mapping[str, Any], model_cfg: transformer.TransformerConfi
   """
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  check_exportable(model_cfg)  # before anything is written
   tokenizer_files = []
   if tokenizer_dir is not None:
     if not os.path.isdir(tokenizer_dir):

@@ -1,11 +1,14 @@
-"""Decoder-only transformer in Flax NNX for the Llama / Qwen2 / OLMo-2 family.
+"""Decoder-only transformer in Flax NNX for the Llama / Qwen2 / Qwen3 / OLMo-2 / OLMo-3 family.
 
-One module tree covers the three families; they differ only in switches:
+One module tree covers the five families; they differ only in switches:
 
   llama   pre-norm blocks, no biases, optional Llama-3 RoPE scaling
   qwen2   llama + a bias on the q/k/v projections
+  qwen3   llama + RMS QK-norm over each head (`qk_norm_per_head`), before RoPE
   olmo2   post-norm blocks (norm applied to each sub-layer's output) + RMS
           QK-norm over the full q and k projections
+  olmo3   olmo2 + sliding-window attention in the layers `layer_types` marks
+          (plain RoPE there; YaRN scaling, if any, in the full-attention layers)
 
 Parameters live in `param_dtype` (float32) and are cast to the compute `dtype`
 (bfloat16 on accelerators) where they are used. Every parameter carries its
@@ -30,7 +33,11 @@ from flax import nnx
 
 from emjax import sharding as shd
 
-FAMILIES = ("llama", "qwen2", "olmo2")
+FAMILIES = ("llama", "qwen2", "qwen3", "olmo2", "olmo3")
+# Hugging Face's names for a layer's attention (`config.model.layer_types`).
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
+ROPE_SCALING_TYPES = ("llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # auto: "xla" on CPU, "fused" elsewhere; xla: emjax's einsum attention; fused: jax.nn.dot_product_attention
 # (cuDNN where it applies, else XLA's lowering); cudnn: jax's cuDNN kernel or an error.
@@ -50,14 +57,28 @@ class TransformerConfig:
   head_dim: int = 0  # 0 = d_model // n_heads
   d_ff: int = 128
   rope_theta: float = 10000.0
-  # Llama-3 style frequency scaling; factor 0 disables it.
+  # Frequency scaling of the full-attention layers (sliding-window layers keep plain RoPE at
+  # rope_theta, as OLMo-3's do); factor 0 disables it. `rope_scaling_type` "llama3" (Llama 3.1:
+  # the low/high_freq_factor bands) or "yarn" (YaRN: a ramp between the beta_fast / beta_slow
+  # rotation counts, and cos/sin times rope_attention_factor, 0 = YaRN's 0.1 ln(factor) + 1).
   rope_scaling_factor: float = 0.0
+  rope_scaling_type: str = "llama3"
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_attention_factor: float = 0.0
   qkv_bias: bool = False
   qk_norm: bool = False
+  # QK-norm over each head's Dh with one scale [Dh] shared by the heads (Qwen3), instead of over
+  # the whole projected q (and k) with a scale [H, Dh] (OLMo-2/3).
+  qk_norm_per_head: bool = False
   post_norm: bool = False
+  # Per layer "full_attention" or "sliding_attention" (Hugging Face's names); () = all full. A
+  # sliding layer's query at position p sees the keys at positions (p - sliding_window, p].
+  layer_types: tuple[str, ...] = ()
+  sliding_window: int = 0
   tie_embeddings: bool = False
   norm_eps: float = 1e-5
   init_std: float = 0.02
@@ -71,6 +92,11 @@ class TransformerConfig:
     def bad(key, msg):
       raise ValueError(f"config.model.{key}: {msg}")
 
+    if isinstance(self.layer_types, str) or not isinstance(self.layer_types, (list, tuple)):
+      bad("layer_types", f"must be a list of {' / '.join(LAYER_TYPES)}, one per layer, got {self.layer_types!r}")
+    # A config read back from JSON holds a list; the config stays hashable (a static jit argument).
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))
+
     if self.family not in FAMILIES:
       bad("family", f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -82,6 +108,26 @@ class TransformerConfig:
       bad("head_dim", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
     if self.resolved_head_dim % 2:
       bad("head_dim", f"must be even for RoPE, got {self.resolved_head_dim}")
+    if self.layer_types and len(self.layer_types) != self.n_layers:
+      bad("layer_types", f"has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+    unknown = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+    if unknown:
+      bad("layer_types", f"unknown layer type(s) {unknown}; choose from {', '.join(LAYER_TYPES)}")
+    if self.sliding_window < 0:
+      bad("sliding_window", f"must be >= 0 (0 = none), got {self.sliding_window}")
+    if any(self.sliding_layers) and not self.sliding_window:
+      bad("sliding_window", f"layer_types has {SLIDING_ATTENTION!r} layers but no window (sliding_window=0)")
+    if self.sliding_window and not any(self.sliding_layers):
+      bad("sliding_window", f"is {self.sliding_window} but no layer is {SLIDING_ATTENTION!r} (set layer_types)")
+    if self.qk_norm_per_head and not self.qk_norm:
+      bad("qk_norm_per_head", "needs qk_norm=True")
+    if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+      bad("rope_scaling_type", f"unknown RoPE scaling {self.rope_scaling_type!r}; choose from "
+          f"{', '.join(ROPE_SCALING_TYPES)}")
+    if self.rope_scaling_factor < 0:
+      bad("rope_scaling_factor", f"must be >= 0 (0 = no scaling), got {self.rope_scaling_factor}")
+    if self.rope_scaling_factor and self.rope_original_max_position <= 0:
+      bad("rope_original_max_position", f"must be positive, got {self.rope_original_max_position}")
     if self.remat not in REMAT_POLICIES:
       bad("remat", f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLS:
@@ -95,6 +141,11 @@ class TransformerConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: does it attend through the sliding window."""
+    return tuple(t == SLIDING_ATTENTION for t in self.layer_types) or (False,) * self.n_layers
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":
@@ -111,7 +162,7 @@ class TransformerConfig:
     if self.qkv_bias:
       attn += dh * (self.n_heads + 2 * self.n_kv_heads)
     if self.qk_norm:
-      attn += dh * (self.n_heads + self.n_kv_heads)
+      attn += 2 * dh if self.qk_norm_per_head else dh * (self.n_heads + self.n_kv_heads)
     per_layer = attn + 3 * d * f + 2 * d
     total = self.n_layers * per_layer + d
     if include_embeddings:
@@ -121,7 +172,12 @@ class TransformerConfig:
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 N (non-embedding matmuls + lm head) + causal attention."""
     n_matmul = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
-    attn = 6 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len  # causal: half of 12
+    # 12 H Dh FLOPs per (query, key) pair; a causal query sees seq_len / 2 keys on average, a
+    # sliding one at most `sliding_window` (w - w^2 / 2L on average once the sequence is longer).
+    w = self.sliding_window
+    keys = [min(seq_len / 2, w - w * w / (2 * seq_len)) if sliding else seq_len / 2
+            for sliding in self.sliding_layers]
+    attn = 12 * self.n_heads * self.resolved_head_dim * sum(keys)
     return 6.0 * n_matmul + attn
 
 
@@ -187,43 +243,102 @@ class RMSNorm(nnx.Module):
     return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_inverse_frequencies(cfg: TransformerConfig) -> jax.Array:
+def rope_inverse_frequencies(cfg: TransformerConfig, scaled: bool = True) -> jax.Array:
+  """RoPE's inverse frequencies [Dh/2]; `scaled` False: plain RoPE (what sliding-window layers use)."""
   dh = cfg.resolved_head_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-  if cfg.rope_scaling_factor:
-    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth in between.
-    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old_len = cfg.rope_original_max_position
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    inv_freq = jnp.where(is_medium, smoothed, scaled)
-  return inv_freq
+  if not (scaled and cfg.rope_scaling_factor):
+    return inv_freq
+  factor, old_len = cfg.rope_scaling_factor, cfg.rope_original_max_position
+  if cfg.rope_scaling_type == "yarn":
+    # YaRN (as transformers computes it): wavelengths that turn more than beta_fast times over the
+    # original context keep their frequency, those under beta_slow are slowed by `factor`, and a
+    # linear ramp over the dimensions in between (bounds rounded outwards) mixes the two.
+    def dim_of(rotations):
+      return dh * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(dim_of(cfg.rope_yarn_beta_fast)), 0)
+    high = min(math.ceil(dim_of(cfg.rope_yarn_beta_slow)), dh - 1)
+    if low == high:
+      high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+    keep = 1 - jnp.clip((jnp.arange(dh // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+  # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth in between.
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen, high_wavelen = old_len / low, old_len / high
+  scaled_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled_freq / factor + smooth * scaled_freq
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, smoothed, scaled_freq)
 
 
-def apply_rope(x_BxLxNxDh, positions_BxL, inv_freq):
-  """Rotary embedding with the "rotate half" layout that HF Llama/Qwen2/OLMo-2 use."""
+def rope_attention_factor(cfg: TransformerConfig) -> float:
+  """What the full-attention layers multiply cos/sin by: YaRN's attention factor, else 1."""
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling_type != "yarn" or not factor:
+    return 1.0
+  if cfg.rope_attention_factor:
+    return float(cfg.rope_attention_factor)
+  return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+class LayerAttention(NamedTuple):
+  """How one layer's attention handles positions (stacked with a leading layers axis for the stack)."""
+
+  inv_freq: Any  # [Dh/2] RoPE inverse frequencies
+  rope_scale: Any = None  # cos/sin multiplier (YaRN's attention factor); None = 1
+  window: Any = None  # int32: keys at positions (p - window, p] are seen; None = no window
+
+
+def layer_attention(cfg: TransformerConfig) -> LayerAttention:
+  """Every layer's `LayerAttention`, stacked: the data that `lax.scan` hands each layer.
+
+  Sliding-window layers rotate with plain RoPE; the full-attention ones get the RoPE scaling.
+  `window` is None without sliding layers and `rope_scale` None without YaRN: then nothing extra
+  is computed (the other families run exactly as before these existed).
+  """
+  sliding_Lyr = jnp.asarray(cfg.sliding_layers)
+  full, plain = rope_inverse_frequencies(cfg), rope_inverse_frequencies(cfg, scaled=False)
+  inv_freq_LyrxHalf = jnp.where(sliding_Lyr[:, None], plain[None], full[None])
+  scale = rope_attention_factor(cfg)
+  rope_scale_Lyr = jnp.where(sliding_Lyr, 1.0, scale).astype(jnp.float32) if scale != 1.0 else None
+  window_Lyr = None
+  if cfg.sliding_window:
+    # A full layer's "window" is larger than any position difference.
+    window_Lyr = jnp.where(sliding_Lyr, cfg.sliding_window, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
+  return LayerAttention(inv_freq_LyrxHalf, rope_scale_Lyr, window_Lyr)
+
+
+def apply_rope(x_BxLxNxDh, positions_BxL, inv_freq, scale=None):
+  """Rotary embedding with the "rotate half" layout that HF Llama/Qwen/OLMo use; cos/sin times `scale` if given."""
   angles_BxLxHalf = positions_BxL[..., None].astype(jnp.float32) * inv_freq
   cos = jnp.cos(angles_BxLxHalf)[:, :, None, :]
   sin = jnp.sin(angles_BxLxHalf)[:, :, None, :]
+  if scale is not None:
+    cos, sin = cos * scale, sin * scale
   x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxNxDh.dtype)
 
 
-def attention_mask(q_positions_BxL, q_segments_BxL, kv_positions_BxS, kv_segments_BxS):
-  """Causal and same-document: query i sees key j iff same segment and pos_j <= pos_i.
+def attention_mask(q_positions_BxL, q_segments_BxL, kv_positions_BxS, kv_segments_BxS, window=None):
+  """Causal and same-document: query i sees key j iff same segment and pos_j <= pos_i
+  (and, with a sliding `window`, pos_i - pos_j < window).
 
   Segment id 0 marks padding; padded keys are never visible. A padded query sees
   nothing, and its (ignored) output is defined as zeros by the softmax guard below.
+  Positions restart in each document, so the window never reaches into another one.
   """
   same_doc = q_segments_BxL[:, :, None] == kv_segments_BxS[:, None, :]
   causal = kv_positions_BxS[:, None, :] <= q_positions_BxL[:, :, None]
   real_key = kv_segments_BxS[:, None, :] != 0
-  return same_doc & causal & real_key
+  mask = same_doc & causal & real_key
+  if window is not None:
+    mask &= (q_positions_BxL[:, :, None] - kv_positions_BxS[:, None, :]) < window
+  return mask
 
 
 def _attend(scores_BxKxGxLxS, mask_BxLxS, v_BxKxSxDh):
@@ -298,22 +413,29 @@ class Attention(nnx.Module):
       self.q_bias = _param(rngs, (h, dh), ("q_heads", "head_dim"), cfg, init="zeros")
       self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
       self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
-    if cfg.qk_norm:
-      # OLMo-2 normalises the whole projected q (and k) vector, across heads.
+    if cfg.qk_norm and cfg.qk_norm_per_head:
+      # Qwen3 normalises each head's q (and k) on its own, with one scale for all heads.
+      self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init="ones")
+      self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init="ones")
+    elif cfg.qk_norm:
+      # OLMo-2/3 normalise the whole projected q (and k) vector, across heads.
       self.q_norm = _param(rngs, (h, dh), ("q_heads", "head_dim"), cfg, init="ones")
       self.k_norm = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="ones")
 
-  def _rms_over_heads(self, x_BxLxNxDh, scale):
+  def _qk_norm(self, x_BxLxNxDh, scale):
     x32 = x_BxLxNxDh.astype(jnp.float32)
-    var = jnp.mean(x32 * x32, axis=(-2, -1), keepdims=True)
+    axes = (-1,) if self.cfg.qk_norm_per_head else (-2, -1)
+    var = jnp.mean(x32 * x32, axis=axes, keepdims=True)
     return (x32 * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale[...].astype(jnp.float32)).astype(x_BxLxNxDh.dtype)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None, ctx=None):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layer: LayerAttention, layer_cache=None, kv=None,
+               ctx=None):
     """Self-attention over the new tokens, or (with `layer_cache`) over the KV cache.
 
-    `layer_cache` is (k_BxKxDhxS, v_BxKxSxDh); `kv` = (positions_BxS, segment_ids_BxS,
-    cache_index): the new keys/values are written at `cache_index` and the queries
-    attend to every cache slot their positions and segments allow.
+    `layer` is this layer's RoPE and window (see `layer_attention`). `layer_cache` is
+    (k_BxKxDhxS, v_BxKxSxDh); `kv` = (positions_BxS, segment_ids_BxS, cache_index): the
+    new keys/values are written at `cache_index` and the queries attend to every cache
+    slot their positions, segments (and window) allow.
     Returns (out_BxLxD, updated layer_cache or None).
     """
     cfg = self.cfg
@@ -326,15 +448,15 @@ class Attention(nnx.Module):
       k = k + self.k_bias[...].astype(dtype)
       v = v + self.v_bias[...].astype(dtype)
     if cfg.qk_norm:
-      q = self._rms_over_heads(q, self.q_norm)
-      k = self._rms_over_heads(k, self.k_norm)
-    q = apply_rope(q, positions_BxL, inv_freq)
-    k = apply_rope(k, positions_BxL, inv_freq)
+      q = self._qk_norm(q, self.q_norm)
+      k = self._qk_norm(k, self.k_norm)
+    q = apply_rope(q, positions_BxL, layer.inv_freq, layer.rope_scale)
+    k = apply_rope(k, positions_BxL, layer.inv_freq, layer.rope_scale)
     q = shd.constrain(q, ("batch", "length", "q_heads", "head_dim"))
     k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     if layer_cache is None:
-      mask = attention_mask(positions_BxL, segment_ids_BxL, positions_BxL, segment_ids_BxL)
+      mask = attention_mask(positions_BxL, segment_ids_BxL, positions_BxL, segment_ids_BxL, layer.window)
       out_BxLxHxDh = dot_product_attention(q, k, v, mask, cfg.attention)
     else:
       kv_positions_BxS, kv_segments_BxS, cache_index = kv
@@ -344,7 +466,7 @@ class Attention(nnx.Module):
       cache_v = jax.lax.dynamic_update_slice_in_dim(
           cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), cache_index, axis=2)
       layer_cache = (cache_k, cache_v)
-      mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS)
+      mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS, layer.window)
       if (_default_attention() if cfg.attention == "auto" else cfg.attention) == "xla":
         out_BxLxHxDh = cached_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
       else:  # the fused kernels (prefill on GPU) take [B, S, K, Dh]
@@ -374,7 +496,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """One decoder layer. Pre-norm (Llama, Qwen2) or post-norm (OLMo-2)."""
+  """One decoder layer. Pre-norm (Llama, Qwen) or post-norm (OLMo)."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.post_norm = cfg.post_norm
@@ -383,14 +505,15 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache=None, kv=None, ctx=None):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layer: LayerAttention, layer_cache=None, kv=None,
+               ctx=None):
     if self.post_norm:
-      a, layer_cache = self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, inv_freq, layer_cache, kv, ctx)
+      a, layer_cache = self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, layer, layer_cache, kv, ctx)
       h = x_BxLxD + self.attn_norm(a)
       out = h + self.mlp_norm(self.mlp(h, ctx))
     else:
-      a, layer_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, inv_freq, layer_cache,
-                                 kv, ctx)
+      a, layer_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, layer, layer_cache, kv,
+                                 ctx)
       h = x_BxLxD + a
       out = h + self.mlp(self.mlp_norm(h), ctx)
     return shd.constrain(out, ("batch", "length", "embed_act")), layer_cache
@@ -448,7 +571,7 @@ class Transformer(nnx.Module):
     table_VxD = shd.constrain(self.embed[...], (None, None))
     x = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
     x = shd.constrain(x, ("batch", "length", "embed_act"))
-    inv_freq = rope_inverse_frequencies(cfg)
+    layers_attn = layer_attention(cfg)
     kv = None
     if cache is not None:
       kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, cache_index, axis=1)
@@ -457,7 +580,7 @@ class Transformer(nnx.Module):
       layer_caches = (cache["k"], cache["v"])
     else:
       layer_caches = None
-    x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, inv_freq, layer_caches, kv,
+    x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, layers_attn, layer_caches, kv,
                                          dropout_key)
     x = self.final_norm(x)
     if cache is None:
@@ -474,25 +597,26 @@ class Transformer(nnx.Module):
       logits = hidden_BxLxD @ self.lm_head[...].astype(dtype)
     return shd.constrain(logits, ("batch", "length", "vocab"))
 
-  def _apply_layers(self, x, positions, segment_ids, inv_freq, layer_caches, kv, dropout_key):
+  def _apply_layers(self, x, positions, segment_ids, layers_attn, layer_caches, kv, dropout_key):
+    """The blocks in order; `layers_attn` (stacked `LayerAttention`) is scanned data like the weights,
+    so that one compiled block serves sliding and full layers alike."""
     graphdef, stacked_state = nnx.split(self.layers)
 
-    def layer(x, layer_state, layer_cache, index):
+    def layer(x, layer_state, layer_attn, layer_cache, index):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions, segment_ids, inv_freq, layer_cache, kv, LayerContext(index, key))
+      return block(x, positions, segment_ids, layer_attn, layer_cache, kv, LayerContext(index, key))
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_remat_policy(self.cfg.remat))
     if self.cfg.scan_layers:
       def body(carry, xs):
-        layer_state, layer_cache, index = xs
-        return layer(carry, layer_state, layer_cache, index)
-      return jax.lax.scan(body, x, (stacked_state, layer_caches, jnp.arange(self.cfg.n_layers)))
+        return layer(carry, *xs)
+      return jax.lax.scan(body, x, (stacked_state, layers_attn, layer_caches, jnp.arange(self.cfg.n_layers)))
     new_caches = []
     for i in range(self.cfg.n_layers):
       take = lambda a: a[i]  # noqa: E731
-      x, c = layer(x, jax.tree.map(take, stacked_state),
+      x, c = layer(x, jax.tree.map(take, stacked_state), jax.tree.map(take, layers_attn),
                    None if layer_caches is None else jax.tree.map(take, layer_caches), i)
       new_caches.append(c)
     if layer_caches is None:
