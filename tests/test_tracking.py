@@ -132,7 +132,14 @@ def no_wandb(monkeypatch):
 
 
 def test_disabled_tracking_never_imports_wandb(tmp_path, no_wandb):
+  """Neither when the training job's modules are imported (a fresh interpreter) nor while it runs."""
   from emjax.train import loop
+
+  imports = subprocess.run(
+      [sys.executable, "-c", "import sys, emjax.main, emjax.tracking, emjax.train.loop\n"
+       "assert 'wandb' not in sys.modules, 'imported wandb'"],
+      cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert imports.returncode == 0, imports.stderr[-2000:]
 
   c = tiny_config(steps=4)  # the tracked run's program: compiled once (JAX's compilation cache)
   assert c.tracking.wandb.enabled is False  # the default
