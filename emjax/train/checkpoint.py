@@ -26,6 +26,9 @@ Restoring (`restore_latest`) takes the newest step that can be read:
   the others wait for it.
 * Any other failure to read (e.g. a transient filesystem error) is a
   `CheckpointReadError`; nothing is moved.
+
+The directory may be in a bucket (gs://...): emjax's own file operations here go
+through emjax.paths, orbax's through epath and tensorstore.
 """
 
 from __future__ import annotations
