@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import ml_collections
 
+from emjax import paths
+from emjax import tracking
 from emjax.models import transformer
 
 JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k",
@@ -91,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Multi-process jobs: all three set (launch/multiprocess.sh sets them for N local processes), or
   # left as they are to detect the cluster (TPU VM workers, SLURM, JAX_COORDINATOR_ADDRESS).
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
+  # Weights & Biases beside metrics.jsonl and TensorBoard (emjax/tracking.py); off by default.
+  c.tracking = tracking.tracking_block()
   return c
 
 
@@ -144,6 +147,7 @@ def validate(config) -> None:
           "(config.on_policy.enabled=True and config.on_policy.prompts)")
   if config.checkpoint.every_steps < 1:
     _fail("checkpoint.every_steps", f"must be >= 1, got {config.checkpoint.every_steps}")
+  tracking.check_config(config)
   validate_data_config(config.data)
 
 
@@ -153,20 +157,16 @@ def write_config(config, workdir: str) -> None:
 
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "config.json")
+  path = paths.path(workdir) / "config.json"
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
-    if old != text:
+  if path.exists():
+    if path.read_text() != text:
       n = 1
-      while os.path.exists(f"{path}.{n}"):
+      while path.with_name(f"{path.name}.{n}").exists():
         n += 1
-      os.rename(path, f"{path}.{n}")
-  with open(path, "w") as f:
-    f.write(text)
+      path.rename(path.with_name(f"{path.name}.{n}"))
+  path.write_text(text)
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads((paths.path(workdir) / "config.json").read_text()))

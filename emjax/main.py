@@ -46,6 +46,8 @@ def main(argv) -> int:
   from emjax.train import loop
 
   try:
+    from emjax import tracking  # pylint: disable=g-import-not-at-top
+    tracking.check_config(config)  # before any work: wandb enabled but not installed is refused now
     if config.job in ("train", "pretrain"):
       final = loop.train(config, workdir, show_progress=flags.FLAGS.progress,
                          make_batch_source=batch_source_for(config))
@@ -83,6 +85,7 @@ def main(argv) -> int:
       aot.compile_and_report(config, workdir)
     else:
       raise ValueError(f"config.job: unknown job {config.job!r}")
+    tracking.log_report_figures(config, workdir)  # report, eval, study: their figures, when tracking is on
   # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
   # inside a job is a bug, and its traceback is what fixes it.
   except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
@@ -199,9 +202,9 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 def _write_failed(workdir: str | None, kind: str, message: str) -> None:
   # As train.loop.mark_failed writes it, without importing jax for a typo. Flags are parsed before
   # jax.distributed starts, so on a pod every process writes this same file.
-  if workdir and os.path.isdir(workdir):
-    with open(os.path.join(workdir, "FAILED"), "w") as f:
-      f.write(f"{kind}: {message}\n")
+  from emjax import paths  # pylint: disable=g-import-not-at-top
+  if workdir and paths.path(workdir).is_dir():
+    (paths.path(workdir) / "FAILED").write_text(f"{kind}: {message}\n")
 
 
 def _exit_with_user_error(argv: list[str], e: BaseException, message: str):

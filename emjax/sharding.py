@@ -46,10 +46,13 @@ def maybe_initialize_distributed(dist_cfg: Mapping[str, Any] | None = None, forc
   `dist_cfg` is `config.distributed`: with `num_processes` > 1 the three keys
   (`coordinator_address` host:port, `num_processes`, `process_id`) are passed as
   given, e.g. several processes on one machine (launch/multiprocess.sh). Left at
-  their defaults, the cluster is detected: multi-host TPU VMs list several
-  workers in TPU_WORKER_HOSTNAMES; GPU launchers set JAX_COORDINATOR_ADDRESS or
-  SLURM_NTASKS. Single-host runs (CPU tests, Colab, one GPU) skip the call so
-  they never wait for a coordinator. Must run before anything touches a device.
+  their defaults, the cluster is detected: EMJAX_DISTRIBUTED=1 (set by
+  launch/tpu/run.sh on a multi-worker slice, whose workers JAX finds in the
+  TPU VM metadata, and by launch/gpu/slurm.sbatch) always initialises and
+  EMJAX_DISTRIBUTED=0 never does; unset, TPU_WORKER_HOSTNAMES listing several
+  workers, JAX_COORDINATOR_ADDRESS or SLURM_NTASKS > 1 mean a multi-process job.
+  Single-host runs (CPU tests, Colab, one GPU) skip the call so they never wait
+  for a coordinator. Must run before anything touches a device.
   """
   cfg = dict(dist_cfg or {})
   address = str(cfg.get("coordinator_address") or "")
@@ -67,7 +70,13 @@ def maybe_initialize_distributed(dist_cfg: Mapping[str, Any] | None = None, forc
     kwargs = dict(coordinator_address=address, num_processes=num_processes, process_id=process_id)
   else:
     env = os.environ
-    multi_process = (force or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+    switch = env.get("EMJAX_DISTRIBUTED", "")
+    if switch not in ("", "0", "1"):
+      raise ValueError(f"EMJAX_DISTRIBUTED={switch!r}: expected 1 (initialise jax.distributed), 0 (never) "
+                       "or unset (detect the cluster)")
+    if switch == "0" and not force:
+      return
+    multi_process = (force or switch == "1" or bool(env.get("JAX_COORDINATOR_ADDRESS"))
                      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
                      or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
     if not multi_process:

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emjax import paths
 from emjax import sharding as shd
 from emjax.models import hf
 from emjax.models import lora as lora_lib
@@ -137,12 +138,12 @@ def _label(key: str, path: str) -> str:
   return f"{key}={path!r}" if key else repr(path)
 
 
-def _is_emjax_config(path: str) -> bool:
-  if not os.path.isfile(path):
+def _is_emjax_config(path) -> bool:
+  path = paths.path(path)
+  if not path.is_file():
     return False
   try:
-    with open(path, encoding="utf-8") as f:
-      c = json.load(f)
+    c = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError):
     return False
   return isinstance(c, dict) and isinstance(c.get("model"), dict) and "model_type" not in c
@@ -150,9 +151,10 @@ def _is_emjax_config(path: str) -> bool:
 
 def complete_steps(checkpoints: str) -> list[int]:
   """The step numbers in a checkpoints directory, ascending (a save cut by a kill has no number)."""
-  if not os.path.isdir(checkpoints):
+  d = paths.path(checkpoints)
+  if not d.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  return sorted(int(c.name) for c in d.iterdir() if c.name.isdigit())
 
 
 def resolve(path: str, *, step: int | None = None, key: str = "", base: str = "", base_key: str = "") -> Source:
@@ -167,17 +169,17 @@ def resolve(path: str, *, step: int | None = None, key: str = "", base: str = ""
   if not path:
     raise ValueError(f"{key or 'weights'}: no path given (a Hugging Face model, a PEFT adapter, an emjax run, its "
                      "checkpoints/ directory or one step directory)")
-  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  p = paths.absolute(path)  # an emjax run may be in a bucket (gs://...); a Hugging Face model is local
   run = ckpts = None
   given_step = None
-  if os.path.isdir(p):
-    if os.path.isdir(os.path.join(p, "checkpoints")) or _is_emjax_config(os.path.join(p, "config.json")):
-      run, ckpts = p, os.path.join(p, "checkpoints")
-    elif os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "state")):
-      ckpts = os.path.dirname(p)
-      run, given_step = os.path.dirname(ckpts), int(os.path.basename(p))
-    elif os.path.basename(p) == "checkpoints" or complete_steps(p):
-      run, ckpts = os.path.dirname(p), p
+  if p.is_dir():
+    if (p / "checkpoints").is_dir() or _is_emjax_config(p / "config.json"):
+      run, ckpts = p, p / "checkpoints"
+    elif p.name.isdigit() and (p / "state").is_dir():
+      ckpts = p.parent
+      run, given_step = ckpts.parent, int(p.name)
+    elif p.name == "checkpoints" or complete_steps(p):
+      run, ckpts = p.parent, p
   if run is None:
     try:
       directory = hf.resolve_hf_path(path)
@@ -199,10 +201,10 @@ def resolve(path: str, *, step: int | None = None, key: str = "", base: str = ""
   if step is not None and given_step is not None and int(step) != given_step:
     raise ValueError(f"{label} is step {given_step}, but step {step} was asked for")
   step = given_step if step is None else int(step)
-  config = config_lib.load_config_json(run) if os.path.isfile(os.path.join(run, "config.json")) else None
+  config = config_lib.load_config_json(run) if (run / "config.json").is_file() else None
   model_cfg = transformer.TransformerConfig.from_config(config.model) if config is not None else None
-  return Source(path=os.fspath(path), kind="emjax", directory=run, checkpoints=ckpts, step=step, config=config,
-                model_cfg=model_cfg)
+  return Source(path=os.fspath(path), kind="emjax", directory=os.fspath(run), checkpoints=os.fspath(ckpts), step=step,
+                config=config, model_cfg=model_cfg)
 
 
 def _resolve_adapter(path: str, directory: str, label: str, base: str, base_key: str) -> Source:
@@ -374,9 +376,10 @@ def read_params(checkpoints: str, abstract: dict, *, step: int | None = None, la
     candidates = [step]
   else:
     if not steps:
-      partial = sorted(d for d in os.listdir(checkpoints) if "tmp" in d) if os.path.isdir(checkpoints) else []
+      exists = paths.path(checkpoints).is_dir()
+      partial = sorted(d.name for d in paths.path(checkpoints).iterdir() if "tmp" in d.name) if exists else []
       why = (f"; only incomplete saves ({', '.join(partial)}) of a run stopped while writing" if partial
-             else "" if os.path.isdir(checkpoints) else "; the directory does not exist")
+             else "" if exists else "; the directory does not exist")
       raise FileNotFoundError(f"{label}: no complete checkpoint step in {checkpoints}{why}")
     candidates = list(reversed(steps))
   for s in candidates:
@@ -496,26 +499,21 @@ def _dtypes(params: Any) -> str | dict:
 
 def read_pin(run_dir: str) -> dict | None:
   """What RUN/base.json records about a LoRA run's base, or None when the run has none."""
-  path = os.path.join(run_dir, BASE_FILE)
-  if not os.path.isfile(path):
+  path = paths.path(run_dir) / BASE_FILE
+  if not path.is_file():
     return None
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}); it records this LoRA run's base") from None
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); it records this LoRA run's base") from None
 
 
 def _write_pin(run_dir: str, record: dict) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(run_dir, exist_ok=True)
-  path = os.path.join(run_dir, BASE_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  paths.path(run_dir).mkdir(parents=True, exist_ok=True)
+  path = paths.path(run_dir) / BASE_FILE
+  paths.write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
   log.info("LoRA base pinned in %s: %s (step %s, %s)", path, record["path"], record["step"], record["fingerprint"])
 
 

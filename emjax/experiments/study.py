@@ -236,6 +236,7 @@ def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: f
   c.train.update(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed, log_every=10,
                  schedule="cosine", end_lr_fraction=0.1, weight_decay=0.1, grad_clip=1.0, loss_chunk_len=0)
   c.checkpoint.update(every_steps=max(steps, 1), keep=1, async_save=False)
+  c.tracking.update(config.tracking.to_dict())  # each training run is a W&B run when the study's config asks
   return c
 
 

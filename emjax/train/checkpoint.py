@@ -26,6 +26,9 @@ Restoring (`restore_latest`) takes the newest step that can be read:
   the others wait for it.
 * Any other failure to read (e.g. a transient filesystem error) is a
   `CheckpointReadError`; nothing is moved.
+
+The directory may be in a bucket (gs://...): emjax's own file operations here go
+through emjax.paths, orbax's through epath and tensorstore.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from emjax import paths
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +122,8 @@ class ProcessDataRestore(ocp.args.CheckpointArgs):
 
 def saved_process_counts(data_dir: str) -> set[int]:
   """The process counts the position files in a step's `data/` directory were written by."""
-  names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+  d = paths.path(data_dir)
+  names = [p.name for p in d.iterdir()] if d.is_dir() else []
   return {int(m.group(2)) for m in map(_DATA_FILE_RE.match, names) if m}
 
 
@@ -128,17 +134,17 @@ def read_process_data(data_dir: str, process_index: int, process_count: int) -> 
   processes, FileNotFoundError / json.JSONDecodeError if this process's file is
   missing or truncated.
   """
-  path = os.path.join(data_dir, DATA_FILE.format(index=process_index, count=process_count))
-  if not os.path.exists(path):
+  path = paths.path(data_dir) / DATA_FILE.format(index=process_index, count=process_count)
+  if not path.exists():
     counts = saved_process_counts(data_dir) - {process_count}
-    legacy = os.path.join(data_dir, _LEGACY_DATA_FILE)
+    legacy = paths.path(data_dir) / _LEGACY_DATA_FILE
     if counts:
       raise CheckpointMismatchError(
           f"{data_dir}: the data positions were saved by a run of {sorted(counts)[0]} processes, this run has "
           f"{process_count}; every process reads its own rows of the data, so the positions cannot be "
           "shared out differently. Resume with the same number of processes (config.distributed.num_processes, "
           "launch/multiprocess.sh N), or start a new workdir.")
-    if os.path.exists(legacy):  # written before positions were saved per process
+    if legacy.exists():  # written before positions were saved per process
       if process_count != 1:
         raise CheckpointMismatchError(
             f"{data_dir}: this checkpoint holds one data position (written by process 0 alone, by an older "
@@ -147,8 +153,7 @@ def read_process_data(data_dir: str, process_index: int, process_count: int) -> 
       path = legacy
     else:
       raise FileNotFoundError(f"{path} does not exist")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------- structure comparison
@@ -233,7 +238,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # A string (messages, orbax) that is absolute when local and gs://... as given for a bucket.
+    self.directory = os.fspath(paths.absolute(directory))
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         enable_async_checkpointing=async_save,
@@ -259,9 +265,10 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def partial_dirs(self) -> list[str]:
-    if not os.path.isdir(self.directory):
+    d = paths.path(self.directory)
+    if not d.is_dir():
       return []
-    return sorted(d for d in os.listdir(self.directory) if "tmp" in d)
+    return sorted(p.name for p in d.iterdir() if "tmp" in p.name)
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, this process's data_state) of the newest readable checkpoint, or None if there is none.
@@ -273,7 +280,7 @@ class Checkpointer:
     if _process()[0] == 0:
       for name in self.partial_dirs():
         log.warning("checkpoint: ignoring incomplete save %s (the run stopped while writing it)",
-                    os.path.join(self.directory, name))
+                    paths.path(self.directory) / name)
     unreadable: list[int] = []
     for step in reversed(self.steps()):
       # 1. Cheap checks (metadata, this process's data file) before any array is read.
@@ -306,9 +313,9 @@ class Checkpointer:
     return None
 
   def _check(self, step: int, abstract_state: Any) -> None:
-    step_dir = os.path.join(self.directory, str(step))
+    step_dir = paths.path(self.directory) / str(step)
     for item in ("state", "data"):
-      if not os.path.isdir(os.path.join(step_dir, item)):
+      if not (step_dir / item).is_dir():
         raise _Unreadable(f"{step_dir}/{item} is missing")
     metadata = self._manager.item_metadata(step)["state"]
     tree = getattr(metadata, "tree", metadata)
@@ -322,9 +329,9 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} does not match this run's train state "
           f"({len(differences)} arrays differ: {listed}{f'; and {more} more' if more > 0 else ''}). "
           "It was written with another config (e.g. model size, lora.rank/targets, optimizer; the workdir "
-          f"{os.path.dirname(self.directory)} keeps earlier configs as config.json.<n>). Nothing was moved: "
+          f"{paths.path(self.directory).parent} keeps earlier configs as config.json.<n>). Nothing was moved: "
           "rerun with the config that wrote it, or use another --workdir.")
-    read_process_data(os.path.join(step_dir, "data"), *_process())
+    read_process_data(step_dir / "data", *_process())
 
   @staticmethod
   def _classify(e: BaseException) -> int:
@@ -351,15 +358,15 @@ class Checkpointer:
       return
     _barrier("emjax_checkpoint_before_set_aside")  # every process is done reading
     if _process()[0] == 0:
-      aside = self.directory.rstrip("/") + "_unreadable"
-      os.makedirs(aside, exist_ok=True)
+      aside = paths.path(self.directory.rstrip("/") + "_unreadable")
+      aside.mkdir(parents=True, exist_ok=True)
       for s in sorted(steps):
-        src, dst = os.path.join(self.directory, str(s)), os.path.join(aside, str(s))
+        src, dst = paths.path(self.directory) / str(s), aside / str(s)
         n = 0
-        while os.path.exists(dst):
+        while dst.exists():
           n += 1
-          dst = os.path.join(aside, f"{s}.{n}")
-        os.rename(src, dst)
+          dst = aside / f"{s}.{n}"
+        src.rename(dst)
         log.error("checkpoint: moved unreadable step %d to %s", s, dst)
     _barrier("emjax_checkpoint_after_set_aside")  # nobody lists the steps before the renames are done
     self._manager.close()

@@ -28,7 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from emjax import config as config_lib
+from emjax import paths
 from emjax import sharding as shd
+from emjax import tracking
 from emjax import weights as weights_lib
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
@@ -329,45 +331,64 @@ def resolve_epochs(config) -> None:
 
 
 class MetricsWriter:
-  """metrics.jsonl (one object per logged step) + TensorBoard events; process 0 only."""
+  """metrics.jsonl and eval.jsonl (one object per logged step), TensorBoard events and, when
+  config.tracking enables it, the experiment tracker (emjax.tracking); process 0 only.
 
-  def __init__(self, workdir: str, resume_step: int):
+  Everything goes through emjax.paths, so the workdir may be a bucket (gs://...).
+  """
+
+  def __init__(self, workdir: str, resume_step: int, tracker: tracking.Tracker | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._tracker = tracker
     if not self.enabled:
       return
-    _truncate_metrics(self.path, resume_step)
-    self._file = open(self.path, "a")
+    self._root = root = paths.path(workdir)
+    self._logs = {}  # opened at their first row: eval.jsonl exists only when eval.every_steps > 0
+    for name in ("metrics.jsonl", "eval.jsonl"):
+      _truncate_metrics(root / name, resume_step)
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # optional: metrics.jsonl is the record
       log.warning("tensorboardX not installed: no TensorBoard events")
+      return
+    if paths.is_remote(root):
+      paths.register_tensorboard_schemes()
+    self._tb = SummaryWriter(os.fspath(root / "tensorboard"))
 
   def write(self, row: dict) -> None:
+    self._write("metrics.jsonl", row)
+
+  def write_eval(self, row: dict) -> None:
+    self._write("eval.jsonl", row)
+
+  def _write(self, name: str, row: dict) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    if name not in self._logs:
+      self._logs[name] = paths.AppendLog(self._root / name)
+    self._logs[name].write(json.dumps(row) + "\n")
+    scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and v is not None}
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and v is not None:
-          self._tb.add_scalar(k, v, row["step"])
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, row["step"])
+    if self._tracker is not None:
+      self._tracker.log(scalars, row["step"])
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      for f in self._logs.values():
+        f.close()
       if self._tb is not None:
         self._tb.close()
 
 
-def _truncate_metrics(path: str, resume_step: int) -> None:
+def _truncate_metrics(path, resume_step: int) -> None:
   """Keep rows up to the resumed step; rows after it (recomputed now) are kept aside, not lost."""
-  if not os.path.exists(path):
+  path = paths.path(path)
+  if not path.exists():
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   keep, later = [], []
   for line in lines:
     try:
@@ -377,12 +398,11 @@ def _truncate_metrics(path: str, resume_step: int) -> None:
       continue
     (keep if row.get("step", 0) <= resume_step else later).append(line)
   if later:
-    aside = f"{path}.after_step_{resume_step}"
-    with open(aside, "a") as f:
-      f.writelines(later)
+    aside = path.parent / f"{path.name}.after_step_{resume_step}"
+    earlier = aside.read_text() if aside.exists() else ""
+    aside.write_text(earlier + "".join(later))
     log.info("metrics: %d rows after step %d moved to %s (they are recomputed now)", len(later), resume_step, aside)
-  with open(path, "w") as f:
-    f.writelines(keep)
+    path.write_text("".join(keep))
 
 
 def _finite_or_raise(rows: list[dict], last_good_ckpt: int | None, ckpt_dir: str) -> None:
@@ -405,7 +425,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   """
   from emjax.data import tokenizers
 
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
   _clear_status(workdir)
   trainer = Trainer(config, mesh)
   tc, mesh = config.train, trainer.mesh
@@ -431,7 +451,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   else:
     batches = make_batch_source(trainer, tokenizer)
   wants_weights = hasattr(batches, "set_weights")
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  checkpointer = ckpt_lib.Checkpointer(paths.path(workdir) / "checkpoints", keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   restored = checkpointer.restore_latest(trainer.layout.abstract) if config.checkpoint.resume else None
   if restored is not None:
@@ -447,8 +467,9 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
 
   compiled = trainer.compile()
   _log_memory(compiled)
-  writer = MetricsWriter(workdir, start_step)
-  evaluate = _make_evaluator(trainer, tokenizer, workdir, start_step)
+  tracker = tracking.start(config, workdir, job_type=config.job)
+  writer = MetricsWriter(workdir, start_step, tracker)
+  evaluate = _make_evaluator(trainer, tokenizer, writer)
   if evaluate is not None and start_step == 0:
     evaluate(0, state, frozen, teacher)
   peak = perf.peak_flops_per_device(tc.peak_flops_per_device)
@@ -459,6 +480,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   t_last, steps_since = time.perf_counter(), 0
 
   progress = _progress(start_step, tc.steps, show_progress)
+  failed = True
   try:
     for step in range(start_step + 1, tc.steps + 1):
       if wants_weights:
@@ -488,11 +510,14 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
         checkpointer.save(step, state, batches.get_state())
         last_saved = step
       progress.update(1)
+    failed = False
   finally:
     progress.close()
     checkpointer.close()
     writer.close()
     batches.close()
+    if tracker is not None:
+      tracker.finish(failed=failed)
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   mark_complete(workdir, final)
   return final
@@ -528,12 +553,11 @@ def _report_chat_data(config, tokenizer, workdir: str) -> None:
         raise ValueError(f"data.sources.{name}: {stats[name]['truncated']} conversations are longer than "
                          f"data.seq_len + 1 = {config.data.seq_len + 1} tokens and data.truncate is off")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-      json.dump(stats, f, indent=2)
+    (paths.path(workdir) / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
 
-def _make_evaluator(trainer: Trainer, tokenizer, workdir: str, start_step: int):
-  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl.
+def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
+  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl (`writer`).
 
   The held-out batches come from the training sources with `split` set to
   `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
@@ -558,17 +582,12 @@ def _make_evaluator(trainer: Trainer, tokenizer, workdir: str, start_step: int):
   it = iter(data_pipeline.make_batches(data_cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
   held_out = [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
               for b in (next(it) for _ in range(config.eval.batches))]
-  path = os.path.join(workdir, "eval.jsonl")
-  if jax.process_index() == 0:
-    _truncate_metrics(path, start_step)
 
   def evaluate(step: int, state, frozen, teacher=None) -> float:
     sums = [trainer.eval_fn(state["params"], frozen, b, teacher) for b in held_out]
     loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     row = {"step": step, "eval_loss": loss_sum / max(weight, 1.0), "eval_tokens": weight}
-    if jax.process_index() == 0:
-      with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    writer.write_eval(row)
     log.info("step %d: held-out loss %.4f over %d tokens", step, row["eval_loss"], weight)
     return row["eval_loss"]
 
@@ -601,19 +620,17 @@ FAILED_FILE = "FAILED"
 
 
 def _clear_status(workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
   for name in (COMPLETE_FILE, FAILED_FILE):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path) and jax.process_index() == 0:
-      os.remove(path)
+    (paths.path(workdir) / name).unlink(missing_ok=True)
 
 
 def mark_complete(workdir: str, final: dict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, COMPLETE_FILE), "w") as f:
-      json.dump(final, f)
+    (paths.path(workdir) / COMPLETE_FILE).write_text(json.dumps(final))
 
 
 def mark_failed(workdir: str, error: BaseException) -> None:
-  if jax.process_index() == 0 and os.path.isdir(workdir):
-    with open(os.path.join(workdir, FAILED_FILE), "w") as f:
-      f.write(f"{type(error).__name__}: {error}\n")
+  if jax.process_index() == 0 and paths.path(workdir).is_dir():
+    (paths.path(workdir) / FAILED_FILE).write_text(f"{type(error).__name__}: {error}\n")
