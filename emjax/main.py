@@ -39,7 +39,10 @@ def main(argv) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   # Orbax and grain log every file operation through absl at INFO; keep their warnings only.
   logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("emjax").setLevel(logging.INFO)
+  # absl's --verbosity sets emjax's own level too (0: INFO, the default; -1: warnings only, which
+  # launch/quickstart.sh uses so that the study's printed progress lines stand alone).
+  from absl.logging import converter  # pylint: disable=g-import-not-at-top
+  logging.getLogger("emjax").setLevel(converter.absl_to_standard(flags.FLAGS.verbosity))
 
   from emjax import sharding
   sharding.maybe_initialize_distributed(config.distributed)

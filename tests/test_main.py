@@ -72,6 +72,32 @@ def test_internal_key_error_keeps_its_traceback_and_marks_failure(tmp_path):
   assert (tmp_path / "FAILED").read_text().startswith("KeyError")
 
 
+@pytest.mark.parametrize("verbosity,shown", [([], {"an info line", "a warning line"}),
+                                             (["--verbosity=-1"], {"a warning line"})])
+def test_verbosity_sets_how_much_the_jobs_log(tmp_path, verbosity, shown):
+  """--verbosity=-1 (launch/quickstart.sh) keeps emjax's own INFO lines off the terminal, warnings stay."""
+  config = tmp_path / "chatty.py"
+  config.write_text(textwrap.dedent("""
+      import logging
+      from emjax import config as config_lib
+      from emjax.train import loop
+
+      def _chatty(*args, **kwargs):
+        logging.getLogger("emjax.train.loop").info("an info line")
+        logging.getLogger("emjax.train.loop").warning("a warning line")
+        return {}
+
+      def get_config(arg=None):
+        loop.train = _chatty
+        c = config_lib.base_config()
+        c.train.steps = 1
+        return c
+  """))
+  run = emjax_main(f"--config={config}", f"--workdir={tmp_path}", *verbosity)
+  assert run.returncode == 0, run.stderr
+  assert {x for x in ("an info line", "a warning line") if x in run.stderr} == shown, run.stderr
+
+
 def test_a_libraries_value_error_inside_a_job_keeps_its_traceback(tmp_path):
   """A ValueError emjax did not raise itself (numpy, jax, orbax) is a bug too, not a user mistake."""
   config = tmp_path / "broken.py"
