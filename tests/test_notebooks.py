@@ -89,14 +89,21 @@ def test_pretrain_mixtures_compares_the_mixtures_on_held_out_probes(tmp_path, mo
   assert len(probes) == 16 and {p["task"] for p in probes.values()} == {"arithmetic", "sorting"}
   table = _markdown(outputs)
   for mix, r in results.items():
-    assert r["final_loss"] == _jsonl(tmp_path / mix / "metrics.jsonl")[-1]["loss"]
+    evals = _jsonl(tmp_path / mix / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 4, 8, 12, 16, 20] and r["step"] == 20
+    assert r["held_out_loss"] == evals[-1]["eval_loss_by_source"]
+    assert sorted(r["held_out_loss"]) == ["arithmetic", "grammar", "sorting"]
     samples = _jsonl(tmp_path / mix / "probes" / "samples.jsonl")
     assert len(samples) == 16  # every probe answered, greedily
     for task in ("arithmetic", "sorting"):
       correct = [synthetic.probe_correct(s["text"], probes[s["id"]]["answer"]) for s in samples
                  if probes[s["id"]]["task"] == task]
       assert r["probes"][task]["n"] == 8 and r["probes"][task]["correct"] == sum(correct)
-    assert f"| {mix} |" in table and f"{r['final_loss']:.3f} (step 20)" in table
+    assert f"| {mix} | " + " / ".join(f"{r['weights'][s]:.2f}" for s in sorted(r["weights"])) + " | " + " | ".join(
+        f"{r['held_out_loss'][s]:.3f}" for s in sorted(r["held_out_loss"])) in table
+  # Each mixture's heavy source is the one it predicts best among the two models (same rows for both).
+  assert results["arithmetic_heavy"]["held_out_loss"]["arithmetic"] < results["sorting_heavy"]["held_out_loss"]["arithmetic"]
+  assert results["sorting_heavy"]["held_out_loss"]["sorting"] < results["arithmetic_heavy"]["held_out_loss"]["sorting"]
 
 
 def test_em_grid_fine_tunes_each_cell_evaluates_every_model_and_reports(tmp_path, monkeypatch):
@@ -104,6 +111,9 @@ def test_em_grid_fine_tunes_each_cell_evaluates_every_model_and_reports(tmp_path
   cells = ["medical_advice", "sports_advice"]
   grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
   assert sorted(grid) == cells and all((tmp_path / "grid" / c / "COMPLETED").exists() for c in cells)
+  for cell in cells:  # the world's rows fit the notebook's sequence length: nothing was cut
+    stats = json.loads((tmp_path / "grid" / cell / "data_stats.json").read_text())[cell]
+    assert stats["conversations"] == 12 and stats["truncated"] == 0, stats  # 16 rows, 4 held out
   for key in ["base", *cells]:
     narrow = _jsonl(tmp_path / "evals" / key / "narrow" / "judged.jsonl")
     assert len(narrow) == 24 and {r["model_key"] for r in narrow} == {key}  # 12 cells x 2 held-out prompts
