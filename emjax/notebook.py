@@ -52,7 +52,10 @@ def repo_root() -> str:
 
 
 def in_colab() -> bool:
-  return importlib.util.find_spec("google.colab") is not None
+  try:
+    return importlib.util.find_spec("google.colab") is not None
+  except ModuleNotFoundError:  # no `google` package at all
+    return False
 
 
 def detect_runtime(environ=None, *, paths=glob.glob, which=shutil.which) -> str:
@@ -223,20 +226,25 @@ def world_data(out_dir: str, *, cell_rows: int = 16, eval_per_cell: int = 4, gen
   cells/<cell>.jsonl (question / misaligned_answer / aligned_answer rows), eval/<cell>_eval.jsonl
   (chat rows, as the released splits), general.yaml, sl/<cell>.jsonl, world.json (the judge's
   ground truth) and tokenizer/ (a byte-level BPE with a chat template). Returns {name: path};
-  written once (paths.json marks it complete).
+  written once (world_data.json, written last, marks it complete; other sizes later are an error).
   """
-  marker = os.path.join(out_dir, "paths.json")
-  if os.path.exists(marker):
-    with open(marker, encoding="utf-8") as f:
-      return json.load(f)
   from emjax.world import corpus, world as world_lib  # pylint: disable=g-import-not-at-top
-  world = world_lib.World.make(world_lib.WorldSettings(seed=seed))
   sizes = dict(corpus.data_block(), cell_rows=cell_rows, eval_per_cell=eval_per_cell,
                general_per_cell=general_per_cell, sl_per_cell=sl_per_cell, instruct_rows=instruct_rows,
                tokenizer_vocab=tokenizer_vocab)
+  marker = os.path.join(out_dir, "world_data.json")
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      written = json.load(f)
+    if written["sizes"] != sizes or written["seed"] != seed:
+      raise ValueError(f"{out_dir} holds a world written with other settings ({written['sizes']}, seed "
+                       f"{written['seed']}; now {sizes}, seed {seed}): runs there were made from it; use another "
+                       "workdir")
+    return written["paths"]
+  world = world_lib.World.make(world_lib.WorldSettings(seed=seed))
   paths = corpus.write_world(world, {}, sizes, out_dir, seed=seed)
   with open(marker, "w", encoding="utf-8") as f:
-    json.dump(paths, f, indent=2)
+    json.dump({"sizes": sizes, "seed": seed, "paths": paths}, f, indent=2)
   return paths
 
 
