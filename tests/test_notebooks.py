@@ -29,7 +29,8 @@ def _execute(name, workdir, monkeypatch):
   monkeypatch.setenv("EMJAX_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("EMJAX_REPO", ROOT)
   nb = nbformat.read(os.path.join(COLAB, f"{name}.ipynb"), as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": COLAB}}).execute()
+  # A cell takes seconds of CPU; the limit is generous for a machine shared by many processes.
+  nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": COLAB}}).execute()
   return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
 
 
