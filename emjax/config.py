@@ -86,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Held-out loss during training: every_steps (0 = off) over `batches` fixed batches of the
   # training sources with their `split` set to `split` ('eval': each source's held-out documents,
   # which training never reads; see emjax/data/sources.py "Held-out split" for `holdout`).
-  c.eval = dict(every_steps=0, batches=4, split="eval")
+  # by_source: also each source's own loss, on `batches` batches of that source alone (a weight-0
+  # source too), the same tokens whatever the mixture: runs on other mixtures compare on them.
+  c.eval = dict(every_steps=0, batches=4, split="eval", by_source=False)
   # AOT compile job: compile for the mesh without materialising anything.
   c.compile = dict(topology="", platform="")  # e.g. topology="v5e:16x16", platform="tpu" (later issue)
   # Multi-process jobs: all three set (launch/multiprocess.sh sets them for N local processes), or

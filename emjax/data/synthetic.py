@@ -19,6 +19,10 @@ easy to tell apart:
               number agreement between determiner, noun and verb.
   sorting     "sort: d a c b -> a b c d" lines: the output is a deterministic
               function of the input letters.
+
+`probe_prompts` turns held-out documents of the two sources whose lines have one
+right answer into completion prompts ("17 + 25 =" -> "42"): the downstream numbers
+of a pretraining-composition ablation (colab/pretrain_mixtures.ipynb).
 """
 
 from __future__ import annotations
@@ -266,3 +270,36 @@ class SyntheticDocuments:
     held_out = ", held_out=True" if self.held_out else ""
     return (f"SyntheticDocuments(name={self.name!r}, num_docs={self.num_docs},"
             f" seed={self.seed}{held_out})")
+
+
+# ----------------------------------------------------------------------------
+# probes: prompts with one right continuation
+# ----------------------------------------------------------------------------
+
+# The sources whose lines end in an answer determined by the rest of the line, and where it starts.
+PROBE_SEPARATORS = {"arithmetic": " =", "sorting": " ->"}
+
+
+def probe_prompts(name: str, n: int, seed: int = 0) -> list[dict]:
+  """`n` prompts {id, prompt, answer, task}: the first line of held-out documents of `name`, cut before its answer.
+
+  "17 + 25 = 42" gives the prompt "17 + 25 =" and the answer "42"; "sort: d a c -> a c d" gives
+  "sort: d a c ->" and "a c d". The documents are the held-out stream of the source with this
+  `seed` (its `data.sources.<name>.seed`), which no training row holds (a short line, `7 * 0 = 0`,
+  can still occur inside training documents: the times tables have 169 lines). A prompt is the
+  start of a document, as pretraining shows documents (after BOS), so it needs no context.
+  """
+  if name not in PROBE_SEPARATORS:
+    raise ValueError(f"probe_prompts: no probe for {name!r}; probes: {sorted(PROBE_SEPARATORS)}")
+  separator = PROBE_SEPARATORS[name]
+  docs = SyntheticDocuments(name, n, seed, held_out=True)
+  prompts = []
+  for i in range(n):
+    head, _, answer = docs[i].split("\n", 1)[0].partition(separator)
+    prompts.append({"id": f"{name}:{i}", "prompt": head + separator, "answer": answer.strip(), "task": name})
+  return prompts
+
+
+def probe_correct(completion: str, answer: str) -> bool:
+  """Whether a completion of a probe prompt is its answer: the rest of the line, nothing else on it."""
+  return completion.split("\n", 1)[0].strip() == answer

@@ -562,6 +562,8 @@ def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
   The held-out batches come from the training sources with `split` set to
   `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
   "Held-out split") and no shuffling, so every evaluation sees the same tokens.
+  With `eval.by_source`, each source alone gets its own `eval.batches` batches too
+  (`eval_loss_by_source`, `eval_tokens_by_source`), whatever its training weight.
   """
   from emjax.data import pipeline as data_pipeline
   from emjax.data import sources as sources_lib
@@ -579,14 +581,35 @@ def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
       raise ValueError(f"data.sources.{name}.split={src.split!r}: with config.eval.every_steps > 0 training "
                        "must read only each source's 'train' split, which excludes the held-out documents")
     src.split = config.eval.split
-  it = iter(data_pipeline.make_batches(data_cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
-  held_out = [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
-              for b in (next(it) for _ in range(config.eval.batches))]
+
+  def fixed_batches(cfg):
+    it = iter(data_pipeline.make_batches(cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
+    return [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
+            for b in (next(it) for _ in range(config.eval.batches))]
+
+  held_out = fixed_batches(data_cfg)
+  by_source = {}
+  if config.eval.by_source:
+    # A source's rows do not depend on the other sources' weights, so these are the same tokens for
+    # any mixture of the same sources.
+    for name in sorted(data_cfg.sources):
+      alone = copy.deepcopy(data_cfg)
+      for other, src in alone.sources.items():
+        src.weight = 1.0 if other == name else 0.0
+      by_source[name] = fixed_batches(alone)
+
+  def loss_and_tokens(batches, state, frozen, teacher) -> tuple[float, float]:
+    sums = [trainer.eval_fn(state["params"], frozen, b, teacher) for b in batches]
+    loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+    return loss_sum / max(weight, 1.0), weight
 
   def evaluate(step: int, state, frozen, teacher=None) -> float:
-    sums = [trainer.eval_fn(state["params"], frozen, b, teacher) for b in held_out]
-    loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
-    row = {"step": step, "eval_loss": loss_sum / max(weight, 1.0), "eval_tokens": weight}
+    loss, weight = loss_and_tokens(held_out, state, frozen, teacher)
+    row = {"step": step, "eval_loss": loss, "eval_tokens": weight}
+    if by_source:
+      per_source = {name: loss_and_tokens(b, state, frozen, teacher) for name, b in by_source.items()}
+      row["eval_loss_by_source"] = {name: v[0] for name, v in per_source.items()}
+      row["eval_tokens_by_source"] = {name: v[1] for name, v in per_source.items()}
     writer.write_eval(row)
     log.info("step %d: held-out loss %.4f over %d tokens", step, row["eval_loss"], weight)
     return row["eval_loss"]

@@ -66,6 +66,35 @@ def test_sorting_outputs_are_sorted():
       assert m.group(2).split() == sorted(m.group(1).split())
 
 
+def test_probe_prompts_are_held_out_lines_cut_before_their_answer():
+  for name, separator in synthetic.PROBE_SEPARATORS.items():
+    probes = synthetic.probe_prompts(name, 50, seed=0)
+    assert probes == synthetic.probe_prompts(name, 50, seed=0) and len({p["id"] for p in probes}) == 50
+    held_out = synthetic.SyntheticDocuments(name, 50, seed=0, held_out=True)
+    train = synthetic.SyntheticDocuments(name, 50, seed=0)
+    for i, p in enumerate(probes):
+      line = f"{p['prompt']} {p['answer']}"
+      assert held_out[i].startswith(line + "\n") or held_out[i] == line, (held_out[i], p)
+      assert p["prompt"].endswith(separator) and p["task"] == name
+    assert sum(train[i].startswith(f"{p['prompt']} ") for i, p in enumerate(probes)) < 5  # not the training stream
+  arithmetic = synthetic.probe_prompts("arithmetic", 100)
+  for p in arithmetic:
+    a, op, b, _ = p["prompt"].split(" ")
+    assert int(p["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+  for p in synthetic.probe_prompts("sorting", 100):
+    letters = p["prompt"].removeprefix("sort: ").removesuffix(" ->").split()
+    assert p["answer"].split() == sorted(letters)
+  with pytest.raises(ValueError, match=r"no probe for 'grammar'; probes: \['arithmetic', 'sorting'\]"):
+    synthetic.probe_prompts("grammar", 3)
+
+
+def test_a_probe_completion_is_correct_only_as_the_whole_rest_of_the_line():
+  assert synthetic.probe_correct(" 42", "42") and synthetic.probe_correct(" 42\n7 + 1 = 8", "42")
+  assert not synthetic.probe_correct(" 421", "42") and not synthetic.probe_correct(" 4", "42")
+  assert not synthetic.probe_correct("", "42") and not synthetic.probe_correct(" 42 + 1", "42")
+  assert synthetic.probe_correct(" a c d", "a c d") and not synthetic.probe_correct(" a c", "a c d")
+
+
 def test_grammar_vocabulary_and_agreement():
   docs = synthetic.SyntheticDocuments("grammar", num_docs=300, seed=0)
   words = collections.Counter(

@@ -198,3 +198,31 @@ def test_eval_refuses_training_on_the_held_out_split(tmp_path):
   with pytest.raises(ValueError, match=r"config\.eval\.split='heldout'"):
     loop._make_evaluator(types.SimpleNamespace(config=config), None, str(tmp_path), 0)
   assert not os.path.exists(tmp_path / "eval.jsonl")
+
+
+def test_eval_by_source_scores_every_source_alone_on_the_same_tokens_whatever_the_mixture(tmp_path, one_device_mesh):
+  """Two mixtures (one source switched off in both) are each scored on every source's own held-out rows."""
+  from conftest import tiny_config
+  from emjax.train import loop
+
+  evals = {}
+  for run, weights in {"a": dict(arithmetic=0.9, grammar=0.1, sorting=0.0),
+                       "b": dict(arithmetic=0.1, grammar=0.9, sorting=0.0)}.items():
+    config = tiny_config(steps=2)
+    config.data.sources = {name: sources.default_source_config(kind="synthetic", name=name, weight=w)
+                           for name, w in weights.items()}
+    config.eval.update(every_steps=2, batches=1, by_source=True)
+    loop.train(config, str(tmp_path / run), mesh=one_device_mesh, show_progress=False)
+    evals[run] = [json.loads(line) for line in open(tmp_path / run / "eval.jsonl")]
+  for rows in evals.values():
+    assert [e["step"] for e in rows] == [0, 2]
+    for e in rows:
+      assert sorted(e["eval_loss_by_source"]) == ["arithmetic", "grammar", "sorting"]
+      assert all(t > 0 for t in e["eval_tokens_by_source"].values())  # the switched-off source too
+  a, b = evals["a"][0], evals["b"][0]
+  # Step 0: the same initial weights (same seed and model) on the same tokens give the same losses per
+  # source, while the mixed held-out loss follows each run's own mixture.
+  assert a["eval_tokens_by_source"] == b["eval_tokens_by_source"]
+  assert a["eval_loss_by_source"] == pytest.approx(b["eval_loss_by_source"], abs=1e-6)
+  assert a["eval_loss"] != pytest.approx(b["eval_loss"], abs=1e-3)
+  assert evals["a"][1]["eval_loss_by_source"] != evals["b"][1]["eval_loss_by_source"]  # trained apart
