@@ -192,11 +192,11 @@ def test_eval_refuses_training_on_the_held_out_split(tmp_path):
   config.eval.every_steps = 2
   config.data.sources.grammar.split = "all"
   with pytest.raises(ValueError, match=r"data\.sources\.grammar\.split='all'"):
-    loop._make_evaluator(types.SimpleNamespace(config=config), None, str(tmp_path), 0)
+    loop._make_evaluator(types.SimpleNamespace(config=config), None, None)
   config.data.sources.grammar.split = "train"
   config.eval.split = "heldout"
   with pytest.raises(ValueError, match=r"config\.eval\.split='heldout'"):
-    loop._make_evaluator(types.SimpleNamespace(config=config), None, str(tmp_path), 0)
+    loop._make_evaluator(types.SimpleNamespace(config=config), None, None)
   assert not os.path.exists(tmp_path / "eval.jsonl")
 
 
