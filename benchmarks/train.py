@@ -218,5 +218,5 @@ if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from emjax import runtime
   # What the main job runs with (emjax.main sets it the same way), for both sides alike.
-  runtime.reexec_with_huge_pages([os.path.abspath(__file__), *sys.argv[1:]])
+  runtime.reexec_with_huge_pages()
   main()

@@ -206,7 +206,9 @@ def _write_failed(workdir: str | None, kind: str, message: str) -> None:
   # As train.loop.mark_failed writes it, without importing jax for a typo. Flags are parsed before
   # jax.distributed starts, so on a pod every process writes this same file.
   from emjax import paths  # pylint: disable=g-import-not-at-top
-  if workdir and paths.path(workdir).is_dir():
+  # A bucket prefix holding no object yet is no "directory", but a relauncher (launch/tpu/run.sh) must
+  # still see that this run failed rather than retry it.
+  if workdir and (paths.is_remote(workdir) or paths.path(workdir).is_dir()):
     (paths.path(workdir) / "FAILED").write_text(f"{kind}: {message}\n")
 
 
@@ -218,7 +220,7 @@ def _exit_with_user_error(argv: list[str], e: BaseException, message: str):
 
 def run() -> None:
   from emjax import runtime
-  runtime.reexec_with_huge_pages(["-m", "emjax.main", *sys.argv[1:]])
+  runtime.reexec_with_huge_pages()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 

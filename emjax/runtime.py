@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 DISABLE = "EMJAX_HUGE_PAGES"
@@ -34,13 +34,11 @@ def environment(env: Mapping[str, str]) -> dict[str, str]:
   return out
 
 
-def reexec_with_huge_pages(python_argv: Sequence[str]) -> None:
-  """Re-execute `python *python_argv` with the tunable set, unless `wants_reexec` says no.
-
-  `python_argv` is what follows the interpreter, e.g. ["-m", "emjax.main", *sys.argv[1:]].
-  Call it first thing, before anything else has started (threads, files, jax).
-  """
+def reexec_with_huge_pages() -> None:
+  """Re-execute this very command line (interpreter options, script or console entry point and
+  arguments, from `sys.orig_argv`) with the tunable set, unless `wants_reexec` says no.
+  Call it first thing, before anything else has started (threads, files, jax)."""
   if wants_reexec(os.environ):
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *python_argv], environment(os.environ))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment(os.environ))

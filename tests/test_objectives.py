@@ -319,19 +319,19 @@ def test_top_k_larger_than_the_vocabulary_is_an_error():
     objectives.teacher_top_k(T, 12)
 
 
-def test_cross_entropy_accuracy_counts_masked_positions_whose_target_has_the_highest_logit():
+def test_cross_entropy_accuracy_counts_masked_positions_whose_target_has_the_highest_logit_ties_split():
   logits = _logits(21)
   targets = np.random.default_rng(22).integers(0, V, (B, L)).astype(np.int32)
   targets[0, :3] = logits[0, :3].argmax(-1)  # some certainly right
-  logits[1, 0, :] = 0.0  # an exact tie for the highest logit: counted as correct
+  logits[1, 0, :] = 0.0  # all V logits tie for the highest: the target counts 1/V
   targets[1, 0] = 4
   mask = np.ones((B, L), np.float32)
   mask[2, 1:] = 0.0
   batch = {"targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask)}
   out = objectives.cross_entropy(jnp.asarray(logits), batch)
-  correct = (logits.argmax(-1) == targets)
-  correct[1, 0] = True
-  assert float(out.metrics["accuracy"]) == float((correct * mask).sum())
+  correct = (logits.argmax(-1) == targets).astype(np.float64)
+  correct[1, 0] = 1 / V
+  np.testing.assert_allclose(float(out.metrics["accuracy"]), float((correct * mask).sum()), rtol=1e-6)
   assert 3 <= float(out.metrics["accuracy"]) < float(mask.sum())
   nll = -(_log_softmax64(logits)[np.arange(B)[:, None], np.arange(L)[None], targets])
   np.testing.assert_allclose(float(out.loss_sum), (nll * mask).sum(), rtol=1e-5)

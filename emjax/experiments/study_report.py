@@ -14,7 +14,8 @@ per-seed values are in results.json); with one seed there is no interval. A clai
 the seeds' mean difference has the paper's sign and its interval excludes zero, is *not
 reproduced* when the interval excludes zero with the other sign, and is *inconclusive* otherwise.
 The claims about fine-tuned models compare what SFT added (`gain`: a bucket's EM after SFT minus
-the instructed base model's EM on the same questions), not raw EM.
+the instructed base model's EM on the same questions), not raw EM; learnedness is the exception: it
+correlates the fine-tuned models' raw in-cell and general EM, as the paper does.
 """
 
 from __future__ import annotations

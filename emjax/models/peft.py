@@ -81,7 +81,8 @@ _IGNORED = ("auto_mapping", "peft_version", "inference_mode", "loftq_config", "e
 # init_lora_weights values after which the saved A and B apply to the unchanged base.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # PEFT's targets for a config that names none (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+# PEFT's defaults per model_type (peft.utils.constants, checked with 0.21).
+_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"]}
 # The HF modules outside the decoder's projections that PEFT could put LoRA on.
 _OTHER_MODULES = ("model.embed_tokens", "lm_head")
 

@@ -377,8 +377,8 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: 
   b, l, h, dh = q_BxLxHxDh.shape
   k_heads = k_BxSxKxDh.shape[2]
   q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh).transpose(0, 2, 3, 1, 4)
-  scores = jnp.einsum("bkgld,bskd->bkgls", q_BxKxGxLxDh * (1 / math.sqrt(dh)), k_BxSxKxDh,
-                      preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bkgld,bskd->bkgls", q_BxKxGxLxDh, k_BxSxKxDh,
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
   out_BxKxGxLxDh = _attend(scores, mask_BxLxS, v_BxSxKxDh.transpose(0, 2, 1, 3))
   return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
@@ -475,12 +475,6 @@ class Attention(nnx.Module):
     return project(self, "o_proj", "blhk,hkd->bld", out_BxLxHxDh, ctx), layer_cache
 
 
-def silu(x):
-  """x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2: the same function, but XLA:CPU runs
-  tanh's vectorised kernel where it expands the logistic to an exp and a division."""
-  return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
-
-
 class MLP(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
@@ -491,7 +485,7 @@ class MLP(nnx.Module):
   def __call__(self, x_BxLxD, ctx=None):
     gate_BxLxF = project(self, "gate_proj", "bld,df->blf", x_BxLxD, ctx)
     up_BxLxF = project(self, "up_proj", "bld,df->blf", x_BxLxD, ctx)
-    h_BxLxF = shd.constrain(silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    h_BxLxF = shd.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
     return project(self, "down_proj", "blf,fd->bld", h_BxLxF, ctx)
 
 

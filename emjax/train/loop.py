@@ -655,5 +655,5 @@ def mark_complete(workdir: str, final: dict) -> None:
 
 
 def mark_failed(workdir: str, error: BaseException) -> None:
-  if jax.process_index() == 0 and paths.path(workdir).is_dir():
+  if jax.process_index() == 0 and (paths.is_remote(workdir) or paths.path(workdir).is_dir()):
     (paths.path(workdir) / FAILED_FILE).write_text(f"{type(error).__name__}: {error}\n")

@@ -65,16 +65,19 @@ def token_log_probs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Arra
 
 
 def _accuracy_sum(logits_BxLxV, targets_BxL, mask_BxL):
-  """Positions whose target has the highest logit (a tie for the highest counts as correct).
+  """Positions whose target has the highest logit; a target tied with n others for the highest counts 1/(n+1).
 
   Not `argmax(logits) == target`: XLA:CPU runs argmax's variadic (value, index) reduce over the
-  vocabulary without vectorising it, a large share of a small model's step, while a max and the
-  target's logit are a plain reduce and a gather. The two differ only on exact ties.
+  vocabulary without vectorising it, a large share of a small model's step, while a max, a count
+  and the target's logit are plain reduces and a gather. The split tie is argmax's expectation under
+  a random tie-break (bf16 logits tie often; a collapsed model with equal logits scores 1/V).
   Computed on the logits' own dtype: no float32 copy of the vocabulary axis for a metric.
   """
   logits_BxLxV = jax.lax.stop_gradient(logits_BxLxV)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  correct_BxL = (target_logit_BxL >= jnp.max(logits_BxLxV, axis=-1)).astype(jnp.float32)
+  max_BxL = jnp.max(logits_BxLxV, axis=-1)
+  n_max_BxL = jnp.sum((logits_BxLxV == max_BxL[..., None]).astype(jnp.float32), axis=-1)
+  correct_BxL = (target_logit_BxL >= max_BxL).astype(jnp.float32) / n_max_BxL
   return jnp.sum(correct_BxL * mask_BxL)
 
 
