@@ -81,6 +81,9 @@ def main(argv) -> int:
     elif config.job == "compile":
       from emjax.train import aot
       aot.compile_and_report(config, workdir)
+    elif config.job == "plan":
+      from emjax.train import aot
+      aot.plan(config, workdir)
     else:
       raise ValueError(f"config.job: unknown job {config.job!r}")
   # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
