@@ -38,7 +38,6 @@ MESHES = {
     "dp2fsdp2tp2": (2, 2, 2),
     "one": (1, 1, 1),  # a single device (uses the first device only)
 }
-FIELDS = ("argument", "output", "temp", "alias", "generated_code")
 
 
 def load_config(variant: str):
@@ -78,7 +77,7 @@ def measure(config, mesh_name: str) -> dict:
   import jax
 
   from emjax import sharding as shd
-  from emjax.train import loop
+  from emjax.train import aot, loop
 
   data, fsdp, tensor = MESHES[mesh_name]
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
@@ -88,9 +87,8 @@ def measure(config, mesh_name: str) -> dict:
   t0 = time.perf_counter()
   compiled = trainer.compile()
   seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  per_device = {f: int(getattr(mem, f"{f}_size_in_bytes", 0)) for f in FIELDS}
-  peak = per_device["argument"] + per_device["output"] + per_device["temp"] - per_device["alias"]
+  per_device = aot.memory_bytes(compiled)
+  peak = per_device.pop("peak")
   lora_params = sum(x.size for x in jax.tree.leaves(trainer.layout.abstract["params"]))
   tc = config.train
   dp = shd.data_parallel_size(mesh)

@@ -21,7 +21,7 @@ from emjax import paths
 from emjax import tracking
 from emjax.models import transformer
 
-JOBS = ("train", "pretrain", "compile", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k",
+JOBS = ("train", "pretrain", "compile", "plan", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k",
         "study")
 
 
@@ -89,8 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
   # by_source: also each source's own loss, on `batches` batches of that source alone (a weight-0
   # source too), the same tokens whatever the mixture: runs on other mixtures compare on them.
   c.eval = dict(every_steps=0, batches=4, split="eval", by_source=False)
-  # AOT compile job: compile for the mesh without materialising anything.
-  c.compile = dict(topology="", platform="")  # e.g. topology="v5e:16x16", platform="tpu" (later issue)
+  # The compile and plan jobs (emjax/train/aot.py): compile for the mesh without materialising
+  # anything. topology: a TPU slice to compile for from this machine (needs jax[tpu]), e.g. v5e-16
+  # (16 chips), v5p-64 (64 TensorCores = 32 chips), v6e-64 or libtpu's v5e:4x4; '' = the local
+  # devices (compile job only). step: what the plan job plans: train (the training step) | sample
+  # (config.sample's prefill + decode, the sample and eval jobs' sampler).
+  c.compile = dict(topology="", step="train")
   # Multi-process jobs: all three set (launch/multiprocess.sh sets them for N local processes), or
   # left as they are to detect the cluster (TPU VM workers, SLURM, JAX_COORDINATOR_ADDRESS).
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)

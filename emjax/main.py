@@ -86,6 +86,9 @@ def main(argv) -> int:
     elif config.job == "compile":
       from emjax.train import aot
       aot.compile_and_report(config, workdir)
+    elif config.job == "plan":
+      from emjax.train import aot
+      aot.plan(config, workdir)
     else:
       raise ValueError(f"config.job: unknown job {config.job!r}")
     tracking.log_report_figures(config, workdir)  # report, eval, study: their figures, when tracking is on

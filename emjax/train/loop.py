@@ -86,8 +86,11 @@ def micro_batches(batch: Mapping[str, jax.Array], grad_accum_steps: int, mesh: M
 
 
 def make_loss_sums(graphdef, objective: objectives_lib.Objective, mesh: Mesh | None, loss_chunk_len: int,
-                   teacher_graphdef=None) -> Callable:
-  """`(params, frozen, batch, teacher_params, dropout_key) -> (loss_sum, ObjectiveOutput)` for one batch."""
+                   teacher_graphdef=None, unroll: bool = False) -> Callable:
+  """`(params, frozen, batch, teacher_params, dropout_key) -> (loss_sum, ObjectiveOutput)` for one batch.
+
+  `unroll`: the loss chunks unrolled instead of scanned (same arithmetic; see `Trainer`).
+  """
 
   def loss_sums(params, frozen, batch, teacher_params=None, dropout_key=None):
     model = nnx.merge(graphdef, state_lib.merge_trees(frozen, params))
@@ -100,7 +103,7 @@ def make_loss_sums(graphdef, objective: objectives_lib.Objective, mesh: Mesh | N
             teacher.hidden(batch["inputs"], batch["positions"], batch["segment_ids"]))
         t_unembed = teacher.logits
       out = objectives_lib.chunked_sums(objective, model.logits, hidden, batch, loss_chunk_len,
-                                        teacher_unembed=t_unembed, teacher_hidden_BxLxD=t_hidden)
+                                        teacher_unembed=t_unembed, teacher_hidden_BxLxD=t_hidden, unroll=unroll)
     return out.loss_sum, out
 
   return loss_sums
@@ -108,14 +111,16 @@ def make_loss_sums(graphdef, objective: objectives_lib.Objective, mesh: Mesh | N
 
 def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int, mesh: Mesh | None,
-                    use_dropout: bool = False, loss_chunk_len: int = 0, teacher_graphdef=None) -> Callable:
+                    use_dropout: bool = False, loss_chunk_len: int = 0, teacher_graphdef=None,
+                    unroll: bool = False) -> Callable:
   """The pure step `(state, frozen, batch, teacher_params) -> (state, metrics)`.
 
   Exact token-mean gradients over all micro-batches, then one update of the
   trainable parameters; `frozen` and `teacher_params` are only read. The teacher
-  runs on each micro-batch beside the student.
+  runs on each micro-batch beside the student. `unroll`: the micro-batch and loss-chunk loops
+  unrolled instead of scanned (same arithmetic; see `Trainer`).
   """
-  loss_sums = make_loss_sums(graphdef, objective, mesh, loss_chunk_len, teacher_graphdef)
+  loss_sums = make_loss_sums(graphdef, objective, mesh, loss_chunk_len, teacher_graphdef, unroll)
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
   def step(state, frozen, batch, teacher_params=None):
@@ -138,7 +143,8 @@ def make_train_step(graphdef, objective: objectives_lib.Objective, tx: optax.Gra
       _, o_shape = jax.eval_shape(loss_sums, params, frozen, first, teacher_params)
       init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), o_shape.metrics))
-      (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(grad_accum_steps)))
+      (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(grad_accum_steps)),
+                                                         unroll=unroll)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = _global_norm(grads)
@@ -163,9 +169,13 @@ def batch_abstract(objective: objectives_lib.Objective, batch_size: int, seq_len
 
 
 class Trainer:
-  """Static pieces of a run (mesh, layout, jitted step) built from a config, nothing materialised."""
+  """Static pieces of a run (mesh, layout, jitted step) built from a config, nothing materialised.
 
-  def __init__(self, config, mesh: Mesh | None = None):
+  `unroll_loops`: the step's own loops (micro-batches, loss chunks) unrolled, for XLA's cost
+  analysis, which counts a loop body once whatever its trip count (emjax.train.aot's plans).
+  """
+
+  def __init__(self, config, mesh: Mesh | None = None, *, unroll_loops: bool = False):
     config_lib.validate(config)
     self.config = config
     if config.init.hf:
@@ -197,7 +207,8 @@ class Trainer:
     step = make_train_step(self.layout.graphdef, self.objective, self.tx, self.schedule,
                            tc.grad_accum_steps, self.mesh,
                            use_dropout=self.lora_cfg is not None and self.lora_cfg.dropout > 0,
-                           loss_chunk_len=int(tc.loss_chunk_len), teacher_graphdef=teacher_graphdef)
+                           loss_chunk_len=int(tc.loss_chunk_len), teacher_graphdef=teacher_graphdef,
+                           unroll=unroll_loops)
     self.batch_abstract = batch_abstract(self.objective, tc.batch_size, config.data.seq_len, self.mesh)
     self.batch_shardings = {k: v.sharding for k, v in self.batch_abstract.items()}
     self.batch_keys = tuple(self.batch_abstract)
@@ -260,11 +271,11 @@ class Trainer:
                        "the teacher's model config")
     return jax.device_put(loaded.params, self.teacher.shardings)
 
-  def compile(self):
+  def compile(self, compiler_options: Mapping[str, Any] | None = None):
     """Lower and compile from abstract shapes alone (ahead of time; no parameter materialised)."""
     teacher = self.teacher.abstract if self.teacher is not None else None
     return self.step_fn.lower(self.layout.abstract, self.layout.frozen_abstract, self.batch_abstract,
-                              teacher).compile()
+                              teacher).compile(compiler_options=compiler_options)
 
   def init_state(self, workdir: str | None = None) -> tuple[dict, dict]:
     """(train state, frozen params) for step 0, from `config.init` (random when unset).

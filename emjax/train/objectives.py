@@ -356,13 +356,14 @@ def get_objective(name: str, distill=None) -> Objective:
 def chunked_sums(objective: Objective, unembed: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array,
                  batch: Mapping[str, jax.Array], chunk_len: int,
                  teacher_unembed: Callable[[jax.Array], jax.Array] | None = None,
-                 teacher_hidden_BxLxD: jax.Array | None = None) -> ObjectiveOutput:
+                 teacher_hidden_BxLxD: jax.Array | None = None, unroll: bool = False) -> ObjectiveOutput:
   """The objective's sums over all L positions, unembedding `chunk_len` positions at a time.
 
   Each chunk's logits (and the teacher's) are recomputed in the backward pass
   instead of stored, so the live logits are [B, chunk_len, V], never [B, L, V].
   `chunk_len <= 0` or `>= L` is one chunk (no scan). A last partial chunk is
-  padded with positions whose batch entries (masks included) are zero.
+  padded with positions whose batch entries (masks included) are zero. `unroll`: the chunks
+  unrolled instead of scanned (the same sums).
   """
   seq_len = hidden_BxLxD.shape[1]
   keys = [k for k in objective.batch_spec]
@@ -395,5 +396,5 @@ def chunked_sums(objective: Objective, unembed: Callable[[jax.Array], jax.Array]
     out = body_fn(*chunk)
     return jax.tree.map(jnp.add, carry, out), None
 
-  total, _ = jax.lax.scan(body, init, xs)
+  total, _ = jax.lax.scan(body, init, xs, unroll=unroll)
   return total
