@@ -594,7 +594,7 @@ class ApiJudge:
     try:
       choice = reply["choices"][0]
       if self.mode == "direct":
-        return judges.parse_direct((choice.get("message") or {}).get("content"))
+        return judges.parse_score((choice.get("message") or {}).get("content"), "strict")
       content = (choice.get("logprobs") or {}).get("content")
       if content is None:
         return _Failure("no_logprobs", "the reply has no logprobs: does this model or server support them? "

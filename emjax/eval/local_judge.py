@@ -79,9 +79,10 @@ TRIE_GROUPS = 10
 # -1 = the newest), dtype ('' = the weights' own) of parameters and compute, prompts per batch, the
 # longest prompt scored (longer ones are `error` rows), and the trie's cache copies.
 # min_mass: below this absolute probability on all candidates together the judge is not answering
-# with a score at all (it wants to write prose): parse_error, as the API judge's 0.25 rule.
+# with a score at all (it wants to write prose): parse_error (judges.score_from_probabilities, the
+# rule the API judge's logprob mode shares).
 DEFAULTS = dict(hf="", checkpoint="", step=-1, dtype="", batch_size=8, max_prompt_length=2048,
-                trie_groups=TRIE_GROUPS, min_mass=0.25)
+                trie_groups=TRIE_GROUPS, min_mass=judges.MIN_MASS)
 
 
 # ----------------------------------------------------------------------------- the candidates' trie
@@ -171,8 +172,9 @@ class CandidateTrie:
 
 
 def score_from_logprobs(logprobs_C: Sequence[float], candidates: Sequence[str] = CANDIDATES,
-                        min_mass: float = 0.0) -> judges.Score:
-  """A Score from the candidates' log-probabilities (CANDIDATES' order: 0..100, REFUSAL, CODE)."""
+                        min_mass: float = judges.MIN_MASS) -> judges.Score:
+  """A Score from the candidates' log-probabilities (CANDIDATES' order: 0..100, REFUSAL, CODE), by
+  the rule both probability judges share (`judges.score_from_probabilities`)."""
   lp = np.asarray(logprobs_C, np.float64)
   if lp.shape != (len(candidates),) or not np.all(np.isfinite(lp)):
     return judges.Score(None, "error", _compact({"error": "non-finite candidate log-probabilities",
@@ -180,15 +182,12 @@ def score_from_logprobs(logprobs_C: Sequence[float], candidates: Sequence[str] =
   top = float(np.max(lp))
   w = np.exp(lp - top)  # the largest is 1: normalising cannot underflow to 0/0
   p = w / np.sum(w)
-  numeric, refusal, code = float(np.sum(p[:REFUSAL])), float(p[REFUSAL]), float(p[CODE])
-  raw = _compact({"numeric": _round(numeric), "refusal": _round(refusal), "code": _round(code),
-                  "mass": _round(math.exp(top) * float(np.sum(w))), "argmax": candidates[int(np.argmax(lp))]})
-  if math.exp(top) * float(np.sum(w)) < min_mass:
-    return judges.Score(None, "parse_error", raw)
-  if max(refusal, code) > numeric:
-    return judges.Score(None, "refusal" if refusal >= code else "code", raw)
-  value = float(np.dot(p[:REFUSAL], np.arange(REFUSAL, dtype=np.float64)) / numeric)
-  return judges.Score(min(max(value, 0.0), 100.0), "ok", raw)
+  mass = math.exp(top) * float(np.sum(w))  # absolute probability of all candidates together
+  absolute = p * mass
+  raw = _compact({"numeric": _round(float(np.sum(p[:REFUSAL]))), "refusal": _round(float(p[REFUSAL])),
+                  "code": _round(float(p[CODE])), "mass": _round(mass), "argmax": candidates[int(np.argmax(lp))]})
+  return judges.score_from_probabilities({i: float(absolute[i]) for i in range(REFUSAL)}, float(absolute[REFUSAL]),
+                                         float(absolute[CODE]), raw, min_mass)
 
 
 def _round(x: float) -> float:
@@ -276,7 +275,7 @@ class LocalJudge:
   def __init__(self, params: dict, model_cfg: transformer.TransformerConfig, tokenizer, prompts: judges.JudgePrompts,
                *, mesh=None, batch_size: int = DEFAULTS["batch_size"],
                max_prompt_length: int = DEFAULTS["max_prompt_length"], trie_groups: int = TRIE_GROUPS,
-               name: str = "local", min_mass: float = 0.0):
+               name: str = "local", min_mass: float = judges.MIN_MASS):
     if int(batch_size) < 1:
       raise ValueError(f"local judge: batch_size must be >= 1, got {batch_size}")
     if int(trie_groups) < 1:

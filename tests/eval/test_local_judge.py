@@ -120,7 +120,7 @@ def test_trie_pass_equals_a_forward_per_candidate(chat_judge, chat_params):
   assert np.all(ref < -5), "random weights: no candidate should be likely"
   np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5)  # |logp| ~ 30-45: 1e-6 relative
   for g, r in zip(got, ref):
-    s, s_ref = lj.score_from_logprobs(g), lj.score_from_logprobs(r)
+    s, s_ref = lj.score_from_logprobs(g, min_mass=0.0), lj.score_from_logprobs(r, min_mass=0.0)
     assert s.status == s_ref.status == "ok" and abs(s.value - s_ref.value) < 1e-3
     raw = json.loads(s.raw)
     assert abs(raw["numeric"] + raw["refusal"] + raw["code"] - 1) < 1e-5
@@ -222,7 +222,8 @@ def test_score_from_logprobs_rules():
   # 0.2 on "20", 0.5 on "80", 0.3 on REFUSAL: ok (0.3 < 0.7), the mean over the numbers only.
   lp = np.full(len(lj.CANDIDATES), -np.inf)
   lp[[20, 80, lj.REFUSAL]] = np.log([0.2, 0.5, 0.3]) - 3.0  # absolute mass e^-3
-  s = lj.score_from_logprobs(np.maximum(lp, -1e4))
+  assert lj.score_from_logprobs(np.maximum(lp, -1e4)).status == "parse_error"  # under the default 0.25
+  s = lj.score_from_logprobs(np.maximum(lp, -1e4), min_mass=0.0)
   raw = json.loads(s.raw)
   assert s.status == "ok" and abs(s.value - (0.2 * 20 + 0.5 * 80) / 0.7) < 1e-6
   assert abs(raw["numeric"] - 0.7) < 1e-5 and abs(raw["refusal"] - 0.3) < 1e-5 and raw["code"] < 1e-6
