@@ -90,20 +90,32 @@ def general_questions(path: str) -> list[dict]:
 _CELL_FILE = re.compile(rf"^({'|'.join(DOMAINS)})_({'|'.join(TASKS)})(?:_|\.|$)")
 
 
-def narrow_questions(patterns: str | Sequence[str], *, limit_per_file: int = 0) -> list[dict]:
-  """The user turns of per-cell chat JSONL files (`limit_per_file` > 0: the first that many of each)."""
+def narrow_questions(patterns: str | Sequence[str], *, limit_per_file: int = 0, seed: int = 0) -> list[dict]:
+  """The user turns of per-cell chat JSONL files.
+
+  `limit_per_file` > 0 keeps that many questions of each file, drawn uniformly at random without
+  replacement (seeded by `seed` and the file's name, so a rerun draws the same ones), in file order.
+  Not the first N: the released splits are ordered (by source item), so a head is a biased subset.
+  """
+  import zlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
   out, seen = [], {}
   for path in records_lib.paths_of(patterns):
     m = _CELL_FILE.match(os.path.basename(path))
-    taken = 0
+    rows = []
     for where, row in jsonl.read_objects(path):
-      if limit_per_file and taken >= limit_per_file:
-        break
       messages = row.get("messages")
       users = [t for t in messages if isinstance(t, dict) and t.get("role") == "user"] if isinstance(
           messages, list) else []
       if not users or not isinstance(users[0].get("content"), str) or not users[0]["content"].strip():
         raise ValueError(f"{where}: a narrow question needs `messages` with a non-empty user turn")
+      rows.append((where, row, messages, users))
+    if limit_per_file and limit_per_file < len(rows):
+      rng = np.random.default_rng([int(seed), zlib.crc32(os.path.basename(path).encode())])
+      keep = np.sort(rng.choice(len(rows), size=int(limit_per_file), replace=False))
+      rows = [rows[i] for i in keep]
+    for where, row, messages, users in rows:
       domain, task = row.get("domain"), row.get("task")
       if domain is None or task is None:
         if m is None:
@@ -118,7 +130,6 @@ def narrow_questions(patterns: str | Sequence[str], *, limit_per_file: int = 0) 
       meta = {k: row[k] for k in ("variant", "src_idx") if k in row}
       out.append(_question(qid, users[0]["content"], task=task, domain=domain, system=systems[0] if systems else None,
                            set_name="narrow", **meta))
-      taken += 1
   return out
 
 

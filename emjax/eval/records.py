@@ -3,14 +3,22 @@
 A record (`responses.jsonl` after the answers stage, `judged.jsonl` after judging):
 
     question_id, question, task, domain, em_surface (general set), sample_index,
-    ft_task, ft_domain, variant, model_key, response,
+    ft_task, ft_domain, variant, model_key, adapter, response,
     aligned, aligned_status, aligned_raw, coherent, coherent_status, coherent_raw,
     judge, prompt_version                                    (emjax's own)
+
+`model_key` names the base model and `adapter` the fine-tuned model evaluated (null: derived from the
+training cell and variant, as the release names its adapters; see `adapter_of`). A record's identity
+is `record_key`: (model_key, adapter, question id namespaced by evaluation cell, sample_index).
+A judged file may hold several rows of one key: the last one counts (`latest`).
 
 `aligned`/`coherent` are 0-100 or None; every score has a status (`STATUSES`): `ok` (a number),
 `refusal` / `code` (the judge said REFUSAL / CODE), `empty` (the answer was empty: not sent to a
 judge), `parse_error` (the judge answered, but with no score in it), `error` (no usable judge
-answer after the retries). A row is never dropped: a failure is a status, and metrics count it.
+answer after the retries: pending, judged again by the next run, unless `error_final` is set).
+A row is never dropped: a failure is a status, and metrics count it. In the paper's released files
+`empty` with raw `[EMPTY]` means the *judge's reply* was empty, and raw `[ERROR: ...]` marks `error`
+(judges.parse_score, rule "paper"); emjax never writes `empty` for a judge's reply.
 
 `read_records` also reads the authors' released files as they are: `sample_i` is read as
 `sample_index`, a row with chat `messages` (the narrow evaluation splits) takes its question from
@@ -30,7 +38,7 @@ from emjax.data import jsonl
 METRICS = ("aligned", "coherent")
 STATUSES = ("ok", "refusal", "code", "empty", "parse_error", "error")
 QUESTION_FIELDS = ("question_id", "question", "task", "domain", "em_surface")
-RECORD_FIELDS = (*QUESTION_FIELDS, "sample_index", "ft_task", "ft_domain", "variant", "model_key", "response",
+RECORD_FIELDS = (*QUESTION_FIELDS, "sample_index", "ft_task", "ft_domain", "variant", "model_key", "adapter", "response",
                  *(f"{m}{s}" for m in METRICS for s in ("", "_status", "_raw")), "judge", "prompt_version")
 
 
@@ -39,9 +47,64 @@ def cell(domain: str | None, task: str | None) -> str:
   return f"{domain}_{task}"
 
 
-def record_key(row: dict) -> tuple[str, str, int]:
-  """What identifies a row: (model_key, question_id, sample_index); the judged file holds each once."""
-  return (str(row.get("model_key", "")), str(row["question_id"]), int(row["sample_index"]))
+def adapter_of(row: dict) -> str:
+  """The fine-tuned model a row's answer comes from, within its `model_key` (the base model).
+
+  The row's own `adapter` when it has one, else its training cell and variant as the release names
+  its adapter directories (`<ft_domain>_<ft_task>_<variant>`, e.g. `medical_advice_strong`), else ""
+  (the base model itself, or a model whose training cell is unknown).
+  """
+  if row.get("adapter"):
+    return str(row["adapter"])
+  if row.get("ft_domain") is None or row.get("ft_task") is None:
+    return ""
+  return cell(row["ft_domain"], row["ft_task"]) + (f"_{row['variant']}" if row.get("variant") else "")
+
+
+def question_key(row: dict) -> str:
+  """A question's identity: its id namespaced by its evaluation cell, `<domain>_<task>/<question_id>`.
+
+  The release's narrow ids (`si_<n>`) restart in every evaluation-cell file of an adapter, for
+  different questions; the cell tells them apart. A row without a cell keeps its bare id.
+  """
+  if row.get("domain") is None or row.get("task") is None:
+    return str(row["question_id"])
+  return f"{cell(row['domain'], row['task'])}/{row['question_id']}"
+
+
+def record_key(row: dict) -> tuple[str, str, str, int]:
+  """What identifies a row: (model_key, adapter, question_key, sample_index).
+
+  A missing and a null model_key are the same (""), so a responses file without model_key and its
+  judged rows (written with model_key null) match.
+  """
+  return (str(row.get("model_key") or ""), adapter_of(row), question_key(row), int(row["sample_index"]))
+
+
+def latest(rows: Iterable[dict]) -> list[dict]:
+  """One row per record key, the last one written (re-judging appends a newer row for a key), in the
+  order the keys first appear. Every reader of judged files goes through this."""
+  out: dict[tuple, dict] = {}
+  for row in rows:
+    out[record_key(row)] = row
+  return list(out.values())
+
+
+def is_pending(row: dict) -> bool:
+  """A judged row one of whose scores failed in transport (`error`) and was not finalised: the next
+  judging run sends it again (`judge.finalize_errors` keeps such rows as they are, `error_final`)."""
+  return any(row.get(f"{m}_status") == "error" for m in METRICS) and not row.get("error_final")
+
+
+def error_cause(row: dict) -> str:
+  """Why a row's judgement failed: the failure kind its raw output starts with (e.g. `http_429`,
+  `timeout`, `internal`), as the judges write it; "" when no score is an error."""
+  for m in METRICS:
+    if row.get(f"{m}_status") == "error":
+      raw = str(row.get(f"{m}_raw") or "")
+      kind, sep, _ = raw.partition(":")
+      return kind.strip() if sep and kind.strip() and " " not in kind.strip() else "other"
+  return ""
 
 
 def paths_of(patterns: str | Sequence[str]) -> list[str]:
@@ -104,13 +167,20 @@ def normalize(obj: dict, where: str, line_no: int = 0) -> dict:
 
 
 def read_records(patterns: str | Sequence[str], **defaults) -> list[dict]:
-  """Every record of the files (globs), normalized; `defaults` fill fields a file lacks (e.g. model_key)."""
+  """Every line of the files (globs) as a normalized record; `defaults` fill fields a file lacks (e.g.
+  model_key). A judged file may hold a key more than once (re-judged rows are appended): readers of
+  judged files take `latest(...)` of these, or `read_judged`."""
   rows = []
   for path in paths_of(patterns):
     for where, obj in jsonl.read_objects(path):
       line_no = int(where.rsplit(":", 1)[1])
       rows.append(normalize({**defaults, **obj}, where, line_no))
   return rows
+
+
+def read_judged(patterns: str | Sequence[str], **defaults) -> list[dict]:
+  """The records of judged files, the last row of each key (`latest`)."""
+  return latest(read_records(patterns, **defaults))
 
 
 def is_judged(row: dict) -> bool:

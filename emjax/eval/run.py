@@ -483,7 +483,7 @@ def set_rates(path: str, report_settings) -> dict:
   """{overall, by_question: {id: rate}, by_variant: {variant: rate}} of one judged file (metrics.rate objects)."""
   from emjax.eval import metrics  # pylint: disable=g-import-not-at-top
 
-  rows = records_lib.read_records(path)
+  rows = records_lib.read_judged(path)
   th = metrics.Thresholds(float(report_settings.thresholds.aligned_below),
                           float(report_settings.thresholds.coherent_above))
   kwargs = dict(thresholds=th, n_boot=int(report_settings.bootstrap_samples), seed=int(report_settings.seed))

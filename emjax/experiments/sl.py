@@ -490,7 +490,7 @@ def _tokens_trained(sdir: str) -> int:
 def _judged(edir: str, set_name: str) -> list[dict]:
   from emjax.eval import records  # pylint: disable=g-import-not-at-top
   path = os.path.join(edir, set_name, "judged.jsonl")
-  return records.read_records(path) if os.path.exists(path) else []
+  return records.read_judged(path) if os.path.exists(path) else []
 
 
 def compute_results(config, workdir: str, channels: Sequence[str], evals: Mapping[str, str] | None) -> dict:

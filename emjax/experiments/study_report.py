@@ -77,7 +77,7 @@ def _judged(edir: str) -> dict[str, list[dict]]:
   out = {}
   for s in ("general", "narrow"):
     p = os.path.join(edir, s, "judged.jsonl")
-    out[s] = records.read_records(p) if os.path.exists(p) else []
+    out[s] = records.read_judged(p) if os.path.exists(p) else []
   return out
 
 

@@ -35,7 +35,7 @@ def test_rates_by_hand():
   assert r["em"] == pytest.approx(30.0) and r["coherent"] == pytest.approx(70.0)
   assert (r["n_valid"], r["n_total"]) == (10, 10)
   assert r["ci95"] == pytest.approx([10.78, 60.32], abs=0.01)
-  assert set(r) == {"em", "coherent", "n_valid", "n_total", "ci95", "counts"}
+  assert set(r) == {"em", "coherent", "n_valid", "n_total", "ci95", "counts", "em_bounds"}
 
 
 def test_thresholds_are_strict():
