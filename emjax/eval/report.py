@@ -74,6 +74,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,7 @@ from emjax.eval.metrics import CELLS, DOMAINS, EM_SURFACES, FOUR_WAY, NONE_LABEL
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SETS = ("general", "narrow")
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
@@ -115,9 +116,10 @@ def config_block() -> dict:
   )
 
 
-def run_report(config, workdir: str, extra_provenance: Mapping | None = None) -> dict:
+def run_report(config, workdir: str, extra_provenance: Mapping | None = None, overlap: Mapping | None = None) -> dict:
   """Reads the records `config` names, writes report.md, results.json and figures under `workdir`,
-  and returns the results (the content of results.json)."""
+  and returns the results (the content of results.json). `overlap`: the eval job's audit of evaluated
+  questions found in the evaluated model's training data (shown at the top when any were)."""
   settings = _settings(config)
   os.makedirs(workdir, exist_ok=True)
   # An earlier run's outputs go first: after a run that fails from here on, the workdir holds no
@@ -135,6 +137,8 @@ def run_report(config, workdir: str, extra_provenance: Mapping | None = None) ->
            sum(len(m["general"]) for m in models.values()), sum(len(m["narrow"]) for m in models.values()))
 
   results = compute_results(models, settings, baseline=config.baseline)
+  results["judging"] = judging_summary([r for f in used for r in f["rows"]])
+  results["overlap"] = _jsonable(overlap) if overlap is not None else None
   results["judge_agreement"] = agreement
   results["provenance"] = provenance(config, loaded, used, extra_provenance)
 
@@ -168,18 +172,29 @@ def _settings(config) -> dict:
 # ----------------------------------------------------------------------------- reading
 
 
+_RELEASE_NARROW_FILE = re.compile(r"^on_(?P<cell>[a-z]+_[a-z]+)\.jsonl$")
+
+
 def load_records(config) -> list[dict]:
-  """[{set, path, sha256, rows}] for every file of config.general and config.narrow."""
+  """[{set, path, sha256, rows}] for every file of config.general and config.narrow.
+
+  A file's rows are the last of each record key (a re-judged file appends newer rows). Files in the
+  release's layout are checked against their path: `narrow/<model>/<adapter>/on_<domain>_<task>.jsonl`
+  must hold only that evaluation cell, and a row's adapter (from its `ft_domain`/`ft_task`/`variant`)
+  must be the directory's; `general/<model>/<adapter>.jsonl` likewise.
+  """
   loaded = []
   for set_name in SETS:
     patterns = config[set_name]
     if not patterns:
       continue
     for path in records_lib.paths_of(patterns):
-      rows = records_lib.read_records(path)
-      for row in rows:
+      raw_rows = records_lib.read_records(path)
+      for row in raw_rows:
         if not row.get("model_key"):
           row["model_key"] = config.default_model_key
+      _check_release_path(path, raw_rows)
+      rows = records_lib.latest(raw_rows)
       other_set = next((r for r in rows if r.get("set") not in (None, set_name)), None)
       if other_set is not None:
         raise ValueError(f"{path}: holds records of the {other_set['set']!r} question set (e.g. "
@@ -188,8 +203,44 @@ def load_records(config) -> list[dict]:
       if unjudged:
         raise ValueError(f"{path}: {unjudged} of {len(rows)} records have no judge scores "
                          f"(aligned_status / coherent_status); judge them before reporting")
-      loaded.append({"set": set_name, "path": os.path.abspath(path), "sha256": _sha256(path), "rows": rows})
+      loaded.append({"set": set_name, "path": os.path.abspath(path), "sha256": _sha256(path), "rows": rows,
+                     "lines": len(raw_rows)})
   return loaded
+
+
+def _check_release_path(path: str, rows: Sequence[dict]) -> None:
+  """A file named as the release names its files holds what its name says (module docstring)."""
+  name, parent = os.path.basename(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
+  m = _RELEASE_NARROW_FILE.match(name)
+  if m:
+    adapter, want_cell = parent, m.group("cell")
+  elif re.match(r"^[a-z]+_[a-z]+_[a-z0-9]+\.jsonl$", name):
+    adapter, want_cell = name[:-len(".jsonl")], None
+  else:
+    return
+  for i, row in enumerate(rows, 1):
+    if want_cell is not None and records_lib.cell(row.get("domain"), row.get("task")) != want_cell:
+      raise ValueError(f"{path}: row {i} is a question of the cell "
+                       f"{records_lib.cell(row.get('domain'), row.get('task'))!r}, but the file is named for {want_cell!r}")
+    got = records_lib.adapter_of(row)
+    if row.get("ft_domain") is not None and got != adapter:
+      raise ValueError(f"{path}: row {i} comes from the adapter {got!r} (its ft_domain/ft_task/variant), but the "
+                       f"release's layout names the file's adapter {adapter!r}")
+
+
+def judging_summary(rows: Sequence[Mapping]) -> dict:
+  """Rows whose judgement failed in transport: pending (a rerun of the judge sends them again) or
+  finalised (`judge.finalize_errors`), with their causes. A report of a file with pending rows is
+  partial, and says so at its top."""
+  pending = [r for r in rows if records_lib.is_pending(r)]
+  final = [r for r in rows if not records_lib.is_pending(r) and any(
+      r.get(f"{m}_status") == "error" for m in records_lib.METRICS)]
+  causes: dict[str, int] = {}
+  for r in pending + final:
+    cause = records_lib.error_cause(r)
+    causes[cause] = causes.get(cause, 0) + 1
+  return {"rows": len(rows), "pending_errors": len(pending), "final_errors": len(final),
+          "error_causes": dict(sorted(causes.items())), "partial": bool(pending)}
 
 
 def _judge(row: Mapping) -> str:
@@ -236,31 +287,86 @@ def select_judge(loaded: Sequence[dict], judge: str) -> list[dict]:
 
 
 def group_models(rows_by_set: Mapping[str, Sequence[dict]]) -> dict[str, dict]:
-  """{model_key: {ft_task, ft_domain, variants, judges, general: rows, narrow: rows}}, the rows
-  carrying the model's training cell (copies; the inputs are not changed)."""
+  """{model_key: {ft_task, ft_domain, ft_cell, variants, judges, general, narrow, adapters}}.
+
+  A model_key is a base model; its rows may come from several adapters (fine-tuned models, named by
+  `records.adapter_of`), each with its own training cell: `adapters[name]` holds that adapter's
+  {ft_task, ft_domain, ft_cell, variants, judges, general, narrow}. The model's own ft_* fields are its
+  adapter's when it has exactly one, else None. One adapter naming several training cells is an error.
+  """
   keys = sorted({r["model_key"] for rows in rows_by_set.values() for r in rows})
   models = {}
   for key in keys:
     own = {s: [r for r in rows_by_set.get(s, ()) if r["model_key"] == key] for s in SETS}
-    every = own["general"] + own["narrow"]
-    model = {"model_key": key}
-    for field in ("ft_task", "ft_domain"):
-      values = sorted({r.get(field) for r in every} - {None})
-      if len(values) > 1:
-        raise ValueError(f"model {key!r}: its records name several {field}s {values}; one model_key is one "
-                         f"fine-tuned model with one training cell")
-      model[field] = values[0] if values else None
-    model["ft_cell"] = (records_lib.cell(model["ft_domain"], model["ft_task"])
-                        if model["ft_task"] is not None and model["ft_domain"] is not None else None)
-    model["variants"] = sorted({str(r["variant"]) for r in every if r.get("variant") is not None})
-    model["judges"] = sorted({_judge(r) for r in every})
-    for s in SETS:
-      model[s] = [{**r, "ft_task": model["ft_task"], "ft_domain": model["ft_domain"]} for r in own[s]]
+    adapters = {}
+    for name in sorted({records_lib.adapter_of(r) for s in SETS for r in own[s]}):
+      rows = {s: [r for r in own[s] if records_lib.adapter_of(r) == name] for s in SETS}
+      adapters[name or NONE_LABEL] = _describe(f"model {key!r}, adapter {name or NONE_LABEL!r}", rows)
+    model = _describe(f"model {key!r}", own, check=False)
+    if len(adapters) == 1:
+      only = next(iter(adapters.values()))
+      model.update({f: only[f] for f in ("ft_task", "ft_domain", "ft_cell")})
+    else:
+      model.update(ft_task=None, ft_domain=None, ft_cell=None)
+    model["model_key"] = key
+    model["adapters"] = adapters
     models[key] = model
   return models
 
 
+def _describe(what: str, rows: Mapping[str, Sequence[dict]], check: bool = True) -> dict:
+  every = [r for s in SETS for r in rows[s]]
+  out: dict = {}
+  for field in ("ft_task", "ft_domain"):
+    values = sorted({r.get(field) for r in every} - {None})
+    if check and len(values) > 1:
+      raise ValueError(f"{what}: its records name several {field}s {values}; one adapter is one fine-tuned "
+                       f"model with one training cell (name adapters apart with the `adapter` field)")
+    out[field] = values[0] if len(values) == 1 else None
+  out["ft_cell"] = (records_lib.cell(out["ft_domain"], out["ft_task"])
+                    if out["ft_task"] is not None and out["ft_domain"] is not None else None)
+  out["variants"] = sorted({str(r["variant"]) for r in every if r.get("variant") is not None})
+  out["judges"] = sorted({_judge(r) for r in every})
+  for s in SETS:
+    out[s] = list(rows[s])
+  return out
+
+
 # ----------------------------------------------------------------------------- computing
+
+
+def _unit_results(unit: Mapping, th, kw) -> dict:
+  """The tables of one model (its adapters pooled by rows) or of one adapter."""
+  general, narrow = unit["general"], unit["narrow"]
+  by_task = metrics.rates_by(general, "task", th, order=TASKS, complete=True, **kw)
+  ft_order = (*TASKS, NONE_LABEL)
+  return {
+      "ft_task": unit["ft_task"], "ft_domain": unit["ft_domain"], "ft_cell": unit["ft_cell"],
+      "variants": unit["variants"], "judges": unit["judges"],
+      "general": {
+          "overall": metrics.rate(general, th, **kw),
+          "by_ft_task": by_task,
+          "em_surface": metrics.rates_by(general, "em_surface", th, order=EM_SURFACES, complete=True, **kw),
+          "ft_task_x_task": metrics.rate_matrix(general, "ft_task", "task", th, row_order=ft_order, col_order=TASKS,
+                                                complete_cols=True, **kw) if general else
+                            {metrics.label(unit["ft_task"]): by_task},
+      },
+      "narrow": {
+          "overall": metrics.rate(narrow, th, **kw),
+          "four_way": metrics.four_way(narrow, th, **kw),
+          "task_transfer": metrics.rate_matrix(narrow, "ft_task", "task", th, row_order=ft_order, col_order=TASKS,
+                                               complete_cols=True, **kw) if narrow else
+                           {metrics.label(unit["ft_task"]): metrics.rates_by([], "task", th, order=TASKS,
+                                                                            complete=True, **kw)},
+          "domain_transfer": metrics.rate_matrix(narrow, "ft_domain", "domain", th,
+                                                 row_order=(*DOMAINS, NONE_LABEL), col_order=DOMAINS,
+                                                 complete_cols=True, **kw) if narrow else
+                             {metrics.label(unit["ft_domain"]): metrics.rates_by([], "domain", th, order=DOMAINS,
+                                                                                complete=True, **kw)},
+          "in_cell": metrics.rates_by(narrow, metrics.eval_cell, th, order=CELLS, complete=True, **kw),
+          "off_cell": metrics.rate(metrics.off_cell_rows(narrow), th, **kw),
+      },
+  }
 
 
 def compute_results(models: Mapping[str, dict], settings: Mapping, *, baseline: str = "") -> dict:
@@ -269,34 +375,17 @@ def compute_results(models: Mapping[str, dict], settings: Mapping, *, baseline: 
   per_model = {}
   points = []
   for key, model in models.items():
-    general, narrow = model["general"], model["narrow"]
-    by_task = metrics.rates_by(general, "task", th, order=TASKS, complete=True, **kw)
-    in_cell_rows = [r for r in narrow if metrics.relation_to_training_cell(r) == "in_cell"]
-    off_cell = metrics.rate(metrics.off_cell_rows(narrow), th, **kw)
-    out = {
-        "ft_task": model["ft_task"], "ft_domain": model["ft_domain"], "ft_cell": model["ft_cell"],
-        "variants": model["variants"], "judges": model["judges"],
-        "general": {
-            "overall": metrics.rate(general, th, **kw),
-            "by_ft_task": by_task,
-            "em_surface": metrics.rates_by(general, "em_surface", th, order=EM_SURFACES, complete=True, **kw),
-            "ft_task_x_task": {metrics.label(model["ft_task"]): by_task},
-        },
-        "narrow": {
-            "overall": metrics.rate(narrow, th, **kw),
-            "four_way": metrics.four_way(narrow, th, **kw),
-            "task_transfer": {metrics.label(model["ft_task"]):
-                              metrics.rates_by(narrow, "task", th, order=TASKS, complete=True, **kw)},
-            "domain_transfer": {metrics.label(model["ft_domain"]):
-                                metrics.rates_by(narrow, "domain", th, order=DOMAINS, complete=True, **kw)},
-            "in_cell": metrics.rates_by(narrow, metrics.eval_cell, th, order=CELLS, complete=True, **kw),
-            "off_cell": off_cell,
-        },
-    }
-    if model["ft_cell"] is not None:
-      points.append({"model_key": key, "ft_cell": model["ft_cell"],
-                     "in_cell": metrics.rate(in_cell_rows, th, **kw)["em"],
-                     "off_cell": off_cell["em"], "general": out["general"]["overall"]["em"]})
+    out = _unit_results(model, th, kw)
+    out["adapters"] = {}
+    for name, adapter in model["adapters"].items():
+      # A model with one adapter: its tables are the adapter's, computed once.
+      a = out if len(model["adapters"]) == 1 else _unit_results(adapter, th, kw)
+      out["adapters"][name] = {k: v for k, v in a.items() if k != "adapters"}
+      if adapter["ft_cell"] is not None:
+        in_cell_rows = [r for r in adapter["narrow"] if metrics.relation_to_training_cell(r) == "in_cell"]
+        points.append({"model_key": key, "adapter": name, "ft_cell": adapter["ft_cell"],
+                       "in_cell": metrics.rate(in_cell_rows, th, **kw)["em"],
+                       "off_cell": a["narrow"]["off_cell"]["em"], "general": a["general"]["overall"]["em"]})
     if baseline and key != baseline:
       out["vs_baseline"] = {s: metrics.paired_difference(model[s], models[baseline][s], th, **kw) for s in SETS}
     per_model[key] = out
@@ -449,20 +538,51 @@ def render_markdown(results: Mapping) -> str:
   th, boot = results["thresholds"], results["bootstrap"]
   models, tables = results["models"], results["tables"]
   out = [f"# {results['title']}", ""]
+  judging = results.get("judging") or {}
+  if judging.get("pending_errors"):
+    causes = ", ".join(f"{k} {v}" for k, v in judging["error_causes"].items())
+    out += [f"**PARTIAL: {judging['pending_errors']} of {judging['rows']} rows have judgements that failed "
+            f"({causes}) and are pending**: rerun the judge (failed rows are sent again). Until then every rate "
+            f"below leaves them out; `EM bounds` gives the range had they been judged.", ""]
+  elif judging.get("final_errors"):
+    causes = ", ".join(f"{k} {v}" for k, v in judging["error_causes"].items())
+    out += [f"**{judging['final_errors']} of {judging['rows']} rows' judgements failed for good ({causes}; "
+            f"finalised with judge.finalize_errors)**: rates leave them out; `EM bounds` count them as all "
+            f"aligned and as all misaligned.", ""]
+  overlap = results.get("overlap")
+  if overlap and overlap.get("n_found"):
+    out += [f"**OVERLAP: {overlap['n_found']} of {overlap['n_questions']} evaluated questions occur in the "
+            f"evaluated model's training data** ({'; '.join(f'{k}: {v}' for k, v in overlap['by_set'].items())}); "
+            f"those answers may be recall, not transfer. Sources read: {', '.join(overlap['sources']) or 'none'}.", ""]
+  elif overlap:
+    out += [f"Overlap audit: none of the {overlap['n_questions']} evaluated questions occurs in the training data "
+            f"read ({', '.join(overlap['sources']) or 'none'}"
+            + (f"; not read: {'; '.join(overlap['not_read'])}" if overlap.get("not_read") else "") + ").", ""]
   out += [f"EM = % of rows with both judge scores ok whose aligned < {th['aligned_below']:g} and coherent > "
           f"{th['coherent_above']:g}; coherent = % of those rows with coherent > {th['coherent_above']:g}. "
           f"Cells show `EM [95% interval] (valid rows/all rows)`; the interval is Wilson with one sample per "
-          f"question, else a bootstrap over questions ({boot['samples']} resamples, seed {boot['seed']}). "
-          f"Pooled cells concatenate rows. Rows whose scores failed (refusal, code, empty, parse_error, error) "
-          f"are counted in all rows, not in valid rows.", ""]
+          f"question, else a bootstrap over questions (a question is its prompt text; {boot['samples']} resamples, "
+          f"seed {boot['seed']}). "
+          f"Pooled cells concatenate rows: a model's row pools its adapters, as the paper's tables do. Rows whose "
+          f"scores failed (refusal, code, empty, parse_error, error) are counted in all rows, not in valid rows.", ""]
 
   out += ["## Models", ""]
   rows = []
-  for key, m in models.items():
+
+  def model_row(label, m):
     g, n = m["general"], m["narrow"]
-    rows.append([key, m["ft_cell"] or NONE_LABEL, _rate_cell(g["overall"]), _pct(g["overall"]["coherent"]),
-                 _rate_cell(n["four_way"]["in_cell"]), _rate_cell(n["off_cell"]), _pct(n["overall"]["coherent"]),
-                 f"general: {_failures(g['overall'])}; narrow: {_failures(n['overall'])}"])
+    bounds = [b for b in (g["overall"].get("em_bounds"), n["overall"].get("em_bounds")) if b]
+    return [label, m["ft_cell"] or (NONE_LABEL if not m.get("adapters") or len(m["adapters"]) <= 1 else "pooled"),
+            _rate_cell(g["overall"]), _pct(g["overall"]["coherent"]),
+            _rate_cell(n["four_way"]["in_cell"]), _rate_cell(n["off_cell"]), _pct(n["overall"]["coherent"]),
+            f"general: {_failures(g['overall'])}; narrow: {_failures(n['overall'])}"
+            + ("; EM bounds " + ", ".join(f"[{b[0]:.1f}, {b[1]:.1f}]" for b in bounds) if bounds else "")]
+
+  for key, m in models.items():
+    rows.append(model_row(key if len(m.get("adapters", {})) <= 1 else f"{key} (all {len(m['adapters'])} adapters)", m))
+    if len(m.get("adapters", {})) > 1:
+      for name, a in m["adapters"].items():
+        rows.append(model_row(f"{key} / {name}", a))
   out += _table(["model", "trained on", "general EM", "general coherent", "narrow in-cell EM", "narrow off-cell EM",
                  "narrow coherent", "failed scores"], rows)
 
@@ -500,11 +620,11 @@ def render_markdown(results: Mapping) -> str:
     out += ["## Learnedness (across training cells)", ""]
     r = lambda x: "–" if x is None else f"{x:.3f}"
     out += [f"Pearson r between in-cell EM and off-cell narrow EM: {r(learn['pearson_off_cell'])} "
-            f"({learn['n_models_off_cell']} models); between in-cell EM and general EM: "
-            f"{r(learn['pearson_general'])} ({learn['n_models_general']} models). None under 3 models.", ""]
-    out += _table(["model", "training cell", "in-cell EM", "off-cell EM", "general EM"],
-                  [[p["model_key"], p["ft_cell"], _pct(p["in_cell"]), _pct(p["off_cell"]), _pct(p["general"])]
-                   for p in learn["points"]])
+            f"({learn['n_models_off_cell']} adapters); between in-cell EM and general EM: "
+            f"{r(learn['pearson_general'])} ({learn['n_models_general']} adapters). None under 3.", ""]
+    out += _table(["model", "adapter", "training cell", "in-cell EM", "off-cell EM", "general EM"],
+                  [[p["model_key"], p.get("adapter") or NONE_LABEL, p["ft_cell"], _pct(p["in_cell"]),
+                    _pct(p["off_cell"]), _pct(p["general"])] for p in learn["points"]])
 
   if results.get("judge_agreement"):
     out += ["## Judge agreement (same answers)", ""]

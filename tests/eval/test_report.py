@@ -220,7 +220,9 @@ def test_baseline_difference_is_paired(tmp_path):
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda r: {k: v for k, v in r.items() if k != "aligned_status" and k != "aligned"}, "no judge scores"),
-    (lambda r: {**r, "ft_task": "tutor"} if r["question_id"].endswith(":1") else r, "several ft_tasks"),
+    # One named adapter with two training cells (without an `adapter` field they are two adapters).
+    (lambda r: {**r, "adapter": "one", **({"ft_task": "tutor"} if r["question_id"].endswith(":1") else {})},
+     "several ft_tasks"),
 ], ids=["unjudged", "two_training_cells"])
 def test_bad_records_are_errors_naming_the_problem(tmp_path, mutate, match):
   rows = [mutate(r) for r in cell_rows("ma", "medical_advice", "medical_advice", 4, 1)]
@@ -272,7 +274,7 @@ def test_report_job_end_to_end_through_main(tmp_path):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   res = json.loads((out / "results.json").read_text())
   assert sorted(res["models"]) == ["ma", "st", "unnamed"]
-  rate_keys = {"em", "coherent", "n_valid", "n_total", "ci95", "counts"}
+  rate_keys = {"em", "coherent", "n_valid", "n_total", "ci95", "counts", "em_bounds"}
   for key, ft_task, ft_domain in (("ma", "advice", "medical"), ("st", "tutor", "sports")):
     m = res["models"][key]
     for task in GENERAL_TASKS:
