@@ -21,7 +21,8 @@ A row is never dropped: a failure is a status, and metrics count it. In the pape
 (judges.parse_score, rule "paper"); emjax never writes `empty` for a judge's reply.
 
 `read_records` also reads the authors' released files as they are: `sample_i` is read as
-`sample_index`, a row with chat `messages` (the narrow evaluation splits) takes its question from
+`sample_index` (their narrow files' own `sample_index`, the question's index in its split, is kept
+as `split_index`), a row with chat `messages` (the narrow evaluation splits) takes its question from
 the first user turn and its response from the last assistant turn, and a row without a
 `question_id` gets `<domain>_<task>:<line>` (as `questions.narrow_questions` names them; the released
 splits' `src_idx` repeats within a file for different questions).
@@ -128,8 +129,14 @@ def paths_of(patterns: str | Sequence[str]) -> list[str]:
 def normalize(obj: dict, where: str, line_no: int = 0) -> dict:
   """A record in emjax's field names from an emjax file or a released judge file; errors name `where`."""
   row = dict(obj)
-  if "sample_index" not in row:
-    row["sample_index"] = row.pop("sample_i", 0)
+  if "sample_i" in row:
+    # The release's `sample_i` is the sample's number; its narrow files also carry `sample_index`, the
+    # question's index in its evaluation split (`si_<n>`), which is no sample number: kept aside.
+    if "sample_index" in row:
+      row["split_index"] = row["sample_index"]
+    row["sample_index"] = row.pop("sample_i")
+  elif "sample_index" not in row:
+    row["sample_index"] = 0
   messages = row.pop("messages", None)
   if messages is not None:
     users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
