@@ -50,6 +50,7 @@ def main(argv) -> int:
 
   try:
     from emjax import tracking  # pylint: disable=g-import-not-at-top
+    _check_judge(config)  # before anything is written: a pasted key must reach no file, log or tracker
     tracking.check_config(config)  # before any work: wandb enabled but not installed is refused now
     if config.job in ("train", "pretrain"):
       final = loop.train(config, workdir, show_progress=flags.FLAGS.progress,
@@ -94,7 +95,7 @@ def main(argv) -> int:
     tracking.log_report_figures(config, workdir)  # report, eval, study: their figures, when tracking is on
   # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
   # inside a job is a bug, and its traceback is what fixes it.
-  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, loop.NonFiniteLossError, *_stopped_errors()) as e:
     loop.mark_failed(workdir, e)
     if not _raised_by_emjax(e):  # a library's ValueError (a shape, a sharding) is our bug: keep its traceback
       raise
@@ -104,6 +105,21 @@ def main(argv) -> int:
     loop.mark_failed(workdir, e)
     raise
   return 0
+
+
+def _stopped_errors() -> tuple[type[BaseException], ...]:
+  """Jobs that stop on purpose, with a message that says what to do (one line, exit 1, FAILED): judging
+  with failures left pending, a judge's spend cap or a failure that repeats."""
+  from emjax.eval import api_judge, run as eval_run  # pylint: disable=g-import-not-at-top
+  return (eval_run.JudgingIncomplete, api_judge.JudgeStopped)
+
+
+def _check_judge(config) -> None:
+  """An API judge's settings checked first: `api_key_env` must name a variable, never hold a key."""
+  judge = config.get("judge") if hasattr(config, "get") else None
+  if judge is not None and judge.get("kind") == "api" and judge.get("api") is not None:
+    from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
+    api_judge.check_key_env(str(judge.api.get("api_key_env", "")))
 
 
 def batch_source_for(config):

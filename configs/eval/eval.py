@@ -13,7 +13,8 @@ Variant options (comma separated `key=value`):
   general     the paper's general YAML (240 prompts; `em_surface`)
   narrow      globs of per-cell chat JSONL (the 400-row held-out splits), '+'-separated
   betley      also Betley et al.'s eight free-form questions (plain, json, template variants)
-  judge       local (default: a model emjax loads; set judge_hf) | api | programmatic
+  judge       local (default: a model emjax loads; set judge_hf) | api | programmatic | paper (the
+              paper's Gemini judge and parse rule; needs prompts= and narrow_prompts= the authors' files)
   judge_hf    the local judge's Hugging Face model (directory or hub id)
   prompts     judge prompts: default | a YAML file (the paper's agnostic file)
   narrow_prompts  the narrow set's judge prompts, e.g. the paper's task x domain file (keyed by cell)

@@ -11,6 +11,7 @@ Layout of an eval workdir, one directory per question set (general | narrow | be
     OUT/<set>/responses.jsonl   one record per (question, sample), judge fields empty
     OUT/<set>/judged.jsonl      the same records judged (appended in batches, fsynced)
     OUT/settings.json           what the records depend on; a rerun with other settings is an error
+    OUT/overlap.json            evaluated questions found in the evaluated model's training data (emjax.eval.overlap)
     OUT/report.md, results.json, *.png   (emjax.eval.report)
     OUT/COMPLETED | FAILED
 
@@ -20,8 +21,11 @@ chat template, no system message unless `questions.system_prompt` (or the questi
 a LoRA run is sampled with its adapters merged into its pinned base (emjax.weights).
 
 Every stage resumes: sampling skips questions whose samples are written, judging skips records
-already in judged.jsonl (matched by (model_key, question_id, sample_index)), and a record cut by a
-kill is moved to `judged.jsonl.incomplete` and judged again. A SIGKILLed evaluation rerun with the
+already judged in judged.jsonl (records.record_key; the last row of a key counts), and a record cut
+by a kill is moved to `judged.jsonl.incomplete` and judged again. A record whose judgement failed
+(status `error`: a quota, an outage, a filter) is pending: the next run sends it again, and while
+more than `judge.max_error_fraction` of a set's records are pending the job writes FAILED (not
+COMPLETED) and exits non-zero; the report, written all the same, says at its top that it is partial. A SIGKILLed evaluation rerun with the
 same command ends with the same records as an uninterrupted one. Nothing written is deleted.
 
 On several processes, sampling and a local judge run on every process (SPMD) and process 0
@@ -94,8 +98,8 @@ def evaluated_model(config) -> dict:
   path = sc.checkpoint or sc.hf
   if not path:
     raise ValueError("config.sample.checkpoint (an emjax run) or config.sample.hf (a Hugging Face model) is required")
-  out = {"model_key": ev.model_key, "ft_task": ev.ft_task or None, "ft_domain": ev.ft_domain or None,
-         "variant": ev.variant or None}
+  out = {"model_key": ev.model_key, "adapter": ev.get("adapter") or None, "ft_task": ev.ft_task or None,
+         "ft_domain": ev.ft_domain or None, "variant": ev.variant or None}
   if not out["model_key"]:
     out["model_key"] = os.path.basename(os.path.normpath(path)) + (f"@{sc.step}" if int(sc.step) >= 0 else "")
   if sc.checkpoint and not (out["ft_task"] and out["ft_domain"]):
@@ -362,21 +366,35 @@ def validate_judge(config) -> None:
     make_judge(config, workdir="")
 
 
+class JudgingIncomplete(RuntimeError):
+  """Some records' judgements failed (status `error`) beyond `judge.max_error_fraction`: the job is
+  not complete, and a rerun of the same command sends exactly those records again."""
+
+
 def judge_file(judge, responses_path: str, judged_path: str, *, batch_size: int,
-               metrics: Sequence[str] = records_lib.METRICS, identity: str = "") -> dict:
-  """Judges every record of `responses_path` not yet in `judged_path`; returns counts.
+               metrics: Sequence[str] = records_lib.METRICS, identity: str = "",
+               finalize_errors: bool = False) -> dict:
+  """Judges every record of `responses_path` whose judgement is not in `judged_path` yet; returns counts.
+
+  A record counts as judged when its last row in `judged_path` (records.latest) has no `error`
+  score: rows that failed in transport are pending and sent again (a newer row is appended; the
+  cache makes the rest of a rerun free). With `finalize_errors` a record whose judgement fails again
+  in this run is written marked `error_final`: a failure for good, never sent again, which reports
+  count as such (EM bounds).
 
   A record already judged must hold the same response (a regenerated responses file is not scored
   with stale judgements), and every judged record must come from this judge, prompts and settings.
+  Returns {records, already_judged, judged, errors, error_causes, finalized}: `errors` the records
+  whose judgement is still an unfinalised failure after this run.
   """
   rows = records_lib.read_records(responses_path)
-  seen, pending = set(), []
+  seen = set()
   for r in rows:
     key = records_lib.record_key(r)
     if key in seen:
       raise ValueError(f"{responses_path}: record {key} appears twice")
     seen.add(key)
-  done_rows = recover_judged(judged_path)
+  done_rows = records_lib.latest(recover_judged(judged_path))
   this = (judge.name, judge.prompt_version, identity)
   others = {(r.get("judge"), r.get("prompt_version"), r.get("judge_config", "")) for r in done_rows} - {this}
   if others:
@@ -388,16 +406,50 @@ def judge_file(judge, responses_path: str, judged_path: str, *, batch_size: int,
     if key in responses and r.get("response") != responses[key]:
       raise ValueError(f"{judged_path}: record {key} was judged on another response than {responses_path} holds "
                        "now; write to another file (nothing was changed)")
-  done = {records_lib.record_key(r) for r in done_rows}
+  last = {records_lib.record_key(r): r for r in done_rows}
+  retry = sum(1 for r in done_rows if records_lib.is_pending(r) and records_lib.record_key(r) in responses)
+  done = {k for k, r in last.items() if not records_lib.is_pending(r)}
   pending = [r for r in rows if records_lib.record_key(r) not in done]
-  log.info("judging %d records of %s with %s (%d already judged)", len(pending), responses_path, judge.name, len(done))
+  log.info("judging %d records of %s with %s (%d already judged; %d sent again after a failure)",
+           len(pending), responses_path, judge.name, len(done), retry)
+  if pending and hasattr(judge, "estimate") and _process_index() == 0:
+    sendable = [r for r in pending if r["response"].strip()]
+    est = judge.estimate([judges_lib.Item.of(r) for r in sendable], metrics)
+    print(f"[emjax judge] {judge.name}: {len(pending)} records to judge: {est['requests']} requests to send, "
+          f"{est['cache_hits']} answers cached; about {est['prompt_tokens']:,} prompt and "
+          f"{est['completion_tokens']:,} completion tokens, estimated ${est['cost_usd']:.4f}", flush=True)
+  finalized = 0
   for start in range(0, len(pending), max(1, batch_size)):
     batch = pending[start:start + batch_size]
     judged = [dict(r, judge_config=identity) for r in judges_lib.judge_records(judge, batch, metrics)]
+    if finalize_errors:
+      failed_now = [r for r in judged if records_lib.is_pending(r)]
+      for r in failed_now:
+        r["error_final"] = True
+      finalized += len(failed_now)
     if _process_index() == 0:
       jsonl.append_lines(judged_path, [jsonl.dumps(r) for r in records_lib.with_defaults(judged)])
+    for r in judged:
+      last[records_lib.record_key(r)] = r
     log.info("judged %d/%d", start + len(batch), len(pending))
-  return {"records": len(rows), "already_judged": len(done), "judged": len(pending)}
+  failed = [r for k, r in last.items() if k in responses and records_lib.is_pending(r)]
+  causes: dict[str, int] = {}
+  for r in failed:
+    causes[records_lib.error_cause(r)] = causes.get(records_lib.error_cause(r), 0) + 1
+  return {"records": len(rows), "already_judged": len(done), "judged": len(pending), "errors": len(failed),
+          "error_causes": dict(sorted(causes.items())), "finalized": finalized}
+
+
+def check_errors(counts: dict, judged_path: str, max_error_fraction: float) -> None:
+  """Raises JudgingIncomplete when more records' judgements failed than `max_error_fraction` allows."""
+  errors, total = counts.get("errors", 0), max(1, counts.get("records", 0))
+  if errors and errors / total > max_error_fraction:
+    causes = ", ".join(f"{k} {v}" for k, v in counts["error_causes"].items())
+    raise JudgingIncomplete(
+        f"{judged_path}: the judgements of {errors} of {counts['records']} records failed ({causes}); the run is "
+        f"not complete. Rerun the same command to send them again (answers already judged are kept and cached "
+        f"ones cost nothing), or set judge.finalize_errors=True to keep them as failures (reports then give EM "
+        f"bounds); judge.max_error_fraction={max_error_fraction:g}")
 
 
 # ----------------------------------------------------------------------------- the jobs
@@ -425,39 +477,77 @@ def run_eval(config, workdir: str, *, mesh=None) -> dict:
   loop._clear_status(workdir)  # pylint: disable=protected-access -- a rerun is not complete until it ends
   model = evaluated_model(config)
   summary: dict = {"sets": {s: len(q) for s, q in sets.items()}, "model": model}
+  audit = None
+  if _process_index() == 0:
+    from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
+    audit = overlap.audit_evaluation(config, sets)
+    _write_json(os.path.join(workdir, "overlap.json"), audit)
+    summary["overlap"] = {k: audit[k] for k in ("n_questions", "n_found", "by_set")}
   responses = {s: os.path.join(workdir, s, "responses.jsonl") for s in sets}
   if "answers" in stages:
     for set_name, qs in sets.items():
       answer_set(config, workdir, set_name, qs, model, mesh=mesh)
+  incomplete: list[Exception] = []
   if "judge" in stages and judge_runs_here(config):
     mesh = mesh or (shd.make_mesh(config.mesh) if config.judge.kind == "local" else None)
     identity = judge_identity(config)
     judge = None
-    for set_name in sets:
-      if not os.path.exists(responses[set_name]):
-        raise FileNotFoundError(f"{responses[set_name]}: no responses yet (run the 'answers' stage first)")
-      prompts = prompts_for(config, set_name)
-      if judge is None or judge.prompt_version != prompts.version:
-        # Weights and connections are the judge's; only the prompts differ between sets.
-        if judge is not None and hasattr(judge, "with_prompts"):
-          judge = judge.with_prompts(prompts)
-        else:
-          judge = None  # a local judge's weights are freed before the next ones load
-          judge = make_judge(config, mesh=mesh, workdir=workdir, prompts=prompts)
-      summary.setdefault("judge", {"name": judge.name, "settings": identity, "prompt_versions": {}})
-      summary["judge"]["prompt_versions"][set_name] = judge.prompt_version
-      summary[set_name] = judge_file(judge, responses[set_name], os.path.join(workdir, set_name, "judged.jsonl"),
-                                     batch_size=int(config.judge.batch_size), identity=identity)
+    try:
+      for set_name in sets:
+        if not os.path.exists(responses[set_name]):
+          raise FileNotFoundError(f"{responses[set_name]}: no responses yet (run the 'answers' stage first)")
+        prompts = prompts_for(config, set_name)
+        if judge is None or judge.prompt_version != prompts.version:
+          # Weights and connections are the judge's; only the prompts differ between sets.
+          if judge is not None and hasattr(judge, "with_prompts"):
+            judge = judge.with_prompts(prompts)
+          else:
+            judge = None  # a local judge's weights are freed before the next ones load
+            judge = make_judge(config, mesh=mesh, workdir=workdir, prompts=prompts)
+        summary.setdefault("judge", {"name": judge.name, "settings": identity, "prompt_versions": {}})
+        summary["judge"]["prompt_versions"][set_name] = judge.prompt_version
+        judged_path = os.path.join(workdir, set_name, "judged.jsonl")
+        summary[set_name] = judge_file(judge, responses[set_name], judged_path,
+                                       batch_size=int(config.judge.batch_size), identity=identity,
+                                       finalize_errors=bool(config.judge.finalize_errors))
+        try:
+          check_errors(summary[set_name], judged_path, float(config.judge.max_error_fraction))
+        except JudgingIncomplete as e:
+          incomplete.append(e)
+    except _stops() as e:  # the judge stopped the run (spend cap, a failure that repeats): resumable
+      incomplete.append(e)
     if hasattr(judge, "ledger"):
       summary["judge"]["ledger"] = judge.ledger
   _barrier("emjax-eval-judged")
-  if "report" in stages and _process_index() == 0:
-    summary["report"] = report_of(config, workdir, sets, summary.get("judge", {}).get("name"))
+  if "report" in stages and _process_index() == 0 and not any(not isinstance(e, JudgingIncomplete)
+                                                               for e in incomplete):
+    # A report of a file whose failures are pending is written all the same: it says so at its top.
+    summary["report"] = report_of(config, workdir, sets, summary.get("judge", {}).get("name"), overlap=audit)
+  if incomplete:
+    raise incomplete[0]
   loop.mark_complete(workdir, summary)
   return summary
 
 
-def report_of(config, workdir: str, sets, judge_name: str | None) -> str:
+def _is_narrow(responses_path: str) -> bool:
+  """Whether a responses file holds narrow records: emjax's say so (`set`); the release's narrow rows are
+  the ones without `em_surface`, each of a grid cell."""
+  from emjax.data import sft  # pylint: disable=g-import-not-at-top
+
+  rows = records_lib.read_records(responses_path)
+  if rows and all(r.get("set") == "narrow" for r in rows):
+    return True
+  return bool(rows) and all(r.get("set") is None and r.get("em_surface") is None
+                            and records_lib.cell(r.get("domain"), r.get("task")) in sft.CELLS for r in rows)
+
+
+def _stops() -> tuple[type[BaseException], ...]:
+  """The exceptions with which a judge stops a run on purpose (api_judge.JudgeStopped)."""
+  from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
+  return (api_judge.JudgeStopped,)
+
+
+def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict | None = None) -> str:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from emjax.eval import report  # pylint: disable=g-import-not-at-top
 
@@ -475,7 +565,7 @@ def report_of(config, workdir: str, sets, judge_name: str | None) -> str:
   report_config.general = judged.get("general", "")
   report_config.narrow = judged.get("narrow", "")
   report_config.judge = judge_name or ""
-  report.run_report(report_config, workdir, extra_provenance=extra)
+  report.run_report(report_config, workdir, extra_provenance=extra, overlap=overlap)
   return os.path.join(workdir, "report.md")
 
 
@@ -504,13 +594,24 @@ def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   loop._clear_status(workdir)  # pylint: disable=protected-access
   summary = {}
+  incomplete: list[Exception] = []
   if judge_runs_here(config):
     mesh = mesh or (shd.make_mesh(config.mesh) if config.judge.kind == "local" else None)
-    judge = make_judge(config, mesh=mesh, workdir=workdir)
-    summary = judge_file(judge, config.judge.responses, os.path.join(workdir, config.judge.output),
-                         batch_size=int(config.judge.batch_size), identity=judge_identity(config))
+    set_name = "narrow" if config.judge.narrow_prompts and _is_narrow(config.judge.responses) else "general"
+    judge = make_judge(config, mesh=mesh, workdir=workdir, prompts=prompts_for(config, set_name))
+    judged_path = os.path.join(workdir, config.judge.output)
+    try:
+      summary = judge_file(judge, config.judge.responses, judged_path, batch_size=int(config.judge.batch_size),
+                           identity=judge_identity(config), finalize_errors=bool(config.judge.finalize_errors))
+      check_errors(summary, judged_path, float(config.judge.max_error_fraction))
+    except (JudgingIncomplete, *_stops()) as e:
+      incomplete.append(e)
     summary["judge"] = {"name": judge.name, "prompt_version": judge.prompt_version}
+    if hasattr(judge, "ledger"):
+      summary["judge"]["ledger"] = judge.ledger
   _barrier("emjax-judge-done")
+  if incomplete:
+    raise incomplete[0]
   loop.mark_complete(workdir, summary)
   return summary
 
@@ -549,17 +650,58 @@ def eval_job_config(*, general: str = "", narrow: str = "", betley: bool = False
       n_narrow=1,
       system_prompt="",  # a system message for every question (questions of their own keep theirs)
   )
-  c.evaluated = dict(model_key="", ft_task="", ft_domain="", variant="")
+  # model_key: the base model ('' = the run's or model directory's name); adapter: the fine-tuned model
+  # within it ('' = named by its training cell and variant, as the release names its adapters).
+  # training_data: files (comma-separated globs, JSONL or text) the evaluated model was trained on beyond
+  # what an emjax run's config names (emjax.eval.overlap); the only way to audit a Hugging Face model.
+  c.evaluated = dict(model_key="", adapter="", ft_task="", ft_domain="", variant="", training_data="")
   c.judge = judge_config()
-  c.judge.kind = args.judge
-  c.judge.prompts = args.prompts
-  c.judge.narrow_prompts = args.narrow_prompts
+  set_judge(c.judge, args.judge, prompts=args.prompts, narrow_prompts=args.narrow_prompts)
   if args.judge_hf:
     c.judge.local.hf = args.judge_hf
   c.report = report_defaults()
   if args.smoke:
     c.sample.update(max_new_tokens=48, batch_size=4, max_prompt_length=512)
   return c
+
+
+# The paper's judge (askinb/em_nlp_clean_repo, experiments/main_em_experiment/{config.py,judge/judge.py}):
+# Gemini 2.5 Flash, temperature 0, at most 20 output tokens, thinking off (thinking_budget=0; through
+# the OpenAI-compatible endpoint, reasoning_effort "none"), 5 attempts, the reply read by the authors'
+# rule (judges.parse_score(text, "paper")), their agnostic prompts for the general set and their task x
+# domain rubrics for the narrow one. Prices are Google's list prices for gemini-2.5-flash (USD per
+# million tokens), higher than the preview prices the authors' cost tracker used: the spend cap errs high.
+PAPER_JUDGE_API = dict(
+    base_url="https://generativelanguage.googleapis.com/v1beta/openai",
+    model="gemini-2.5-flash",
+    mode="direct",
+    parse_rule="paper",
+    api_key_env="GEMINI_API_KEY",
+    temperature=0.0,
+    max_tokens=20,
+    max_retries=4,
+    extra_body='{"reasoning_effort": "none"}',
+    price_input_per_mtok=0.30,
+    price_output_per_mtok=2.50,
+)
+PAPER_PROMPT_FILES = ("judge_prompts.yaml", "judge_prompts_task_domain.yaml")
+
+
+def set_judge(judge, kind: str, *, prompts: str = "default", narrow_prompts: str = "") -> None:
+  """`config.judge` for a judge variant: local | api | programmatic, or `paper` (the API judge as the
+  paper ran it, PAPER_JUDGE_API). The paper's prompts are the authors' files, which emjax does not ship:
+  `paper` needs prompts=.../judge_prompts.yaml and narrow_prompts=.../judge_prompts_task_domain.yaml."""
+  judge.prompts, judge.narrow_prompts = prompts, narrow_prompts
+  if kind != "paper":
+    judge.kind = kind
+    return
+  names = (os.path.basename(prompts or ""), os.path.basename(narrow_prompts or ""))
+  if names != PAPER_PROMPT_FILES:
+    raise ValueError(f"judge=paper: the paper's judge reads the authors' prompt files: set prompts=DIR/"
+                     f"{PAPER_PROMPT_FILES[0]} and narrow_prompts=DIR/{PAPER_PROMPT_FILES[1]} (from their release; "
+                     f"got prompts={prompts!r}, narrow_prompts={narrow_prompts!r})")
+  judge.kind = "api"
+  judge.api.update(PAPER_JUDGE_API)
 
 
 def judge_config() -> dict:
@@ -576,6 +718,13 @@ def judge_config() -> dict:
       # request does not stall the rest; a local judge batches on the mesh by judge.local.batch_size.
       batch_size=256,
       responses="",  # judge job: the records to judge
+      # Records whose judgement failed (status `error`: a quota, an outage, a content filter) are
+      # pending: the next run sends them again. Above this fraction of a file the job writes FAILED,
+      # not COMPLETED, and exits non-zero.
+      max_error_fraction=0.0,
+      # True: keep the pending failures as failures for good (rows marked `error_final`; reports give EM
+      # bounds counting them as all aligned and as all misaligned) instead of sending them again.
+      finalize_errors=False,
       output="judged.jsonl",  # judge job: relative to --workdir
       api=dict(api_judge.DEFAULTS),
       local=dict(local_judge.DEFAULTS),

@@ -3,8 +3,11 @@
 Scores are a hash of the answer, so they are deterministic and differ between answers; answers
 whose hash falls in one bucket get no score (parse_error) and another bucket raises (error), so
 every failure path of the job is exercised. `delay_s` slows each judgement (for kill tests).
+With EMJAX_TEST_JUDGE_DOWN set in the environment every judgement fails (an outage), read at call
+time so one test can run the same judge down and then up.
 """
 
+import os
 import time
 import zlib
 
@@ -15,6 +18,8 @@ def hashed(delay_s: float = 0.0):
   def score(item: judges.Item):
     if delay_s:
       time.sleep(delay_s)
+    if os.environ.get("EMJAX_TEST_JUDGE_DOWN"):
+      raise ConnectionError("judge fixture outage")
     h = zlib.crc32(item.answer.encode())
     if h % 11 == 0:
       return {"aligned": None, "coherent": float(h % 101)}

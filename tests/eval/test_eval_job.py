@@ -76,6 +76,8 @@ def _eval_config(material, stages="answers,judge,report", temperature=1.0):
   c.questions.n_general = 2
   c.judge.programmatic.name = JUDGE
   c.judge.batch_size = 3
+  # The fixture judge fails some answers on purpose (a deterministic bucket): those are failures for good.
+  c.judge.finalize_errors = True
   c.stages, c.sample.temperature = stages, temperature
   c.lock()
   return c
@@ -153,7 +155,8 @@ def test_a_rerun_judges_nothing_again_and_repairs_a_cut_record(finished, materia
   with open(path, "w") as f:
     f.writelines(lines[:-2] + [lines[-2][:30]])  # the last record lost, the one before it cut by a kill
   summary = run.run_eval(_eval_config(material, stages="answers,judge"), str(out))
-  assert summary["general"] == {"records": 6, "already_judged": 4, "judged": 2}
+  assert {k: summary["general"][k] for k in ("records", "already_judged", "judged", "errors")} == {
+      "records": 6, "already_judged": 4, "judged": 2, "errors": 0}
   assert summary["narrow"]["judged"] == 0
   assert _by_key(_records(path)) == full and len(_records(path)) == 6
   assert (out / "general" / "judged.jsonl.incomplete").read_text().startswith(lines[-2][:30])
@@ -187,7 +190,8 @@ def test_a_sigkilled_evaluation_resumes_to_the_same_records(finished, material, 
          f"general={material / 'general.yaml'},narrow={material}/*_strong_eval.jsonl,judge=programmatic",
          f"--workdir={out}", "--noprogress", f"--config.sample.hf={material / 'model'}",
          "--config.sample.max_new_tokens=6", "--config.sample.batch_size=2", "--config.sample.max_prompt_length=32",
-         "--config.questions.n_general=2", f"--config.judge.programmatic.name={JUDGE}", "--config.judge.batch_size=1"]
+         "--config.questions.n_general=2", f"--config.judge.programmatic.name={JUDGE}", "--config.judge.batch_size=1",
+         "--config.judge.finalize_errors=True"]
   slow = cmd + ['--config.judge.programmatic.options={"delay_s": 0.3}']
   proc = subprocess.Popen(slow, cwd=ROOT, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   judged = out / "general" / "judged.jsonl"
@@ -279,3 +283,63 @@ def test_custom_questions_get_their_own_rates_even_with_ids_of_the_general_set(m
   assert rates["overall"]["n_total"] == 2 and set(rates["by_question"]) == {"q_advice"}
   results = json.loads((out / "results.json").read_text())
   assert results["models"]["model"]["general"]["overall"]["n_total"] == 6  # the general set alone
+
+
+def _judge_cli(material, responses, out, *extra, env=None):
+  cmd = [sys.executable, "-m", "emjax.main", f"--config={os.path.join(ROOT, 'configs', 'eval', 'judge.py')}:judge=programmatic",
+         f"--workdir={out}", f"--config.judge.responses={responses}", f"--config.judge.programmatic.name={JUDGE}",
+         *extra]
+  return subprocess.run(cmd, capture_output=True, text=True, env={**subprocess_env(), **(env or {})}, timeout=300)
+
+
+def test_failed_judgements_stay_pending_until_a_rerun_judges_them(finished, material, tmp_path):
+  """An outage: every judgement fails. The job exits 1 with FAILED and the counts by cause, no COMPLETED;
+  the rerun after the outage sends exactly those records again and completes; the report never sees a
+  key twice. A responses file without model_key keeps one key per record across reruns."""
+  out_dir, _ = finished
+  rows = [json.loads(line) for line in open(out_dir / "general" / "responses.jsonl")]
+  responses = tmp_path / "responses.jsonl"
+  responses.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model_key"}) + "\n" for r in rows))
+  out = tmp_path / "judge"
+  down = _judge_cli(material, responses, out, env={"EMJAX_TEST_JUDGE_DOWN": "1"})
+  assert down.returncode == 1, down.stderr
+  assert "the judgements of 6 of 6 records failed (ConnectionError 6)" in down.stderr
+  assert (out / "FAILED").exists() and not (out / "COMPLETED").exists()
+  up = _judge_cli(material, responses, out, "--config.judge.max_error_fraction=0.5")
+  assert up.returncode == 0, up.stderr
+  assert (out / "COMPLETED").exists() and not (out / "FAILED").exists()
+  summary = json.loads((out / "COMPLETED").read_text())
+  assert (summary["judged"], summary["already_judged"]) == (6, 0)
+  lines = [json.loads(line) for line in open(out / "judged.jsonl")]
+  assert len(lines) == 12  # the six failures, then six newer rows
+  from emjax.eval import records
+  latest = records.read_judged(str(out / "judged.jsonl"))
+  assert len(latest) == 6 and not any(r["aligned_raw"].startswith("ConnectionError") for r in latest)
+  again = _judge_cli(material, responses, out, "--config.judge.max_error_fraction=0.5")
+  assert again.returncode == 0 and json.loads((out / "COMPLETED").read_text())["judged"] == summary["errors"]
+  assert len(open(out / "judged.jsonl").readlines()) == 12 + summary["errors"]
+
+
+def test_finalized_failures_end_the_retries_and_give_bounds(material, tmp_path):
+  from emjax.eval import run
+  import jax
+  from emjax import sharding
+
+  out = tmp_path / "eval"
+  c = _eval_config(material, stages="answers,judge,report")
+  with c.unlocked():
+    c.judge.finalize_errors = False
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  with pytest.raises(run.JudgingIncomplete, match=r"records failed \(RuntimeError \d+\)"):
+    run.run_eval(c, str(out), mesh=mesh)
+  assert not (out / "COMPLETED").exists()
+  report_text = (out / "report.md").read_text()
+  assert "**PARTIAL:" in report_text.splitlines()[2]
+  with c.unlocked():
+    c.judge.finalize_errors = True
+  summary = run.run_eval(c, str(out), mesh=mesh)
+  assert (out / "COMPLETED").exists() and summary["general"]["errors"] == 0
+  assert summary["general"]["finalized"] + summary["narrow"]["finalized"] >= 1
+  results = json.loads((out / "results.json").read_text())
+  assert results["judging"]["final_errors"] >= 1 and not results["judging"]["partial"]
+  assert "failed for good" in (out / "report.md").read_text()
