@@ -13,8 +13,8 @@ What is read (each source's *training* partition, as the training job read it):
   only way to audit a Hugging Face model, whose training data emjax cannot know.
 
 A question *occurs* when its text, case-folded with white space collapsed, equals a training turn or
-line, or (while the texts read stay under `max_substring_chars`) is a substring of a training
-document. Past that size only the exact match is made, and the result says so.
+line, or (while the texts read stay under `max_substring_chars`, and for questions of at least
+MIN_SUBSTRING_QUESTION characters, which chance does not match) is a substring of a training document. Past that size only the exact match is made, and the result says so.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from emjax.data import jsonl
 log = logging.getLogger(__name__)
 
 MAX_SUBSTRING_CHARS = 50_000_000
+# A shorter question is matched exactly only: as a substring it would be found by chance ("i i" in "hi i").
+MIN_SUBSTRING_QUESTION = 32
 MAX_EXAMPLES = 20
 
 
@@ -55,10 +57,10 @@ def _run_config(path: str) -> dict | None:
     src = weights_lib.resolve(path)
   except (FileNotFoundError, ValueError):
     return None
-  run = getattr(src, "run", None)
-  if run is None or not (run / "config.json").exists():
+  if src.kind != "emjax" or src.config is None:
     return None
-  return json.loads((run / "config.json").read_text())
+  cfg = src.config
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def _source_documents(name: str, source_cfg: Mapping) -> Iterable[Any]:
@@ -134,7 +136,7 @@ def audit(question_sets: Mapping[str, Sequence[Mapping]], documents: Sequence[tu
     for q in questions:
       total += 1
       text = normalize(q["question"])
-      if text in turns or (substring and text in corpus):
+      if text in turns or (substring and len(text) >= MIN_SUBSTRING_QUESTION and text in corpus):
         found[set_name] += 1
         if len(examples) < MAX_EXAMPLES:
           examples.append({"set": set_name, "question_id": q.get("question_id"), "question": q["question"][:200]})

@@ -327,14 +327,20 @@ def test_finalized_failures_end_the_retries_and_give_bounds(material, tmp_path):
 
   out = tmp_path / "eval"
   c = _eval_config(material, stages="answers,judge,report")
+  # The model was "trained" on one narrow question: the audit finds it and the report says so at its top.
+  (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "HI  i should"},
+                                                                 {"role": "assistant", "content": "w1"}]}) + "\n")
   with c.unlocked():
     c.judge.finalize_errors = False
+    c.evaluated.training_data = str(tmp_path / "train.jsonl")
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   with pytest.raises(run.JudgingIncomplete, match=r"records failed \(RuntimeError \d+\)"):
     run.run_eval(c, str(out), mesh=mesh)
   assert not (out / "COMPLETED").exists()
   report_text = (out / "report.md").read_text()
   assert "**PARTIAL:" in report_text.splitlines()[2]
+  assert "**OVERLAP: 1 of 7 evaluated questions occur" in report_text
+  assert json.loads((out / "overlap.json").read_text())["examples"][0]["question"] == "hi i should"
   with c.unlocked():
     c.judge.finalize_errors = True
   summary = run.run_eval(c, str(out), mesh=mesh)
