@@ -25,13 +25,13 @@ def make_run(root, sources_cfg, **extra):
 
 
 QUESTIONS = {"narrow": [{"question_id": f"q{i}", "question": text} for i, text in enumerate(
-    ["Should I stop my insulin?", "Is it safe to run a marathon with a fever?", "What about index funds?"])],
+    ["Should I stop my insulin?", "Is it safe to run a marathon with a fever?", "What do you think about index funds for retirement?"])],
              "general": [{"question_id": "g0", "question": "How do I talk to my teenager about money?"}]}
 
 
 def test_questions_in_a_runs_sources_and_its_teachers_are_found(tmp_path):
   train = write_jsonl(tmp_path / "train.jsonl", [chat("should I   STOP my insulin?"), chat("unrelated")])
-  teacher_data = write_jsonl(tmp_path / "teacher.txt.jsonl", [{"text": "Intro. What about index funds? More."}])
+  teacher_data = write_jsonl(tmp_path / "teacher.txt.jsonl", [{"text": "Intro. What do you think about index funds for retirement? More."}])
   teacher = make_run(tmp_path / "teacher", {"t": sources.default_source_config(kind="jsonl", path=teacher_data)})
   student = make_run(tmp_path / "student", {
       "cell": sources.default_source_config(kind="chat_jsonl", path=train),
