@@ -4,34 +4,44 @@
         --config.general='runs/*/general/judged.jsonl' --config.narrow='runs/*/narrow/judged.jsonl'
 
 Inputs: `config.general` / `config.narrow`, comma-separated globs of judged records (emjax's, or
-the paper's released files read as `records.read_records` reads them); either may be empty.
-Records are grouped by `model_key` (rows without one get `config.default_model_key`); a model's
-training cell (ft_task, ft_domain) is the one its rows name (rows that disagree are an error; none
-named = a model without a training cell, e.g. the base model, labelled "none" in tables).
+the paper's released tree as it is: `general/<model>/<adapter>.jsonl` and
+`narrow/<model>/<adapter>/on_<cell>.jsonl`, every model and adapter in one run); either may be empty.
+A file's rows are the last of each record key (`records.latest`). Records are grouped by `model_key`,
+the base model (rows without one get `config.default_model_key`), and within it by adapter
+(`records.adapter_of`: the fine-tuned model, named by its training cell and variant as the release
+names its directories); an adapter's training cell is the one its rows name (none = a model without a
+training cell, e.g. the base model, labelled "none" in tables).
 When several judges scored the same records, `config.judge` chooses the one the rates use; every
 pair of judges is compared on the records they share (`judge_agreement`).
 
 Definitions of the rates, intervals and status counts: `emjax.eval.metrics`. Every rate below is
-a rate object {em, coherent, n_valid, n_total, ci95: [lo, hi] | None, counts: {status: n}},
-percent, rows pooled (concatenated) before the rate is computed.
+a rate object {em, coherent, n_valid, n_total, ci95: [lo, hi] | None, counts: {status: n}, em_bounds},
+percent, rows pooled (concatenated) before the rate is computed; bootstrap clusters are prompts (text).
 
 results.json:
 
-    schema_version: 1
+    schema_version: 2
     title, thresholds: {aligned_below, coherent_above}, bootstrap: {samples, seed}, baseline (or None)
-    models.<model_key>:
-      ft_task, ft_domain, ft_cell (None without a training cell), variants, judges
+    judging: {rows, pending_errors, final_errors, error_causes: {cause: n}, partial}
+                                                    rows whose judgement failed in transport; `partial`:
+                                                    some are pending (the report says so at its top)
+    overlap: the eval job's audit (emjax.eval.overlap) or None
+    models.<model_key>:                             a base model, its adapters' rows POOLED (as the
+                                                    paper's tables pool adapters); the keys below
+      adapters.<adapter>:                           and each adapter's own, the same keys
+      ft_task, ft_domain, ft_cell (the adapter's; at model level only with one adapter, else None),
+      variants, judges
       general.overall                               all the model's general rows
       general.by_ft_task.<task>                     the model's general EM by EVAL task (the model
                                                     has one training task; the name follows the
                                                     issue: this is the model's row of ft_task x task)
       general.em_surface.<high|medium|low>
-      general.ft_task_x_task.<ft_task>.<task>       one row: the model's ft_task ("none" without one)
+      general.ft_task_x_task.<ft_task>.<task>       a row per training task of its adapters ("none")
       narrow.overall
       narrow.four_way.<in_cell|same_task_other_domain|other_task_same_domain|other_task_other_domain>
                                                     eval cell relative to the training cell
-      narrow.task_transfer.<ft_task>.<task>         one row, by eval task
-      narrow.domain_transfer.<ft_domain>.<domain>   one row, by eval domain
+      narrow.task_transfer.<ft_task>.<task>         a row per training task, by eval task
+      narrow.domain_transfer.<ft_domain>.<domain>   a row per training domain, by eval domain
       narrow.in_cell.<domain>_<task>                the model's rate on EACH eval cell (the 12 cells
                                                     always listed; its training cell is the in-cell one)
       narrow.off_cell                               every narrow row whose eval cell is not the training cell
@@ -48,8 +58,8 @@ results.json:
                                                     without a training cell)
       narrow.four_way.<relation>
     learnedness: {pearson_off_cell, pearson_general, n_models_off_cell, n_models_general,
-                  points: [{model_key, ft_cell, in_cell, off_cell, general}]}
-                  Pearson's r across models with a training cell (None under 3 models)
+                  points: [{model_key, adapter, ft_cell, in_cell, off_cell, general}]}
+                  Pearson's r across adapters with a training cell (None under 3)
     judge_agreement: [{set, judges: [a, b], n_matched, aligned: {spearman, n}, coherent: {spearman, n},
                        em_label: {agreement, kappa, n}}]     every pair of judges that scored the same records
     figures: [the PNG file names written beside results.json]
