@@ -117,7 +117,7 @@ def _stopped_errors() -> tuple[type[BaseException], ...]:
 def _check_judge(config) -> None:
   """An API judge's settings checked first: `api_key_env` must name a variable, never hold a key."""
   judge = config.get("judge") if hasattr(config, "get") else None
-  if judge is not None and judge.get("kind") == "api" and judge.get("api") is not None:
+  if hasattr(judge, "get") and judge.get("kind") == "api" and judge.get("api") is not None:
     from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
     api_judge.check_key_env(str(judge.api.get("api_key_env", "")))
 

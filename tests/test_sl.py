@@ -102,6 +102,7 @@ def sl_config(material, **extra):
   ev = c.evaluation
   ev.questions.n_general = 2
   ev.judge.programmatic.name = "tests.eval.programmatic_fixture:hashed"
+  ev.judge.finalize_errors = True  # the fixture judge fails a bucket of answers on purpose
   ev.sample.update(max_new_tokens=8, batch_size=4, max_prompt_length=64)
   ev.report.bootstrap_samples = 200
   return c
