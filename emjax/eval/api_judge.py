@@ -158,7 +158,7 @@ _CACHE_FLUSH_S = 10.0
 _IDLE_RECONNECT_S = 4.0
 _MAX_LOGGED_FAILURES = 5  # per call; the ledger counts them all
 _REDACTED = "[redacted]"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let a final newline in
 _INVALID_ENV_NAME = "[invalid, not shown]"
 # What the judge itself puts in a request: extra_body setting one of them would silently change the
 # judge's mode or break the reply parsing; they have config keys of their own.
@@ -172,10 +172,11 @@ class JudgeStopped(RuntimeError):
   or 'no_logprobs'; `counts` what the call and the ledger had done. Answers judged before the stop are
   cached and the ledger is written, so a rerun resumes."""
 
-  def __init__(self, message: str, cause: str, counts: Mapping[str, Any]):
+  # cause and counts have defaults: unpickling (a process pool) calls the class with the message alone.
+  def __init__(self, message: str, cause: str = "", counts: Mapping[str, Any] | None = None):
     super().__init__(message)
     self.cause = cause
-    self.counts = dict(counts)
+    self.counts = dict(counts or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,7 +517,7 @@ def _check(o: Mapping[str, Any]) -> _Endpoint:
   extra_body = _parse_extra_body(o["extra_body"])
 
   key_env = str(o["api_key_env"])
-  if key_env and not _ENV_NAME.match(key_env):
+  if key_env and not _ENV_NAME.fullmatch(key_env):
     raise ValueError(f"{where}.api_key_env does not look like the name of an environment variable (letters, "
                      "digits and _, not starting with a digit): did you paste the key itself? value not shown")
   if not key_env and _is_openai(url):
@@ -559,7 +560,7 @@ def scrub_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
   out = dict(cfg.items())
   if "api_key_env" in out:
     value = out["api_key_env"]
-    if value not in (None, "") and not (isinstance(value, str) and _ENV_NAME.match(value)):
+    if value not in (None, "") and not (isinstance(value, str) and _ENV_NAME.fullmatch(value)):
       out["api_key_env"] = _INVALID_ENV_NAME
   return out
 
@@ -685,7 +686,8 @@ class ApiJudge:
     send (a rough rule: the server's tokenizer and chat template decide the real count);
     completion_tokens: max_tokens (direct) or 1 (logprob) per request, an upper bound in direct mode;
     cost_usd: both at the configured prices; spent_usd: this judge's cost in the ledger so far;
-    max_cost_usd: the cap (0 = none); summary: all of it in one line.
+    max_cost_usd: the cap (0 = none); reaches_cap: whether spent_usd + cost_usd reaches it;
+    summary: all of it in one line.
     """
     metrics = tuple(metrics)
     item_keys, jobs, cached = self._plan(items, metrics)
@@ -699,7 +701,10 @@ class ApiJudge:
            "token_estimate": "prompt tokens ~ characters/4 of the rendered prompts; completion tokens = "
                              f"{'max_tokens' if self.mode == 'direct' else '1'} per request; retries not counted",
            "cost_usd": cost, "spent_usd": self._spent_usd(), "max_cost_usd": self.max_cost_usd}
+    out["reaches_cap"] = bool(self.max_cost_usd) and out["spent_usd"] + cost >= self.max_cost_usd
     cap = f"cap ${self.max_cost_usd:.2f}" if self.max_cost_usd else "no cap (max_cost_usd=0)"
+    if out["reaches_cap"]:
+      cap += ", which this call would reach: it would stop there (JudgeStopped) and resume on a rerun"
     out["summary"] = (
         f"judge {self.name} at {self.server}: {out['requests']} requests to send ({out['cache_hits']} cache hits, "
         f"{out['deduplicated']} duplicates sent once); about {prompt_tokens:,} prompt tokens (characters/4) and "

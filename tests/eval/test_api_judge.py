@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -509,7 +510,8 @@ def test_key_may_go_over_http_to_loopback_and_over_https_anywhere(base_url):
   assert api_judge.ApiJudge.from_config({"base_url": base_url, "api_key_env": KEY_ENV}, PROMPTS)._api_key == KEY
 
 
-@pytest.mark.parametrize("pasted", [KEY, "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "my key", "1ABC", "A-B"])
+@pytest.mark.parametrize("pasted", [KEY, "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "my key", "1ABC", "A-B",
+                                    "SECRET\n"])
 def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(pasted):
   for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS)):
     with pytest.raises(ValueError, match="did you paste the key itself") as error:
@@ -676,6 +678,14 @@ def test_estimate_reports_the_ledgers_spend_and_the_cap(server, tmp_path):
   make_judge(server, **options).score([item("[[say:1]]"), item("[[say:2]]")], ALIGNED)
   estimate = make_judge(server, **options).estimate([item("[[say:3]]")], ALIGNED)
   assert estimate["spent_usd"] == pytest.approx(2.0) and estimate["max_cost_usd"] == 50.0
+  assert not estimate["reaches_cap"] and "cap $50.00" in estimate["summary"]
+  near = make_judge(server, **{**options, "max_cost_usd": 2.05}).estimate([item("[[say:3]]")], ALIGNED)
+  assert near["cost_usd"] > 0.05 and near["reaches_cap"] and "would reach" in near["summary"]  # $2 spent
+
+
+def test_judge_stopped_survives_pickling():
+  stopped = pickle.loads(pickle.dumps(api_judge.JudgeStopped("stopped: why", "max_cost_usd", {"judged": 3})))
+  assert (str(stopped), stopped.cause, stopped.counts) == ("stopped: why", "max_cost_usd", {"judged": 3})
 
 
 # ----------------------------------------------------------------------------- one ledger, several processes
