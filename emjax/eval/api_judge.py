@@ -60,8 +60,8 @@ plain http:// except to a loopback host (127.0.0.0/8, localhost, ::1): such a co
 api_key_env must look like a variable name, and an error about it never shows its value (a key
 pasted there by mistake stays out of logs). The key is read at construction and sent only as
 `Authorization: Bearer ...`; any server text kept in raw or logged has it replaced by [redacted].
-`validate_config` runs all these checks (and every other) without a request or a file written;
-`scrub_config` gives a copy of the config safe to store; `ApiJudge.estimate` tells what a call would
+`validate_config` runs all these checks (and every other) without a request or a file written,
+`check_key_env` the name check alone; `scrub_config` gives a copy of the config safe to store; `ApiJudge.estimate` tells what a call would
 send and cost before it is made.
 
 Config keys (`config.judge.api`, read by `ApiJudge.from_config`; defaults in DEFAULTS):
@@ -517,9 +517,7 @@ def _check(o: Mapping[str, Any]) -> _Endpoint:
   extra_body = _parse_extra_body(o["extra_body"])
 
   key_env = str(o["api_key_env"])
-  if key_env and not _ENV_NAME.fullmatch(key_env):
-    raise ValueError(f"{where}.api_key_env does not look like the name of an environment variable (letters, "
-                     "digits and _, not starting with a digit): did you paste the key itself? value not shown")
+  check_key_env(key_env)
   if not key_env and _is_openai(url):
     key_env = OPENAI_KEY_ENV
   if key_env and url.scheme == "http" and not _is_loopback(url.hostname):
@@ -529,6 +527,14 @@ def _check(o: Mapping[str, Any]) -> _Endpoint:
   path = url.path if url.path.endswith("/chat/completions") else url.path + "/chat/completions"
   https = url.scheme == "https"
   return _Endpoint(https, url.hostname, port or (443 if https else 80), path, key_env, extra_body)
+
+
+def check_key_env(api_key_env: str) -> None:
+  """ValueError unless api_key_env is '' or looks like an environment variable name; the message never
+  shows the value, which may be a key pasted there by mistake."""
+  if api_key_env and not _ENV_NAME.fullmatch(api_key_env):
+    raise ValueError("config.judge.api.api_key_env does not look like the name of an environment variable (letters, "
+                     "digits and _, not starting with a digit): did you paste the key itself? value not shown")
 
 
 def _read_api_key(api_key_env: str) -> str:

@@ -513,12 +513,18 @@ def test_key_may_go_over_http_to_loopback_and_over_https_anywhere(base_url):
 @pytest.mark.parametrize("pasted", [KEY, "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "my key", "1ABC", "A-B",
                                     "SECRET\n"])
 def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(pasted):
-  for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS)):
+  for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS),
+                lambda c: api_judge.check_key_env(c["api_key_env"])):
     with pytest.raises(ValueError, match="did you paste the key itself") as error:
       check({"base_url": "https://judge.example.org/v1", "api_key_env": pasted})
     assert pasted not in str(error.value) and "value not shown" in str(error.value)
   scrubbed = api_judge.scrub_config({"api_key_env": pasted, "model": "m"})
   assert scrubbed == {"api_key_env": "[invalid, not shown]", "model": "m"}
+
+
+def test_check_key_env_passes_names_and_the_empty_default():
+  for name in ("", "OPENAI_API_KEY", "_x1"):
+    api_judge.check_key_env(name)
 
 
 def test_scrub_config_keeps_valid_names_and_copies():
@@ -610,7 +616,7 @@ def test_max_cost_usd_lets_requests_in_flight_finish_and_caches_them(server, tmp
   cache = str(tmp_path / "cache.jsonl")
   judge = make_judge(server, cache_path=cache, price_input_per_mtok=10_000.0, max_cost_usd=0.5, concurrency=3)
   with pytest.raises(api_judge.JudgeStopped):
-    judge.score([item(f"{i} [[say:{i}]] [[delay:0.3]]") for i in range(6)], ALIGNED)
+    judge.score([item(f"{i} [[say:{i}]] [[delay:0.5]]") for i in range(6)], ALIGNED)
   assert len(server.requests) == 3  # the first three were sent at $0 and all came back
   assert sum(1 for _ in open(cache, encoding="utf-8")) == 3
 
