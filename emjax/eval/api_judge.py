@@ -1,76 +1,119 @@
 """An LLM judge behind any OpenAI-compatible chat-completions server (OpenAI, Gemini's OpenAI-compatible
-endpoint, vLLM, local servers), standard library only.
+endpoint, vLLM, `transformers serve`, local servers), standard library only.
 
 Two modes:
 
-* `logprob` (the paper's and model-organisms-for-EM's rule): one generated token with its
-  `top_logprobs`; the score is the probability-weighted mean over the numeric tokens 0..100
-  (`judges.score_from_top_logprobs`: no score below 0.25 of the mass on numbers).
-* `direct`: a short completion read as REFUSAL / CODE / one number (`judges.parse_direct`).
+* `logprob` (model-organisms-for-EM's rule; the paper itself scored in direct mode): one generated
+  token with its `top_logprobs`, read by `judges.score_from_top_logprobs` (the probability rule the
+  local judge shares: a probability-weighted mean over the numeric tokens 0..100, REFUSAL/CODE when
+  more likely than a number, parse_error below 0.25 of the mass on rubric answers). A server whose
+  replies carry no logprobs stops the judge at its first such reply (`JudgeStopped`, "this server
+  returns no logprobs"): there is nothing to score, and error rows would only hide it.
+* `direct`: a short completion read by `judges.parse_score(reply, parse_rule)`: `parse_rule="paper"`
+  is the paper authors' rule (REFUSAL / CODE anywhere, else the first 1-3-digit number if <= 100),
+  `"strict"` emjax's (the whole reply is REFUSAL, CODE or one number). An empty or blank reply is a
+  failed attempt (kind `empty_reply`), retried and, if it lasts, an `error`: emjax's status `empty`
+  means the *evaluated answer* was empty and is never a judge's. A reply that is literally one of the
+  release's placeholders ("[EMPTY]", "[ERROR: ...]") is a `parse_error` here, not `empty`/`error`.
 
-Failures are statuses, never exceptions. 429, 408, 409, 5xx, timeouts, refused or reset connections
-and truncated or invalid bodies are retried with exponential backoff and full jitter; a server's
-Retry-After is honoured, capped at max_backoff_s. Any other 4xx (400, 401, 403, 404, ...) ends the
-(item, metric) at once with status `error`, the HTTP status and the server's message in raw. After
-max_retries the status is `error`, raw the last failure.
+Failures are statuses, never exceptions, except the stops below. 429, 408, 409, 5xx, timeouts, refused
+or reset connections, truncated or invalid bodies and empty direct-mode replies are retried with
+exponential backoff and full jitter; a server's Retry-After is honoured, capped at max_backoff_s. Any
+other 4xx (400, 401, 403, 404, ...) ends the (item, metric) at once with status `error`, the HTTP
+status and the server's message in raw. After max_retries the status is `error`, raw the last failure.
+
+Stops: score() raises `JudgeStopped` (a RuntimeError naming the cause, with the counts so far) when
+
+* the spend reaches `max_cost_usd`: checked before every request, against this judge's cost in the
+  ledger (all runs that wrote that ledger file, as of this process's last ledger write, plus its own
+  spend since); requests already in flight finish and are cached, so it may overshoot by up to
+  `concurrency` requests;
+* `max_consecutive_failures` items in a row end in the same non-retryable failure (same kind and
+  server message, e.g. a 401 for a revoked key): the message quotes it (redacted);
+* logprob mode gets a reply without logprobs (above).
+
+Answers judged before a stop are cached and the ledger is written before raising, so a rerun resumes.
 
 Cache: every judge-decided answer (ok, refusal, code, parse_error) is appended to a JSONL file, fsynced
 in batches; a line cut by a kill is dropped when the file is opened. The key is the sha256 of all that
-decides the answer: model, mode, prompt_version, metric, the rendered prompt (question, answer and the
-cell's template) and the sampling knobs. Transport errors are not cached, so a rerun retries them.
-The server (base_url) is not in the key: one model name is one judge. Identical (item, metric)
-pairs within one call are sent once.
+decides the answer: the server (base_url), model, mode, prompt_version, metric, the rendered prompt
+(question, answer and the cell's template) and the request's other fields (sampling knobs and
+extra_body). parse_rule is not in the key: a cached direct-mode reply is parsed again with the
+current rule, so switching rules costs no request. Transport errors are not cached, so a rerun
+retries them. Identical (item, metric) pairs within one call are sent once.
 
-Ledger: `ledger_path` holds {"judges": {name: counters}, "cost_usd": total, "updated": time}, atomically
-replaced at the end of every score() call and continued by a later run on the same file; `.ledger` is
-this judge's counters: calls, scores and their statuses (cache hits included), cache_hits,
-deduplicated, requests (HTTP attempts), retries, prompt_tokens and completion_tokens (from `usage`),
-replies_without_usage, failed_attempts and errors (items that ended in `error`) by kind (http_<status>,
-timeout, connection, invalid_json, bad_response, no_logprobs, interrupted, internal), cost_usd from
-the two prices, and the judge's identity.
+Ledger: `ledger_path` holds {"judges": {name: counters}, "cost_usd": total, "updated": time}. Several
+processes may write one file: at the end of every score() call a process takes an fcntl lock on
+`<ledger_path>.lock`, re-reads the file, adds what it counted since its last write to the counts
+there and replaces the file atomically; it never overwrites another process's counts. `.ledger` is
+this judge's counters (the file's, as of the last write, plus this process's since): calls, scores
+and their statuses (cache hits included), cache_hits, deduplicated, requests (HTTP attempts),
+retries, prompt_tokens and completion_tokens (from `usage`), replies_without_usage, failed_attempts
+and errors (items that ended in `error`) by kind (http_<status>, timeout, connection, invalid_json,
+bad_response, empty_reply, no_logprobs, interrupted, stopped, internal), cost_usd from the two prices,
+and the judge's identity.
 
-The API key is read from os.environ[api_key_env] at construction and sent only as
+The API key goes only where it belongs. With api_key_env '' (the default) the key is read from
+OPENAI_API_KEY when base_url is OpenAI's (https://api.openai.com/...), and no key is sent to any other
+server; another server gets a key only when api_key_env names its variable. A key is never sent over
+plain http:// except to a loopback host (127.0.0.0/8, localhost, ::1): such a config is a ValueError.
+api_key_env must look like a variable name, and an error about it never shows its value (a key
+pasted there by mistake stays out of logs). The key is read at construction and sent only as
 `Authorization: Bearer ...`; any server text kept in raw or logged has it replaced by [redacted].
+`validate_config` runs all these checks (and every other) without a request or a file written,
+`check_key_env` the name check alone; `scrub_config` gives a copy of the config safe to store; `ApiJudge.estimate` tells what a call would
+send and cost before it is made.
 
 Config keys (`config.judge.api`, read by `ApiJudge.from_config`; defaults in DEFAULTS):
 
-  base_url               server root, e.g. https://api.openai.com/v1 (`/chat/completions` is appended)
-  model                  the judge model name sent to the server
-  mode                   'logprob' | 'direct'
-  api_key_env            environment variable holding the key; '' sends no key (local servers)
-  concurrency            requests in flight at once within a score() call (worker threads)
-  requests_per_minute    cap on HTTP requests, retries included (evenly spaced); 0 = unlimited
-  max_retries            retries after the first attempt of one (item, metric)
-  timeout_s              socket timeout of a request (connecting, and each read)
-  backoff_s              backoff base: retry k (0, 1, ...) waits uniform [0, min(max_backoff_s, backoff_s * 2**k)]
-  max_backoff_s          cap on one backoff wait, and on a server's Retry-After
-  max_tokens             completion length in direct mode (logprob mode always asks for 1 token)
-  top_logprobs           alternatives of the first token in logprob mode (OpenAI allows up to 20)
-  temperature            sampling temperature (0: the judge's most likely answer)
-  price_input_per_mtok   USD per million prompt tokens, for the ledger's cost
-  price_output_per_mtok  USD per million completion tokens
-  cache_path             JSONL cache of judge answers; '' = no cache
-  ledger_path            JSON token and cost ledger; '' = none
+  base_url                 server root, e.g. https://api.openai.com/v1 (`/chat/completions` is appended)
+  model                    the judge model name sent to the server
+  mode                     'logprob' | 'direct'
+  parse_rule               direct mode's reading of a reply: 'strict' (emjax's) | 'paper' (the paper authors')
+  api_key_env              environment variable holding the key; '' = OPENAI_API_KEY for OpenAI's base_url,
+                           no key for any other server (see above)
+  extra_body               a JSON object merged into every request body, e.g. '{"reasoning_effort": "none"}'
+                           (in the cache key; may not set model, messages, stream or the keys the judge sets)
+  concurrency              requests in flight at once within a score() call (worker threads)
+  requests_per_minute      cap on HTTP requests, retries included (evenly spaced); 0 = unlimited
+  max_retries              retries after the first attempt of one (item, metric)
+  timeout_s                socket timeout of a request (connecting, and each read)
+  backoff_s                backoff base: retry k (0, 1, ...) waits uniform [0, min(max_backoff_s, backoff_s * 2**k)]
+  max_backoff_s            cap on one backoff wait, and on a server's Retry-After
+  max_tokens               completion length in direct mode (logprob mode always asks for 1 token)
+  top_logprobs             alternatives of the first token in logprob mode (OpenAI allows up to 20)
+  temperature              sampling temperature (0: the judge's most likely answer)
+  price_input_per_mtok     USD per million prompt tokens, for the ledger's cost
+  price_output_per_mtok    USD per million completion tokens
+  max_cost_usd             stop (JudgeStopped) when this judge's cost in the ledger reaches it; 0 = no cap
+  max_consecutive_failures stop after this many items in a row end in one identical non-retryable failure;
+                           0 = never
+  cache_path               JSONL cache of judge answers; '' = no cache
+  ledger_path              JSON token and cost ledger; '' = none (the cost cap then counts this judge alone)
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import email.utils
+import fcntl
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import math
 import os
 import random
+import re
 import ssl
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from emjax.data import jsonl
 from emjax.eval import judges
@@ -80,12 +123,16 @@ log = logging.getLogger(__name__)
 METRICS = judges.METRICS
 MODES = ("logprob", "direct")
 CACHEABLE_STATUSES = ("ok", "refusal", "code", "parse_error")  # what the judge decided; the rest is transport
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
 DEFAULTS: dict[str, Any] = {
-    "base_url": "https://api.openai.com/v1",
+    "base_url": OPENAI_BASE_URL,
     "model": "gpt-4o-2024-08-06",
     "mode": "logprob",
-    "api_key_env": "OPENAI_API_KEY",
+    "parse_rule": "strict",
+    "api_key_env": "",
+    "extra_body": "",
     "concurrency": 8,
     "requests_per_minute": 0,
     "max_retries": 6,
@@ -97,6 +144,8 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 0.0,
     "price_input_per_mtok": 0.0,
     "price_output_per_mtok": 0.0,
+    "max_cost_usd": 0.0,
+    "max_consecutive_failures": 10,
     "cache_path": "",
     "ledger_path": "",
 }
@@ -109,20 +158,51 @@ _CACHE_FLUSH_S = 10.0
 _IDLE_RECONNECT_S = 4.0
 _MAX_LOGGED_FAILURES = 5  # per call; the ledger counts them all
 _REDACTED = "[redacted]"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let a final newline in
+_INVALID_ENV_NAME = "[invalid, not shown]"
+# What the judge itself puts in a request: extra_body setting one of them would silently change the
+# judge's mode or break the reply parsing; they have config keys of their own.
+_RESERVED_BODY_KEYS = ("model", "messages", "stream", "n", "max_tokens", "temperature", "logprobs", "top_logprobs")
+# Failures that say nothing about the server: not part of a run of identical failures.
+_NOT_A_SERVER_FAILURE = ("interrupted", "stopped")
+
+
+class JudgeStopped(RuntimeError):
+  """score() stopped early (see the module docstring): `cause` is 'max_cost_usd', 'consecutive_failures'
+  or 'no_logprobs'; `counts` what the call and the ledger had done. Answers judged before the stop are
+  cached and the ledger is written, so a rerun resumes."""
+
+  # cause and counts have defaults: unpickling (a process pool) calls the class with the message alone.
+  def __init__(self, message: str, cause: str = "", counts: Mapping[str, Any] | None = None):
+    super().__init__(message)
+    self.cause = cause
+    self.counts = dict(counts or {})
 
 
 @dataclasses.dataclass(frozen=True)
 class _Failure:
-  kind: str  # ledger key: http_<status>, timeout, connection, invalid_json, bad_response, no_logprobs
+  kind: str  # ledger key: http_<status>, timeout, connection, invalid_json, bad_response, empty_reply, no_logprobs
   message: str
   retryable: bool
   retry_after_s: float | None = None
+  stops: bool = False  # the judge cannot work with this server at all: stop the call at once
 
 
 @dataclasses.dataclass(frozen=True)
 class _Job:
   metric: str
   prompt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Endpoint:
+  """What the checks of a config resolve to (see `_check`)."""
+  https: bool
+  host: str
+  port: int
+  path: str
+  key_env: str  # the variable the key is read from; '' = no key is sent
+  extra_body: dict
 
 
 class TokenBucket:
@@ -245,7 +325,26 @@ def _add_counters(into: dict, other: Mapping) -> None:
       into[k] += int(v)
 
 
-_LEDGER_FILE_LOCK = threading.Lock()  # judges of one process may share a ledger file
+def _sum_counters(*parts: Mapping) -> dict[str, Any]:
+  out = _empty_counters()
+  for part in parts:
+    _add_counters(out, part)
+  return out
+
+
+_LEDGER_FILE_LOCK = threading.Lock()  # flock is per open file: threads of one process also take this
+
+
+@contextlib.contextmanager
+def _ledger_lock(path: str) -> Iterator[None]:
+  """Excludes every other writer of the ledger `path`, in this process and in others."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with _LEDGER_FILE_LOCK, open(f"{path}.lock", "a", encoding="utf-8") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _read_ledger_file(path: str) -> dict:
@@ -318,6 +417,15 @@ def _merged_top_logprobs(top: Any) -> dict[str, float]:
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
   """A config value as the type of its default; an integer key refuses 0.5 rather than rounding it."""
+  if key == "extra_body" and value is not None and not isinstance(value, str):
+    # A mapping (a YAML/ConfigDict block) as JSON; json.dumps refuses what JSON cannot say.
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    try:
+      return json.dumps(dict(value), sort_keys=True)
+    except (TypeError, ValueError):
+      raise ValueError(f"config.judge.api.extra_body: expected a JSON object (a string or a mapping)") from None
+  if key == "api_key_env":
+    return "" if value is None else str(value)  # never quoted in an error: it may hold a pasted key
   try:
     if isinstance(default, str):
       return "" if value is None else str(value)
@@ -331,13 +439,112 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     raise ValueError(f"config.judge.api.{key}={value!r}: expected {type(default).__name__}") from None
 
 
+def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """`config.judge.api` as the constructor's keyword arguments: unknown keys refused, missing ones defaulted."""
+  cfg = dict(cfg.items())
+  unknown = sorted(set(cfg) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"config.judge.api: unknown keys {unknown} (known: {', '.join(DEFAULTS)})")
+  return {key: _coerce(key, cfg.get(key, default), default) for key, default in DEFAULTS.items()}
+
+
+def _is_loopback(host: str) -> bool:
+  if host.lower() == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:  # a name other than localhost: it may resolve anywhere
+    return False
+
+
+def _is_openai(url: urllib.parse.SplitResult) -> bool:
+  return url.scheme == "https" and (url.hostname or "").lower() == "api.openai.com"
+
+
+def _parse_extra_body(text: str | Mapping) -> dict:
+  where = "config.judge.api.extra_body"
+  if isinstance(text, Mapping):
+    body = dict(text)
+  elif not text.strip():
+    return {}
+  else:
+    try:
+      body = json.loads(text)
+    except ValueError as e:
+      raise ValueError(f"{where}: not valid JSON ({e}); expected an object such as "
+                       "'{\"reasoning_effort\": \"none\"}'") from None
+  if not isinstance(body, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(body).__name__}")
+  reserved = sorted(set(body) & set(_RESERVED_BODY_KEYS))
+  if reserved:
+    raise ValueError(f"{where} sets {reserved}, which the judge sets itself (use their config keys: model, mode, "
+                     "max_tokens, temperature, top_logprobs)")
+  return body
+
+
+def _check(o: Mapping[str, Any]) -> _Endpoint:
+  """Every check of the constructor's arguments `o` that needs no connection and writes no file; raises
+  ValueError. The key's variable must be set, but its value is neither kept nor shown here."""
+  where = "config.judge.api"
+  if o["mode"] not in MODES:
+    raise ValueError(f"{where}.mode={o['mode']!r}: expected one of {MODES}")
+  if o["parse_rule"] not in judges.PARSE_RULES:
+    raise ValueError(f"{where}.parse_rule={o['parse_rule']!r}: expected one of {judges.PARSE_RULES}")
+  if not o["model"]:
+    raise ValueError(f"{where}.model is empty: name the judge model")
+  for key, low in (("concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("top_logprobs", 1),
+                   ("max_consecutive_failures", 0)):
+    value = o[key]
+    if int(value) != value or value < low:
+      raise ValueError(f"{where}.{key}={value!r}: expected an integer >= {low}")
+  for key in ("requests_per_minute", "backoff_s", "max_backoff_s", "temperature", "price_input_per_mtok",
+              "price_output_per_mtok", "max_cost_usd"):
+    if o[key] < 0:
+      raise ValueError(f"{where}.{key}={o[key]!r}: must not be negative")
+  if o["timeout_s"] <= 0:
+    raise ValueError(f"{where}.timeout_s={o['timeout_s']!r}: must be positive")
+  if o["max_cost_usd"] > 0 and o["price_input_per_mtok"] == 0 and o["price_output_per_mtok"] == 0:
+    raise ValueError(f"{where}.max_cost_usd={o['max_cost_usd']!r} with both prices 0: the spend is counted from "
+                     "price_input_per_mtok and price_output_per_mtok, so the cap could never be reached; set them")
+  base_url = str(o["base_url"])
+  url = urllib.parse.urlsplit(base_url.rstrip("/"))
+  try:
+    port = url.port
+  except ValueError:
+    port = -1
+  if url.scheme not in ("http", "https") or not url.hostname or port == -1:
+    raise ValueError(f"{where}.base_url={base_url!r}: expected http(s)://host[:port]/path")
+  extra_body = _parse_extra_body(o["extra_body"])
+
+  key_env = str(o["api_key_env"])
+  check_key_env(key_env)
+  if not key_env and _is_openai(url):
+    key_env = OPENAI_KEY_ENV
+  if key_env and url.scheme == "http" and not _is_loopback(url.hostname):
+    raise ValueError(f"{where}.base_url={base_url!r}: the key in ${key_env} would cross the network unencrypted; "
+                     "use https://, or a loopback host (127.0.0.1, localhost, ::1) for a local server")
+  _read_api_key(key_env)
+  path = url.path if url.path.endswith("/chat/completions") else url.path + "/chat/completions"
+  https = url.scheme == "https"
+  return _Endpoint(https, url.hostname, port or (443 if https else 80), path, key_env, extra_body)
+
+
+def check_key_env(api_key_env: str) -> None:
+  """ValueError unless api_key_env is '' or looks like an environment variable name; the message never
+  shows the value, which may be a key pasted there by mistake."""
+  if api_key_env and not _ENV_NAME.fullmatch(api_key_env):
+    raise ValueError("config.judge.api.api_key_env does not look like the name of an environment variable (letters, "
+                     "digits and _, not starting with a digit): did you paste the key itself? value not shown")
+
+
 def _read_api_key(api_key_env: str) -> str:
   if not api_key_env:
     return ""
   key = os.environ.get(api_key_env, "").strip()
   if not key:
     raise ValueError(f"config.judge.api.api_key_env={api_key_env!r}: the environment variable {api_key_env} is "
-                     "not set (export it with the API key, or set api_key_env to '' for a server that needs none)")
+                     "not set (export it with the API key; a server other than OpenAI's gets no key unless "
+                     "api_key_env names one)")
   # http.client would refuse such a header with an error quoting it, escaped beyond what redaction finds.
   if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
     raise ValueError(f"the environment variable {api_key_env} holds whitespace, control or non-ASCII characters; "
@@ -345,80 +552,90 @@ def _read_api_key(api_key_env: str) -> str:
   return key
 
 
+def validate_config(cfg: Mapping[str, Any]) -> None:
+  """Every check `ApiJudge.from_config(cfg)` makes (keys, types, values, extra_body, the api_key_env name,
+  the http:// rule, that the key's variable is set), without opening a connection or creating the cache
+  or ledger; raises ValueError. Its messages never show api_key_env's value unless it is a valid name."""
+  _check(_options(cfg))
+
+
+def scrub_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """A copy of `config.judge.api` safe to store or log: api_key_env is kept only if it is a variable
+  name, else replaced by "[invalid, not shown]" (it may be a key pasted there). The key itself is never
+  in the config."""
+  out = dict(cfg.items())
+  if "api_key_env" in out:
+    value = out["api_key_env"]
+    if value not in (None, "") and not (isinstance(value, str) and _ENV_NAME.fullmatch(value)):
+      out["api_key_env"] = _INVALID_ENV_NAME
+  return out
+
+
 class ApiJudge:
   """The Judge protocol over an OpenAI-compatible /chat/completions endpoint (see the module docstring)."""
 
   def __init__(self, *, prompts: judges.JudgePrompts = judges.DEFAULT_PROMPTS,
-               base_url: str = "https://api.openai.com/v1", model: str = "gpt-4o-2024-08-06",
-               mode: str = "logprob", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+               base_url: str = OPENAI_BASE_URL, model: str = "gpt-4o-2024-08-06",
+               mode: str = "logprob", parse_rule: str = "strict", api_key_env: str = "",
+               extra_body: str | Mapping[str, Any] = "", concurrency: int = 8,
                requests_per_minute: float = 0, max_retries: int = 6, timeout_s: float = 60.0,
                backoff_s: float = 1.0, max_backoff_s: float = 60.0, max_tokens: int = 20, top_logprobs: int = 20,
                temperature: float = 0.0, price_input_per_mtok: float = 0.0, price_output_per_mtok: float = 0.0,
+               max_cost_usd: float = 0.0, max_consecutive_failures: int = 10,
                cache_path: str = "", ledger_path: str = ""):
-    where = "config.judge.api"
-    if mode not in MODES:
-      raise ValueError(f"{where}.mode={mode!r}: expected one of {MODES}")
-    if not model:
-      raise ValueError(f"{where}.model is empty: name the judge model")
-    for key, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
-                            ("max_tokens", max_tokens, 1), ("top_logprobs", top_logprobs, 1)):
-      if int(value) != value or value < low:
-        raise ValueError(f"{where}.{key}={value!r}: expected an integer >= {low}")
-    for key, value in (("requests_per_minute", requests_per_minute), ("backoff_s", backoff_s),
-                       ("max_backoff_s", max_backoff_s), ("temperature", temperature),
-                       ("price_input_per_mtok", price_input_per_mtok),
-                       ("price_output_per_mtok", price_output_per_mtok)):
-      if value < 0:
-        raise ValueError(f"{where}.{key}={value!r}: must not be negative")
-    if timeout_s <= 0:
-      raise ValueError(f"{where}.timeout_s={timeout_s!r}: must be positive")
-    url = urllib.parse.urlsplit(base_url.rstrip("/"))
-    if url.scheme not in ("http", "https") or not url.hostname:
-      raise ValueError(f"{where}.base_url={base_url!r}: expected http(s)://host[:port]/path")
+    endpoint = _check(dict(
+        base_url=base_url, model=model, mode=mode, parse_rule=parse_rule, api_key_env=api_key_env,
+        extra_body=extra_body, concurrency=concurrency, requests_per_minute=requests_per_minute,
+        max_retries=max_retries, timeout_s=timeout_s, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+        max_tokens=max_tokens, top_logprobs=top_logprobs, temperature=temperature,
+        price_input_per_mtok=price_input_per_mtok, price_output_per_mtok=price_output_per_mtok,
+        max_cost_usd=max_cost_usd, max_consecutive_failures=max_consecutive_failures))
 
-    self.prompts, self.model, self.mode = prompts, model, mode
+    self.prompts, self.model, self.mode, self.parse_rule = prompts, model, mode, parse_rule
     self.name = f"api:{model}:{mode}"
     self.prompt_version = prompts.version
     self.concurrency, self.max_retries = int(concurrency), int(max_retries)
     self.timeout_s, self.backoff_s, self.max_backoff_s = float(timeout_s), float(backoff_s), float(max_backoff_s)
     self.price_input_per_mtok, self.price_output_per_mtok = float(price_input_per_mtok), float(price_output_per_mtok)
+    self.max_cost_usd, self.max_consecutive_failures = float(max_cost_usd), int(max_consecutive_failures)
     self.ledger_path = ledger_path
-    self._api_key = _read_api_key(api_key_env)
+    self._api_key = _read_api_key(endpoint.key_env)
 
-    self._https, self._host = url.scheme == "https", url.hostname
-    self._port = url.port or (443 if self._https else 80)
-    self._path = url.path if url.path.endswith("/chat/completions") else url.path + "/chat/completions"
+    self._https, self._host, self._port, self._path = endpoint.https, endpoint.host, endpoint.port, endpoint.path
+    # One server is one judge: two servers may serve different weights under one model name.
+    self.server = f"{'https' if self._https else 'http'}://{self._host.lower()}:{self._port}{self._path}"
     self._headers = {"Content-Type": "application/json", "Accept": "application/json",
                      "User-Agent": "emjax-api-judge"}
     if self._api_key:
       self._headers["Authorization"] = f"Bearer {self._api_key}"
     self._ssl = ssl.create_default_context() if self._https else None
-    # Everything in the request besides the prompt; it changes the answer, so it is in the cache key.
+    # Everything in the request besides the model and prompt; it changes the answer, so it is in the cache key.
     if mode == "logprob":
-      self._knobs = {"max_tokens": 1, "temperature": float(temperature), "logprobs": True,
-                     "top_logprobs": int(top_logprobs)}
+      knobs = {"max_tokens": 1, "temperature": float(temperature), "logprobs": True, "top_logprobs": int(top_logprobs)}
     else:
-      self._knobs = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
+      knobs = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
+    self._knobs = {**endpoint.extra_body, **knobs}
 
     self._limiter = TokenBucket(requests_per_minute / 60.0) if requests_per_minute else None
     self._rng = random.Random()
-    self._lock = threading.Lock()  # guards the ledger counters
+    self._lock = threading.Lock()  # guards the counters, the failure streak and the stop cause
     self._cache = _Cache(cache_path) if cache_path else None
     self._connections = _ConnectionPool(self._new_connection)
-    self._counters = _empty_counters()
+    # The ledger file's counts of this judge as of the last read or write, and this process's since:
+    # a write adds only the latter, so other processes' counts in the file are never overwritten.
+    self._base = _empty_counters()
+    self._delta = _empty_counters()
     if ledger_path:
-      _add_counters(self._counters, _read_ledger_file(ledger_path).get("judges", {}).get(self.name, {}))
+      _add_counters(self._base, _read_ledger_file(ledger_path).get("judges", {}).get(self.name, {}))
+    self._streak: tuple[tuple[str, str] | None, int] = (None, 0)  # (kind, message) of the last items' failure
+    self._stop_cause: tuple[str, str] | None = None
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any], prompts: judges.JudgePrompts = judges.DEFAULT_PROMPTS,
                   cache_path: str | None = None, ledger_path: str | None = None) -> "ApiJudge":
     """From `config.judge.api` (a dict or ConfigDict of DEFAULTS' keys; missing keys take DEFAULTS);
     cache_path / ledger_path, when given, replace the config's (e.g. paths inside the run directory)."""
-    cfg = dict(cfg.items())
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-      raise ValueError(f"config.judge.api: unknown keys {unknown} (known: {', '.join(DEFAULTS)})")
-    options = {key: _coerce(key, cfg.get(key, default), default) for key, default in DEFAULTS.items()}
+    options = _options(cfg)
     if cache_path is not None:
       options["cache_path"] = cache_path
     if ledger_path is not None:
@@ -440,8 +657,8 @@ class ApiJudge:
 
   # --------------------------------------------------------------------------- scoring
 
-  def score(self, items: Sequence[judges.Item], metrics: Sequence[str] = METRICS) -> list[dict[str, judges.Score]]:
-    metrics = tuple(metrics)
+  def _plan(self, items: Sequence[judges.Item], metrics: tuple[str, ...]):
+    """(the cache key of each item's metrics, the distinct jobs by key, the cached scores by key)."""
     # Render everything first: a prompt that cannot be rendered is a config error, raised before any spend.
     item_keys: list[tuple[str, ...]] = []
     jobs: dict[str, _Job] = {}
@@ -453,17 +670,64 @@ class ApiJudge:
         jobs.setdefault(key, _Job(metric, prompt))
         keys.append(key)
       item_keys.append(tuple(keys))
-
-    scores: dict[str, judges.Score] = {}
+    cached: dict[str, judges.Score] = {}
     for key in jobs:
-      cached = self._cache.get(key) if self._cache is not None else None
-      if cached is not None:
-        scores[key] = cached
+      score = self._cached(key)
+      if score is not None:
+        cached[key] = score
+    return item_keys, jobs, cached
+
+  def _cached(self, key: str) -> judges.Score | None:
+    score = self._cache.get(key) if self._cache is not None else None
+    if score is None or self.mode != "direct":
+      return score
+    # The reply is what was cached; its reading follows the current parse_rule.
+    return self._read_text(score.raw)
+
+  def estimate(self, items: Sequence[judges.Item], metrics: Sequence[str] = METRICS) -> dict[str, Any]:
+    """What score(items, metrics) would send and cost, from the cache and the prices alone (no request).
+
+    requests: distinct (item, metric) pairs not in the cache (retries not counted); cache_hits;
+    deduplicated: repeated pairs sent once; prompt_tokens: characters / 4 of the rendered prompts to
+    send (a rough rule: the server's tokenizer and chat template decide the real count);
+    completion_tokens: max_tokens (direct) or 1 (logprob) per request, an upper bound in direct mode;
+    cost_usd: both at the configured prices; spent_usd: this judge's cost in the ledger so far;
+    max_cost_usd: the cap (0 = none); reaches_cap: whether spent_usd + cost_usd reaches it;
+    summary: all of it in one line.
+    """
+    metrics = tuple(metrics)
+    item_keys, jobs, cached = self._plan(items, metrics)
+    to_send = [key for key in jobs if key not in cached]
+    prompt_tokens = sum(math.ceil(len(jobs[key].prompt) / 4) for key in to_send)
+    completion_tokens = len(to_send) * int(self._knobs["max_tokens"])
+    cost = (prompt_tokens * self.price_input_per_mtok + completion_tokens * self.price_output_per_mtok) / 1e6
+    out = {"judge": self.name, "server": self.server, "pairs": len(items) * len(metrics), "requests": len(to_send),
+           "cache_hits": len(cached), "deduplicated": len(items) * len(metrics) - len(jobs),
+           "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "token_estimate": "prompt tokens ~ characters/4 of the rendered prompts; completion tokens = "
+                             f"{'max_tokens' if self.mode == 'direct' else '1'} per request; retries not counted",
+           "cost_usd": cost, "spent_usd": self._spent_usd(), "max_cost_usd": self.max_cost_usd}
+    out["reaches_cap"] = bool(self.max_cost_usd) and out["spent_usd"] + cost >= self.max_cost_usd
+    cap = f"cap ${self.max_cost_usd:.2f}" if self.max_cost_usd else "no cap (max_cost_usd=0)"
+    if out["reaches_cap"]:
+      cap += ", which this call would reach: it would stop there (JudgeStopped) and resume on a rerun"
+    out["summary"] = (
+        f"judge {self.name} at {self.server}: {out['requests']} requests to send ({out['cache_hits']} cache hits, "
+        f"{out['deduplicated']} duplicates sent once); about {prompt_tokens:,} prompt tokens (characters/4) and "
+        f"{completion_tokens:,} completion tokens, about ${cost:.4f} at ${self.price_input_per_mtok:g} / "
+        f"${self.price_output_per_mtok:g} per million; spent so far on this ledger ${out['spent_usd']:.4f}, {cap}")
+    return out
+
+  def score(self, items: Sequence[judges.Item], metrics: Sequence[str] = METRICS) -> list[dict[str, judges.Score]]:
+    metrics = tuple(metrics)
+    item_keys, jobs, scores = self._plan(items, metrics)
+    n_cached = len(scores)
     to_send = [key for key in jobs if key not in scores]
     with self._lock:
-      self._counters["calls"] += 1
-      self._counters["cache_hits"] += len(scores)
-      self._counters["deduplicated"] += len(items) * len(metrics) - len(jobs)
+      self._delta["calls"] += 1
+      self._delta["cache_hits"] += n_cached
+      self._delta["deduplicated"] += len(items) * len(metrics) - len(jobs)
+      self._stop_cause = None
 
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="api-judge")
@@ -473,7 +737,7 @@ class ApiJudge:
       for future in concurrent.futures.as_completed(futures):
         key = futures[future]
         score = scores[key] = future.result()
-        if score.status == "error" and logged_failures < _MAX_LOGGED_FAILURES:
+        if score.status == "error" and logged_failures < _MAX_LOGGED_FAILURES and not stop.is_set():
           logged_failures += 1
           log.warning("judge %s: %s not scored: %s", self.name, jobs[key].metric, score.raw)
     except BaseException:
@@ -486,20 +750,43 @@ class ApiJudge:
       results = [{m: scores[k] for m, k in zip(metrics, keys) if k in scores} for keys in item_keys]
       with self._lock:
         for row in results:
-          self._counters["scores"] += len(row)
+          self._delta["scores"] += len(row)
           for s in row.values():
-            self._counters["statuses"][s.status] = self._counters["statuses"].get(s.status, 0) + 1
+            self._delta["statuses"][s.status] = self._delta["statuses"].get(s.status, 0) + 1
       self._write_ledger()
     ledger = self.ledger
+    if self._stop_cause is not None:
+      raise self._stopped(jobs, scores, n_cached, ledger)
     log.debug("judge %s: %d scores, %d cache hits, %d errors; %d requests (%d retries) and $%.4f so far",
-              self.name, len(items) * len(metrics), len(jobs) - len(to_send),
+              self.name, len(items) * len(metrics), n_cached,
               sum(1 for k in to_send if scores[k].status == "error"), ledger["requests"], ledger["retries"],
               ledger["cost_usd"])
     return results
 
+  def _stopped(self, jobs: Mapping[str, _Job], scores: Mapping[str, judges.Score], n_cached: int,
+               ledger: Mapping[str, Any]) -> JudgeStopped:
+    cause, detail = self._stop_cause
+    decided = sum(1 for s in scores.values() if s.status in CACHEABLE_STATUSES)
+    not_sent = sum(1 for s in scores.values() if s.raw.startswith("stopped:"))
+    counts = {"distinct_pairs": len(jobs), "judged": decided, "cache_hits": n_cached,
+              "errors": sum(1 for s in scores.values() if s.status == "error") - not_sent, "not_sent": not_sent,
+              "requests": ledger["requests"], "cost_usd": ledger["cost_usd"]}
+    message = (f"judge {self.name} stopped: {detail}. This call judged {decided} of its {len(jobs)} distinct "
+               f"(item, metric) pairs ({n_cached} from the cache), {counts['errors']} failed and {not_sent} were "
+               f"not sent; the ledger counts {ledger['requests']} requests and ${ledger['cost_usd']:.4f}. "
+               "Judged answers are cached and the ledger is written: a rerun resumes where this one stopped.")
+    return JudgeStopped(message, cause, counts)
+
+  def _halt(self, stop: threading.Event, cause: str, detail: str) -> None:
+    """Stops the call: the first cause wins, queued requests are not sent, those in flight finish."""
+    with self._lock:
+      if self._stop_cause is None:
+        self._stop_cause = (cause, self._redact(detail))
+    stop.set()
+
   def _cache_key(self, metric: str, prompt: str) -> str:
-    what = {"model": self.model, "mode": self.mode, "prompt_version": self.prompt_version, "metric": metric,
-            "prompt": prompt, "knobs": self._knobs}
+    what = {"server": self.server, "model": self.model, "mode": self.mode, "prompt_version": self.prompt_version,
+            "metric": metric, "prompt": prompt, "knobs": self._knobs}
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
   def _judge_and_cache(self, key: str, job: _Job, stop: threading.Event) -> judges.Score:
@@ -519,34 +806,65 @@ class ApiJudge:
       for _ in range(self.max_retries + 1):
         if failure is not None:
           stop.wait(self._backoff_s(attempts, failure))
+        if not stop.is_set() and self.max_cost_usd and self._spent_usd() >= self.max_cost_usd:
+          self._halt(stop, "max_cost_usd",
+                     f"the spend reached max_cost_usd=${self.max_cost_usd:g} (this judge's cost in the ledger, "
+                     f"${self._spent_usd():.4f}); raise max_cost_usd to go on")
         if stop.is_set():
-          failure = _Failure("interrupted", "the call was interrupted before this request was sent", False)
+          kind = "stopped" if self._stop_cause is not None else "interrupted"
+          failure = _Failure(kind, f"not sent: the call was {kind} before this request", False)
           break
         if failure is not None:
           with self._lock:
-            self._counters["retries"] += 1
+            self._delta["retries"] += 1
         if self._limiter:
           self._limiter.acquire()
         attempts += 1
         outcome = self._attempt(body)
         if isinstance(outcome, judges.Score):
+          with self._lock:
+            self._streak = (None, 0)
           return dataclasses.replace(outcome, raw=self._redact(outcome.raw)), True
         failure = outcome
         with self._lock:
-          self._counters["failed_attempts"][failure.kind] = self._counters["failed_attempts"].get(failure.kind, 0) + 1
+          self._delta["failed_attempts"][failure.kind] = self._delta["failed_attempts"].get(failure.kind, 0) + 1
         log.debug("judge %s: attempt %d failed: %s: %s", self.name, attempts, failure.kind,
                   self._redact(failure.message))
+        if failure.stops:
+          self._halt(stop, failure.kind, failure.message)
         if not failure.retryable:
           break
       assert failure is not None
       how = "not retried" if not failure.retryable else f"gave up after {attempts} attempts"
-      raw = f"{failure.kind}: {failure.message}" + ("" if failure.kind == "interrupted" else f" ({how})")
+      raw = f"{failure.kind}: {failure.message}"
+      if failure.kind not in _NOT_A_SERVER_FAILURE:
+        raw += f" ({how})"
     except Exception as e:  # pylint: disable=broad-except -- a bug here must not lose the other items' scores
       failure = _Failure("internal", f"{type(e).__name__}: {e}", False)
       raw = f"internal: {type(e).__name__}: {e}"
     with self._lock:
-      self._counters["errors"][failure.kind] = self._counters["errors"].get(failure.kind, 0) + 1
+      self._delta["errors"][failure.kind] = self._delta["errors"].get(failure.kind, 0) + 1
+    self._count_final_failure(failure, stop)
     return judges.Score(None, "error", self._redact(raw)), False
+
+  def _count_final_failure(self, failure: _Failure, stop: threading.Event) -> None:
+    """A run of items ending in one non-retryable failure (a revoked key, a wrong model name) will not
+    end by itself: every further item would fail the same way."""
+    if failure.kind in _NOT_A_SERVER_FAILURE:
+      return
+    if failure.retryable:  # transient by kind, even if it lasted: not what this breaker is for
+      with self._lock:
+        self._streak = (None, 0)
+      return
+    signature = (failure.kind, self._redact(failure.message))
+    with self._lock:
+      last, n = self._streak
+      n = n + 1 if last == signature else 1
+      self._streak = (signature, n)
+    if self.max_consecutive_failures and n >= self.max_consecutive_failures:
+      self._halt(stop, "consecutive_failures",
+                 f"{n} items in a row failed the same way (max_consecutive_failures={self.max_consecutive_failures}"
+                 f"), not retryable: {signature[0]}: {signature[1]}")
 
   def _backoff_s(self, attempts: int, failure: _Failure) -> float:
     """The wait after `attempts` failed attempts."""
@@ -563,7 +881,7 @@ class ApiJudge:
   def _attempt(self, body: bytes) -> judges.Score | _Failure:
     """One HTTP request: the judge's answer, or why there is none."""
     with self._lock:
-      self._counters["requests"] += 1
+      self._delta["requests"] += 1
     conn = self._connections.take()
     try:
       conn.request("POST", self._path, body=body, headers=self._headers)
@@ -594,11 +912,17 @@ class ApiJudge:
     try:
       choice = reply["choices"][0]
       if self.mode == "direct":
-        return judges.parse_score((choice.get("message") or {}).get("content"), "strict")
+        content = (choice.get("message") or {}).get("content")
+        score = self._read_text(content if content is None or isinstance(content, str) else str(content))
+        if score is None:
+          # Thinking models that spend max_tokens on reasoning answer nothing; another try may answer.
+          return _Failure("empty_reply", f"an empty reply (finish_reason={choice.get('finish_reason')!r})", True)
+        return score
       content = (choice.get("logprobs") or {}).get("content")
       if content is None:
-        return _Failure("no_logprobs", "the reply has no logprobs: does this model or server support them? "
-                        "(mode 'direct' needs none)", False)
+        return _Failure("no_logprobs", "this server returns no logprobs: a reply to a request with logprobs=true "
+                        "had none, so logprob mode cannot score (use mode=direct with this server)", False,
+                        stops=True)
       if not content:  # no token generated
         return judges.score_from_top_logprobs({})
       first = content[0]
@@ -609,39 +933,65 @@ class ApiJudge:
       detail = f": {_server_message(data)}" if "error" in reply else ""
       return _Failure("bad_response", f"a 200 reply without a usable choice ({type(e).__name__}{detail})", True)
 
+  def _read_text(self, text: str | None) -> judges.Score | None:
+    """A direct-mode reply read with parse_rule; None for an empty one (a failed attempt, not a judgement)."""
+    if text is None or not text.strip():
+      return None
+    score = judges.parse_score(text, self.parse_rule)
+    if score.status in ("empty", "error"):
+      # The paper rule maps the release's placeholders "[EMPTY]" / "[ERROR: ...]" to those statuses; from
+      # a live judge they are just text, and `empty` is reserved for an empty evaluated answer.
+      return judges.Score(None, "parse_error", text)
+    return score
+
   def _count_usage(self, usage: Any) -> None:
     with self._lock:
       if not isinstance(usage, dict):
-        self._counters["replies_without_usage"] += 1
+        self._delta["replies_without_usage"] += 1
         return
-      self._counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-      self._counters["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+      self._delta["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+      self._delta["completion_tokens"] += int(usage.get("completion_tokens") or 0)
 
   def _redact(self, text: str) -> str:
     return text.replace(self._api_key, _REDACTED) if self._api_key else text
 
   # --------------------------------------------------------------------------- ledger
 
-  @property
-  def ledger(self) -> dict[str, Any]:
-    """This judge's counters (continued from ledger_path when it held them) and their cost in USD."""
+  def _cost_usd(self, counters: Mapping[str, Any]) -> float:
+    return (counters["prompt_tokens"] * self.price_input_per_mtok
+            + counters["completion_tokens"] * self.price_output_per_mtok) / 1e6
+
+  def _spent_usd(self) -> float:
     with self._lock:
-      out = json.loads(json.dumps(self._counters))
-    out["cost_usd"] = (out["prompt_tokens"] * self.price_input_per_mtok
-                       + out["completion_tokens"] * self.price_output_per_mtok) / 1e6
+      tokens = {k: self._base[k] + self._delta[k] for k in ("prompt_tokens", "completion_tokens")}
+    return self._cost_usd(tokens)
+
+  def _ledger_entry(self, counters: Mapping[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(counters))
+    out["cost_usd"] = self._cost_usd(out)
     out.update(judge=self.name, model=self.model, mode=self.mode, prompt_version=self.prompt_version,
                price_input_per_mtok=self.price_input_per_mtok, price_output_per_mtok=self.price_output_per_mtok)
     return out
 
+  @property
+  def ledger(self) -> dict[str, Any]:
+    """This judge's counters (the ledger file's, as of this process's last write, plus its own since) and
+    their cost in USD."""
+    with self._lock:
+      counters = _sum_counters(self._base, self._delta)
+    return self._ledger_entry(counters)
+
   def _write_ledger(self) -> None:
     if not self.ledger_path:
       return
-    with _LEDGER_FILE_LOCK:
-      doc = _read_ledger_file(self.ledger_path)  # re-read: another judge may have written its part
+    with _ledger_lock(self.ledger_path), self._lock:
+      doc = _read_ledger_file(self.ledger_path)  # under the lock: what every other writer has added
       by_judge = dict(doc.get("judges", {}))
-      by_judge[self.name] = self.ledger
+      mine = _sum_counters(by_judge.get(self.name, {}), self._delta)
+      by_judge[self.name] = self._ledger_entry(mine)
       _atomic_write_json(self.ledger_path, {
           "judges": by_judge,
           "cost_usd": sum(float(j.get("cost_usd", 0)) for j in by_judge.values()),
           "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       })
+      self._base, self._delta = mine, _empty_counters()

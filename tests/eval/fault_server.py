@@ -5,6 +5,7 @@ Markers (anywhere in the prompt; `[[name@metric:value]]` applies to that metric 
 `[[name:value]]`; the metric is read from the prompt's first line, `metric=<name>`):
 
   [[say:TEXT]]                 the reply text (direct mode) or the one sure first token (logprob mode); default 50
+  [[sayq:TEXT]]                as say, TEXT percent-encoded (urllib.parse.quote): newlines, brackets, blanks
   [[logprobs:80=0.5,90=0.3]]   logprob mode: the first token's top_logprobs, as probabilities
   [[delay:S]]                  sleep S seconds before every reply
   [[retry_after:S]]            the Retry-After header of a 429
@@ -12,7 +13,8 @@ Markers (anywhere in the prompt; `[[name@metric:value]]` applies to that metric 
       KIND: an HTTP status (429, 500, 503, 400, 401, 403, 404; a 401's message echoes the Authorization
       header, as a careless server might), timeout (sleep TIMEOUT_SLEEP_S, then nothing), drop (close
       without a reply), reset (close with a TCP RST), badjson (a 200 with a cut JSON body), trunc (a 200
-      whose body is shorter than its Content-Length), nologprobs (a 200 without logprobs)
+      whose body is shorter than its Content-Length), nologprobs (a 200 without logprobs), empty (a 200
+      whose content is ""), null (a 200 whose content is null, as a thinking model's cut-off reply)
 
 Replies keep the connection open (HTTP/1.1) unless the fault breaks it; `Request.client_port` tells
 connections apart. Usage of a good reply: 100 prompt tokens, 1 completion token (logprob) or 2 (direct).
@@ -30,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 
 TIMEOUT_SLEEP_S = 1.5
 PROMPT_TOKENS = 100
@@ -99,7 +102,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._fault(kind, m)
         return kind
     logprob_mode = bool(body.get("logprobs"))
-    text = m.get("say", "50")
+    text = urllib.parse.unquote(m["sayq"]) if "sayq" in m else m.get("say", "50")
     usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1 if logprob_mode else 2}
     choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
     if logprob_mode:
@@ -145,6 +148,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.wfile.flush()
       self.close_connection = True
       self.connection.shutdown(socket.SHUT_RDWR)
+    elif kind in ("empty", "null"):
+      content = "" if kind == "empty" else None
+      self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                    "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 2}})
     elif kind == "nologprobs":
       self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "50"}}],
                        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1}})

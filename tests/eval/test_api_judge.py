@@ -9,8 +9,12 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
+import subprocess
+import sys
 import time
+import urllib.parse
 
 import pytest
 
@@ -101,11 +105,69 @@ def test_logprob_mode_weighted_mean_and_low_mass(server):
   assert (body["max_tokens"], body["logprobs"], body["top_logprobs"], body["temperature"]) == (1, True, 5, 0.0)
 
 
-def test_reply_without_logprobs_is_an_error_and_not_retried(server):
-  judge = make_judge(server, mode="logprob")
-  [row] = judge.score([item("[[fault:nologprobs]]")], ALIGNED)
-  assert row["aligned"].status == "error" and "no logprobs" in row["aligned"].raw
-  assert len(server.requests) == 1
+def test_reply_without_logprobs_stops_the_judge_at_the_first_one(server, tmp_path):
+  cache, ledger_path = str(tmp_path / "cache.jsonl"), str(tmp_path / "ledger.json")
+  judge = make_judge(server, mode="logprob", concurrency=1, cache_path=cache, ledger_path=ledger_path)
+  items = [item("first [[say:64]]"), item("second [[fault:nologprobs]]"), item("third [[say:12]]")]
+  with pytest.raises(api_judge.JudgeStopped, match="this server returns no logprobs") as stopped:
+    judge.score(items, ALIGNED)
+  assert stopped.value.cause == "no_logprobs" and "mode=direct" in str(stopped.value)
+  assert "rerun resumes" in str(stopped.value)
+  assert len(server.requests_with("nologprobs")) == 1  # not retried
+  assert not server.requests_with("third")  # queued work is not sent once the judge cannot score
+  assert stopped.value.counts["judged"] == 1 and stopped.value.counts["not_sent"] == 1
+  # what was judged before the stop is on disk
+  assert [json.loads(line)["value"] for line in open(cache, encoding="utf-8")] == [64.0]
+  assert json.load(open(ledger_path, encoding="utf-8"))["judges"][judge.name]["requests"] == 2
+
+
+# ----------------------------------------------------------------------------- direct mode: parse rule, empty replies
+
+CHATTY = ("I would rate this 85.", "85\n\nThe answer is harmful", "Score: 40 out of 100, REFUSAL aside")
+
+
+def sayq(text):
+  return f"[[sayq:{urllib.parse.quote(text)}]]"
+
+
+def test_parse_rule_paper_reads_chatty_replies_that_strict_refuses(server):
+  items = [item(f"{i} {sayq(text)}") for i, text in enumerate(CHATTY)]
+  strict = make_judge(server).score(items, ALIGNED)
+  paper = make_judge(server, parse_rule="paper").score(items, ALIGNED)
+  assert statuses(strict) == ["parse_error"] * 3
+  assert [(s.status, s.value) for s in (r["aligned"] for r in paper)] == [("ok", 85.0), ("ok", 85.0), ("refusal", None)]
+  assert [r["aligned"].raw for r in paper] == list(CHATTY)
+
+
+def test_release_placeholders_from_a_live_judge_are_parse_errors_not_empty_or_error(server):
+  results = make_judge(server, parse_rule="paper").score(
+      [item(sayq("[EMPTY]")), item(sayq("[ERROR: quota]"))], ALIGNED)
+  assert statuses(results) == ["parse_error", "parse_error"]
+
+
+def test_cached_replies_are_read_again_with_the_current_parse_rule(server, tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  items = [item(sayq(CHATTY[0]))]
+  assert statuses(make_judge(server, cache_path=cache).score(items, ALIGNED)) == ["parse_error"]
+  [row] = make_judge(server, cache_path=cache, parse_rule="paper").score(items, ALIGNED)
+  assert (row["aligned"].status, row["aligned"].value) == ("ok", 85.0)
+  assert len(server.requests) == 1  # switching the rule costs no request
+
+
+@pytest.mark.parametrize("fault", ["empty", "null"])
+def test_empty_direct_reply_is_retried_and_ends_in_error_never_empty(server, tmp_path, fault):
+  cache = str(tmp_path / "cache.jsonl")
+  judge = make_judge(server, max_retries=2, cache_path=cache)
+  flaky, lasting, blank = judge.score([item(f"[[say:64]] [[fault:{fault}x1]]"), item(f"[[fault:{fault}]]"),
+                                       item(sayq(" \n "))], ALIGNED)
+  assert (flaky["aligned"].status, flaky["aligned"].value) == ("ok", 64.0)
+  for row in (lasting, blank):
+    assert row["aligned"].status == "error" and row["aligned"].raw.startswith("empty_reply: ")
+    assert "gave up after 3 attempts" in row["aligned"].raw
+  assert "finish_reason='length'" in lasting["aligned"].raw
+  assert len(server.requests_with(f"fault:{fault}x1")) == 2 and len(server.requests_with(f"fault:{fault}]")) == 3
+  assert judge.ledger["errors"] == {"empty_reply": 2} and judge.ledger["statuses"] == {"ok": 1, "error": 2}
+  assert [json.loads(line)["value"] for line in open(cache, encoding="utf-8")] == [64.0]  # errors are not cached
 
 
 # ----------------------------------------------------------------------------- failures and retries
@@ -408,3 +470,270 @@ def test_connections_are_kept_alive_across_calls_and_renewed_when_idle(server, m
     judge.score([item("[[say:4]]"), item("[[say:5]]")], ALIGNED)
   assert len({r.client_port for r in server.requests}) == 3
   assert judge.ledger["retries"] == 0
+
+
+# ----------------------------------------------------------------------------- the key only where it belongs
+
+def test_default_key_env_sends_the_openai_key_to_no_other_server(server, monkeypatch):
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)
+  cfg = {**FAST, "base_url": server.base_url, "model": "judge-test", "mode": "direct"}  # api_key_env left default
+  api_judge.ApiJudge.from_config(cfg, PROMPTS).score([item("[[say:5]]")], ALIGNED)
+  assert [r.authorization for r in server.requests] == [None]
+
+
+def test_default_key_env_is_openai_key_for_openais_base_url(monkeypatch):
+  monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+  with pytest.raises(ValueError, match="environment variable OPENAI_API_KEY is not set"):
+    api_judge.validate_config({})
+  api_judge.validate_config({"base_url": "https://judge.example.org/v1"})  # another server needs no key
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)
+  api_judge.validate_config({})
+  judge = api_judge.ApiJudge.from_config({"base_url": "https://api.openai.com/v1/"}, PROMPTS)
+  assert judge._headers["Authorization"] == f"Bearer {KEY}"  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("base_url", ["http://judge.example.org/v1", "http://10.1.2.3:8000/v1",
+                                      "http://192.168.0.7/v1", "http://127.0.0.1.example.org/v1"])
+def test_no_key_over_plain_http_to_a_host_that_is_not_loopback(base_url, tmp_path):
+  cfg = {"base_url": base_url, "api_key_env": KEY_ENV, "cache_path": str(tmp_path / "c.jsonl")}
+  for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS)):
+    with pytest.raises(ValueError, match="unencrypted"):
+      check(cfg)
+  assert not os.listdir(tmp_path)
+  api_judge.ApiJudge.from_config({**cfg, "api_key_env": ""}, PROMPTS)  # without a key it may go anywhere
+
+
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8000/v1", "http://127.3.2.1:1/v1", "http://localhost:1/v1",
+                                      "http://LOCALHOST:1/v1", "http://[::1]:8000/v1", "https://judge.example.org/v1"])
+def test_key_may_go_over_http_to_loopback_and_over_https_anywhere(base_url):
+  api_judge.validate_config({"base_url": base_url, "api_key_env": KEY_ENV})
+  assert api_judge.ApiJudge.from_config({"base_url": base_url, "api_key_env": KEY_ENV}, PROMPTS)._api_key == KEY
+
+
+@pytest.mark.parametrize("pasted", [KEY, "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "my key", "1ABC", "A-B",
+                                    "SECRET\n"])
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(pasted):
+  for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS),
+                lambda c: api_judge.check_key_env(c["api_key_env"])):
+    with pytest.raises(ValueError, match="did you paste the key itself") as error:
+      check({"base_url": "https://judge.example.org/v1", "api_key_env": pasted})
+    assert pasted not in str(error.value) and "value not shown" in str(error.value)
+  scrubbed = api_judge.scrub_config({"api_key_env": pasted, "model": "m"})
+  assert scrubbed == {"api_key_env": "[invalid, not shown]", "model": "m"}
+
+
+def test_check_key_env_passes_names_and_the_empty_default():
+  for name in ("", "OPENAI_API_KEY", "_x1"):
+    api_judge.check_key_env(name)
+
+
+def test_scrub_config_keeps_valid_names_and_copies():
+  cfg = {"api_key_env": "GEMINI_API_KEY", "model": "gemini-2.5-flash", "max_cost_usd": 5.0}
+  scrubbed = api_judge.scrub_config(cfg)
+  assert scrubbed == cfg and scrubbed is not cfg
+  assert api_judge.scrub_config({"api_key_env": ""}) == {"api_key_env": ""}
+  assert api_judge.scrub_config({"model": "m"}) == {"model": "m"}
+  original = {"api_key_env": "sk-abc"}
+  api_judge.scrub_config(original)
+  assert original == {"api_key_env": "sk-abc"}  # the caller's config is not changed
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"modle": "x"}, r"unknown keys \['modle'\]"), ({"mode": "vibes"}, "mode='vibes'"),
+    ({"parse_rule": "loose"}, "parse_rule='loose'"), ({"concurrency": 0.5}, "concurrency=0.5"),
+    ({"max_consecutive_failures": -1}, "max_consecutive_failures=-1"), ({"max_cost_usd": -1}, "max_cost_usd=-1"),
+    ({"max_cost_usd": 5.0}, "cap could never be reached"), ({"extra_body": "[1]"}, "expected a JSON object"),
+    ({"extra_body": "{nope"}, "not valid JSON"), ({"extra_body": '{"max_tokens": 5}'}, r"sets \['max_tokens'\]"),
+    ({"base_url": "api.openai.com"}, "base_url"), ({"base_url": "http://h:notaport/v1"}, "base_url"),
+    ({"api_key_env": "NOT_SET_ANYWHERE_3F9"}, "NOT_SET_ANYWHERE_3F9 is not set"),
+    ({"api_key_env": KEY_ENV, "base_url": "http://judge.example.org"}, "unencrypted"),
+])
+def test_validate_config_checks_everything_without_a_request_or_a_file(server, tmp_path, bad, match):
+  paths = {"cache_path": str(tmp_path / "d" / "cache.jsonl"), "ledger_path": str(tmp_path / "d" / "ledger.json")}
+  good = {"base_url": server.base_url, "api_key_env": KEY_ENV, "mode": "direct", **paths}
+  api_judge.validate_config(good)
+  with pytest.raises(ValueError, match=match):
+    api_judge.validate_config({**good, **bad})
+  with pytest.raises(ValueError, match=match):  # the constructor makes the same checks
+    api_judge.ApiJudge.from_config({**good, **bad}, PROMPTS)
+  assert not os.listdir(tmp_path) and not server.requests
+
+
+# ----------------------------------------------------------------------------- extra_body and the cache key
+
+def test_extra_body_is_merged_into_every_request_and_into_the_cache_key(server, tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  items = [item("[[say:64]] [[fault:500x1]]")]
+  make_judge(server, cache_path=cache, extra_body='{"reasoning_effort": "none"}').score(items, ALIGNED)
+  assert [r.body.get("reasoning_effort") for r in server.requests] == ["none", "none"]  # the retry too
+  make_judge(server, cache_path=cache, extra_body={"reasoning_effort": "none"}).score(items, ALIGNED)
+  assert len(server.requests) == 2  # the same body as a mapping: a cache hit
+  make_judge(server, cache_path=cache, extra_body='{"reasoning_effort": "low"}').score(items, ALIGNED)
+  make_judge(server, cache_path=cache).score(items, ALIGNED)
+  assert [r.body.get("reasoning_effort") for r in server.requests[2:]] == ["low", None]
+
+
+def test_base_url_is_in_the_cache_key(server, tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  other = FaultServer()  # another server under the same model name: other weights, perhaps
+  try:
+    make_judge(server, cache_path=cache).score([item("[[say:64]]")], ALIGNED)
+    [row] = api_judge.ApiJudge.from_config({**FAST, "base_url": other.base_url, "model": "judge-test",
+                                            "mode": "direct", "cache_path": cache}, PROMPTS).score(
+                                                [item("[[say:64]]")], ALIGNED)
+    assert row["aligned"].value == 64.0 and len(other.requests) == 1
+    make_judge(server, cache_path=cache).score([item("[[say:64]]")], ALIGNED)
+    assert len(server.requests) == 1
+  finally:
+    other.close()
+
+
+# ----------------------------------------------------------------------------- stops
+
+def test_max_cost_usd_stops_before_the_request_that_would_pass_it_and_a_rerun_resumes(server, tmp_path):
+  cache, ledger_path = str(tmp_path / "cache.jsonl"), str(tmp_path / "ledger.json")
+  # 100 prompt tokens a reply at 10,000 USD per million: $1 a request
+  priced = dict(cache_path=cache, ledger_path=ledger_path, price_input_per_mtok=10_000.0, concurrency=1)
+  items = [item(f"{i} [[say:{i}]]") for i in range(5)]
+  with pytest.raises(api_judge.JudgeStopped, match="max_cost_usd") as stopped:
+    make_judge(server, max_cost_usd=2.5, **priced).score(items, ALIGNED)
+  assert stopped.value.cause == "max_cost_usd" and "rerun resumes" in str(stopped.value)
+  assert len(server.requests) == 3  # $0, $1, $2 before each: sent; $3 >= $2.5 before the fourth: not sent
+  assert stopped.value.counts == {"distinct_pairs": 5, "judged": 3, "cache_hits": 0, "errors": 0, "not_sent": 2,
+                                  "requests": 3, "cost_usd": pytest.approx(3.0)}
+  assert json.load(open(ledger_path, encoding="utf-8"))["cost_usd"] == pytest.approx(3.0)
+  assert sum(1 for _ in open(cache, encoding="utf-8")) == 3
+
+  with pytest.raises(api_judge.JudgeStopped):  # a new process, the same ledger and cap: nothing more is sent
+    make_judge(server, max_cost_usd=2.5, **priced).score(items, ALIGNED)
+  assert len(server.requests) == 3
+  assert values(make_judge(server, max_cost_usd=2.5, **priced).score(items[:3], ALIGNED)) == [0.0, 1.0, 2.0]
+  results = make_judge(server, max_cost_usd=10.0, **priced).score(items, ALIGNED)  # a raised cap resumes
+  assert values(results) == [0.0, 1.0, 2.0, 3.0, 4.0] and len(server.requests) == 5
+
+
+def test_max_cost_usd_lets_requests_in_flight_finish_and_caches_them(server, tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  judge = make_judge(server, cache_path=cache, price_input_per_mtok=10_000.0, max_cost_usd=0.5, concurrency=3)
+  with pytest.raises(api_judge.JudgeStopped):
+    judge.score([item(f"{i} [[say:{i}]] [[delay:0.5]]") for i in range(6)], ALIGNED)
+  assert len(server.requests) == 3  # the first three were sent at $0 and all came back
+  assert sum(1 for _ in open(cache, encoding="utf-8")) == 3
+
+
+def test_consecutive_identical_client_errors_stop_with_the_servers_message(server, tmp_path, caplog):
+  ledger_path = str(tmp_path / "ledger.json")
+  judge = make_judge(server, max_consecutive_failures=3, concurrency=1, ledger_path=ledger_path)
+  with pytest.raises(api_judge.JudgeStopped, match="3 items in a row") as stopped:
+    judge.score([item(f"{i} [[fault:401]]") for i in range(8)], ALIGNED)
+  message = str(stopped.value)
+  assert stopped.value.cause == "consecutive_failures"
+  assert "HTTP 401: Incorrect API key provided: Bearer [redacted]" in message and KEY not in message
+  assert len(server.requests) == 3 and stopped.value.counts["not_sent"] == 5
+  assert KEY not in caplog.text
+  assert json.load(open(ledger_path, encoding="utf-8"))["judges"][judge.name]["errors"]["http_401"] == 3
+
+
+def test_the_failure_streak_lasts_across_calls(server):
+  judge = make_judge(server, max_consecutive_failures=3, concurrency=1)
+  assert statuses(judge.score([item("a [[fault:403]]"), item("b [[fault:403]]")], ALIGNED)) == ["error"] * 2
+  with pytest.raises(api_judge.JudgeStopped):
+    judge.score([item("c [[fault:403]]"), item("d [[fault:403]]")], ALIGNED)
+  assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("answers,k", [
+    (["[[fault:401]]", "[[fault:401]]", "[[say:5]]", "[[fault:401]]", "[[fault:401]]"], 3),  # a success ends a run
+    (["[[fault:401]]", "[[fault:403]]", "[[fault:401]]", "[[fault:403]]"], 2),  # different failures
+    (["[[fault:400]]"] * 4, 0),  # 0: never stop
+    (["[[fault:500]]"] * 4, 2),  # retryable failures that last are errors, not a stop
+])
+def test_failures_that_are_not_a_run_of_identical_ones_do_not_stop(server, answers, k):
+  judge = make_judge(server, max_consecutive_failures=k, concurrency=1, max_retries=0)
+  results = judge.score([item(f"{i} {a}") for i, a in enumerate(answers)], ALIGNED)
+  assert len(results) == len(answers) and len(server.requests) == len(answers)
+
+
+# ----------------------------------------------------------------------------- estimate
+
+def test_estimate_counts_requests_cache_hits_tokens_and_cost_without_a_request(server, tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  priced = dict(cache_path=cache, price_input_per_mtok=2.5, price_output_per_mtok=10.0, max_tokens=7)
+  a, b, c = item("a [[say:1]]"), item("b [[say:2]]"), item("c [[say:3]] ünïcode")
+  make_judge(server, **priced).score([a], ALIGNED)
+  judge = make_judge(server, **priced)
+  estimate = judge.estimate([a, b, b, c], ALIGNED)
+  assert len(server.requests) == 1  # only the priming call
+  prompt_tokens = sum(math.ceil(len(PROMPTS.render("aligned", it)) / 4) for it in (b, c))
+  assert {k: estimate[k] for k in ("pairs", "requests", "cache_hits", "deduplicated", "prompt_tokens",
+                                   "completion_tokens")} == {"pairs": 4, "requests": 2, "cache_hits": 1,
+                                                             "deduplicated": 1, "prompt_tokens": prompt_tokens,
+                                                             "completion_tokens": 14}
+  assert estimate["cost_usd"] == pytest.approx((prompt_tokens * 2.5 + 14 * 10.0) / 1e6)
+  assert "characters/4" in estimate["token_estimate"] and "characters/4" in estimate["summary"]
+  assert "2 requests to send (1 cache hits" in estimate["summary"]
+  judge.score([a, b, b, c], ALIGNED)
+  assert len(server.requests) == 1 + estimate["requests"]
+  logprob = make_judge(server, mode="logprob", **priced).estimate([a, b], ALIGNED)
+  assert logprob["requests"] == 2 and logprob["completion_tokens"] == 2  # one token per request
+
+
+def test_estimate_reports_the_ledgers_spend_and_the_cap(server, tmp_path):
+  ledger_path = str(tmp_path / "ledger.json")
+  options = dict(ledger_path=ledger_path, price_input_per_mtok=10_000.0, max_cost_usd=50.0)
+  make_judge(server, **options).score([item("[[say:1]]"), item("[[say:2]]")], ALIGNED)
+  estimate = make_judge(server, **options).estimate([item("[[say:3]]")], ALIGNED)
+  assert estimate["spent_usd"] == pytest.approx(2.0) and estimate["max_cost_usd"] == 50.0
+  assert not estimate["reaches_cap"] and "cap $50.00" in estimate["summary"]
+  near = make_judge(server, **{**options, "max_cost_usd": 2.05}).estimate([item("[[say:3]]")], ALIGNED)
+  assert near["cost_usd"] > 0.05 and near["reaches_cap"] and "would reach" in near["summary"]  # $2 spent
+
+
+def test_judge_stopped_survives_pickling():
+  stopped = pickle.loads(pickle.dumps(api_judge.JudgeStopped("stopped: why", "max_cost_usd", {"judged": 3})))
+  assert (str(stopped), stopped.cause, stopped.counts) == ("stopped: why", "max_cost_usd", {"judged": 3})
+
+
+# ----------------------------------------------------------------------------- one ledger, several processes
+
+_LEDGER_WRITER = """
+import os, sys, time
+from emjax.eval import api_judge, judges
+base_url, ledger_path, name, calls, go = sys.argv[1:6]
+prompts = judges.JudgePrompts("test", {"aligned": "metric=aligned\\nQ: {question}\\nA: {answer}"})
+judge = api_judge.ApiJudge.from_config({"base_url": base_url, "model": "judge-test", "mode": "direct",
+                                        "ledger_path": ledger_path, "concurrency": 1}, prompts)
+open(go + "." + name, "w").close()
+while not os.path.exists(go):  # both processes start writing together
+  time.sleep(0.005)
+for i in range(int(calls)):
+  judge.score([judges.Item("q", f"{name} {i} [[say:1]]")], ("aligned",))
+print(api_judge.__file__)
+"""
+
+
+def test_processes_sharing_a_ledger_add_up_their_counts(server, tmp_path):
+  ledger_path, go, calls = str(tmp_path / "ledger.json"), str(tmp_path / "go"), 40
+  other = make_judge(server, model="another-judge", ledger_path=ledger_path)  # a judge of this process too
+  other.score([item("[[say:1]]")], ALIGNED)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(api_judge.__file__))))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+  writers = [subprocess.Popen([sys.executable, "-c", _LEDGER_WRITER, server.base_url, ledger_path, name, str(calls),
+                               go], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in ("p1", "p2")]
+  deadline = time.monotonic() + 60
+  while not all(os.path.exists(f"{go}.{n}") for n in ("p1", "p2")) and time.monotonic() < deadline:
+    if any(w.poll() is not None for w in writers):
+      break
+    time.sleep(0.01)
+  open(go, "w").close()
+  for w in writers:
+    out, _ = w.communicate(timeout=120)
+    assert w.returncode == 0 and out.strip().endswith(api_judge.__file__), out  # this checkout's judge
+  other.score([item("[[say:2]]")], ALIGNED)  # written after the others: it must not drop their counts
+  doc = json.load(open(ledger_path, encoding="utf-8"))
+  mine = doc["judges"]["api:judge-test:direct"]
+  assert (mine["calls"], mine["requests"], mine["prompt_tokens"], mine["statuses"]) == (
+      2 * calls, 2 * calls, 2 * calls * 100, {"ok": 2 * calls})
+  assert doc["judges"]["api:another-judge:direct"]["requests"] == 2
+  assert len(server.requests) == 2 * calls + 2
