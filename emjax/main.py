@@ -116,10 +116,13 @@ def _stopped_errors() -> tuple[type[BaseException], ...]:
 
 def _check_judge(config) -> None:
   """An API judge's settings checked first: `api_key_env` must name a variable, never hold a key."""
-  judge = config.get("judge") if hasattr(config, "get") else None
-  if hasattr(judge, "get") and judge.get("kind") == "api" and judge.get("api") is not None:
-    from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
-    api_judge.check_key_env(str(judge.api.get("api_key_env", "")))
+  from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
+  evaluation = config.get("evaluation") if hasattr(config, "get") else None  # the sl and study jobs' eval block
+  for judge in (config.get("judge") if hasattr(config, "get") else None,
+                evaluation.get("judge") if hasattr(evaluation, "get") else None):
+    api = judge.get("api") if hasattr(judge, "get") else None
+    if hasattr(api, "get"):
+      api_judge.check_key_env(str(api.get("api_key_env", "")))
 
 
 def batch_source_for(config):

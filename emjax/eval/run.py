@@ -286,7 +286,7 @@ def judge_identity(config) -> str:
   """A hash of every judge setting that can change a score (transport settings left out)."""
   jc = config.judge.to_dict()
   transport = ("concurrency", "requests_per_minute", "max_retries", "timeout_s", "backoff_s", "max_backoff_s",
-               "cache_path", "ledger_path", "api_key_env")
+               "cache_path", "ledger_path", "api_key_env", "max_cost_usd", "max_consecutive_failures")
   block = {"kind": jc["kind"], jc["kind"]: {k: v for k, v in jc.get(jc["kind"], {}).items() if k not in transport}}
   if jc["kind"] == "local" and jc["local"].get("checkpoint"):
     from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
@@ -361,7 +361,7 @@ def validate_judge(config) -> None:
     weights_lib.resolve(path, key="config.judge.local.hf" if jc.local.hf else "config.judge.local.checkpoint")
   elif jc.kind == "api":
     from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
-    api_judge.ApiJudge.from_config(dict(jc.api), judges_lib.DEFAULT_PROMPTS, cache_path=None, ledger_path=None).close()
+    api_judge.validate_config(dict(jc.api))
   else:
     make_judge(config, workdir="")
 
@@ -415,9 +415,7 @@ def judge_file(judge, responses_path: str, judged_path: str, *, batch_size: int,
   if pending and hasattr(judge, "estimate") and _process_index() == 0:
     sendable = [r for r in pending if r["response"].strip()]
     est = judge.estimate([judges_lib.Item.of(r) for r in sendable], metrics)
-    print(f"[emjax judge] {judge.name}: {len(pending)} records to judge: {est['requests']} requests to send, "
-          f"{est['cache_hits']} answers cached; about {est['prompt_tokens']:,} prompt and "
-          f"{est['completion_tokens']:,} completion tokens, estimated ${est['cost_usd']:.4f}", flush=True)
+    print(f"[emjax judge] {len(pending)} records of {responses_path} to judge: {est['summary']}", flush=True)
   finalized = 0
   for start in range(0, len(pending), max(1, batch_size)):
     batch = pending[start:start + batch_size]
@@ -554,7 +552,10 @@ def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict 
   judged = {s: os.path.join(workdir, s, "judged.jsonl") for s in sets}
   report_config = ml_collections.ConfigDict(dict(config.report))
   report_config.job = "report"
-  extra = {"eval_settings": settings(config, sets), "judge": config.judge.to_dict(), "sample": config.sample.to_dict()}
+  from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
+  judge_settings = config.judge.to_dict()
+  judge_settings["api"] = api_judge.scrub_config(judge_settings["api"])  # a pasted key is never stored
+  extra = {"eval_settings": settings(config, sets), "judge": judge_settings, "sample": config.sample.to_dict()}
   # Betley's and custom questions are not the paper's general set (ids may even coincide): their
   # rates are their own (OUT/<set>/rates.json), never pooled into the general tables.
   for set_name in ("betley", "custom"):
