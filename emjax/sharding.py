@@ -190,6 +190,11 @@ def activation_sharding(mesh: Mesh | None):
     _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_sharding`, or None."""
+  return _ACTIVE_MESH.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical axes; a no-op outside `activation_sharding`."""
   mesh = _ACTIVE_MESH.get()
