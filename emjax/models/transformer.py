@@ -177,16 +177,31 @@ class TransformerConfig:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return total
 
-  def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (non-embedding matmuls + lm head) + causal attention."""
-    n_matmul = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
-    # 12 H Dh FLOPs per (query, key) pair; a causal query sees seq_len / 2 keys on average, a
-    # sliding one at most `sliding_window` (w - w^2 / 2L on average once the sequence is longer).
+  def matmul_params(self) -> int:
+    """Parameters a token's forward multiplies by: every non-embedding weight plus the LM head."""
+    return self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+
+  def attention_keys(self, seq_len: int) -> float:
+    """Keys a query sees on average, summed over the layers: seq_len / 2 causal; a sliding layer at most
+    `sliding_window` (w - w^2 / 2L on average once the sequence is longer)."""
     w = self.sliding_window
-    keys = [min(seq_len / 2, w - w * w / (2 * seq_len)) if sliding else seq_len / 2
-            for sliding in self.sliding_layers]
-    attn = 12 * self.n_heads * self.resolved_head_dim * sum(keys)
-    return 6.0 * n_matmul + attn
+    return sum(min(seq_len / 2, w - w * w / (2 * seq_len)) if sliding else seq_len / 2
+               for sliding in self.sliding_layers)
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    """One forward pass: 2 FLOPs per matmul parameter + 4 H Dh per (query, key) pair (scores, values)."""
+    return 2.0 * self.matmul_params() + 4.0 * self.n_heads * self.resolved_head_dim * self.attention_keys(seq_len)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training every weight: forward + backward (input and weight gradients) = 3 forwards = 6 N + attention."""
+    return 3.0 * self.forward_flops_per_token(seq_len)
+
+  def lora_flops_per_token(self, seq_len: int, adapter_params: int) -> float:
+    """Training adapters on a frozen base: the base's forward and its input-gradient backward (no weight
+    gradient: 4 N, not 6 N), attention forward and backward in full (its operands are activations),
+    and 6 FLOPs per adapter parameter (forward, input and weight gradients)."""
+    attention = 4.0 * self.n_heads * self.resolved_head_dim * self.attention_keys(seq_len)
+    return 4.0 * self.matmul_params() + 3.0 * attention + 6.0 * adapter_params
 
 
 # ----------------------------------------------------------------------------- parameters
