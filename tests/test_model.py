@@ -413,3 +413,25 @@ def test_matmul_precision_reaches_every_matmul_forward_and_backward(precision, w
 def test_matmul_precision_is_checked():
   with pytest.raises(ValueError, match="config.model.matmul_precision: unknown precision 'tf32'"):
     dataclasses.replace(BASE, matmul_precision="tf32")
+
+
+def test_cudnn_prefill_at_slot_zero_is_causal_and_a_write_at_a_traced_slot_is_not(gpu_checks_stubbed):
+  """The sampler's prefill fills a cache as long as the prompt from slot 0: causal by index, so cuDNN is told.
+  A write at a traced slot follows earlier cache entries, which the index order does not describe."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType
+  cfg = dataclasses.replace(BF16_GQA, attention="cudnn")
+  graph, params = T.split_model(T.abstract_model(cfg))
+  tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+  def mask_types(cache_len, index_traced):
+    def prefill(p, tokens, index):
+      cache = T.init_cache(cfg, 2, cache_len)
+      ones = jnp.ones_like(tokens)
+      return nnx.merge(graph, p)(tokens, jnp.cumsum(ones, 1) - 1, ones, cache=cache,
+                                 cache_index=index if index_traced else 0)[0]
+    jaxpr = jax.make_jaxpr(prefill)(params, tokens, jnp.int32(0))
+    return {e.params["mask_type"] for e in _eqns(jaxpr.jaxpr) if e.primitive.name.startswith("dot_product_attention")}
+
+  assert mask_types(8, index_traced=False) == {MaskType.CAUSAL}
+  assert mask_types(8, index_traced=True) == {MaskType.NO_MASK}
+  assert mask_types(16, index_traced=False) == {MaskType.NO_MASK}  # a cache longer than the tokens written
