@@ -5,7 +5,9 @@ A random model in a Llama/Qwen2 configuration is built in emjax and exported to
 decode the same prompts greedily for the same number of new tokens (no stop
 token). Each side is warmed up (compilation excluded), then timed end to end
 (prefill + decode + results on the host) over `--repeats` calls; the best call
-counts. Prints one JSON line per batch size:
+counts. emjax's side of every batch size runs first and is printed as it ends
+(`"side": "emjax"`), before transformers is imported, so that a failure on the HF side
+keeps emjax's figures; then, per batch size, one JSON line for the pair:
 
   {"batch": B, "emjax": {"tokens_per_s", ...}, "hf": {...}, "ratio": emjax / hf,
    "greedy_tokens_agree": bool, "agree_fraction": rows identical, "first_disagreement_step": ...,
@@ -188,27 +190,39 @@ def main() -> None:
   bandwidth = copy_bandwidth()
   read_bw = read_bandwidth()
   rng = np.random.default_rng(args.seed)
+  runs = []
   for batch in batches:
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
     ours = bench_emjax(cfg, params, prompts, new_tokens, args.repeats, unroll)
-    theirs = bench_hf(cfg, params, prompts, new_tokens, args.repeats, preset["torch_dtype"], args.hf_static_compile)
-    same_BxT = ours.pop("tokens") == theirs.pop("tokens")
-    same_rows = same_BxT.all(axis=1)
-    first_diff = int(np.argmin(same_BxT.all(axis=0))) if not same_rows.all() else None
     floor_s = bytes_per_decode_step(cfg, batch, prompt_len, new_tokens) / bandwidth
-    print(json.dumps({
+    head = {
         "preset": name, "params": cfg.num_params(), "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
         "dtype": cfg.dtype, "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-        "jax": jax.__version__, "emjax": ours, "hf": theirs,
-        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-        "greedy_tokens_agree": bool(same_rows.all()), "agree_fraction": float(same_rows.mean()),
-        "first_disagreement_step": first_diff,
+        "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_floor_fraction": floor_s / (ours["decode_step_ms"] / 1e3),
         # The same floor at the measured read-only bandwidth (a step reads far more than it writes).
         "read_bandwidth_gb_s": read_bw / 1e9,
         "read_floor_fraction": floor_s * bandwidth / read_bw / (ours["decode_step_ms"] / 1e3),
-        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps({**head, "side": "emjax", "emjax": {k: v for k, v in ours.items() if k != "tokens"}}),
+          flush=True)
+    runs.append((batch, prompts, ours, head))
+  for batch, prompts, ours, head in runs:
+    try:
+      theirs = bench_hf(cfg, params, prompts, new_tokens, args.repeats, preset["torch_dtype"],
+                        args.hf_static_compile)
+    except Exception as e:  # pylint: disable=broad-except  # emjax's figures are out; say why HF's are not
+      print(json.dumps({**head, "hf_error": f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"}), flush=True)
+      raise
+    same_BxT = ours.pop("tokens") == theirs.pop("tokens")
+    same_rows = same_BxT.all(axis=1)
+    first_diff = int(np.argmin(same_BxT.all(axis=0))) if not same_rows.all() else None
+    print(json.dumps({
+        **head, "emjax": ours, "hf": theirs,
+        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "greedy_tokens_agree": bool(same_rows.all()), "agree_fraction": float(same_rows.mean()),
+        "first_disagreement_step": first_diff,
     }), flush=True)
 
 

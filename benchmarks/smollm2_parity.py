@@ -41,7 +41,7 @@ def main() -> None:
   from emjax.models import transformer as T
 
   model_dir = hf_fixtures.smollm2_dir()
-  cfg = hf.config_from_hf(model_dir)
+  cfg = hf.config_from_hf(model_dir, matmul_precision="highest")  # float32 matmuls on any device (no TF32)
   params = hf.load_hf_params(model_dir, cfg)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
   prompts = [chat.apply_chat_template(tokenizer, c, add_generation_prompt=True)

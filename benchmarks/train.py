@@ -3,16 +3,20 @@
 Both sides train the same Llama/Qwen2-shaped model (random weights) with AdamW on
 the same batch size and sequence length; each is warmed up, then timed in `--rounds`
 rounds of `--steps` steps, the two sides alternating round by round (other load on a
-shared machine then slows both alike); the median round counts. Prints one JSON line:
+shared machine then slows both alike); the median round counts. emjax's side is built, timed
+alone and printed first (`"side": "emjax alone"`), before anything of transformers is imported,
+so that a failure on the HF side (another transformers on the device) keeps emjax's figures.
+Then one JSON line for the pair:
 
   {"emjax": {"tokens_per_s", "mfu", ...}, "hf": {...}, "ratio_tokens_per_s": emjax / hf, ...}
 
-MFU = model FLOPs (6 N T + causal attention) / (seconds * peak). The peak is the
-device's dense bf16 figure on accelerators; on CPU there is no vendor figure, so
-the benchmark measures a float32 matmul peak first and reports MFU against it.
+MFU = model FLOPs (6 N T + causal attention; `Trainer.flops_per_step`) / (seconds * peak). The
+peak is the device's dense bf16 figure on accelerators (`emjax.train.perf`, its source printed);
+on CPU there is no vendor figure, so the benchmark measures a float32 matmul peak first and reports
+MFU against it.
 
   python benchmarks/train.py                      # CPU: small Llama shape
-  python benchmarks/train.py --preset=qwen2.5-0.5b  # GPU: Qwen2.5-0.5B shape, seq 2048, bf16
+  python benchmarks/train.py --preset=qwen2.5-0.5b  # GPU: Qwen2.5-0.5B shape, seq 2048, bf16, attention auto (cuDNN)
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ PRESETS = {
     "qwen2.5-0.5b": dict(
         model=dict(family="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
                    d_ff=4864, rope_theta=1e6, qkv_bias=True, tie_embeddings=True, norm_eps=1e-6,
-                   dtype="bfloat16", remat="dots_with_no_batch_dims", attention="cudnn"),
+                   dtype="bfloat16", remat="dots_with_no_batch_dims", attention="auto"),
         batch=8, seq=2048),
 }
 
@@ -60,7 +64,7 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def bench_emjax(preset: dict, warmup: int) -> "Side":
+def bench_emjax(preset: dict, warmup: int, attention: str = "") -> "Side":
   import jax
   from emjax import config as config_lib
   from emjax import sharding as shd
@@ -68,6 +72,8 @@ def bench_emjax(preset: dict, warmup: int) -> "Side":
 
   config = config_lib.base_config()
   config.model.update(**preset["model"])
+  if attention:
+    config.model.attention = attention
   config.data.seq_len = preset["seq"]
   config.train.update(batch_size=preset["batch"], steps=1_000_000, lr=1e-4, warmup_steps=0)
   trainer = loop.Trainer(config)
@@ -90,8 +96,12 @@ def bench_emjax(preset: dict, warmup: int) -> "Side":
     jax.block_until_ready(metrics)
     return float(metrics["loss"])
 
+  from emjax.models import transformer
+  cfg = trainer.model_cfg
+  resolved = transformer.resolve_attention(cfg.attention, jax.numpy.dtype(cfg.dtype), cfg.resolved_head_dim, l, l,
+                                           True, trainer.mesh.devices.flat[0])
   info = {"flops_per_step": trainer.flops_per_step(), "devices": trainer.mesh.size,
-          "device_kind": jax.devices()[0].device_kind}
+          "device_kind": jax.devices()[0].device_kind, "attention": f"{cfg.attention} -> {resolved}"}
   return Side(step, sync, warmup, info)
 
 
@@ -154,10 +164,11 @@ def interleaved(sides: dict[str, Side], steps: int, rounds: int, batch_tokens: i
   load on the machine over both, so their ratio stays meaningful on a shared CPU.
   """
   for side in sides.values():
-    out = None
-    for _ in range(side.warmup):
-      out = side.step()
-    side.sync(out)
+    if side.warmup:
+      out = None
+      for _ in range(side.warmup):
+        out = side.step()
+      side.sync(out)
   times = {name: [] for name in sides}
   losses = {}
   for _ in range(rounds):
@@ -184,6 +195,8 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--hf_compile", action="store_true", help="also wrap the HF model in torch.compile")
   parser.add_argument("--peak_flops", type=float, default=0.0, help="override the per-device peak FLOP/s")
+  parser.add_argument("--attention", default="", choices=("", "auto", "xla", "fused", "cudnn"),
+                      help="override the preset's model.attention (e.g. fused where cuDNN fails)")
   args = parser.parse_args()
 
   import jax
@@ -194,24 +207,35 @@ def main() -> None:
   name = args.preset or ("cpu-small" if on_cpu else "qwen2.5-0.5b")
   preset = PRESETS[name]
   peak = perf.peak_flops_per_device(args.peak_flops)
-  peak_source = "config/device table"
+  peak_source = perf.peak_source(args.peak_flops)
   if peak is None:
     peak, peak_source = measure_matmul_peak(), "measured fp32 1024^3 matmul on this CPU"
-  sides = {"emjax": bench_emjax(preset, args.warmup), "hf": bench_hf(preset, args.warmup, args.hf_compile)}
-  results = interleaved(sides, args.steps, args.rounds, preset["batch"] * preset["seq"])
+  cfg = TransformerConfig.from_config(preset["model"])
+  head = {"preset": name, "params": cfg.num_params(), "batch": preset["batch"], "seq": preset["seq"],
+          "dtype": preset["model"]["dtype"], "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "peak_flops_per_device": peak, "peak_source": peak_source, "date": time.strftime("%Y-%m-%d")}
+  tokens = preset["batch"] * preset["seq"]
+  emjax_side = bench_emjax(preset, args.warmup, args.attention)
+  alone = interleaved({"emjax": emjax_side}, args.steps, 1, tokens)["emjax"]
+  emjax_side.warmup = 0  # compiled and warm: the paired rounds below need no second warm-up
+  alone["mfu"] = alone["flops_per_step"] / alone["step_s"] / (alone["devices"] * peak)
+  print(json.dumps({**head, "side": "emjax alone (one round, before the HF side is built)", "emjax": alone}),
+        flush=True)
+  try:
+    hf_side = bench_hf(preset, args.warmup, args.hf_compile)
+  except Exception as e:  # pylint: disable=broad-except  # emjax's figures are out; say why HF's are not
+    print(json.dumps({**head, "hf_error": f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"}), flush=True)
+    raise
+  results = interleaved({"emjax": emjax_side, "hf": hf_side}, args.steps, args.rounds, tokens)
   emjax_result, hf_result = results["emjax"], results["hf"]
   flops = emjax_result["flops_per_step"]
   for r in (emjax_result, hf_result):
     r["mfu"] = flops / r["step_s"] / (emjax_result["devices"] * peak)
-  cfg = TransformerConfig.from_config(preset["model"])
   print(json.dumps({
-      "preset": name, "params": cfg.num_params(), "batch": preset["batch"], "seq": preset["seq"],
-      "dtype": preset["model"]["dtype"], "device_kind": emjax_result["device_kind"],
-      "peak_flops_per_device": peak, "peak_source": peak_source,
-      "emjax": emjax_result, "hf": hf_result,
+      **head, "emjax": emjax_result, "hf": hf_result,
       "ratio_tokens_per_s": emjax_result["tokens_per_s"] / hf_result["tokens_per_s"],
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "date": time.strftime("%Y-%m-%d"),
-  }))
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+  }), flush=True)
 
 
 if __name__ == "__main__":

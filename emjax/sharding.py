@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes it is split over (None = replicated).
@@ -119,17 +121,62 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None)
   """The ("data", "fsdp", "tensor") mesh; `devices` may come from a TPU topology (AOT)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = resolve_mesh_shape(mesh_cfg, len(devices))
-  try:
-    from jax.experimental import mesh_utils
-    device_array = mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # non-TPU or unusual topologies: plain order is fine
-    device_array = np.asarray(devices).reshape(shape)
+  device_array = device_layout(shape, devices)
   # Auto axis types: shardings are propagated by the compiler; NNX and the
   # PartitionSpecs below are written for that mode.
   axis_type = getattr(jax.sharding, "AxisType", None)
   if axis_type is not None:
     return Mesh(device_array, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES))
   return Mesh(device_array, MESH_AXES)
+
+
+def device_layout(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged as a mesh of `shape`, each mesh axis along physical links where possible.
+
+  jax's `create_device_mesh` maps the mesh axes onto the TPU torus; by default it refuses to split
+  one physical axis over several mesh axes, which rejects common shapes (on a v5e 4x4 slice:
+  (2, 8, 1), (1, 8, 2), (4, 2, 2), (2, 1, 8)). Those are then asked for again with
+  `allow_split_physical_axes=True`, which keeps every mesh axis on rings of neighbouring chips. Only
+  when both fail do the devices go in jax's order, with a warning: collectives then cross
+  non-neighbouring chips. Every outcome on a TPU is logged with the layout chosen.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  shape, devices = tuple(shape), list(devices)
+  on_tpu = devices[0].platform == "tpu"
+  what = f"mesh {describe(dict(zip(MESH_AXES, shape)))} on {len(devices)} {devices[0].device_kind} devices"
+  try:
+    array = mesh_utils.create_device_mesh(shape, devices)
+    if on_tpu:
+      log.info("%s: physical layout (%s)", what, physical_axes(array))
+    return array
+  except Exception as e:  # pylint: disable=broad-except
+    refusal = " ".join(str(e).split())
+  if on_tpu:
+    try:
+      array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      log.info("%s: physical layout with torus axes split across mesh axes (%s)", what, physical_axes(array))
+      return array
+    except Exception as e:  # pylint: disable=broad-except
+      refusal = " ".join(str(e).split())
+  array = np.asarray(devices).reshape(shape)
+  log.log(logging.WARNING if on_tpu else logging.INFO,
+          "%s: no physical layout (jax: %s); devices in jax's order, ids %s%s", what, refusal[:300],
+          np.vectorize(lambda d: d.id)(array).tolist(), f" ({physical_axes(array)})" if on_tpu else "")
+  return array
+
+
+def physical_axes(array: np.ndarray) -> str:
+  """Which torus axes (x, y, z of the devices' coords) each mesh axis of size > 1 runs along."""
+  parts = []
+  for i, axis in enumerate(MESH_AXES[:array.ndim]):
+    if array.shape[i] == 1:
+      continue
+    coords = np.asarray([[list(getattr(d, "coords", ())) + [getattr(d, "core_on_chip", 0)] for d in row]
+                         for row in np.moveaxis(array, i, -1).reshape(-1, array.shape[i])])
+    varying = [name for k, name in enumerate(("x", "y", "z", "core")[:coords.shape[-1]])
+               if (coords[:, :, k] != coords[:, :1, k]).any()]
+    parts.append(f"{axis} along {'+'.join(varying) or '?'}")
+  return ", ".join(parts) or "one device"
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -188,6 +235,11 @@ def activation_sharding(mesh: Mesh | None):
     yield
   finally:
     _ACTIVE_MESH.reset(token)
+
+
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_sharding`, or None."""
+  return _ACTIVE_MESH.get()
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 # Model config keys that change how the weights run, not what they are: a sampling config, an
 # import or `config.init.hf` may set them; every other key is the architecture, fixed by the weights.
-RUNTIME_MODEL_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention", "init_std")
+RUNTIME_MODEL_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention", "matmul_precision", "init_std")
 ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(transformer.TransformerConfig)
                           if f.name not in RUNTIME_MODEL_KEYS)
 BASE_FILE = "base.json"

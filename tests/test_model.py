@@ -294,3 +294,144 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(name, scan_layers):
     real = slice(pad[row], total)
     ref = model(jnp.asarray(tokens[row:row + 1, real]))[0]
     np.testing.assert_allclose(cached[row, real], ref, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- attention kernels, precision
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, custom_vjp, pjit)."""
+  from jax.extend import core
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, core.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          yield from _eqns(sub)
+
+
+@pytest.fixture
+def gpu_checks_stubbed(monkeypatch):
+  """jax's cuDNN attention traced on this CPU: its checks for a CUDA build and a GPU say yes (Hopper,
+  cuDNN 9.5). Nothing is lowered or run; the traced primitives carry what the kernel would be told."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90500)
+  monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda capability: False)
+
+
+def _grad_attention_calls(cfg, segments: bool, seq: int = 16):
+  """(primitive name, params, name stack) of each attention call in the traced gradient of a model loss."""
+  graph, params = T.split_model(T.abstract_model(cfg))
+
+  def loss(p, tokens, segment_ids):
+    return nnx.merge(graph, p)(tokens, None, segment_ids).astype(jnp.float32).sum()
+
+  tokens = jax.ShapeDtypeStruct((2, seq), jnp.int32)
+  jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=() if segments else (2,))(
+      params, tokens, tokens if segments else None)
+  return [(e.primitive.name, e.params, str(e.source_info.name_stack)) for e in _eqns(jaxpr.jaxpr)
+          if "dot_product_attention" in e.primitive.name or "attention_" in str(e.source_info.name_stack)]
+
+
+BF16_GQA = dataclasses.replace(BASE, d_model=64, n_heads=4, n_kv_heads=2, dtype="bfloat16")  # head dim 16
+
+
+def test_cudnn_attention_is_told_causal_and_one_segment_has_no_bias_or_bias_gradient(gpu_checks_stubbed):
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType
+  cfg = dataclasses.replace(BF16_GQA, attention="cudnn")
+  for segments, want_bias in ((False, False), (True, True)):
+    kernels = [(name, p) for name, p, _ in _grad_attention_calls(cfg, segments)
+               if name.startswith("dot_product_attention")]
+    names = {name for name, _ in kernels}
+    assert {"dot_product_attention_fwd_wrapper", "dot_product_attention_bwd_wrapper"} <= names, names
+    for name, p in kernels:
+      # The kernel skips the upper triangle only when told the mask is causal.
+      assert p["mask_type"] == MaskType.CAUSAL, (segments, name, p["mask_type"])
+      # (has_bias, has_dbias): one segment and no window: no [B, 1, T, S] bias read, no gradient of it
+      # computed; with segment ids the segment mask is still a bias beside the causal flag.
+      assert p["variadic_args"] == (want_bias, want_bias), (segments, name, p["variadic_args"])
+
+
+class _FakeDevice:
+  def __init__(self, platform, device_kind, compute_capability=None):
+    self.platform, self.device_kind, self.compute_capability = platform, device_kind, compute_capability
+
+
+@pytest.mark.parametrize("device, cfg_change, want", [
+    (_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), {}, "cudnn"),
+    (_FakeDevice("gpu", "NVIDIA A100-SXM4-80GB", "8.0"), {}, "cudnn"),
+    # float32: cuDNN's flash kernel takes bf16/fp16 only; jax's XLA lowering instead.
+    (_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), dict(dtype="float32"), "fused"),
+    # head dim 192: past the 128 an A100 takes, within the 256 a Hopper takes.
+    (_FakeDevice("gpu", "NVIDIA A100-SXM4-80GB", "8.0"), dict(head_dim=192), "fused"),
+    (_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), dict(head_dim=192), "cudnn"),
+    (_FakeDevice("tpu", "TPU v5 lite"), {}, "fused"),
+    (_FakeDevice("cpu", "cpu"), {}, "xla"),
+])
+def test_auto_attention_follows_the_platform_of_the_mesh_devices(gpu_checks_stubbed, monkeypatch, device,
+                                                                 cfg_change, want):
+  """`auto` is resolved from the device the model is traced for, not from jax.default_backend() (CPU here)."""
+  monkeypatch.setattr(T, "attention_device", lambda: device)
+  cfg = dataclasses.replace(BF16_GQA, attention="auto", **cfg_change)
+  calls = _grad_attention_calls(cfg, segments=True)
+  scopes = {scope.split("/")[-1] for _, _, scope in calls if "attention_" in scope}
+  assert {s for s in scopes if s.startswith("attention_")} == {f"attention_{want}"}, scopes
+  assert any(name.startswith("dot_product_attention") for name, _, _ in calls) == (want == "cudnn")
+
+
+def test_attention_without_a_mask_equals_the_one_segment_mask():
+  """mask=None (causal only) is the same attention as a one-segment causal mask, on every implementation."""
+  b, l, h, k, dh = 2, 6, 4, 2, 8
+  rng = np.random.default_rng(5)
+  q, key, v = (jnp.asarray(rng.normal(size=(b, l, n, dh)), jnp.float32) for n in (h, k, k))
+  positions = jnp.asarray(np.tile(np.arange(l), (b, 1)))
+  mask = T.attention_mask(positions, jnp.ones_like(positions), positions, jnp.ones_like(positions))
+  ref = T.dot_product_attention(q, key, v, mask, "xla")
+  for impl in ("xla", "fused"):
+    np.testing.assert_allclose(T.dot_product_attention(q, key, v, None, impl, causal=True), ref, atol=1e-5)
+    np.testing.assert_allclose(T.dot_product_attention(q, key, v, mask, impl, causal=True), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision, want", [("default", None), ("highest", ("HIGHEST", "HIGHEST"))])
+def test_matmul_precision_reaches_every_matmul_forward_and_backward(precision, want):
+  cfg = dataclasses.replace(BASE, matmul_precision=precision)
+  graph, params = T.split_model(T.abstract_model(cfg))
+
+  def loss(p, tokens):
+    return nnx.merge(graph, p)(tokens).sum()
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params, jax.ShapeDtypeStruct((2, 8), jnp.int32))
+  dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert len(dots) > 20  # projections, attention, head, each forward and backward
+  got = {None if e.params["precision"] is None else tuple(p.name for p in e.params["precision"]) for e in dots}
+  assert got == {want}
+
+
+def test_matmul_precision_is_checked():
+  with pytest.raises(ValueError, match="config.model.matmul_precision: unknown precision 'tf32'"):
+    dataclasses.replace(BASE, matmul_precision="tf32")
+
+
+def test_cudnn_prefill_at_slot_zero_is_causal_and_a_write_at_a_traced_slot_is_not(gpu_checks_stubbed):
+  """The sampler's prefill fills a cache as long as the prompt from slot 0: causal by index, so cuDNN is told.
+  A write at a traced slot follows earlier cache entries, which the index order does not describe."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType
+  cfg = dataclasses.replace(BF16_GQA, attention="cudnn")
+  graph, params = T.split_model(T.abstract_model(cfg))
+  tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+  def mask_types(cache_len, index_traced):
+    def prefill(p, tokens, index):
+      cache = T.init_cache(cfg, 2, cache_len)
+      ones = jnp.ones_like(tokens)
+      return nnx.merge(graph, p)(tokens, jnp.cumsum(ones, 1) - 1, ones, cache=cache,
+                                 cache_index=index if index_traced else 0)[0]
+    jaxpr = jax.make_jaxpr(prefill)(params, tokens, jnp.int32(0))
+    return {e.params["mask_type"] for e in _eqns(jaxpr.jaxpr) if e.primitive.name.startswith("dot_product_attention")}
+
+  assert mask_types(8, index_traced=False) == {MaskType.CAUSAL}
+  assert mask_types(8, index_traced=True) == {MaskType.NO_MASK}
+  assert mask_types(16, index_traced=False) == {MaskType.NO_MASK}  # a cache longer than the tokens written

@@ -335,3 +335,32 @@ def test_cross_entropy_accuracy_counts_masked_positions_whose_target_has_the_hig
   assert 3 <= float(out.metrics["accuracy"]) < float(mask.sum())
   nll = -(_log_softmax64(logits)[np.arange(B)[:, None], np.arange(L)[None], targets])
   np.testing.assert_allclose(float(out.loss_sum), (nll * mask).sum(), rtol=1e-5)
+
+
+def test_distillation_of_a_bfloat16_model_is_computed_from_float32_logits():
+  """A bf16 student and teacher: the divergence comes from unembeddings accumulated and returned in float32,
+  not from logits rounded to bf16 first (which moves each logit by up to 2^-8 of its size)."""
+  import dataclasses
+  from flax import nnx
+  from emjax.models import transformer as T
+  cfg = T.TransformerConfig(vocab_size=257, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                            dtype="bfloat16", init_std=2.0)
+  student = T.Transformer(cfg, rngs=nnx.Rngs(0))
+  teacher = T.Transformer(dataclasses.replace(cfg, init_std=2.5), rngs=nnx.Rngs(1))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+  batch = {"targets": tokens, "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
+  h_s, h_t = student.hidden(tokens), teacher.hidden(tokens)
+
+  def exact(model, h):  # bf16 products, float32 sums: what the float32 unembedding computes
+    return jnp.matmul(h.astype(jnp.float32), model.lm_head[...].astype(jnp.bfloat16).astype(jnp.float32),
+                      precision="highest")
+
+  for name in ("forward_kl", "reverse_kl", "jsd"):
+    objective = objectives.get_objective(name, {"beta": 0.5})
+    got = objectives.chunked_sums(objective, student.logits, h_s, batch, 4, teacher_unembed=teacher.logits,
+                                  teacher_hidden_BxLxD=h_t)
+    want = objective(exact(student, h_s), batch, teacher=exact(teacher, h_t))
+    rounded = objective(student.logits(h_s), batch, teacher=teacher.logits(h_t))
+    if name != "jsd":  # what bf16 logits cost (the JSD, bounded by log 2 per token, moves less)
+      assert abs(float(rounded.loss_sum) - float(want.loss_sum)) > 1e-4 * abs(float(want.loss_sum))
+    np.testing.assert_allclose(float(got.loss_sum), float(want.loss_sum), rtol=1e-5, err_msg=name)

@@ -156,3 +156,80 @@ def test_sampling_plan(topo):
   proj = report["projection"]
   assert math.isclose(proj["batch_seconds"], proj["prefill"]["seconds"] + 16 * proj["decode"]["seconds"])
   assert math.isclose(proj["decode_tokens_per_s"], 8 / proj["decode"]["seconds"])
+
+
+# The mesh shapes the configs and the plans table use, and the usual splits of a 16-chip slice.
+MESH_SHAPES = {
+    "v5e:4x4": [(16, 1, 1), (1, 16, 1), (2, 8, 1), (1, 8, 2), (4, 2, 2), (2, 1, 8), (2, 2, 4), (4, 4, 1)],
+    "v5p:2x2x4": [(16, 1, 1), (1, 16, 1), (2, 8, 1), (1, 8, 2), (4, 2, 2), (2, 2, 4), (1, 4, 4)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MESH_SHAPES))
+def test_tpu_meshes_keep_every_axis_on_physical_links(name, caplog):
+  """Every shape gets jax's physical layout (splitting torus axes where the shape needs it), with the
+  layout logged; none falls back to jax's device order, which puts rings across non-neighbours."""
+  import logging
+  from jax.experimental import mesh_utils
+  from emjax import sharding as shd
+  from emjax.train import aot
+  devices = list(aot.topology(name).devices)
+  wrong, logs = [], {}
+  for shape in MESH_SHAPES[name]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="emjax.sharding"):
+      mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
+    logs[shape] = [(r.levelno, r.getMessage()) for r in caplog.records]
+    want = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    if [d.id for d in mesh.devices.flat] != [d.id for d in want.flat]:
+      wrong.append(shape)
+  assert not wrong, f"meshes not in jax's physical layout: {wrong}"
+  for shape, records in logs.items():
+    assert [level for level, _ in records] == [logging.INFO], (shape, records)
+    assert "physical layout" in records[0][1] and " along " in records[0][1], (shape, records)
+
+
+def test_a_tpu_mesh_without_a_physical_layout_is_a_warning_naming_the_order(monkeypatch, caplog):
+  import logging
+  from jax.experimental import mesh_utils
+  from emjax import sharding as shd
+  from emjax.train import aot
+
+  def refuse(*args, **kwargs):
+    raise ValueError("no assignment")
+
+  monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+  devices = list(aot.topology("v5e:4x4").devices)
+  with caplog.at_level(logging.INFO, logger="emjax.sharding"):
+    mesh = shd.make_mesh(dict(data=2, fsdp=8, tensor=1), devices)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in devices]
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "no physical layout (jax: no assignment); devices in jax's order, ids" in warnings[0]
+
+
+def test_a_plan_traces_the_attention_the_tpu_runs(topo):
+  """`model.attention=auto` under a TPU mesh is jax's XLA attention, as on the TPU itself, although the
+  plan runs on a CPU (where auto is emjax's einsum attention)."""
+  from jax.extend import core
+  from emjax import sharding as shd
+  from emjax.train import loop
+
+  def scopes(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield str(eqn.source_info.name_stack)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+          if isinstance(sub, core.ClosedJaxpr):
+            yield from scopes(sub.jaxpr)
+          elif isinstance(sub, core.Jaxpr):
+            yield from scopes(sub)
+
+  def attention_scopes(trainer):
+    traced = trainer.step_fn.trace(trainer.layout.abstract, trainer.layout.frozen_abstract, trainer.batch_abstract,
+                                   None)
+    return {part for s in scopes(traced.jaxpr.jaxpr) for part in s.replace("(", "/").replace(")", "/").split("/")
+            if part.startswith("attention_")}
+
+  config = _plan_config(dtype="bfloat16")
+  assert attention_scopes(loop.Trainer(config, shd.make_mesh(config.mesh, topo.devices))) == {"attention_fused"}
+  assert attention_scopes(loop.Trainer(config)) == {"attention_xla"}  # this CPU's own devices

@@ -34,7 +34,7 @@ CONVERSATIONS = F.SMOLLM2_CONVERSATIONS
 def smol():
   """(HF dir, emjax config, emjax params, torch model, tokenizer)."""
   d = F.smollm2_dir()
-  cfg = hf.config_from_hf(d)
+  cfg = hf.config_from_hf(d, matmul_precision="highest")  # a parity check: float32 matmuls on any device
   params = hf.load_hf_params(d, cfg)
   model = transformers.AutoModelForCausalLM.from_pretrained(d, local_files_only=True).float().eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)

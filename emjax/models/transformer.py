@@ -23,6 +23,7 @@ F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Mapping, NamedTuple
@@ -39,9 +40,13 @@ FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 ROPE_SCALING_TYPES = ("llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-# auto: "xla" on CPU, "fused" elsewhere; xla: emjax's einsum attention; fused: jax.nn.dot_product_attention
-# (cuDNN where it applies, else XLA's lowering); cudnn: jax's cuDNN kernel or an error.
+# xla: emjax's einsum attention; fused: jax.nn.dot_product_attention's XLA lowering; cudnn: jax's cuDNN
+# kernel or an error; auto: picked per call by `resolve_attention` from the platform the program is
+# compiled for (the mesh's devices).
 ATTENTION_IMPLS = ("auto", "xla", "fused", "cudnn")
+# jax's names for the precision of float32 matmuls (`jax.default_matmul_precision`); "default" leaves
+# the platform's choice (TF32 on NVIDIA GPUs, one bf16 pass on TPUs), "highest" asks for float32.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,7 @@ class TransformerConfig:
   remat: str = "none"
   scan_layers: bool = True
   attention: str = "auto"
+  matmul_precision: str = "default"
 
   def __post_init__(self):
     def bad(key, msg):
@@ -132,6 +138,8 @@ class TransformerConfig:
       bad("remat", f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLS:
       bad("attention", f"unknown attention implementation {self.attention!r}; choose from {', '.join(ATTENTION_IMPLS)}")
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      bad("matmul_precision", f"unknown precision {self.matmul_precision!r}; choose from {', '.join(MATMUL_PRECISIONS)}")
     for key in ("param_dtype", "dtype"):
       try:
         jnp.dtype(getattr(self, key))
@@ -169,16 +177,31 @@ class TransformerConfig:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return total
 
-  def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (non-embedding matmuls + lm head) + causal attention."""
-    n_matmul = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
-    # 12 H Dh FLOPs per (query, key) pair; a causal query sees seq_len / 2 keys on average, a
-    # sliding one at most `sliding_window` (w - w^2 / 2L on average once the sequence is longer).
+  def matmul_params(self) -> int:
+    """Parameters a token's forward multiplies by: every non-embedding weight plus the LM head."""
+    return self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+
+  def attention_keys(self, seq_len: int) -> float:
+    """Keys a query sees on average, summed over the layers: seq_len / 2 causal; a sliding layer at most
+    `sliding_window` (w - w^2 / 2L on average once the sequence is longer)."""
     w = self.sliding_window
-    keys = [min(seq_len / 2, w - w * w / (2 * seq_len)) if sliding else seq_len / 2
-            for sliding in self.sliding_layers]
-    attn = 12 * self.n_heads * self.resolved_head_dim * sum(keys)
-    return 6.0 * n_matmul + attn
+    return sum(min(seq_len / 2, w - w * w / (2 * seq_len)) if sliding else seq_len / 2
+               for sliding in self.sliding_layers)
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    """One forward pass: 2 FLOPs per matmul parameter + 4 H Dh per (query, key) pair (scores, values)."""
+    return 2.0 * self.matmul_params() + 4.0 * self.n_heads * self.resolved_head_dim * self.attention_keys(seq_len)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training every weight: forward + backward (input and weight gradients) = 3 forwards = 6 N + attention."""
+    return 3.0 * self.forward_flops_per_token(seq_len)
+
+  def lora_flops_per_token(self, seq_len: int, adapter_params: int) -> float:
+    """Training adapters on a frozen base: the base's forward and its input-gradient backward (no weight
+    gradient: 4 N, not 6 N), attention forward and backward in full (its operands are activations),
+    and 6 FLOPs per adapter parameter (forward, input and weight gradients)."""
+    attention = 4.0 * self.n_heads * self.resolved_head_dim * self.attention_keys(seq_len)
+    return 4.0 * self.matmul_params() + 3.0 * attention + 6.0 * adapter_params
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -360,27 +383,80 @@ def _attend(scores_BxKxGxLxS, mask_BxLxS, v_BxKxSxDh):
   return out.astype(v_BxKxSxDh.dtype)
 
 
-def _default_attention() -> str:
-  # XLA:CPU runs `_attend` at the speed of torch's fused CPU kernel; elsewhere jax's own
-  # `dot_product_attention` picks cuDNN on GPUs and XLA's lowering on TPUs.
-  return "xla" if jax.default_backend() == "cpu" else "fused"
+def attention_device():
+  """The first device of the mesh the model is traced for (`shd.activation_sharding`), else the local one.
+
+  The mesh, not `jax.default_backend()`: a plan compiles on a CPU for a TPU slice, and must trace the
+  attention that slice runs.
+  """
+  mesh = shd.active_mesh()
+  return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
 
-def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: str):
-  """Grouped-query attention; `impl` picks emjax's einsum path ("xla") or jax's fused one (cuDNN)."""
-  if impl == "auto":
-    impl = _default_attention()
-  if impl in ("fused", "cudnn"):
-    return jax.nn.dot_product_attention(
-        q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None],
-        implementation=None if impl == "fused" else "cudnn")
+def _cudnn_head_dim_limit(device) -> int:
+  # jax's cuDNN flash attention takes head dims up to 256 on Hopper and later, 128 before.
+  capability = getattr(device, "compute_capability", None)
+  try:
+    major = int(str(capability).split(".")[0])
+  except ValueError:
+    major = 0
+  return 256 if major >= 9 else 128
+
+
+def resolve_attention(impl: str, dtype, head_dim: int, q_len: int, kv_len: int, masked: bool, device=None) -> str:
+  """The implementation `impl` ("auto" or a forced one) stands for on `device`'s platform.
+
+  auto: cuDNN on NVIDIA GPUs when its flash kernel takes the call (bf16/fp16, head dim a multiple of
+  8 within its limit, even lengths when a mask becomes a bias), else jax's XLA lowering on
+  accelerators ("fused"), and emjax's einsum attention on CPUs, where XLA:CPU runs it at the speed of
+  torch's fused kernel.
+  """
+  if impl != "auto":
+    return impl
+  device = device if device is not None else attention_device()
+  platform = device.platform
+  if platform == "cpu":
+    return "xla"
+  if (platform == "gpu" and "nvidia" in str(device.device_kind).lower()
+      and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+      and head_dim % 8 == 0 and head_dim <= _cudnn_head_dim_limit(device)
+      and not (masked and (q_len % 2 or kv_len % 2))):
+    return "cudnn"
+  return "fused"
+
+
+def causal_mask(q_len: int, kv_len: int):
+  """[1, L, S]: query i sees key j <= i (the index order; what `is_causal` means to jax's kernels)."""
+  return jnp.tril(jnp.ones((q_len, kv_len), bool))[None]
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, impl: str, causal: bool = False):
+  """Grouped-query attention; `impl` picks emjax's einsum path ("xla") or jax's ("fused", "cudnn").
+
+  `causal`: query i never sees key j > i, which holds whenever queries and keys are the same
+  tokens in the same order (positions grow along a document); the fused kernels are then told
+  (`is_causal`), so that cuDNN skips the upper triangle instead of reading it through the mask.
+  `mask_BxLxS` None: nothing but that causal order (one segment, no window, no padding); cuDNN then
+  gets no bias at all, and its backward computes no bias gradient.
+  """
   b, l, h, dh = q_BxLxHxDh.shape
-  k_heads = k_BxSxKxDh.shape[2]
-  q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh).transpose(0, 2, 3, 1, 4)
-  scores = jnp.einsum("bkgld,bskd->bkgls", q_BxKxGxLxDh, k_BxSxKxDh,
-                      preferred_element_type=jnp.float32) / math.sqrt(dh)
-  out_BxKxGxLxDh = _attend(scores, mask_BxLxS, v_BxSxKxDh.transpose(0, 2, 1, 3))
-  return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
+  s = k_BxSxKxDh.shape[1]
+  if mask_BxLxS is None and not causal:
+    raise ValueError("dot_product_attention: mask=None means causal-only attention; pass causal=True")
+  impl = resolve_attention(impl, q_BxLxHxDh.dtype, dh, l, s, mask_BxLxS is not None)
+  with jax.named_scope(f"attention_{impl}"):
+    if impl in ("fused", "cudnn"):
+      return jax.nn.dot_product_attention(
+          q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=None if mask_BxLxS is None else mask_BxLxS[:, None],
+          is_causal=causal, implementation="cudnn" if impl == "cudnn" else "xla")
+    if mask_BxLxS is None:
+      mask_BxLxS = causal_mask(l, s)
+    k_heads = k_BxSxKxDh.shape[2]
+    q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgld,bskd->bkgls", q_BxKxGxLxDh, k_BxSxKxDh,
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    out_BxKxGxLxDh = _attend(scores, mask_BxLxS, v_BxSxKxDh.transpose(0, 2, 1, 3))
+    return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
 def cached_attention(q_BxLxHxDh, k_BxKxDhxS, v_BxKxSxDh, mask_BxLxS):
@@ -456,8 +532,14 @@ class Attention(nnx.Module):
     k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     if layer_cache is None:
-      mask = attention_mask(positions_BxL, segment_ids_BxL, positions_BxL, segment_ids_BxL, layer.window)
-      out_BxLxHxDh = dot_product_attention(q, k, v, mask, cfg.attention)
+      # Queries and keys are the same tokens in order: causal by index, which the fused kernels use.
+      # `segment_ids_BxL` None (one segment, no padding) and no window leave nothing else to mask.
+      if segment_ids_BxL is None and layer.window is None:
+        mask = None
+      else:
+        segments = segment_ids_BxL if segment_ids_BxL is not None else jnp.ones_like(positions_BxL)
+        mask = attention_mask(positions_BxL, segments, positions_BxL, segments, layer.window)
+      out_BxLxHxDh = dot_product_attention(q, k, v, mask, cfg.attention, causal=True)
     else:
       kv_positions_BxS, kv_segments_BxS, cache_index = kv
       cache_k, cache_v = layer_cache  # [B, K, Dh, S] and [B, K, S, Dh]: see `cached_attention`
@@ -467,11 +549,15 @@ class Attention(nnx.Module):
           cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), cache_index, axis=2)
       layer_cache = (cache_k, cache_v)
       mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS, layer.window)
-      if (_default_attention() if cfg.attention == "auto" else cfg.attention) == "xla":
+      impl = resolve_attention(cfg.attention, dtype, cfg.resolved_head_dim, q.shape[1], cache_k.shape[3], True)
+      if impl == "xla":
         out_BxLxHxDh = cached_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
       else:  # the fused kernels (prefill on GPU) take [B, S, K, Dh]
+        # A prefill writing slot 0 of a cache as long as itself (the sampler's) is causal by index; a
+        # write at a traced slot may follow earlier tokens, whose order the index does not give.
+        causal = isinstance(cache_index, int) and cache_index == 0 and q.shape[1] == cache_k.shape[3]
         out_BxLxHxDh = dot_product_attention(q, cache_k.transpose(0, 3, 1, 2).astype(dtype),
-                                             cache_v.transpose(0, 2, 1, 3).astype(dtype), mask, cfg.attention)
+                                             cache_v.transpose(0, 2, 1, 3).astype(dtype), mask, impl, causal=causal)
     return project(self, "o_proj", "blhk,hkd->bld", out_BxLxHxDh, ctx), layer_cache
 
 
@@ -511,6 +597,14 @@ class Block(nnx.Module):
       h = x_BxLxD + a
       out = h + self.mlp(self.mlp_norm(h), ctx)
     return shd.constrain(out, ("batch", "length", "embed_act")), layer_cache
+
+
+def matmul_precision(cfg: TransformerConfig):
+  """`jax.default_matmul_precision` for the model's matmuls while they are traced (their backward
+  inherits it); "default" changes nothing."""
+  if cfg.matmul_precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(cfg.matmul_precision)
 
 
 def _remat_policy(name: str):
@@ -554,11 +648,17 @@ class Transformer(nnx.Module):
     all rows) and attend to every earlier slot of their own row and segment; slots
     whose segment id is 0 (padding, or not yet written) are never attended.
     """
+    with matmul_precision(self.cfg):
+      return self._hidden(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index, dropout_key)
+
+  def _hidden(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index, dropout_key):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    if segment_ids_BxL is None:
+    # Without a cache, segment ids left None reach the layers: one segment, so the attention needs
+    # no mask beyond causality (see `Attention`). The cache records every slot's segment.
+    if segment_ids_BxL is None and cache is not None:
       segment_ids_BxL = jnp.ones_like(tokens_BxL)
     # Gather rows from the whole table (as FSDP gathers any weight before use): the
     # SPMD partitioner cannot gather from a vocab- or width-split table efficiently.
@@ -582,14 +682,22 @@ class Transformer(nnx.Module):
     k, v = layer_caches
     return x, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}
 
-  def logits(self, hidden_BxLxD):
-    """Next-token logits [B, L, V] from final-normed hidden states (see `hidden`)."""
+  def logits(self, hidden_BxLxD, out_dtype=None):
+    """Next-token logits [B, L, V] from final-normed hidden states (see `hidden`).
+
+    `out_dtype` float32: the product accumulated and returned in float32 even when the model computes
+    in bf16 (what a divergence between two models' distributions needs; rounding the logits to bf16
+    first moves each by up to 2^-8 of its size).
+    """
     dtype = jnp.dtype(self.cfg.dtype)
-    if self.cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", hidden_BxLxD, self.embed[...].astype(dtype))
-    else:
-      logits = hidden_BxLxD @ self.lm_head[...].astype(dtype)
-    return shd.constrain(logits, ("batch", "length", "vocab"))
+    out_dtype = jnp.dtype(out_dtype or dtype)
+    with matmul_precision(self.cfg):
+      if self.cfg.tie_embeddings:
+        logits = jnp.einsum("bld,vd->blv", hidden_BxLxD, self.embed[...].astype(dtype),
+                            preferred_element_type=out_dtype)
+      else:
+        logits = jnp.matmul(hidden_BxLxD, self.lm_head[...].astype(dtype), preferred_element_type=out_dtype)
+    return shd.constrain(logits.astype(out_dtype), ("batch", "length", "vocab"))
 
   def _apply_layers(self, x, positions, segment_ids, layers_attn, layer_caches, kv, dropout_key):
     """The blocks in order; `layers_attn` (stacked `LayerAttention`) is scanned data like the weights,

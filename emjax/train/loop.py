@@ -290,9 +290,31 @@ class Trainer:
     return state_lib.init_state(self.model_cfg, self.tx, self.layout, self.config.train.seed,
                                 self.lora_cfg, base, adapters)
 
+  def step_flops(self) -> dict[str, float]:
+    """Model FLOPs of one step by what computes them (the MFU numerator): the trained model; the
+    teacher's forward when it runs in the step; the student's rollouts when batches are on-policy
+    (each step's expected share: mix_lambda of the steps sample, max_prompt_length +
+    max_new_tokens tokens a row, as the static decode loop runs)."""
+    seq = int(self.config.data.seq_len)
+    tokens = int(self.config.train.batch_size) * seq
+    cfg = self.model_cfg
+    adapters = 0
+    if self.lora_cfg is not None:
+      adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(self.layout.abstract["params"]))
+      out = {"train": cfg.lora_flops_per_token(seq, adapters) * tokens}
+    else:
+      out = {"train": cfg.flops_per_token(seq) * tokens}
+    if self.teacher is not None:
+      out["teacher_forward"] = self.teacher_model_cfg.forward_flops_per_token(seq) * tokens
+    oc = self.config.get("on_policy")
+    if oc is not None and oc.enabled:
+      rollout = int(oc.max_prompt_length) + int(oc.max_new_tokens)
+      per_token = cfg.forward_flops_per_token(rollout) + 2.0 * adapters
+      out["rollouts"] = float(oc.mix_lambda) * int(self.config.train.batch_size) * rollout * per_token
+    return out
+
   def flops_per_step(self) -> float:
-    tc = self.config.train
-    return self.model_cfg.flops_per_token(self.config.data.seq_len) * tc.batch_size * self.config.data.seq_len
+    return sum(self.step_flops().values())
 
 
 def check_teacher_tokenizer(teacher: weights_lib.Source, student_tokenizer) -> None:
@@ -483,8 +505,11 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   evaluate = _make_evaluator(trainer, tokenizer, writer)
   if evaluate is not None and start_step == 0:
     evaluate(0, state, frozen, teacher)
-  peak = perf.peak_flops_per_device(tc.peak_flops_per_device)
+  peak = perf.peak_flops_per_device(tc.peak_flops_per_device, mesh.devices.flat[0])
   flops_per_step = trainer.flops_per_step()
+  log.info("MFU: %s FLOPs per step (%s) against %s FLOP/s per device (%s)", f"{flops_per_step:.4g}",
+           ", ".join(f"{k} {v:.4g}" for k, v in trainer.step_flops().items()), peak,
+           perf.peak_source(tc.peak_flops_per_device, mesh.devices.flat[0]) or "unknown device: no MFU")
   tokens_per_step = tc.batch_size * config.data.seq_len
   pending: list[tuple[int, dict]] = []
   last_row: dict = {}

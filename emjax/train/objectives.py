@@ -48,6 +48,9 @@ class Objective:
   fn: Callable[..., ObjectiveOutput]
   batch_spec: Mapping[str, tuple[tuple[int, ...], str]]
   needs_teacher: bool = False
+  # "float32": `chunked_sums` unembeds (student and teacher) with float32 accumulation and output,
+  # so that a divergence between two distributions never sees logits rounded to a bf16 model's dtype.
+  logits_dtype: str | None = None
 
   def __call__(self, logits, batch, teacher=None) -> ObjectiveOutput:
     return self.fn(logits, batch, teacher=teacher)
@@ -301,7 +304,7 @@ def make_distillation(name: str, beta: float, distill=None) -> Objective:
   if s["precomputed"]:
     spec.update(teacher_top_ids=((top_k,), "int32"), teacher_top_logprobs=((top_k,), "float32"),
                 teacher_tail_logprob=((), "float32"))
-  return Objective(name, fn, spec, needs_teacher=not s["precomputed"])
+  return Objective(name, fn, spec, needs_teacher=not s["precomputed"], logits_dtype="float32")
 
 
 def make_sampled_reverse_kl(distill=None) -> Objective:
@@ -330,7 +333,7 @@ def make_sampled_reverse_kl(distill=None) -> Objective:
     return ObjectiveOutput(loss_sum=jnp.sum(surrogate * mask_BxL), weight=jnp.sum(mask_BxL), metrics=metrics)
 
   spec = dict(_TOKEN_TARGETS, sample_logprobs=((), "float32"))
-  return Objective("sampled_reverse_kl", fn, spec, needs_teacher=True)
+  return Objective("sampled_reverse_kl", fn, spec, needs_teacher=True, logits_dtype="float32")
 
 
 _TOKEN_TARGETS = {"targets": ((), "int32"), "loss_mask": ((), "float32")}
@@ -353,9 +356,9 @@ def get_objective(name: str, distill=None) -> Objective:
   return entry if isinstance(entry, Objective) else entry(distill)
 
 
-def chunked_sums(objective: Objective, unembed: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array,
+def chunked_sums(objective: Objective, unembed: Callable[..., jax.Array], hidden_BxLxD: jax.Array,
                  batch: Mapping[str, jax.Array], chunk_len: int,
-                 teacher_unembed: Callable[[jax.Array], jax.Array] | None = None,
+                 teacher_unembed: Callable[..., jax.Array] | None = None,
                  teacher_hidden_BxLxD: jax.Array | None = None, unroll: bool = False) -> ObjectiveOutput:
   """The objective's sums over all L positions, unembedding `chunk_len` positions at a time.
 
@@ -363,16 +366,19 @@ def chunked_sums(objective: Objective, unembed: Callable[[jax.Array], jax.Array]
   instead of stored, so the live logits are [B, chunk_len, V], never [B, L, V].
   `chunk_len <= 0` or `>= L` is one chunk (no scan). A last partial chunk is
   padded with positions whose batch entries (masks included) are zero. `unroll`: the chunks
-  unrolled instead of scanned (the same sums).
+  unrolled instead of scanned (the same sums). An objective with `logits_dtype` has both unembeds
+  called as `unembed(hidden, logits_dtype)` (`Transformer.logits`' out_dtype).
   """
   seq_len = hidden_BxLxD.shape[1]
   keys = [k for k in objective.batch_spec]
   sub_batch = {k: batch[k] for k in keys}
   with_teacher = teacher_hidden_BxLxD is not None
 
+  extra = () if objective.logits_dtype is None else (jnp.dtype(objective.logits_dtype),)
+
   def one_chunk(h, b, ht):
-    t_logits = teacher_unembed(ht) if with_teacher else None
-    return objective(unembed(h), b, teacher=t_logits)
+    t_logits = teacher_unembed(ht, *extra) if with_teacher else None
+    return objective(unembed(h, *extra), b, teacher=t_logits)
 
   if chunk_len <= 0 or chunk_len >= seq_len:
     return one_chunk(hidden_BxLxD, sub_batch, teacher_hidden_BxLxD)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 
@@ -37,30 +38,82 @@ CHIPS = {
 # Other names Cloud TPU uses for a generation in slice names.
 CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
-# Dense bf16 peak FLOP/s per chip (vendor figures), matched against `device.device_kind`: the TPU
-# kinds exactly (v5p reports "TPU v5", a prefix of v5e's "TPU v5 lite"), the GPUs as substrings.
-PEAK_FLOPS_BY_KIND = (
-    ("v3", 123e12),
-    ("h200", 989e12),
-    ("h100", 989e12),
-    ("a100", 312e12),
-    ("l4", 121e12),
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """Dense (no sparsity) bf16 FLOP/s of one jax device, and where the figure comes from."""
+
+  flops: float
+  source: str
+
+
+# NVIDIA's datasheets quote Tensor Core FLOP/s "with sparsity"; the dense figure is half of it.
+_H100 = "NVIDIA H100 Tensor Core GPU datasheet, BF16 Tensor Core"
+_H200 = "NVIDIA H200 Tensor Core GPU datasheet, BF16 Tensor Core"
+# Matched as substrings of the lowercased device kind, first match first: jax reports e.g. "NVIDIA
+# H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA GH200 480GB",
+# "NVIDIA A100-SXM4-80GB"; the form factors differ in clocks and power, hence in peak.
+GPU_PEAKS = (
+    ("h100 pcie", Peak(756e12, f"{_H100}, H100 PCIe: 1,513 TFLOP/s with sparsity, 756 dense")),
+    ("h100 nvl", Peak(835e12, f"{_H100}, H100 NVL: 1,671 TFLOP/s with sparsity, 835 dense")),
+    ("h200 nvl", Peak(835e12, f"{_H200}, H200 NVL: 1,671 TFLOP/s with sparsity, 835 dense")),
+    ("h100", Peak(989e12, f"{_H100}, H100 SXM: 1,979 TFLOP/s with sparsity, 989 dense")),
+    # GH200's GPU is an H100/H200 SXM-class part at the same Tensor Core peak.
+    ("h200", Peak(989e12, f"{_H200}, H200 SXM: 1,979 TFLOP/s with sparsity, 989 dense")),
+    ("a100", Peak(312e12, "NVIDIA A100 Tensor Core GPU datasheet, BF16 Tensor Core: 312 TFLOP/s dense")),
+    ("l40s", Peak(362e12, "NVIDIA L40S datasheet, BF16 Tensor Core: 733 TFLOP/s with sparsity, 362 dense")),
+    ("l40", Peak(181e12, "NVIDIA L40 datasheet, BF16 Tensor Core: 362 TFLOP/s with sparsity, 181 dense")),
+    ("l4", Peak(121e12, "NVIDIA L4 datasheet, BF16 Tensor Core: 242 TFLOP/s with sparsity, 121 dense")),
 )
+# TPU v3 is not in CHIPS (no plans for it): each chip's two TensorCores are two jax devices, so a
+# device has half the chip's 123 TFLOP/s (cloud.google.com/tpu/docs/v3).
+_V3 = Peak(123e12 / 2, "cloud.google.com/tpu/docs/v3: 123 TFLOP/s bf16 per chip, two TensorCores = two jax devices")
+_TPU_KIND = re.compile(r"tpu\s*v(?P<gen>\d+)\s*(?P<variant>lite|e|p)?(?!\d)")
+
+
+def tpu_chip(device_kind: str) -> Chip | None:
+  """The CHIPS entry of a jax TPU device kind ("TPU v5 lite", "TPU v5", "TPU v6 lite", "TPU v4"), tolerant
+  of spacing, case, suffixes ("TPU v5 lite pod"), and "e" / "p" spelled out ("TPU v5e", "TPU v5p")."""
+  m = _TPU_KIND.search(str(device_kind).lower())
+  if m is None:
+    return None
+  gen, variant = int(m["gen"]), m["variant"]
+  lite = variant in ("lite", "e")
+  name = {(4, False): "v4", (5, True): "v5e", (5, False): "v5p", (6, True): "v6e"}.get((gen, lite))
+  return CHIPS.get(name) if name else None
+
+
+def device_peak(device=None) -> Peak | None:
+  """The table's dense bf16 peak of one jax device (per chip on v4/v5e/v5p/v6e, whose chips are one
+  device each), or None where the kind is unknown (CPUs, unlisted chips)."""
+  device = device or jax.devices()[0]
+  kind = str(device.device_kind)
+  chip = tpu_chip(kind)
+  if chip is not None:
+    return Peak(chip.peak_bf16_flops, f"Cloud TPU {chip.name} page: peak compute per chip (bf16)")
+  lowered = " ".join(kind.lower().replace("-", " ").replace("_", " ").split())
+  if re.search(r"tpu\s*v3(?![0-9])", lowered):
+    return _V3
+  if device.platform == "gpu" or "nvidia" in lowered:
+    for marker, peak in GPU_PEAKS:
+      if marker in lowered:
+        return peak
+  return None
 
 
 def peak_flops_per_device(override: float = 0.0, device=None) -> float | None:
   """Configured peak, else the table's figure for this device kind, else None (unknown, e.g. CPU)."""
   if override and override > 0:
     return float(override)
-  device = device or jax.devices()[0]
-  for chip in CHIPS.values():
-    if device.device_kind == chip.device_kind:
-      return chip.peak_bf16_flops
-  kind = device.device_kind.lower()
-  for marker, flops in PEAK_FLOPS_BY_KIND:
-    if marker in kind:
-      return flops
-  return None
+  peak = device_peak(device)
+  return peak.flops if peak is not None else None
+
+
+def peak_source(override: float = 0.0, device=None) -> str | None:
+  """Where `peak_flops_per_device`'s figure comes from."""
+  if override and override > 0:
+    return "configured (train.peak_flops_per_device)"
+  peak = device_peak(device)
+  return peak.source if peak is not None else None
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_per_device: float | None) -> float | None:

@@ -124,7 +124,8 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
     # A few positions at a time: the [B, C, V] logits of a chunk, never [B, L, V].
     chunk = int(config.train.loss_chunk_len) or hidden.shape[1]
     for start in range(0, hidden.shape[1], chunk):
-      outs.append(objectives_lib.teacher_top_k(model.logits(hidden[:, start:start + chunk]), k, temperature))
+      outs.append(objectives_lib.teacher_top_k(model.logits(hidden[:, start:start + chunk], "float32"), k,
+                                                temperature))
     ids, logp, tail = (jnp.concatenate(parts, axis=1) for parts in zip(*outs))
     return jax.lax.with_sharding_constraint((ids, logp, tail), rep)
 
