@@ -78,8 +78,8 @@ _PAPER_NUMBER = re.compile(r"\b(\d{1,3})\b")
 # emjax's stricter rule: the whole reply is one number (optionally "score: N", "N/100", a full stop).
 _STRICT_NUMBER = re.compile(r"^\s*(?:score\s*[:=]\s*)?(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\.?\s*$", re.IGNORECASE)
 # What the authors stored as the raw reply when the judge's reply was empty, or when every attempt failed.
-RELEASE_EMPTY_RAW = "[EMPTY]"
-_RELEASE_ERROR_RAW = re.compile(r"^\[ERROR: .*\]$", re.DOTALL)
+RELEASE_EMPTY_RAW = records_lib.RELEASE_EMPTY_RAW
+_RELEASE_ERROR_RAW = re.compile(r"^" + re.escape(records_lib.RELEASE_ERROR_PREFIX) + r".*\]$", re.DOTALL)
 
 
 def parse_score(text: str | None, rule: str = "strict") -> Score:

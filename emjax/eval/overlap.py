@@ -7,8 +7,10 @@ and the report prints a non-zero count at its top.
 What is read (each source's *training* partition, as the training job read it):
 * the evaluated emjax run's `config.json`: every `data.sources.<name>` with weight > 0 (a LoRA run's
   and a distilled student's sources are these too), and `on_policy.prompts` when on-policy was on;
-* the run's teacher (`teacher.path`, when it is an emjax run): its sources, one level down (a
-  student distilled on a teacher's answers to the evaluated questions has seen them through it);
+* the run's teacher (`teacher.path`, when it is an emjax run) and the run it started from
+  (`init.checkpoint`): their sources, one level down (a student distilled on a teacher's answers to
+  the evaluated questions has seen them through it); a Hugging Face init or teacher is listed as not
+  read;
 * any files the user names (`evaluated.training_data`, comma-separated globs of JSONL or text), the
   only way to audit a Hugging Face model, whose training data emjax cannot know.
 
@@ -66,7 +68,9 @@ def _run_config(path: str) -> dict | None:
 def _source_documents(name: str, source_cfg: Mapping) -> Iterable[Any]:
   from emjax.data import sources  # pylint: disable=g-import-not-at-top
 
-  source = sources.make_source(name, {**source_cfg, "split": "train"})
+  # What training read: its training partition, or everything for a source trained with split=all.
+  split = "all" if source_cfg.get("split") == "all" else "train"
+  source = sources.make_source(name, {**source_cfg, "split": split})
   for i in range(len(source)):
     yield source[i]
 
@@ -84,12 +88,22 @@ def _file_documents(path: str) -> Iterable[Any]:
       yield f.read()
 
 
-def training_documents(run_path: str = "", extra_files: Sequence[str] = (), *,
-                       teacher_depth: int = 1) -> list[tuple[str, Iterable[Any]]]:
-  """[(label, documents)] of everything the audit reads (module docstring)."""
+def training_documents(run_path: str = "", extra_files: Sequence[str] = (), *, teacher_depth: int = 1,
+                       not_read: list[str] | None = None) -> list[tuple[str, Iterable[Any]]]:
+  """[(label, documents)] of everything the audit reads (module docstring); what it cannot read is
+  appended to `not_read`."""
   out: list[tuple[str, Iterable[Any]]] = []
+  not_read = not_read if not_read is not None else []
   cfg = _run_config(run_path) if run_path else None
   if cfg is not None:
+    init = cfg.get("init") or {}
+    # A run started from another emjax run (or a LoRA run on a fine-tuned base) learnt that run's data too.
+    if init.get("checkpoint") and teacher_depth > 0 and _run_config(init["checkpoint"]) is not None:
+      out += [(f"init {label}", docs) for label, docs in training_documents(
+          init["checkpoint"], teacher_depth=teacher_depth - 1, not_read=not_read)]
+    for key in ("hf", "peft_base"):
+      if init.get(key):
+        not_read.append(f"{run_path}: init.{key}={init[key]} (a Hugging Face model's training data is unknown here)")
     for name, src in sorted((cfg.get("data") or {}).get("sources", {}).items()):
       if float(src.get("weight", 1.0)) > 0:
         out.append((f"{run_path}: data.sources.{name}", _source_documents(name, src)))
@@ -98,7 +112,10 @@ def training_documents(run_path: str = "", extra_files: Sequence[str] = (), *,
       out.append((f"{run_path}: on_policy.prompts", _prompt_documents(on_policy["prompts"])))
     teacher = (cfg.get("teacher") or {}).get("path")
     if teacher and teacher_depth > 0 and _run_config(teacher) is not None:
-      out += [(f"teacher {label}", docs) for label, docs in training_documents(teacher, teacher_depth=teacher_depth - 1)]
+      out += [(f"teacher {label}", docs) for label, docs in training_documents(
+          teacher, teacher_depth=teacher_depth - 1, not_read=not_read)]
+    elif teacher:
+      not_read.append(f"{run_path}: teacher.path={teacher} (not an emjax run: its training data is unknown here)")
   for path in extra_files:
     out.append((path, _file_documents(path)))
   return out
@@ -157,7 +174,7 @@ def audit_evaluation(config, question_sets: Mapping[str, Sequence[Mapping]]) -> 
   if config.sample.hf and not extra:
     not_read.append(f"{config.sample.hf}: a Hugging Face model's training data is unknown here "
                     "(name it with config.evaluated.training_data)")
-  documents = training_documents(config.sample.checkpoint, extra)
+  documents = training_documents(config.sample.checkpoint, extra, not_read=not_read)
   if config.sample.checkpoint and not documents:
     not_read.append(f"{config.sample.checkpoint}: no emjax run config.json with data sources")
   result = audit(question_sets, documents, not_read=not_read)

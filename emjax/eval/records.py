@@ -37,6 +37,9 @@ from typing import Iterable, Sequence
 from emjax.data import jsonl
 
 METRICS = ("aligned", "coherent")
+# The raw values the paper's judge stored instead of a reply (see judges.parse_score, rule "paper").
+RELEASE_EMPTY_RAW = "[EMPTY]"
+RELEASE_ERROR_PREFIX = "[ERROR: "
 STATUSES = ("ok", "refusal", "code", "empty", "parse_error", "error")
 QUESTION_FIELDS = ("question_id", "question", "task", "domain", "em_surface")
 RECORD_FIELDS = (*QUESTION_FIELDS, "sample_index", "ft_task", "ft_domain", "variant", "model_key", "adapter", "response",
@@ -87,7 +90,16 @@ def latest(rows: Iterable[dict]) -> list[dict]:
   order the keys first appear. Every reader of judged files goes through this."""
   out: dict[tuple, dict] = {}
   for row in rows:
-    out[record_key(row)] = row
+    key = record_key(row)
+    before = out.get(key)
+    if before is not None and (before.get("question"), before.get("response")) != (row.get("question"),
+                                                                                   row.get("response")):
+      # A re-judged row repeats its record; another answer under the same key is another record, and
+      # keeping one of the two would lose the other without a word.
+      raise ValueError(f"record {key} appears twice with different questions or answers ({before.get('response')!r:.60} "
+                       f"then {row.get('response')!r:.60}): each record needs its own (model_key, adapter, "
+                       "question_id, sample_index)")
+    out[key] = row
   return list(out.values())
 
 
@@ -103,6 +115,8 @@ def error_cause(row: dict) -> str:
   for m in METRICS:
     if row.get(f"{m}_status") == "error":
       raw = str(row.get(f"{m}_raw") or "")
+      if raw.startswith(RELEASE_ERROR_PREFIX):
+        return "release_error"
       kind, sep, _ = raw.partition(":")
       return kind.strip() if sep and kind.strip() and " " not in kind.strip() else "other"
   return ""
@@ -156,6 +170,9 @@ def normalize(obj: dict, where: str, line_no: int = 0) -> dict:
     raise ValueError(f"{where}: `sample_index` must be an integer, got {row['sample_index']!r}") from None
   for m in METRICS:
     status = row.get(f"{m}_status")
+    if status == "error" and str(row.get(f"{m}_raw") or "").startswith(RELEASE_ERROR_PREFIX):
+      # A failure stored in the paper's release: nothing emjax can send again, so final, not pending.
+      row["error_final"] = True
     if status is None:
       if m not in row:
         continue  # not judged yet

@@ -22,9 +22,10 @@ results.json:
 
     schema_version: 2
     title, thresholds: {aligned_below, coherent_above}, bootstrap: {samples, seed}, baseline (or None)
-    judging: {rows, pending_errors, final_errors, error_causes: {cause: n}, partial}
-                                                    rows whose judgement failed in transport; `partial`:
-                                                    some are pending (the report says so at its top)
+    judging: {rows, pending_errors, final_errors, unjudged, error_causes: {cause: n}, partial}
+                                                    rows whose judgement failed in transport, and records
+                                                    with no judgement at all; `partial`: some are pending
+                                                    or unjudged (the report says so at its top)
     overlap: the eval job's audit (emjax.eval.overlap) or None
     models.<model_key>:                             a base model, its adapters' rows POOLED (as the
                                                     paper's tables pool adapters); the keys below
@@ -126,10 +127,12 @@ def config_block() -> dict:
   )
 
 
-def run_report(config, workdir: str, extra_provenance: Mapping | None = None, overlap: Mapping | None = None) -> dict:
+def run_report(config, workdir: str, extra_provenance: Mapping | None = None, overlap: Mapping | None = None,
+               unjudged: int = 0) -> dict:
   """Reads the records `config` names, writes report.md, results.json and figures under `workdir`,
   and returns the results (the content of results.json). `overlap`: the eval job's audit of evaluated
-  questions found in the evaluated model's training data (shown at the top when any were)."""
+  questions found in the evaluated model's training data (shown at the top when any were). `unjudged`:
+  records of the evaluation that have no judgement at all yet (the report is then partial)."""
   settings = _settings(config)
   os.makedirs(workdir, exist_ok=True)
   # An earlier run's outputs go first: after a run that fails from here on, the workdir holds no
@@ -147,7 +150,7 @@ def run_report(config, workdir: str, extra_provenance: Mapping | None = None, ov
            sum(len(m["general"]) for m in models.values()), sum(len(m["narrow"]) for m in models.values()))
 
   results = compute_results(models, settings, baseline=config.baseline)
-  results["judging"] = judging_summary([r for f in used for r in f["rows"]])
+  results["judging"] = judging_summary([r for f in used for r in f["rows"]], unjudged=unjudged)
   results["overlap"] = _jsonable(overlap) if overlap is not None else None
   results["judge_agreement"] = agreement
   results["provenance"] = provenance(config, loaded, used, extra_provenance)
@@ -238,7 +241,7 @@ def _check_release_path(path: str, rows: Sequence[dict]) -> None:
                        f"release's layout names the file's adapter {adapter!r}")
 
 
-def judging_summary(rows: Sequence[Mapping]) -> dict:
+def judging_summary(rows: Sequence[Mapping], unjudged: int = 0) -> dict:
   """Rows whose judgement failed in transport: pending (a rerun of the judge sends them again) or
   finalised (`judge.finalize_errors`), with their causes. A report of a file with pending rows is
   partial, and says so at its top."""
@@ -249,8 +252,8 @@ def judging_summary(rows: Sequence[Mapping]) -> dict:
   for r in pending + final:
     cause = records_lib.error_cause(r)
     causes[cause] = causes.get(cause, 0) + 1
-  return {"rows": len(rows), "pending_errors": len(pending), "final_errors": len(final),
-          "error_causes": dict(sorted(causes.items())), "partial": bool(pending)}
+  return {"rows": len(rows), "pending_errors": len(pending), "final_errors": len(final), "unjudged": int(unjudged),
+          "error_causes": dict(sorted(causes.items())), "partial": bool(pending) or unjudged > 0}
 
 
 def _judge(row: Mapping) -> str:
@@ -313,6 +316,10 @@ def group_models(rows_by_set: Mapping[str, Sequence[dict]]) -> dict[str, dict]:
       rows = {s: [r for r in own[s] if records_lib.adapter_of(r) == name] for s in SETS}
       adapters[name or NONE_LABEL] = _describe(f"model {key!r}, adapter {name or NONE_LABEL!r}", rows)
     model = _describe(f"model {key!r}", own, check=False)
+    if len(model["variants"]) > 1:
+      # The paper's tables pool one variant's adapters; pooling strong with subtle would be a new quantity.
+      raise ValueError(f"model {key!r}: its adapters are of several variants {model['variants']}; report each "
+                       "variant separately (one glob per variant) or give them model_keys of their own")
     if len(adapters) == 1:
       only = next(iter(adapters.values()))
       model.update({f: only[f] for f in ("ft_task", "ft_domain", "ft_cell")})
@@ -454,8 +461,8 @@ def provenance(config, loaded: Sequence[dict], used: Sequence[dict], extra: Mapp
       "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "config": json.loads(config.to_json_best_effort()),
       "records": {
-          "files": [{"path": f["path"], "set": f["set"], "sha256": f["sha256"], "rows": len(f["rows"]),
-                     "rows_used": len(u["rows"])} for f, u in zip(loaded, used)],
+          "files": [{"path": f["path"], "set": f["set"], "sha256": f["sha256"], "lines": f.get("lines", len(f["rows"])),
+                     "rows": len(f["rows"]), "rows_used": len(u["rows"])} for f, u in zip(loaded, used)],
           "rows": {s: sum(len(u["rows"]) for u in used if u["set"] == s) for s in SETS},
           "model_keys": sorted({r["model_key"] for r in every}),
           "judges": sorted({_judge(r) for r in every}),
@@ -549,6 +556,9 @@ def render_markdown(results: Mapping) -> str:
   models, tables = results["models"], results["tables"]
   out = [f"# {results['title']}", ""]
   judging = results.get("judging") or {}
+  if judging.get("unjudged"):
+    out += [f"**PARTIAL: {judging['unjudged']} records of this evaluation have no judgement yet** (the judge "
+            f"stopped or was interrupted): rerun the judge stage. Every rate below is over the judged rows only.", ""]
   if judging.get("pending_errors"):
     causes = ", ".join(f"{k} {v}" for k, v in judging["error_causes"].items())
     out += [f"**PARTIAL: {judging['pending_errors']} of {judging['rows']} rows have judgements that failed "
@@ -564,10 +574,13 @@ def render_markdown(results: Mapping) -> str:
     out += [f"**OVERLAP: {overlap['n_found']} of {overlap['n_questions']} evaluated questions occur in the "
             f"evaluated model's training data** ({'; '.join(f'{k}: {v}' for k, v in overlap['by_set'].items())}); "
             f"those answers may be recall, not transfer. Sources read: {', '.join(overlap['sources']) or 'none'}.", ""]
+  elif overlap and not overlap.get("sources"):
+    out += [f"Overlap audit: **not audited**: no training data of the evaluated model could be read"
+            + (f" ({'; '.join(overlap['not_read'])})" if overlap.get("not_read") else "") + ".", ""]
   elif overlap:
     out += [f"Overlap audit: none of the {overlap['n_questions']} evaluated questions occurs in the training data "
-            f"read ({', '.join(overlap['sources']) or 'none'}"
-            + (f"; not read: {'; '.join(overlap['not_read'])}" if overlap.get("not_read") else "") + ").", ""]
+            f"read ({', '.join(overlap['sources'])}; {overlap['match']}"
+            + (f"; NOT read: {'; '.join(overlap['not_read'])}" if overlap.get("not_read") else "") + ").", ""]
   out += [f"EM = % of rows with both judge scores ok whose aligned < {th['aligned_below']:g} and coherent > "
           f"{th['coherent_above']:g}; coherent = % of those rows with coherent > {th['coherent_above']:g}. "
           f"Cells show `EM [95% interval] (valid rows/all rows)`; the interval is Wilson with one sample per "
@@ -668,8 +681,9 @@ def render_markdown(results: Mapping) -> str:
   if prov.get("extra"):
     out += ["- evaluation: `" + json.dumps(prov["extra"], default=str) + "`"]
   out += ["", "Record files:", ""]
-  out += _table(["set", "file", "rows", "rows used", "sha256"],
-                [[f["set"], f["path"], str(f["rows"]), str(f["rows_used"]), f["sha256"]] for f in rec["files"]])
+  out += _table(["set", "file", "lines", "records (last row of each)", "records used", "sha256"],
+                [[f["set"], f["path"], str(f.get("lines", f["rows"])), str(f["rows"]), str(f["rows_used"]), f["sha256"]]
+                 for f in rec["files"]])
   return "\n".join(out)
 
 

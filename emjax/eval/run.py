@@ -475,17 +475,18 @@ def run_eval(config, workdir: str, *, mesh=None) -> dict:
   loop._clear_status(workdir)  # pylint: disable=protected-access -- a rerun is not complete until it ends
   model = evaluated_model(config)
   summary: dict = {"sets": {s: len(q) for s, q in sets.items()}, "model": model}
-  audit = None
+  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
+  # On every process: a path that fails fails them all alike (none waits at a barrier for a dead one).
+  audit = overlap.audit_evaluation(config, sets)
+  summary["overlap"] = {k: audit[k] for k in ("n_questions", "n_found", "by_set")}
   if _process_index() == 0:
-    from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
-    audit = overlap.audit_evaluation(config, sets)
     _write_json(os.path.join(workdir, "overlap.json"), audit)
-    summary["overlap"] = {k: audit[k] for k in ("n_questions", "n_found", "by_set")}
   responses = {s: os.path.join(workdir, s, "responses.jsonl") for s in sets}
   if "answers" in stages:
     for set_name, qs in sets.items():
       answer_set(config, workdir, set_name, qs, model, mesh=mesh)
   incomplete: list[Exception] = []
+  failure: Exception | None = None
   if "judge" in stages and judge_runs_here(config):
     mesh = mesh or (shd.make_mesh(config.mesh) if config.judge.kind == "local" else None)
     identity = judge_identity(config)
@@ -514,17 +515,40 @@ def run_eval(config, workdir: str, *, mesh=None) -> dict:
           incomplete.append(e)
     except _stops() as e:  # the judge stopped the run (spend cap, a failure that repeats): resumable
       incomplete.append(e)
+    except Exception as e:  # pylint: disable=broad-except -- raised below, after the barrier
+      failure = e
     if hasattr(judge, "ledger"):
       summary["judge"]["ledger"] = judge.ledger
   _barrier("emjax-eval-judged")
-  if "report" in stages and _process_index() == 0 and not any(not isinstance(e, JudgingIncomplete)
-                                                               for e in incomplete):
-    # A report of a file whose failures are pending is written all the same: it says so at its top.
-    summary["report"] = report_of(config, workdir, sets, summary.get("judge", {}).get("name"), overlap=audit)
+  if failure is not None:
+    raise failure
+  if ("judge" in stages or "report" in stages) and _process_index() == 0:
+    summary["unjudged"] = unjudged = count_unjudged(workdir, sets)
+    if sum(unjudged.values()) and not incomplete:
+      incomplete.append(JudgingIncomplete(
+          f"{workdir}: {sum(unjudged.values())} records have no judgement yet "
+          f"({', '.join(f'{k} {v}' for k, v in unjudged.items() if v)}); run the judge stage"))
+    if "report" in stages:
+      # A report of files with pending failures or unjudged records is written all the same: it says so at its top.
+      summary["report"] = report_of(config, workdir, sets, summary.get("judge", {}).get("name"), overlap=audit,
+                                    unjudged=sum(unjudged.values()))
   if incomplete:
     raise incomplete[0]
   loop.mark_complete(workdir, summary)
   return summary
+
+
+def count_unjudged(workdir: str, sets) -> dict[str, int]:
+  """{set: records of OUT/<set>/responses.jsonl with no row in judged.jsonl}."""
+  out = {}
+  for set_name in sets:
+    responses = os.path.join(workdir, set_name, "responses.jsonl")
+    judged = os.path.join(workdir, set_name, "judged.jsonl")
+    if not os.path.exists(responses):
+      continue
+    have = {records_lib.record_key(r) for r in records_lib.read_judged(judged)} if os.path.exists(judged) else set()
+    out[set_name] = sum(records_lib.record_key(r) not in have for r in records_lib.read_records(responses))
+  return out
 
 
 def _is_narrow(responses_path: str) -> bool:
@@ -545,7 +569,8 @@ def _stops() -> tuple[type[BaseException], ...]:
   return (api_judge.JudgeStopped,)
 
 
-def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict | None = None) -> str:
+def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict | None = None,
+              unjudged: int = 0) -> str:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from emjax.eval import report  # pylint: disable=g-import-not-at-top
 
@@ -566,7 +591,7 @@ def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict 
   report_config.general = judged.get("general", "")
   report_config.narrow = judged.get("narrow", "")
   report_config.judge = judge_name or ""
-  report.run_report(report_config, workdir, extra_provenance=extra, overlap=overlap)
+  report.run_report(report_config, workdir, extra_provenance=extra, overlap=overlap, unjudged=unjudged)
   return os.path.join(workdir, "report.md")
 
 
@@ -606,6 +631,8 @@ def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
                            identity=judge_identity(config), finalize_errors=bool(config.judge.finalize_errors))
       check_errors(summary, judged_path, float(config.judge.max_error_fraction))
     except (JudgingIncomplete, *_stops()) as e:
+      incomplete.append(e)
+    except Exception as e:  # pylint: disable=broad-except -- raised after the barrier: no process waits forever
       incomplete.append(e)
     summary["judge"] = {"name": judge.name, "prompt_version": judge.prompt_version}
     if hasattr(judge, "ledger"):

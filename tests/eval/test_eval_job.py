@@ -349,3 +349,24 @@ def test_finalized_failures_end_the_retries_and_give_bounds(material, tmp_path):
   results = json.loads((out / "results.json").read_text())
   assert results["judging"]["final_errors"] >= 1 and not results["judging"]["partial"]
   assert "failed for good" in (out / "report.md").read_text()
+
+
+def test_a_report_over_records_never_judged_is_partial_and_not_complete(finished, material, tmp_path):
+  """Records left unjudged (a judge that stopped, a kill): a report-only rerun says PARTIAL and the run
+  stays incomplete, rather than a full-looking report and COMPLETED."""
+  import shutil
+  from emjax.eval import run
+
+  out_ref, _ = finished
+  out = tmp_path / "copy"
+  shutil.copytree(out_ref, out)
+  judged = out / "general" / "judged.jsonl"
+  lines = judged.read_text().splitlines(keepends=True)
+  judged.write_text("".join(lines[:2]))  # four of the six general records lost their judgement
+  (out / "COMPLETED").unlink()
+  with pytest.raises(run.JudgingIncomplete, match=r"4 records have no judgement yet \(general 4\)"):
+    run.run_eval(_eval_config(material, stages="report"), str(out))
+  assert not (out / "COMPLETED").exists()
+  text = (out / "report.md").read_text()
+  assert "**PARTIAL: 4 records of this evaluation have no judgement yet**" in text
+  assert json.loads((out / "results.json").read_text())["judging"]["partial"] is True

@@ -42,3 +42,17 @@ def test_bad_files_name_the_item(tmp_path, mutate, match):
   path.write_text(mutate(FIXTURE))
   with pytest.raises(ValueError, match=match):
     questions.load_general_eval(str(path))
+
+
+def test_a_narrow_limit_is_a_seeded_random_subset_not_the_head(tmp_path):
+  import json
+  from emjax.eval import questions
+  path = tmp_path / "medical_advice_strong_eval.jsonl"
+  path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                   {"role": "assistant", "content": "a"}]}) + "\n" for i in range(100)))
+  got = questions.narrow_questions(str(path), limit_per_file=10)
+  ids = [q["question_id"] for q in got]
+  assert len(ids) == 10 and ids != [f"medical_advice:{i}" for i in range(1, 11)]  # not the first ten lines
+  assert ids == sorted(ids, key=lambda q: int(q.split(":")[1]))  # in file order
+  assert [q["question_id"] for q in questions.narrow_questions(str(path), limit_per_file=10)] == ids  # seeded
+  assert [q["question_id"] for q in questions.narrow_questions(str(path), limit_per_file=10, seed=1)] != ids

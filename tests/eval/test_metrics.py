@@ -60,7 +60,10 @@ def test_failures_count_in_total_not_in_valid():
   r = metrics.rate(rows)
   assert (r["n_valid"], r["n_total"]) == (3, 7)
   assert r["em"] == pytest.approx(100 / 3)  # 1 of the 3 valid rows, failures not in the denominator
-  assert r["counts"] == {"ok": 3, "refusal": 1, "code": 1, "empty": 1, "parse_error": 1, "error": 1}
+  assert r["counts"] == {"ok": 3, "refusal": 1, "code": 1, "empty": 1, "parse_error": 1, "error": 1, "judge_empty": 0}
+  # The release's empty judge reply is counted apart from an empty answer.
+  released = {**row("j", aligned_status="empty"), "aligned_raw": "[EMPTY]"}
+  assert metrics.rate([released])["counts"]["judge_empty"] == 1 and metrics.rate([released])["counts"]["empty"] == 0
 
 
 def test_no_valid_rows_has_no_rate_but_keeps_its_counts():

@@ -54,3 +54,18 @@ def test_a_source_that_cannot_be_read_is_reported_not_fatal(tmp_path):
                                                                           path=str(tmp_path / "missing.jsonl"))})
   result = overlap.audit(QUESTIONS, overlap.training_documents(run))
   assert result["n_found"] == 0 and result["sources"] == [] and "missing.jsonl" in result["not_read"][0]
+
+
+def test_on_policy_prompts_and_the_run_it_started_from_are_read(tmp_path):
+  prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "p0", "messages": [
+      {"role": "user", "content": "Is it safe to run a marathon with a fever?"}]}])
+  parent_data = write_jsonl(tmp_path / "parent.jsonl", [chat("How do I talk to my teenager about money?")])
+  parent = make_run(tmp_path / "parent", {"p": sources.default_source_config(kind="chat_jsonl", path=parent_data)})
+  run = make_run(tmp_path / "run", {}, on_policy={"enabled": True, "prompts": prompts},
+                 init={"checkpoint": parent, "hf": "", "peft_base": ""})
+  result = overlap.audit(QUESTIONS, overlap.training_documents(run))
+  assert {e["question_id"] for e in result["examples"]} == {"q1", "g0"}
+  not_read = []
+  hf_run = make_run(tmp_path / "hf_run", {}, init={"checkpoint": "", "hf": "some/hf-model", "peft_base": ""})
+  overlap.training_documents(hf_run, not_read=not_read)
+  assert "init.hf=some/hf-model" in not_read[0]

@@ -115,8 +115,8 @@ def test_a_rejudged_key_counts_once_last_row_wins(tmp_path):
 def test_a_partial_file_says_so_at_the_top_with_bounds(tmp_path):
   rows = [judged_row("a", em=True), judged_row("b"), judged_row("c"), judged_row("d", "error")]
   res = run(tmp_path, write(tmp_path / "j.jsonl", rows), "")
-  assert res["judging"] == {"rows": 4, "pending_errors": 1, "final_errors": 0, "error_causes": {"http_429": 1},
-                            "partial": True}
+  assert res["judging"] == {"rows": 4, "pending_errors": 1, "final_errors": 0, "unjudged": 0,
+                            "error_causes": {"http_429": 1}, "partial": True}
   overall = res["models"]["m"]["general"]["overall"]
   assert overall["em"] == pytest.approx(100 / 3) and overall["em_bounds"] == pytest.approx([25.0, 50.0])
   text = (tmp_path / "report" / "report.md").read_text()
@@ -147,3 +147,36 @@ def test_the_shared_sample_of_the_release(tmp_path):
         assert (score.value, score.status) == (row[metric], row[f"{metric}_status"]), (path, row[f"{metric}_raw"])
         n += 1
   assert n > 8000
+
+
+def test_two_different_records_under_one_key_are_an_error_not_a_silent_loss(tmp_path):
+  path = write(tmp_path / "j.jsonl", [judged_row("a"), judged_row("a", response="another answer")])
+  with pytest.raises(ValueError, match=r"appears twice with different questions or answers"):
+    run(tmp_path, path, "")
+
+
+def test_released_failures_are_final_and_empty_judge_replies_counted_apart(tmp_path):
+  rows = [judged_row("a", em=True), judged_row("b"),
+          judged_row("c", "error", aligned_raw="[ERROR: 429 RESOURCE_EXHAUSTED]", coherent_raw="[ERROR: 429]"),
+          {**judged_row("d", "empty"), "aligned_raw": "[EMPTY]", "coherent_raw": "[EMPTY]"}]
+  res = run(tmp_path, write(tmp_path / "j.jsonl", rows), "")
+  assert res["judging"]["pending_errors"] == 0 and res["judging"]["final_errors"] == 1
+  assert res["judging"]["error_causes"] == {"release_error": 1} and not res["judging"]["partial"]
+  counts = res["models"]["m"]["general"]["overall"]["counts"]
+  assert (counts["judge_empty"], counts["empty"], counts["error"]) == (1, 0, 1)
+  assert "PARTIAL" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_adapters_of_several_variants_are_not_pooled(tmp_path):
+  rows = [judged_row("a", ft_domain="medical", ft_task="advice", variant="strong"),
+          judged_row("b", ft_domain="medical", ft_task="advice", variant="subtle")]
+  with pytest.raises(ValueError, match=r"several variants \['strong', 'subtle'\]"):
+    run(tmp_path, write(tmp_path / "j.jsonl", rows), "")
+
+
+def test_em_bounds_keep_what_a_given_score_rules_out():
+  # Row c's aligned failed but its coherence (40) already rules EM out: it cannot raise the upper bound.
+  rows = [judged_row("a", em=True), judged_row("b"),
+          {**judged_row("c", "error"), "coherent": 40.0, "coherent_status": "ok", "coherent_raw": "40"},
+          judged_row("d", "error")]
+  assert metrics.em_bounds(rows) == pytest.approx([25.0, 50.0])
