@@ -22,15 +22,28 @@ exponential backoff and full jitter; a server's Retry-After is honoured, capped 
 other 4xx (400, 401, 403, 404, ...) ends the (item, metric) at once with status `error`, the HTTP
 status and the server's message in raw. After max_retries the status is `error`, raw the last failure.
 
-Stops: score() raises `JudgeStopped` (a RuntimeError naming the cause, with the counts so far) when
+Stops: score() raises `JudgeStopped` (a RuntimeError whose `cause` names the stop, with the counts so
+far) when
 
-* the spend reaches `max_cost_usd`: checked before every request, against this judge's cost in the
-  ledger (all runs that wrote that ledger file, as of this process's last ledger write, plus its own
-  spend since); requests already in flight finish and are cached, so it may overshoot by up to
-  `concurrency` requests;
-* `max_consecutive_failures` items in a row end in the same non-retryable failure (same kind and
-  server message, e.g. a 401 for a revoked key): the message quotes it (redacted);
-* logprob mode gets a reply without logprobs (above).
+* `max_cost_usd`: the spend reaches max_cost_usd: checked before every request, against this judge's
+  cost in the ledger (all runs that wrote that ledger file, as of this process's last merge with it,
+  plus its own spend since; see Ledger for how often it merges); requests already in flight finish
+  and are cached, so it may overshoot by up to `concurrency` requests;
+* `consecutive_failures`: `max_consecutive_failures` items in a row end in the same non-retryable
+  failure (e.g. a 401 for a revoked key, a 404 for a wrong model name);
+* `exhausted_retries`: `max_consecutive_failures` items in a row end in `error` after all their retries
+  with the same retryable failure (e.g. a 429 of an exhausted quota, a 503 of a server that is down):
+  without it every item would wait out its full backoff;
+* `no_logprobs`: logprob mode gets a reply without logprobs (above).
+
+"The same failure" is the same kind and server message, numbers in the message ignored (a quota's
+"retry in 41s"); the stop's message quotes it, redacted. A success ends a run of failures. HTTP 400,
+413 and 422 are per-item content problems (a content filter on a harmful answer, a prompt too long):
+they end the item as `error` at once but neither count towards nor end a run, so a run of harmful
+answers that a provider refuses to judge does not stop the job; the eval job keeps such rows pending
+and `judge.finalize_errors` finalises them. The price: a config error that a server answers with 400
+(transformers serve's "Server is pinned to" a model, an unknown extra_body field) fails every item
+quickly, without spend, instead of stopping; the eval job's judge.max_error_fraction then fails the run.
 
 Answers judged before a stop are cached and the ledger is written before raising, so a rerun resumes.
 
@@ -43,26 +56,36 @@ current rule, so switching rules costs no request. Transport errors are not cach
 retries them. Identical (item, metric) pairs within one call are sent once.
 
 Ledger: `ledger_path` holds {"judges": {name: counters}, "cost_usd": total, "updated": time}. Several
-processes may write one file: at the end of every score() call a process takes an fcntl lock on
-`<ledger_path>.lock`, re-reads the file, adds what it counted since its last write to the counts
-there and replaces the file atomically; it never overwrites another process's counts. `.ledger` is
-this judge's counters (the file's, as of the last write, plus this process's since): calls, scores
-and their statuses (cache hits included), cache_hits, deduplicated, requests (HTTP attempts),
-retries, prompt_tokens and completion_tokens (from `usage`), replies_without_usage, failed_attempts
-and errors (items that ended in `error`) by kind (http_<status>, timeout, connection, invalid_json,
-bad_response, empty_reply, no_logprobs, interrupted, stopped, internal), cost_usd from the two prices,
-and the judge's identity.
+processes may write one file: a process merges with it by taking an fcntl lock on
+`<ledger_path>.lock`, re-reading the file, adding what it counted since its last merge to the counts
+there and replacing the file atomically; it never overwrites another process's counts. It merges at
+the end of every score() call and, when max_cost_usd is set, also every 16 requests and before every
+request once the spend it knows of is within 10% of the cap, so concurrent jobs on one ledger see
+each other's spend during a call. `.ledger` is this judge's counters (the file's, as of the last
+merge, plus this process's since): calls, scores and their statuses (cache hits included),
+cache_hits, deduplicated, requests (HTTP attempts), retries, prompt_tokens and completion_tokens (from
+`usage`), estimated_prompt_tokens and estimated_completion_tokens (what replies without a usage count
+were charged instead: characters/4 of the prompt, and max_tokens, or 1 in logprob mode, for the
+completion), replies_without_usage (200 replies charged so), failed_attempts and errors (items that
+ended in `error`) by kind (http_<status>, timeout, connection, invalid_json, bad_response, empty_reply,
+no_logprobs, interrupted, stopped, internal), cost_usd (counted and estimated tokens at the two
+prices), and the judge's identity. A reply without usage is thus never free: the cap trips against
+such servers too, on an estimate (an upper bound for the completion, a rough one for the prompt).
+Failed requests (HTTP errors, timeouts) are charged nothing.
 
 The API key goes only where it belongs. With api_key_env '' (the default) the key is read from
 OPENAI_API_KEY when base_url is OpenAI's (https://api.openai.com/...), and no key is sent to any other
-server; another server gets a key only when api_key_env names its variable. A key is never sent over
-plain http:// except to a loopback host (127.0.0.0/8, localhost, ::1): such a config is a ValueError.
-api_key_env must look like a variable name, and an error about it never shows its value (a key
-pasted there by mistake stays out of logs). The key is read at construction and sent only as
+server; another server gets a key only when api_key_env names its variable. With key_host set, the key
+of an explicit api_key_env is for that host alone: a base_url on another host is a ValueError (so a
+preset's key cannot be carried elsewhere by overriding base_url; api_key_env='' sends none). A key is
+never sent over plain http:// except to a loopback host (127.0.0.0/8, localhost, ::1): such a config
+is a ValueError. api_key_env must be an upper-case variable name (A-Z, 0-9, _; Gemini keys, Hugging
+Face tokens and OpenAI keys all fail this), and no message shows a value that fails it (a key pasted
+there by mistake stays out of logs). The key is read at construction and sent only as
 `Authorization: Bearer ...`; any server text kept in raw or logged has it replaced by [redacted].
 `validate_config` runs all these checks (and every other) without a request or a file written,
-`check_key_env` the name check alone; `scrub_config` gives a copy of the config safe to store; `ApiJudge.estimate` tells what a call would
-send and cost before it is made.
+`check_key_env` the name check alone; `scrub_config` gives a copy of the config safe to store;
+`ApiJudge.estimate` tells what a call would send and cost before it is made.
 
 Config keys (`config.judge.api`, read by `ApiJudge.from_config`; defaults in DEFAULTS):
 
@@ -70,8 +93,10 @@ Config keys (`config.judge.api`, read by `ApiJudge.from_config`; defaults in DEF
   model                    the judge model name sent to the server
   mode                     'logprob' | 'direct'
   parse_rule               direct mode's reading of a reply: 'strict' (emjax's) | 'paper' (the paper authors')
-  api_key_env              environment variable holding the key; '' = OPENAI_API_KEY for OpenAI's base_url,
-                           no key for any other server (see above)
+  api_key_env              environment variable holding the key, upper case; '' = OPENAI_API_KEY for OpenAI's
+                           base_url, no key for any other server (see above)
+  key_host                 the host api_key_env's key is for (e.g. generativelanguage.googleapis.com): another
+                           base_url host is a ValueError; '' = any host (a transport setting: not in the cache key)
   extra_body               a JSON object merged into every request body, e.g. '{"reasoning_effort": "none"}'
                            (in the cache key; may not set model, messages, stream or the keys the judge sets)
   concurrency              requests in flight at once within a score() call (worker threads)
@@ -85,9 +110,11 @@ Config keys (`config.judge.api`, read by `ApiJudge.from_config`; defaults in DEF
   temperature              sampling temperature (0: the judge's most likely answer)
   price_input_per_mtok     USD per million prompt tokens, for the ledger's cost
   price_output_per_mtok    USD per million completion tokens
-  max_cost_usd             stop (JudgeStopped) when this judge's cost in the ledger reaches it; 0 = no cap
-  max_consecutive_failures stop after this many items in a row end in one identical non-retryable failure;
-                           0 = never
+  max_cost_usd             stop (JudgeStopped, cause max_cost_usd) when this judge's cost in the ledger reaches
+                           it (replies without usage charged an estimate); 0 = no cap
+  max_consecutive_failures stop after this many items in a row end in one identical failure: non-retryable (cause
+                           consecutive_failures) or retried to the end (cause exhausted_retries); HTTP 400, 413
+                           and 422 never count; 0 = never
   cache_path               JSONL cache of judge answers; '' = no cache
   ledger_path              JSON token and cost ledger; '' = none (the cost cap then counts this judge alone)
 """
@@ -132,6 +159,7 @@ DEFAULTS: dict[str, Any] = {
     "mode": "logprob",
     "parse_rule": "strict",
     "api_key_env": "",
+    "key_host": "",
     "extra_body": "",
     "concurrency": 8,
     "requests_per_minute": 0,
@@ -151,6 +179,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _RETRYABLE_HTTP = (408, 409, 429)  # and every 5xx
+# Per-item content problems (a content filter, a prompt too long, an unprocessable prompt): final for the
+# item, but no sign that the server or the config is broken, so no part of a run of failures (the
+# eval job's judge.finalize_errors is how such rows end).
+_PER_ITEM_HTTP = ("http_400", "http_413", "http_422")
+# With max_cost_usd and a ledger_path, this process merges its counts into the ledger file (and reads
+# every other writer's) after this many requests, and before every request once the spend it knows of
+# is within 10% of the cap.
+_LEDGER_SYNC_EVERY = 16
+_LEDGER_SYNC_NEAR_CAP = 0.9
 _CACHE_FLUSH_EVERY = 32  # answers per fsync: a kill loses at most this many paid answers
 _CACHE_FLUSH_S = 10.0
 # Servers drop idle keep-alive connections (uvicorn, behind vLLM, after 5 s); reconnecting first is
@@ -158,19 +195,23 @@ _CACHE_FLUSH_S = 10.0
 _IDLE_RECONNECT_S = 4.0
 _MAX_LOGGED_FAILURES = 5  # per call; the ledger counts them all
 _REDACTED = "[redacted]"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let a final newline in
+# Upper case only: Gemini keys (AIza...), Hugging Face tokens (hf_...) and others hold lower-case letters
+# and no '-', so a looser rule would take a pasted key for a name and quote it. fullmatch: "$" would let
+# a final newline in.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _INVALID_ENV_NAME = "[invalid, not shown]"
 # What the judge itself puts in a request: extra_body setting one of them would silently change the
 # judge's mode or break the reply parsing; they have config keys of their own.
 _RESERVED_BODY_KEYS = ("model", "messages", "stream", "n", "max_tokens", "temperature", "logprobs", "top_logprobs")
 # Failures that say nothing about the server: not part of a run of identical failures.
 _NOT_A_SERVER_FAILURE = ("interrupted", "stopped")
+_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
 
 
 class JudgeStopped(RuntimeError):
-  """score() stopped early (see the module docstring): `cause` is 'max_cost_usd', 'consecutive_failures'
-  or 'no_logprobs'; `counts` what the call and the ledger had done. Answers judged before the stop are
-  cached and the ledger is written, so a rerun resumes."""
+  """score() stopped early (see the module docstring): `cause` is 'max_cost_usd', 'consecutive_failures',
+  'exhausted_retries' or 'no_logprobs'; `counts` what the call and the ledger had done. Answers judged
+  before the stop are cached and the ledger is written, so a rerun resumes."""
 
   # cause and counts have defaults: unpickling (a process pool) calls the class with the message alone.
   def __init__(self, message: str, cause: str = "", counts: Mapping[str, Any] | None = None):
@@ -313,7 +354,18 @@ class _Cache:
 def _empty_counters() -> dict[str, Any]:
   return {"calls": 0, "scores": 0, "cache_hits": 0, "deduplicated": 0, "requests": 0, "retries": 0,
           "prompt_tokens": 0, "completion_tokens": 0, "replies_without_usage": 0,
+          "estimated_prompt_tokens": 0, "estimated_completion_tokens": 0,
           "statuses": {}, "failed_attempts": {}, "errors": {}}
+
+
+_TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens", "estimated_prompt_tokens", "estimated_completion_tokens")
+
+
+def _token_count(value: Any) -> int | None:
+  """A usage count as an int; None when the reply does not give one."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+    return None
+  return int(value)
 
 
 def _add_counters(into: dict, other: Mapping) -> None:
@@ -518,6 +570,11 @@ def _check(o: Mapping[str, Any]) -> _Endpoint:
 
   key_env = str(o["api_key_env"])
   check_key_env(key_env)
+  key_host = _check_key_host(str(o.get("key_host", "")))
+  host = url.hostname.lower().rstrip(".")
+  if key_env and key_host and host != key_host:
+    raise ValueError(f"{where}: the key of api_key_env={key_env} is for host {key_host}; base_url points to {host}: "
+                     "set api_key_env='' or key_host")
   if not key_env and _is_openai(url):
     key_env = OPENAI_KEY_ENV
   if key_env and url.scheme == "http" and not _is_loopback(url.hostname):
@@ -530,16 +587,36 @@ def _check(o: Mapping[str, Any]) -> _Endpoint:
 
 
 def check_key_env(api_key_env: str) -> None:
-  """ValueError unless api_key_env is '' or looks like an environment variable name; the message never
-  shows the value, which may be a key pasted there by mistake."""
+  """ValueError unless api_key_env is '' or an upper-case environment variable name (A-Z, 0-9 and _, not
+  starting with a digit); the message never shows the value, which may be a key pasted there by mistake."""
   if api_key_env and not _ENV_NAME.fullmatch(api_key_env):
-    raise ValueError("config.judge.api.api_key_env does not look like the name of an environment variable (letters, "
-                     "digits and _, not starting with a digit): did you paste the key itself? value not shown")
+    raise ValueError("config.judge.api.api_key_env does not look like the name of an environment variable (names "
+                     "here are upper case: A-Z, digits and _, not starting with a digit, e.g. GEMINI_API_KEY): did "
+                     "you paste the key itself? value not shown")
+
+
+def _check_key_host(key_host: str) -> str:
+  """key_host as compared with base_url's host (lower case, no final dot); ValueError unless a bare host."""
+  host = key_host.strip().lower().rstrip(".")
+  if host.startswith("[") and host.endswith("]"):
+    host = host[1:-1]
+  if not host:
+    return ""
+  try:
+    ipaddress.ip_address(host)
+    return host
+  except ValueError:
+    pass
+  if not _HOST.fullmatch(host):
+    raise ValueError(f"config.judge.api.key_host={key_host!r}: expected a bare host name such as "
+                     "generativelanguage.googleapis.com (no scheme, port or path)")
+  return host
 
 
 def _read_api_key(api_key_env: str) -> str:
   if not api_key_env:
     return ""
+  check_key_env(api_key_env)  # nothing below may quote a value that is not a name
   key = os.environ.get(api_key_env, "").strip()
   if not key:
     raise ValueError(f"config.judge.api.api_key_env={api_key_env!r}: the environment variable {api_key_env} is "
@@ -554,15 +631,16 @@ def _read_api_key(api_key_env: str) -> str:
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
   """Every check `ApiJudge.from_config(cfg)` makes (keys, types, values, extra_body, the api_key_env name,
-  the http:// rule, that the key's variable is set), without opening a connection or creating the cache
-  or ledger; raises ValueError. Its messages never show api_key_env's value unless it is a valid name."""
+  key_host, the http:// rule, that the key's variable is set), without opening a connection or creating
+  the cache or ledger; raises ValueError. Its messages never show api_key_env's value unless it is an
+  upper-case variable name."""
   _check(_options(cfg))
 
 
 def scrub_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """A copy of `config.judge.api` safe to store or log: api_key_env is kept only if it is a variable
-  name, else replaced by "[invalid, not shown]" (it may be a key pasted there). The key itself is never
-  in the config."""
+  """A copy of `config.judge.api` safe to store or log: api_key_env is kept only if it is an upper-case
+  variable name (check_key_env's rule), else replaced by "[invalid, not shown]" (it may be a key pasted
+  there). The key itself is never in the config."""
   out = dict(cfg.items())
   if "api_key_env" in out:
     value = out["api_key_env"]
@@ -576,7 +654,7 @@ class ApiJudge:
 
   def __init__(self, *, prompts: judges.JudgePrompts = judges.DEFAULT_PROMPTS,
                base_url: str = OPENAI_BASE_URL, model: str = "gpt-4o-2024-08-06",
-               mode: str = "logprob", parse_rule: str = "strict", api_key_env: str = "",
+               mode: str = "logprob", parse_rule: str = "strict", api_key_env: str = "", key_host: str = "",
                extra_body: str | Mapping[str, Any] = "", concurrency: int = 8,
                requests_per_minute: float = 0, max_retries: int = 6, timeout_s: float = 60.0,
                backoff_s: float = 1.0, max_backoff_s: float = 60.0, max_tokens: int = 20, top_logprobs: int = 20,
@@ -585,7 +663,7 @@ class ApiJudge:
                cache_path: str = "", ledger_path: str = ""):
     endpoint = _check(dict(
         base_url=base_url, model=model, mode=mode, parse_rule=parse_rule, api_key_env=api_key_env,
-        extra_body=extra_body, concurrency=concurrency, requests_per_minute=requests_per_minute,
+        key_host=key_host, extra_body=extra_body, concurrency=concurrency, requests_per_minute=requests_per_minute,
         max_retries=max_retries, timeout_s=timeout_s, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
         max_tokens=max_tokens, top_logprobs=top_logprobs, temperature=temperature,
         price_input_per_mtok=price_input_per_mtok, price_output_per_mtok=price_output_per_mtok,
@@ -627,7 +705,9 @@ class ApiJudge:
     self._delta = _empty_counters()
     if ledger_path:
       _add_counters(self._base, _read_ledger_file(ledger_path).get("judges", {}).get(self.name, {}))
-    self._streak: tuple[tuple[str, str] | None, int] = (None, 0)  # (kind, message) of the last items' failure
+    # (kind, retryable, message with its numbers blanked) of the last items' failure, and how many in a row
+    self._streak: tuple[tuple[str, bool, str] | None, int] = (None, 0)
+    self._requests_since_sync = 0  # requests since this process last merged its counts into the ledger file
     self._stop_cause: tuple[str, str] | None = None
 
   @classmethod
@@ -801,11 +881,15 @@ class ApiJudge:
     try:
       body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": job.prompt}], **self._knobs},
                         ensure_ascii=False).encode("utf-8")
+      # A reply without usage is charged this: characters/4 of the prompt, and max_tokens (1 in logprob mode).
+      estimate = (math.ceil(len(job.prompt) / 4), int(self._knobs["max_tokens"]))
       failure: _Failure | None = None
       attempts = 0
       for _ in range(self.max_retries + 1):
         if failure is not None:
           stop.wait(self._backoff_s(attempts, failure))
+        if not stop.is_set() and self.max_cost_usd:
+          self._sync_ledger_if_due()
         if not stop.is_set() and self.max_cost_usd and self._spent_usd() >= self.max_cost_usd:
           self._halt(stop, "max_cost_usd",
                      f"the spend reached max_cost_usd=${self.max_cost_usd:g} (this judge's cost in the ledger, "
@@ -820,7 +904,7 @@ class ApiJudge:
         if self._limiter:
           self._limiter.acquire()
         attempts += 1
-        outcome = self._attempt(body)
+        outcome = self._attempt(body, estimate)
         if isinstance(outcome, judges.Score):
           with self._lock:
             self._streak = (None, 0)
@@ -848,23 +932,33 @@ class ApiJudge:
     return judges.Score(None, "error", self._redact(raw)), False
 
   def _count_final_failure(self, failure: _Failure, stop: threading.Event) -> None:
-    """A run of items ending in one non-retryable failure (a revoked key, a wrong model name) will not
-    end by itself: every further item would fail the same way."""
-    if failure.kind in _NOT_A_SERVER_FAILURE:
+    """Runs of items that end in one failure will not end by themselves: a revoked key or a wrong model
+    name (not retryable: cause consecutive_failures), an exhausted quota or a server that is down (retried
+    to the end: cause exhausted_retries); every further item would fail the same way. A success ends a
+    run; per-item content problems (HTTP 400, 413, 422) and stops neither count nor end one."""
+    if failure.kind in _NOT_A_SERVER_FAILURE or failure.kind in _PER_ITEM_HTTP:
       return
-    if failure.retryable:  # transient by kind, even if it lasted: not what this breaker is for
-      with self._lock:
-        self._streak = (None, 0)
-      return
-    signature = (failure.kind, self._redact(failure.message))
+    message = self._redact(failure.message)
+    # Numbers blanked: a quota's "retry in 41.2s" changes from one reply to the next.
+    signature = (failure.kind, failure.retryable, re.sub(r"\d+", "#", message))
     with self._lock:
       last, n = self._streak
       n = n + 1 if last == signature else 1
       self._streak = (signature, n)
-    if self.max_consecutive_failures and n >= self.max_consecutive_failures:
+    k = self.max_consecutive_failures
+    if not k or n < k:
+      return
+    if failure.retryable:
+      hint = {"http_429": "the quota may be spent or the rate limit too tight (requests_per_minute)",
+              "empty_reply": "a thinking model may spend max_tokens on thinking (raise max_tokens or turn thinking off "
+                             "in extra_body)"}.get(failure.kind, "the server may be overloaded or down")
+      self._halt(stop, "exhausted_retries",
+                 f"{n} items in a row failed the same way after all their retries (max_retries={self.max_retries}, "
+                 f"max_consecutive_failures={k}): {failure.kind}: {message}; {hint}")
+    else:
       self._halt(stop, "consecutive_failures",
-                 f"{n} items in a row failed the same way (max_consecutive_failures={self.max_consecutive_failures}"
-                 f"), not retryable: {signature[0]}: {signature[1]}")
+                 f"{n} items in a row failed the same way (max_consecutive_failures={k}), not retryable: "
+                 f"{failure.kind}: {message}")
 
   def _backoff_s(self, attempts: int, failure: _Failure) -> float:
     """The wait after `attempts` failed attempts."""
@@ -878,10 +972,12 @@ class ApiJudge:
       return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s, context=self._ssl)
     return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
 
-  def _attempt(self, body: bytes) -> judges.Score | _Failure:
-    """One HTTP request: the judge's answer, or why there is none."""
+  def _attempt(self, body: bytes, estimate: tuple[int, int]) -> judges.Score | _Failure:
+    """One HTTP request: the judge's answer, or why there is none. `estimate`: the (prompt, completion)
+    tokens charged for a reply without usage."""
     with self._lock:
       self._delta["requests"] += 1
+      self._requests_since_sync += 1
     conn = self._connections.take()
     try:
       conn.request("POST", self._path, body=body, headers=self._headers)
@@ -899,16 +995,16 @@ class ApiJudge:
       retryable = response.status in _RETRYABLE_HTTP or response.status >= 500
       return _Failure(f"http_{response.status}", f"HTTP {response.status}: {_server_message(data)}", retryable,
                       _retry_after_s(response.headers) if retryable else None)
-    return self._read_reply(data)
+    return self._read_reply(data, estimate)
 
-  def _read_reply(self, data: bytes) -> judges.Score | _Failure:
+  def _read_reply(self, data: bytes, estimate: tuple[int, int]) -> judges.Score | _Failure:
     try:
       reply = json.loads(data)
     except ValueError:  # includes a body cut short and bytes that are not UTF-8
       return _Failure("invalid_json", f"a 200 reply that is not JSON ({len(data)} bytes: {data[:60]!r})", True)
     if not isinstance(reply, dict):
       return _Failure("invalid_json", f"a 200 reply that is JSON {type(reply).__name__}, not an object", True)
-    self._count_usage(reply.get("usage"))
+    self._count_usage(reply.get("usage"), estimate)
     try:
       choice = reply["choices"][0]
       if self.mode == "direct":
@@ -944,13 +1040,19 @@ class ApiJudge:
       return judges.Score(None, "parse_error", text)
     return score
 
-  def _count_usage(self, usage: Any) -> None:
+  def _count_usage(self, usage: Any, estimate: tuple[int, int]) -> None:
+    """Counts a 200 reply's tokens; a count the reply does not give is charged the estimate instead (so
+    a server without `usage` still counts towards max_cost_usd), in the estimated_* counters."""
+    usage = usage if isinstance(usage, dict) else {}
+    counted = (_token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
     with self._lock:
-      if not isinstance(usage, dict):
+      if None in counted:
         self._delta["replies_without_usage"] += 1
-        return
-      self._delta["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-      self._delta["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+      for what, n, guess in zip(("prompt_tokens", "completion_tokens"), counted, estimate):
+        if n is None:
+          self._delta[f"estimated_{what}"] += guess
+        else:
+          self._delta[what] += n
 
   def _redact(self, text: str) -> str:
     return text.replace(self._api_key, _REDACTED) if self._api_key else text
@@ -958,13 +1060,31 @@ class ApiJudge:
   # --------------------------------------------------------------------------- ledger
 
   def _cost_usd(self, counters: Mapping[str, Any]) -> float:
-    return (counters["prompt_tokens"] * self.price_input_per_mtok
-            + counters["completion_tokens"] * self.price_output_per_mtok) / 1e6
+    """Counted and estimated tokens at the two prices."""
+    prompt = counters["prompt_tokens"] + counters.get("estimated_prompt_tokens", 0)
+    completion = counters["completion_tokens"] + counters.get("estimated_completion_tokens", 0)
+    return (prompt * self.price_input_per_mtok + completion * self.price_output_per_mtok) / 1e6
 
   def _spent_usd(self) -> float:
     with self._lock:
-      tokens = {k: self._base[k] + self._delta[k] for k in ("prompt_tokens", "completion_tokens")}
-    return self._cost_usd(tokens)
+      return self._spent_usd_locked()
+
+  def _spent_usd_locked(self) -> float:
+    return self._cost_usd({k: self._base[k] + self._delta[k] for k in _TOKEN_COUNTERS})
+
+  def _sync_ledger_if_due(self) -> None:
+    """With a cap, merges this process's counts into the ledger file and reads every other writer's
+    every _LEDGER_SYNC_EVERY requests, and before every request near the cap: concurrent jobs on one
+    ledger see each other's spend within a score() call, not only at its end."""
+    if not self.ledger_path:
+      return
+    with self._lock:
+      due = (self._requests_since_sync >= _LEDGER_SYNC_EVERY
+             or self._spent_usd_locked() >= _LEDGER_SYNC_NEAR_CAP * self.max_cost_usd)
+      if due:
+        self._requests_since_sync = 0  # one thread syncs; the others go on with what they know
+    if due:
+      self._write_ledger()
 
   def _ledger_entry(self, counters: Mapping[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(counters))
@@ -995,3 +1115,4 @@ class ApiJudge:
           "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       })
       self._base, self._delta = mine, _empty_counters()
+      self._requests_since_sync = 0

@@ -9,6 +9,8 @@ Markers (anywhere in the prompt; `[[name@metric:value]]` applies to that metric 
   [[logprobs:80=0.5,90=0.3]]   logprob mode: the first token's top_logprobs, as probabilities
   [[delay:S]]                  sleep S seconds before every reply
   [[retry_after:S]]            the Retry-After header of a 429
+  [[errmsg:TEXT]]              the message of an HTTP fault (default "fault <status>")
+  [[nousage:1]]                a good reply without `usage` (as some local servers answer)
   [[fault:KINDxN]]             the first N requests of this prompt fail as KIND; without xN every one does.
       KIND: an HTTP status (429, 500, 503, 400, 401, 403, 404; a 401's message echoes the Authorization
       header, as a careless server might), timeout (sleep TIMEOUT_SLEEP_S, then nothing), drop (close
@@ -18,6 +20,8 @@ Markers (anywhere in the prompt; `[[name@metric:value]]` applies to that metric 
 
 Replies keep the connection open (HTTP/1.1) unless the fault breaks it; `Request.client_port` tells
 connections apart. Usage of a good reply: 100 prompt tokens, 1 completion token (logprob) or 2 (direct).
+`FaultServer.state.on_request`, when set, is called with each Request before it is answered (a test
+acting between requests, e.g. as another job writing the ledger).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from typing import Callable
 
 TIMEOUT_SLEEP_S = 1.5
 PROMPT_TOKENS = 100
@@ -85,6 +90,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       state.in_flight += 1
       state.max_in_flight = max(state.max_in_flight, state.in_flight)
     try:
+      if state.on_request is not None:
+        state.on_request(record)
       record.outcome = self._reply(body, prompt, m, attempt)
     except (BrokenPipeError, ConnectionResetError):
       record.outcome += "+client-gone"
@@ -115,14 +122,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       choice["message"]["content"] = top[0]["token"]
       choice["logprobs"] = {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "bytes": None,
                                          "top_logprobs": top}]}
-    self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
-                     "choices": [choice], "usage": usage})
+    reply = {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"], "choices": [choice]}
+    if "nousage" not in m:
+      reply["usage"] = usage
+    self._send(200, reply)
     return "ok"
 
   def _fault(self, kind: str, m: dict) -> None:
     if kind.isdigit():
       status = int(kind)
-      message = f"fault {status}"
+      message = m.get("errmsg", f"fault {status}")
       if status == 401:
         message = f"Incorrect API key provided: {self.headers.get('Authorization')}"
       headers = {"Retry-After": m["retry_after"]} if status == 429 and "retry_after" in m else {}
@@ -180,6 +189,7 @@ class _State:
     self.in_flight = 0
     self.max_in_flight = 0
     self.handler_errors: list[str] = []
+    self.on_request: Callable[[Request], None] | None = None
 
 
 class _Server(http.server.ThreadingHTTPServer):

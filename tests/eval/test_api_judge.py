@@ -510,21 +510,42 @@ def test_key_may_go_over_http_to_loopback_and_over_https_anywhere(base_url):
   assert api_judge.ApiJudge.from_config({"base_url": base_url, "api_key_env": KEY_ENV}, PROMPTS)._api_key == KEY
 
 
-@pytest.mark.parametrize("pasted", [KEY, "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "my key", "1ABC", "A-B",
-                                    "SECRET\n"])
-def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(pasted):
+# Keys of the shapes providers issue, none with a '-': each would pass a rule of letters, digits and _.
+GEMINI_STYLE_KEY = "AIzaSyDq3xWm8Fk2Lr7Tz9Ph1Nc5Jb0Vg4Ys6Ue"
+HF_STYLE_TOKEN = "hf_qXwErTyUiOpAsDfGhJkLzXcVbNm1234567"
+SK_STYLE_KEY = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
+
+
+@pytest.mark.parametrize("pasted", [KEY, GEMINI_STYLE_KEY, HF_STYLE_TOKEN, SK_STYLE_KEY,
+                                    "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "my key", "1ABC", "A-B", "SECRET\n",
+                                    "gemini_api_key"])
+@pytest.mark.parametrize("defined", [False, True])
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(pasted, defined, monkeypatch, tmp_path, caplog):
+  # Not a variable: "... is not set" would quote it. A variable (by chance): it would be read as the key.
+  if defined:
+    monkeypatch.setattr(os, "environ", {**os.environ, pasted: KEY})
+  caplog.set_level(logging.DEBUG)
+  cfg = {"base_url": "https://judge.example.org/v1", "api_key_env": pasted,
+         "ledger_path": str(tmp_path / "ledger.json"), "cache_path": str(tmp_path / "cache.jsonl")}
   for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS),
                 lambda c: api_judge.check_key_env(c["api_key_env"])):
-    with pytest.raises(ValueError, match="did you paste the key itself") as error:
-      check({"base_url": "https://judge.example.org/v1", "api_key_env": pasted})
-    assert pasted not in str(error.value) and "value not shown" in str(error.value)
+    for bad in ({}, {"base_url": "http://judge.example.org/v1"}):
+      with pytest.raises(ValueError, match="did you paste the key itself") as error:
+        check({**cfg, **bad})
+      assert pasted.strip() not in str(error.value) and "value not shown" in str(error.value)
+      assert "upper case" in str(error.value)
+  assert pasted.strip() not in caplog.text and not os.listdir(tmp_path)
   scrubbed = api_judge.scrub_config({"api_key_env": pasted, "model": "m"})
   assert scrubbed == {"api_key_env": "[invalid, not shown]", "model": "m"}
 
 
-def test_check_key_env_passes_names_and_the_empty_default():
-  for name in ("", "OPENAI_API_KEY", "_x1"):
+def test_check_key_env_passes_upper_case_names_and_the_empty_default():
+  for name in ("", "OPENAI_API_KEY", "_X1", "GEMINI_API_KEY"):
     api_judge.check_key_env(name)
+    assert api_judge.scrub_config({"api_key_env": name}) == {"api_key_env": name}
+  for name in ("gemini_api_key", "Gemini_Api_Key", "_x1"):
+    with pytest.raises(ValueError, match="upper case"):
+      api_judge.check_key_env(name)
 
 
 def test_scrub_config_keeps_valid_names_and_copies():
@@ -557,6 +578,74 @@ def test_validate_config_checks_everything_without_a_request_or_a_file(server, t
   with pytest.raises(ValueError, match=match):  # the constructor makes the same checks
     api_judge.ApiJudge.from_config({**good, **bad}, PROMPTS)
   assert not os.listdir(tmp_path) and not server.requests
+
+
+# ----------------------------------------------------------------------------- key_host: the key tied to its host
+
+GEMINI_URL = "https://generativelanguage.googleapis.com/v1beta/openai"
+GEMINI_HOST = "generativelanguage.googleapis.com"
+
+
+def test_key_host_sends_the_key_to_its_host(server):
+  for key_host in ("127.0.0.1", "127.0.0.1.", " 127.0.0.1 "):
+    make_judge(server, key_host=key_host).score([item(f"[[say:5]] {key_host!r}")], ALIGNED)
+  assert [r.authorization for r in server.requests] == [f"Bearer {KEY}"] * 3
+  api_judge.validate_config({"base_url": "https://Judge.Example.org:8443/v1", "api_key_env": KEY_ENV,
+                             "key_host": "judge.example.ORG"})  # host names compared in lower case, port aside
+
+
+@pytest.mark.parametrize("cfg,elsewhere", [
+    ({"base_url": GEMINI_URL, "key_host": GEMINI_HOST}, "https://judge.example.org/v1"),  # the paper preset, redirected
+    ({"base_url": GEMINI_URL, "key_host": GEMINI_HOST}, "https://generativelanguage.googleapis.com.evil.org/v1"),
+    ({"base_url": "https://judge.example.org/v1", "key_host": "judge.example.org"}, "http://127.0.0.1:9/v1"),
+])
+def test_key_host_refuses_a_base_url_on_another_host(cfg, elsewhere, tmp_path):
+  paths = {"cache_path": str(tmp_path / "cache.jsonl"), "ledger_path": str(tmp_path / "ledger.json")}
+  good = {**cfg, "api_key_env": KEY_ENV, "mode": "direct", **paths}
+  api_judge.validate_config(good)
+  host = urllib.parse.urlsplit(elsewhere).hostname
+  expected = (f"the key of api_key_env={KEY_ENV} is for host {cfg['key_host']}; base_url points to {host}: "
+              "set api_key_env='' or key_host")
+  for check in (api_judge.validate_config, lambda c: api_judge.ApiJudge.from_config(c, PROMPTS)):
+    with pytest.raises(ValueError) as error:
+      check({**good, "base_url": elsewhere})
+    assert expected in str(error.value) and KEY not in str(error.value)
+  assert not os.listdir(tmp_path)
+  # Either remedy: no key, or no (or the right) key_host.
+  api_judge.ApiJudge.from_config({**good, "base_url": elsewhere, "api_key_env": ""}, PROMPTS)
+  api_judge.validate_config({**good, "base_url": elsewhere, "key_host": ""})
+
+
+@pytest.mark.parametrize("pasted", [GEMINI_STYLE_KEY, HF_STYLE_TOKEN, SK_STYLE_KEY])
+def test_a_pasted_key_is_refused_before_key_host_could_quote_it(pasted, monkeypatch):
+  monkeypatch.setattr(os, "environ", {**os.environ, pasted: KEY})
+  for key_host in (GEMINI_HOST, "judge.example.org"):
+    with pytest.raises(ValueError, match="did you paste the key itself") as error:
+      api_judge.validate_config({"base_url": "https://judge.example.org/v1", "api_key_env": pasted,
+                                 "key_host": key_host})
+    assert pasted not in str(error.value)
+
+
+def test_key_host_without_a_key_sends_none(server, monkeypatch):
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)
+  make_judge(server, api_key_env="", key_host=GEMINI_HOST).score([item("[[say:5]]")], ALIGNED)
+  assert [r.authorization for r in server.requests] == [None]
+  # OpenAI's own key for OpenAI's base_url (api_key_env '') is not an explicit key: key_host leaves it be.
+  api_judge.validate_config({"base_url": "https://api.openai.com/v1", "key_host": GEMINI_HOST})
+
+
+@pytest.mark.parametrize("bad", [GEMINI_URL, f"{GEMINI_HOST}:443", f"{GEMINI_HOST}/v1", "user@host", "a b", "-x-"])
+def test_key_host_must_be_a_bare_host_name(bad):
+  with pytest.raises(ValueError, match="key_host=.*expected a bare host name"):
+    api_judge.validate_config({"base_url": GEMINI_URL, "api_key_env": KEY_ENV, "key_host": bad})
+
+
+def test_key_host_is_a_transport_setting_not_in_the_cache_key(server, tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  make_judge(server, cache_path=cache, key_host="127.0.0.1").score([item("[[say:64]]")], ALIGNED)
+  [row] = make_judge(server, cache_path=cache).score([item("[[say:64]]")], ALIGNED)
+  assert row["aligned"].value == 64.0 and len(server.requests) == 1
+  assert api_judge.DEFAULTS["key_host"] == ""
 
 
 # ----------------------------------------------------------------------------- extra_body and the cache key
@@ -645,13 +734,144 @@ def test_the_failure_streak_lasts_across_calls(server):
 @pytest.mark.parametrize("answers,k", [
     (["[[fault:401]]", "[[fault:401]]", "[[say:5]]", "[[fault:401]]", "[[fault:401]]"], 3),  # a success ends a run
     (["[[fault:401]]", "[[fault:403]]", "[[fault:401]]", "[[fault:403]]"], 2),  # different failures
-    (["[[fault:400]]"] * 4, 0),  # 0: never stop
-    (["[[fault:500]]"] * 4, 2),  # retryable failures that last are errors, not a stop
+    (["[[fault:401]]"] * 4, 0),  # 0: never stop
+    (["[[fault:500]]", "[[fault:503]]", "[[fault:500]]", "[[fault:503]]"], 2),  # different retryable failures
+    (["[[fault:500]]", "[[fault:500]]", "[[say:5]]", "[[fault:500]]", "[[fault:500]]"], 3),
+    (["[[fault:500]]", "[[fault:401]]", "[[fault:500]]", "[[fault:401]]"], 2),  # retried to the end or not
 ])
 def test_failures_that_are_not_a_run_of_identical_ones_do_not_stop(server, answers, k):
   judge = make_judge(server, max_consecutive_failures=k, concurrency=1, max_retries=0)
   results = judge.score([item(f"{i} {a}") for i, a in enumerate(answers)], ALIGNED)
   assert len(results) == len(answers) and len(server.requests) == len(answers)
+
+
+def test_an_exhausted_quota_stops_after_k_items_not_after_every_backoff(server, tmp_path, caplog):
+  ledger_path = str(tmp_path / "ledger.json")
+  judge = make_judge(server, max_consecutive_failures=3, concurrency=1, max_retries=2, ledger_path=ledger_path)
+  # Every request is a 429, as from a quota spent for the day; the message's numbers change every time.
+  items = [item(f"{i} [[fault:429]] [[errmsg:Quota exceeded for {KEY}; retry in {i}.{i}s]]") for i in range(20)]
+  stop = "3 items in a row failed the same way after all their retries"
+  with pytest.raises(api_judge.JudgeStopped, match=stop) as stopped:
+    judge.score(items, ALIGNED)
+  message = str(stopped.value)
+  assert stopped.value.cause == "exhausted_retries"
+  assert "http_429: HTTP 429: Quota exceeded for [redacted]; retry in 2.2s" in message  # the last one
+  assert "a rerun resumes" in message and "the quota may be spent" in message
+  assert KEY not in message and KEY not in caplog.text
+  assert len(server.requests) == 3 * 3  # three items, three attempts each: not twenty
+  assert (stopped.value.counts["errors"], stopped.value.counts["not_sent"]) == (3, 17)
+  errors = json.load(open(ledger_path, encoding="utf-8"))["judges"][judge.name]["errors"]
+  assert errors == {"http_429": 3, "stopped": 17}
+
+
+def test_empty_replies_to_the_end_stop_with_a_hint_about_thinking(server):
+  judge = make_judge(server, max_consecutive_failures=2, concurrency=1, max_retries=1)
+  with pytest.raises(api_judge.JudgeStopped, match="raise max_tokens") as stopped:
+    judge.score([item(f"{i} [[fault:null]]") for i in range(5)], ALIGNED)
+  assert stopped.value.cause == "exhausted_retries" and len(server.requests) == 2 * 2
+
+
+def test_a_success_between_exhausted_items_ends_their_run(server):
+  judge = make_judge(server, max_consecutive_failures=3, concurrency=1, max_retries=1)
+  answers = ["[[fault:429]]", "[[fault:429]]", "[[say:5]]", "[[fault:429]]", "[[fault:429]]", "[[say:6]]"] * 3
+  results = judge.score([item(f"{i} {a}") for i, a in enumerate(answers)], ALIGNED)
+  assert statuses(results) == ["error", "error", "ok", "error", "error", "ok"] * 3
+  assert len(server.requests) == 12 * 2 + 6
+
+
+def test_content_rejections_400_413_422_never_stop_the_judge(server):
+  # A provider's content filter on a run of harmful answers: rows the eval job can finalise, not a stop.
+  judge = make_judge(server, max_consecutive_failures=3, concurrency=1)
+  answers = ["[[fault:400]]"] * 10 + ["[[fault:422]]"] * 4 + ["[[fault:413]]"] * 4
+  results = judge.score([item(f"{i} {a} [[errmsg:content filtered]]") for i, a in enumerate(answers)], ALIGNED)
+  assert statuses(results) == ["error"] * 18 and len(server.requests) == 18  # each not retried, none stopped
+  assert "HTTP 400: content filtered" in results[0]["aligned"].raw
+  assert judge.ledger["errors"] == {"http_400": 10, "http_422": 4, "http_413": 4}
+
+
+def test_client_errors_other_than_content_rejections_still_stop(server):
+  for status in (401, 403, 404, 405):
+    server.reset()
+    judge = make_judge(server, max_consecutive_failures=3, concurrency=1)
+    with pytest.raises(api_judge.JudgeStopped) as stopped:
+      judge.score([item(f"{i} [[fault:{status}]]") for i in range(10)], ALIGNED)
+    assert stopped.value.cause == "consecutive_failures" and len(server.requests) == 3, status
+
+
+def test_content_rejections_neither_count_towards_nor_end_a_run(server):
+  judge = make_judge(server, max_consecutive_failures=3, concurrency=1)
+  answers = ["[[fault:401]]", "[[fault:400]]", "[[fault:401]]", "[[fault:422]]", "[[fault:401]]", "[[say:5]]"]
+  with pytest.raises(api_judge.JudgeStopped, match="HTTP 401"):
+    judge.score([item(f"{i} {a}") for i, a in enumerate(answers)], ALIGNED)
+  assert len(server.requests) == 5
+
+
+# ----------------------------------------------------------------------------- spend: no usage, a shared ledger
+
+def test_a_reply_without_usage_is_charged_an_estimate_not_zero(server, tmp_path):
+  ledger_path = str(tmp_path / "ledger.json")
+  priced = dict(ledger_path=ledger_path, price_input_per_mtok=3.0, price_output_per_mtok=20.0, max_tokens=7)
+  it = item("[[say:64]] [[nousage:1]]")
+  prompt_tokens = math.ceil(len(PROMPTS.render("aligned", it)) / 4)
+  for mode, completion_tokens in (("direct", 7), ("logprob", 1)):
+    judge = make_judge(server, mode=mode, **priced)
+    [row] = judge.score([it], ALIGNED)
+    assert row["aligned"].value == 64.0
+    ledger = judge.ledger
+    assert (ledger["prompt_tokens"], ledger["completion_tokens"]) == (0, 0), mode  # nothing counted by the server
+    assert (ledger["estimated_prompt_tokens"], ledger["estimated_completion_tokens"]) == (
+        prompt_tokens, completion_tokens), mode
+    assert ledger["replies_without_usage"] == 1
+    assert ledger["cost_usd"] == pytest.approx((prompt_tokens * 3.0 + completion_tokens * 20.0) / 1e6), mode
+    assert json.load(open(ledger_path, encoding="utf-8"))["judges"][judge.name] == ledger
+  # a reply with usage is charged what it says, with nothing estimated
+  judge = make_judge(server, **{**priced, "ledger_path": ""})
+  judge.score([item("[[say:64]]")], ALIGNED)
+  assert (judge.ledger["prompt_tokens"], judge.ledger["estimated_prompt_tokens"]) == (100, 0)
+  assert judge.ledger["replies_without_usage"] == 0
+
+
+def test_max_cost_usd_trips_against_a_server_that_reports_no_usage(server, tmp_path):
+  items = [item(f"{i} [[say:{i}]] [[nousage:1]]") for i in range(6)]
+  per_request = (math.ceil(len(PROMPTS.render("aligned", items[0])) / 4) * 1000.0 + 7 * 1000.0) / 1e6
+  judge = make_judge(server, concurrency=1, max_tokens=7, price_input_per_mtok=1000.0, price_output_per_mtok=1000.0,
+                     max_cost_usd=2.5 * per_request, ledger_path=str(tmp_path / "ledger.json"))
+  with pytest.raises(api_judge.JudgeStopped, match="max_cost_usd") as stopped:
+    judge.score(items, ALIGNED)
+  assert stopped.value.cause == "max_cost_usd" and len(server.requests) == 3
+  assert stopped.value.counts["cost_usd"] == pytest.approx(3 * per_request)
+
+
+def _another_job_spends(ledger_path, name, prompt_tokens):
+  """What another process's ledger merge does (api_judge._write_ledger): under the lock, add to the file."""
+  with api_judge._ledger_lock(ledger_path):  # pylint: disable=protected-access
+    doc = api_judge._read_ledger_file(ledger_path)  # pylint: disable=protected-access
+    entry = doc.setdefault("judges", {}).setdefault(name, {})
+    entry["prompt_tokens"] = entry.get("prompt_tokens", 0) + prompt_tokens
+    api_judge._atomic_write_json(ledger_path, doc)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("cap,at_request,their_tokens,sent", [
+    (100.0, 2, 9_500, 16),  # $95 by another job: seen at the merge after 16 requests (95 + 16 >= 100)
+    (10.0, 9, 150, 9),  # $1.50 by another job: at $9 of $10 (within 10%) every request merges first
+])
+def test_a_capped_judge_sees_another_jobs_spend_during_its_call(server, tmp_path, cap, at_request, their_tokens,
+                                                                sent):
+  ledger_path = str(tmp_path / "ledger.json")
+  # $1 a request (100 prompt tokens at $10,000 a million)
+  judge = make_judge(server, concurrency=1, price_input_per_mtok=10_000.0, max_cost_usd=cap, ledger_path=ledger_path)
+
+  def another_job(request):
+    if len(server.requests) == at_request:
+      _another_job_spends(ledger_path, judge.name, their_tokens)
+
+  server.state.on_request = another_job
+  with pytest.raises(api_judge.JudgeStopped, match="max_cost_usd") as stopped:
+    judge.score([item(f"{i} [[say:{i}]]") for i in range(20)], ALIGNED)
+  assert len(server.requests) == sent
+  total = json.load(open(ledger_path, encoding="utf-8"))["judges"][judge.name]
+  assert total["prompt_tokens"] == their_tokens + 100 * sent  # both jobs' tokens, neither overwritten
+  assert stopped.value.counts["cost_usd"] == pytest.approx(their_tokens / 100 + sent)
 
 
 # ----------------------------------------------------------------------------- estimate
