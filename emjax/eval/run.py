@@ -286,7 +286,7 @@ def judge_identity(config) -> str:
   """A hash of every judge setting that can change a score (transport settings left out)."""
   jc = config.judge.to_dict()
   transport = ("concurrency", "requests_per_minute", "max_retries", "timeout_s", "backoff_s", "max_backoff_s",
-               "cache_path", "ledger_path", "api_key_env", "max_cost_usd", "max_consecutive_failures")
+               "cache_path", "ledger_path", "api_key_env", "key_host", "max_cost_usd", "max_consecutive_failures")
   block = {"kind": jc["kind"], jc["kind"]: {k: v for k, v in jc.get(jc["kind"], {}).items() if k not in transport}}
   if jc["kind"] == "local" and jc["local"].get("checkpoint"):
     from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
@@ -705,6 +705,7 @@ PAPER_JUDGE_API = dict(
     mode="direct",
     parse_rule="paper",
     api_key_env="GEMINI_API_KEY",
+    key_host="generativelanguage.googleapis.com",  # a base_url override cannot carry the key elsewhere
     temperature=0.0,
     max_tokens=20,
     max_retries=4,
