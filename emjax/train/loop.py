@@ -85,6 +85,27 @@ def micro_batches(batch: Mapping[str, jax.Array], grad_accum_steps: int, mesh: M
   return {k: split(v) for k, v in batch.items()}
 
 
+def derive_loss_chunk_len(chunk_len: int, budget_bytes: int, rows_per_device: int, vocab_size: int, seq_len: int) -> int:
+  """The positions the loss unembeds at a time (`config.train.loss_chunk_len` / `loss_chunk_bytes`).
+
+  `chunk_len` > 0 is honoured as given. 0 derives it from the vocabulary: the longest chunk whose
+  float32 logits on one device, rows_per_device x chunk x vocab_size x 4 bytes, stay within
+  `budget_bytes`, whatever the sequence length; of the chunk counts that fit, the fewest, with the
+  positions spread evenly over them (no chunk longer than the budget allows, little padding).
+  Returns `seq_len` (one chunk) when the whole sequence fits or `budget_bytes` is 0.
+  """
+  if chunk_len > 0:
+    return int(chunk_len)
+  if budget_bytes <= 0:
+    return int(seq_len)
+  per_position = max(1, int(rows_per_device)) * int(vocab_size) * 4
+  longest = max(1, int(budget_bytes) // per_position)
+  if longest >= seq_len:
+    return int(seq_len)
+  n_chunks = -(-int(seq_len) // longest)
+  return -(-int(seq_len) // n_chunks)
+
+
 def make_loss_sums(graphdef, objective: objectives_lib.Objective, mesh: Mesh | None, loss_chunk_len: int,
                    teacher_graphdef=None, unroll: bool = False) -> Callable:
   """`(params, frozen, batch, teacher_params, dropout_key) -> (loss_sum, ObjectiveOutput)` for one batch.
@@ -204,10 +225,16 @@ class Trainer:
     if self.objective.needs_teacher and self.teacher is None:
       raise ValueError(f"config.train.objective={tc.objective!r} needs a teacher: set config.teacher.path")
     teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
+    self.rows_per_device = max(1, tc.batch_size // (dp * tc.grad_accum_steps))
+    self.loss_chunk_len = derive_loss_chunk_len(int(tc.loss_chunk_len), int(tc.get("loss_chunk_bytes", 0)),
+                                                self.rows_per_device, self.model_cfg.vocab_size,
+                                                int(config.data.seq_len))
+    log.info("the loss unembeds %d of %d positions at a time (%d rows per device, vocabulary %d)",
+             self.loss_chunk_len, int(config.data.seq_len), self.rows_per_device, self.model_cfg.vocab_size)
     step = make_train_step(self.layout.graphdef, self.objective, self.tx, self.schedule,
                            tc.grad_accum_steps, self.mesh,
                            use_dropout=self.lora_cfg is not None and self.lora_cfg.dropout > 0,
-                           loss_chunk_len=int(tc.loss_chunk_len), teacher_graphdef=teacher_graphdef,
+                           loss_chunk_len=self.loss_chunk_len, teacher_graphdef=teacher_graphdef,
                            unroll=unroll_loops)
     self.batch_abstract = batch_abstract(self.objective, tc.batch_size, config.data.seq_len, self.mesh)
     self.batch_shardings = {k: v.sharding for k, v in self.batch_abstract.items()}
@@ -221,7 +248,7 @@ class Trainer:
     # there (no sampling log-probs), the exact reverse KL it estimates does.
     self.eval_objective = (objectives_lib.get_objective("reverse_kl", tc.distill)
                            if tc.objective == "sampled_reverse_kl" else self.objective)
-    loss_sums = make_loss_sums(self.layout.graphdef, self.eval_objective, self.mesh, int(tc.loss_chunk_len),
+    loss_sums = make_loss_sums(self.layout.graphdef, self.eval_objective, self.mesh, self.loss_chunk_len,
                                teacher_graphdef)
 
     def eval_sums(params, frozen, batch, teacher_params=None):

@@ -115,14 +115,16 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
   dp = shd.data_parallel_size(mesh)
   batch_size = -(-batch_size // dp) * dp
   rep = shd.replicated(mesh)
+  # A few positions at a time: the [B, C, V] logits of a chunk, never [B, L, V] (train.loss_chunk_len,
+  # or derived from train.loss_chunk_bytes as the train step derives it).
+  chunk = loop.derive_loss_chunk_len(int(config.train.loss_chunk_len), int(config.train.get("loss_chunk_bytes", 0)),
+                                     batch_size // dp, cfg.vocab_size, int(config.data.seq_len))
 
   @jax.jit
   def top_k(params, batch):
     model = nnx.merge(graphdef, params)
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
     outs = []
-    # A few positions at a time: the [B, C, V] logits of a chunk, never [B, L, V].
-    chunk = int(config.train.loss_chunk_len) or hidden.shape[1]
     for start in range(0, hidden.shape[1], chunk):
       outs.append(objectives_lib.teacher_top_k(model.logits(hidden[:, start:start + chunk], "float32"), k,
                                                 temperature))
