@@ -529,7 +529,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   _log_memory(compiled)
   tracker = tracking.start(config, workdir, job_type=config.job)
   writer = MetricsWriter(workdir, start_step, tracker)
-  evaluate = _make_evaluator(trainer, tokenizer, writer)
+  evaluate = _make_evaluator(trainer, tokenizer, writer, batches)
   if evaluate is not None and start_step == 0:
     evaluate(0, state, frozen, teacher)
   peak = perf.peak_flops_per_device(tc.peak_flops_per_device, mesh.devices.flat[0])
@@ -619,20 +619,9 @@ def _report_chat_data(config, tokenizer, workdir: str) -> None:
     (paths.path(workdir) / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
 
-def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
-  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl (`writer`).
-
-  The held-out batches come from the training sources with `split` set to
-  `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
-  "Held-out split") and no shuffling, so every evaluation sees the same tokens.
-  With `eval.by_source`, each source alone gets its own `eval.batches` batches too
-  (`eval_loss_by_source`, `eval_tokens_by_source`), whatever its training weight.
-  """
-  from emjax.data import pipeline as data_pipeline
+def held_out_data_config(config):
+  """config.data reading each source's `eval.split` in a fixed order: the evaluator's held-out batches."""
   from emjax.data import sources as sources_lib
-  config = trainer.config
-  if config.eval.every_steps <= 0:
-    return None
   if config.eval.split not in sources_lib.PARTITIONS:
     raise ValueError(f"config.eval.split={config.eval.split!r}: expected one of {list(sources_lib.PARTITIONS)}")
   data_cfg = copy.deepcopy(config.data)
@@ -644,15 +633,43 @@ def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
       raise ValueError(f"data.sources.{name}.split={src.split!r}: with config.eval.every_steps > 0 training "
                        "must read only each source's 'train' split, which excludes the held-out documents")
     src.split = config.eval.split
+  return data_cfg
+
+
+def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter, batch_source=None):
+  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl (`writer`).
+
+  The held-out batches come from the training sources with `split` set to
+  `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
+  "Held-out split") and no shuffling, so every evaluation sees the same tokens.
+  With `eval.by_source`, each source alone gets its own `eval.batches` batches too
+  (`eval_loss_by_source`, `eval_tokens_by_source`), whatever its training weight. With a stored
+  teacher (`train.distill.precomputed`) the same held-out rows come from the store, which holds the
+  teacher's top-k on them (`batch_source`: the run's, when it is the store's reader).
+  """
+  from emjax.data import pipeline as data_pipeline
+  config = trainer.config
+  if config.eval.every_steps <= 0:
+    return None
 
   def fixed_batches(cfg):
     it = iter(data_pipeline.make_batches(cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
     return [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
             for b in (next(it) for _ in range(config.eval.batches))]
 
-  held_out = fixed_batches(data_cfg)
   by_source = {}
-  if config.eval.by_source:
+  if config.train.distill.precomputed:
+    # A stored teacher: the same held-out rows with the teacher's top-k, stored by the teacher_top_k job
+    # (checked against config.eval when the batch source opened the store).
+    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
+    store = batch_source if hasattr(batch_source, "eval_batches") else precompute.PrecomputedTeacherSource(
+        config, config.train.distill.precomputed)
+    held_out = [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
+                for b in store.eval_batches(int(config.eval.batches))]
+  else:
+    data_cfg = held_out_data_config(config)
+    held_out = fixed_batches(data_cfg)
+  if config.eval.by_source and not config.train.distill.precomputed:
     # A source's rows do not depend on the other sources' weights, so these are the same tokens for
     # any mixture of the same sources.
     for name in sorted(data_cfg.sources):
