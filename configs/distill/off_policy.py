@@ -28,7 +28,8 @@ Variant options (comma separated `key=value`):
   beta        jsd's beta (0 = forward KL, 1 = reverse KL)
   topk        reduce the teacher to its k most likely tokens (+ a tail bucket); 0 = full vocabulary
   precomputed a store of the teacher's top-k log-probs (the teacher_top_k job's workdir, made once
-              with this config and --config.job=teacher_top_k): no teacher in the step
+              with this config and --config.job=teacher_top_k): no teacher in the step; a store built from
+              other data than this config.data is refused (meta.json records its fingerprint)
   steps       training steps (default 100)
   cpu         SmolLM2-135M-on-a-laptop sizes (seq 192, batch 4, float32)
 """
