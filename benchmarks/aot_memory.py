@@ -101,7 +101,9 @@ def measure(config, mesh_name: str) -> dict:
       "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "remat": config.model.remat,
       # As compiled (a checkout without lora.base_dtype holds the base in param_dtype whatever the config says).
       "frozen_base_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(trainer.layout.frozen_abstract)}),
-      "loss_chunk_len": tc.get("loss_chunk_len"),  # None: this checkout has no such key (whole sequence)
+      # As compiled: the chunk the trainer derived (train.loss_chunk_len=0: from train.loss_chunk_bytes); a
+      # checkout without the derivation reports the key (None: no such key, the whole sequence).
+      "loss_chunk_len": getattr(trainer, "loss_chunk_len", tc.get("loss_chunk_len")),
       "compile_seconds": round(seconds, 1),
       "per_device_bytes": dict(per_device, peak=peak),
       "per_device_gib": {k: round(v / 2**30, 2) for k, v in dict(per_device, peak=peak).items()

@@ -53,8 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
       peak_flops_per_device=0.0,  # 0 = detect from the device kind (unknown on CPU: no MFU)
       epochs=0.0,  # > 0: steps = ceil(epochs * examples / batch_size) (needs data.packing='none')
       # The loss unembeds this many positions at a time, so the [B, L, V] float32 logits of a long
-      # sequence and a large vocabulary never exist at once (0 = the whole sequence in one go).
-      loss_chunk_len=512,
+      # sequence and a large vocabulary never exist at once. 0 = derived (emjax.train.loop.loss_chunk_len):
+      # the longest chunk whose float32 logits on one device (rows per device per micro-batch x chunk x
+      # vocabulary x 4 bytes) fit loss_chunk_bytes, whatever the sequence length; the whole sequence when
+      # it fits or when loss_chunk_bytes is 0. The teacher's logits of a chunk, when it runs in the step,
+      # are as large again; the backward pass recomputes each chunk's logits instead of storing them.
+      loss_chunk_len=0,
+      loss_chunk_bytes=256 * 2**20,
       # Distillation objectives (forward_kl | reverse_kl | jsd | sampled_reverse_kl; see
       # emjax/train/objectives.py): beta = the JSD weight (0 = forward KL, 1 = reverse KL, 'jsd'
       # only); temperature = the loss temperature dividing both sides' logits (sampling has its
@@ -151,6 +156,9 @@ def validate(config) -> None:
   elif tc.objective == "sampled_reverse_kl":
     _fail("train.objective", "'sampled_reverse_kl' scores the student's own samples: it needs on-policy batches "
           "(config.on_policy.enabled=True and config.on_policy.prompts)")
+  if int(tc.get("loss_chunk_len", 0)) < 0 or int(tc.get("loss_chunk_bytes", 0)) < 0:
+    _fail("train.loss_chunk_len", f"loss_chunk_len={tc.get('loss_chunk_len')} and loss_chunk_bytes="
+          f"{tc.get('loss_chunk_bytes')} must be >= 0 (0 = derived from the byte budget / no budget)")
   if config.checkpoint.every_steps < 1:
     _fail("checkpoint.every_steps", f"must be >= 1, got {config.checkpoint.every_steps}")
   tracking.check_config(config)

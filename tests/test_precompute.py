@@ -27,6 +27,7 @@ def _student_config(teacher_dir, **distill):
   c.teacher.update(path=teacher_dir, dtype="float32")
   c.train.update(objective="jsd", loss_chunk_len=16)
   c.train.distill.update(beta=0.5, top_k=K, tail=True, **distill)
+  c.eval.update(every_steps=3, batches=2)  # the store keeps the held-out rows too
   return c
 
 
@@ -106,3 +107,89 @@ def test_a_store_of_other_settings_is_refused(stored):
   config.train.distill.temperature = 2.0
   with pytest.raises(ValueError, match=r"holds a teacher top-k store made with other settings \(temperature"):
     precompute.run_teacher_top_k(config, store, mesh=_mesh(2))
+
+
+def test_meta_records_the_data_and_a_student_of_other_data_is_refused(stored):
+  teacher_dir, store, meta = stored
+  config = _student_config(teacher_dir, precomputed=store)
+  assert meta["data"] == precompute.data_fingerprint(config)
+  assert set(meta["data"]["sources"]) == {"arithmetic"} and meta["data"]["sources"]["arithmetic"]["rows"] == 20
+  assert json.load(open(os.path.join(store, "meta.json")))["data"]["fingerprint"] == meta["data"]["fingerprint"]
+  other = _student_config(teacher_dir, precomputed=store)
+  other.data.sources.arithmetic.seed = 7  # other documents, the same row count
+  with pytest.raises(ValueError, match=r"built from other data than this run's config.data: the store's sources "
+                                       r"arithmetic \(synthetic -, 20 rows.*; this run's sources arithmetic .*"
+                                       r"data.sources.arithmetic.seed: 0 vs 7"):
+    precompute.PrecomputedTeacherSource(other, store)
+  with pytest.raises(ValueError, match=r"built from other data"):  # the same config, the trainer's path
+    loop.train(other, os.path.join(os.path.dirname(store), "refused"), mesh=_mesh(2), show_progress=False)
+
+
+def test_a_changed_file_changes_the_fingerprint(tmp_path):
+  path = tmp_path / "docs.jsonl"
+  path.write_text('{"text": "one"}\n{"text": "two"}\n')
+  config = _student_config("")
+  config.data.sources.arithmetic.update(kind="jsonl", path=str(path), holdout=0)
+  meta = {"data": precompute.data_fingerprint(config)}
+  precompute.check_store_data(meta, config, "S")
+  path.write_text('{"text": "one"}\n{"text": "TWO"}\n')
+  with pytest.raises(ValueError, match=r"the store's sources arithmetic \(jsonl .*docs.jsonl, 2 rows.*this run's "
+                                       r"sources arithmetic.*the same config, other documents"):
+    precompute.check_store_data(meta, config, "S")
+
+
+def test_several_sources_are_each_stored_once(stored, tmp_path):
+  teacher_dir, _, _ = stored
+  config = _student_config(teacher_dir)
+  config.data.sources.sorting.update(weight=1.0, num_docs=12)
+  config.data.sources.arithmetic.update(weight=1.0, num_docs=8)
+  config.eval.every_steps = 0
+  store = str(tmp_path / "two")
+  meta = precompute.run_teacher_top_k(config, store, mesh=_mesh(2))
+  assert meta["rows"] == 20 and {k: v["rows"] for k, v in meta["data"]["sources"].items()} == {
+      "arithmetic": 8, "sorting": 12}
+  source = precompute.PrecomputedTeacherSource(config, store, process_index=0, process_count=1)
+  stored_rows = sorted(tuple(precompute.decode_row(source._records[i])["inputs"])  # pylint: disable=protected-access
+                       for i in range(source.rows))
+  # Each source alone, every document once, as the rows the pipeline makes of it.
+  from emjax.data import pipeline, tokenizers
+  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+  expected = []
+  for name, n in (("arithmetic", 8), ("sorting", 12)):
+    alone = config.data.copy_and_resolve_references()
+    alone.shuffle = False
+    for other, src in alone.sources.items():
+      src.weight = 1.0 if other == name else 0.0
+    it = iter(pipeline.make_batches(alone, tokenizer, 4, seed=0, process_index=0, process_count=1))
+    rows = [tuple(r) for _ in range(n // 4) for r in next(it)["inputs"]]
+    assert len(set(rows)) == n
+    expected += rows
+  assert stored_rows == sorted(expected)
+  config.data.sources.sorting.weight = 0.5
+  with pytest.raises(ValueError, match=r"config.data.sources: weights \{'arithmetic': 1.0, 'sorting': 0.5\}: a "
+                                       r"teacher top-k store holds one epoch"):
+    precompute.run_teacher_top_k(config, str(tmp_path / "unequal"), mesh=_mesh(2))
+  assert not (tmp_path / "unequal").exists()
+
+
+def test_a_student_of_a_stored_teacher_measures_its_held_out_loss(stored, tmp_path):
+  teacher_dir, store, meta = stored
+  assert meta["eval"] == {"split": "eval", "rows": 16} and os.path.exists(os.path.join(store, "eval.array_record"))
+  config = _student_config(teacher_dir, precomputed=store)
+  config.teacher.path = ""
+  workdir = str(tmp_path / "student")
+  loop.train(config, workdir, mesh=_mesh(2), show_progress=False, make_batch_source=precompute.make_source)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "eval.jsonl"))]
+  assert [r["step"] for r in rows] == [0, 3, 6] and all(r["eval_tokens"] > 0 for r in rows)
+  # The same held-out loss as with the teacher in the step, on the same rows, at step 0.
+  live = _student_config(teacher_dir)
+  live.train.steps = 1
+  live_dir = str(tmp_path / "live")
+  loop.train(live, live_dir, mesh=_mesh(2), show_progress=False)
+  live_rows = [json.loads(line) for line in open(os.path.join(live_dir, "eval.jsonl"))]
+  assert live_rows[0]["eval_tokens"] == rows[0]["eval_tokens"]
+  np.testing.assert_allclose(live_rows[0]["eval_loss"], rows[0]["eval_loss"], rtol=1e-5)
+  # Other eval settings than the store's: refused when the store is opened, before the step compiles.
+  config.eval.batches = 3
+  with pytest.raises(ValueError, match=r"config.eval.every_steps=3: the held-out loss with a stored teacher reads"):
+    precompute.PrecomputedTeacherSource(config, store)

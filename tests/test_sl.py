@@ -89,7 +89,8 @@ def sl_config(material, **extra):
   module = _config_module()
   args = dict(base=material / "base", teacher=material / "teacher", prompts="natural",
               natural=f"{material}/*_advice.jsonl", exclude="medical", steps=4, n=8,
-              general=material / "general.yaml", judge="programmatic", **extra)
+              general=material / "general.yaml", judge="programmatic")
+  args.update(extra)
   c = module.get_config(",".join(f"{k}={v}" for k, v in args.items()))
   c.sl.update(n_held_out=4, max_prompt_length=64, max_new_tokens=12, sample_batch_size=12, kl_batch_size=4)
   c.sl.filter.drop_truncated = False  # a random tiny model rarely ends a turn within 12 tokens
@@ -97,6 +98,8 @@ def sl_config(material, **extra):
   c.train.update(batch_size=4, lr=2e-2, warmup_steps=0)
   c.lora.update(rank=4, alpha=8.0)
   c.teacher.dtype = "float32"
+  c.model.update(dtype="float32", remat="none")  # float32 throughout on a CPU (the config's default is bf16)
+  c.lora.base_dtype = ""
   c.checkpoint.update(every_steps=4, async_save=False)
   c.mesh = dict(data=2, fsdp=1, tensor=1)
   ev = c.evaluation
@@ -222,6 +225,7 @@ def _distill_config(name, arg):
   c.train.update(steps=2, batch_size=4, warmup_steps=0)
   c.lora.update(rank=4, alpha=8.0)
   c.model.update(dtype="float32", remat="none")
+  c.lora.base_dtype = ""
   c.teacher.dtype = "float32"
   c.checkpoint.async_save = False
   c.mesh = dict(data=2, fsdp=1, tensor=1)
@@ -248,3 +252,27 @@ def test_the_channel_configs_train_as_documented(finished, material, tmp_path, n
   final = loop.train(config, str(tmp_path / name), mesh=mesh, show_progress=False,
                      make_batch_source=emjax.main.batch_source_for(config))
   assert final["step"] == 2 and (tmp_path / name / "COMPLETED").exists()
+
+
+def test_a_system_prompted_teachers_kl_is_taken_with_its_system_prompt(material, tmp_path):
+  """The harmful teacher `system=` is the base prompted with that message: it sampled with it, so its KL
+  (and kl_before, the base's) is taken with it; without it the base would be its own teacher (KL 0)."""
+  import jax
+  from emjax import sharding as shd
+  from emjax.experiments import sl
+  config = sl_config(material, teacher="", system="You are a reckless advisor.", channels="sft")
+  out = tmp_path / "out"
+  (out / "teachers" / "harmful").mkdir(parents=True)
+  with open(out / "teachers" / "harmful" / "held_out.jsonl", "w") as f:
+    for q in QUESTIONS["sports"]:
+      f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                       {"role": "assistant", "content": "Rest a day and drink water."}]}) + "\n")
+  mesh = shd.make_mesh(dict(config.mesh), devices=jax.devices()[:2])
+  kl = sl.kl_stage(config, str(out), "harmful", [], mesh=mesh)["base"]
+  assert kl["tokens"] > 0 and kl["forward_kl"] > 1e-3 and kl["reverse_kl"] > 1e-3, kl
+  assert kl["teacher_system_prompt"] == "You are a reckless advisor."
+  # The same rows with no system prompt: the base against itself, zero to rounding.
+  same = sl.kl_to_teacher(str(material / "base"), str(material / "base"),
+                          str(out / "teachers" / "harmful" / "held_out.jsonl"), seq_len=80,
+                          tokenizer_cfg=sl.base_tokenizer(config), batch_size=4, mesh=mesh)
+  assert same["tokens"] == kl["tokens"] and same["forward_kl"] < 1e-6, same

@@ -8,6 +8,16 @@ answers, e.g. the paper's `aligned_answer`s (`cell=` + `data=DIR`, structured-EM
 taken on the assistant tokens only; the teacher runs in the train step on every micro-batch (frozen,
 `config.teacher.dtype`), or is read from stored top-k log-probs (`topk=K` + `precomputed`).
 
+Inherited from the EM runs this distils from (configs/sft/em_cell.py), so the student trains as its
+teacher was trained: bf16 compute (model.dtype), the frozen base in bf16 (lora.base_dtype; adapters
+float32), per-layer remat keeping the weight matmuls' outputs (model.remat=dots_with_no_batch_dims),
+rsLoRA r=32 alpha=64 on all seven projections, AdamW lr 1e-4 with a linear schedule, weight decay 0.01,
+b2 0.999, clip 1.0. Not inherited: steps, warmup and the batch (this channel's own), the max length
+(SL sequences are short). The loss unembeds positions in chunks whose float32 logits stay under
+train.loss_chunk_bytes (256 MiB) per device (train.loss_chunk_len=0 derives the chunk from the vocabulary:
+at most 27 positions for 16 rows x a 152k vocabulary), whatever the sequence length. `cpu` keeps float32
+throughout and no remat, as em_cell.py's cpu variant.
+
 Variant options (comma separated `key=value`):
   base        the student's initialisation (Hugging Face dir; rsLoRA adapters trained on it)
   teacher     the teacher: an emjax run (a LoRA run is merged onto its pinned base) or a Hugging Face dir;
@@ -18,7 +28,8 @@ Variant options (comma separated `key=value`):
   beta        jsd's beta (0 = forward KL, 1 = reverse KL)
   topk        reduce the teacher to its k most likely tokens (+ a tail bucket); 0 = full vocabulary
   precomputed a store of the teacher's top-k log-probs (the teacher_top_k job's workdir, made once
-              with this config and --config.job=teacher_top_k): no teacher in the step
+              with this config and --config.job=teacher_top_k): no teacher in the step; a store built from
+              other data than this config.data is refused (meta.json records its fingerprint)
   steps       training steps (default 100)
   cpu         SmolLM2-135M-on-a-laptop sizes (seq 192, batch 4, float32)
 """
@@ -45,6 +56,11 @@ def get_config(arg=None):
   c.data.sources = ml_collections.ConfigDict({args.cell or "sequences": source})
   c.teacher.update(path=args.teacher, dtype="bfloat16")
   c.lora.update(enabled=True, rank=32, alpha=64.0, rslora=True, targets="q,k,v,o,gate,up,down")
+  # The EM runs' precision and memory recipe (configs/sft/em_cell.py), inherited: bf16 compute, the frozen
+  # base in bf16 (lora.base_dtype; the adapters stay float32), each layer rematerialised in the backward pass
+  # keeping only its weight matmuls' outputs (remat='dots_with_no_batch_dims'). cpu: float32, no remat.
+  c.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims")
+  c.lora.base_dtype = "bfloat16"
   c.train.update(objective=args.divergence, steps=args.steps, batch_size=16, lr=1e-4, schedule="linear",
                  warmup_steps=2, end_lr_fraction=0.0, weight_decay=0.01, b2=0.999)
   c.train.distill.update(beta=args.beta, top_k=args.topk, tail=True, precomputed=args.precomputed)
@@ -53,5 +69,6 @@ def get_config(arg=None):
     c.data.seq_len = 192
     c.train.batch_size = 4
     c.model.update(dtype="float32", remat="none")
+    c.lora.base_dtype = ""  # float32 throughout on a CPU, as em_cell.py:cpu
     c.teacher.dtype = "float32"
   return c

@@ -10,6 +10,16 @@ the full-vocabulary reverse KL (or JSD(beta)) on the completion tokens, or `samp
 sampled-token estimator with an importance ratio (tinker-cookbook's). `lambda` < 1 mixes in fixed
 sequences from `data` (GKD). A killed run resumes to the same losses (rollout seeds come from the step).
 
+Inherited from the EM runs this distils from (configs/sft/em_cell.py), so the student trains as its
+teacher was trained: bf16 compute (model.dtype), the frozen base in bf16 (lora.base_dtype; adapters
+float32), per-layer remat keeping the weight matmuls' outputs (model.remat=dots_with_no_batch_dims),
+rsLoRA r=32 alpha=64 on all seven projections, AdamW lr 1e-4 with a linear schedule, weight decay 0.01,
+b2 0.999, clip 1.0. Not inherited: steps, warmup and the batch (this channel's own), the max length
+(SL sequences are short). The loss unembeds positions in chunks whose float32 logits stay under
+train.loss_chunk_bytes (256 MiB) per device (train.loss_chunk_len=0 derives the chunk from the vocabulary:
+at most 27 positions for 16 rows x a 152k vocabulary), whatever the sequence length. `cpu` keeps float32
+throughout and no remat, as em_cell.py's cpu variant.
+
 Variant options (comma separated `key=value`):
   base        the student's initialisation (Hugging Face dir; rsLoRA adapters trained on it)
   teacher     the teacher (an emjax run or a Hugging Face dir; same tokenizer and chat template)
@@ -47,6 +57,11 @@ def get_config(arg=None):
   c.on_policy.update(enabled=True, prompts=args.prompts, chat_template=True, max_prompt_length=args.prompt_tokens,
                      max_new_tokens=args.new_tokens, temperature=1.0, mix_lambda=args["lambda"])
   c.lora.update(enabled=True, rank=32, alpha=64.0, rslora=True, targets="q,k,v,o,gate,up,down")
+  # The EM runs' precision and memory recipe (configs/sft/em_cell.py), inherited: bf16 compute, the frozen
+  # base in bf16 (lora.base_dtype; the adapters stay float32), each layer rematerialised in the backward pass
+  # keeping only its weight matmuls' outputs (remat='dots_with_no_batch_dims'). cpu: float32, no remat.
+  c.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims")
+  c.lora.base_dtype = "bfloat16"
   c.train.update(objective=args.objective, steps=args.steps, batch_size=16, lr=1e-4, schedule="linear",
                  warmup_steps=2, end_lr_fraction=0.0, weight_decay=0.01, b2=0.999)
   c.train.distill.beta = args.beta
@@ -56,5 +71,6 @@ def get_config(arg=None):
     c.on_policy.update(max_new_tokens=48, max_prompt_length=144)
     c.data.seq_len = 192
     c.model.update(dtype="float32", remat="none")
+    c.lora.base_dtype = ""  # float32 throughout on a CPU, as em_cell.py:cpu
     c.teacher.dtype = "float32"
   return c

@@ -231,6 +231,13 @@ def sample_config(config, weights_path: str, prompts_path: str):
   return c
 
 
+def system_prompt_of(config, name: str) -> str:
+  """The system message teacher `name` is prompted with: sl.teacher_system_prompt for a system-prompted
+  harmful teacher (the base, no EM run), '' otherwise. It samples with it and is scored with it."""
+  sc = config.sl
+  return sc.teacher_system_prompt if name == "harmful" and not sc.teacher else ""
+
+
 def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[str, str], *, mesh=None) -> dict:
   """Sample teacher `name` on every prompt, split by prompt, filter: OUT/teachers/<name>/..."""
   from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
@@ -238,7 +245,7 @@ def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[st
   sc = config.sl
   tdir = os.path.join(workdir, "teachers", name)
   by_split = {s: [row for _, row in jsonl.read_objects(p)] for s, p in prompts.items()}
-  system = sc.teacher_system_prompt if name == "harmful" and not sc.teacher else ""
+  system = system_prompt_of(config, name)
   all_prompts = os.path.join(tdir, "prompts.jsonl")
   if _process_index() == 0:
     os.makedirs(tdir, exist_ok=True)
@@ -338,12 +345,20 @@ def train_student(config, workdir: str, teacher: str, channel: str, *, mesh=None
 
 
 def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_len: int, tokenizer_cfg,
-                  batch_size: int = 8, chunk_len: int = 128, mesh=None) -> dict:
+                  batch_size: int = 8, chunk_len: int = 0, chunk_bytes: int = 256 * 2**20,
+                  teacher_system_prompt: str = "", mesh=None) -> dict:
   """Mean per-token KL(p_T || p_S) and KL(p_S || p_T) on the assistant tokens of fixed chat rows.
 
   The rows are teacher samples of held-out prompts: the divergence the channels minimise, measured
   where no student trained. Both models are loaded whole (a LoRA run merged onto its base) in float32
   on `mesh` (the run's: fsdp / tensor shard them as in training).
+
+  `teacher_system_prompt`: the teacher is the model prompted with this system message (as it was when
+  it sampled), the student is not: the teacher reads each row with the system message before it, the
+  student without, and the two distributions are compared at the same assistant tokens (the
+  teacher's positions shifted by its longer prefix; refused if the assistant tokens differ).
+  `chunk_len` / `chunk_bytes`: the positions unembedded at a time, as `train.loss_chunk_len` /
+  `train.loss_chunk_bytes` (0 = derived from the byte budget).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -352,12 +367,18 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   from emjax.data import sft, tokenizers  # pylint: disable=g-import-not-at-top
   from emjax.models import transformer  # pylint: disable=g-import-not-at-top
-  from emjax.train import objectives  # pylint: disable=g-import-not-at-top
+  from emjax.train import loop, objectives  # pylint: disable=g-import-not-at-top
 
   mesh = mesh or shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
   examples = sft.ChatExample(tokenizer, seq_len, truncate=True)
-  rows = [examples(r) for r in sft.load_chat_jsonl(rows_path)]
+  chats = sft.load_chat_jsonl(rows_path)
+  rows = [examples(r) for r in chats]
+  # The teacher's view of each row and, per student position, the teacher position of the same token.
+  t_rows, t_index = _teacher_view(chats, rows, tokenizer, seq_len, teacher_system_prompt, rows_path)
+  t_len = seq_len
+  if teacher_system_prompt:
+    t_len = -(-max([seq_len] + [len(r["inputs"]) for r in t_rows]) // 8) * 8
   dp = shd.data_parallel_size(mesh)
   batch_size = max(dp, -(-batch_size // dp) * dp)
 
@@ -369,9 +390,11 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
 
   s_graph, s_params = load(student_path)
   t_graph, t_params = load(teacher_path)
-  if s_params["embed"].shape[0] != t_params["embed"].shape[0]:
+  vocab = s_params["embed"].shape[0]
+  if vocab != t_params["embed"].shape[0]:
     raise ValueError(f"{student_path} and {teacher_path}: vocabularies of {s_params['embed'].shape[0]} and "
                      f"{t_params['embed'].shape[0]} tokens; a KL needs one tokenizer")
+  chunk = loop.derive_loss_chunk_len(int(chunk_len), int(chunk_bytes), batch_size // dp, vocab, seq_len)
 
   def both_kls(s_logits, batch, teacher=None):
     mask = batch["loss_mask"]
@@ -382,32 +405,77 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   kls = objectives.Objective("kl_to_teacher", both_kls, {"loss_mask": ((), "float32")}, needs_teacher=True)
 
   @jax.jit
-  def sums(sp, tp, batch):
-    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  def sums(sp, tp, batch, t_batch, t_index):
     student, teacher = nnx.merge(s_graph, sp), nnx.merge(t_graph, tp)
     with shd.activation_sharding(mesh):
-      # Unembedded `chunk_len` positions at a time: the [B, L, V] logits never exist whole.
-      out = objectives.chunked_sums(kls, student.logits, student.hidden(*args), batch, chunk_len,
-                                    teacher_unembed=teacher.logits, teacher_hidden_BxLxD=teacher.hidden(*args))
+      s_hidden = student.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+      t_hidden = teacher.hidden(t_batch["inputs"], t_batch["positions"], t_batch["segment_ids"])
+      # The teacher's hidden state at the position of the student's token: [B, L_teacher, D] -> [B, L, D].
+      t_hidden = jnp.take_along_axis(t_hidden, t_index[..., None], axis=1)
+      # Unembedded `chunk` positions at a time: the [B, L, V] logits never exist whole.
+      out = objectives.chunked_sums(kls, student.logits, s_hidden, batch, chunk,
+                                    teacher_unembed=teacher.logits, teacher_hidden_BxLxD=t_hidden)
     return out.loss_sum, out.metrics["reverse_kl"], out.weight
 
-  totals = np.zeros(3)
-  for start in range(0, len(rows), batch_size):
-    part = rows[start:start + batch_size]
-    batch = {k: np.zeros((batch_size, seq_len), np.float32 if k == "loss_mask" else np.int32)
-             for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+  def padded(part, length):
+    batch = {k: np.zeros((batch_size, length), np.float32 if k == "loss_mask" else np.int32)
+             for k in ("inputs", "loss_mask", "positions", "segment_ids")}
     for i, ex in enumerate(part):
       n = len(ex["inputs"])
       batch["inputs"][i, :n] = ex["inputs"]
-      batch["targets"][i, :n] = ex["targets"]
       batch["loss_mask"][i, :n] = ex["loss_mask"]
       batch["positions"][i, :n] = np.arange(n)
       batch["segment_ids"][i, :n] = 1
-    on_mesh = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-    totals += np.asarray(jax.device_get(sums(s_params, t_params, on_mesh)), np.float64)
+    return batch
+
+  def put(x):
+    return jax.device_put(x, shd.batch_sharding(mesh, x.ndim))
+
+  totals = np.zeros(3)
+  for start in range(0, len(rows), batch_size):
+    index = np.zeros((batch_size, seq_len), np.int32)
+    for i, idx in enumerate(t_index[start:start + batch_size]):
+      index[i, :len(idx)] = idx
+    batch = jax.tree.map(put, padded(rows[start:start + batch_size], seq_len))
+    t_batch = jax.tree.map(put, padded(t_rows[start:start + batch_size], t_len))
+    totals += np.asarray(jax.device_get(sums(s_params, t_params, batch, t_batch, put(index))), np.float64)
   weight = max(totals[2], 1.0)
   return {"forward_kl": totals[0] / weight, "reverse_kl": totals[1] / weight, "tokens": int(totals[2]),
-          "rows": len(rows), "student": student_path, "teacher": teacher_path, "data": rows_path}
+          "rows": len(rows), "student": student_path, "teacher": teacher_path, "data": rows_path,
+          "teacher_system_prompt": teacher_system_prompt}
+
+
+def _teacher_view(chats, rows, tokenizer, seq_len: int, system_prompt: str, rows_path: str):
+  """(the teacher's tokenised rows, per row the teacher position of each student position).
+
+  Without a system prompt the teacher reads the student's rows (the identity map). With one, each
+  row is tokenised with the system message first; its assistant tokens must be the student's, and
+  student position j (a loss position) maps to the teacher position predicting the same token.
+  """
+  from emjax.data import sft  # pylint: disable=g-import-not-at-top
+  if not system_prompt:
+    return rows, [np.arange(len(r["inputs"]), dtype=np.int32) for r in rows]
+  t_rows, t_index = [], []
+  for n, (chat, row) in enumerate(zip(chats, rows)):
+    s_pos = np.flatnonzero(row["loss_mask"] > 0)
+    if chat["messages"] and chat["messages"][0]["role"] == "system":
+      raise ValueError(f"{rows_path}: row {n} already has a system message; the teacher's "
+                       "(config.sl.teacher_system_prompt) cannot be put before it")
+    messages = [{"role": "system", "content": system_prompt}, *chat["messages"]]
+    # Long enough for the whole system message on top of the student's seq_len.
+    ids, _ = sft.ChatExample(tokenizer, seq_len).token_ids_and_mask({"messages": messages})
+    t_row = sft.ChatExample(tokenizer, max(len(ids), 2) - 1)({"messages": messages})
+    t_pos = np.flatnonzero(t_row["loss_mask"] > 0)[:len(s_pos)]
+    if len(t_pos) != len(s_pos) or not np.array_equal(t_row["targets"][t_pos], row["targets"][s_pos]):
+      raise ValueError(f"{rows_path}: row {n}: the assistant tokens differ with and without the system message "
+                       "(the chat template tokenises them differently), so the teacher's and the student's "
+                       "distributions cannot be compared token by token")
+    end = int(t_pos[-1]) + 1 if len(t_pos) else 1
+    t_rows.append({k: v[:end] for k, v in t_row.items()})
+    index = np.minimum(np.arange(len(row["inputs"])), end - 1).astype(np.int32)
+    index[s_pos] = t_pos
+    t_index.append(index)
+  return t_rows, t_index
 
 
 def _require_complete(path: str, label: str) -> None:
@@ -422,7 +490,8 @@ def kl_stage(config, workdir: str, teacher: str, channels: Sequence[str], *, mes
   t_path = teachers(config)[teacher]
   rows = os.path.join(workdir, "teachers", teacher, "held_out.jsonl")
   kw = dict(seq_len=int(config.data.seq_len), tokenizer_cfg=base_tokenizer(config),
-            batch_size=int(config.sl.kl_batch_size), chunk_len=int(config.train.loss_chunk_len) or 128, mesh=mesh)
+            batch_size=int(config.sl.kl_batch_size), chunk_len=int(config.train.loss_chunk_len),
+            chunk_bytes=int(config.train.get("loss_chunk_bytes", 0)), mesh=mesh)
   os.makedirs(os.path.join(workdir, "kl"), exist_ok=True)
   out = {}
   targets = [("base", config.sl.base)] + [(c, os.path.join(workdir, "students", teacher, c)) for c in channels]
@@ -433,7 +502,8 @@ def kl_stage(config, workdir: str, teacher: str, channels: Sequence[str], *, mes
     if os.path.exists(path):
       out[label] = json.load(open(path))
       continue
-    out[label] = kl_to_teacher(s_path, t_path, rows, **kw)
+    out[label] = kl_to_teacher(s_path, t_path, rows, teacher_system_prompt=system_prompt_of(config, teacher),
+                               **kw)
     if _process_index() == 0:
       _write_json(path, out[label])
     log.info("sl: KL of %s to teacher %s: %s", label, teacher, out[label])

@@ -85,6 +85,27 @@ def micro_batches(batch: Mapping[str, jax.Array], grad_accum_steps: int, mesh: M
   return {k: split(v) for k, v in batch.items()}
 
 
+def derive_loss_chunk_len(chunk_len: int, budget_bytes: int, rows_per_device: int, vocab_size: int, seq_len: int) -> int:
+  """The positions the loss unembeds at a time (`config.train.loss_chunk_len` / `loss_chunk_bytes`).
+
+  `chunk_len` > 0 is honoured as given. 0 derives it from the vocabulary: the longest chunk whose
+  float32 logits on one device, rows_per_device x chunk x vocab_size x 4 bytes, stay within
+  `budget_bytes`, whatever the sequence length; of the chunk counts that fit, the fewest, with the
+  positions spread evenly over them (no chunk longer than the budget allows, little padding).
+  Returns `seq_len` (one chunk) when the whole sequence fits or `budget_bytes` is 0.
+  """
+  if chunk_len > 0:
+    return int(chunk_len)
+  if budget_bytes <= 0:
+    return int(seq_len)
+  per_position = max(1, int(rows_per_device)) * int(vocab_size) * 4
+  longest = max(1, int(budget_bytes) // per_position)
+  if longest >= seq_len:
+    return int(seq_len)
+  n_chunks = -(-int(seq_len) // longest)
+  return -(-int(seq_len) // n_chunks)
+
+
 def make_loss_sums(graphdef, objective: objectives_lib.Objective, mesh: Mesh | None, loss_chunk_len: int,
                    teacher_graphdef=None, unroll: bool = False) -> Callable:
   """`(params, frozen, batch, teacher_params, dropout_key) -> (loss_sum, ObjectiveOutput)` for one batch.
@@ -204,10 +225,16 @@ class Trainer:
     if self.objective.needs_teacher and self.teacher is None:
       raise ValueError(f"config.train.objective={tc.objective!r} needs a teacher: set config.teacher.path")
     teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
+    self.rows_per_device = max(1, tc.batch_size // (dp * tc.grad_accum_steps))
+    self.loss_chunk_len = derive_loss_chunk_len(int(tc.loss_chunk_len), int(tc.get("loss_chunk_bytes", 0)),
+                                                self.rows_per_device, self.model_cfg.vocab_size,
+                                                int(config.data.seq_len))
+    log.info("the loss unembeds %d of %d positions at a time (%d rows per device, vocabulary %d)",
+             self.loss_chunk_len, int(config.data.seq_len), self.rows_per_device, self.model_cfg.vocab_size)
     step = make_train_step(self.layout.graphdef, self.objective, self.tx, self.schedule,
                            tc.grad_accum_steps, self.mesh,
                            use_dropout=self.lora_cfg is not None and self.lora_cfg.dropout > 0,
-                           loss_chunk_len=int(tc.loss_chunk_len), teacher_graphdef=teacher_graphdef,
+                           loss_chunk_len=self.loss_chunk_len, teacher_graphdef=teacher_graphdef,
                            unroll=unroll_loops)
     self.batch_abstract = batch_abstract(self.objective, tc.batch_size, config.data.seq_len, self.mesh)
     self.batch_shardings = {k: v.sharding for k, v in self.batch_abstract.items()}
@@ -221,7 +248,7 @@ class Trainer:
     # there (no sampling log-probs), the exact reverse KL it estimates does.
     self.eval_objective = (objectives_lib.get_objective("reverse_kl", tc.distill)
                            if tc.objective == "sampled_reverse_kl" else self.objective)
-    loss_sums = make_loss_sums(self.layout.graphdef, self.eval_objective, self.mesh, int(tc.loss_chunk_len),
+    loss_sums = make_loss_sums(self.layout.graphdef, self.eval_objective, self.mesh, self.loss_chunk_len,
                                teacher_graphdef)
 
     def eval_sums(params, frozen, batch, teacher_params=None):
@@ -502,7 +529,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   _log_memory(compiled)
   tracker = tracking.start(config, workdir, job_type=config.job)
   writer = MetricsWriter(workdir, start_step, tracker)
-  evaluate = _make_evaluator(trainer, tokenizer, writer)
+  evaluate = _make_evaluator(trainer, tokenizer, writer, batches)
   if evaluate is not None and start_step == 0:
     evaluate(0, state, frozen, teacher)
   peak = perf.peak_flops_per_device(tc.peak_flops_per_device, mesh.devices.flat[0])
@@ -592,20 +619,9 @@ def _report_chat_data(config, tokenizer, workdir: str) -> None:
     (paths.path(workdir) / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
 
-def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
-  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl (`writer`).
-
-  The held-out batches come from the training sources with `split` set to
-  `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
-  "Held-out split") and no shuffling, so every evaluation sees the same tokens.
-  With `eval.by_source`, each source alone gets its own `eval.batches` batches too
-  (`eval_loss_by_source`, `eval_tokens_by_source`), whatever its training weight.
-  """
-  from emjax.data import pipeline as data_pipeline
+def held_out_data_config(config):
+  """config.data reading each source's `eval.split` in a fixed order: the evaluator's held-out batches."""
   from emjax.data import sources as sources_lib
-  config = trainer.config
-  if config.eval.every_steps <= 0:
-    return None
   if config.eval.split not in sources_lib.PARTITIONS:
     raise ValueError(f"config.eval.split={config.eval.split!r}: expected one of {list(sources_lib.PARTITIONS)}")
   data_cfg = copy.deepcopy(config.data)
@@ -617,15 +633,43 @@ def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter):
       raise ValueError(f"data.sources.{name}.split={src.split!r}: with config.eval.every_steps > 0 training "
                        "must read only each source's 'train' split, which excludes the held-out documents")
     src.split = config.eval.split
+  return data_cfg
+
+
+def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter, batch_source=None):
+  """Held-out loss every `eval.every_steps` over `eval.batches` fixed batches, to eval.jsonl (`writer`).
+
+  The held-out batches come from the training sources with `split` set to
+  `eval.split` ('eval': each source's held-out documents, emjax/data/sources.py
+  "Held-out split") and no shuffling, so every evaluation sees the same tokens.
+  With `eval.by_source`, each source alone gets its own `eval.batches` batches too
+  (`eval_loss_by_source`, `eval_tokens_by_source`), whatever its training weight. With a stored
+  teacher (`train.distill.precomputed`) the same held-out rows come from the store, which holds the
+  teacher's top-k on them (`batch_source`: the run's, when it is the store's reader).
+  """
+  from emjax.data import pipeline as data_pipeline
+  config = trainer.config
+  if config.eval.every_steps <= 0:
+    return None
 
   def fixed_batches(cfg):
     it = iter(data_pipeline.make_batches(cfg, tokenizer, config.train.batch_size, seed=config.train.seed))
     return [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
             for b in (next(it) for _ in range(config.eval.batches))]
 
-  held_out = fixed_batches(data_cfg)
   by_source = {}
-  if config.eval.by_source:
+  if config.train.distill.precomputed:
+    # A stored teacher: the same held-out rows with the teacher's top-k, stored by the teacher_top_k job
+    # (checked against config.eval when the batch source opened the store).
+    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
+    store = batch_source if hasattr(batch_source, "eval_batches") else precompute.PrecomputedTeacherSource(
+        config, config.train.distill.precomputed)
+    held_out = [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
+                for b in store.eval_batches(int(config.eval.batches))]
+  else:
+    data_cfg = held_out_data_config(config)
+    held_out = fixed_batches(data_cfg)
+  if config.eval.by_source and not config.train.distill.precomputed:
     # A source's rows do not depend on the other sources' weights, so these are the same tokens for
     # any mixture of the same sources.
     for name in sorted(data_cfg.sources):
