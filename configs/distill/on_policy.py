@@ -10,15 +10,9 @@ the full-vocabulary reverse KL (or JSD(beta)) on the completion tokens, or `samp
 sampled-token estimator with an importance ratio (tinker-cookbook's). `lambda` < 1 mixes in fixed
 sequences from `data` (GKD). A killed run resumes to the same losses (rollout seeds come from the step).
 
-Inherited from the EM runs this distils from (configs/sft/em_cell.py), so the student trains as its
-teacher was trained: bf16 compute (model.dtype), the frozen base in bf16 (lora.base_dtype; adapters
-float32), per-layer remat keeping the weight matmuls' outputs (model.remat=dots_with_no_batch_dims),
-rsLoRA r=32 alpha=64 on all seven projections, AdamW lr 1e-4 with a linear schedule, weight decay 0.01,
-b2 0.999, clip 1.0. Not inherited: steps, warmup and the batch (this channel's own), the max length
-(SL sequences are short). The loss unembeds positions in chunks whose float32 logits stay under
-train.loss_chunk_bytes (256 MiB) per device (train.loss_chunk_len=0 derives the chunk from the vocabulary:
-at most 27 positions for 16 rows x a 152k vocabulary), whatever the sequence length. `cpu` keeps float32
-throughout and no remat, as em_cell.py's cpu variant.
+The EM runs' recipe (configs/sft/em_cell.py: bf16 compute, the frozen base in bf16, remat, rsLoRA and
+AdamW as there), so the student trains as its teacher was trained; the loss chunk is derived from
+train.loss_chunk_bytes (README, "Distillation and subliminal learning"). `cpu`: float32, no remat.
 
 Variant options (comma separated `key=value`):
   base        the student's initialisation (Hugging Face dir; rsLoRA adapters trained on it)
