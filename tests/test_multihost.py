@@ -21,6 +21,8 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 
+pytestmark = pytest.mark.slow  # several processes with jax.distributed; part of CI
+
 STEPS, EVERY = 15, 3
 OVERRIDES = [f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
              "--config.checkpoint.keep=4", "--config.data.shards=2", "--config.mesh.data=2",

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 
+pytestmark = pytest.mark.slow  # every notebook top to bottom, minutes on 2 cores; part of CI
+
 COLAB = os.path.join(ROOT, "colab")
 
 

@@ -299,6 +299,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher_dir, prompts_file, 
                            r"differ: SentencePieceTokenizer vs ByteTokenizer", monkeypatch)
 
 
+@pytest.mark.slow  # two processes with jax.distributed
 def test_two_processes_draw_the_rollouts_of_one_process_with_eight_devices(teacher_dir, prompts_file, tmp_path):
   """launch/multiprocess.sh, 2 processes x 4 devices, mesh 2x2x2: every process builds the same global
   prompt batch and samples its own rows; the losses equal one process's on 8 devices (to float32

@@ -122,6 +122,7 @@ def test_cost_extrapolation_is_xlas_count_of_the_unrolled_step(train_plan, topo)
   assert scanned["flops"] < 0.8 * report["cost_per_device"]["flops"]
 
 
+@pytest.mark.slow  # an oversize plan compiles for a minute and more
 def test_an_oversize_plan_does_not_fit_and_still_reports(topo, capsys):
   from emjax.train import aot
   # ~2.3B float32 parameters with AdamW, replicated on data=4: ~28 GB of arguments per device of a 16 GiB chip.

@@ -16,6 +16,8 @@ import pytest
 from conftest import ROOT
 from tests import hf_fixtures
 
+pytestmark = pytest.mark.slow  # the SL pipeline end to end (its module fixture runs every stage); part of CI
+
 GENERAL = """
 - id: q_one
   domain: medical

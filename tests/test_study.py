@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the whole study end to end, minutes on 2 cores; part of CI
+
 
 def smoke_config(arg="smoke"):
   spec = importlib.util.spec_from_file_location("world_config", os.path.join(ROOT, "configs", "paper", "world.py"))

@@ -31,6 +31,7 @@ def _cli(workdir, *overrides):
           "--noprogress", "--config.train.steps=16", "--config.checkpoint.every_steps=3", *overrides]
 
 
+@pytest.mark.slow  # end to end: processes started and killed
 def test_sigkill_and_resume_reproduces_losses_params_and_mixture_order(tmp_path):
   env = subprocess_env(1)
   mixture = ["--config.data.sources.arithmetic.weight=0.6", "--config.data.sources.grammar.weight=0.3",

@@ -182,6 +182,7 @@ def test_a_judged_file_of_another_judge_is_not_extended(finished, tmp_path):
                    batch_size=4)
 
 
+@pytest.mark.slow  # end to end: processes started and killed
 def test_a_sigkilled_evaluation_resumes_to_the_same_records(finished, material, tmp_path):
   """The CLI killed while judging (slowed judge), rerun: the same records as the uninterrupted run."""
   out_ref, _ = finished
