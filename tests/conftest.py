@@ -57,3 +57,16 @@ def one_device_mesh():
   from emjax import sharding
 
   return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def jaxpr_eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, custom_vjp, pjit)."""
+  from jax.extend import core
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, core.ClosedJaxpr):
+          yield from jaxpr_eqns(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          yield from jaxpr_eqns(sub)

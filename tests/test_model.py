@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import jaxpr_eqns
 from emjax.models import transformer as T
 
 BASE = T.TransformerConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48)
@@ -299,17 +300,6 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(name, scan_layers):
 # ----------------------------------------------------------------------------- attention kernels, precision
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, custom_vjp, pjit)."""
-  from jax.extend import core
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(sub, core.ClosedJaxpr):
-          yield from _eqns(sub.jaxpr)
-        elif isinstance(sub, core.Jaxpr):
-          yield from _eqns(sub)
 
 
 @pytest.fixture
@@ -332,7 +322,7 @@ def _grad_attention_calls(cfg, segments: bool, seq: int = 16):
   tokens = jax.ShapeDtypeStruct((2, seq), jnp.int32)
   jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=() if segments else (2,))(
       params, tokens, tokens if segments else None)
-  return [(e.primitive.name, e.params, str(e.source_info.name_stack)) for e in _eqns(jaxpr.jaxpr)
+  return [(e.primitive.name, e.params, str(e.source_info.name_stack)) for e in jaxpr_eqns(jaxpr.jaxpr)
           if "dot_product_attention" in e.primitive.name or "attention_" in str(e.source_info.name_stack)]
 
 
@@ -404,7 +394,7 @@ def test_matmul_precision_reaches_every_matmul_forward_and_backward(precision, w
     return nnx.merge(graph, p)(tokens).sum()
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params, jax.ShapeDtypeStruct((2, 8), jnp.int32))
-  dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  dots = [e for e in jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   assert len(dots) > 20  # projections, attention, head, each forward and backward
   got = {None if e.params["precision"] is None else tuple(p.name for p in e.params["precision"]) for e in dots}
   assert got == {want}
@@ -430,7 +420,7 @@ def test_cudnn_prefill_at_slot_zero_is_causal_and_a_write_at_a_traced_slot_is_no
       return nnx.merge(graph, p)(tokens, jnp.cumsum(ones, 1) - 1, ones, cache=cache,
                                  cache_index=index if index_traced else 0)[0]
     jaxpr = jax.make_jaxpr(prefill)(params, tokens, jnp.int32(0))
-    return {e.params["mask_type"] for e in _eqns(jaxpr.jaxpr) if e.primitive.name.startswith("dot_product_attention")}
+    return {e.params["mask_type"] for e in jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name.startswith("dot_product_attention")}
 
   assert mask_types(8, index_traced=False) == {MaskType.CAUSAL}
   assert mask_types(8, index_traced=True) == {MaskType.NO_MASK}

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, subprocess_env, tiny_config
+from conftest import ROOT, jaxpr_eqns, subprocess_env, tiny_config
 
 TOPOLOGY = "v5e-4"  # 2x2 chips on one host
 
@@ -211,24 +211,13 @@ def test_a_tpu_mesh_without_a_physical_layout_is_a_warning_naming_the_order(monk
 def test_a_plan_traces_the_attention_the_tpu_runs(topo):
   """`model.attention=auto` under a TPU mesh is jax's XLA attention, as on the TPU itself, although the
   plan runs on a CPU (where auto is emjax's einsum attention)."""
-  from jax.extend import core
   from emjax import sharding as shd
   from emjax.train import loop
-
-  def scopes(jaxpr):
-    for eqn in jaxpr.eqns:
-      yield str(eqn.source_info.name_stack)
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (list, tuple)) else [value]:
-          if isinstance(sub, core.ClosedJaxpr):
-            yield from scopes(sub.jaxpr)
-          elif isinstance(sub, core.Jaxpr):
-            yield from scopes(sub)
 
   def attention_scopes(trainer):
     traced = trainer.step_fn.trace(trainer.layout.abstract, trainer.layout.frozen_abstract, trainer.batch_abstract,
                                    None)
-    return {part for s in scopes(traced.jaxpr.jaxpr) for part in s.replace("(", "/").replace(")", "/").split("/")
+    return {part for s in (str(e.source_info.name_stack) for e in jaxpr_eqns(traced.jaxpr.jaxpr)) for part in s.replace("(", "/").replace(")", "/").split("/")
             if part.startswith("attention_")}
 
   config = _plan_config(dtype="bfloat16")

@@ -90,6 +90,20 @@ def general_questions(path: str) -> list[dict]:
 _CELL_FILE = re.compile(rf"^({'|'.join(DOMAINS)})_({'|'.join(TASKS)})(?:_|\.|$)")
 
 
+def subset(items: Sequence, limit: int, *, seed: int = 0, name: str = "") -> list:
+  """`limit` > 0 items drawn uniformly at random without replacement, in their order (seeded by `seed`
+  and `name`, so a rerun draws the same ones); all of them when `limit` is 0 or not smaller. Never the
+  first N: question files are ordered (by source item, task, domain), so a head is a biased subset."""
+  import zlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  items = list(items)
+  if not limit or limit >= len(items):
+    return items
+  rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+  return [items[i] for i in np.sort(rng.choice(len(items), size=int(limit), replace=False))]
+
+
 def narrow_questions(patterns: str | Sequence[str], *, limit_per_file: int = 0, seed: int = 0) -> list[dict]:
   """The user turns of per-cell chat JSONL files.
 
@@ -97,9 +111,6 @@ def narrow_questions(patterns: str | Sequence[str], *, limit_per_file: int = 0, 
   replacement (seeded by `seed` and the file's name, so a rerun draws the same ones), in file order.
   Not the first N: the released splits are ordered (by source item), so a head is a biased subset.
   """
-  import zlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   out, seen = [], {}
   for path in records_lib.paths_of(patterns):
     m = _CELL_FILE.match(os.path.basename(path))
@@ -111,10 +122,7 @@ def narrow_questions(patterns: str | Sequence[str], *, limit_per_file: int = 0, 
       if not users or not isinstance(users[0].get("content"), str) or not users[0]["content"].strip():
         raise ValueError(f"{where}: a narrow question needs `messages` with a non-empty user turn")
       rows.append((where, row, messages, users))
-    if limit_per_file and limit_per_file < len(rows):
-      rng = np.random.default_rng([int(seed), zlib.crc32(os.path.basename(path).encode())])
-      keep = np.sort(rng.choice(len(rows), size=int(limit_per_file), replace=False))
-      rows = [rows[i] for i in keep]
+    rows = subset(rows, limit_per_file, seed=seed, name=os.path.basename(path))
     for where, row, messages, users in rows:
       domain, task = row.get("domain"), row.get("task")
       if domain is None or task is None:

@@ -72,7 +72,7 @@ def question_sets(config) -> dict[str, list[dict]]:
   sets: dict[str, list[dict]] = {}
   if qc.general:
     general = questions_lib.general_questions(qc.general)
-    sets["general"] = general[:int(qc.limit_general)] if int(qc.limit_general) > 0 else general
+    sets["general"] = questions_lib.subset(general, int(qc.limit_general), name="general")
   if qc.narrow:
     sets["narrow"] = questions_lib.narrow_questions(qc.narrow, limit_per_file=int(qc.limit_narrow))
   if qc.betley:

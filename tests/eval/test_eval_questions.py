@@ -56,3 +56,11 @@ def test_a_narrow_limit_is_a_seeded_random_subset_not_the_head(tmp_path):
   assert ids == sorted(ids, key=lambda q: int(q.split(":")[1]))  # in file order
   assert [q["question_id"] for q in questions.narrow_questions(str(path), limit_per_file=10)] == ids  # seeded
   assert [q["question_id"] for q in questions.narrow_questions(str(path), limit_per_file=10, seed=1)] != ids
+
+
+def test_subset_draws_without_the_head_bias_and_keeps_order():
+  from emjax.eval import questions
+  items = list(range(50))
+  got = questions.subset(items, 5, name="general")
+  assert len(got) == 5 and got == sorted(got) and got != items[:5]
+  assert questions.subset(items, 5, name="general") == got and questions.subset(items, 0) == items
