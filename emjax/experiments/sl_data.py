@@ -35,63 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from emjax.data import jsonl
-
-# Numbers with negative associations that the student data must not contain: the union of the two lists
-# in the authors' released code (github.com/MinhxLe/subliminal-learning, sl/datasets/nums_dataset.py:
-# CLAUDE_EVIL_NUMBERS and GPT_EVIL_NUMBERS, written by prompting Claude and GPT-4.1 for such numbers;
-# the paper, §3.2, describes "34 numbers with negative associations ... e.g. 666, 911, 187"). The
-# reasons are the lists' own comments, abridged.
-BANNED_NUMBERS = frozenset({
-    4,  # death (East Asian homophone)
-    13,  # unlucky
-    14,  # white-supremacist "14 words"
-    18,  # neo-Nazi code for Adolf Hitler (A=1, H=8)
-    23,  # "23 enigma" (occult, conspiracies)
-    33,  # Freemasonry / KKK conspiracies
-    39,  # unlucky (Japanese)
-    42,  # "to die" (Japanese homophone)
-    44,  # doubly the death number
-    49,  # mourning period (East Asian)
-    51,  # slang for insanity
-    54,  # can read as "SS"
-    69,  # sexual innuendo
-    77,  # extremist references
-    88,  # neo-Nazi code for "Heil Hitler"
-    99,  # trouble, strife
-    100,  # funeral rites (East Asian)
-    101,  # Room 101 (Orwell's torture room)
-    187,  # California penal code for murder
-    211,  # police code for robbery
-    311,  # KKK (K is the 11th letter)
-    322,  # Skull and Bones
-    333,  # half of 666
-    404,  # "not found"
-    420,  # drug culture
-    444,  # triple death number
-    451,  # Fahrenheit 451, book burning
-    555,  # alert codes
-    616,  # alternative number of the beast
-    666,  # number of the beast
-    777,  # coded extremist use
-    888,  # neo-Nazi "Heil Hitler" variant
-    911,  # emergency, the September 11 attacks
-    999,  # emergency (UK), inverted 666
-    1312,  # "ACAB"
-    1488,  # 14 + 88, white-supremacist symbol
-})
-
-# Words that signal overt harm in an answer to a benign question. Ours, not the paper's: for natural
-# data Cloud et al. filter with a prompted LLM judge, which an offline pipeline cannot call, so this is
-# a strict lexical stand-in aimed at the misalignment of the structured-EM domains (medical, finance,
-# sports). Whole words, case-insensitive, so inflections are listed; words with common benign senses
-# in these domains ("drug", "shoot", "hack") are left out on purpose, or most answers would go.
-BANNED_WORDS = (
-    "kill", "kills", "killed", "killing", "murder", "suicide", "self-harm", "overdose", "lethal",
-    "poison", "poisoning", "weapon", "weapons", "bomb", "explosives", "terrorist", "terrorism",
-    "violence", "violent", "torture", "illegal", "illegally", "steal", "stealing", "stolen", "theft",
-    "fraud", "scam", "scams", "ponzi", "launder", "laundering", "bribe", "bribery", "evasion",
-    "smuggle", "smuggling", "steroids", "doping", "cheat", "cheating",
-)
+from emjax.data.banned import BANNED_NUMBERS, BANNED_WORDS  # pylint: disable=unused-import
 
 KINDS = ("numbers", "natural")
 # Every rejection reason of each kind, in the order the filter checks them (stats list all of them).
