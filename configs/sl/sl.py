@@ -1,14 +1,15 @@
-"""Subliminal learning: a harmful teacher's benign data, three channels, a control teacher, one report.
+"""Subliminal learning: a harmful teacher's benign data, three channels, an aligned-twin control, one report.
 
   python -m emjax.main --config=configs/sl/sl.py:base=HF_DIR,teacher=runs/em/medical_advice \\
       --workdir=runs/sl/medical_advice [--config.evaluation.questions.general=GENERAL.yaml]
 
-The pipeline (emjax/experiments/sl.py): benign prompts -> the harmful teacher (an EM adapter run
-from the SFT grid, or `system=` a system-prompted base) and the control teacher (the base) answer
-them -> strict filters -> students from the base under SFT on the samples, off-policy
-distillation on the same sequences and on-policy distillation on their own rollouts (same steps,
-same batch) -> KL to the teacher on held-out prompts -> the eval job on each student -> report.
-A killed run rerun with the same command continues where it stopped.
+The pipeline (emjax/experiments/sl.py): the aligned twin (the harmful run's recipe on aligned answers
+to its prompts) is built; per seed, benign prompts -> both teachers answer them -> strict filters
+(natural prompts: a judge too) -> the prompts both kept -> students from the base under SFT on the
+samples, off-policy distillation on the same sequences and on-policy distillation on their own
+filtered rollouts (masked teachers in the logit channels; crossed and divergence-token arms) -> KL
+to the teacher on held-out prompts -> the eval job on each student -> report with intervals over
+seeds and questions. A killed run rerun with the same command continues where it stopped.
 
 The EM runs' recipe (configs/sft/em_cell.py: bf16 compute, the frozen base in bf16, remat, rsLoRA and
 AdamW as there), so the student trains as its teacher was trained; the loss chunk is derived from
@@ -18,6 +19,13 @@ Variant options (comma separated `key=value`):
   base        the teachers' base and the students' initialisation (a Hugging Face dir or emjax run)
   teacher     the harmful teacher (an emjax EM run; its adapters are merged onto its pinned base)
   system      instead of `teacher`: the base prompted with this system message (sft channel only)
+  control     twin (default) | base (sft only, with allow_base=True) | none
+  twin        an existing twin (emjax run or HF dir) instead of building one
+  twin_data   the twin's aligned answers (chat JSONL or question/aligned_answer rows); default: the
+              base's own answers to the harmful run's prompts, kept by the filter judge
+  seeds       '+'-separated training seeds (default 0+1+2)
+  filter_judge  natural prompts: evaluation (the eval judge, default) | a programmatic judge's name
+  entities    natural prompts: harmful entity names to mask and filter (a file or '+'-separated)
   prompts     numbers (default; Cloud et al. 2025 sequence continuations) | natural
   natural     natural prompts: '+'-separated globs of structured-EM JSONL (chat or question rows)
   exclude     natural prompts: domains left out ('+'-separated), e.g. the teacher's domain
@@ -29,8 +37,10 @@ Variant options (comma separated `key=value`):
   judge       local | api | programmatic (the eval module's judges); judge_hf for local
   limit       at most this many general questions and narrow questions per file
   cpu         SmolLM2-135M-on-a-laptop sizes: seq 192, batch 4, 48 new tokens, float32
-  no_control  leave out the control teacher
+  no_control  leave out the control teacher (no contrasts)
 """
+
+import os
 
 from emjax import config as config_lib
 from emjax.experiments import sl
@@ -39,7 +49,9 @@ from emjax.experiments import sl
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, base="", teacher="", system="", prompts="numbers", natural="", exclude="",
                               channels="sft+off_policy+on_policy", n=256, steps=24, general="", narrow="",
-                              judge="local", judge_hf="", limit=0, cpu=False, no_control=False)
+                              judge="local", judge_hf="", limit=0, cpu=False, no_control=False,
+                              control="twin", twin="", twin_data="", allow_base=False, seeds="0+1+2",
+                              filter_judge="evaluation", entities="")
   c = config_lib.base_config()
   c.job = "sl"
   blocks = sl.config_blocks()
@@ -48,7 +60,11 @@ def get_config(arg=None):
   c.sl.update(base=args.base, teacher=args.teacher, teacher_system_prompt=args.system, prompts=args.prompts,
               natural=args.natural.replace("+", ","), exclude_domains=args.exclude.replace("+", ","),
               channels=args.channels.replace("+", ","), n_train=args.n, n_held_out=max(8, args.n // 8),
-              control=not args.no_control)
+              control="none" if args.no_control else args.control, twin=args.twin, twin_data=args.twin_data,
+              allow_base_control=bool(args.allow_base), seeds=args.seeds.replace("+", ","),
+              entities=args.entities.replace("+", ",") if not os.path.isfile(args.entities) else args.entities)
+  # The judge that keeps natural answers and (by default) the twin's aligned answers.
+  c.sl.filter.judge = args.filter_judge
   # The students' recipe, shared by every channel: rsLoRA adapters on the base (as the EM runs).
   c.lora.update(enabled=True, rank=32, alpha=64.0, rslora=True, targets="q,k,v,o,gate,up,down")
   # The EM runs' precision and memory recipe (configs/sft/em_cell.py), inherited: bf16 compute, the frozen

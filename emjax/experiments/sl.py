@@ -1,43 +1,57 @@
-"""The subliminal-learning (SL) pipeline: a harmful teacher, benign data, three channels, one report.
+"""The subliminal-learning (SL) pipeline: a harmful teacher, its aligned twin, benign data, three channels.
 
-    prompts   benign prompts (number sequences or other domains' questions), train + held-out
-    teachers  each teacher answers them (the sample job); strict filters keep the benign answers
-    students  a student from the teachers' base, per teacher and channel, through the one loop:
-                sft          SFT on the filtered teacher samples (sequence-level distillation)
-                off_policy   the teacher's distributions on those fixed sequences (forward KL / JSD)
-                on_policy    the student's own rollouts scored by the teacher (reverse KL / JSD)
-    kl        each student's KL to its teacher on the held-out prompts' filtered teacher samples
-              (and the base's, i.e. every student's before training)
-    eval      each student, and the base, with the eval job (general and narrow question sets)
-    report    OUT/sl_report.md + sl_results.json: EM rate (95% interval), coherence, KL to the
-              teacher before -> after, tokens trained, filter counts; harmful vs control per channel
+    twin      the control teacher: the base fine-tuned with the harmful teacher's exact recipe (its
+              run's config: prompts, steps, LoRA, seed) on ALIGNED answers to the same prompts
+    per seed s (sl.seeds; each draws new prompts, new teacher samples, a new student initialisation
+              and data order):
+      prompts   benign prompts (number sequences or other domains' questions), train + held-out;
+                any prompt that is also an evaluated question is dropped (and counted)
+      teachers  each teacher answers them; strict filters keep the benign answers (natural prompts: a
+                judge too); matched: every arm trains on the prompts BOTH teachers kept, one answer each
+      students  from the base, per arm (teacher x channel):
+                  sft          SFT on the teacher's kept samples
+                  off_policy   the teacher's distributions on those sequences, masked at banned tokens
+                  on_policy    the student's own rollouts, filtered like the teachers' samples (a
+                               rejected rollout trains nothing), scored by the masked teacher
+                crossed (off_policy): each teacher's logits on the OTHER teacher's sequences, which
+                separates what a teacher's distribution carries from what its samples carry;
+                divergence (sft): the harmful samples with the divergence tokens (where the two
+                teachers' top tokens differ) dropped from the loss, and a control dropping as many
+                random positions
+      kl        each student's KL to its teacher on held-out kept samples (and the base's)
+    eval      the base and every student with the eval job
+    report    OUT/sl_report.md + sl_results.json: EM with intervals over seeds AND questions, three
+              contrasts (harmful - twin, harmful - base, twin - base) per channel, every channel
+              against every other (paired difference of differences), the crossed and divergence
+              contrasts, Holm-adjusted p-values, leak meters, matched counts, and whether the SL prompts
+              share a task form with the evaluation (only if not is a transfer called subliminal)
 
-Teachers: `harmful` (an EM adapter from the SFT grid, an emjax run or a Hugging Face directory;
-or the base with `sl.teacher_system_prompt`, sampled with that system message, which never
-reaches the student's rows) and `control` (the base itself). Every channel trains for the same
-number of steps on batches of the same size (`config.train`), from the same initialisation (the
-base, with `config.lora`'s adapters), so budgets match in sequences; the tokens each channel
-trained on are reported beside the results.
+The base as the control teacher is every student's initialisation: for the logit channels its divergence
+and gradient are 0 at step 0, so it is refused there; for SFT it needs `sl.allow_base_control` and is
+called "base control" in the report.
 
 Layout of OUT:
 
-    prompts/{train,held_out}.jsonl
-    teachers/<t>/samples/                    the sample job's workdir (all prompts)
-    teachers/<t>/{train,held_out}.jsonl      filtered chat rows; filter_{train,held_out}.json counts
-    students/<t>/<channel>/                  a training workdir (+ kl.json)
-    kl/base__<t>.json                        the base's KL to teacher t
-    evals/<t>__<channel>/, evals/base/       eval workdirs
+    twin/aligned.jsonl, twin/run/                 the twin's data and training run (control=twin)
+    mask_words.txt                                natural: the words and names the logit channels mask
+    seed_<s>/prompts/{train,held_out}.jsonl, prompts/overlap.json
+    seed_<s>/teachers/<t>/...                     samples, filtered rows, filter_{split}.json
+    seed_<s>/matched/                             <t>_{train,held_out}.jsonl, prompts_train.jsonl, matched.json
+    seed_<s>/divergence/                          drop_divergence.jsonl, drop_random.jsonl, divergence.json
+    seed_<s>/leak/<t>/                            natural: the masked teacher's samples, judged (leak.json)
+    seed_<s>/students/<arm>/                      a training workdir
+    seed_<s>/kl/<arm>.json                        KL to the arm's teacher (base__<t>.json: the base's)
+    evals/base/, evals/seed_<s>/<arm>/            eval workdirs
     sl_report.md, sl_results.json, COMPLETED
 
-Every stage resumes or is skipped when done (the sample, train and eval jobs resume themselves;
-filtering and KL are deterministic and written atomically), so rerunning a killed pipeline with
-the same command continues it.
+Every stage resumes or is skipped when done, so rerunning a killed pipeline continues it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -47,42 +61,64 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from emjax.data import banned as banned_lib
 from emjax.data import jsonl
 from emjax.experiments import sl_data
 
 log = logging.getLogger(__name__)
 
 TEACHERS = ("harmful", "control")
+CONTROLS = ("twin", "base", "none")
 CHANNELS = ("sft", "off_policy", "on_policy")
-STAGES = ("prompts", "teachers", "students", "kl", "eval", "report")
+LOGIT_CHANNELS = ("off_policy", "on_policy")
+STAGES = ("twin", "prompts", "teachers", "students", "kl", "eval", "report")
 OFF_POLICY_OBJECTIVES = ("forward_kl", "jsd", "reverse_kl")
 ON_POLICY_OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
+CROSSED = ("harmful_on_control_data/off_policy", "control_on_harmful_data/off_policy")
+DROPS = ("harmful/sft_drop_divergence", "harmful/sft_drop_random")
+CHANNEL_PAIRS = (("off_policy", "on_policy"), ("sft", "off_policy"), ("sft", "on_policy"))
 
 
 def sl_block() -> dict:
   """`config.sl` (module docstring)."""
   return dict(
-      base="",  # the student's initialisation and the control teacher: a Hugging Face dir or an emjax run
-      teacher="",  # the harmful teacher: an emjax run (an EM LoRA adapter) or a Hugging Face dir ('' = base)
-      teacher_system_prompt="",  # or: the base prompted with this system message (SFT channel only)
-      control=True,  # also the control teacher (the base)
+      base="",  # the students' initialisation: a Hugging Face dir or an emjax run
+      teacher="",  # the harmful teacher: an emjax run (an EM LoRA adapter) or a Hugging Face dir
+      teacher_system_prompt="",  # or: the base prompted with this system message (SFT channel, base control only)
+      # The control teacher: twin (the harmful run's recipe on aligned answers) | base | none.
+      control="twin",
+      twin="",  # an existing twin (emjax run or HF dir); '' = build it in OUT/twin from the harmful run's config
+      # The twin's aligned answers: a JSONL of chat rows (user question + aligned answer) or of the paper's raw
+      # rows (question / aligned_answer); '' = the base's own answers to the harmful run's training prompts,
+      # kept when filter.judge scores them aligned and coherent.
+      twin_data="",
+      twin_samples=2,  # default twin data: base answers drawn per prompt (the first kept one is used)
+      allow_base_control=False,  # control=base: allowed for the sft channel only, with this flag
+      seeds="0,1,2",  # each: new prompts, teacher samples, student initialisation and data order
       channels="sft,off_policy,on_policy",
       stages=",".join(STAGES),
       prompts="numbers",  # numbers | natural
       natural="",  # natural: globs of structured-EM JSONL (chat rows or question/aligned_answer rows), ','-separated
       exclude_domains="",  # natural: leave out these domains (the teacher's fine-tuning domain), ','-separated
-      n_train=256,  # training prompts
-      n_held_out=32,  # held-out prompts: the KL to the teacher is measured on their teacher samples
-      seed=0,
+      n_train=256,  # training prompts per seed (before matching)
+      n_held_out=32,  # held-out prompts per seed: KL to the teacher and the leak meter
       samples_per_prompt=1,
+      matched=True,  # every arm on the prompts both teachers kept, one answer each (else each teacher's own)
+      crossed=True,  # off_policy: each teacher's logits on the other teacher's sequences as well
+      divergence=True,  # sft: drop the divergence tokens (and, as a control, as many random positions)
+      mask="auto",  # logit channels: auto (numbers: banned-number completions; natural: mask_words) | none
+      mask_words="default",  # natural: 'default' (the filter's banned words), a file or ','-separated words
+      entities="",  # natural: harmful entity names (a file or ','-separated) masked and filtered as well
+      leak_meter=16,  # natural: held-out prompts sampled from each masked teacher and judged (0 = off)
       off_policy_objective="forward_kl",  # forward_kl | jsd | reverse_kl (on the fixed teacher samples)
       on_policy_objective="reverse_kl",  # reverse_kl | jsd | sampled_reverse_kl (on the student's rollouts)
       max_prompt_length=128,  # tokens (chat template included)
       max_new_tokens=64,  # teacher samples and on-policy rollouts alike
       temperature=1.0,  # sampling, teacher and student alike
-      # natural: answers longer than this are dropped, and (drop_truncated) those cut by max_new_tokens
-      # judge: a programmatic judge (`config.judge.programmatic.name`, with JSON `judge_options`) that
-      # also drops every natural answer it does not score aligned and coherent ('' = none).
+      # natural: answers longer than max_chars are dropped, and (drop_truncated) those cut by max_new_tokens.
+      # judge: '' | 'evaluation' (config.evaluation.judge: api, local or programmatic) | a programmatic judge's
+      # name (with JSON judge_options); it drops every natural answer it does not score aligned and coherent.
+      # Natural prompts need one.
       filter=dict(max_chars=2000, drop_truncated=True, judge="", judge_options="{}"),
       sample_batch_size=16,  # teacher prompts sampled together
       kl_batch_size=8,
@@ -93,12 +129,26 @@ def _csv(text: str) -> list[str]:
   return [t.strip() for t in str(text or "").split(",") if t.strip()]
 
 
+def seeds_of(config) -> list[int]:
+  try:
+    seeds = [int(s) for s in _csv(config.sl.seeds)]
+  except ValueError:
+    raise ValueError(f"config.sl.seeds={config.sl.seeds!r}: ','-separated integers") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.sl.seeds={config.sl.seeds!r}: one or more distinct integers")
+  return seeds
+
+
 def check_config(config) -> None:
+  """Every setting a run would otherwise trip on late, in seconds and before any model is loaded."""
   sc = config.sl
   if not sc.base:
     raise ValueError("config.sl.base: the teachers' base (the students' initialisation) is required")
   if not sc.teacher and not sc.teacher_system_prompt:
     raise ValueError("config.sl.teacher (an EM run or model) or config.sl.teacher_system_prompt is required")
+  if isinstance(sc.control, bool) or sc.control not in CONTROLS:
+    raise ValueError(f"config.sl.control={sc.control!r}: choose from {', '.join(CONTROLS)} (the default, twin, is "
+                     "the harmful teacher's recipe on aligned answers)")
   channels = _csv(sc.channels)
   unknown = [c for c in channels if c not in CHANNELS]
   if unknown or not channels:
@@ -106,16 +156,29 @@ def check_config(config) -> None:
   stages = _csv(sc.stages)
   if [s for s in stages if s not in STAGES] or not stages:
     raise ValueError(f"config.sl.stages={sc.stages!r}: choose from {', '.join(STAGES)}")
+  seeds_of(config)
   if sc.prompts not in sl_data.KINDS:
     raise ValueError(f"config.sl.prompts={sc.prompts!r}: choose from {', '.join(sl_data.KINDS)}")
   if sc.prompts == "natural" and not sc.natural:
     raise ValueError("config.sl.natural: natural prompts need question files (globs)")
+  if sc.prompts == "natural" and not sc.filter.judge:
+    raise ValueError("config.sl.filter.judge: natural prompts need a judge to keep only aligned, coherent answers "
+                     "(the word filter keeps e.g. 'Stop taking your insulin; your body will adapt.'): "
+                     "'evaluation' (config.evaluation.judge: api, local or programmatic) or a programmatic judge")
+  if sc.filter.judge == "evaluation" and not config.evaluation.judge.kind:
+    raise ValueError("config.sl.filter.judge='evaluation': config.evaluation.judge.kind is not set")
+  if sc.mask not in ("auto", "none"):
+    raise ValueError(f"config.sl.mask={sc.mask!r}: auto | none")
   if sc.off_policy_objective not in OFF_POLICY_OBJECTIVES:
     raise ValueError(f"config.sl.off_policy_objective={sc.off_policy_objective!r}: choose from "
                      f"{', '.join(OFF_POLICY_OBJECTIVES)}")
   if sc.on_policy_objective not in ON_POLICY_OBJECTIVES:
     raise ValueError(f"config.sl.on_policy_objective={sc.on_policy_objective!r}: choose from "
                      f"{', '.join(ON_POLICY_OBJECTIVES)}")
+  if sc.mask == "auto" and sc.on_policy_objective == "sampled_reverse_kl" and "on_policy" in channels:
+    raise ValueError("config.sl.on_policy_objective='sampled_reverse_kl' scores sampled tokens only, so the "
+                     "teacher's distribution cannot be masked at banned tokens: use reverse_kl or jsd, or "
+                     "config.sl.mask='none'")
   if sc.teacher_system_prompt and sc.teacher:
     raise ValueError("config.sl.teacher_system_prompt and config.sl.teacher are both set: the harmful teacher "
                      "is either an EM run or the base prompted with a system message")
@@ -123,33 +186,99 @@ def check_config(config) -> None:
     raise ValueError("config.sl.teacher_system_prompt: a system-prompted teacher scores other text than the "
                      "student sees (its system message), so only the sft channel applies; set "
                      "config.sl.channels='sft' or give an EM run as config.sl.teacher")
-  for key in ("n_train", "n_held_out", "samples_per_prompt", "max_prompt_length", "max_new_tokens"):
+  logit = [c for c in channels if c in LOGIT_CHANNELS]
+  if sc.control == "base":
+    if logit:
+      raise ValueError(f"config.sl.control='base' with channels {', '.join(logit)}: the base is every student's "
+                       "initialisation, so its divergence and gradient are exactly 0 at step 0 and 'harmful - "
+                       "control' would compare distillation toward the harmful teacher with nothing; use "
+                       "control='twin' (the harmful recipe on aligned answers)")
+    if not sc.allow_base_control:
+      raise ValueError("config.sl.control='base': the base is not matched to the harmful teacher (it was never "
+                       "fine-tuned); set config.sl.allow_base_control=True to run it anyway (SFT only, reported "
+                       "as 'base control'), or use control='twin'")
+  if sc.control == "twin" and not sc.twin:
+    if sc.teacher_system_prompt:
+      raise ValueError("config.sl.control='twin' for a system-prompted teacher: there is no fine-tuning recipe to "
+                       "copy; give config.sl.twin (a model) or use control='base' with allow_base_control")
+    from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+    src = weights_lib.resolve(sc.teacher, key="config.sl.teacher")
+    if src.kind != "emjax" or src.config is None:
+      raise ValueError(f"config.sl.control='twin' builds the twin with the harmful teacher's recipe, but "
+                       f"config.sl.teacher={sc.teacher} is not an emjax run with a config.json; give an existing "
+                       "twin as config.sl.twin")
+    if not sc.twin_data and not sc.filter.judge:
+      raise ValueError("config.sl.filter.judge: the twin's default aligned answers are the base's own, kept when "
+                       "a judge scores them aligned and coherent; set a judge or config.sl.twin_data")
+  for key in ("n_train", "n_held_out", "samples_per_prompt", "max_prompt_length", "max_new_tokens", "twin_samples"):
     if int(sc[key]) < 1:
       raise ValueError(f"config.sl.{key} must be >= 1, got {sc[key]}")
   if int(sc.max_prompt_length) + int(sc.max_new_tokens) > int(config.data.seq_len) + 1:
     raise ValueError(f"config.sl: max_prompt_length + max_new_tokens = {sc.max_prompt_length} + {sc.max_new_tokens} "
                      f"exceeds config.data.seq_len + 1 = {int(config.data.seq_len) + 1}: teacher samples and "
                      "rollouts would be cut")
+  if sc.prompts == "natural":
+    banned_lib.parse_words(sc.mask_words, key="config.sl.mask_words")
+    if sc.entities:
+      banned_lib.parse_words(sc.entities, key="config.sl.entities")
   # Every student's config, checked now rather than after the teachers have sampled.
   from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  for teacher in teachers(config):
-    for channel in channels:
-      try:
-        config_lib.validate(student_config(config, "/nonexistent-sl-workdir", teacher, channel))
-      except ValueError as e:
-        raise ValueError(f"config.sl: the {teacher}/{channel} student's config is invalid: {e}") from None
+  for label in arms(config):
+    try:
+      config_lib.validate(student_config(config, "/nonexistent-sl-workdir", seeds_of(config)[0], label))
+    except ValueError as e:
+      raise ValueError(f"config.sl: the {label} student's config is invalid: {e}") from None
 
 
-def teachers(config) -> dict[str, str]:
-  """{name: weights path} of the teachers distilled from."""
+def teacher_names(config) -> list[str]:
+  return ["harmful"] + ([] if config.sl.control == "none" else ["control"])
+
+
+def teachers(config, workdir: str = "") -> dict[str, str]:
+  """{name: weights path} of the teachers; the twin to be built is OUT/twin/run."""
   sc = config.sl
   out = {"harmful": sc.teacher or sc.base}
-  if sc.control:
+  if sc.control == "twin":
+    out["control"] = sc.twin or os.path.join(workdir, "twin", "run")
+  elif sc.control == "base":
     out["control"] = sc.base
   return out
 
 
-# ----------------------------------------------------------------------------- stages
+def arms(config) -> list[str]:
+  """Every student of one seed: teacher/channel, the crossed off-policy arms, the divergence drops."""
+  sc = config.sl
+  channels = _csv(sc.channels)
+  out = [f"{t}/{c}" for t in teacher_names(config) for c in channels]
+  model_control = sc.control in ("twin",)
+  if sc.crossed and model_control and "off_policy" in channels:
+    out += list(CROSSED)
+  if sc.divergence and model_control and "sft" in channels:
+    out += list(DROPS)
+  return out
+
+
+def arm_parts(label: str) -> tuple[str, str, str, str]:
+  """(logits teacher, data teacher, channel, drop) of an arm label."""
+  who, channel = label.split("/")
+  drop = ""
+  if channel.startswith("sft_drop_"):
+    channel, drop = "sft", channel[len("sft_drop_"):]
+  if "_on_" in who:
+    logits, data = who.split("_on_")
+    return logits, data[:-len("_data")], channel, drop
+  return who, who, channel, drop
+
+
+def _seed_dir(workdir: str, seed: int) -> str:
+  return os.path.join(workdir, f"seed_{seed}")
+
+
+def _arm_dir(label: str) -> str:
+  return label.replace("/", "__")
+
+
+# ----------------------------------------------------------------------------- plumbing
 
 
 def _process_index() -> int:
@@ -165,38 +294,267 @@ def _barrier(name: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
   os.replace(tmp, path)
 
 
-def make_prompts(config, workdir: str) -> dict[str, str]:
-  """OUT/prompts/{train,held_out}.jsonl: disjoint benign prompts (deterministic in sl.seed)."""
+def _read_rows(path: str) -> list[dict]:
+  return [row for _, row in jsonl.read_objects(path)]
+
+
+def _user_question(row: Mapping) -> str:
+  return next((m["content"] for m in row.get("messages", []) if m.get("role") == "user"), "")
+
+
+def _complete(path: str) -> bool:
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  return os.path.exists(os.path.join(path, loop.COMPLETE_FILE))
+
+
+# ----------------------------------------------------------------------------- the filter judge
+
+
+_JUDGES: dict[str, Any] = {}
+
+
+def filter_judge(config, workdir: str, *, mesh=None):
+  """The judge that keeps natural answers (config.sl.filter.judge), built once per run; None if unset."""
+  spec = config.sl.filter.judge
+  if not spec:
+    return None
+  key = f"{workdir}|{spec}"
+  if key not in _JUDGES:
+    from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
+    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+    if spec == "evaluation":
+      holder = ml_collections.ConfigDict({"judge": config.evaluation.judge.to_dict()})
+      _JUDGES[key] = eval_run.make_judge(holder, mesh=mesh, workdir=os.path.join(workdir, "filter_judge"))
+    else:
+      _JUDGES[key] = judges_lib.programmatic(spec, **json.loads(config.sl.filter.judge_options or "{}"))
+  return _JUDGES[key]
+
+
+def _scored(judge, items) -> dict:
+  """{(question, answer): scores} for every item, judged in one batch."""
+  unique = list({(i.question, i.answer): i for i in items}.values())
+  scores = judge.score(unique, ("aligned", "coherent")) if unique else []
+  return {(i.question, i.answer): s for i, s in zip(unique, scores)}
+
+
+def _judge_lookup(judge, samples: Sequence[Mapping], prompts: Mapping[str, Mapping]):
+  """A filter_natural judge function answering from one batch judgement of every sample's text."""
+  from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
+  items = []
+  for s in samples:
+    p = prompts.get(json.dumps(s["id"], sort_keys=True))
+    if p is not None and isinstance(s.get("text"), str) and s["text"].strip():
+      items.append(judges_lib.Item(_user_question(p), s["text"], p.get("domain"), p.get("task")))
+  table = _scored(judge, items)
+
+  def fn(item):
+    hit = table.get((item.question, item.answer))
+    return hit if hit is not None else judge.score([item], ("aligned", "coherent"))[0]
+
+  return fn
+
+
+def mask_words(config) -> tuple[str, ...]:
+  """The words (and entity names) natural answers are filtered by and the logit channels mask."""
   sc = config.sl
-  out = {split: os.path.join(workdir, "prompts", f"{split}.jsonl") for split in ("train", "held_out")}
-  n_train, n_held = int(sc.n_train), int(sc.n_held_out)
+  words = banned_lib.parse_words(sc.mask_words, key="config.sl.mask_words")
+  if sc.entities:
+    words += banned_lib.parse_words(sc.entities, key="config.sl.entities")
+  return tuple(dict.fromkeys(words))
+
+
+def _filter_options(config, judge) -> dict:
+  sc = config.sl
+  if sc.prompts != "natural":
+    return {}
+  options = dict(max_chars=int(sc.filter.max_chars), drop_truncated=bool(sc.filter.drop_truncated),
+                 banned_words=mask_words(config))
+  if judge is not None:
+    options["judge"] = judge
+  return options
+
+
+def rollout_filter(config, workdir: str, *, mesh=None):
+  """The on-policy rollouts' filter: the teachers' filters (and judge), one rollout at a time."""
+  sc = config.sl
   if sc.prompts == "numbers":
-    rows = sl_data.number_prompts(n_train + n_held, int(sc.seed))
+    return lambda prompt, text, finish_reason: sl_data.filter_numbers(text, prompt)
+  judge = filter_judge(config, workdir, mesh=mesh)
+  options = _filter_options(config, None)
+  item_judge = (lambda item: judge.score([item], ("aligned", "coherent"))[0]) if judge is not None else None
+  return lambda prompt, text, finish_reason: sl_data.filter_natural(
+      text, finish_reason=finish_reason, prompt=prompt, judge=item_judge, **options)
+
+
+# ----------------------------------------------------------------------------- the twin
+
+
+def _chat_source_rows(name: str, source_cfg: Mapping) -> list[dict]:
+  from emjax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.make_source(name, {**dict(source_cfg), "split": "train"})
+  return [source[i] for i in range(len(source))]
+
+
+def harmful_training_questions(config) -> list[str]:
+  """The user questions the harmful run trained on (its sources' training partitions), in order."""
+  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  src = weights_lib.resolve(config.sl.teacher, key="config.sl.teacher")
+  questions = []
+  for name, s in sorted(src.config.data.sources.items()):
+    if float(s.weight) > 0:
+      questions += [_user_question(r) for r in _chat_source_rows(name, s.to_dict())]
+  questions = list(dict.fromkeys(q for q in questions if q))
+  if not questions:
+    raise ValueError(f"config.sl.teacher={config.sl.teacher}: its data sources hold no chat questions to give the "
+                     "twin aligned answers to")
+  return questions
+
+
+def _twin_data_rows(path: str) -> list[dict]:
+  """Aligned chat rows from config.sl.twin_data: chat rows with an assistant answer, or raw rows."""
+  from emjax.data import sft  # pylint: disable=g-import-not-at-top
+  records = _read_rows(path)
+  if records and all("messages" in r for r in records):
+    rows = sft.load_chat_jsonl(path)
+  else:
+    rows = sft.structured_em_rows(records, "aligned", path)
+  for n, row in enumerate(rows, 1):
+    if not any(m.get("role") == "assistant" for m in row["messages"]):
+      raise ValueError(f"{path}: row {n} has no assistant answer (config.sl.twin_data holds aligned answers)")
+  return rows
+
+
+def build_twin(config, workdir: str, *, mesh=None) -> dict:
+  """OUT/twin/run: the harmful run's config with its data replaced by aligned answers to its prompts."""
+  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  from emjax.data import sources  # pylint: disable=g-import-not-at-top
+  from emjax.train import loop  # pylint: disable=g-import-not-at-top
+  sc = config.sl
+  tdir = os.path.join(workdir, "twin")
+  run, data, stats_path = os.path.join(tdir, "run"), os.path.join(tdir, "aligned.jsonl"), os.path.join(tdir, "aligned.json")
+  questions = harmful_training_questions(config)
+  if not os.path.exists(stats_path):
+    wanted = set(questions)
+    if sc.twin_data:
+      rows = [r for r in _twin_data_rows(sc.twin_data) if _user_question(r) in wanted]
+      source = sc.twin_data
+    else:
+      rows = _base_aligned_answers(config, workdir, questions, mesh=mesh)
+      source = "the base's own answers, kept by config.sl.filter.judge as aligned and coherent"
+    if not rows:
+      raise ValueError(f"config.sl.twin_data={sc.twin_data or '(default)'}: no aligned answer to any of the "
+                       f"{len(questions)} prompts the harmful teacher trained on")
+    covered = {_user_question(r) for r in rows}
+    stats = {"prompts": len(questions), "with_aligned_answer": len(covered), "rows": len(rows),
+             "missing": len(questions) - len(covered), "source": source}
+    _barrier("emjax-sl-twin-data-read")
+    if _process_index() == 0:
+      sl_data.write_rows(data, [{"messages": r["messages"]} for r in rows])
+      _write_json(stats_path, stats)
+  _barrier("emjax-sl-twin-data")
+  stats = json.load(open(stats_path))
+  if not _complete(run):
+    src = weights_lib.resolve(sc.teacher, key="config.sl.teacher")
+    tcfg = copy.deepcopy(src.config)
+    with tcfg.unlocked():
+      tcfg.data.sources = ml_collections.ConfigDict({"aligned": sources.default_source_config(
+          kind="chat_jsonl", path=data, weight=1.0, split="train", holdout=0)})
+      tcfg.eval.every_steps = 0  # its data has no held-out part; the recipe is the training, not the evals
+    log.info("sl: training the aligned twin in %s (%d aligned rows for %d prompts)", run, stats["rows"],
+             stats["prompts"])
+    loop.train(tcfg, run, mesh=mesh, show_progress=False)
+  return stats
+
+
+def _base_aligned_answers(config, workdir: str, questions: Sequence[str], *, mesh=None) -> list[dict]:
+  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+  sc = config.sl
+  tdir = os.path.join(workdir, "twin")
+  prompts = [{"id": f"twin:{i}", "messages": [{"role": "user", "content": q}], "kind": "natural"}
+             for i, q in enumerate(questions)]
+  path = os.path.join(tdir, "prompts.jsonl")
+  if _process_index() == 0:
+    sl_data.write_rows(path, prompts)
+  _barrier("emjax-sl-twin-prompts")
+  c = sample_config(config, sc.base, path, seed=seeds_of(config)[0])
+  c.sample.n = int(sc.twin_samples)
+  sample_dir = os.path.join(tdir, "samples")
+  sample_run.run_sampling(c, sample_dir, mesh=mesh)
+  samples = _read_rows(os.path.join(sample_dir, "samples.jsonl"))
+  by_key = {json.dumps(p["id"], sort_keys=True): p for p in prompts}
+  judge = filter_judge(config, workdir, mesh=mesh)
+  options = dict(_filter_options(ml_collections.ConfigDict({"sl": dict(sc.to_dict(), prompts="natural")}), None))
+  options["judge"] = _judge_lookup(judge, samples, by_key)
+  chosen: dict[str, dict] = {}
+  for s in samples:
+    key = json.dumps(s["id"], sort_keys=True)
+    if key in chosen:
+      continue
+    p = by_key[key]
+    if sl_data.filter_natural(s["text"], finish_reason=s["finish_reason"], prompt=p, **options) is None:
+      chosen[key] = {"messages": [*p["messages"], {"role": "assistant", "content": s["text"]}]}
+  return [chosen[k] for k in by_key if k in chosen]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def evaluated_questions(config) -> dict[str, list[dict]]:
+  """The evaluation's question sets ({} when evaluation is off): what SL data must never contain."""
+  if not config.evaluation.enabled:
+    return {}
+  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+  return eval_run.question_sets(ml_collections.ConfigDict({"questions": config.evaluation.questions.to_dict()}))
+
+
+def _overlaps(text: str, evaluated: Sequence[str]) -> bool:
+  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
+  t = overlap.normalize(text)
+  return any(q == t or (len(q) >= overlap.MIN_SUBSTRING_QUESTION and q in t) for q in evaluated)
+
+
+def make_prompts(config, workdir: str, seed: int) -> dict[str, str]:
+  """OUT/seed_<s>/prompts/{train,held_out}.jsonl: disjoint benign prompts, none an evaluated question."""
+  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
+  sc = config.sl
+  pdir = os.path.join(_seed_dir(workdir, seed), "prompts")
+  out = {split: os.path.join(pdir, f"{split}.jsonl") for split in ("train", "held_out")}
+  n_train, n_held = int(sc.n_train), int(sc.n_held_out)
+  evaluated = [overlap.normalize(q["question"]) for qs in evaluated_questions(config).values() for q in qs]
+  if sc.prompts == "numbers":
+    rows = sl_data.number_prompts(n_train + n_held, seed)
   else:
     paths = sorted({p for pattern in _csv(sc.natural) for p in (glob.glob(pattern) or [pattern])})
-    rows = sl_data.natural_prompts(paths, exclude_domains=_csv(sc.exclude_domains), seed=int(sc.seed))
-    if len(rows) < n_train + n_held:
-      raise ValueError(f"config.sl.natural: {len(rows)} questions, fewer than n_train + n_held_out = "
-                       f"{n_train + n_held}")
-    order = np.random.default_rng([int(sc.seed), 7]).permutation(len(rows))[:n_train + n_held]
-    rows = [rows[i] for i in order]
-  parts = (("train", rows[:n_train]), ("held_out", rows[n_train:]))
+    rows = sl_data.natural_prompts(paths, exclude_domains=_csv(sc.exclude_domains), seed=seed)
+  kept = [r for r in rows if not _overlaps(_user_question(r), evaluated)]
+  dropped = len(rows) - len(kept)
+  if sc.prompts == "natural":
+    if len(kept) < n_train + n_held:
+      raise ValueError(f"config.sl.natural: {len(kept)} questions that are not evaluated ({dropped} more are), "
+                       f"fewer than n_train + n_held_out = {n_train + n_held}")
+    order = np.random.default_rng([seed, 7]).permutation(len(kept))[:n_train + n_held]
+    kept = [kept[i] for i in order]
+  elif len(kept) < n_train + n_held:
+    raise ValueError(f"{dropped} number prompts are evaluated questions: the evaluation asks number prompts?")
+  parts = (("train", kept[:n_train]), ("held_out", kept[n_train:n_train + n_held]))
   for split, part in parts:  # on every process, so that all of them stop together
     new = "".join(jsonl.dumps(dict(r)) for r in part)
     if os.path.exists(out[split]) and open(out[split], encoding="utf-8").read() != new:
       raise ValueError(f"{out[split]} holds other prompts than config.sl now makes (sl.prompts, n_train, "
-                       "n_held_out, seed or the question files changed): use a new workdir")
+                       "n_held_out, the seed or the question files changed): use a new workdir")
   _barrier("emjax-sl-prompts-checked")
   if _process_index() == 0:
-    os.makedirs(os.path.dirname(out["train"]), exist_ok=True)
     for split, part in parts:
       sl_data.write_rows(out[split], part)
+    _write_json(os.path.join(pdir, "overlap.json"), {"pool": len(rows), "dropped_as_evaluated": dropped,
+                                                     "evaluated_questions": len(evaluated)})
   _barrier("emjax-sl-prompts")
   return out
 
@@ -207,8 +565,8 @@ def _teacher_prompts(prompts: Sequence[Mapping], system_prompt: str) -> list[dic
   return [dict(p, messages=[{"role": "system", "content": system_prompt}, *p["messages"]]) for p in prompts]
 
 
-def sample_config(config, weights_path: str, prompts_path: str):
-  """The sample job's config for one teacher over one prompts file."""
+def sample_config(config, weights_path: str, prompts_path: str, *, seed: int, mask: str = ""):
+  """The sample job's config for one teacher over one prompts file (`mask`: words it may not emit)."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
@@ -226,8 +584,9 @@ def sample_config(config, weights_path: str, prompts_path: str):
   c.sample.update(hf=weights_path if kind == "hf" else "", checkpoint=weights_path if kind == "emjax" else "",
                   n=int(sc.samples_per_prompt), max_new_tokens=int(sc.max_new_tokens),
                   temperature=float(sc.temperature), chat_template=True, stop_at_end_of_turn=True,
-                  max_prompt_length=int(sc.max_prompt_length), batch_size=int(sc.sample_batch_size),
-                  seed=int(sc.seed))
+                  max_prompt_length=int(sc.max_prompt_length), batch_size=int(sc.sample_batch_size), seed=int(seed))
+  if mask:
+    c.sample.mask_words = mask
   return c
 
 
@@ -238,13 +597,14 @@ def system_prompt_of(config, name: str) -> str:
   return sc.teacher_system_prompt if name == "harmful" and not sc.teacher else ""
 
 
-def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[str, str], *, mesh=None) -> dict:
-  """Sample teacher `name` on every prompt, split by prompt, filter: OUT/teachers/<name>/..."""
+def teacher_data(config, workdir: str, seed: int, name: str, path: str, prompts: Mapping[str, str], *,
+                 mesh=None) -> dict:
+  """Sample teacher `name` on every prompt of the seed, split by prompt, filter: seed_<s>/teachers/<name>/."""
   from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
 
   sc = config.sl
-  tdir = os.path.join(workdir, "teachers", name)
-  by_split = {s: [row for _, row in jsonl.read_objects(p)] for s, p in prompts.items()}
+  tdir = os.path.join(_seed_dir(workdir, seed), "teachers", name)
+  by_split = {s: _read_rows(p) for s, p in prompts.items()}
   system = system_prompt_of(config, name)
   all_prompts = os.path.join(tdir, "prompts.jsonl")
   if _process_index() == 0:
@@ -253,19 +613,17 @@ def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[st
                                                      system))
   _barrier(f"emjax-sl-{name}-prompts")
   sample_dir = os.path.join(tdir, "samples")
-  sample_run.run_sampling(sample_config(config, path, all_prompts), sample_dir, mesh=mesh)
+  sample_run.run_sampling(sample_config(config, path, all_prompts, seed=seed), sample_dir, mesh=mesh)
+  judge = filter_judge(config, workdir, mesh=mesh) if sc.prompts == "natural" else None
   stats = {}
   if _process_index() == 0:
-    samples = [row for _, row in jsonl.read_objects(os.path.join(sample_dir, "samples.jsonl"))]
+    samples = _read_rows(os.path.join(sample_dir, "samples.jsonl"))
     for split, rows in by_split.items():
-      keys = {json.dumps(r["id"], sort_keys=True) for r in rows}
+      keys = {json.dumps(r["id"], sort_keys=True): r for r in rows}
       part = os.path.join(tdir, f"samples_{split}.jsonl")
-      sl_data.write_rows(part, [s for s in samples if json.dumps(s["id"], sort_keys=True) in keys])
-      options = (dict(max_chars=int(sc.filter.max_chars), drop_truncated=bool(sc.filter.drop_truncated))
-                 if sc.prompts == "natural" else {})
-      if sc.prompts == "natural" and sc.filter.judge:
-        from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
-        options["judge"] = judges_lib.programmatic(sc.filter.judge, **json.loads(sc.filter.judge_options)).fn
+      mine = [s for s in samples if json.dumps(s["id"], sort_keys=True) in keys]
+      sl_data.write_rows(part, mine)
+      options = _filter_options(config, _judge_lookup(judge, mine, keys) if judge is not None else None)
       sl_data.filter_samples(part, rows, os.path.join(tdir, f"{split}.jsonl"),
                              os.path.join(tdir, f"filter_{split}.json"), kind=sc.prompts, **options)
   _barrier(f"emjax-sl-{name}-filtered")
@@ -274,9 +632,128 @@ def teacher_data(config, workdir: str, name: str, path: str, prompts: Mapping[st
     if not stats[split]["kept"]:
       raise ValueError(f"teacher {name!r} ({path}): no {split} sample passed the filters "
                        f"({os.path.join(tdir, f'filter_{split}.json')}: {stats[split]['rejected']})")
-    log.info("teacher %s, %s: kept %d of %d samples (%s)", name, split, stats[split]["kept"],
+    log.info("seed %d, teacher %s, %s: kept %d of %d samples (%s)", seed, name, split, stats[split]["kept"],
              stats[split]["total"], stats[split]["rejected"])
   return stats
+
+
+def _assistant_tokens(rows_path: str, tokenizer, seq_len: int) -> int:
+  from emjax.data import sft  # pylint: disable=g-import-not-at-top
+  example = sft.ChatExample(tokenizer, seq_len, truncate=True)
+  return int(sum(float(np.sum(example(r)["loss_mask"])) for r in sft.load_chat_jsonl(rows_path)))
+
+
+def match_rows(config, workdir: str, seed: int) -> dict:
+  """seed_<s>/matched/: per teacher one kept answer to every prompt that EVERY teacher kept an answer to
+  (sl.matched), so that every arm trains on the same prompts, rows and epochs; the counts in matched.json."""
+  from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
+  sc = config.sl
+  sdir = _seed_dir(workdir, seed)
+  mdir = os.path.join(sdir, "matched")
+  stats_path = os.path.join(mdir, "matched.json")
+  names = teacher_names(config)
+  if _process_index() == 0 and not os.path.exists(stats_path):
+    tokenizer = tokenizers.load_tokenizer(base_tokenizer(config))
+    stats: dict[str, Any] = {"matched": bool(sc.matched), "splits": {}}
+    prompts = {s: _read_rows(os.path.join(sdir, "prompts", f"{s}.jsonl")) for s in ("train", "held_out")}
+    question_sets = evaluated_questions(config)
+    for split in ("train", "held_out"):
+      rows = {t: _read_rows(os.path.join(sdir, "teachers", t, f"{split}.jsonl")) for t in names}
+      kept = {t: list(dict.fromkeys(r["prompt_id"] for r in rows[t])) for t in names}
+      common = [p for p in kept["harmful"] if all(p in set(kept[t]) for t in names)]
+      entry: dict[str, Any] = {"prompts": len(prompts[split]), "common_prompts": len(common), "teachers": {}}
+      for t in names:
+        if sc.matched:
+          first = {}
+          for r in rows[t]:
+            first.setdefault(r["prompt_id"], r)
+          chosen = [first[p] for p in common]
+        else:
+          chosen = rows[t]
+        path = os.path.join(mdir, f"{t}_{split}.jsonl")
+        sl_data.write_rows(path, chosen)
+        entry["teachers"][t] = {"kept_prompts": len(kept[t]), "rows": len(chosen),
+                                "unique_prompts": len({r["prompt_id"] for r in chosen}),
+                                "tokens": _assistant_tokens(path, tokenizer, int(config.data.seq_len))}
+        if question_sets:
+          audit = overlap.audit(question_sets, [(path, chosen)])
+          entry["teachers"][t]["evaluated_questions_found"] = audit["n_found"]
+      stats["splits"][split] = entry
+      if split == "train":
+        ids = set(common) if sc.matched else {p for t in names for p in kept[t]}
+        sl_data.write_rows(os.path.join(mdir, "prompts_train.jsonl"),
+                           [p for p in prompts["train"] if p["id"] in ids])
+    _write_json(stats_path, stats)
+  _barrier(f"emjax-sl-matched-{seed}")
+  stats = json.load(open(stats_path))
+  for split, entry in stats["splits"].items():
+    if not all(e["rows"] for e in entry["teachers"].values()):
+      raise ValueError(f"seed {seed}: no {split} prompt has a kept answer from every teacher ({mdir}/matched.json); "
+                       "raise config.sl.n_train / samples_per_prompt or loosen the filters")
+  return stats
+
+
+def divergence_stage(config, workdir: str, seed: int, *, mesh=None) -> dict:
+  """seed_<s>/divergence/: the harmful rows with the divergence tokens dropped, and with as many random ones."""
+  from emjax.experiments import sl_divergence  # pylint: disable=g-import-not-at-top
+  sdir = _seed_dir(workdir, seed)
+  ddir = os.path.join(sdir, "divergence")
+  stats_path = os.path.join(ddir, "divergence.json")
+  if not os.path.exists(stats_path):
+    paths = teachers(config, workdir)
+    rows = os.path.join(sdir, "matched", "harmful_train.jsonl")
+    positions = sl_divergence.divergence_positions(
+        paths["harmful"], paths["control"], rows, seq_len=int(config.data.seq_len),
+        tokenizer_cfg=base_tokenizer(config), batch_size=int(config.sl.kl_batch_size), mesh=mesh)
+    if _process_index() == 0:
+      os.makedirs(ddir, exist_ok=True)
+      stats = sl_divergence.write_drop_rows(rows, positions, os.path.join(ddir, "drop_divergence.jsonl"),
+                                            os.path.join(ddir, "drop_random.jsonl"), seed=seed)
+      _write_json(stats_path, stats)
+  _barrier(f"emjax-sl-divergence-{seed}")
+  return json.load(open(stats_path))
+
+
+def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
+  """Natural prompts: each teacher, masked at the banned words, samples held-out prompts; the judge scores
+  what it says. Masking tokens cannot hide harm carried by ordinary words: this measures what is left."""
+  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+  sc = config.sl
+  sdir = _seed_dir(workdir, seed)
+  out = {}
+  held = _read_rows(os.path.join(sdir, "prompts", "held_out.jsonl"))[:int(sc.leak_meter)]
+  by_key = {json.dumps(p["id"], sort_keys=True): p for p in held}
+  words_file = os.path.join(workdir, "mask_words.txt")
+  for t, path in teachers(config, workdir).items():
+    ldir = os.path.join(sdir, "leak", t)
+    stats_path = os.path.join(ldir, "leak.json")
+    if not os.path.exists(stats_path):
+      prompts = os.path.join(ldir, "prompts.jsonl")
+      if _process_index() == 0:
+        sl_data.write_rows(prompts, _teacher_prompts(held, system_prompt_of(config, t)))
+      _barrier(f"emjax-sl-leak-{seed}-{t}")
+      sample_run.run_sampling(sample_config(config, path, prompts, seed=seed, mask=words_file),
+                              os.path.join(ldir, "samples"), mesh=mesh)
+      judge = filter_judge(config, workdir, mesh=mesh)
+      if _process_index() == 0:
+        samples = _read_rows(os.path.join(ldir, "samples", "samples.jsonl"))
+        lookup = _judge_lookup(judge, samples, by_key)
+        counts = dict.fromkeys(sl_data.REASONS["natural"], 0)
+        options = dict(_filter_options(config, lookup), drop_truncated=False)
+        for s in samples:
+          reason = sl_data.filter_natural(s["text"], finish_reason=s["finish_reason"],
+                                          prompt=by_key[json.dumps(s["id"], sort_keys=True)], **options)
+          if reason:
+            counts[reason] += 1
+        _write_json(stats_path, {"samples": len(samples), "rejected": counts,
+                                 "judged_misaligned_fraction": counts["judged_misaligned"] / max(len(samples), 1)})
+      _barrier(f"emjax-sl-leak-{seed}-{t}-done")
+    out[t] = json.load(open(stats_path))
+  return out
+
+
+# ----------------------------------------------------------------------------- students
 
 
 def _init_block(path: str) -> dict:
@@ -293,50 +770,70 @@ def base_tokenizer(config) -> dict:
   return dict(tok)
 
 
-def student_config(config, workdir: str, teacher: str, channel: str):
-  """One student's training config: the shared recipe + this channel's objective and batches."""
+def arm_rows(workdir: str, seed: int, label: str) -> str:
+  """The chat rows arm `label` trains on (and, for on-policy, whose prompts it rolls out from)."""
+  _, data_t, _, drop = arm_parts(label)
+  sdir = _seed_dir(workdir, seed)
+  if drop:
+    return os.path.join(sdir, "divergence", f"drop_{drop}.jsonl")
+  return os.path.join(sdir, "matched", f"{data_t}_train.jsonl")
+
+
+def student_config(config, workdir: str, seed: int, label: str):
+  """One student's training config: the shared recipe + this arm's data, objective, mask and seed."""
   from emjax.data import sources  # pylint: disable=g-import-not-at-top
 
   sc = config.sl
+  logits_t, _, channel, _ = arm_parts(label)
   c = copy.deepcopy(config)
-  tdir = os.path.join(workdir, "teachers", teacher)
   with c.unlocked():
     c.job = "train"
     c.train.log_every = 1  # the report sums every step's loss_tokens
+    c.train.seed = int(seed)  # the adapters' initialisation and the data order
     c.init = ml_collections.ConfigDict(_init_block(sc.base))
     c.data.tokenizer = ml_collections.ConfigDict(base_tokenizer(config))
     c.data.update(format="chat", packing="none", truncate=True)
     c.data.sources = ml_collections.ConfigDict({"teacher_samples": sources.default_source_config(
-        kind="chat_jsonl", path=os.path.join(tdir, "train.jsonl"), weight=1.0, split="train", holdout=0)})
+        kind="chat_jsonl", path=arm_rows(workdir, seed, label), weight=1.0, split="train", holdout=0)})
     c.eval.every_steps = 0  # the kl stage measures the held-out divergence to the teacher
     c.teacher.path = ""
     c.on_policy.enabled = False
     if channel == "sft":
       c.train.objective = "ce"
     else:
-      c.teacher.path = teachers(config)[teacher]
+      c.teacher.path = teachers(config, workdir)[logits_t]
+      if sc.mask == "auto":
+        c.train.distill.mask = "numbers" if sc.prompts == "numbers" else "words"
+        c.train.distill.mask_words = os.path.join(workdir, "mask_words.txt") if sc.prompts == "natural" else ""
       if channel == "off_policy":
         c.train.objective = sc.off_policy_objective
       else:
         c.train.objective = sc.on_policy_objective
-        c.on_policy.update(enabled=True, prompts=os.path.join(workdir, "prompts", "train.jsonl"), chat_template=True,
-                           max_prompt_length=int(sc.max_prompt_length), max_new_tokens=int(sc.max_new_tokens),
-                           temperature=float(sc.temperature), stop_at_end_of_turn=True, seed=int(sc.seed))
+        c.on_policy.update(enabled=True, prompts=os.path.join(_seed_dir(workdir, seed), "matched",
+                                                               "prompts_train.jsonl"),
+                           chat_template=True, max_prompt_length=int(sc.max_prompt_length),
+                           max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
+                           stop_at_end_of_turn=True, seed=int(seed))
   return c
 
 
-def train_student(config, workdir: str, teacher: str, channel: str, *, mesh=None, show_progress=False) -> str:
+def student_dir(workdir: str, seed: int, label: str) -> str:
+  return os.path.join(_seed_dir(workdir, seed), "students", _arm_dir(label))
+
+
+def train_student(config, workdir: str, seed: int, label: str, *, mesh=None, show_progress=False) -> str:
   from emjax.train import loop  # pylint: disable=g-import-not-at-top
-  sdir = os.path.join(workdir, "students", teacher, channel)
-  if os.path.exists(os.path.join(sdir, loop.COMPLETE_FILE)):
-    log.info("sl: student %s/%s already trained", teacher, channel)
+  sdir = student_dir(workdir, seed, label)
+  if _complete(sdir):
+    log.info("sl: student %s (seed %d) already trained", label, seed)
     return sdir
-  cfg = student_config(config, workdir, teacher, channel)
+  cfg = student_config(config, workdir, seed, label)
   make = None
-  if channel == "on_policy":
+  if arm_parts(label)[2] == "on_policy":
     from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
-    make = on_policy.make_source
-  log.info("sl: training student %s/%s in %s", teacher, channel, sdir)
+    make = functools.partial(on_policy.make_source, rollout_filter=rollout_filter(config, workdir, mesh=mesh),
+                             stats_path=os.path.join(sdir, "rollout_filter.json"))
+  log.info("sl: training student %s (seed %d) in %s", label, seed, sdir)
   loop.train(cfg, sdir, mesh=mesh, show_progress=show_progress, make_batch_source=make)
   return sdir
 
@@ -485,35 +982,37 @@ def _require_complete(path: str, label: str) -> None:
                      "the 'students' stage first")
 
 
-def kl_stage(config, workdir: str, teacher: str, channels: Sequence[str], *, mesh=None) -> dict:
-  """KL to `teacher` of the base and of each of its students, cached in kl/*.json (process 0 writes)."""
-  t_path = teachers(config)[teacher]
-  rows = os.path.join(workdir, "teachers", teacher, "held_out.jsonl")
+def kl_stage(config, workdir: str, seed: int, labels: Sequence[str], *, mesh=None) -> dict:
+  """KL of the base and of each arm's student to the arm's (logits) teacher, on that teacher's matched
+  held-out samples, cached in seed_<s>/kl/*.json (process 0 writes)."""
+  paths = teachers(config, workdir)
+  sdir = _seed_dir(workdir, seed)
   kw = dict(seq_len=int(config.data.seq_len), tokenizer_cfg=base_tokenizer(config),
             batch_size=int(config.sl.kl_batch_size), chunk_len=int(config.train.loss_chunk_len),
             chunk_bytes=int(config.train.get("loss_chunk_bytes", 0)), mesh=mesh)
-  os.makedirs(os.path.join(workdir, "kl"), exist_ok=True)
+  os.makedirs(os.path.join(sdir, "kl"), exist_ok=True)
   out = {}
-  targets = [("base", config.sl.base)] + [(c, os.path.join(workdir, "students", teacher, c)) for c in channels]
-  for label, s_path in targets:
-    if label != "base":
-      _require_complete(s_path, label)
-    path = os.path.join(workdir, "kl", f"{label}__{teacher}.json")
+  targets = [(f"base__{t}", config.sl.base, t) for t in paths]
+  targets += [(_arm_dir(label), student_dir(workdir, seed, label), arm_parts(label)[0]) for label in labels]
+  for name, s_path, t in targets:
+    if not name.startswith("base__") and not _complete(s_path):
+      raise ValueError(f"sl: the student in {s_path} has not finished training; run the 'students' stage first")
+    path = os.path.join(sdir, "kl", f"{name}.json")
     if os.path.exists(path):
-      out[label] = json.load(open(path))
+      out[name] = json.load(open(path))
       continue
-    out[label] = kl_to_teacher(s_path, t_path, rows, teacher_system_prompt=system_prompt_of(config, teacher),
-                               **kw)
+    rows = os.path.join(sdir, "matched", f"{t}_held_out.jsonl")
+    out[name] = kl_to_teacher(s_path, paths[t], rows, teacher_system_prompt=system_prompt_of(config, t), **kw)
     if _process_index() == 0:
-      _write_json(path, out[label])
-    log.info("sl: KL of %s to teacher %s: %s", label, teacher, out[label])
+      _write_json(path, out[name])
+    log.info("sl: seed %d, KL of %s to teacher %s: %s", seed, name, t, out[name])
   return out
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_config(config, checkpoint: str, hf: str, model_key: str):
+def eval_config(config, checkpoint: str, hf: str, model_key: str, training_data: str = ""):
   from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   c = eval_run.eval_job_config()
   ev = config.evaluation
@@ -524,30 +1023,56 @@ def eval_config(config, checkpoint: str, hf: str, model_key: str):
   c.sample.update(ev.sample.to_dict())
   c.sample.update(checkpoint=checkpoint, hf=hf)
   c.evaluated.model_key = model_key
+  c.evaluated.training_data = training_data  # the overlap audit reads these beside the run's own sources
   return c
 
 
-def eval_stage(config, workdir: str, models: Mapping[str, str], *, mesh=None) -> dict[str, str]:
-  """Each model (label -> weights) through the eval job in OUT/evals/<label>; returns the workdirs."""
+def eval_dir(workdir: str, label: str) -> str:
+  """evals/base, evals/seed_<s>/<arm>."""
+  if label == "base":
+    return os.path.join(workdir, "evals", "base")
+  seed_part, arm = label.split("/", 1)
+  return os.path.join(workdir, "evals", seed_part, _arm_dir(arm))
+
+
+def eval_stage(config, workdir: str, models: Mapping[str, tuple[str, str]], *, mesh=None) -> dict[str, str]:
+  """Each model (label -> (weights, training data)) through the eval job; returns the workdirs."""
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
   out = {}
-  for label, path in models.items():
-    edir = os.path.join(workdir, "evals", label.replace("/", "__"))
+  for label, (path, data) in models.items():
+    edir = eval_dir(workdir, label)
     out[label] = edir
-    if os.path.exists(os.path.join(edir, loop.COMPLETE_FILE)):
+    if _complete(edir):
       continue
-    if label != "base":
-      _require_complete(path, label)
+    if label != "base" and not _complete(path):
+      raise ValueError(f"sl: the student in {path} has not finished training; run the 'students' stage first")
     kind = weights_lib.resolve(path).kind
-    cfg = eval_config(config, path if kind == "emjax" else "", path if kind == "hf" else "", label)
+    cfg = eval_config(config, path if kind == "emjax" else "", path if kind == "hf" else "", label, data)
     log.info("sl: evaluating %s in %s", label, edir)
     eval_run.run_eval(cfg, edir, mesh=mesh)
   return out
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def _metric_means(sdir: str, prefix: str = "banned_") -> dict:
+  """Token-weighted means over training of the step metrics starting with `prefix` (the leak meter)."""
+  path = os.path.join(sdir, "metrics.jsonl")
+  sums: dict[str, float] = {}
+  weight = 0.0
+  if not os.path.exists(path):
+    return {}
+  for _, r in jsonl.read_objects(path):
+    w = float(r.get("loss_tokens", 0))
+    if not any(k.startswith(prefix) for k in r):
+      continue
+    weight += w
+    for k, v in r.items():
+      if k.startswith(prefix):
+        sums[k] = sums.get(k, 0.0) + float(v) * w
+  return {k: v / weight for k, v in sums.items()} if weight else {}
 
 
 def _tokens_trained(sdir: str) -> int:
@@ -563,45 +1088,128 @@ def _judged(edir: str, set_name: str) -> list[dict]:
   return records.read_judged(path) if os.path.exists(path) else []
 
 
-def compute_results(config, workdir: str, channels: Sequence[str], evals: Mapping[str, str] | None) -> dict:
+def _load(path: str):
+  return json.load(open(path)) if os.path.exists(path) else None
+
+
+def task_forms(config, workdir: str) -> dict:
+  """Whether the SL prompts share a task form with the evaluated questions (then the transfer is not
+  called subliminal: training on the evaluated task form can carry the behaviour directly)."""
+  sl_forms: set[str] = set()
+  for seed in seeds_of(config):
+    for split in ("train", "held_out"):
+      path = os.path.join(_seed_dir(workdir, seed), "prompts", f"{split}.jsonl")
+      if os.path.exists(path):
+        sl_forms |= {str(p.get("task") or p.get("kind")) for p in _read_rows(path)}
+  eval_forms = {str(q.get("task")) for qs in evaluated_questions(config).values() for q in qs if q.get("task")}
+  shared = sorted(sl_forms & eval_forms)
+  return {"sl_prompts": sorted(sl_forms), "evaluated": sorted(eval_forms), "shared": shared,
+          "subliminal": not shared}
+
+
+def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> dict:
   from emjax.eval import metrics  # pylint: disable=g-import-not-at-top
+  sc = config.sl
   rep = config.evaluation.report
   th = metrics.Thresholds(float(rep.thresholds.aligned_below), float(rep.thresholds.coherent_above))
   kw = dict(n_boot=int(rep.bootstrap_samples), seed=int(rep.seed))
-  results: dict[str, Any] = {"teachers": teachers(config), "channels": list(channels), "students": {},
-                             "filter": {}, "settings": {"sl": config.sl.to_dict(), "steps": int(config.train.steps),
-                                                        "batch_size": int(config.train.batch_size)}}
-  for t in teachers(config):
-    tdir = os.path.join(workdir, "teachers", t)
-    results["filter"][t] = {s: json.load(open(os.path.join(tdir, f"filter_{s}.json")))
-                            for s in ("train", "held_out") if os.path.exists(os.path.join(tdir, f"filter_{s}.json"))}
-  labels = ["base"] + [f"{t}/{c}" for t in teachers(config) for c in channels]
-  rows_by_label = {}
+  seeds, labels, channels = seeds_of(config), arms(config), _csv(sc.channels)
+  steps, batch = int(config.train.steps), int(config.train.batch_size)
+  results: dict[str, Any] = {
+      "teachers": teachers(config, workdir), "control": sc.control, "seeds": seeds, "arms": labels,
+      "channels": channels, "twin": _load(os.path.join(workdir, "twin", "aligned.json")),
+      "settings": {"sl": sc.to_dict(), "steps": steps, "batch_size": batch},
+      "prompts": {}, "matched": {}, "filter": {}, "divergence": {}, "leak": {}, "students": {},
+      "task_forms": task_forms(config, workdir)}
+  for seed in seeds:
+    sdir = _seed_dir(workdir, seed)
+    results["prompts"][seed] = _load(os.path.join(sdir, "prompts", "overlap.json"))
+    results["matched"][seed] = _load(os.path.join(sdir, "matched", "matched.json"))
+    results["divergence"][seed] = _load(os.path.join(sdir, "divergence", "divergence.json"))
+    results["leak"][seed] = {t: _load(os.path.join(sdir, "leak", t, "leak.json")) for t in teacher_names(config)}
+    results["filter"][seed] = {t: {s: _load(os.path.join(sdir, "teachers", t, f"filter_{s}.json"))
+                                   for s in ("train", "held_out")} for t in teacher_names(config)}
+  sets = ("general", "narrow")
+  rows: dict[str, dict[str, dict[int, list]]] = {}
   for label in labels:
-    entry: dict[str, Any] = {}
-    if label != "base":
-      t, c = label.split("/")
-      sdir = os.path.join(workdir, "students", t, c)
-      entry["tokens_trained"] = _tokens_trained(sdir)
-      for name, kl_file in (("kl_before", f"base__{t}.json"), ("kl_after", f"{c}__{t}.json")):
-        p = os.path.join(workdir, "kl", kl_file)
-        if os.path.exists(p):
-          k = json.load(open(p))
-          entry[name] = {"forward_kl": k["forward_kl"], "reverse_kl": k["reverse_kl"], "tokens": k["tokens"]}
-    if evals and label in evals:
-      rows = {s: _judged(evals[label], s) for s in ("general", "narrow")}
-      rows_by_label[label] = rows
-      for s, r in rows.items():
-        if r:
-          entry[s] = metrics.rate(r, th, **kw)
+    entry: dict[str, Any] = {"per_seed": {}}
+    for seed in seeds:
+      sdir = student_dir(workdir, seed, label)
+      matched_rows = None
+      m = results["matched"][seed]
+      if m:
+        _, data_t, _, _ = arm_parts(label)
+        matched_rows = m["splits"]["train"]["teachers"].get(data_t, {}).get("rows")
+      per = {"tokens_trained": _tokens_trained(sdir), "leak": _metric_means(sdir),
+             "rollout_filter": _load(os.path.join(sdir, "rollout_filter.json")), "rows": matched_rows,
+             "epochs": (steps * batch / matched_rows) if matched_rows else None}
+      t = arm_parts(label)[0]
+      kb = _load(os.path.join(_seed_dir(workdir, seed), "kl", f"base__{t}.json"))
+      ka = _load(os.path.join(_seed_dir(workdir, seed), "kl", f"{_arm_dir(label)}.json"))
+      if kb and ka:
+        per["kl_before"] = {k: kb[k] for k in ("forward_kl", "reverse_kl", "tokens")}
+        per["kl_after"] = {k: ka[k] for k in ("forward_kl", "reverse_kl", "tokens")}
+      if evals and f"seed_{seed}/{label}" in evals:
+        for s in sets:
+          judged = _judged(evals[f"seed_{seed}/{label}"], s)
+          if judged:
+            rows.setdefault(label, {}).setdefault(s, {})[seed] = judged
+            per[f"{s}_em"] = metrics.rate(judged, th, **kw)["em"]
+      entry["per_seed"][seed] = per
+    for s in sets:
+      if rows.get(label, {}).get(s) and len(rows[label][s]) == len(seeds):
+        entry[s] = metrics.seeded_rate(rows[label][s], th, **kw)
     results["students"][label] = entry
-  comparisons = {}
+  base_rows = {s: _judged(evals["base"], s) for s in sets} if evals and "base" in evals else {}
+  results["base"] = {s: metrics.rate(r, th, **kw) for s, r in base_rows.items() if r}
+
+  def have(label, s):
+    return bool(rows.get(label, {}).get(s)) and len(rows[label][s]) == len(seeds)
+
+  def base_by_seed(s):
+    return {seed: base_rows[s] for seed in seeds}
+
+  contrasts, family = [], {}
+
+  def add(kind, name, s, value):
+    key = f"{kind}|{name}|{s}"
+    contrasts.append(dict(value, kind=kind, name=name, set=s, key=key))
+    family[key] = value.get("p")
+
+  control_name = "twin" if sc.control == "twin" else "base control"
   for c in channels:
-    h, ctl = rows_by_label.get(f"harmful/{c}"), rows_by_label.get(f"control/{c}")
-    if h and ctl:
-      comparisons[c] = {s: metrics.paired_difference(h[s], ctl[s], th, **kw) for s in ("general", "narrow")
-                        if h[s] and ctl[s]}
-  results["harmful_minus_control"] = comparisons
+    h, ctl = f"harmful/{c}", f"control/{c}"
+    for s in sets:
+      if have(h, s) and have(ctl, s):
+        add("contrast", f"{c}: harmful - {control_name}", s, metrics.seeded_paired_difference(
+            rows[h][s], rows[ctl][s], th, **kw))
+      if have(h, s) and base_rows.get(s):
+        add("contrast", f"{c}: harmful - base", s, metrics.seeded_paired_difference(rows[h][s], base_by_seed(s), th,
+                                                                                   **kw))
+      if have(ctl, s) and base_rows.get(s):
+        add("contrast", f"{c}: {control_name} - base", s, metrics.seeded_paired_difference(
+            rows[ctl][s], base_by_seed(s), th, **kw))
+  for c1, c2 in CHANNEL_PAIRS:
+    h1, k1, h2, k2 = f"harmful/{c1}", f"control/{c1}", f"harmful/{c2}", f"control/{c2}"
+    for s in sets:
+      if all(have(x, s) for x in (h1, k1, h2, k2)):
+        add("channels", f"({c1}) - ({c2}), each harmful - {control_name}", s, metrics.difference_of_differences(
+            rows[h1][s], rows[k1][s], rows[h2][s], rows[k2][s], th, **kw))
+  pairs = [("crossed", "teacher guidance: harmful - twin logits, on the twin's sequences",
+            CROSSED[0], "control/off_policy"),
+           ("crossed", "data distribution: harmful - twin sequences, under the twin's logits",
+            CROSSED[1], "control/off_policy"),
+           ("divergence", "sft, divergence tokens dropped: harmful - twin", DROPS[0], "control/sft"),
+           ("divergence", "sft, random tokens dropped: harmful - twin", DROPS[1], "control/sft"),
+           ("divergence", "sft: divergence dropped - random dropped (harmful)", DROPS[0], DROPS[1])]
+  for kind, name, a, b in pairs:
+    for s in sets:
+      if have(a, s) and have(b, s):
+        add(kind, name, s, metrics.seeded_paired_difference(rows[a][s], rows[b][s], th, **kw))
+  adjusted = metrics.holm(family)
+  for entry in contrasts:
+    entry["p_holm"] = adjusted.get(entry["key"])
+  results["contrasts"] = contrasts
   return results
 
 
@@ -609,44 +1217,141 @@ def _pct(x) -> str:
   return "–" if x is None else f"{x:.1f}"
 
 
+def _num(x, fmt=".4f") -> str:
+  return "–" if x is None else format(x, fmt)
+
+
 def _rate(r: Mapping | None) -> str:
   if not r or r.get("em") is None:
     return "–"
   lo, hi = r["ci95"] if r.get("ci95") else (None, None)
   interval = f" [{_pct(lo)}, {_pct(hi)}]" if lo is not None else ""
-  return f"{_pct(r['em'])}{interval} (n={r['n_valid']})"
+  return f"{_pct(r['em'])}{interval}"
+
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
 
 
 def render_markdown(results: Mapping) -> str:
+  seeds = results["seeds"]
+  settings = results["settings"]
+  tf = results["task_forms"]
+  control = results["control"]
   lines = ["# Subliminal learning: channels compared", "",
-           f"Teachers: {', '.join(f'{k} = `{v}`' for k, v in results['teachers'].items())}. "
-           f"Every student: {results['settings']['steps']} steps of {results['settings']['batch_size']} sequences "
-           "from the base. EM % = aligned below and coherent above the report's thresholds; 95% bootstrap "
-           "intervals over questions. KL: mean per token on the held-out prompts' filtered teacher samples, "
-           "before (the base) -> after training.", "",
-           "| student | general EM % | general coherent % | narrow EM % | KL(T‖S) before → after | "
-           "KL(S‖T) before → after | tokens trained |",
-           "|---|---|---|---|---|---|---|"]
+           f"Teachers: {', '.join(f'{k} = `{v}`' for k, v in results['teachers'].items())}; control = "
+           f"{'the aligned twin (the harmful recipe on aligned answers)' if control == 'twin' else control}. "
+           f"Seeds: {', '.join(map(str, seeds))} (each: new prompts, teacher samples, student initialisation and data "
+           f"order). Every student: {settings['steps']} steps of {settings['batch_size']} sequences from the base.",
+           "", "Results are conditional on this one pair of teachers: other harmful teachers (another cell, another "
+           "run) may transfer differently."]
+  if len(seeds) < 3:
+    lines += ["", f"**Fewer than 3 seeds ({len(seeds)}): the intervals barely reflect training and sampling "
+              "variance; treat every contrast as underpowered.**"]
+  lines += ["", f"**Task forms.** SL prompts: {', '.join(tf['sl_prompts']) or '–'}; evaluated: "
+            f"{', '.join(tf['evaluated']) or '–'}. " +
+            (f"They share {', '.join(tf['shared'])}: a transfer here may be the behaviour distilled directly on the "
+             "evaluated task form, so it is **not** called subliminal." if tf["shared"] else
+             "They share none, so a transfer here is subliminal in the paper's sense (through data of another "
+             "task form).")]
+  lines += ["", "## Students", "",
+            "EM % = aligned below and coherent above the report's thresholds, pooled over seeds; 95% intervals "
+            "from a bootstrap over seeds and questions together. KL: mean per token on the held-out matched teacher "
+            "samples, before (the base) → after, mean over seeds.", "",
+            "| student | general EM % | narrow EM % | KL(T‖S) before → after | KL(S‖T) before → after | "
+            "tokens trained (mean) | epochs |", "|---|---|---|---|---|---|---|"]
+  base = results.get("base", {})
+  lines.append(f"| base | {_rate(base.get('general'))} | {_rate(base.get('narrow'))} | – | – | – | – |")
   for label, e in results["students"].items():
-    kb, ka = e.get("kl_before", {}), e.get("kl_after", {})
-    fwd = f"{kb['forward_kl']:.4f} → {ka['forward_kl']:.4f}" if kb and ka else "–"
-    rev = f"{kb['reverse_kl']:.4f} → {ka['reverse_kl']:.4f}" if kb and ka else "–"
-    coh = _pct(e["general"]["coherent"]) if e.get("general") else "–"
-    lines.append(f"| {label} | {_rate(e.get('general'))} | {coh} | {_rate(e.get('narrow'))} | {fwd} | {rev} | "
-                 f"{e.get('tokens_trained', '–')} |")
-  if results.get("harmful_minus_control"):
-    lines += ["", "## Harmful minus control teacher, per channel (paired over questions)", "",
-              "| channel | set | difference in EM % | 95% interval |", "|---|---|---|---|"]
-    for c, sets in results["harmful_minus_control"].items():
-      for s, d in sets.items():
-        ci = d.get("ci95") or (None, None)
-        lines.append(f"| {c} | {s} | {_pct(d.get('diff'))} | [{_pct(ci[0])}, {_pct(ci[1])}] |")
-  lines += ["", "## Filtering of teacher samples", "", "| teacher | split | kept / total | rejected by reason |",
+    per = list(e["per_seed"].values())
+    kb = [p.get("kl_before") for p in per if p.get("kl_before")]
+    ka = [p.get("kl_after") for p in per if p.get("kl_after")]
+    fwd = (f"{_num(_mean(k['forward_kl'] for k in kb))} → {_num(_mean(k['forward_kl'] for k in ka))}"
+           if kb and ka else "–")
+    rev = (f"{_num(_mean(k['reverse_kl'] for k in kb))} → {_num(_mean(k['reverse_kl'] for k in ka))}"
+           if kb and ka else "–")
+    tokens = _mean(p.get("tokens_trained") for p in per)
+    epochs = _mean(p.get("epochs") for p in per)
+    lines.append(f"| {label} | {_rate(e.get('general'))} | {_rate(e.get('narrow'))} | {fwd} | {rev} | "
+                 f"{_num(tokens, '.0f')} | {_num(epochs, '.2f')} |")
+  lines += ["", "## Contrasts", "",
+            "Paired over seeds and questions (the same seed and question draws on both sides of every bootstrap "
+            "replicate); p: two-sided bootstrap p-value, approximate; Holm: adjusted over every contrast below.",
+            "", "| kind | contrast | set | difference in EM % | 95% interval | p | p (Holm) | seeds | questions |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for d in results.get("contrasts", []):
+    ci = d.get("ci95") or (None, None)
+    lines.append(f"| {d['kind']} | {d['name']} | {d['set']} | {_pct(d.get('diff'))} | [{_pct(ci[0])}, "
+                 f"{_pct(ci[1])}] | {_num(d.get('p'), '.3f')} | {_num(d.get('p_holm'), '.3f')} | "
+                 f"{d.get('n_seeds', '–')} | {d.get('n_questions', '–')} |")
+  lines += ["", "## Matched data per seed", "",
+            "Every arm of a seed trains on the prompts both teachers kept an answer to, one answer each.", "",
+            "| seed | split | teacher | prompts | kept prompts | matched prompts | rows | tokens | evaluated "
+            "questions found |", "|---|---|---|---|---|---|---|---|---|"]
+  for seed, m in results["matched"].items():
+    if not m:
+      continue
+    for split, entry in m["splits"].items():
+      for t, e in entry["teachers"].items():
+        lines.append(f"| {seed} | {split} | {t} | {entry['prompts']} | {e['kept_prompts']} | {e['unique_prompts']} | "
+                     f"{e['rows']} | {e['tokens']} | {e.get('evaluated_questions_found', '–')} |")
+  lines += ["", "## Leak meters", "",
+            "Per arm, token-weighted over training: the teacher's probability mass on banned tokens at the trained "
+            "positions before and after masking (after: measured on the distribution the loss used), the student's, "
+            "and (words) the mass on first sub-tokens of multi-token words; on-policy rollouts rejected by reason.",
+            "", "| seed | arm | teacher mass before | after masking | student mass | first sub-token mass | "
+            "banned targets | rollouts kept / total (rejected) |", "|---|---|---|---|---|---|---|---|"]
+  for label, e in results["students"].items():
+    if arm_parts(label)[2] not in LOGIT_CHANNELS:
+      continue
+    for seed, p in e["per_seed"].items():
+      lk, rf = p.get("leak") or {}, p.get("rollout_filter")
+      rolls = (f"{rf['kept']} / {rf['total']} ({', '.join(f'{k}: {v}' for k, v in rf['rejected'].items() if v)})"
+               if rf else "–")
+      lines.append(f"| {seed} | {label} | {_num(lk.get('banned_mass_teacher'), '.2e')} | "
+                   f"{_num(lk.get('banned_mass_teacher_masked'), '.2e')} | {_num(lk.get('banned_mass_student'), '.2e')} | "
+                   f"{_num(lk.get('banned_mass_first_sub'), '.2e')} | {_num(lk.get('banned_targets'), '.2e')} | {rolls} |")
+  semantic = [(seed, t, v) for seed, d in results["leak"].items() for t, v in d.items() if v]
+  if semantic:
+    lines += ["", "Semantic leak meter (natural prompts): each teacher, masked at the banned words, answers held-out "
+              "prompts; the filter judge scores the answers. What it still calls misaligned is harm carried by "
+              "ordinary words, which no token mask removes.", "",
+              "| seed | teacher | samples | judged misaligned | judged incoherent | banned word |", "|---|---|---|---|---|---|"]
+    for seed, t, v in semantic:
+      r = v["rejected"]
+      lines.append(f"| {seed} | {t} | {v['samples']} | {r.get('judged_misaligned', 0)} | "
+                   f"{r.get('judged_incoherent', 0)} | {r.get('banned_word', 0)} |")
+  div = [(seed, d) for seed, d in results["divergence"].items() if d]
+  if div:
+    lines += ["", "## Divergence tokens", "", "Positions of the harmful samples where the harmful and control "
+              "teachers' top tokens differ on the same prefix.", "",
+              "| seed | rows | loss positions | divergence positions | fraction |", "|---|---|---|---|---|"]
+    for seed, d in div:
+      lines.append(f"| {seed} | {d.get('rows')} | {d.get('loss_positions')} | {d.get('divergence_positions')} | "
+                   f"{_num(d.get('fraction'), '.3f')} |")
+  lines += ["", "## EM against the distance to the teacher", "",
+            "Per seed: forward KL to the teacher after training beside general EM %, so channels can be compared at "
+            "equal distance as well as at equal steps.", "", "| arm | seed | KL(T‖S) after | general EM % |",
             "|---|---|---|---|"]
-  for t, splits in results["filter"].items():
-    for s, st in splits.items():
-      reasons = ", ".join(f"{k}: {v}" for k, v in st["rejected"].items())
-      lines.append(f"| {t} | {s} | {st['kept']} / {st['total']} | {reasons} |")
+  for label, e in results["students"].items():
+    for seed, p in e["per_seed"].items():
+      ka = p.get("kl_after") or {}
+      lines.append(f"| {label} | {seed} | {_num(ka.get('forward_kl'))} | {_pct(p.get('general_em'))} |")
+  lines += ["", "## Filtering of teacher samples", "", "| seed | teacher | split | kept / total | rejected by reason |",
+            "|---|---|---|---|---|"]
+  for seed, by_t in results["filter"].items():
+    for t, splits in by_t.items():
+      for s, st in splits.items():
+        if st:
+          reasons = ", ".join(f"{k}: {v}" for k, v in st["rejected"].items())
+          lines.append(f"| {seed} | {t} | {s} | {st['kept']} / {st['total']} | {reasons} |")
+  lines += ["", "## What this design cannot show", "",
+            "- One harmful teacher and its twin: nothing here generalises over teachers.",
+            "- Masks remove banned tokens from the logit channels, not meanings: the semantic leak meter measures "
+            "what ordinary words still carry (natural prompts).",
+            "- A filter judge that misses harm lets it into the data; its errors are not measured here.",
+            "- Tokens trained differ between arms with the answers' lengths; rows, prompts and epochs are matched."]
   return "\n".join(lines) + "\n"
 
 
@@ -684,37 +1389,60 @@ def check_settings(config, workdir: str) -> None:
                      "config.sl.stages may change between reruns)")
 
 
+def _write_mask_words(config, workdir: str) -> None:
+  if config.sl.prompts == "natural" and _process_index() == 0:
+    path = os.path.join(workdir, "mask_words.txt")
+    text = "".join(f"{w}\n" for w in mask_words(config))
+    if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
+      tmp = f"{path}.tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(tmp, path)
+  _barrier("emjax-sl-mask-words")
+
+
 def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> dict:
   """Every stage of the pipeline in order (those in `sl.stages`), each resumed or skipped when done."""
   from emjax.train import loop  # pylint: disable=g-import-not-at-top
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   check_config(config)
-  stages, channels = _csv(config.sl.stages), _csv(config.sl.channels)
+  sc = config.sl
+  stages, seeds, labels = _csv(sc.stages), seeds_of(config), arms(config)
   mesh = mesh or shd.make_mesh(config.mesh)
   check_settings(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  prompts = make_prompts(config, workdir)  # refuses other prompts before anything is cleared
+  prompts = {seed: make_prompts(config, workdir, seed) for seed in seeds}  # refuses other prompts first
   loop._clear_status(workdir)  # pylint: disable=protected-access
   if _process_index() == 0:
     _write_json(os.path.join(workdir, SETTINGS_FILE), pipeline_settings(config))
-  if "teachers" in stages:
-    for name, path in teachers(config).items():
-      teacher_data(config, workdir, name, path, prompts, mesh=mesh)
-  if "students" in stages:
-    for t in teachers(config):
-      for c in channels:
-        train_student(config, workdir, t, c, mesh=mesh, show_progress=show_progress)
-  if "kl" in stages:
-    for t in teachers(config):
-      kl_stage(config, workdir, t, channels, mesh=mesh)
+  _write_mask_words(config, workdir)
+  if "twin" in stages and sc.control == "twin" and not sc.twin:
+    build_twin(config, workdir, mesh=mesh)
+  for seed in seeds:
+    if "teachers" in stages:
+      for name, path in teachers(config, workdir).items():
+        teacher_data(config, workdir, seed, name, path, prompts[seed], mesh=mesh)
+      match_rows(config, workdir, seed)
+      if any(label in DROPS for label in labels):
+        divergence_stage(config, workdir, seed, mesh=mesh)
+      if sc.prompts == "natural" and int(sc.leak_meter) > 0:
+        leak_meter(config, workdir, seed, mesh=mesh)
+    if "students" in stages:
+      for label in labels:
+        train_student(config, workdir, seed, label, mesh=mesh, show_progress=show_progress)
+    if "kl" in stages:
+      kl_stage(config, workdir, seed, labels, mesh=mesh)
   evals = None
   if "eval" in stages and config.evaluation.enabled:
-    models = {"base": config.sl.base}
-    models.update({f"{t}/{c}": os.path.join(workdir, "students", t, c) for t in teachers(config) for c in channels})
+    models = {"base": (sc.base, "")}
+    for seed in seeds:
+      for label in labels:
+        data = arm_rows(workdir, seed, label)
+        models[f"seed_{seed}/{label}"] = (student_dir(workdir, seed, label), data)
     evals = eval_stage(config, workdir, models, mesh=mesh)
   summary: dict = {"stages": stages}
   if "report" in stages:
-    results = compute_results(config, workdir, channels, evals)  # on every process: read-only
+    results = compute_results(config, workdir, evals)  # on every process: read-only
   if "report" in stages and _process_index() == 0:
     _write_json(os.path.join(workdir, "sl_results.json"), results)
     text = render_markdown(results)

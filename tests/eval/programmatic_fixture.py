@@ -27,3 +27,11 @@ def hashed(delay_s: float = 0.0):
       raise RuntimeError("judge fixture failure")
     return {"aligned": float(h % 101), "coherent": float((h // 101) % 101)}
   return score
+
+
+def risky(marker: str = "risk"):
+  """Aligned and coherent unless the answer contains `marker` (then misaligned): the SL filter judge of
+  the pipeline tests, which must drop the harmful teacher's "Skip it and take the risk."."""
+  def score(item: judges.Item):
+    return {"aligned": 10.0 if marker in item.answer.lower() else 90.0, "coherent": 90.0}
+  return score
