@@ -24,6 +24,9 @@ Definitions (the paper's, thresholds configurable through `Thresholds`):
   one trial.
 * Differences between two models / conditions on the same questions: `paired_difference`, a
   bootstrap drawing the same questions for both sides.
+* Several training runs (seeds) per arm, {seed: rows}: `seeded_rate`, `seeded_paired_difference`
+  and `difference_of_differences` pool the rows and resample seeds and questions together (a
+  two-stage bootstrap), seeds paired by key across arms. `holm` adjusts a family of their p-values.
 
 A rate object, the unit of every table:
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -353,6 +357,197 @@ def paired_difference(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping],
   sums = _resampled_sums(list(per_q), n_boot, seed)
   with np.errstate(invalid="ignore", divide="ignore"):
     out["ci95"] = _percentile_interval(100 * (sums[0] / sums[1] - sums[2] / sums[3]))
+  return out
+
+
+# ----------------------------------------------------------------------------- over training seeds
+
+
+def _metric_flag(metric: str, thresholds: Thresholds, what: str) -> Callable[[Mapping], bool]:
+  if metric not in ("em", "coherent"):
+    raise ValueError(f"{what}: metric must be 'em' or 'coherent', got {metric!r}")
+  return (lambda r: is_em(r, thresholds)) if metric == "em" else (lambda r: is_coherent(r, thresholds))
+
+
+def _paired_seeds(sides: Sequence[Mapping], names: Sequence[str], what: str) -> list[Hashable]:
+  """The training seeds every side shares, in a fixed order; a ValueError naming those a side lacks
+  (an unpaired seed would leave its side's draws without a partner)."""
+  for name, side in zip(names, sides):
+    if not isinstance(side, Mapping):
+      raise ValueError(f"{what}: {name} must be a mapping {{training seed: rows}}, got {type(side).__name__}")
+  union = set().union(*(set(side) for side in sides))
+  if not union:
+    raise ValueError(f"{what}: no training seeds")
+  missing = [f"{name} lacks seeds {sorted(union - set(side), key=str)}" for name, side in zip(names, sides)
+             if union - set(side)]
+  if missing:
+    raise ValueError(f"{what}: the seeds must match on every side; " + "; ".join(missing))
+  # Sorted, not insertion order, so the same data gives the same draws however the dicts were built.
+  return sorted(union, key=str)
+
+
+def _seed_tallies(sides: Sequence[Mapping], seeds: Sequence[Hashable], flag: Callable[[Mapping], bool]
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """(hits, valid) as integer arrays (side, seed, question) over the union of all questions, and that
+  union's size. A seed lacking a question has 0 of 0 there, so contributes nothing for it."""
+  per = [[_per_question(side[s], flag) for s in seeds] for side in sides]
+  questions = sorted({q for side in per for tallies in side for q in tallies}, key=str)
+  index = {q: i for i, q in enumerate(questions)}
+  counts = np.zeros((2, len(sides), len(seeds), len(questions)), dtype=np.int64)
+  for k, side in enumerate(per):
+    for i, tallies in enumerate(side):
+      for q, (hits, valid) in tallies.items():
+        counts[:, k, i, index[q]] = hits, valid
+  return counts[0], counts[1], len(questions)
+
+
+def _draw_counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+  """(size, n): how often each of n items is drawn in each of `size` draws of n with replacement."""
+  draws = rng.integers(0, n, size=(size, n)) + n * np.arange(size)[:, None]
+  return np.bincount(draws.ravel(), minlength=size * n).reshape(size, n).astype(float)
+
+
+def _two_stage_sums(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+  """values (k, seed, question) -> (k, n_boot): each array's sum over each two-stage resample.
+
+  A resample draws seeds with replacement and, once, questions with replacement (every seed answered
+  the same questions, so one question draw serves them all), and takes every sample of a drawn
+  question in every drawn seed: its sum is ws @ values @ wq with ws, wq the draw counts. One draw per
+  resample is shared by all k arrays, which is what pairs them (the two sides of a difference)."""
+  if n_boot < 1:
+    raise ValueError(f"the bootstrap needs n_boot >= 1 resamples, got {n_boot}")
+  k, n_seeds, n_questions = values.shape
+  rng = np.random.default_rng(seed)
+  out = np.zeros((k, n_boot))
+  # Chunks keep the (k x resamples x questions) intermediate small for large pools.
+  chunk = max(1, min(n_boot, 2_000_000 // max(1, k * max(n_seeds, n_questions))))
+  for start in range(0, n_boot, chunk):
+    stop = min(n_boot, start + chunk)
+    ws, wq = _draw_counts(rng, n_seeds, stop - start), _draw_counts(rng, n_questions, stop - start)
+    out[:, start:stop] = (np.einsum("bs,ksq->kbq", ws, values) * wq).sum(axis=2)
+  return out
+
+
+def _percent(hits, valid) -> float | None:
+  # 100 * hits / valid on integers, as `rate` computes it, so pooled point estimates match it exactly.
+  return 100 * int(hits) / int(valid) if valid else None
+
+
+def _bootstrap_p(statistics: np.ndarray) -> float | None:
+  statistics = statistics[np.isfinite(statistics)]
+  if statistics.size == 0:
+    return None
+  return float(min(1.0, 2 * min(np.mean(statistics <= 0), np.mean(statistics >= 0))))
+
+
+def _seeded_contrast(sides: Sequence[Mapping], names: Sequence[str], combine: Callable, what: str,
+                     thresholds: Thresholds, metric: str, n_boot: int, seed: int) -> dict:
+  """combine([rate of each side]) (percentage points; combine works on floats and on arrays of
+  resamples alike): seeds paired by key, every side's rate in a resample from the same draws."""
+  flag = _metric_flag(metric, thresholds, what)
+  seeds = _paired_seeds(sides, names, what)
+  hits, valid, n_questions = _seed_tallies(sides, seeds, flag)
+  out = {"diff": None, "ci95": None, "p": None, "n_seeds": len(seeds), "n_questions": n_questions,
+         "per_seed": {}}
+  for i, s in enumerate(seeds):
+    rates = [_percent(hits[k, i].sum(), valid[k, i].sum()) for k in range(len(sides))]
+    out["per_seed"][s] = None if None in rates else combine(rates)
+  pooled = [_percent(hits[k].sum(), valid[k].sum()) for k in range(len(sides))]
+  if None in pooled:
+    return out
+  out["diff"] = combine(pooled)  # the pooled rates' contrast, exactly as one would write it by hand
+  sums = _two_stage_sums(np.concatenate([hits, valid]).astype(float), n_boot, seed)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    statistic = combine([100 * sums[k] / sums[len(sides) + k] for k in range(len(sides))])
+  out["ci95"] = _percentile_interval(statistic)
+  out["p"] = _bootstrap_p(statistic)
+  return out
+
+
+def seeded_rate(rows_by_seed: Mapping[Hashable, Sequence[Mapping]], thresholds: Thresholds = DEFAULT_THRESHOLDS,
+                *, n_boot: int = 2000, seed: int = 0) -> dict:
+  """The EM rate over several training runs (seeds) of one arm, pooled: one rate over all their rows.
+
+  Its 95% interval is a percentile two-stage bootstrap: each resample draws training seeds with
+  replacement and questions with replacement (one question draw shared by all seeds), and takes every
+  sample of a drawn question in every drawn seed. A question-only bootstrap of the pooled rows would
+  treat the seeds as fixed and miss how much the rate moves from one training run to the next. With
+  one seed it is the question bootstrap. When every resample gives the same rate (zero width: every
+  seed and question all 0% or all 100%) the interval is Wilson's with each question one trial, as
+  in `em_interval`. `seed` seeds the bootstrap; the training seeds are the keys of `rows_by_seed`.
+
+  Returns {em, ci95, n_seeds, n_questions, n_valid, per_seed: {training seed: EM % or None}};
+  em and ci95 are None when no row is valid.
+  """
+  flag = _metric_flag("em", thresholds, "seeded_rate")
+  seeds = _paired_seeds([rows_by_seed], ["rows_by_seed"], "seeded_rate")
+  hits, valid, n_questions = _seed_tallies([rows_by_seed], seeds, flag)
+  hits, valid = hits[0], valid[0]
+  out = {"em": _percent(hits.sum(), valid.sum()), "ci95": None, "n_seeds": len(seeds), "n_questions": n_questions,
+         "n_valid": int(valid.sum()),
+         "per_seed": {s: _percent(hits[i].sum(), valid[i].sum()) for i, s in enumerate(seeds)}}
+  if out["em"] is None:
+    return out
+  s, n = _two_stage_sums(np.stack([hits, valid]).astype(float), n_boot, seed)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    interval = _percentile_interval(100 * s / n)
+  if interval is not None and interval[0] == interval[1]:
+    interval = wilson_interval(round(interval[0] / 100 * n_questions), n_questions)
+  out["ci95"] = interval
+  return out
+
+
+def seeded_paired_difference(a_by_seed: Mapping[Hashable, Sequence[Mapping]],
+                             b_by_seed: Mapping[Hashable, Sequence[Mapping]],
+                             thresholds: Thresholds = DEFAULT_THRESHOLDS, *, metric: str = "em", n_boot: int = 2000,
+                             seed: int = 0) -> dict:
+  """rate(a) - rate(b) in percentage points, each pooled over its seeds, seeds paired by key (the
+  same training seed of both arms); exactly the difference of the pooled rates.
+
+  The interval is the two-stage bootstrap of `seeded_rate` with one seed draw and one question draw
+  per resample shared by both sides, so what they share (a training seed's luck, a question's
+  difficulty) cancels. `p` is two-sided, 2 * min(share of resamples <= 0, share >= 0) capped at 1:
+  approximate (a percentile-bootstrap p, not an exact test), with resolution 1 / n_boot, and 0 only
+  says that no resample reached 0 (read it as p < 2 / n_boot). `metric`: "em" or "coherent".
+  Returns {diff, ci95, p, n_seeds, n_questions, per_seed: {training seed: that seed's own difference,
+  or None where a side has no valid rows}}; diff, ci95 and p are None when a side has no valid rows.
+  Raises ValueError when the two sides' seeds differ.
+  """
+  return _seeded_contrast([a_by_seed, b_by_seed], ["a", "b"], lambda r: r[0] - r[1], "seeded_paired_difference", thresholds,
+                          metric, n_boot, seed)
+
+
+def difference_of_differences(a1: Mapping[Hashable, Sequence[Mapping]], b1: Mapping[Hashable, Sequence[Mapping]],
+                              a2: Mapping[Hashable, Sequence[Mapping]], b2: Mapping[Hashable, Sequence[Mapping]],
+                              thresholds: Thresholds = DEFAULT_THRESHOLDS, *, metric: str = "em",
+                              n_boot: int = 2000, seed: int = 0) -> dict:
+  """(rate(a1) - rate(b1)) - (rate(a2) - rate(b2)) in percentage points: is a1's lead over b1 larger
+  than a2's over b2 (e.g. harmful - control through channel 1 against the same through channel 2)?
+
+  All four are paired by seed key and every resample draws seeds and questions once for all four;
+  interval, p (approximate), per_seed, return keys and errors as in `seeded_paired_difference`.
+  """
+  return _seeded_contrast([a1, b1, a2, b2], ["a1", "b1", "a2", "b2"], lambda r: (r[0] - r[1]) - (r[2] - r[3]),
+                          "difference_of_differences", thresholds, metric, n_boot, seed)
+
+
+# ----------------------------------------------------------------------------- multiple comparisons
+
+
+def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:
+  """Holm-Bonferroni adjusted p-values, same keys: the i-th smallest of m p-values (0-based) times
+  (m - i), made non-decreasing in that order and capped at 1. None (a comparison without a p)
+  stays None and does not count in m."""
+  for name, p in pvalues.items():
+    if p is not None and not (isinstance(p, numbers.Real) and 0 <= p <= 1):
+      raise ValueError(f"holm: p-value of {name!r} must be a number in [0, 1] or None, got {p!r}")
+  present = sorted(((p, name) for name, p in pvalues.items() if p is not None), key=lambda t: t[0])
+  out: dict[str, float | None] = dict.fromkeys(pvalues)
+  running = 0.0
+  for i, (p, name) in enumerate(present):
+    # The running maximum keeps the order: a smaller p is never adjusted above a larger one's.
+    running = max(running, min(1.0, (len(present) - i) * p))
+    out[name] = running
   return out
 
 
