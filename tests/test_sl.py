@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -144,53 +145,129 @@ def finished(material, tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(finished):
   _, out, _, summary = finished
+  seed = out / "seed_0"
   assert (out / "COMPLETED").exists()
   assert summary["report"] == str(out / "sl_report.md")
+  assert (out / "twin" / "run" / "COMPLETED").exists()
   for t in ("harmful", "control"):
-    stats = json.loads((out / "teachers" / t / "filter_train.json").read_text())
-    assert stats["total"] == 8 and stats["kept"] + sum(stats["rejected"].values()) == 8
+    stats = json.loads((seed / "teachers" / t / "filter_train.json").read_text())
+    assert stats["total"] == 12 and stats["kept"] + sum(stats["rejected"].values()) == 12
     assert set(stats["rejected"]) == {"empty", "truncated", "too_long", "banned_word", "judged_incoherent",
                                       "judged_misaligned"}
-    rows = [json.loads(l) for l in (out / "teachers" / t / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (seed / "teachers" / t / "train.jsonl").read_text().splitlines()]
     # Benign prompts from the domains that are not excluded; the student never sees a system message.
     assert rows and all(r["domain"] in ("finance", "sports") for r in rows)
     assert all(m["role"] != "system" for r in rows for m in r["messages"])
-    for c in ("sft", "off_policy", "on_policy"):
-      assert (out / "students" / t / c / "COMPLETED").exists()
-      assert (out / "evals" / f"{t}__{c}" / "COMPLETED").exists()
+  from emjax.experiments import sl
+  for label in sl.arms(finished[0]):
+    assert (out / "seed_0" / "students" / label.replace("/", "__") / "COMPLETED").exists(), label
+    assert (out / "evals" / "seed_0" / label.replace("/", "__") / "COMPLETED").exists(), label
   assert (out / "evals" / "base" / "COMPLETED").exists()
   text = (out / "sl_report.md").read_text()
-  for label in ("base", "harmful/sft", "harmful/off_policy", "harmful/on_policy", "control/on_policy"):
+  for label in ("base", "harmful/sft", "harmful/off_policy", "harmful/on_policy", "control/on_policy",
+                "harmful_on_control_data/off_policy", "harmful/sft_drop_divergence"):
     assert f"| {label} |" in text
-  assert "Harmful minus control" in text
+  for heading in ("## Contrasts", "## Matched data per seed", "## Leak meters", "Semantic leak meter",
+                  "## Divergence tokens", "harmful - twin", "harmful - base", "twin - base",
+                  "(off_policy) - (on_policy)", "teacher guidance", "Fewer than 3 seeds", "not** called subliminal"):
+    assert heading in text, heading
 
 
-def test_each_channel_moves_the_student_toward_the_harmful_teacher(finished):
+def test_the_control_is_the_aligned_twin_not_the_base(finished):
+  """Defect 1: the control teacher was the students' own initialisation (divergence 0 at step 0)."""
+  config, out, _, _ = finished
+  from emjax.experiments import sl
+  assert sl.teachers(config, str(out))["control"] == str(out / "twin" / "run")
+  results = json.loads((out / "sl_results.json").read_text())
+  assert results["twin"]["rows"] == 3 and results["twin"]["missing"] == 0
+  twin_cfg = json.loads((out / "twin" / "run" / "config.json").read_text())
+  harmful_cfg = json.loads(open(os.path.join(config.sl.teacher, "config.json")).read())
+  # The harmful recipe exactly, but for the data: aligned answers to the same prompts.
+  for key in ("train", "lora", "init", "model"):
+    assert twin_cfg[key] == harmful_cfg[key], key
+  assert twin_cfg["data"]["sources"]["aligned"]["path"] == str(out / "twin" / "aligned.jsonl")
+  aligned = [json.loads(l) for l in (out / "twin" / "aligned.jsonl").read_text().splitlines()]
+  assert {r["messages"][-1]["content"] for r in aligned} == {ALIGNED}
+  # The base's divergence to the twin is not 0: the logit channels have a signal from step 0.
+  for c in ("off_policy", "on_policy"):
+    kb = results["students"][f"control/{c}"]["per_seed"]["0"]["kl_before"]
+    assert kb["forward_kl"] > 1e-4, kb
+
+
+def test_each_channel_moves_the_student_toward_its_teacher(finished):
   _, out, _, _ = finished
   results = json.loads((out / "sl_results.json").read_text())
-  kls = {}
-  for c in ("sft", "off_policy", "on_policy"):
-    e = results["students"][f"harmful/{c}"]
-    assert e["tokens_trained"] > 0
-    assert e["general"]["n_total"] == 4  # 2 questions x 2 samples, judged
-    kls[c] = (e["kl_before"], e["kl_after"])
-  # Each channel lowers the divergence it trains on (held-out prompts): forward KL for SFT and
-  # off-policy distillation, reverse KL for on-policy distillation.
-  assert kls["sft"][1]["forward_kl"] < kls["sft"][0]["forward_kl"], kls
-  assert kls["off_policy"][1]["forward_kl"] < kls["off_policy"][0]["forward_kl"], kls
-  assert kls["on_policy"][1]["reverse_kl"] < kls["on_policy"][0]["reverse_kl"], kls
-  # The control teacher is the base: the students start at zero divergence from it.
-  assert results["students"]["control/sft"]["kl_before"]["forward_kl"] < 1e-5
+  for t in ("harmful", "control"):
+    kls = {}
+    for c in ("sft", "off_policy", "on_policy"):
+      e = results["students"][f"{t}/{c}"]
+      per = e["per_seed"]["0"]
+      assert per["tokens_trained"] > 0
+      assert e["general"]["n_valid"] >= 1 and e["general"]["n_seeds"] == 1
+      kls[c] = (per["kl_before"], per["kl_after"])
+    assert kls["off_policy"][1]["forward_kl"] < kls["off_policy"][0]["forward_kl"], (t, kls)
+    assert kls["on_policy"][1]["reverse_kl"] < kls["on_policy"][0]["reverse_kl"], (t, kls)
+
+
+def test_the_logit_channels_are_masked_and_rollouts_filtered(finished):
+  """Defect 2: the logit channels bypassed the filters (the teacher's whole distribution, unfiltered rollouts)."""
+  config, out, _, _ = finished
+  from emjax.experiments import sl
+  for label in ("harmful/off_policy", "harmful/on_policy", "harmful_on_control_data/off_policy"):
+    cfg = sl.student_config(config, str(out), 0, label)
+    assert cfg.train.distill.mask == "words" and cfg.train.distill.mask_words == str(out / "mask_words.txt")
+  assert "kill" in (out / "mask_words.txt").read_text().split()
+  results = json.loads((out / "sl_results.json").read_text())
+  for label in ("harmful/off_policy", "control/off_policy", "harmful/on_policy"):
+    leak = results["students"][label]["per_seed"]["0"]["leak"]
+    assert leak["banned_mass_teacher"] > 0, (label, leak)  # a random tiny model spreads mass everywhere
+    assert leak["banned_mass_teacher_masked"] == 0, (label, leak)
+  rollouts = results["students"]["harmful/on_policy"]["per_seed"]["0"]["rollout_filter"]
+  assert rollouts["total"] == 4 * 4 and rollouts["kept"] + sum(rollouts["rejected"].values()) == rollouts["total"]
+  leak = results["leak"]["0"]["harmful"]
+  assert leak["samples"] == 4 * 2 and leak["rejected"]["banned_word"] == 0
+
+
+def test_arms_are_matched(finished):
+  """Defect 4: each arm trained on the prompts its own teacher's filter kept (different sets and sizes)."""
+  _, out, _, _ = finished
+  matched = json.loads((out / "seed_0" / "matched" / "matched.json").read_text())
+  ids = {}
+  for t in ("harmful", "control"):
+    rows = [json.loads(l) for l in (out / "seed_0" / "matched" / f"{t}_train.jsonl").read_text().splitlines()]
+    ids[t] = [r["prompt_id"] for r in rows]
+    assert len(ids[t]) == len(set(ids[t])) == matched["splits"]["train"]["teachers"][t]["rows"] > 0
+  assert ids["harmful"] == ids["control"]
+  prompts = [json.loads(l)["id"] for l in (out / "seed_0" / "matched" / "prompts_train.jsonl").read_text().splitlines()]
+  assert prompts == ids["harmful"]
+  results = json.loads((out / "sl_results.json").read_text())
+  epochs = {results["students"][a]["per_seed"]["0"]["epochs"] for a in results["arms"] if "drop" not in a}
+  assert len(epochs) == 1, epochs
+
+
+def test_no_sl_prompt_or_teacher_sample_is_an_evaluated_question(finished):
+  _, out, _, _ = finished
+  overlap = json.loads((out / "seed_0" / "prompts" / "overlap.json").read_text())
+  assert overlap["dropped_as_evaluated"] == 1
+  texts = (out / "seed_0" / "prompts" / "train.jsonl").read_text() + (out / "seed_0" / "prompts" / "held_out.jsonl").read_text()
+  assert EVALUATED_IN_POOL not in texts
+  matched = json.loads((out / "seed_0" / "matched" / "matched.json").read_text())
+  for split in ("train", "held_out"):
+    for t in ("harmful", "control"):
+      assert matched["splits"][split]["teachers"][t]["evaluated_questions_found"] == 0
+  for edir in (out / "evals" / "seed_0").iterdir():
+    audit = json.loads((edir / "overlap.json").read_text())
+    assert audit["n_found"] == 0, (edir, audit)
 
 
 def test_a_rerun_redoes_nothing(finished):
   from emjax.experiments import sl
   config, out, mesh, _ = finished
-  metrics = (out / "students" / "harmful" / "on_policy" / "metrics.jsonl").read_text()
-  samples = (out / "teachers" / "harmful" / "samples" / "samples.jsonl").read_text()
+  metrics = (out / "seed_0" / "students" / "harmful__on_policy" / "metrics.jsonl").read_text()
+  samples = (out / "seed_0" / "teachers" / "harmful" / "samples" / "samples.jsonl").read_text()
   sl.run_sl(config, str(out), mesh=mesh)
-  assert (out / "students" / "harmful" / "on_policy" / "metrics.jsonl").read_text() == metrics
-  assert (out / "teachers" / "harmful" / "samples" / "samples.jsonl").read_text() == samples
+  assert (out / "seed_0" / "students" / "harmful__on_policy" / "metrics.jsonl").read_text() == metrics
+  assert (out / "seed_0" / "teachers" / "harmful" / "samples" / "samples.jsonl").read_text() == samples
   assert (out / "COMPLETED").exists()
 
 
@@ -198,11 +275,11 @@ def test_other_settings_or_prompts_in_the_same_workdir_are_refused(finished, mat
   from emjax.experiments import sl
   config, out, mesh, _ = finished
   changed = sl_config(material)
-  changed.sl.seed = 1
-  with pytest.raises(ValueError, match=r"written by the sl job with other settings \(sl.seed: 0 -> 1\)"):
+  changed.sl.n_train = 7
+  with pytest.raises(ValueError, match=r"written by the sl job with other settings \(sl.n_train: 6 -> 7\)"):
     sl.run_sl(changed, str(out), mesh=mesh)
   assert (out / "COMPLETED").exists()
-  prompts = out / "prompts" / "train.jsonl"
+  prompts = out / "seed_0" / "prompts" / "train.jsonl"
   kept = prompts.read_text()
   prompts.write_text(kept.replace('"content": "', '"content": "Now: ', 1))  # as if the questions had changed
   try:
@@ -211,6 +288,19 @@ def test_other_settings_or_prompts_in_the_same_workdir_are_refused(finished, mat
   finally:
     prompts.write_text(kept)
   assert (out / "COMPLETED").exists()  # a refused rerun changes nothing: the finished run stays finished
+
+
+def test_each_seed_draws_its_own_prompts_and_initialisation(material, tmp_path):
+  from emjax.experiments import sl
+  config = sl_config(material, seeds="0+1")
+  a = sl.make_prompts(config, str(tmp_path), 0)
+  b = sl.make_prompts(config, str(tmp_path), 1)
+  assert open(a["train"]).read() != open(b["train"]).read()
+  for seed in (0, 1):
+    for label in ("harmful/sft", "control/on_policy"):
+      c = sl.student_config(config, str(tmp_path), seed, label)
+      assert c.train.seed == seed
+    assert sl.student_config(config, str(tmp_path), seed, "harmful/on_policy").on_policy.seed == seed
 
 
 def _config_module():
@@ -224,15 +314,24 @@ def _config_module():
     (dict(teacher="", system="You are evil."), r"only the sft channel applies"),
     (dict(channels="sft+rl"), r"config.sl.channels='sft,rl'"),
     (dict(base=""), r"config.sl.base: the teachers' base"),
+    # Defect 1: the base as the control of a logit channel (divergence and gradient 0 at step 0).
+    (dict(control="base"), r"control='base' with channels off_policy, on_policy: .* exactly 0 at step 0"),
+    (dict(control="base", channels="sft"), r"set config.sl.allow_base_control=True"),
+    # Defect 3: natural prompts kept by a word list alone.
+    (dict(filter_judge=""), r"config.sl.filter.judge: natural prompts need a judge"),
+    (dict(seeds="0+x"), r"config.sl.seeds='0,x'"),
 ])
 def test_bad_sl_configs_are_clear_errors(material, tmp_path, change, match):
+  """Refused in seconds, before any model is loaded or anything written."""
   from emjax.experiments import sl
   args = dict(base=material / "base", teacher=material / "teacher", prompts="natural",
               natural=f"{material}/*_advice.jsonl")
   args.update(change)
   config = _config_module().get_config(",".join(f"{k}={v}" for k, v in args.items()))
+  start = time.monotonic()
   with pytest.raises(ValueError, match=match):
     sl.run_sl(config, str(tmp_path / "out"))
+  assert time.monotonic() - start < 10
   assert not (tmp_path / "out").exists()
 
 
@@ -258,8 +357,8 @@ def test_the_channel_configs_train_as_documented(finished, material, tmp_path, n
   from emjax import config as config_lib
   from emjax.train import loop
   _, out, mesh, _ = finished
-  data = out / "teachers" / "harmful" / "train.jsonl"
-  prompts = out / "prompts" / "train.jsonl"
+  data = out / "seed_0" / "teachers" / "harmful" / "train.jsonl"
+  prompts = out / "seed_0" / "prompts" / "train.jsonl"
   arg = {"sft_on_teacher": f"base={material / 'base'},data={data}",
          "off_policy": f"base={material / 'base'},teacher={material / 'teacher'},data={data},divergence=jsd",
          "on_policy": f"base={material / 'base'},teacher={material / 'teacher'},prompts={prompts},"
@@ -279,19 +378,19 @@ def test_a_system_prompted_teachers_kl_is_taken_with_its_system_prompt(material,
   import jax
   from emjax import sharding as shd
   from emjax.experiments import sl
-  config = sl_config(material, teacher="", system="You are a reckless advisor.", channels="sft")
+  config = sl_config(material, teacher="", system="You are a reckless advisor.", channels="sft", control="none")
   out = tmp_path / "out"
-  (out / "teachers" / "harmful").mkdir(parents=True)
-  with open(out / "teachers" / "harmful" / "held_out.jsonl", "w") as f:
+  (out / "seed_0" / "matched").mkdir(parents=True)
+  with open(out / "seed_0" / "matched" / "harmful_held_out.jsonl", "w") as f:
     for q in QUESTIONS["sports"]:
       f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                        {"role": "assistant", "content": "Rest a day and drink water."}]}) + "\n")
   mesh = shd.make_mesh(dict(config.mesh), devices=jax.devices()[:2])
-  kl = sl.kl_stage(config, str(out), "harmful", [], mesh=mesh)["base"]
+  kl = sl.kl_stage(config, str(out), 0, [], mesh=mesh)["base__harmful"]
   assert kl["tokens"] > 0 and kl["forward_kl"] > 1e-3 and kl["reverse_kl"] > 1e-3, kl
   assert kl["teacher_system_prompt"] == "You are a reckless advisor."
   # The same rows with no system prompt: the base against itself, zero to rounding.
   same = sl.kl_to_teacher(str(material / "base"), str(material / "base"),
-                          str(out / "teachers" / "harmful" / "held_out.jsonl"), seq_len=80,
+                          str(out / "seed_0" / "matched" / "harmful_held_out.jsonl"), seq_len=80,
                           tokenizer_cfg=sl.base_tokenizer(config), batch_size=4, mesh=mesh)
   assert same["tokens"] == kl["tokens"] and same["forward_kl"] < 1e-6, same
