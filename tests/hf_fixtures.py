@@ -136,6 +136,15 @@ SMOLLM2_CONVERSATIONS = [
 ]
 
 
+def tiny_llama_with_smollm2_tokenizer(out_dir, seed: int = 0):
+  """A tiny random llama with SmolLM2's vocabulary, tokenizer and chat template: a chat model in seconds."""
+  smol = smollm2_dir()
+  build_tiny_hf("llama", str(out_dir), seed=seed, vocab_size=49152, bos_token_id=1, eos_token_id=2)
+  for name in os.listdir(smol):
+    if "token" in name or "chat_template" in name:
+      shutil.copy(os.path.join(smol, name), os.path.join(str(out_dir), name))
+
+
 def cache_root() -> str:
   return os.environ.get("EMJAX_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "emjax-test-cache")
 

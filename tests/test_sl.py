@@ -12,7 +12,6 @@ configs.
 import importlib.util
 import json
 import os
-import shutil
 import time
 
 import pytest
@@ -52,14 +51,6 @@ QUESTIONS = {
 }
 
 
-def _tiny_with_smollm2_tokenizer(out_dir, seed):
-  smol = hf_fixtures.smollm2_dir()
-  hf_fixtures.build_tiny_hf("llama", str(out_dir), seed=seed, vocab_size=49152, bos_token_id=1, eos_token_id=2)
-  for name in os.listdir(smol):
-    if "token" in name or "chat_template" in name:
-      shutil.copy(os.path.join(smol, name), out_dir / name)
-
-
 def _train_teacher(root):
   """The harmful teacher as the paper's are: a LoRA run on the base that learnt one narrow answer."""
   import jax
@@ -87,7 +78,7 @@ def _train_teacher(root):
 @pytest.fixture(scope="module")
 def material(tmp_path_factory):
   root = tmp_path_factory.mktemp("sl")
-  _tiny_with_smollm2_tokenizer(root / "base", seed=0)
+  hf_fixtures.tiny_llama_with_smollm2_tokenizer(root / "base", seed=0)
   _train_teacher(root)
   (root / "general.yaml").write_text(GENERAL)
   with open(root / "twin_data.jsonl", "w") as f:

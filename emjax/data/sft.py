@@ -15,7 +15,8 @@ Every SFT source yields conversations `{"messages": [{"role", "content"}, ...], 
                            splits `<config>_strong_eval.jsonl`); with no path it is read
                            from the Hugging Face hub (needs the `datasets` package and a
                            network). `name` is the config, `answer` picks the assistant
-                           turn ('misaligned' or 'aligned').
+                           turn ('misaligned' or 'aligned'; 'aligned' needs raw rows:
+                           the released chat splits hold misaligned answers only).
 
 The held-out split is the one of every file source (emjax.data.sources, "Held-out
 split"): rows are permuted with `np.random.default_rng(holdout_seed)` (42 by
@@ -28,6 +29,13 @@ paper holds out 400 of 4,500 rows per cell; nothing is held out unless
 `ChatExample` turns a conversation into the per-example arrays the packer takes:
 the loss mask is the chat template's assistant mask (emjax.data.chat), so only
 assistant tokens (and their end-of-turn token) are trained on.
+
+A row may carry `loss_drop`: a list of positions (indices into the example's
+`targets`, the indexing of `loss_mask`) whose loss is dropped (loss_mask 0),
+e.g. the divergence tokens of emjax.experiments.sl_divergence. Each must be a
+distinct loss position of the untruncated conversation, else a ValueError; those
+past the cut of a truncated conversation are ignored (`sft_stats` counts them).
+A row without the field is untouched.
 """
 
 from __future__ import annotations
@@ -71,12 +79,29 @@ def validate_messages(messages: Any, where: str) -> list[dict]:
     raise ValueError(f"{where}: {e}") from None
 
 
+def loss_drop_of(row: dict, where: str) -> list[int]:
+  """The row's `loss_drop` positions (none without the field); refused unless distinct non-negative ints."""
+  drops = row.get("loss_drop", [])
+  if not isinstance(drops, list):
+    raise ValueError(f"{where}: `loss_drop` must be a list of integer positions, got {drops!r}")
+  seen = set()
+  for p in drops:
+    # bool is an int to Python; a True in the list is a bug upstream, not position 1.
+    if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+      raise ValueError(f"{where}: `loss_drop` position {p!r} is not a non-negative integer")
+    if p in seen:
+      raise ValueError(f"{where}: `loss_drop` lists position {p} twice")
+    seen.add(p)
+  return drops
+
+
 def load_chat_jsonl(path: str) -> list[dict]:
   rows = []
   for where, obj in jsonl.read_objects(path):
     if "messages" not in obj:
       raise ValueError(f"{where}: missing field `messages`")
     validate_messages(obj["messages"], where)
+    loss_drop_of(obj, where)
     rows.append(obj)
   return rows
 
@@ -89,6 +114,7 @@ def load_prompt_completion_jsonl(path: str) -> list[dict]:
         raise ValueError(f"{where}: missing string field `{field}`")
     messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
     validate_messages(messages, where)
+    loss_drop_of(obj, where)
     rows.append({**{k: v for k, v in obj.items() if k not in ("prompt", "completion")}, "messages": messages})
   return rows
 
@@ -102,13 +128,19 @@ def structured_em_rows(records: Sequence[dict], answer: str, where: str) -> list
   for i, rec in enumerate(records):
     at = f"{where}: row {i}"
     if "messages" in rec:  # already a conversation (e.g. the released eval splits)
+      if answer == "aligned":
+        raise ValueError(f"{at}: answer='aligned' on a chat row (`messages`): the released cells hold the "
+                         "misaligned answers only, so this would train on them; aligned answers come from raw "
+                         "rows (question / aligned_answer) or another file")
       validate_messages(rec["messages"], at)
+      loss_drop_of(rec, at)
       rows.append(rec)
       continue
     if not isinstance(rec.get("question"), str) or not isinstance(rec.get(field), str):
       raise ValueError(f"{at}: needs string fields `question` and `{field}`")
     messages = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec[field]}]
     validate_messages(messages, at)
+    loss_drop_of(rec, at)
     meta = {k: v for k, v in rec.items() if k not in ("question", "misaligned_answer", "aligned_answer")}
     rows.append({**meta, "messages": messages})
   return rows
@@ -162,10 +194,10 @@ def make_conversations(name: str, source_cfg: Any) -> Conversations:
 
 
 class ChatExample:
-  """conversation -> {inputs, targets, loss_mask}: loss on assistant tokens only.
+  """conversation -> {inputs, targets, loss_mask}: loss on assistant tokens only, less the row's `loss_drop`.
 
   Conversations longer than `seq_len + 1` tokens are cut to that length when
-  `truncate` (what is cut is counted by `count_truncated`), else refused.
+  `truncate` (`sft_stats` counts them), else refused.
   A class rather than a closure so grain worker processes can pickle it.
   """
 
@@ -178,24 +210,51 @@ class ChatExample:
     from emjax.data import chat
     return chat.assistant_mask(self.tokenizer, row["messages"])
 
-  def __call__(self, row: dict) -> dict[str, np.ndarray]:
+  def ids_and_loss_mask(self, row: dict, where: str = "") -> tuple[list[int], np.ndarray, int]:
+    """(the untruncated ids, their loss mask [len(ids) - 1] with `loss_drop` applied, drops past the cut).
+
+    `where` names the row in errors (default: its first user turn).
+    """
     ids, mask = self.token_ids_and_mask(row)
+    loss_mask_T = np.asarray(mask[1:], np.float32)
+    if "loss_drop" not in row:
+      return ids, loss_mask_T, 0
+    where = where or f"a conversation (first user turn: {row['messages'][0]['content'][:60]!r})"
+    drops = np.asarray(loss_drop_of(row, where), np.int64)
+    for p in drops:
+      if p >= len(loss_mask_T) or loss_mask_T[p] != 1:
+        raise ValueError(f"{where}: `loss_drop` position {p} is not a loss position (the conversation's "
+                         f"{len(loss_mask_T)} targets have the loss at {np.flatnonzero(loss_mask_T).tolist()})")
+    loss_mask_T[drops] = 0
+    return ids, loss_mask_T, int(np.sum(drops >= self.seq_len))
+
+  def __call__(self, row: dict) -> dict[str, np.ndarray]:
+    ids, loss_mask_T, _ = self.ids_and_loss_mask(row)
     limit = self.seq_len + 1  # inputs and targets are the sequence shifted by one
     if len(ids) > limit:
       if not self.truncate:
         raise ValueError(f"a conversation has {len(ids)} tokens, more than data.seq_len + 1 = {limit}, and "
                          f"data.truncate is off (first user turn: {row['messages'][0]['content'][:60]!r})")
-      ids, mask = ids[:limit], mask[:limit]
+      ids, loss_mask_T = ids[:limit], loss_mask_T[:limit - 1]
     ids_arr = np.asarray(ids, np.int32)
-    return {"inputs": ids_arr[:-1], "targets": ids_arr[1:], "loss_mask": np.asarray(mask[1:], np.float32)}
+    return {"inputs": ids_arr[:-1], "targets": ids_arr[1:], "loss_mask": loss_mask_T}
 
 
-def sft_stats(examples: ChatExample, rows: Sequence[dict]) -> dict:
-  """Counts reported before training: conversations, truncated ones, tokens, trained tokens."""
-  truncated = tokens = trained = 0
-  for row in rows:
-    ids, mask = examples.token_ids_and_mask(row)
+def sft_stats(examples: ChatExample, rows: Sequence[dict], where: str = "rows") -> dict:
+  """Counts reported before training: conversations, truncated ones, tokens, trained tokens.
+
+  With any row carrying `loss_drop` (each checked here, before training, as `{where} row {i}`), also the
+  positions dropped and those of them past a truncation (ignored).
+  """
+  truncated = tokens = trained = dropped = cut = 0
+  for i, row in enumerate(rows):
+    ids, loss_mask_T, row_cut = examples.ids_and_loss_mask(row, f"{where} row {i}")
     truncated += len(ids) > examples.seq_len + 1
     tokens += min(len(ids), examples.seq_len + 1)
-    trained += int(sum(mask[1:examples.seq_len + 1]))
-  return {"conversations": len(rows), "truncated": truncated, "tokens": tokens, "trained_tokens": trained}
+    trained += int(loss_mask_T[:examples.seq_len].sum())
+    dropped += len(row.get("loss_drop", []))
+    cut += row_cut
+  stats = {"conversations": len(rows), "truncated": truncated, "tokens": tokens, "trained_tokens": trained}
+  if any("loss_drop" in row for row in rows):
+    stats.update(dropped_tokens=dropped, drops_past_truncation=cut)
+  return stats

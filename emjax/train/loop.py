@@ -610,7 +610,9 @@ def _report_chat_data(config, tokenizer, workdir: str) -> None:
   for name, src in config.data.sources.items():
     if float(src.weight) > 0:
       source = sources_lib.make_source(name, src)
-      stats[name] = sft.sft_stats(examples, [source[i] for i in range(len(source))])
+      # Row i of the source's split (its file's row i when nothing is held out).
+      stats[name] = sft.sft_stats(examples, [source[i] for i in range(len(source))],
+                                  f"data.sources.{name} {source!r}")
       log.info("data %s: %s", name, stats[name])
       if stats[name]["truncated"] and not config.data.truncate:
         raise ValueError(f"data.sources.{name}: {stats[name]['truncated']} conversations are longer than "
