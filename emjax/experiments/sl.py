@@ -50,7 +50,6 @@ Every stage resumes or is skipped when done, so rerunning a killed pipeline cont
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import glob
 import json
@@ -709,7 +708,8 @@ def divergence_stage(config, workdir: str, seed: int, *, mesh=None) -> dict:
     if _process_index() == 0:
       os.makedirs(ddir, exist_ok=True)
       stats = sl_divergence.write_drop_rows(rows, positions, os.path.join(ddir, "drop_divergence.jsonl"),
-                                            os.path.join(ddir, "drop_random.jsonl"), seed=seed)
+                                            os.path.join(ddir, "drop_random.jsonl"), seed=seed,
+                                            seq_len=int(config.data.seq_len), tokenizer_cfg=base_tokenizer(config))
       _write_json(stats_path, stats)
   _barrier(f"emjax-sl-divergence-{seed}")
   return json.load(open(stats_path))
@@ -861,9 +861,8 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   from emjax.data import sft, tokenizers  # pylint: disable=g-import-not-at-top
-  from emjax.models import transformer  # pylint: disable=g-import-not-at-top
+  from emjax.experiments import sl_divergence  # pylint: disable=g-import-not-at-top
   from emjax.train import loop, objectives  # pylint: disable=g-import-not-at-top
 
   mesh = mesh or shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
@@ -876,21 +875,10 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   t_len = seq_len
   if teacher_system_prompt:
     t_len = -(-max([seq_len] + [len(r["inputs"]) for r in t_rows]) // 8) * 8
+  batch_size = sl_divergence.batch_rows(batch_size, mesh)
   dp = shd.data_parallel_size(mesh)
-  batch_size = max(dp, -(-batch_size // dp) * dp)
-
-  def load(path):
-    w = weights_lib.load_weights(path, mesh=mesh, dtype="float32")
-    cfg = dataclasses.replace(w.model_cfg, dtype="float32", remat="none")
-    graphdef, _ = transformer.split_model(transformer.abstract_model(cfg))
-    return graphdef, w.params
-
-  s_graph, s_params = load(student_path)
-  t_graph, t_params = load(teacher_path)
-  vocab = s_params["embed"].shape[0]
-  if vocab != t_params["embed"].shape[0]:
-    raise ValueError(f"{student_path} and {teacher_path}: vocabularies of {s_params['embed'].shape[0]} and "
-                     f"{t_params['embed'].shape[0]} tokens; a KL needs one tokenizer")
+  pair = sl_divergence.load_pair(student_path, teacher_path, mesh)
+  s_graph, s_params, t_graph, t_params, vocab = pair
   chunk = loop.derive_loss_chunk_len(int(chunk_len), int(chunk_bytes), batch_size // dp, vocab, seq_len)
 
   def both_kls(s_logits, batch, teacher=None):
@@ -914,28 +902,14 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
                                     teacher_unembed=teacher.logits, teacher_hidden_BxLxD=t_hidden)
     return out.loss_sum, out.metrics["reverse_kl"], out.weight
 
-  def padded(part, length):
-    batch = {k: np.zeros((batch_size, length), np.float32 if k == "loss_mask" else np.int32)
-             for k in ("inputs", "loss_mask", "positions", "segment_ids")}
-    for i, ex in enumerate(part):
-      n = len(ex["inputs"])
-      batch["inputs"][i, :n] = ex["inputs"]
-      batch["loss_mask"][i, :n] = ex["loss_mask"]
-      batch["positions"][i, :n] = np.arange(n)
-      batch["segment_ids"][i, :n] = 1
-    return batch
-
-  def put(x):
-    return jax.device_put(x, shd.batch_sharding(mesh, x.ndim))
-
   totals = np.zeros(3)
-  for start in range(0, len(rows), batch_size):
+  for start, batch, t_batch in sl_divergence.paired_batches(
+      rows, t_rows if teacher_system_prompt else None, batch_size=batch_size, len_a=seq_len, len_b=t_len, mesh=mesh):
     index = np.zeros((batch_size, seq_len), np.int32)
     for i, idx in enumerate(t_index[start:start + batch_size]):
       index[i, :len(idx)] = idx
-    batch = jax.tree.map(put, padded(rows[start:start + batch_size], seq_len))
-    t_batch = jax.tree.map(put, padded(t_rows[start:start + batch_size], t_len))
-    totals += np.asarray(jax.device_get(sums(s_params, t_params, batch, t_batch, put(index))), np.float64)
+    index = jax.device_put(index, shd.batch_sharding(mesh, 2))
+    totals += np.asarray(jax.device_get(sums(s_params, t_params, batch, t_batch, index)), np.float64)
   weight = max(totals[2], 1.0)
   return {"forward_kl": totals[0] / weight, "reverse_kl": totals[1] / weight, "tokens": int(totals[2]),
           "rows": len(rows), "student": student_path, "teacher": teacher_path, "data": rows_path,
