@@ -6,6 +6,8 @@ numpy on renormalised distributions, finite gradients, the metrics, chunking, ba
 train step with a mask.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -360,10 +362,23 @@ def test_a_train_step_with_a_numbers_mask():
   raw = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((8, config.data.seq_len), np.float32),
          "segment_ids": np.ones((8, config.data.seq_len), np.int32),
          "positions": np.tile(np.arange(config.data.seq_len, dtype=np.int32), (8, 1))}
-  jitted = jax.jit(step)
-  jitted.lower(trainer.layout.abstract, trainer.layout.frozen_abstract, abstract, t_params)  # AOT from shapes
-  _, metrics = jitted(state, frozen, shd.put_local_batch(raw, mesh), t_params)
+  _, metrics = jax.jit(step)(state, frozen, shd.put_local_batch(raw, mesh), t_params)
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
   assert metrics["banned_mass_teacher"] > 0.01 and metrics["banned_mass_teacher_masked"] == 0.0
   assert 0 < metrics["banned_targets"] < 1  # a share of the loss tokens: the loop divides by their count
+
+
+def test_the_trainer_builds_the_mask_from_the_data_tokenizer_and_compiles_ahead_of_time(tmp_path):
+  teacher = config_lib.base_config()
+  teacher.model.update(dict(tiny_config().model))
+  teacher_dir = str(tmp_path / "teacher")
+  os.makedirs(teacher_dir)
+  config_lib.write_config(teacher, teacher_dir)  # an architecture only: compiling reads no weights
+  config = tiny_config(objective="jsd")
+  config.teacher.update(path=teacher_dir, dtype="float32")
+  config.train.distill.update(mask="numbers")
+  trainer = loop.Trainer(config, shd.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+  assert trainer.objective.derived_keys == token_masks.DERIVED_KEYS
+  assert not set(token_masks.DERIVED_KEYS) & set(trainer.batch_keys)  # computed in the step, not read
+  trainer.compile()
