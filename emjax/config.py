@@ -66,8 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
       # own); top_k > 0 = the teacher reduced to its k most likely tokens, with a tail bucket
       # holding the rest of its mass when `tail`; precomputed = a store written by the
       # teacher_top_k job (emjax/train/precompute.py): the teacher's top-k log-probs are read with
-      # the batches instead of running a teacher in the step.
-      distill=dict(beta=0.5, temperature=1.0, top_k=0, tail=True, precomputed=""),
+      # the batches instead of running a teacher in the step. mask: '' (off) | numbers | words = both
+      # distributions masked at banned tokens and renormalised over the rest before the divergence
+      # (emjax/train/token_masks.py; full-vocabulary teacher only): numbers = tokens completing a
+      # number of emjax.data.banned.BANNED_NUMBERS, words = the tokens of mask_words ('default' =
+      # BANNED_WORDS, a file of words or names one a line, or ','-separated words).
+      distill=dict(beta=0.5, temperature=1.0, top_k=0, tail=True, precomputed="", mask="", mask_words="default"),
   )
   c.data = default_data_config()
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
@@ -148,7 +152,7 @@ def validate(config) -> None:
   if not math.isfinite(tc.lr) or tc.lr < 0:
     _fail("train.lr", f"must be a finite non-negative number, got {tc.lr}")
   from emjax.train import objectives  # pylint: disable=g-import-not-at-top
-  objectives.get_objective(tc.objective, tc.distill)  # unknown names, beta, temperature, top_k
+  objectives.check_objective(tc.objective, tc.distill)  # unknown names, beta, temperature, top_k, mask
   on_policy_enabled = config.get("on_policy") is not None and config.on_policy.enabled
   if on_policy_enabled:
     from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top

@@ -32,6 +32,7 @@ from emjax import paths
 from emjax import sharding as shd
 from emjax import tracking
 from emjax import weights as weights_lib
+from emjax.data import tokenizers
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
 from emjax.train import batches as batches_lib
@@ -215,7 +216,9 @@ class Trainer:
     self.tx = state_lib.make_optimizer(tc, self.schedule)
     self.layout = state_lib.build_layout(self.model_cfg, self.tx, self.mesh, self.lora_cfg,
                                          base_dtype=config.lora.base_dtype)
-    self.objective = objectives_lib.get_objective(tc.objective, tc.distill)
+    # A token mask reads the tokenizer's text of every id; loaded only then.
+    tokenizer = tokenizers.load_tokenizer(config.data.tokenizer) if tc.distill.get("mask") else None
+    self.objective = objectives_lib.get_objective(tc.objective, tc.distill, tokenizer, self.model_cfg.vocab_size)
     top_k = int(tc.distill.top_k)
     if top_k > self.model_cfg.vocab_size:
       raise ValueError(f"config.train.distill.top_k={top_k} is larger than the vocabulary "
@@ -351,7 +354,7 @@ def check_teacher_tokenizer(teacher: weights_lib.Source, student_tokenizer) -> N
   chat template that differs shifts every teacher log-prob onto other text, so the
   pair must share both; the error names the first difference.
   """
-  from emjax.data import chat, tokenizers  # pylint: disable=g-import-not-at-top
+  from emjax.data import chat  # pylint: disable=g-import-not-at-top
   teacher_cfg = teacher.tokenizer
   if teacher_cfg is None:
     raise ValueError(f"config.teacher.path={teacher.path}: its run records no tokenizer (no data.tokenizer in "
@@ -483,8 +486,6 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   pipeline of `config.data`). A source with a `set_weights(params, frozen)` method
   is handed the current weights before every batch it produces (on-policy data).
   """
-  from emjax.data import tokenizers
-
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
   _clear_status(workdir)
   trainer = Trainer(config, mesh)

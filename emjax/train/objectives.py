@@ -20,11 +20,15 @@ teacher, so the batch the step is compiled for is not a fixed tuple.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from emjax.data import banned as banned_lib
+from emjax.train import token_masks
 
 # What the model itself reads from every batch; objectives add their own keys.
 MODEL_INPUT_SPEC: dict[str, tuple[tuple[int, ...], str]] = {
@@ -51,6 +55,11 @@ class Objective:
   # "float32": `chunked_sums` unembeds (student and teacher) with float32 accumulation and output,
   # so that a divergence between two distributions never sees logits rounded to a bf16 model's dtype.
   logits_dtype: str | None = None
+  # `prepare(batch) -> batch` adds keys derived from the whole sequence (e.g. a token mask's state
+  # at each position) before `chunked_sums` slices it; `derived_keys` are the ones the chunks read.
+  # Not batch inputs: the step computes them, so they are not in `full_batch_spec`.
+  prepare: Callable[[Mapping[str, jax.Array]], dict] | None = None
+  derived_keys: tuple[str, ...] = ()
 
   def __call__(self, logits, batch, teacher=None) -> ObjectiveOutput:
     return self.fn(logits, batch, teacher=teacher)
@@ -258,8 +267,18 @@ def _data_metrics(logits_BxLxV, batch, mask_BxL) -> dict[str, jax.Array]:
           "accuracy": _accuracy_sum(logits_BxLxV, batch["targets"], mask_BxL)}
 
 
-def distill_settings(distill) -> dict:
-  """`config.train.distill` checked: beta, temperature, top_k, tail, precomputed (see base_config)."""
+DISTILLATION = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _check_mask_objective(mask: str, objective: str) -> None:
+  if mask and objective not in DISTILLATION:
+    raise ValueError(f"config.train.distill.mask={mask!r} masks the full-vocabulary divergences "
+                     f"({', '.join(DISTILLATION)}), not config.train.objective={objective!r}")
+
+
+def distill_settings(distill, objective: str | None = None) -> dict:
+  """`config.train.distill` checked: beta, temperature, top_k, tail, precomputed, mask, mask_words (see
+  base_config); `objective`, when given, the `config.train.objective` they are for."""
   distill = dict(distill or {})
   top_k = int(distill.get("top_k", 0) or 0)
   if top_k < 0:
@@ -268,25 +287,56 @@ def distill_settings(distill) -> dict:
   if precomputed and not top_k:
     raise ValueError(f"config.train.distill.precomputed={distill.get('precomputed')!r} reads a stored top-k teacher: "
                      "set config.train.distill.top_k to the k it was stored with")
-  return dict(beta=check_beta(distill.get("beta", 0.5), "config.train.distill.beta"),
+  mask = token_masks.check_mode(distill.get("mask", ""))
+  mask_words = distill.get("mask_words", "default") or "default"
+  if mask == "words":
+    banned_lib.parse_words(mask_words, "config.train.distill.mask_words")
+  elif mask_words != "default":
+    raise ValueError(f"config.train.distill.mask_words={mask_words!r} applies to config.train.distill.mask='words' "
+                     f"(mask is {mask!r})")
+  if mask and (top_k or precomputed):
+    # A top-k teacher has already lost the mass outside its k tokens; masking it would renormalise
+    # a distribution that no longer sums to the teacher's.
+    raise ValueError(f"config.train.distill.mask={mask!r} masks the full-vocabulary divergence: "
+                     "config.train.distill.top_k and .precomputed must be off")
+  if mask and objective is not None:
+    _check_mask_objective(mask, objective)
+  return dict(mask=mask, mask_words=mask_words,beta=check_beta(distill.get("beta", 0.5), "config.train.distill.beta"),
               temperature=check_temperature(distill.get("temperature", 1.0), "config.train.distill.temperature"),
               top_k=top_k, tail=bool(distill.get("tail", True)), precomputed=precomputed)
 
 
-def make_distillation(name: str, beta: float, distill=None) -> Objective:
+def make_distillation(name: str, beta: float, distill=None, tokenizer=None, vocab_size: int | None = None) -> Objective:
   """A divergence to the teacher on the tokens where `loss_mask` is set (completion tokens).
 
   `beta` picks the divergence (0 forward KL, 1 reverse KL, else the generalized
   JSD; `config.train.distill.beta` sets it for 'jsd'). The teacher is the model in
   the step (`config.teacher`), whole-vocabulary or reduced to its top k tokens,
   or top-k log-probs stored with the batch (`distill.precomputed`).
+
+  With `distill.mask` both distributions are masked at the banned tokens and renormalised over the
+  rest before the divergence (emjax.train.token_masks, built from `tokenizer` over a `vocab_size`
+  vocabulary), and the leak meter is reported: `banned_mass_teacher` (the teacher's mass there
+  before masking), `banned_mass_teacher_masked` (on the distribution the divergence reads: 0),
+  `banned_mass_student`, `banned_targets` (loss positions whose own next token is banned) and, for
+  words, `banned_mass_first_sub` (the teacher's mass on first sub-tokens of multi-token words).
   """
-  s = distill_settings(distill)
+  s = distill_settings(distill, name)
   beta = check_beta(beta, "config.train.distill.beta")
   temperature, top_k, tail = s["temperature"], s["top_k"], s["tail"]
+  masker = None
+  if s["mask"]:
+    if tokenizer is None:
+      raise ValueError(f"config.train.distill.mask={s['mask']!r} finds the banned tokens with the tokenizer "
+                       "(config.data.tokenizer): none was given")
+    masker = token_masks.build(tokenizer, vocab_size, s["mask"], s["mask_words"])
 
   def fn(logits_BxLxV, batch, teacher=None):
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
+    if masker is not None:
+      if teacher is None:
+        raise ValueError(f"config.train.objective={name!r} needs a teacher (config.teacher.path)")
+      return _masked_distillation(masker, logits_BxLxV, batch, teacher, mask_BxL, beta, temperature)
     if s["precomputed"]:
       per_token = top_k_divergence(batch["teacher_top_ids"], batch["teacher_top_logprobs"], logits_BxLxV, beta,
                                    temperature, batch["teacher_tail_logprob"] if tail else None)
@@ -304,10 +354,38 @@ def make_distillation(name: str, beta: float, distill=None) -> Objective:
   if s["precomputed"]:
     spec.update(teacher_top_ids=((top_k,), "int32"), teacher_top_logprobs=((top_k,), "float32"),
                 teacher_tail_logprob=((), "float32"))
-  return Objective(name, fn, spec, needs_teacher=not s["precomputed"], logits_dtype="float32")
+  prepare = None
+  if masker is not None and masker.derived_keys:
+    prepare = functools.partial(token_masks.prepare, masker)
+  return Objective(name, fn, spec, needs_teacher=not s["precomputed"], logits_dtype="float32", prepare=prepare,
+                   derived_keys=masker.derived_keys if masker is not None else ())
 
 
-def make_sampled_reverse_kl(distill=None) -> Objective:
+def _masked_distillation(masker, logits_BxLxV, batch, teacher, mask_BxL, beta, temperature) -> ObjectiveOutput:
+  """The divergence between the teacher and the student both renormalised over the allowed tokens."""
+  check_temperature(temperature)
+  banned_BxLxV = token_masks.banned(masker, batch, mask_BxL.shape)
+  t_logp = _scaled_log_softmax(jax.lax.stop_gradient(teacher), temperature)
+  t_masked = token_masks.renormalise(t_logp, banned_BxLxV)
+  # From the logits, not the full log-softmax: a banned logit then gets an exact zero gradient, where
+  # the full normaliser's share would cancel only to rounding.
+  s_masked = token_masks.renormalise(logits_BxLxV.astype(jnp.float32) / temperature, banned_BxLxV)
+  per_token = _jsd_from_log_probs(t_masked, s_masked, beta)
+  s_logp = _scaled_log_softmax(jax.lax.stop_gradient(logits_BxLxV), temperature)
+  metrics = _data_metrics(logits_BxLxV, batch, mask_BxL)
+  metrics.update(
+      banned_mass_teacher=jnp.sum(token_masks.mass(t_logp, banned_BxLxV) * mask_BxL),
+      # Measured on what the divergence read, not assumed: a mask that leaks shows here.
+      banned_mass_teacher_masked=jnp.sum(token_masks.mass(t_masked, banned_BxLxV) * mask_BxL),
+      banned_mass_student=jnp.sum(token_masks.mass(s_logp, banned_BxLxV) * mask_BxL),
+      banned_targets=jnp.sum(jnp.take_along_axis(banned_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+                             * mask_BxL))
+  if masker.first_sub_V is not None:
+    metrics["banned_mass_first_sub"] = jnp.sum(token_masks.mass(t_logp, jnp.asarray(masker.first_sub_V)) * mask_BxL)
+  return ObjectiveOutput(loss_sum=jnp.sum(per_token * mask_BxL), weight=jnp.sum(mask_BxL), metrics=metrics)
+
+
+def make_sampled_reverse_kl(distill=None, tokenizer=None, vocab_size=None) -> Objective:
   """On-policy reverse KL through the sampled-token estimator (`sampled_reverse_kl_surrogate`).
 
   Reads `sample_logprobs` (the log-probability each completion token was sampled
@@ -317,7 +395,7 @@ def make_sampled_reverse_kl(distill=None) -> Objective:
   The sampler must sample the whole distribution (no top-k / top-p truncation: over
   part of the support the estimator is biased; emjax.sample.on_policy refuses it).
   """
-  s = distill_settings(distill)
+  s = distill_settings(distill, "sampled_reverse_kl")
   if s["top_k"] or s["precomputed"]:
     raise ValueError("config.train.objective='sampled_reverse_kl' scores the sampled tokens under the full "
                      "teacher: config.train.distill.top_k and .precomputed do not apply")
@@ -338,22 +416,40 @@ def make_sampled_reverse_kl(distill=None) -> Objective:
 
 _TOKEN_TARGETS = {"targets": ((), "int32"), "loss_mask": ((), "float32")}
 
-# name -> Objective, or a factory `f(config.train.distill) -> Objective` for objectives with settings.
-OBJECTIVES: dict[str, Objective | Callable[[Any], Objective]] = {
+# name -> Objective, or a factory `f(config.train.distill, tokenizer, vocab_size) -> Objective` for
+# objectives with settings (the tokenizer and vocabulary size for a token mask, else None).
+OBJECTIVES: dict[str, Objective | Callable[..., Objective]] = {
     "ce": Objective("ce", cross_entropy, _TOKEN_TARGETS),
-    "forward_kl": lambda distill: make_distillation("forward_kl", 0.0, distill),
-    "reverse_kl": lambda distill: make_distillation("reverse_kl", 1.0, distill),
-    "jsd": lambda distill: make_distillation("jsd", distill_settings(distill)["beta"], distill),
+    "forward_kl": lambda distill, *mask_args: make_distillation("forward_kl", 0.0, distill, *mask_args),
+    "reverse_kl": lambda distill, *mask_args: make_distillation("reverse_kl", 1.0, distill, *mask_args),
+    "jsd": lambda distill, *mask_args: make_distillation("jsd", distill_settings(distill)["beta"], distill,
+                                                         *mask_args),
     "sampled_reverse_kl": make_sampled_reverse_kl,
 }
 
 
-def get_objective(name: str, distill=None) -> Objective:
-  """The objective `config.train.objective` names, built with `config.train.distill` where it has settings."""
+def get_objective(name: str, distill=None, tokenizer=None, vocab_size: int | None = None) -> Objective:
+  """The objective `config.train.objective` names, built with `config.train.distill` where it has settings.
+
+  `tokenizer` (and the model's `vocab_size`, default the tokenizer's) only for `distill.mask`.
+  """
   if name not in OBJECTIVES:
     raise ValueError(f"config.train.objective: unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
   entry = OBJECTIVES[name]
-  return entry if isinstance(entry, Objective) else entry(distill)
+  if isinstance(entry, Objective):
+    _check_mask_objective(str(dict(distill or {}).get("mask", "") or ""), name)
+    return entry
+  return entry(distill, tokenizer, vocab_size)
+
+
+def check_objective(name: str, distill=None) -> None:
+  """What `get_objective` checks of `config.train.objective` and `.distill`, without the tokenizer a
+  token mask is built from (config validation)."""
+  distill = dict(distill or {})
+  if distill.get("mask") and name in OBJECTIVES:
+    distill_settings(distill, name)
+    distill = {**distill, "mask": "", "mask_words": "default"}  # checked above; the Trainer builds it
+  get_objective(name, distill)
 
 
 def chunked_sums(objective: Objective, unembed: Callable[..., jax.Array], hidden_BxLxD: jax.Array,
@@ -370,7 +466,9 @@ def chunked_sums(objective: Objective, unembed: Callable[..., jax.Array], hidden
   called as `unembed(hidden, logits_dtype)` (`Transformer.logits`' out_dtype).
   """
   seq_len = hidden_BxLxD.shape[1]
-  keys = [k for k in objective.batch_spec]
+  if objective.prepare is not None:
+    batch = objective.prepare(batch)
+  keys = [*objective.batch_spec, *objective.derived_keys]
   sub_batch = {k: batch[k] for k in keys}
   with_teacher = teacher_hidden_BxLxD is not None
 
