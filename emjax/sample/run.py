@@ -69,6 +69,8 @@ class Prompt:
   id: Any  # as given in the prompts file
   key: str  # canonical JSON of the id (1 and "1" are different prompts)
   tokens: list[int]
+  # The line as read (what a filter of its samples reads, e.g. a numbers prompt's answer_count).
+  record: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def seed(self) -> int:
@@ -202,7 +204,7 @@ def read_prompts(path: str, tokenizer, sc, max_length: int,
       if len(tokens) > max_length:
         raise ValueError(f"{where}: the prompt has {len(tokens)} tokens, more than the largest prompt bucket "
                          f"({max_length}; {length_key})")
-      prompts.append(Prompt(record["id"], key, tokens))
+      prompts.append(Prompt(record["id"], key, tokens, record))
   if not prompts:
     raise ValueError(f"config.prompts={path!r} has no prompts")
   return prompts
