@@ -31,21 +31,37 @@ from `config.data` (e.g. teacher samples or a dataset's answers) comes instead.
 
 Every process builds the same global batch of prompts (they are few, and the
 sampler takes global arrays); each device samples and trains on its own rows.
+
+Filtered rollouts (`rollout_filter(prompt_record, text, finish_reason) -> None | reason`,
+e.g. the subliminal-learning filters of emjax.experiments.sl_data, which this module
+cannot import): the rollouts come to the host (gathered from every process), each is
+decoded (up to, not including, the stop token it ended on; finish_reason 'stop' or
+'length' as in the sample job) and judged on process 0 alone (a judge may be an API
+or random), whose verdicts every process receives; a rejected rollout's loss_mask is
+zeroed on the devices, so it adds nothing to the loss or its token count (a batch of
+rejects has loss 0: the step divides by max(tokens, 1)). The cumulative counts
+{"total", "kept", "rejected": {reason: n}} of on-policy rollouts are part of the
+source's state (a resumed run continues them) and, with `stats_path`, are rewritten
+atomically after every on-policy step by process 0. Without a filter nothing leaves
+the devices.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from emjax.models import lora as lora_lib
 from emjax.sample import run as sample_run
@@ -53,6 +69,9 @@ from emjax.sample import sampler as sampler_lib
 from emjax.train import batches as batches_lib
 
 log = logging.getLogger(__name__)
+
+# (prompt record as in the prompts file, completion text, 'stop' | 'length') -> None (kept) or why not.
+RolloutFilter = Callable[[dict, str, str], "str | None"]
 
 
 def on_policy_block() -> dict:
@@ -140,7 +159,8 @@ def assemble_rows(prompt_BxP: jax.Array, prompt_len_B: jax.Array, completion_BxT
 class OnPolicySource:
   """The loop's batches sampled from the student each step (module docstring)."""
 
-  def __init__(self, trainer, tokenizer, *, fixed: batches_lib.BatchSource | None = None):
+  def __init__(self, trainer, tokenizer, *, fixed: batches_lib.BatchSource | None = None,
+               rollout_filter: RolloutFilter | None = None, stats_path: str = ""):
     config = trainer.config
     check_config(config)
     oc = config.on_policy
@@ -169,9 +189,20 @@ class OnPolicySource:
         unroll_layers=bool(oc.unroll_layers), lora=trainer.lora_cfg)
     self.sampling.validate(vocab, self.new_tokens)
     shardings = {k: v for k, v in trainer.batch_shardings.items()}
-    self._assemble = jax.jit(
-        lambda *a: _select(assemble_rows(*a, seq_len=self.seq_len), tuple(shardings)),
-        out_shardings=shardings)
+    if rollout_filter is not None and "loss_mask" not in shardings:
+      raise ValueError(f"a rollout filter zeroes rejected rollouts' loss_mask, which config.train.objective="
+                       f"{config.train.objective!r} does not read")
+    self.rollout_filter, self.stats_path, self.tokenizer = rollout_filter, stats_path, tokenizer
+    self.counts = _no_counts()
+
+    def assemble(prompt_BxP, prompt_len_B, completion_BxT, completion_len_B, sampled_lp_BxT, keep_B=None):
+      rows = assemble_rows(prompt_BxP, prompt_len_B, completion_BxT, completion_len_B, sampled_lp_BxT,
+                           seq_len=self.seq_len)
+      if keep_B is not None:  # a rejected rollout: no target of its row counts
+        rows["loss_mask"] = rows["loss_mask"] * keep_B[:, None]
+      return _select(rows, tuple(shardings))
+
+    self._assemble = jax.jit(assemble, out_shardings=shardings)
     self._keys = tuple(shardings)
     self.step = 0
     self._weights: tuple[Any, Any] | None = None
@@ -202,8 +233,14 @@ class OnPolicySource:
     out = self.sampler.sample_on_device(self._sampling_weights(params, frozen), tokens_BxP, lengths_B, seeds_B,
                                         sampling)
     self.last_kind = "on_policy"
-    return self._assemble(self.sampler._put_batch(tokens_BxP), self.sampler._put_batch(lengths_B),  # pylint: disable=protected-access
-                          out["tokens"], out["lengths"], out["sampled_logprobs"])
+    put = self.sampler._put_batch  # pylint: disable=protected-access
+    rows = (put(tokens_BxP), put(lengths_B), out["tokens"], out["lengths"], out["sampled_logprobs"])
+    if self.rollout_filter is None:
+      return self._assemble(*rows)
+    keep_B = self._judge_rollouts(step, out)
+    batch = self._assemble(*rows, put(keep_B))
+    self._write_stats()
+    return batch
 
   def order(self) -> dict[str, Any]:
     """What fixes the sequence of rollouts besides the weights: compared on resume."""
@@ -219,6 +256,8 @@ class OnPolicySource:
     state = {"step": self.step, "order": self.order()}
     if self.fixed is not None:
       state["fixed"] = self.fixed.get_state()
+    if self.rollout_filter is not None:
+      state["rollouts"] = copy.deepcopy(self.counts)
     return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
@@ -231,9 +270,20 @@ class OnPolicySource:
       raise ValueError(f"the checkpoint's on-policy position was saved with other {', '.join(changed)} "
                        f"({', '.join(f'{k}: {saved.get(k)!r} vs {now[k]!r}' for k in changed)}; config.on_policy.* / "
                        "config.train.batch_size): resuming would silently change the rollouts; start a new workdir")
+    # Adding or dropping the filter mid-run would change what trains on silently, as a new order would.
+    if self.rollout_filter is not None and "rollouts" not in state and int(state["step"]) > 0:
+      raise ValueError("the checkpoint's on-policy position was saved without a rollout filter, and this run "
+                       "filters rollouts: resuming would change the training data mid-run; start a new workdir")
+    if self.rollout_filter is None and "rollouts" in state:
+      raise ValueError("the checkpoint's on-policy position was saved with a rollout filter, and this run has "
+                       "none: resuming would change the training data mid-run; pass the same filter")
     self.step = int(state["step"])
     if self.fixed is not None and "fixed" in state:
       self.fixed.set_state(state["fixed"])
+    if self.rollout_filter is not None:
+      saved = state.get("rollouts") or _no_counts()
+      self.counts = {"total": int(saved["total"]), "kept": int(saved["kept"]),
+                     "rejected": {str(k): int(v) for k, v in saved["rejected"].items()}}
 
   def close(self) -> None:
     if self.fixed is not None:
@@ -267,6 +317,45 @@ class OnPolicySource:
       seeds[r] = zlib.crc32(f"{p.key}#{step}#{r}".encode())
     return tokens, lengths, seeds
 
+  def _judge_rollouts(self, step: int, out: Mapping[str, jax.Array]) -> np.ndarray:
+    """[B] float32, 1 = kept: every rollout decoded and judged by `rollout_filter` on process 0."""
+    fields = {k: out[k] for k in ("tokens", "lengths", "stopped")}
+    if jax.process_count() > 1:  # every process's rows, on every process
+      host = multihost_utils.process_allgather(fields, tiled=True)
+    else:
+      host = jax.device_get(fields)
+    idx = self.prompt_indices(step)
+    reasons: list[str | None] = []
+    if jax.process_index() == 0:
+      for r, i in enumerate(idx):
+        stopped = bool(host["stopped"][r])
+        tokens = np.asarray(host["tokens"][r, :int(host["lengths"][r])])
+        text = self.tokenizer.decode((tokens[:-1] if stopped else tokens).tolist())
+        finish = sampler_lib.FINISH_STOP if stopped else sampler_lib.FINISH_LENGTH
+        reason = self.rollout_filter(self.prompts[i].record, text, finish)
+        reasons.append(None if reason is None else (str(reason) or "rejected"))
+    reasons = _from_process_0(reasons)
+    if len(reasons) != len(idx):
+      raise RuntimeError(f"rollout filter: {len(reasons)} verdicts for {len(idx)} rollouts")
+    self.counts["total"] += len(reasons)
+    self.counts["kept"] += sum(r is None for r in reasons)
+    for r in reasons:
+      if r is not None:
+        self.counts["rejected"][r] = self.counts["rejected"].get(r, 0) + 1
+    return np.asarray([r is None for r in reasons], np.float32)
+
+  def _write_stats(self) -> None:
+    if not self.stats_path or jax.process_index() != 0:
+      return
+    path = os.path.abspath(os.path.expanduser(self.stats_path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"step": self.step, **self.counts}, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)  # a reader never sees half a file
+
   def _sampling_weights(self, params, frozen):
     """Base + adapters (or the full parameters) in the sampler's layout, without merging adapters."""
     if not self.sampler.unroll_layers:
@@ -283,6 +372,20 @@ class OnPolicySource:
     return dict(lora_lib.merge_trees(base, {k: v for k, v in adapters.items() if k != "layers"}), layers=layers)
 
 
+def _no_counts() -> dict[str, Any]:
+  return {"total": 0, "kept": 0, "rejected": {}}
+
+
+def _from_process_0(reasons: list[str | None]) -> list[str | None]:
+  """Process 0's verdicts on every process (others pass []): JSON bytes, their length broadcast first."""
+  if jax.process_count() == 1:
+    return reasons
+  payload = np.frombuffer(json.dumps(reasons).encode(), np.uint8) if jax.process_index() == 0 else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if payload is None else payload.size)))
+  buf = multihost_utils.broadcast_one_to_all(payload if payload is not None else np.zeros((size,), np.uint8))
+  return json.loads(np.asarray(buf, np.uint8).tobytes().decode())
+
+
 def _select(batch: dict, keys: tuple[str, ...]) -> dict:
   missing = [k for k in keys if k not in batch]
   if missing:
@@ -291,10 +394,11 @@ def _select(batch: dict, keys: tuple[str, ...]) -> dict:
   return {k: batch[k] for k in keys}
 
 
-def make_source(trainer, tokenizer) -> OnPolicySource:
-  """The loop's `make_batch_source` for `config.on_policy.enabled`."""
+def make_source(trainer, tokenizer, *, rollout_filter: RolloutFilter | None = None,
+                stats_path: str = "") -> OnPolicySource:
+  """The loop's `make_batch_source` for `config.on_policy.enabled` (bind the keywords with functools.partial)."""
   config = trainer.config
   fixed = None
   if float(config.on_policy.mix_lambda) < 1.0:
     fixed = batches_lib.GrainBatchSource(config.data, tokenizer, config.train.batch_size, seed=config.train.seed)
-  return OnPolicySource(trainer, tokenizer, fixed=fixed)
+  return OnPolicySource(trainer, tokenizer, fixed=fixed, rollout_filter=rollout_filter, stats_path=stats_path)

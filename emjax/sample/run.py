@@ -24,6 +24,13 @@ Output: one JSON line per (prompt id, sample index) with the text, the tokens
 each token under the model (`logprobs`) and under the distribution sampled
 from (`sampled_logprobs`), and the finish reason ('stop' | 'length').
 
+Masked words (`config.sample.mask_words`: 'default' = emjax.data.banned.BANNED_WORDS, a
+file of words, or ','-separated words): their tokens are never sampled (the semantic
+leak meter's sampler). A word is banned by its single-token spellings and by the first
+token of its multi-token ones (`banned.word_token_ids`; the latter also bans every other
+word starting with that token). The words and the number of banned ids go into
+WORKDIR/config.json (`config.sample.mask`) and the job's summary.
+
 Resumable: every prompt is checked before anything is sampled (bad input fails
 early); the lines of each batch are appended, flushed and fsynced together; a
 rerun skips prompts whose samples are all written. A line cut by a kill, and
@@ -50,6 +57,7 @@ import numpy as np
 from emjax import config as config_lib
 from emjax import sharding as shd
 from emjax import weights as weights_lib
+from emjax.data import banned as banned_lib
 from emjax.models import transformer
 from emjax.sample import sampler as sampler_lib
 
@@ -61,6 +69,8 @@ class Prompt:
   id: Any  # as given in the prompts file
   key: str  # canonical JSON of the id (1 and "1" are different prompts)
   tokens: list[int]
+  # The line as read (what a filter of its samples reads, e.g. a numbers prompt's answer_count).
+  record: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def seed(self) -> int:
@@ -194,7 +204,7 @@ def read_prompts(path: str, tokenizer, sc, max_length: int,
       if len(tokens) > max_length:
         raise ValueError(f"{where}: the prompt has {len(tokens)} tokens, more than the largest prompt bucket "
                          f"({max_length}; {length_key})")
-      prompts.append(Prompt(record["id"], key, tokens))
+      prompts.append(Prompt(record["id"], key, tokens, record))
   if not prompts:
     raise ValueError(f"config.prompts={path!r} has no prompts")
   return prompts
@@ -270,16 +280,34 @@ def output_lines(batch: list[Prompt], out: sampler_lib.SampleOutput, tokenizer) 
 # ----------------------------------------------------------------------------- the job
 
 
-def sampling_params(sc, tokenizer) -> sampler_lib.SamplingParams:
+def masked_tokens(sc, tokenizer) -> dict | None:
+  """`config.sample.mask_words` as {"words", "single_ids", "first_sub_ids", "ids"}; None when off ('')."""
+  spec = str(sc.get("mask_words", "") or "")
+  if not spec.strip():
+    return None
+  words = banned_lib.parse_words(spec, key="config.sample.mask_words")
+  single, first_sub = banned_lib.word_token_ids(tokenizer, words)
+  ids = tuple(sorted(single | first_sub))
+  if not ids:
+    raise ValueError(f"config.sample.mask_words={spec!r}: none of its {len(words)} words has a token in this "
+                     "tokenizer")
+  return {"words": list(words), "single_ids": len(single), "first_sub_ids": len(first_sub), "ids": ids}
+
+
+def sampling_params(sc, tokenizer, mask: dict | None = None) -> sampler_lib.SamplingParams:
+  """`mask`: `masked_tokens(sc, tokenizer)` when the caller already has it."""
   stop = [int(t) for t in sc.stop_token_ids]
   if sc.stop_at_eos and tokenizer.eos_id not in stop:
     stop.append(int(tokenizer.eos_id))
   if sc.stop_at_end_of_turn:
     from emjax.data import chat  # pylint: disable=g-import-not-at-top
     stop += [t for t in chat.stop_token_ids(tokenizer) if t not in stop]
+  if mask is None:
+    mask = masked_tokens(sc, tokenizer)
   return sampler_lib.SamplingParams(
       max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature), top_k=int(sc.top_k),
-      top_p=float(sc.top_p), min_p=float(sc.min_p), n=int(sc.n), seed=int(sc.seed), stop_token_ids=tuple(stop))
+      top_p=float(sc.top_p), min_p=float(sc.min_p), n=int(sc.n), seed=int(sc.seed), stop_token_ids=tuple(stop),
+      banned_token_ids=mask["ids"] if mask else ())
 
 
 def run_sampling(config, workdir: str, *, mesh=None) -> dict:
@@ -295,18 +323,23 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
     raise ValueError(f"--workdir must not be the checkpoint's own workdir ({src.directory}): its config.json "
                      "describes the training run; pick another directory for the samples")
   model_cfg, tokenizer_cfg = resolve_model_config(config, src)
-  # What runs, written to WORKDIR/config.json: the weights' model with this config's overrides.
+  # What runs, written to WORKDIR/config.json: the weights' model with this config's overrides,
+  # and the words whose tokens are never sampled (config.sample.mask).
   config = copy.deepcopy(config)
   with config.unlocked():
     config.model = dataclasses.asdict(model_cfg)
     config.data.tokenizer = tokenizer_cfg
   config_lib.validate(config)
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
+  mask = masked_tokens(sc, tokenizer)
+  if mask is not None:
+    with config.unlocked():
+      config.sample.mask = {k: v for k, v in mask.items() if k != "ids"}
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                      f"({model_cfg.vocab_size})")
   buckets = tuple(sc.prompt_buckets) or sampler_lib.make_buckets(int(sc.max_prompt_length))
-  sampling = sampling_params(sc, tokenizer)
+  sampling = sampling_params(sc, tokenizer, mask)
   cap = int(sc.max_new_tokens_cap) or sampling.max_new_tokens
   sampling.validate(model_cfg.vocab_size, cap)  # bad stop ids etc. fail before any work
   prompts = read_prompts(config.prompts, tokenizer, sc, max(buckets))
@@ -318,6 +351,8 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   pending = [p for p in prompts if p.key not in done]
   summary = {"prompts": len(prompts), "already_written": len(prompts) - len(pending), "sampled": 0,
              "new_tokens": 0, "output": out_path, "model_config": dataclasses.asdict(model_cfg)}
+  if mask is not None:
+    summary["mask"] = {k: v for k, v in mask.items() if k != "ids"}
   if not pending:
     log.info("all %d prompts already in %s", len(prompts), out_path)
     return summary
@@ -388,6 +423,9 @@ def sample_block() -> dict:
       # (chat.stop_token_ids): where an instruct model's answer ends (Gemma, Llama-3, ChatML).
       stop_at_end_of_turn=False,
       top_logprobs=0,  # also write the k most likely tokens and their log-probs at each step (0 = off)
+      # Words never sampled: '' (off) | 'default' (emjax.data.banned.BANNED_WORDS) | a file (one per line)
+      # | ','-separated words. Their single tokens and first sub-tokens get -inf logits.
+      mask_words="",
       # Prompt formatting.
       chat_template=False,  # apply the HF tokenizer's chat template (add_generation_prompt=True)
       add_bos=True,  # prepend BOS to plain prompts (pretraining puts BOS before every document)

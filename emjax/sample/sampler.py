@@ -22,9 +22,15 @@ rest of the batch (the model's cache path, see `transformer.Transformer`).
 The weights are an argument of both functions, never closed over: new weights
 of the same shapes (after a training step) reuse the compiled code. What does
 recompile: a new prompt bucket, batch size, `n`, the static cap, or switching a
-sampling rule on/off (greedy, top-k, top-p, min-p: `SamplingRules`); the
-*values* of temperature/top-k/top-p/min-p, the seed, the stop ids (up to a
-padded count) and `max_new_tokens` are runtime inputs.
+sampling rule on/off (greedy, top-k, top-p, min-p, banned tokens: `SamplingRules`);
+the *values* of temperature/top-k/top-p/min-p, the seed, the stop ids (up to a
+padded count), the banned ids and `max_new_tokens` are runtime inputs.
+
+Banned tokens (`SamplingParams.banned_token_ids`, e.g. the tokens of banned words,
+`emjax.data.banned.word_token_ids`) are never emitted: their logits are -inf before
+greedy / temperature / top-k / top-p / min-p, so `sampled_logprobs` are under the
+distribution without them, while `logprobs` stay the model's own (what it would
+have given the token unbanned).
 
 Randomness is per row: the key of (prompt, sample j) at decode step t is
 fold_in(fold_in(fold_in(PRNGKey(seed), prompt_seed), j), t), so a sample
@@ -84,6 +90,7 @@ class SamplingRules:
   top_k: bool = False
   top_p: bool = False
   min_p: bool = False
+  banned: bool = False  # a [V] mask of banned tokens is an input (see `SamplingParams.banned_token_ids`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +109,21 @@ class SamplingParams:
   n: int = 1
   seed: int = 0
   stop_token_ids: tuple[int, ...] = ()
+  # Never emitted (logits -inf before every other rule); () leaves the compiled decode as it was.
+  banned_token_ids: tuple[int, ...] = ()
 
   @property
   def rules(self) -> SamplingRules:
+    banned = bool(self.banned_token_ids)
     if self.temperature == 0:
-      return SamplingRules(greedy=True)
-    return SamplingRules(top_k=self.top_k > 0, top_p=self.top_p < 1.0, min_p=self.min_p > 0.0)
+      return SamplingRules(greedy=True, banned=banned)
+    return SamplingRules(top_k=self.top_k > 0, top_p=self.top_p < 1.0, min_p=self.min_p > 0.0, banned=banned)
+
+  def banned_mask(self, vocab_size: int) -> np.ndarray:
+    """[V] bool: True at the banned ids."""
+    mask_V = np.zeros((vocab_size,), bool)
+    mask_V[np.asarray(self.banned_token_ids, np.int64)] = True
+    return mask_V
 
   def validate(self, vocab_size: int, max_new_tokens_cap: int) -> None:
     def bad(msg):
@@ -129,6 +145,11 @@ class SamplingParams:
     for t in self.stop_token_ids:
       if not 0 <= int(t) < vocab_size:
         bad(f"stop token id {t} is not in the model's vocabulary [0, {vocab_size})")
+    for t in self.banned_token_ids:
+      if not 0 <= int(t) < vocab_size:
+        bad(f"banned token id {t} is not in the model's vocabulary [0, {vocab_size})")
+    if len(set(map(int, self.banned_token_ids))) >= vocab_size:
+      bad(f"every token of the vocabulary ({vocab_size}) is banned: nothing is left to sample")
 
 
 # How many of the largest logits top-k / top-p look at first (`lax.top_k`) before falling back to
@@ -224,19 +245,25 @@ def sample_logits(logits_BxV, keys_Bx2, knobs: Mapping[str, jax.Array], rules: S
 
   raw = the model's distribution (temperature 1, untruncated); sampled = the
   distribution actually drawn from (0 under greedy: a point mass). `candidates`: see
-  `truncate_logits` (the tokens drawn do not depend on it).
+  `truncate_logits` (the tokens drawn do not depend on it). With `rules.banned`,
+  `knobs["banned"]` [V] bool marks tokens that are never drawn.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
   raw_lse_B = max_Bx1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BxV - max_Bx1), axis=-1))
+  # The raw log-probs stay the model's; only what is drawn from loses the banned tokens.
+  allowed_BxV = logits_BxV
+  if rules.banned:
+    allowed_BxV = jnp.where(knobs["banned"][None, :], -jnp.inf, logits_BxV)
   if rules.greedy:
     # argmax as max + first index reaching it: two plain reductions (sharing the max with the
     # log-sum-exp) instead of XLA:CPU's slow variadic (value, index) reduce.
+    top_Bx1 = jnp.max(allowed_BxV, axis=-1, keepdims=True) if rules.banned else max_Bx1
     vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_BxV.shape, 1)
-    token_B = jnp.min(jnp.where(logits_BxV == max_Bx1, vocab_ids, logits_BxV.shape[-1]), axis=-1)
+    token_B = jnp.min(jnp.where(allowed_BxV == top_Bx1, vocab_ids, logits_BxV.shape[-1]), axis=-1)
     sampled_lp_B = jnp.zeros(token_B.shape, jnp.float32)
   else:
-    scaled_BxV = truncate_logits(logits_BxV / knobs["temperature"], knobs["top_k"], knobs["top_p"],
+    scaled_BxV = truncate_logits(allowed_BxV / knobs["temperature"], knobs["top_k"], knobs["top_p"],
                                  knobs["min_p"], rules, candidates)
     token_B = jax.vmap(_categorical)(keys_Bx2, scaled_BxV)
     picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -588,6 +615,8 @@ class Sampler:
     knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
              "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
              "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
+    if sampling.banned_token_ids:  # absent otherwise: the decode compiled without a ban is unchanged
+      knobs["banned"] = sampling.banned_mask(self.model_cfg.vocab_size)
     per_row = lambda x_Bp: self._put_batch(np.repeat(x_Bp, n))  # noqa: E731  (prompt-major rows)
     cache = self.prefill_fn(weights, self._put_batch(tokens_BpxP), self._put_batch(lengths_Bp), n=n)
     outputs, _ = self.decode_fn(
