@@ -1281,8 +1281,8 @@ def render_markdown(results: Mapping) -> str:
       continue
     for seed, p in e["per_seed"].items():
       lk, rf = p.get("leak") or {}, p.get("rollout_filter")
-      rolls = (f"{rf['kept']} / {rf['total']} ({', '.join(f'{k}: {v}' for k, v in rf['rejected'].items() if v)})"
-               if rf else "–")
+      rejected = ", ".join(f"{k}: {v}" for k, v in rf["rejected"].items() if v) if rf else ""
+      rolls = f"{rf['kept']} / {rf['total']} ({rejected or 'none rejected'})" if rf else "–"
       lines.append(f"| {seed} | {label} | {_num(lk.get('banned_mass_teacher'), '.2e')} | "
                    f"{_num(lk.get('banned_mass_teacher_masked'), '.2e')} | {_num(lk.get('banned_mass_student'), '.2e')} | "
                    f"{_num(lk.get('banned_mass_first_sub'), '.2e')} | {_num(lk.get('banned_targets'), '.2e')} | {rolls} |")
