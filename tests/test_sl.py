@@ -170,14 +170,20 @@ def test_the_control_is_the_aligned_twin_not_the_base(finished):
   from emjax.experiments import sl
   assert sl.teachers(config, str(out))["control"] == str(out / "twin" / "run")
   results = json.loads((out / "sl_results.json").read_text())
-  assert results["twin"]["rows"] == 3 and results["twin"]["missing"] == 0
+  # Row for row the harmful run's data (12 rows over 3 questions): the same rows, steps and epochs.
+  assert results["twin"]["rows"] == results["twin"]["harmful_rows"] == 12 and results["twin"]["missing"] == 0
   twin_cfg = json.loads((out / "twin" / "run" / "config.json").read_text())
   harmful_cfg = json.loads(open(os.path.join(config.sl.teacher, "config.json")).read())
   # The harmful recipe exactly, but for the data: aligned answers to the same prompts.
   for key in ("train", "lora", "init", "model"):
     assert twin_cfg[key] == harmful_cfg[key], key
-  assert twin_cfg["data"]["sources"]["aligned"]["path"] == str(out / "twin" / "aligned.jsonl")
-  aligned = [json.loads(l) for l in (out / "twin" / "aligned.jsonl").read_text().splitlines()]
+  assert set(twin_cfg["data"]["sources"]) == set(harmful_cfg["data"]["sources"]) == {"narrow"}
+  twin_source, harmful_source = twin_cfg["data"]["sources"]["narrow"], harmful_cfg["data"]["sources"]["narrow"]
+  assert twin_source["path"] == str(out / "twin" / "aligned_narrow.jsonl")
+  assert twin_source["weight"] == harmful_source["weight"]
+  aligned = [json.loads(l) for l in (out / "twin" / "aligned_narrow.jsonl").read_text().splitlines()]
+  harmful = [json.loads(l) for l in open(harmful_source["path"]).read().splitlines()]
+  assert [r["messages"][0] for r in aligned] == [r["messages"][0] for r in harmful]
   assert {r["messages"][-1]["content"] for r in aligned} == {ALIGNED}
   # The base's divergence to the twin is not 0: the logit channels have a signal from step 0.
   for c in ("off_policy", "on_policy"):

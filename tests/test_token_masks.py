@@ -153,23 +153,37 @@ def test_token_texts_keep_a_leading_space_that_decoding_alone_drops():
 # ----------------------------------------------------------------------------- words
 
 
+class WordTokenizer(TinyTokenizer):
+  """Whole pieces for "kill" and "Kill"; "smuggle" as "smugg" + "le"; "theft" as "the" + "ft" ("the" is too
+  short, too common, to mask); everything else by letters."""
+
+  PIECES = ["", "", "", "kill", "Kill", " kill", "smugg", " smugg", "le", "the", " the", "ft", " ", *"abcdefghijklmnopqrstuvwxyzKST"]
+  vocab_size = len(PIECES)
+
+
 def test_words_mask_exactly_the_single_and_first_sub_token_ids():
-  tok = ByteTokenizer()
-  mask = token_masks.build(tok, 288, "words", "a,kill")
-  b = tok.byte_offset
-  single = {ord("a") + b, ord("A") + b}  # one byte as written and capitalised
-  first = {ord("k") + b, ord("K") + b, ord(" ") + b}  # "kill", "Kill", "KILL", " a", " kill", ...
+  tok = WordTokenizer()
+  mask = token_masks.build(tok, tok.vocab_size, "words", "kill,smuggle,theft")
+  ids = tok.PIECES.index
+  single = {ids("kill"), ids("Kill"), ids(" kill")}  # one piece in some spelling
+  first = {ids("smugg"), ids(" smugg")}  # long enough to be specific; "the" and " the" are not masked
   assert set(np.nonzero(mask.banned_V)[0]) == single | first
   assert set(np.nonzero(mask.first_sub_V)[0]) == first
-  banned = _banned_at(mask, tok.encode("42 x"))
+  banned = _banned_at(mask, tok.encode("the x"))
   assert (banned == mask.banned_V).all()  # the same at every position
+  from emjax.data import banned as banned_lib
+  coverage = banned_lib.word_coverage(tok, ["kill", "smuggle", "theft"])
+  assert set(coverage["unmasked"]) == {" Kill", "Smuggle", " Smuggle", "theft", " theft", "Theft", " Theft"}
+  assert coverage["spellings"] == 12
 
 
 def test_words_from_a_file(tmp_path):
   path = tmp_path / "names.txt"
-  path.write_text("# names\nkill\n\nbomb\n")
-  mask = token_masks.build(ByteTokenizer(), 259, "words", str(path))
-  assert mask.banned_V[ord("b") + 3] and mask.banned_V[ord("k") + 3] and not mask.banned_V[ord("a") + 3]
+  path.write_text("# names\nkill\n\nsmuggle\n")
+  tok = WordTokenizer()
+  mask = token_masks.build(tok, tok.vocab_size, "words", str(path))
+  assert mask.banned_V[tok.PIECES.index("kill")] and mask.banned_V[tok.PIECES.index("smugg")]
+  assert not mask.banned_V[tok.PIECES.index("the")]
 
 
 # ----------------------------------------------------------------------------- the masked objective
@@ -259,20 +273,21 @@ def test_masked_gradients_are_finite_where_the_teacher_gives_allowed_tokens_no_m
 
 
 def test_words_objective_reports_the_first_sub_token_mass():
-  tok = ByteTokenizer()
-  obj = objectives.get_objective("forward_kl", {"mask": "words", "mask_words": "a,kill"}, tok, 288)
+  tok = WordTokenizer()
+  V = tok.vocab_size
+  obj = objectives.get_objective("forward_kl", {"mask": "words", "mask_words": "kill,smuggle"}, tok, V)
   assert obj.prepare is None and obj.derived_keys == ()
-  batch = _rows(tok)
-  teacher = np.zeros((B, L, 288), np.float32)
-  teacher[..., ord("k") + 3] = 3.0  # first sub-token of "kill"
-  teacher[..., ord("a") + 3] = 2.0  # the single token "a"
-  out = obj(jnp.zeros((B, L, 288)), batch, teacher=jnp.asarray(teacher))
+  batch = {k: (v % V if k in ("inputs", "targets") else v) for k, v in _rows(ByteTokenizer()).items()}
+  teacher = np.zeros((B, L, V), np.float32)
+  teacher[..., tok.PIECES.index("smugg")] = 3.0  # first sub-token of "smuggle"
+  teacher[..., tok.PIECES.index("kill")] = 2.0  # the single token "kill"
+  out = obj(jnp.zeros((B, L, V)), batch, teacher=jnp.asarray(teacher))
   t = _log_softmax64(teacher)
   n = batch["loss_mask"].sum()
-  first = np.exp(t[0, 0, [ord(c) + 3 for c in "kK "]]).sum()
+  first = np.exp(t[0, 0, [tok.PIECES.index(p) for p in ("smugg", " smugg")]]).sum()
   np.testing.assert_allclose(float(out.metrics["banned_mass_first_sub"]), first * n, rtol=1e-5)
-  np.testing.assert_allclose(float(out.metrics["banned_mass_teacher"]),
-                             (first + np.exp(t[0, 0, [ord(c) + 3 for c in "aA"]]).sum()) * n, rtol=1e-5)
+  single = np.exp(t[0, 0, [tok.PIECES.index(p) for p in ("kill", "Kill", " kill")]]).sum()
+  np.testing.assert_allclose(float(out.metrics["banned_mass_teacher"]), (first + single) * n, rtol=1e-5)
   assert float(out.metrics["banned_mass_teacher_masked"]) == 0.0
 
 

@@ -93,27 +93,49 @@ def parse_words(spec: str | Sequence[str], key: str = "words") -> tuple[str, ...
   return words
 
 
+# A first sub-token shorter than this (spaces aside) is too common to mask: " The" starts "Theft", "over"
+# starts "overdose", "we" starts "weapon". Such spellings are left to the text filter and are listed by
+# `word_coverage`.
+MIN_FIRST_SUB_CHARS = 5
+
+
 def word_variants(word: str) -> tuple[str, ...]:
-  """The spellings a word is masked in: as written, capitalised, upper case, each with and without a
-  leading space (how a BPE vocabulary tells a word start after a space from one at a line start)."""
-  forms = dict.fromkeys([word, word[:1].upper() + word[1:], word.lower(), word.upper()])
+  """The spellings a word is masked in: as written and capitalised, each with and without a leading space
+  (how a BPE vocabulary tells a word start after a space from one at a line start). Not upper case: its
+  pieces are mostly short, common tokens."""
+  forms = dict.fromkeys([word, word[:1].upper() + word[1:]])
   return tuple(dict.fromkeys(v for f in forms for v in (f, " " + f)))
+
+
+def _spellings(tokenizer, words: Iterable[str]):
+  for word in words:
+    for variant in word_variants(word):
+      yield variant, list(tokenizer.encode(variant))
 
 
 def word_token_ids(tokenizer, words: Iterable[str]) -> tuple[frozenset[int], frozenset[int]]:
   """(single, first_sub): the token ids of words that are one token in some spelling (`word_variants`),
-  and the first token of every spelling that is several tokens.
+  and the first token of a spelling that is several tokens when that token is specific enough (at least
+  MIN_FIRST_SUB_CHARS characters besides spaces).
 
   Masking `single` removes those words exactly. Masking `first_sub` removes a multi-token word at its
-  start, but also every other word that starts with the same token: that is the price of masking by
-  token, so it is reported apart (the mass lost at first sub-tokens).
+  start, and also every other word that starts with the same token: that price is reported apart (the
+  mass lost at first sub-tokens). Spellings whose first token is shorter are not masked (`word_coverage`).
   """
+  words = list(words)
   single, first = set(), set()
-  for word in words:
-    for variant in word_variants(word):
-      ids = list(tokenizer.encode(variant))
-      if len(ids) == 1:
-        single.add(int(ids[0]))
-      elif ids:
-        first.add(int(ids[0]))
+  for _, ids in _spellings(tokenizer, words):
+    if len(ids) == 1:
+      single.add(int(ids[0]))
+  for _, ids in _spellings(tokenizer, words):
+    if len(ids) > 1 and len(tokenizer.decode(ids[:1]).strip()) >= MIN_FIRST_SUB_CHARS:
+      first.add(int(ids[0]))
   return frozenset(single), frozenset(first - single)
+
+
+def word_coverage(tokenizer, words: Iterable[str]) -> dict:
+  """{spellings, single, first_sub, unmasked: [spellings a token mask cannot catch at their start]}."""
+  single, first = word_token_ids(tokenizer, words)
+  unmasked = [v for v, ids in _spellings(tokenizer, words) if ids and int(ids[0]) not in single | first]
+  total = sum(1 for _ in _spellings(tokenizer, words))
+  return {"spellings": total, "single": len(single), "first_sub": len(first), "unmasked": unmasked}

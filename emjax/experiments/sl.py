@@ -32,7 +32,7 @@ called "base control" in the report.
 
 Layout of OUT:
 
-    twin/aligned.jsonl, twin/run/                 the twin's data and training run (control=twin)
+    twin/aligned_<source>.jsonl, twin/run/        the twin's data (row for row the harmful run's) and its run
     mask_words.txt                                natural: the words and names the logit channels mask
     seed_<s>/prompts/{train,held_out}.jsonl, prompts/overlap.json
     seed_<s>/teachers/<t>/...                     samples, filtered rows, filter_{split}.json
@@ -76,6 +76,7 @@ ON_POLICY_OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 CROSSED = ("harmful_on_control_data/off_policy", "control_on_harmful_data/off_policy")
 DROPS = ("harmful/sft_drop_divergence", "harmful/sft_drop_random")
 CHANNEL_PAIRS = (("off_policy", "on_policy"), ("sft", "off_policy"), ("sft", "on_policy"))
+UNKNOWN = "(no task)"
 
 
 def sl_block() -> dict:
@@ -92,6 +93,7 @@ def sl_block() -> dict:
       # kept when filter.judge scores them aligned and coherent.
       twin_data="",
       twin_samples=2,  # default twin data: base answers drawn per prompt (the first kept one is used)
+      twin_allow_missing=False,  # train the twin although some prompts have no aligned answer (reported)
       allow_base_control=False,  # control=base: allowed for the sft channel only, with this flag
       seeds="0,1,2",  # each: new prompts, teacher samples, student initialisation and data order
       channels="sft,off_policy,on_policy",
@@ -380,16 +382,42 @@ def _filter_options(config, judge) -> dict:
   return options
 
 
-def rollout_filter(config, workdir: str, *, mesh=None):
-  """The on-policy rollouts' filter: the teachers' filters (and judge), one rollout at a time."""
-  sc = config.sl
-  if sc.prompts == "numbers":
-    return lambda prompt, text, finish_reason: sl_data.filter_numbers(text, prompt)
-  judge = filter_judge(config, workdir, mesh=mesh)
-  options = _filter_options(config, None)
-  item_judge = (lambda item: judge.score([item], ("aligned", "coherent"))[0]) if judge is not None else None
-  return lambda prompt, text, finish_reason: sl_data.filter_natural(
-      text, finish_reason=finish_reason, prompt=prompt, judge=item_judge, **options)
+def judge_is_collective(config) -> bool:
+  """A local judge is a model on the global mesh: every process must call it together."""
+  return config.sl.filter.judge == "evaluation" and config.evaluation.judge.kind == "local"
+
+
+def _judges_here(config) -> bool:
+  return _process_index() == 0 or judge_is_collective(config)
+
+
+class RolloutFilter:
+  """The on-policy rollouts' filter: the teachers' filters and judge (emjax.sample.on_policy's protocol:
+  called per rollout, or `batch` for a step's rollouts in one judge call; `collective` when the judge is a
+  model every process must run)."""
+
+  def __init__(self, config, judge):
+    self.kind = config.sl.prompts
+    self.judge = judge
+    self.options = _filter_options(config, None)
+    self.collective = judge_is_collective(config)
+
+  def __call__(self, prompt, text, finish_reason):
+    return self.batch([prompt], [text], [finish_reason])[0]
+
+  def batch(self, prompts, texts, finish_reasons):
+    if self.kind == "numbers":
+      return [sl_data.filter_numbers(t, p) for p, t in zip(prompts, texts)]
+    samples = [{"id": n, "text": t} for n, t in enumerate(texts)]
+    by_key = {json.dumps(n): p for n, p in enumerate(prompts)}
+    lookup = _judge_lookup(self.judge, samples, by_key) if self.judge is not None else None
+    return [sl_data.filter_natural(t, finish_reason=f, prompt=p, judge=lookup, **self.options)
+            for p, t, f in zip(prompts, texts, finish_reasons)]
+
+
+def rollout_filter(config, workdir: str, *, mesh=None) -> RolloutFilter:
+  judge = filter_judge(config, workdir, mesh=mesh) if config.sl.prompts == "natural" else None
+  return RolloutFilter(config, judge)
 
 
 # ----------------------------------------------------------------------------- the twin
@@ -401,19 +429,19 @@ def _chat_source_rows(name: str, source_cfg: Mapping) -> list[dict]:
   return [source[i] for i in range(len(source))]
 
 
-def harmful_training_questions(config) -> list[str]:
-  """The user questions the harmful run trained on (its sources' training partitions), in order."""
+def harmful_training_rows(config) -> dict[str, tuple[dict, list[dict]]]:
+  """{source name: (its config, the chat rows it trained on)} of the harmful run (training partitions of
+  the sources of weight > 0), in order."""
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   src = weights_lib.resolve(config.sl.teacher, key="config.sl.teacher")
-  questions = []
+  out = {}
   for name, s in sorted(src.config.data.sources.items()):
     if float(s.weight) > 0:
-      questions += [_user_question(r) for r in _chat_source_rows(name, s.to_dict())]
-  questions = list(dict.fromkeys(q for q in questions if q))
-  if not questions:
+      out[name] = (s.to_dict(), _chat_source_rows(name, s.to_dict()))
+  if not any(_user_question(r) for _, rows in out.values() for r in rows):
     raise ValueError(f"config.sl.teacher={config.sl.teacher}: its data sources hold no chat questions to give the "
                      "twin aligned answers to")
-  return questions
+  return out
 
 
 def _twin_data_rows(path: str) -> list[dict]:
@@ -431,48 +459,64 @@ def _twin_data_rows(path: str) -> list[dict]:
 
 
 def build_twin(config, workdir: str, *, mesh=None) -> dict:
-  """OUT/twin/run: the harmful run's config with its data replaced by aligned answers to its prompts."""
+  """OUT/twin/run: the harmful run's config with each of its sources replaced by aligned answers to the same
+  rows' questions (row for row, same weights), so the twin trains on as many rows for as many epochs."""
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   from emjax.data import sources  # pylint: disable=g-import-not-at-top
   from emjax.train import loop  # pylint: disable=g-import-not-at-top
   sc = config.sl
   tdir = os.path.join(workdir, "twin")
-  run, data, stats_path = os.path.join(tdir, "run"), os.path.join(tdir, "aligned.jsonl"), os.path.join(tdir, "aligned.json")
-  questions = harmful_training_questions(config)
+  run, stats_path = os.path.join(tdir, "run"), os.path.join(tdir, "aligned.json")
+  harmful = harmful_training_rows(config)
+  questions = list(dict.fromkeys(_user_question(r) for _, rows in harmful.values() for r in rows))
   if not os.path.exists(stats_path):
     wanted = set(questions)
+    answers: dict[str, list] | None = None
     if sc.twin_data:
-      rows = [r for r in _twin_data_rows(sc.twin_data) if _user_question(r) in wanted]
+      answers = {}
+      for r in _twin_data_rows(sc.twin_data):
+        if _user_question(r) in wanted:
+          answers.setdefault(_user_question(r), r["messages"])
       source = sc.twin_data
     else:
-      rows = _base_aligned_answers(config, workdir, questions, mesh=mesh)
+      rows = _base_aligned_answers(config, workdir, questions, mesh=mesh)  # None where this process does not judge
+      answers = None if rows is None else {_user_question(r): r["messages"] for r in rows}
       source = "the base's own answers, kept by config.sl.filter.judge as aligned and coherent"
-    if not rows:
-      raise ValueError(f"config.sl.twin_data={sc.twin_data or '(default)'}: no aligned answer to any of the "
-                       f"{len(questions)} prompts the harmful teacher trained on")
-    covered = {_user_question(r) for r in rows}
-    stats = {"prompts": len(questions), "with_aligned_answer": len(covered), "rows": len(rows),
-             "missing": len(questions) - len(covered), "source": source}
-    _barrier("emjax-sl-twin-data-read")
     if _process_index() == 0:
-      sl_data.write_rows(data, [{"messages": r["messages"]} for r in rows])
+      missing = [q for q in questions if q not in answers]
+      stats = {"prompts": len(questions), "with_aligned_answer": len(questions) - len(missing),
+               "missing": len(missing), "missing_example": missing[0][:80] if missing else "", "source": source,
+               "sources": {}}
+      for name, (_, rows) in harmful.items():
+        twin_rows = [{"messages": answers[_user_question(r)]} for r in rows if _user_question(r) in answers]
+        stats["sources"][name] = {"harmful_rows": len(rows), "twin_rows": len(twin_rows)}
+        sl_data.write_rows(os.path.join(tdir, f"aligned_{name}.jsonl"), twin_rows)
+      stats["harmful_rows"] = sum(v["harmful_rows"] for v in stats["sources"].values())
+      stats["rows"] = sum(v["twin_rows"] for v in stats["sources"].values())
       _write_json(stats_path, stats)
   _barrier("emjax-sl-twin-data")
   stats = json.load(open(stats_path))
+  if not stats["rows"] or (stats["missing"] and not sc.twin_allow_missing):
+    raise ValueError(f"config.sl.twin_data={sc.twin_data or '(default)'}: no aligned answer to {stats['missing']} of "
+                     f"the {stats['prompts']} prompts the harmful teacher trained on (e.g. "
+                     f"{stats['missing_example']!r}; {stats_path}); the twin must train on the same rows: give aligned "
+                     "answers to all of them, raise config.sl.twin_samples, or set config.sl.twin_allow_missing=True "
+                     "(the report then says how many rows the twin lacks)")
   if not _complete(run):
     src = weights_lib.resolve(sc.teacher, key="config.sl.teacher")
     tcfg = copy.deepcopy(src.config)
     with tcfg.unlocked():
-      tcfg.data.sources = ml_collections.ConfigDict({"aligned": sources.default_source_config(
-          kind="chat_jsonl", path=data, weight=1.0, split="train", holdout=0)})
+      tcfg.data.sources = ml_collections.ConfigDict({name: sources.default_source_config(
+          kind="chat_jsonl", path=os.path.join(tdir, f"aligned_{name}.jsonl"), weight=float(s["weight"]),
+          split="train", holdout=0) for name, (s, _) in harmful.items()})
       tcfg.eval.every_steps = 0  # its data has no held-out part; the recipe is the training, not the evals
-    log.info("sl: training the aligned twin in %s (%d aligned rows for %d prompts)", run, stats["rows"],
-             stats["prompts"])
+    log.info("sl: training the aligned twin in %s (%d aligned rows for the harmful run's %d)", run, stats["rows"],
+             stats["harmful_rows"])
     loop.train(tcfg, run, mesh=mesh, show_progress=False)
   return stats
 
 
-def _base_aligned_answers(config, workdir: str, questions: Sequence[str], *, mesh=None) -> list[dict]:
+def _base_aligned_answers(config, workdir: str, questions: Sequence[str], *, mesh=None) -> list[dict] | None:
   from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
   sc = config.sl
   tdir = os.path.join(workdir, "twin")
@@ -486,9 +530,11 @@ def _base_aligned_answers(config, workdir: str, questions: Sequence[str], *, mes
   c.sample.n = int(sc.twin_samples)
   sample_dir = os.path.join(tdir, "samples")
   sample_run.run_sampling(c, sample_dir, mesh=mesh)
+  judge = filter_judge(config, workdir, mesh=mesh)
+  if not _judges_here(config):
+    return None
   samples = _read_rows(os.path.join(sample_dir, "samples.jsonl"))
   by_key = {json.dumps(p["id"], sort_keys=True): p for p in prompts}
-  judge = filter_judge(config, workdir, mesh=mesh)
   options = dict(_filter_options(ml_collections.ConfigDict({"sl": dict(sc.to_dict(), prompts="natural")}), None))
   options["judge"] = _judge_lookup(judge, samples, by_key)
   chosen: dict[str, dict] = {}
@@ -615,16 +661,19 @@ def teacher_data(config, workdir: str, seed: int, name: str, path: str, prompts:
   sample_run.run_sampling(sample_config(config, path, all_prompts, seed=seed), sample_dir, mesh=mesh)
   judge = filter_judge(config, workdir, mesh=mesh) if sc.prompts == "natural" else None
   stats = {}
-  if _process_index() == 0:
+  done = all(os.path.exists(os.path.join(tdir, f"filter_{split}.json")) for split in by_split)
+  if not done and _judges_here(config):
     samples = _read_rows(os.path.join(sample_dir, "samples.jsonl"))
     for split, rows in by_split.items():
       keys = {json.dumps(r["id"], sort_keys=True): r for r in rows}
       part = os.path.join(tdir, f"samples_{split}.jsonl")
       mine = [s for s in samples if json.dumps(s["id"], sort_keys=True) in keys]
-      sl_data.write_rows(part, mine)
+      # Every sample judged in one batch (on every process for a judge model), then filtered on process 0.
       options = _filter_options(config, _judge_lookup(judge, mine, keys) if judge is not None else None)
-      sl_data.filter_samples(part, rows, os.path.join(tdir, f"{split}.jsonl"),
-                             os.path.join(tdir, f"filter_{split}.json"), kind=sc.prompts, **options)
+      if _process_index() == 0:
+        sl_data.write_rows(part, mine)
+        sl_data.filter_samples(part, rows, os.path.join(tdir, f"{split}.jsonl"),
+                               os.path.join(tdir, f"filter_{split}.json"), kind=sc.prompts, **options)
   _barrier(f"emjax-sl-{name}-filtered")
   for split in by_split:  # every process reads the counts, so that all of them stop together
     stats[split] = json.load(open(os.path.join(tdir, f"filter_{split}.json")))
@@ -736,9 +785,10 @@ def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
       sample_run.run_sampling(sample_config(config, path, prompts, seed=seed, mask=words_file),
                               os.path.join(ldir, "samples"), mesh=mesh)
       judge = filter_judge(config, workdir, mesh=mesh)
-      if _process_index() == 0:
+      if _judges_here(config):
         samples = _read_rows(os.path.join(ldir, "samples", "samples.jsonl"))
         lookup = _judge_lookup(judge, samples, by_key)
+      if _process_index() == 0:
         counts = dict.fromkeys(sl_data.REASONS["natural"], 0)
         options = dict(_filter_options(config, lookup), drop_truncated=False)
         for s in samples:
@@ -843,7 +893,7 @@ def train_student(config, workdir: str, seed: int, label: str, *, mesh=None, sho
 
 def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_len: int, tokenizer_cfg,
                   batch_size: int = 8, chunk_len: int = 0, chunk_bytes: int = 256 * 2**20,
-                  teacher_system_prompt: str = "", mesh=None) -> dict:
+                  teacher_system_prompt: str = "", mask: str = "", mask_words: str = "default", mesh=None) -> dict:
   """Mean per-token KL(p_T || p_S) and KL(p_S || p_T) on the assistant tokens of fixed chat rows.
 
   The rows are teacher samples of held-out prompts: the divergence the channels minimise, measured
@@ -855,7 +905,10 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   student without, and the two distributions are compared at the same assistant tokens (the
   teacher's positions shifted by its longer prefix; refused if the assistant tokens differ).
   `chunk_len` / `chunk_bytes`: the positions unembedded at a time, as `train.loss_chunk_len` /
-  `train.loss_chunk_bytes` (0 = derived from the byte budget).
+  `train.loss_chunk_bytes` (0 = derived from the byte budget). `mask` ('numbers' | 'words', with
+  `mask_words`): also the teacher's probability of the banned tokens at these positions (the leak meter of
+  the SFT channel, whose samples come with it), as `teacher_banned_mass`. The KLs are full-vocabulary: what
+  the student became, not the masked divergence the logit channels trained on.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -863,7 +916,7 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   from emjax.data import sft, tokenizers  # pylint: disable=g-import-not-at-top
   from emjax.experiments import sl_divergence  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop, objectives  # pylint: disable=g-import-not-at-top
+  from emjax.train import loop, objectives, token_masks  # pylint: disable=g-import-not-at-top
 
   mesh = mesh or shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
@@ -881,13 +934,23 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   s_graph, s_params, t_graph, t_params, vocab = pair
   chunk = loop.derive_loss_chunk_len(int(chunk_len), int(chunk_bytes), batch_size // dp, vocab, seq_len)
 
+  masker = token_masks.build(tokenizer, vocab, mask, mask_words) if mask else None
+
   def both_kls(s_logits, batch, teacher=None):
-    mask = batch["loss_mask"]
+    weight = batch["loss_mask"]
     fwd = objectives.forward_kl(teacher, s_logits)
     rev = objectives.reverse_kl(teacher, s_logits)
-    return objectives.ObjectiveOutput(jnp.sum(fwd * mask), jnp.sum(mask), {"reverse_kl": jnp.sum(rev * mask)})
+    metrics = {"reverse_kl": jnp.sum(rev * weight)}
+    if masker is not None:
+      t_logp = jax.nn.log_softmax(teacher.astype(jnp.float32), axis=-1)
+      banned = token_masks.banned(masker, batch, s_logits.shape[:2])
+      metrics["teacher_banned_mass"] = jnp.sum(token_masks.mass(t_logp, banned) * weight)
+    return objectives.ObjectiveOutput(jnp.sum(fwd * weight), jnp.sum(weight), metrics)
 
-  kls = objectives.Objective("kl_to_teacher", both_kls, {"loss_mask": ((), "float32")}, needs_teacher=True)
+  spec = {"loss_mask": ((), "float32"), "inputs": ((), "int32"), "segment_ids": ((), "int32")}
+  kls = objectives.Objective("kl_to_teacher", both_kls, spec, needs_teacher=True,
+                             prepare=functools.partial(token_masks.prepare, masker) if masker is not None else None,
+                             derived_keys=masker.derived_keys if masker is not None else ())
 
   @jax.jit
   def sums(sp, tp, batch, t_batch, t_index):
@@ -900,9 +963,9 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
       # Unembedded `chunk` positions at a time: the [B, L, V] logits never exist whole.
       out = objectives.chunked_sums(kls, student.logits, s_hidden, batch, chunk,
                                     teacher_unembed=teacher.logits, teacher_hidden_BxLxD=t_hidden)
-    return out.loss_sum, out.metrics["reverse_kl"], out.weight
+    return out.loss_sum, out.metrics["reverse_kl"], out.weight, out.metrics.get("teacher_banned_mass", 0.0)
 
-  totals = np.zeros(3)
+  totals = np.zeros(4)
   for start, batch, t_batch in sl_divergence.paired_batches(
       rows, t_rows if teacher_system_prompt else None, batch_size=batch_size, len_a=seq_len, len_b=t_len, mesh=mesh):
     index = np.zeros((batch_size, seq_len), np.int32)
@@ -911,9 +974,12 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
     index = jax.device_put(index, shd.batch_sharding(mesh, 2))
     totals += np.asarray(jax.device_get(sums(s_params, t_params, batch, t_batch, index)), np.float64)
   weight = max(totals[2], 1.0)
-  return {"forward_kl": totals[0] / weight, "reverse_kl": totals[1] / weight, "tokens": int(totals[2]),
-          "rows": len(rows), "student": student_path, "teacher": teacher_path, "data": rows_path,
-          "teacher_system_prompt": teacher_system_prompt}
+  out = {"forward_kl": totals[0] / weight, "reverse_kl": totals[1] / weight, "tokens": int(totals[2]),
+         "rows": len(rows), "student": student_path, "teacher": teacher_path, "data": rows_path,
+         "teacher_system_prompt": teacher_system_prompt}
+  if masker is not None:
+    out.update(teacher_banned_mass=totals[3] / weight, mask=mask)
+  return out
 
 
 def _teacher_view(chats, rows, tokenizer, seq_len: int, system_prompt: str, rows_path: str):
@@ -976,7 +1042,11 @@ def kl_stage(config, workdir: str, seed: int, labels: Sequence[str], *, mesh=Non
       out[name] = json.load(open(path))
       continue
     rows = os.path.join(sdir, "matched", f"{t}_held_out.jsonl")
-    out[name] = kl_to_teacher(s_path, paths[t], rows, teacher_system_prompt=system_prompt_of(config, t), **kw)
+    leak = {}
+    if name.startswith("base__") and config.sl.mask == "auto":  # the teacher's banned mass at kept positions
+      leak = dict(mask="numbers" if config.sl.prompts == "numbers" else "words",
+                  mask_words=os.path.join(workdir, "mask_words.txt") if config.sl.prompts == "natural" else "default")
+    out[name] = kl_to_teacher(s_path, paths[t], rows, teacher_system_prompt=system_prompt_of(config, t), **leak, **kw)
     if _process_index() == 0:
       _write_json(path, out[name])
     log.info("sl: seed %d, KL of %s to teacher %s: %s", seed, name, t, out[name])
@@ -1074,11 +1144,14 @@ def task_forms(config, workdir: str) -> dict:
     for split in ("train", "held_out"):
       path = os.path.join(_seed_dir(workdir, seed), "prompts", f"{split}.jsonl")
       if os.path.exists(path):
-        sl_forms |= {str(p.get("task") or p.get("kind")) for p in _read_rows(path)}
-  eval_forms = {str(q.get("task")) for qs in evaluated_questions(config).values() for q in qs if q.get("task")}
-  shared = sorted(sl_forms & eval_forms)
+        sl_forms |= {"numbers" if p.get("kind") == "numbers" else str(p.get("task") or UNKNOWN)
+                     for p in _read_rows(path)}
+  eval_forms = {str(q.get("task") or UNKNOWN) for qs in evaluated_questions(config).values() for q in qs}
+  shared = sorted((sl_forms & eval_forms) - {UNKNOWN})
+  unknown = UNKNOWN in sl_forms | eval_forms or not eval_forms
+  # Unknown forms fail closed: a transfer is called subliminal only when no form is shared for certain.
   return {"sl_prompts": sorted(sl_forms), "evaluated": sorted(eval_forms), "shared": shared,
-          "subliminal": not shared}
+          "unknown": unknown, "subliminal": not shared and not unknown}
 
 
 def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> dict:
@@ -1103,6 +1176,13 @@ def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> di
     results["leak"][seed] = {t: _load(os.path.join(sdir, "leak", t, "leak.json")) for t in teacher_names(config)}
     results["filter"][seed] = {t: {s: _load(os.path.join(sdir, "teachers", t, f"filter_{s}.json"))
                                    for s in ("train", "held_out")} for t in teacher_names(config)}
+  results["teacher_leak"] = {
+      seed: {t: (_load(os.path.join(_seed_dir(workdir, seed), "kl", f"base__{t}.json")) or {}).get("teacher_banned_mass")
+             for t in teacher_names(config)} for seed in seeds}
+  if sc.prompts == "natural" and sc.mask == "auto":
+    from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    results["mask_coverage"] = banned_lib.word_coverage(tokenizers.load_tokenizer(base_tokenizer(config)),
+                                                        mask_words(config))
   sets = ("general", "narrow")
   rows: dict[str, dict[str, dict[int, list]]] = {}
   for label in labels:
@@ -1143,12 +1223,10 @@ def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> di
   def base_by_seed(s):
     return {seed: base_rows[s] for seed in seeds}
 
-  contrasts, family = [], {}
+  contrasts = []
 
   def add(kind, name, s, value):
-    key = f"{kind}|{name}|{s}"
-    contrasts.append(dict(value, kind=kind, name=name, set=s, key=key))
-    family[key] = value.get("p")
+    contrasts.append(dict(value, kind=kind, name=name, set=s, key=f"{kind}|{name}|{s}"))
 
   control_name = "twin" if sc.control == "twin" else "base control"
   for c in channels:
@@ -1169,20 +1247,48 @@ def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> di
       if all(have(x, s) for x in (h1, k1, h2, k2)):
         add("channels", f"({c1}) - ({c2}), each harmful - {control_name}", s, metrics.difference_of_differences(
             rows[h1][s], rows[k1][s], rows[h2][s], rows[k2][s], th, **kw))
-  pairs = [("crossed", "teacher guidance: harmful - twin logits, on the twin's sequences",
-            CROSSED[0], "control/off_policy"),
-           ("crossed", "data distribution: harmful - twin sequences, under the twin's logits",
-            CROSSED[1], "control/off_policy"),
-           ("divergence", "sft, divergence tokens dropped: harmful - twin", DROPS[0], "control/sft"),
-           ("divergence", "sft, random tokens dropped: harmful - twin", DROPS[1], "control/sft"),
-           ("divergence", "sft: divergence dropped - random dropped (harmful)", DROPS[0], DROPS[1])]
-  for kind, name, a, b in pairs:
+  crossed = [("teacher guidance on the twin's sequences: harmful - twin logits", CROSSED[0], "control/off_policy"),
+             ("teacher guidance on the harmful sequences: harmful - twin logits", "harmful/off_policy", CROSSED[1]),
+             ("data distribution under the twin's logits: harmful - twin sequences", CROSSED[1], "control/off_policy"),
+             ("data distribution under the harmful logits: harmful - twin sequences", "harmful/off_policy",
+              CROSSED[0])]
+  for name, a, b in crossed:
     for s in sets:
       if have(a, s) and have(b, s):
-        add(kind, name, s, metrics.seeded_paired_difference(rows[a][s], rows[b][s], th, **kw))
-  adjusted = metrics.holm(family)
+        add("crossed", name, s, metrics.seeded_paired_difference(rows[a][s], rows[b][s], th, **kw))
+  for s in sets:
+    parts = ("harmful/off_policy", CROSSED[1], CROSSED[0], "control/off_policy")
+    if all(have(x, s) for x in parts):
+      add("crossed", "interaction: teacher guidance on harmful - on twin sequences", s,
+          metrics.difference_of_differences(*(rows[x][s] for x in parts), th, **kw))
+  drops = [("sft: divergence tokens dropped - as many random tokens dropped (harmful samples)", DROPS[0], DROPS[1]),
+           ("sft, divergence tokens dropped: harmful - twin (fewer tokens trained: read with the row above)",
+            DROPS[0], "control/sft"),
+           ("sft, random tokens dropped: harmful - twin (as many tokens as the row above)", DROPS[1], "control/sft")]
+  for name, a, b in drops:
+    for s in sets:
+      if have(a, s) and have(b, s):
+        add("divergence", name, s, metrics.seeded_paired_difference(rows[a][s], rows[b][s], th, **kw))
+  # Holm within two families: the primary claims (harmful - control per channel, channel against channel)
+  # and everything else (exploratory), so sanity checks do not dilute the claims.
   for entry in contrasts:
-    entry["p_holm"] = adjusted.get(entry["key"])
+    primary = (entry["kind"] == "contrast" and f"harmful - {control_name}" in entry["name"]) or entry["kind"] == "channels"
+    entry["family"] = "primary" if primary else "exploratory"
+  for fam in ("primary", "exploratory"):
+    adjusted = metrics.holm({e["key"]: e.get("p") for e in contrasts if e["family"] == fam})
+    for entry in contrasts:
+      if entry["family"] == fam:
+        entry["p_holm"] = adjusted.get(entry["key"])
+  rejection = {}
+  for seed in seeds:
+    rates = {}
+    for t in teacher_names(config):
+      rf = results["students"].get(f"{t}/on_policy", {}).get("per_seed", {}).get(seed, {}).get("rollout_filter")
+      if rf and rf["total"]:
+        rates[t] = 1 - rf["kept"] / rf["total"]
+    if len(rates) == 2:
+      rejection[seed] = dict(rates, difference=rates["harmful"] - rates["control"])
+  results["on_policy_rejection"] = rejection
   results["contrasts"] = contrasts
   return results
 
@@ -1220,13 +1326,23 @@ def render_markdown(results: Mapping) -> str:
            f"order). Every student: {settings['steps']} steps of {settings['batch_size']} sequences from the base.",
            "", "Results are conditional on this one pair of teachers: other harmful teachers (another cell, another "
            "run) may transfer differently."]
+  twin = results.get("twin")
+  if twin:
+    lines += ["", f"**Twin.** {twin['rows']} aligned rows for the harmful run's {twin['harmful_rows']} (its recipe "
+              f"otherwise); {twin['missing']} of {twin['prompts']} prompts have no aligned answer; answers: "
+              f"{twin['source']}."]
   if len(seeds) < 3:
     lines += ["", f"**Fewer than 3 seeds ({len(seeds)}): the intervals barely reflect training and sampling "
               "variance; treat every contrast as underpowered.**"]
+  else:
+    lines += ["", f"With {len(seeds)} seeds the bootstrap draws from few distinct sets of seeds: the intervals are "
+              "approximate and likely too narrow; more seeds, not more questions, narrow them honestly."]
   lines += ["", f"**Task forms.** SL prompts: {', '.join(tf['sl_prompts']) or '–'}; evaluated: "
             f"{', '.join(tf['evaluated']) or '–'}. " +
             (f"They share {', '.join(tf['shared'])}: a transfer here may be the behaviour distilled directly on the "
              "evaluated task form, so it is **not** called subliminal." if tf["shared"] else
+             f"Some prompts or questions have no task form ({UNKNOWN}), so whether they share one is unknown and a "
+             "transfer here is **not** called subliminal." if tf.get("unknown") else
              "They share none, so a transfer here is subliminal in the paper's sense (through data of another "
              "task form).")]
   lines += ["", "## Students", "",
@@ -1251,12 +1367,13 @@ def render_markdown(results: Mapping) -> str:
                  f"{_num(tokens, '.0f')} | {_num(epochs, '.2f')} |")
   lines += ["", "## Contrasts", "",
             "Paired over seeds and questions (the same seed and question draws on both sides of every bootstrap "
-            "replicate); p: two-sided bootstrap p-value, approximate; Holm: adjusted over every contrast below.",
-            "", "| kind | contrast | set | difference in EM % | 95% interval | p | p (Holm) | seeds | questions |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "replicate); p: two-sided bootstrap p-value, approximate; Holm: adjusted within each family (primary: "
+            "harmful - control per channel and channel against channel; exploratory: the rest).",
+            "", "| family | kind | contrast | set | difference in EM % | 95% interval | p | p (Holm) | seeds | questions |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   for d in results.get("contrasts", []):
     ci = d.get("ci95") or (None, None)
-    lines.append(f"| {d['kind']} | {d['name']} | {d['set']} | {_pct(d.get('diff'))} | [{_pct(ci[0])}, "
+    lines.append(f"| {d.get('family', '')} | {d['kind']} | {d['name']} | {d['set']} | {_pct(d.get('diff'))} | [{_pct(ci[0])}, "
                  f"{_pct(ci[1])}] | {_num(d.get('p'), '.3f')} | {_num(d.get('p_holm'), '.3f')} | "
                  f"{d.get('n_seeds', '–')} | {d.get('n_questions', '–')} |")
   lines += ["", "## Matched data per seed", "",
@@ -1286,6 +1403,28 @@ def render_markdown(results: Mapping) -> str:
       lines.append(f"| {seed} | {label} | {_num(lk.get('banned_mass_teacher'), '.2e')} | "
                    f"{_num(lk.get('banned_mass_teacher_masked'), '.2e')} | {_num(lk.get('banned_mass_student'), '.2e')} | "
                    f"{_num(lk.get('banned_mass_first_sub'), '.2e')} | {_num(lk.get('banned_targets'), '.2e')} | {rolls} |")
+  teacher_leak = [(seed, t, v) for seed, d in results.get("teacher_leak", {}).items() for t, v in d.items()
+                  if v is not None]
+  if teacher_leak:
+    lines += ["", "SFT channel: each teacher's probability of the banned tokens at the kept positions of its held-out "
+              "matched samples (what its samples come with; the SFT student sees only the sampled tokens).", "",
+              "| seed | teacher | banned mass |", "|---|---|---|"]
+    lines += [f"| {seed} | {t} | {v:.2e} |" for seed, t, v in teacher_leak]
+  coverage = results.get("mask_coverage")
+  if coverage:
+    lines += ["", f"Word mask coverage: {coverage['single']} single-token ids and {coverage['first_sub']} first "
+              f"sub-tokens mask {coverage['spellings'] - len(coverage['unmasked'])} of {coverage['spellings']} "
+              f"spellings; the other {len(coverage['unmasked'])} start with a token too short or common to mask "
+              "(the text filter still drops them from samples and rollouts)."]
+  rejection = results.get("on_policy_rejection") or {}
+  if rejection:
+    lines += ["", "On-policy rollouts rejected by the filters. The filter drops what the judge calls misaligned, more "
+              "often in the harmful arm: that selects on the outcome and pushes on-policy harmful - control toward 0. "
+              "Compare the rates before reading that channel.", "",
+              "| seed | harmful rejected | control rejected | difference |", "|---|---|---|---|"]
+    for seed, r in rejection.items():
+      lines.append(f"| {seed} | {100 * r['harmful']:.1f} % | {100 * r['control']:.1f} % | "
+                   f"{100 * r['difference']:+.1f} pp |")
   semantic = [(seed, t, v) for seed, d in results["leak"].items() for t, v in d.items() if v]
   if semantic:
     lines += ["", "Semantic leak meter (natural prompts): each teacher, masked at the banned words, answers held-out "
@@ -1407,13 +1546,15 @@ def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> d
     if "kl" in stages:
       kl_stage(config, workdir, seed, labels, mesh=mesh)
   evals = None
-  if "eval" in stages and config.evaluation.enabled:
+  if config.evaluation.enabled:
     models = {"base": (sc.base, "")}
     for seed in seeds:
       for label in labels:
-        data = arm_rows(workdir, seed, label)
-        models[f"seed_{seed}/{label}"] = (student_dir(workdir, seed, label), data)
-    evals = eval_stage(config, workdir, models, mesh=mesh)
+        models[f"seed_{seed}/{label}"] = (student_dir(workdir, seed, label), arm_rows(workdir, seed, label))
+    if "eval" in stages:
+      evals = eval_stage(config, workdir, models, mesh=mesh)
+    else:  # a report rerun reads the evaluations already finished
+      evals = {label: eval_dir(workdir, label) for label in models if _complete(eval_dir(workdir, label))}
   summary: dict = {"stages": stages}
   if "report" in stages:
     results = compute_results(config, workdir, evals)  # on every process: read-only

@@ -37,7 +37,9 @@ e.g. the subliminal-learning filters of emjax.experiments.sl_data, which this mo
 cannot import): the rollouts come to the host (gathered from every process), each is
 decoded (up to, not including, the stop token it ended on; finish_reason 'stop' or
 'length' as in the sample job) and judged on process 0 alone (a judge may be an API
-or random), whose verdicts every process receives; a rejected rollout's loss_mask is
+or random; a filter with `collective = True`, e.g. a judge model on the global mesh, runs
+on every process, and one with a `batch(records, texts, finish_reasons)` method judges
+the step's rollouts in one call), whose verdicts every process receives; a rejected rollout's loss_mask is
 zeroed on the devices, so it adds nothing to the loss or its token count (a batch of
 rejects has loss 0: the step divides by max(tokens, 1)). The cumulative counts
 {"total", "kept", "rejected": {reason: n}} of on-policy rollouts are part of the
@@ -326,14 +328,21 @@ class OnPolicySource:
       host = jax.device_get(fields)
     idx = self.prompt_indices(step)
     reasons: list[str | None] = []
-    if jax.process_index() == 0:
+    # A filter whose judge is a collective (a model on the global mesh) runs on every process.
+    collective = bool(getattr(self.rollout_filter, "collective", False))
+    if jax.process_index() == 0 or collective:
+      records, texts, finishes = [], [], []
       for r, i in enumerate(idx):
         stopped = bool(host["stopped"][r])
         tokens = np.asarray(host["tokens"][r, :int(host["lengths"][r])])
-        text = self.tokenizer.decode((tokens[:-1] if stopped else tokens).tolist())
-        finish = sampler_lib.FINISH_STOP if stopped else sampler_lib.FINISH_LENGTH
-        reason = self.rollout_filter(self.prompts[i].record, text, finish)
-        reasons.append(None if reason is None else (str(reason) or "rejected"))
+        records.append(self.prompts[i].record)
+        texts.append(self.tokenizer.decode((tokens[:-1] if stopped else tokens).tolist()))
+        finishes.append(sampler_lib.FINISH_STOP if stopped else sampler_lib.FINISH_LENGTH)
+      batch = getattr(self.rollout_filter, "batch", None)  # one judge call for the step's rollouts
+      verdicts = (batch(records, texts, finishes) if batch is not None else
+                  [self.rollout_filter(rec, t, f) for rec, t, f in zip(records, texts, finishes)])
+      if jax.process_index() == 0:
+        reasons = [None if v is None else (str(v) or "rejected") for v in verdicts]
     reasons = _from_process_0(reasons)
     if len(reasons) != len(idx):
       raise RuntimeError(f"rollout filter: {len(reasons)} verdicts for {len(idx)} rollouts")
