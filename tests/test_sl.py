@@ -391,3 +391,14 @@ def test_a_system_prompted_teachers_kl_is_taken_with_its_system_prompt(material,
                           str(out / "seed_0" / "matched" / "harmful_held_out.jsonl"), seq_len=80,
                           tokenizer_cfg=sl.base_tokenizer(config), batch_size=4, mesh=mesh)
   assert same["tokens"] == kl["tokens"] and same["forward_kl"] < 1e-6, same
+
+
+def test_a_twin_without_aligned_answers_to_every_prompt_is_refused(material, tmp_path):
+  """The twin trains row for row on the harmful run's prompts: a gap is an error unless allowed."""
+  from emjax.experiments import sl
+  partial = tmp_path / "partial.jsonl"
+  partial.write_text("".join(l + "\n" for l in (material / "twin_data.jsonl").read_text().splitlines()[:2]))
+  config = sl_config(material, twin_data=partial)
+  with pytest.raises(ValueError, match=r"no aligned answer to 1 of the 3 prompts the harmful teacher trained on"):
+    sl.build_twin(config, str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "twin" / "run").exists()
