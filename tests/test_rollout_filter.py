@@ -168,3 +168,34 @@ def test_only_process_0_judges_and_every_process_gets_its_verdicts(setup, monkey
   for a, b in zip(batches0, batches1):
     np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
   assert os.path.exists(tmp_path / "p0.json") and not os.path.exists(tmp_path / "p1.json")
+
+
+class BatchRecorder(Recorder):
+  """The batch protocol: one call per step's rollouts; `collective`: every process judges."""
+
+  collective = True
+
+  def __init__(self):
+    super().__init__()
+    self.batches = []
+
+  def batch(self, records, texts, finish_reasons):
+    self.batches.append(len(records))
+    return [self(r, t, f) for r, t, f in zip(records, texts, finish_reasons)]
+
+
+def test_a_batch_filter_judges_a_step_at_once_and_a_collective_one_on_every_process(setup, monkeypatch):
+  from jax.experimental import multihost_utils
+  trainer, tokenizer, state, frozen = setup
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda tree, tiled: jax.device_get(tree))
+  verdicts = json.dumps(["listed"] + [None] * (trainer.config.train.batch_size - 1)).encode()
+  payload = iter([np.int32(len(verdicts)), np.frombuffer(verdicts, np.uint8)] * 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: next(payload))
+  judge = BatchRecorder()
+  source = on_policy.make_source(trainer, tokenizer, rollout_filter=judge)
+  _draw(source, state, frozen, 2)
+  # Process 1 judged too (a judge model is a collective), in one batch per step; process 0's verdicts count.
+  assert judge.batches == [trainer.config.train.batch_size] * 2
+  assert source.get_state()["rollouts"]["rejected"] == {"listed": 2}
