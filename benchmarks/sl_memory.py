@@ -16,8 +16,9 @@ CPU devices (fsdp=8) and/or for a TPU slice (libtpu from jax[tpu]; fsdp = all it
 
 One JSON line per (program, target, recipe): per-device argument / output / temp / alias bytes and
 peak = argument + output + temp - alias (aot.memory_bytes), and, for a TPU slice, the chip's HBM and
-whether XLA accepted the program (a refused one is compiled again with the limit lifted, as the plan
-job does).
+whether XLA accepted the program; a program XLA refuses for HBM gets a row with XLA's refusal (its
+"Used X of Y hbm") instead of the analysis (the plan job's compile-anyway retry crashes libtpu 0.0.42.1
+on these programs: "Invalid TPU program").
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sl_memory.py --target=fsdp8
   python benchmarks/sl_memory.py --target=v5e-16
@@ -36,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -85,6 +87,14 @@ def build_config(program: str, recipe: str, teacher_dir: str, mesh_shape: tuple[
   os.makedirs(teacher_dir, exist_ok=True)
   config_lib.write_config(teacher, teacher_dir)
   return c
+
+
+def _used_of_hbm(refusal: str) -> str | None:
+  """'50.78G of 15.75G' from XLA:TPU's refusal ('... required for HLO temporaries (50.78G) exceeds
+  available HBM (15.75G)', or 'Used 50.78G of 15.75G hbm')."""
+  m = (re.search(r"required for (.+?) \((\S+)\) exceeds available HBM \((\S+)\)", refusal)
+       or re.search(r"Used ()(\S+) of (\S+) hbm", refusal))
+  return f"{m[2]} of {m[3]}" + (f" ({m[1]})" if m[1] else "") if m else None
 
 
 def _gib(b: dict) -> dict:
@@ -147,11 +157,25 @@ def measure(program: str, recipe: str, target: str, micro: int, teacher_dir: str
   rows = []
   for name, build in builds.items():
     t0 = time.perf_counter()
-    if topo is not None:
-      compiled, refusal = aot._compile_or_oom(build)  # pylint: disable=protected-access
-    else:
-      compiled, refusal = build(None), None
+    refusal = None
+    try:
+      compiled = build(None)
+    except jax.errors.JaxRuntimeError as e:
+      if topo is None or not aot._is_oom(e):  # pylint: disable=protected-access
+        raise
+      # XLA refused the program for HBM. The plan job's retry with the limit lifted
+      # (aot.COMPILE_ANYWAY) ends in libtpu 0.0.42.1 with "INVALID_ARGUMENT: Invalid TPU program" for
+      # these programs, so the row carries XLA's own refusal (its used / available HBM) instead.
+      refusal = " ".join(str(e).split())
     seconds = round(time.perf_counter() - t0, 1)
+    if refusal is not None:
+      hbm = topo.chip.hbm_bytes // topo.devices_per_chip
+      parts = ["step"] if name == "step" else ["prefill+decode"]
+      for part in parts:
+        rows.append(dict(head, part=part, compile_seconds=seconds, per_device_bytes=None, per_device_gib=None,
+                         hbm_per_device_bytes=hbm, fits=False, xla_refusal=refusal[:2000],
+                         xla_used_of_hbm=_used_of_hbm(refusal)))
+      continue
     parts = {"step": compiled} if name == "step" else {"prefill": programs["prefill"], "decode": programs["decode"]}
     for part, prog in parts.items():
       b = aot.memory_bytes(prog)
