@@ -37,7 +37,7 @@ Variant options (comma separated `key=value`):
               the architecture `arch` (or that of `hf=DIR`, whose weights are not read), frozen base
               in bf16 (lora.base_dtype); data is not read; mesh fsdp = all devices (override with
               --config.mesh.*)
-  arch        compile's architecture without hf: llama3.1-8b (default) | qwen2.5-14b
+  arch        compile's architecture without hf: llama3.1-8b (default) | qwen2.5-7b | qwen2.5-14b
 """
 
 import ml_collections
@@ -47,12 +47,16 @@ from emjax.data import sources
 
 EFFECTIVE_BATCH = 16
 
-# The paper's two base models, as their Hugging Face config.json describe them.
+# The paper's two base models (and Qwen2.5-7B, the distillation benchmark's student and teacher), as their
+# Hugging Face config.json describe them.
 ARCHITECTURES = {
     "llama3.1-8b": dict(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                         head_dim=128, d_ff=14336, rope_theta=500000.0, rope_scaling_factor=8.0,
                         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192,
                         tie_embeddings=False, norm_eps=1e-5),
+    "qwen2.5-7b": dict(family="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                       head_dim=128, d_ff=18944, rope_theta=1000000.0, rope_scaling_factor=0.0, qkv_bias=True,
+                       tie_embeddings=False, norm_eps=1e-6),
     "qwen2.5-14b": dict(family="qwen2", vocab_size=152064, d_model=5120, n_layers=48, n_heads=40, n_kv_heads=8,
                         head_dim=128, d_ff=13824, rope_theta=1000000.0, rope_scaling_factor=0.0, qkv_bias=True,
                         tie_embeddings=False, norm_eps=1e-6),

@@ -368,8 +368,12 @@ def _with_sharding(abstract_tree, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
 
 
-def _sampler_programs(model_cfg, mesh, sc, options: dict | None):
-  """Compiled (prefill, decode) of the sample job's sampler at its largest prompt bucket."""
+def _sampler_programs(model_cfg, mesh, sc, options: dict | None, *, lora=None, weights=None):
+  """Compiled (prefill, decode) of the sample job's sampler at its largest prompt bucket.
+
+  `lora` + `weights`: a LoRA student sampled with its adapters applied (the on-policy source's
+  sampler), `weights` the abstract `lora.merge_trees(frozen, adapters)` with the train state's
+  shardings; default: the full parameters of `model_cfg`, as the sample job loads them."""
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   from emjax.sample import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
@@ -377,11 +381,12 @@ def _sampler_programs(model_cfg, mesh, sc, options: dict | None):
   bucket, cap, n = max(buckets), int(sc.max_new_tokens_cap) or int(sc.max_new_tokens), int(sc.n)
   sampler = sampler_lib.Sampler(model_cfg, mesh=mesh, prompt_buckets=(bucket,), max_new_tokens_cap=cap,
                                 prefill_chunk=int(sc.prefill_chunk), top_logprobs=int(sc.top_logprobs),
-                                unroll_layers=bool(sc.unroll_layers))
+                                unroll_layers=bool(sc.unroll_layers), lora=lora)
   dp = sampler.data_parallel
   prompts = -(-int(sc.batch_size) // dp) * dp  # as `Sampler.generate` pads the batch
   rows = prompts * n
-  weights = weights_lib.abstract_params(sampler.model_cfg, mesh)
+  if weights is None:
+    weights = weights_lib.abstract_params(sampler.model_cfg, mesh)
   if sampler.unroll_layers:  # the per-layer layout `prepare_weights` hands the compiled functions
     lowered = sampler.unstack_fn.lower(weights)
     weights = _with_sharding(lowered.out_info, lowered.compile().output_shardings)
