@@ -72,5 +72,5 @@ def test_compile_variant_is_llama_3_1_8b_with_the_recipe():
   assert (model_cfg.vocab_size, model_cfg.rope_scaling_factor, model_cfg.tie_embeddings) == (128256, 8.0, False)
   assert transformer.TransformerConfig.from_config(em_cell("compile,arch=qwen2.5-14b").model).num_params() \
       == 14_770_033_664  # Qwen/Qwen2.5-14B
-  with pytest.raises(ValueError, match=r"arch='gpt2' is unknown; known: llama3.1-8b, qwen2.5-14b"):
+  with pytest.raises(ValueError, match=r"arch='gpt2' is unknown; known: llama3.1-8b, qwen2.5-7b, qwen2.5-14b"):
     em_cell("compile,arch=gpt2")
