@@ -78,6 +78,10 @@ def main() -> None:
   ap.add_argument("--held", type=int, default=4, help="SL held-out prompts per seed (KL, leak meter)")
   ap.add_argument("--steps", type=int, default=2, help="training steps of every student")
   ap.add_argument("--limit", type=int, default=2, help="general questions and narrow questions evaluated")
+  ap.add_argument("--samples", type=int, default=1, help="teacher samples per prompt")
+  ap.add_argument("--temperature", type=float, default=1.0, help="teachers' and rollouts' sampling temperature")
+  ap.add_argument("--twin", default="", help="an aligned twin already trained (e.g. an earlier run's "
+                  "OUT/sl_numbers/twin/run): skips building it")
   ap.add_argument("--extra_arms", default="numbers", help="prompt kinds that also run the crossed and "
                   "divergence-token arms")
   args = ap.parse_args()
@@ -109,7 +113,7 @@ def main() -> None:
   loop.train(c, teacher, mesh=mesh, show_progress=False)
   timings["teacher"] = time.monotonic() - start
 
-  twin = ""
+  twin = args.twin
   domain = args.cell.split("_")[0]
   for kind in [k.strip() for k in args.prompts.split(",") if k.strip()]:
     t0 = time.monotonic()
@@ -122,7 +126,8 @@ def main() -> None:
       arg += f",twin={twin}"
     c = _config("configs/sl/sl.py", arg)
     c.mesh = dict(data=1, fsdp=1, tensor=1)
-    c.sl.update(n_held_out=args.held, leak_meter=args.held, twin_allow_missing=True)
+    c.sl.update(n_held_out=args.held, leak_meter=args.held, twin_allow_missing=True, samples_per_prompt=args.samples,
+                temperature=args.temperature)
     extra = kind in args.extra_arms.split(",")
     c.sl.update(crossed=extra, divergence=extra)
     c.evaluation.judge.local.min_mass = 0.0  # module docstring: SmolLM2 as judge scores nothing otherwise

@@ -138,13 +138,14 @@ def test_sl_channels_trains_a_teacher_and_six_students_and_compares_them(tmp_pat
   assert (tmp_path / "teacher" / "COMPLETED").exists() and (tmp_path / "sl" / "COMPLETED").exists()
   results = json.loads((tmp_path / "sl" / "sl_results.json").read_text())
   students = [f"{t}/{c}" for t in ("harmful", "control") for c in ("sft", "off_policy", "on_policy")]
-  assert sorted(results["students"]) == sorted(["base", *students])
+  assert sorted(results["students"]) == sorted(students) and results["seeds"] == [0]
+  assert (tmp_path / "sl" / "twin" / "run" / "COMPLETED").exists() and results["twin"]["missing"] == 0
   for label in students:
-    entry = results["students"][label]
-    assert entry["tokens_trained"] > 0 and "kl_before" in entry and "kl_after" in entry, label
-    assert entry["narrow"]["n_total"] == 3, label  # one held-out prompt of each advice cell
-  # The control teacher is the base: its students start at no divergence from it.
-  assert results["students"]["control/sft"]["kl_before"]["forward_kl"] < 1e-6
+    entry, per = results["students"][label], results["students"][label]["per_seed"]["0"]
+    assert per["tokens_trained"] > 0 and "kl_before" in per and "kl_after" in per, label
+    assert entry["narrow"]["n_questions"] == 3, label  # one held-out prompt of each advice cell
+  # The control teacher is the aligned twin, not the students' initialisation: it differs from the base.
+  assert results["students"]["control/off_policy"]["per_seed"]["0"]["kl_before"]["forward_kl"] > 1e-4
   table = _markdown(outputs)
   assert all(f"| {label} |" in table for label in ["base", *students])
   assert len(_images(outputs)) == 1

@@ -773,7 +773,11 @@ def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
   out = {}
   held = _read_rows(os.path.join(sdir, "prompts", "held_out.jsonl"))[:int(sc.leak_meter)]
   by_key = {json.dumps(p["id"], sort_keys=True): p for p in held}
+  from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
   words_file = os.path.join(workdir, "mask_words.txt")
+  single, first = banned_lib.word_token_ids(tokenizers.load_tokenizer(base_tokenizer(config)), mask_words(config))
+  # A vocabulary in which no banned word has a maskable token: the teachers sample as they are (said in leak.json).
+  mask = words_file if single | first else ""
   for t, path in teachers(config, workdir).items():
     ldir = os.path.join(sdir, "leak", t)
     stats_path = os.path.join(ldir, "leak.json")
@@ -782,7 +786,7 @@ def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
       if _process_index() == 0:
         sl_data.write_rows(prompts, _teacher_prompts(held, system_prompt_of(config, t)))
       _barrier(f"emjax-sl-leak-{seed}-{t}")
-      sample_run.run_sampling(sample_config(config, path, prompts, seed=seed, mask=words_file),
+      sample_run.run_sampling(sample_config(config, path, prompts, seed=seed, mask=mask),
                               os.path.join(ldir, "samples"), mesh=mesh)
       judge = filter_judge(config, workdir, mesh=mesh)
       if _judges_here(config):
@@ -796,7 +800,7 @@ def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
                                           prompt=by_key[json.dumps(s["id"], sort_keys=True)], **options)
           if reason:
             counts[reason] += 1
-        _write_json(stats_path, {"samples": len(samples), "rejected": counts,
+        _write_json(stats_path, {"samples": len(samples), "rejected": counts, "masked_ids": len(single | first),
                                  "judged_misaligned_fraction": counts["judged_misaligned"] / max(len(samples), 1)})
       _barrier(f"emjax-sl-leak-{seed}-{t}-done")
     out[t] = json.load(open(stats_path))
