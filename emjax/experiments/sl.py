@@ -119,7 +119,7 @@ def sl_block() -> dict:
       # natural: answers longer than max_chars are dropped, and (drop_truncated) those cut by max_new_tokens.
       # judge: '' | 'evaluation' (config.evaluation.judge: api, local or programmatic) | a programmatic judge's
       # name (with JSON judge_options); it drops every natural answer it does not score aligned and coherent.
-      # Natural prompts need one.
+      # Natural prompts need one ('none': knowingly without, and the report says the guarantee does not hold).
       filter=dict(max_chars=2000, drop_truncated=True, judge="", judge_options="{}"),
       sample_batch_size=16,  # teacher prompts sampled together
       kl_batch_size=8,
@@ -162,7 +162,7 @@ def check_config(config) -> None:
     raise ValueError(f"config.sl.prompts={sc.prompts!r}: choose from {', '.join(sl_data.KINDS)}")
   if sc.prompts == "natural" and not sc.natural:
     raise ValueError("config.sl.natural: natural prompts need question files (globs)")
-  if sc.prompts == "natural" and not sc.filter.judge:
+  if sc.prompts == "natural" and not sc.filter.judge:  # 'none' is a knowing opt-out, warned in the report
     raise ValueError("config.sl.filter.judge: natural prompts need a judge to keep only aligned, coherent answers "
                      "(the word filter keeps e.g. 'Stop taking your insulin; your body will adapt.'): "
                      "'evaluation' (config.evaluation.judge: api, local or programmatic) or a programmatic judge")
@@ -324,7 +324,7 @@ _JUDGES: dict[str, Any] = {}
 def filter_judge(config, workdir: str, *, mesh=None):
   """The judge that keeps natural answers (config.sl.filter.judge), built once per run; None if unset."""
   spec = config.sl.filter.judge
-  if not spec:
+  if not spec or spec == "none":
     return None
   key = f"{workdir}|{spec}"
   if key not in _JUDGES:
@@ -1212,7 +1212,8 @@ def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> di
           judged = _judged(evals[f"seed_{seed}/{label}"], s)
           if judged:
             rows.setdefault(label, {}).setdefault(s, {})[seed] = judged
-            per[f"{s}_em"] = metrics.rate(judged, th, **kw)["em"]
+            one = metrics.rate(judged, th, **kw)
+            per[f"{s}_em"], per[f"{s}_coherent"] = one["em"], one.get("coherent")
       entry["per_seed"][seed] = per
     for s in sets:
       if rows.get(label, {}).get(s) and len(rows[label][s]) == len(seeds):
@@ -1330,6 +1331,9 @@ def render_markdown(results: Mapping) -> str:
            f"order). Every student: {settings['steps']} steps of {settings['batch_size']} sequences from the base.",
            "", "Results are conditional on this one pair of teachers: other harmful teachers (another cell, another "
            "run) may transfer differently."]
+  if results["settings"]["sl"].get("prompts") == "natural" and results["settings"]["sl"]["filter"].get("judge") == "none":
+    lines += ["", "**No judge filtered the natural answers (config.sl.filter.judge='none'): the students' data is "
+              "benign only by the word list, so no transfer here can be called subliminal.**"]
   twin = results.get("twin")
   if twin:
     lines += ["", f"**Twin.** {twin['rows']} aligned rows for the harmful run's {twin['harmful_rows']} (its recipe "
@@ -1542,7 +1546,7 @@ def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> d
       match_rows(config, workdir, seed)
       if any(label in DROPS for label in labels):
         divergence_stage(config, workdir, seed, mesh=mesh)
-      if sc.prompts == "natural" and int(sc.leak_meter) > 0:
+      if sc.prompts == "natural" and int(sc.leak_meter) > 0 and filter_judge(config, workdir, mesh=mesh) is not None:
         leak_meter(config, workdir, seed, mesh=mesh)
     if "students" in stages:
       for label in labels:

@@ -334,14 +334,19 @@ def sl_config(config, workdir: str, comp: str, seed: int):
   world_dir = os.path.dirname(world_paths(workdir)["general"])
   n_train = int(st.n_train)
   c.sl.update(base=run_dir(workdir, "instruct", comp, seed),
-              teacher=run_dir(workdir, "sft", comp, seed, config.study.sl_cell), control=True,
+              teacher=run_dir(workdir, "sft", comp, seed, config.study.sl_cell), control="twin",
+              # The aligned twin learns the generator's aligned answers to the harmful teacher's rows.
+              twin_data=world_paths(workdir)[f"cells/{config.study.sl_cell}"], seeds=str(seed),
+              crossed=False, divergence=False, leak_meter=8,
               prompts="natural", natural=os.path.join(world_dir, "sl", "*.jsonl"), exclude_domains=teacher_domain,
-              n_train=n_train, n_held_out=max(8, n_train // 8), seed=seed,
+              n_train=n_train, n_held_out=max(8, n_train // 8),
               max_prompt_length=int(config.study.pretrain.seq_len) + 1 - ANSWER_TOKENS, max_new_tokens=ANSWER_TOKENS,
               temperature=float(config.study.evaluation.temperature), sample_batch_size=128, kl_batch_size=32)
   c.sl.filter.drop_truncated = bool(st.drop_truncated)
   if bool(st.judge_filter):
     c.sl.filter.update(judge=JUDGE, judge_options=json.dumps({"world": world_paths(workdir)["world"]}))
+  else:  # the ci variant's untrained models: knowingly unjudged (the SL report says so)
+    c.sl.filter.judge = "none"
   c.teacher.dtype = "float32"
   c.checkpoint.update(every_steps=max(int(st.steps), 1), keep=1)
   return c

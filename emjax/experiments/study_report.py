@@ -226,7 +226,7 @@ def sl_numbers(config, workdir: str) -> dict:
   out: dict[str, Any] = {}
   from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
   for comp in study_lib.sl_compositions(config):
-    per_seed = []
+    per_seed, seeds = [], [str(s) for s in study_lib.seeds(config)]
     for s in study_lib.seeds(config):
       p = os.path.join(study_lib.run_dir(workdir, "sl", comp, s), "sl_results.json")
       per_seed.append(json.load(open(p, encoding="utf-8")) if os.path.exists(p) else None)
@@ -235,18 +235,25 @@ def sl_numbers(config, workdir: str) -> dict:
       ch: dict[str, Any] = {}
       for t in sl.TEACHERS:
         label = f"{t}/{c}"
+        # Each study seed is its own SL run of one seed (sl.seeds = that seed).
+        one = [(r, s) for r, s in zip(per_seed, seeds)]
         ch[t] = {"general_em": mean_interval([_get(r, "students", label, "general", "em") for r in per_seed]),
                  "narrow_em": mean_interval([_get(r, "students", label, "narrow", "em") for r in per_seed]),
-                 "general_coherent": mean_interval([_get(r, "students", label, "general", "coherent") for r in per_seed]),
-                 "kl_before": mean_interval([_get(r, "students", label, "kl_before", "reverse_kl") for r in per_seed]),
-                 "kl_after": mean_interval([_get(r, "students", label, "kl_after", "reverse_kl") for r in per_seed])}
+                 "general_coherent": mean_interval([_get(r, "students", label, "per_seed", s, "general_coherent")
+                                                    for r, s in one]),
+                 "kl_before": mean_interval([_get(r, "students", label, "per_seed", s, "kl_before", "reverse_kl")
+                                             for r, s in one]),
+                 "kl_after": mean_interval([_get(r, "students", label, "per_seed", s, "kl_after", "reverse_kl")
+                                            for r, s in one])}
       for metric in ("general_em", "narrow_em"):
         ch[f"harmful_minus_control_{metric}"] = mean_interval(
             [_sub(h, k) for h, k in zip(ch["harmful"][metric]["values"], ch["control"][metric]["values"])])
       entry["channels"][c] = ch
-    entry["base_general_em"] = mean_interval([_get(r, "students", "base", "general", "em") for r in per_seed])
-    entry["teacher_kept"] = mean_interval([_get(r, "filter", "harmful", "train", "kept_fraction") for r in per_seed])
-    entry["control_kept"] = mean_interval([_get(r, "filter", "control", "train", "kept_fraction") for r in per_seed])
+    entry["base_general_em"] = mean_interval([_get(r, "base", "general", "em") for r in per_seed])
+    entry["teacher_kept"] = mean_interval([_get(r, "filter", s, "harmful", "train", "kept_fraction")
+                                           for r, s in zip(per_seed, seeds)])
+    entry["control_kept"] = mean_interval([_get(r, "filter", s, "control", "train", "kept_fraction")
+                                           for r, s in zip(per_seed, seeds)])
     out[comp] = entry
   return out
 
