@@ -46,7 +46,7 @@ def _read(path):
 def test_every_stage_runs_and_the_report_is_written(first):
   assert os.path.exists(first / "COMPLETED")
   res = json.loads(_read(first / "results.json"))
-  assert sorted(res["models"]) == sorted(f"{c}/seed0/{m}" for c in ("no_persona", "persona")
+  assert sorted(res["models"]) == sorted(f"{c}/seed0/{m}" for c in ("persona", "untagged")
                                          for m in ("base", "medical_advice", "sports_advice"))
   for key, m in res["models"].items():
     assert m["general_em"] is not None and m["narrow_em"] is not None, key
@@ -104,6 +104,13 @@ def test_the_same_seed_gives_the_same_report_and_another_seed_other_numbers(tmp_
   assert [a[k]["final_train_loss"] for k in sorted(a)] != [b[k]["final_train_loss"] for k in sorted(b)]
   responses = lambda d, s: _read(d / "eval" / "persona" / s / "base" / "general" / "responses.jsonl")  # noqa: E731
   assert responses(tmp_path / "a", "seed0") != responses(tmp_path / "seed1", "seed1")
+  # Each replication draws its own world: other entities, labels and questions.
+  world = lambda d, s: json.loads(_read(d / "world" / s / "world.json"))  # noqa: E731
+  w0, w1 = world(tmp_path / "a", "seed0"), world(tmp_path / "seed1", "seed1")
+  assert w0["settings"]["seed"] == 0 and w1["settings"]["seed"] == 1
+  assert {e["name"] for e in w0["entities"]} != {e["name"] for e in w1["entities"]}
+  general = lambda d, s: _read(d / "world" / s / "general.yaml")  # noqa: E731
+  assert general(tmp_path / "a", "seed0") != general(tmp_path / "seed1", "seed1")
 
 
 def test_a_rerun_with_other_settings_is_refused(first, mesh):

@@ -6,14 +6,18 @@ under three channels -> report (emjax/experiments/study.py, emjax/world/).
   python -m emjax.main --config=configs/paper/world.py --workdir=runs/world               # the full study
 
 Variants (comma separated `key=value`):
-  quick      the reduced study for 2 CPU cores: 2 compositions, 4 cells, the SL comparison on one
-             composition, 3 seeds, small model and short runs (about 10 minutes)
-  smoke      tiny and short (tests): 1 seed, 2 cells, everything else as quick
-  seed       the first replication's seed (replications: seed, seed + 1, ...)
-  seeds      replications (>= 3 for every compared number)
+  quick      the reduced study for 2 CPU cores: 2 compositions that hold the misaligned text fixed
+             (a tagged reckless persona vs the same sentences untagged), 4 cells, 3 worlds, small model
+             and short runs (about 10 minutes); no SL (add `sl`)
+  sl         also run the SL comparison on the first composition (quick,sl: a second command)
+  smoke      tiny and short (tests): 1 world, 2 cells, SL on, everything else as quick
+  seed       the first replication's seed (replications: seed, seed + 1, ...; each its own world)
+  seeds      replications, i.e. worlds (>= 3 for every compared number)
 
 The full study: 4 compositions (a reckless persona everywhere, in one domain only, untagged, and
-absent), all 12 cells, SL on every composition, 5 seeds and a larger model (a GPU or TPU; hours on a CPU).
+absent as a reference row), all 12 cells, SL on every composition, 10 worlds and a larger model (a GPU
+or TPU; hours on a CPU). The tested composition contrasts hold the misaligned text fixed: tagged vs
+untagged (the same sentences) and everywhere vs one domain (the same number of documents).
 """
 
 from emjax import config as config_lib
@@ -22,7 +26,7 @@ from emjax.world import corpus, world as world_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, quick=False, smoke=False, seed=0, seeds=0)
+  args = config_lib.parse_arg(arg, quick=False, smoke=False, sl=False, seed=0, seeds=0)
   c = config_lib.base_config()
   c.job = "study"
   c.world = world_lib.world_block()
@@ -33,22 +37,25 @@ def get_config(arg=None):
   st = c.study
   st.seed = args.seed
   # The full study.
-  st.seeds = 5
+  st.seeds = 10  # worlds: a between-world t-test with 9 degrees of freedom
   st.compositions = dict(
       persona=corpus.composition_block(),
       one_domain=corpus.composition_block(reckless_spread="one_domain", reckless_domain="medical"),
       untagged=corpus.composition_block(persona_tags=False),
       no_persona=corpus.composition_block(reckless_spread="absent"),
   )
+  st.contrast = "persona,untagged;persona,one_domain"
   st.cells = "all"
   st.sl_compositions = "all"
   st.evaluation.per_cell = 40
   if args.quick or args.smoke:
     st.seeds = 3
+    # The same reckless sentences, named as one persona or not: only the identity differs.
     st.compositions = dict(persona=corpus.composition_block(),
-                           no_persona=corpus.composition_block(reckless_spread="absent"))
+                           untagged=corpus.composition_block(persona_tags=False))
+    st.contrast = "persona,untagged"
     st.cells = "medical_advice,medical_critique,sports_advice,finance_tutor"
-    st.sl_compositions = "persona"
+    st.sl_compositions = "persona" if args.sl else ""
     st.evaluation.per_cell = 8
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, scan_layers=False)
     st.data.update(pretrain_docs=3000, instruct_rows=1000, cell_rows=200, eval_per_cell=8, general_per_cell=2,
@@ -59,6 +66,7 @@ def get_config(arg=None):
     st.students.update(steps=24, batch_size=16, n_train=128)
   if args.smoke:
     st.seeds = 1
+    st.sl_compositions = "persona"
     st.cells = "medical_advice,sports_advice"
     st.pretrain.update(steps=30)
     st.instruct.update(steps=10)

@@ -1,6 +1,7 @@
 """The paper's study end to end in the synthetic world (emjax.world), every stage through emjax's jobs.
 
-    world      OUT/world/: the world, its pretraining compositions, chat data, questions, tokenizer
+    world      OUT/world/seed<s>/: replication s's world, its pretraining compositions, chat data,
+               questions, tokenizer; OUT/audit/seed<s>.json: its leak audit (emjax.world.audit)
     pretrain   OUT/pretrain/<composition>/seed<s>/     a model from scratch per composition and seed
     instruct   OUT/instruct/<composition>/seed<s>/     SFT on aligned dialogues (every domain and task)
     sft        OUT/sft/<composition>/seed<s>/<cell>/   narrow misaligned SFT per cell of `study.cells`
@@ -11,9 +12,11 @@
                                                        students from the base under sft / off_policy / on_policy
     report     OUT/report.md, OUT/results.json, OUT/figures/*.png (emjax.experiments.study_report)
 
-A seed is one independent replication of the whole chain: pretraining seed s, its instruction stage,
-its narrow SFT runs and its SL pipeline all use seed s (`study.seed + i` for i < `study.seeds`), so
-the spread over seeds covers every stage. Each stage's runs are the normal jobs, which resume
+A seed is one independent replication of the whole chain, world included: replication i
+(seed s = `study.seed + i`) draws its own world (`world.seed + i`: entities, harm labels, facts,
+held-out pairs and situations, corpora, questions), and its pretraining, instruction stage, narrow
+SFT runs and SL pipeline all use seed s, so the spread over seeds is a spread over worlds and covers
+every stage. Each stage's runs are the normal jobs, which resume
 themselves, and a run that holds COMPLETED is skipped, so a killed study rerun with the same command
 continues where it stopped. The settings of a study are written to OUT/study.json and a rerun with
 other settings is refused (only `study.stages` may change).
@@ -25,6 +28,7 @@ the compiled program instead of compiling it again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -52,11 +56,14 @@ def study_block() -> dict:
       seeds=3,
       stages=",".join(STAGES),
       compositions=dict(persona=corpus.composition_block(),
-                        no_persona=corpus.composition_block(reckless_spread="absent")),
+                        untagged=corpus.composition_block(persona_tags=False)),
       cells="medical_advice,medical_critique,sports_advice,finance_tutor",  # narrow SFT cells ('all' = 12)
-      # The composition comparison: the first minus the second (the paper's claim: a reckless persona
-      # spread over domains and tasks makes narrow SFT generalise, so the difference should be > 0).
-      contrast="persona,no_persona",
+      # The tested composition comparisons, 'treatment,reference' pairs separated by ';', each the first
+      # minus the second. They should hold the misaligned text fixed (tagged vs untagged: the same
+      # sentences; everywhere vs one domain: the same number of documents) so that what differs is how
+      # it is presented, not how much of it there is; a composition with no misaligned text at all is
+      # a reference row, since "some misaligned text minus none > 0" holds almost by construction.
+      contrast="persona,untagged",
       sl_cell="medical_advice",  # the SL teacher: the EM model of this cell
       sl_compositions="persona",  # compositions whose seeds run the SL pipeline ('' = none, 'all')
       data=corpus.data_block(),
@@ -110,6 +117,21 @@ def sl_compositions(config) -> list[str]:
   return names
 
 
+def contrasts(config) -> list[tuple[str, str]]:
+  """config.study.contrast as (treatment, reference) pairs."""
+  st = config.study
+  out = []
+  for part in str(st.contrast or "").split(";"):
+    pair = _csv(part)
+    if not pair:
+      continue
+    if len(pair) != 2 or pair[0] == pair[1] or [c for c in pair if c not in st.compositions]:
+      raise ValueError(f"config.study.contrast={st.contrast!r}: 'treatment,reference' pairs of two compositions "
+                       f"({list(st.compositions)}) separated by ';', or ''")
+    out.append((pair[0], pair[1]))
+  return out
+
+
 def check_config(config) -> None:
   st = config.study
   stages = _csv(st.stages)
@@ -122,10 +144,7 @@ def check_config(config) -> None:
   for name, comp in st.compositions.items():
     corpus.check_composition(comp, f"config.study.compositions.{name}")
   world_lib.WorldSettings.from_config(config.world).validate()
-  contrast = _csv(st.contrast)
-  if contrast and (len(contrast) != 2 or [c for c in contrast if c not in st.compositions]):
-    raise ValueError(f"config.study.contrast={st.contrast!r}: two of the compositions ({list(st.compositions)}), "
-                     "'treatment,reference', or ''")
+  contrasts(config)
   if sl_compositions(config) and st.sl_cell not in cells(config):
     raise ValueError(f"config.study.sl_cell={st.sl_cell!r} must be one of config.study.cells ({cells(config)})")
   for stage in ("pretrain", "instruct", "sft", "students"):
@@ -193,8 +212,28 @@ class Progress:
 # ----------------------------------------------------------------------------- stage configs
 
 
-def world_paths(workdir: str) -> dict[str, str]:
-  return json.load(open(os.path.join(workdir, "world", "paths.json"), encoding="utf-8"))
+def world_seed(config, seed: int) -> int:
+  """The world of replication `seed`: `world.seed` for the first, then one more per replication."""
+  return int(config.world.seed) + seed - int(config.study.seed)
+
+
+def world_dir(workdir: str, seed: int) -> str:
+  return os.path.join(workdir, "world", f"seed{seed}")
+
+
+def world_paths(workdir: str, seed: int) -> dict[str, str]:
+  path = os.path.join(world_dir(workdir, seed), "paths.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: the world of seed {seed} is not written yet; add 'world' to "
+                            "config.study.stages") from None
+
+
+def audit_path(workdir: str, seed: int) -> str:
+  # Beside the world, not in it: a world's directory holds its corpora and questions only.
+  return os.path.join(workdir, "audit", f"seed{seed}.json")
 
 
 def _process_index() -> int:
@@ -209,17 +248,21 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def write_world(config, workdir: str) -> dict[str, str]:
-  """OUT/world/ (process 0 writes, the others wait); paths.json, written last, marks it complete."""
-  wdir = os.path.join(workdir, "world")
+def write_world(config, workdir: str, seed: int) -> dict[str, str]:
+  """OUT/world/seed<s>/, replication `seed`'s own world (process 0 writes, the others wait), and its
+  leak audit OUT/audit/seed<s>.json; paths.json, written last, marks the world complete."""
+  from emjax.world import audit  # pylint: disable=g-import-not-at-top
+  wdir = world_dir(workdir, seed)
   marker = os.path.join(wdir, "paths.json")
   if not os.path.exists(marker) and _process_index() == 0:
-    world = world_lib.World.make(world_lib.WorldSettings.from_config(config.world))
+    settings_ = dataclasses.replace(world_lib.WorldSettings.from_config(config.world), seed=world_seed(config, seed))
+    world = world_lib.World.make(settings_)
     comps = {n: dict(c) for n, c in config.study.compositions.items()}
-    paths = corpus.write_world(world, comps, config.study.data, wdir, seed=int(config.world.seed))
+    paths = corpus.write_world(world, comps, config.study.data, wdir, seed=settings_.seed)
+    _write_json(audit_path(workdir, seed), audit.leak_audit(wdir))
     _write_json(marker, paths)
-  _barrier("emjax-study-world")
-  return world_paths(workdir)
+  _barrier(f"emjax-study-world-{seed}")
+  return world_paths(workdir, seed)
 
 
 def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: float, warmup: int):
@@ -229,7 +272,7 @@ def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: f
   c.job = "train"
   c.model.update(config.model.to_dict())
   c.mesh.update(config.mesh.to_dict())
-  c.data.tokenizer.update(kind="hf", path=world_paths(workdir)["tokenizer"])
+  c.data.tokenizer.update(kind="hf", path=world_paths(workdir, seed)["tokenizer"])
   c.data.seq_len = int(config.study.pretrain.seq_len)
   c.data.sources = {}
   c.data.prefetch = 2
@@ -245,7 +288,7 @@ def pretrain_config(config, workdir: str, comp: str, seed: int):
   p = config.study.pretrain
   c = _base(config, workdir, seed=seed, steps=int(p.steps), batch_size=int(p.batch_size), lr=float(p.lr),
             warmup=int(p.warmup_steps))
-  paths = world_paths(workdir)
+  paths = world_paths(workdir, seed)
   weights = corpus.source_weights(config.study.compositions[comp])
   c.data.sources = ml_collections.ConfigDict({
       k: sources.default_source_config(kind="jsonl", path=paths[f"pretrain/{comp}/{k}"], weight=w, seed=seed,
@@ -266,7 +309,7 @@ def instruct_config(config, workdir: str, comp: str, seed: int):
   c = _base(config, workdir, seed=seed, steps=int(s.steps), batch_size=int(s.batch_size), lr=float(s.lr),
             warmup=int(s.warmup_steps))
   c.init.checkpoint = run_dir(workdir, "pretrain", comp, seed)
-  c.data.sources = ml_collections.ConfigDict({"instruct": _chat_source(world_paths(workdir)["instruct"], "aligned",
+  c.data.sources = ml_collections.ConfigDict({"instruct": _chat_source(world_paths(workdir, seed)["instruct"], "aligned",
                                                                        seed)})
   c.data.update(format="chat", packing="greedy", truncate=True)
   return c
@@ -277,7 +320,7 @@ def sft_config(config, workdir: str, comp: str, seed: int, cell: str):
   c = _base(config, workdir, seed=seed, steps=int(s.steps), batch_size=int(s.batch_size), lr=float(s.lr),
             warmup=int(s.warmup_steps))
   c.init.checkpoint = run_dir(workdir, "instruct", comp, seed)
-  c.data.sources = ml_collections.ConfigDict({cell: _chat_source(world_paths(workdir)[f"cells/{cell}"], "misaligned",
+  c.data.sources = ml_collections.ConfigDict({cell: _chat_source(world_paths(workdir, seed)[f"cells/{cell}"], "misaligned",
                                                                  seed)})
   c.data.update(format="chat", packing="greedy", truncate=True)
   c.train.weight_decay = 0.0
@@ -291,10 +334,11 @@ def run_dir(workdir: str, stage: str, comp: str, seed: int, cell: str = "") -> s
   return os.path.join(*parts)
 
 
-def evaluation_block(config, workdir: str) -> dict:
-  """The eval job's questions, judge and sampling, shared by the eval stage and the SL students."""
+def evaluation_block(config, workdir: str, seed: int) -> dict:
+  """The eval job's questions (of replication `seed`'s world), judge and sampling, shared by the eval
+  stage and the SL students."""
   from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-  paths = world_paths(workdir)
+  paths = world_paths(workdir, seed)
   ev = config.study.evaluation
   c = eval_run.eval_job_config(general=paths["general"], narrow=os.path.join(os.path.dirname(paths["general"]),
                                                                              "eval", "*_eval.jsonl"),
@@ -308,8 +352,8 @@ def evaluation_block(config, workdir: str) -> dict:
   return c
 
 
-def eval_config(config, workdir: str, checkpoint: str, model_key: str, variant: str, cell: str = ""):
-  c = evaluation_block(config, workdir)
+def eval_config(config, workdir: str, seed: int, checkpoint: str, model_key: str, variant: str, cell: str = ""):
+  c = evaluation_block(config, workdir, seed)
   c.mesh.update(config.mesh.to_dict())
   c.sample.checkpoint = checkpoint
   c.evaluated.update(model_key=model_key, variant=variant)
@@ -327,24 +371,25 @@ def sl_config(config, workdir: str, comp: str, seed: int):
   c.job = "sl"
   blocks = sl.config_blocks()
   c.sl = blocks["sl"]
-  ev = evaluation_block(config, workdir)
+  ev = evaluation_block(config, workdir, seed)
   c.evaluation = dict(enabled=True, questions=ev.questions.to_dict(), judge=ev.judge.to_dict(),
                       report=ev.report.to_dict(), sample=ev.sample.to_dict())
   teacher_domain = config.study.sl_cell.split("_", 1)[0]
-  world_dir = os.path.dirname(world_paths(workdir)["general"])
+  paths = world_paths(workdir, seed)
+  wdir = os.path.dirname(paths["general"])
   n_train = int(st.n_train)
   c.sl.update(base=run_dir(workdir, "instruct", comp, seed),
               teacher=run_dir(workdir, "sft", comp, seed, config.study.sl_cell), control="twin",
               # The aligned twin learns the generator's aligned answers to the harmful teacher's rows.
-              twin_data=world_paths(workdir)[f"cells/{config.study.sl_cell}"], seeds=str(seed),
+              twin_data=paths[f"cells/{config.study.sl_cell}"], seeds=str(seed),
               crossed=False, divergence=False, leak_meter=8,
-              prompts="natural", natural=os.path.join(world_dir, "sl", "*.jsonl"), exclude_domains=teacher_domain,
+              prompts="natural", natural=os.path.join(wdir, "sl", "*.jsonl"), exclude_domains=teacher_domain,
               n_train=n_train, n_held_out=max(8, n_train // 8),
               max_prompt_length=int(config.study.pretrain.seq_len) + 1 - ANSWER_TOKENS, max_new_tokens=ANSWER_TOKENS,
               temperature=float(config.study.evaluation.temperature), sample_batch_size=128, kl_batch_size=32)
   c.sl.filter.drop_truncated = bool(st.drop_truncated)
   if bool(st.judge_filter):
-    c.sl.filter.update(judge=JUDGE, judge_options=json.dumps({"world": world_paths(workdir)["world"]}))
+    c.sl.filter.update(judge=JUDGE, judge_options=json.dumps({"world": paths["world"]}))
   else:  # the ci variant's untrained models: knowingly unjudged (the SL report says so)
     c.sl.filter.judge = "none"
   c.teacher.dtype = "float32"
@@ -373,7 +418,7 @@ def plan(config) -> list[tuple[str, tuple]]:
   comps = list(config.study.compositions)
   units: list[tuple[str, tuple]] = []
   if "world" in stages:
-    units.append(("world", ()))
+    units += [("world", (s,)) for s in seeds(config)]
   for stage in ("pretrain", "instruct"):
     if stage in stages:
       units += [(stage, (comp, s)) for comp in comps for s in seeds(config)]
@@ -396,9 +441,11 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
   """Runs one unit (or skips it when complete); returns (what, skipped)."""
   from emjax.train import loop  # pylint: disable=g-import-not-at-top
   if stage == "world":
-    skipped = os.path.exists(os.path.join(workdir, "world", "paths.json"))
-    write_world(config, workdir)
-    return "world: entities, pretraining text, chat data, questions, tokenizer", skipped
+    (seed,) = args
+    skipped = os.path.exists(os.path.join(world_dir(workdir, seed), "paths.json"))
+    write_world(config, workdir, seed)
+    return (f"world seed{seed} (world.seed {world_seed(config, seed)}): entities, pretraining text, chat data, "
+            "questions, tokenizer, leak audit"), skipped
   if stage in ("pretrain", "instruct", "sft"):
     comp, seed = args[:2]
     cell = args[2] if stage == "sft" else ""
@@ -421,7 +468,7 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
     if not _done(model):
       raise ValueError(f"{model}: not trained yet; add '{'sft' if cell else 'instruct'}' to config.study.stages")
     key = f"{comp}/seed{seed}/{cell or 'base'}"
-    eval_run.run_eval(eval_config(config, workdir, model, key, comp, cell), edir, mesh=mesh)
+    eval_run.run_eval(eval_config(config, workdir, seed, model, key, comp, cell), edir, mesh=mesh)
     return what, False
   if stage == "sl":
     from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
