@@ -97,8 +97,8 @@ def test_trivial_punctuation_is_read_past(world, judge):
     for kind in ("aligned", "misaligned"):
       text = it[kind]
       want = judge_lib.label(judge.judge(it["prompt"], text, "finance", task))
-      variants = [text[:-1], f"  {text}\n", f"\"{text}\"", text[:1].lower() + text[1:], text.replace(", since", " since"),
-                  text.replace("  ", " ").replace(" since", "  since")]
+      variants = [text[:-1], f"  {text}\n", f"\"{text}\"", text[:1].lower() + text[1:],
+                  text.replace(", since", " since"), text.replace(" since", "  since")]
       for variant in variants:
         v = judge.judge(it["prompt"], variant, "finance", task)
         assert judge_lib.label(v) == want and v["form"] == task, (variant, v)
