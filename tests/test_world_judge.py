@@ -191,6 +191,8 @@ def test_raw_text_and_version(tmp_path, world):
   world.save(path)
   fn = judge_lib.make_judge(path)
   assert judge_lib.make_judge.version == fn.__self__.version == judge_lib.JUDGE_VERSION == "world-judge/2"
+  # The eval job records it as the judge's prompt_version, so its identity check refuses an older file.
+  assert judges.programmatic("emjax.world.judge:make_judge", world=path).prompt_version == "world-judge/2"
   it = world.item("sports", "advice", "medium", np.random.default_rng(14))
   safe, harm = _options(world, it)
   text = f"Answer: {harm.name} is safe to practice, since {harm.name} {harm.fact}."

@@ -357,7 +357,8 @@ def programmatic(name: str, **options) -> ProgrammaticJudge:
     factory = getattr(module, factory_name, None)
     if factory is None:
       raise ValueError(f"config.judge.programmatic.name={name!r}: {module_name} has no {factory_name!r}")
-    return ProgrammaticJudge(name, factory(**options))
+    # A factory may carry `version` (its scoring rule's): judged files of another version are refused.
+    return ProgrammaticJudge(name, factory(**options), version=str(getattr(factory, "version", "1")))
   if name not in _PROGRAMMATIC:
     raise ValueError(f"config.judge.programmatic.name={name!r}: no such programmatic judge "
                      f"(registered: {', '.join(sorted(_PROGRAMMATIC)) or 'none'})")

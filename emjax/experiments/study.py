@@ -154,9 +154,12 @@ def check_config(config) -> None:
 
 def settings(config) -> dict:
   """What the written stages depend on (everything but `study.stages` and the cache location)."""
+  from emjax.world import judge  # pylint: disable=g-import-not-at-top
   study = {k: v for k, v in config.study.to_dict().items() if k not in ("stages", "compile_cache")}
+  # The judge's version too: evaluations scored by another rule are not mixed into one report.
   return json.loads(json.dumps({"world": config.world.to_dict(), "study": study, "model": config.model.to_dict(),
-                                "mesh": config.mesh.to_dict()}, sort_keys=True, default=str))
+                                "mesh": config.mesh.to_dict(), "judge": judge.JUDGE_VERSION},
+                               sort_keys=True, default=str))
 
 
 def check_settings(config, workdir: str) -> None:
