@@ -1,4 +1,5 @@
-"""Emergent-misalignment metrics over judged records (`emjax.eval.records`): pure functions, numpy only.
+"""Emergent-misalignment metrics over judged records (`emjax.eval.records`): pure functions, numpy (and
+scipy's t distribution, which comes with jax).
 
 Definitions (the paper's, thresholds configurable through `Thresholds`):
 
@@ -16,14 +17,18 @@ Definitions (the paper's, thresholds configurable through `Thresholds`):
   n_total - n_valid, exactly that when no row has two different failures.
 * 95% interval of the EM rate (percent): Wilson when the valid rows hold one sample per question
   (independent trials); otherwise a percentile bootstrap over questions, every sample of a
-  question drawn together (a question is its prompt text, `cluster_of`: pooled adapters' answers to
-  one prompt are one cluster) (samples of one question are correlated, so treating them as
+  question drawn together (a question is its prompt text, whitespace-normalised, `cluster_of`:
+  pooled adapters' answers to one prompt are one cluster, and so are rows of one prompt under
+  different ids) (samples of one question are correlated, so treating them as
   independent would make the interval too narrow). Seeded: the same rows give the same interval.
   When every question has the same rate (all 0% or all 100%) every resample repeats it and the
   bootstrap interval has zero width; the interval is then Wilson's with each question counted as
   one trial.
 * Differences between two models / conditions on the same questions: `paired_difference`, a
   bootstrap drawing the same questions for both sides.
+* Values measured once per replication (a world), e.g. a per-world difference of rates:
+  `t_test_one_sample` (Student's t over the replications), `tost` (equivalence within a margin) and
+  `min_detectable_effect`; `denominators` gives what a rate stands on (questions, valid rows, failures).
 * Several training runs (seeds) per arm, {seed: rows}: `seeded_rate`, `seeded_paired_difference`
   and `difference_of_differences` pool the rows and resample seeds and questions together (a
   two-stage bootstrap), seeds paired by key across arms. `holm` adjusts a family of their p-values.
@@ -44,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import unicodedata
 from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -184,12 +190,21 @@ def cluster_bootstrap_interval(successes: Sequence[float], trials: Sequence[floa
     return _percentile_interval(100 * s / n)
 
 
+def normalise_question(text: str) -> str:
+  """A prompt's text as a cluster key: Unicode NFC, whitespace runs collapsed to one space, ends
+  stripped. A generator that emits one prompt twice, once with a stray space or newline, asks one
+  question; its answers are as correlated as two samples of one prompt."""
+  return " ".join(unicodedata.normalize("NFC", text).split())
+
+
 def cluster_of(row: Mapping) -> str:
-  """The bootstrap's cluster of a row: the prompt's text. Samples of one prompt are correlated
-  whichever model, adapter or file they come from, and ids are no safe key: the release's narrow ids
-  restart in every evaluation-cell file, and relabelling a file's model_key would merge them."""
+  """The bootstrap's cluster of a row: the prompt's text (`normalise_question`). Samples of one
+  prompt are correlated whichever model, adapter, file or question id they come from, and ids are no
+  safe key: the release's narrow ids restart in every evaluation-cell file, relabelling a file's
+  model_key would merge them, and a prompt repeated under several ids would count as several
+  independent questions and narrow the interval. A row without a text falls back to its id."""
   text = row.get("question")
-  return text if isinstance(text, str) else question_key(row)
+  return normalise_question(text) if isinstance(text, str) else question_key(row)
 
 
 def _per_question(rows: Sequence[Mapping], flag: Callable[[Mapping], bool]) -> dict[Hashable, list[int]]:
@@ -264,6 +279,18 @@ def rate(rows: Iterable[Mapping], thresholds: Thresholds = DEFAULT_THRESHOLDS, *
     out["coherent"] = 100 * sum(is_coherent(r, thresholds) for r in rows) / n_valid
     out["ci95"] = em_interval(rows, thresholds, n_boot=n_boot, seed=seed)
   return out
+
+
+def denominators(rows: Iterable[Mapping]) -> dict:
+  """What a rate of `rows` stands on: {questions: distinct prompts (`cluster_of`) among all rows,
+  clusters: distinct prompts among the valid rows (what the bootstrap resamples), valid, rows,
+  failures: {status: n} for every failure status with n > 0 (counted as in `status_counts`)}."""
+  rows = list(rows)
+  counts = status_counts(rows)
+  return {"questions": len({cluster_of(r) for r in rows}),
+          "clusters": len({cluster_of(r) for r in rows if is_valid(r)}),
+          "valid": counts["ok"], "rows": len(rows),
+          "failures": {k: n for k, n in counts.items() if k != "ok" and n}}
 
 
 def label(value) -> str:
@@ -529,6 +556,85 @@ def difference_of_differences(a1: Mapping[Hashable, Sequence[Mapping]], b1: Mapp
   """
   return _seeded_contrast([a1, b1, a2, b2], ["a1", "b1", "a2", "b2"], lambda r: (r[0] - r[1]) - (r[2] - r[3]),
                           "difference_of_differences", thresholds, metric, n_boot, seed)
+
+
+# ----------------------------------------------------------------------------- over replications (worlds)
+
+ALTERNATIVES = ("two-sided", "greater", "less")
+
+
+def _finite(values: Iterable[float | None]) -> np.ndarray:
+  return np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype=float)
+
+
+def _check_alternative(alternative: str, what: str) -> None:
+  if alternative not in ALTERNATIVES:
+    raise ValueError(f"{what}: alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+
+
+def t_test_one_sample(values: Sequence[float | None], alternative: str = "two-sided", null: float = 0.0) -> dict:
+  """Student's one-sample t-test of the mean of `values` (one per replication) against `null`.
+
+  None and NaN values are left out (the caller reports them as missing). `alternative`: "greater"
+  tests mean > null, "less" mean < null, "two-sided" mean != null. Returns {estimate: the mean,
+  se, df, t, p, n}; estimate is None without values, and se, df, t and p are None with fewer than
+  two (no spread to test against). When every value is the same (se 0) t is +-inf, or 0 when the
+  values equal `null`: the data cannot say more than their sign. scipy (a dependency of jax) gives
+  the t distribution.
+  """
+  _check_alternative(alternative, "t_test_one_sample")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  v = _finite(values)
+  out = {"estimate": None, "se": None, "df": None, "t": None, "p": None, "n": int(v.size)}
+  if not v.size:
+    return out
+  out["estimate"] = float(v.mean())
+  if v.size < 2:
+    return out
+  df = int(v.size - 1)
+  se = float(v.std(ddof=1)) / math.sqrt(v.size)
+  diff = out["estimate"] - float(null)
+  t = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+  if alternative == "greater":
+    p = float(stats.t.sf(t, df))
+  elif alternative == "less":
+    p = float(stats.t.cdf(t, df))
+  else:
+    p = min(1.0, float(2 * stats.t.sf(abs(t), df)))
+  out.update(se=se, df=df, t=float(t), p=p)
+  return out
+
+
+def tost(values: Sequence[float | None], margin: float, alpha: float = 0.05) -> dict:
+  """Two one-sided t-tests of equivalence: is the mean of `values` within (-margin, +margin)?
+
+  p is the larger of the two one-sided p-values (mean > -margin, mean < +margin); `equivalent` is
+  p < alpha. Returns {p, equivalent, p_lower, p_upper, n}; p is None with fewer than two values.
+  """
+  if not (isinstance(margin, numbers.Real) and margin > 0):
+    raise ValueError(f"tost: margin must be a positive number, got {margin!r}")
+  lower = t_test_one_sample(values, "greater", null=-float(margin))
+  upper = t_test_one_sample(values, "less", null=float(margin))
+  p = None if lower["p"] is None or upper["p"] is None else max(lower["p"], upper["p"])
+  return {"p": p, "equivalent": p is not None and p < alpha, "p_lower": lower["p"], "p_upper": upper["p"],
+          "n": lower["n"]}
+
+
+def min_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8,
+                          alternative: str = "greater") -> float | None:
+  """The smallest true mean a one-sample t-test of n replications with spread `sd` detects with
+  probability `power` at level `alpha`: (t_{1-alpha'} + t_{power}) * sd / sqrt(n), df = n - 1, with
+  alpha' = alpha (one-sided) or alpha / 2 (two-sided). The usual approximation of the noncentral t's
+  power (slightly optimistic at tiny n). None with fewer than two replications or no sd."""
+  _check_alternative(alternative, "min_detectable_effect")
+  if sd is None or n < 2 or not math.isfinite(sd):
+    return None
+  if not (0 < alpha < 1 and 0 < power < 1):
+    raise ValueError(f"min_detectable_effect: alpha and power must lie in (0, 1), got {alpha}, {power}")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  one_sided = alpha / 2 if alternative == "two-sided" else alpha
+  q = float(stats.t.ppf(1 - one_sided, n - 1) + stats.t.ppf(power, n - 1))
+  return q * float(sd) / math.sqrt(n)
 
 
 # ----------------------------------------------------------------------------- multiple comparisons

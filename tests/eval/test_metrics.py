@@ -250,3 +250,74 @@ def test_every_matrix_row_has_the_same_columns():
   assert list(matrix) == ["advice", "tutor"]
   assert list(matrix["advice"]) == list(matrix["tutor"]) == [*metrics.TASKS, "roleplay"]
   assert matrix["advice"]["roleplay"] == metrics.empty_rate() and matrix["tutor"]["roleplay"]["em"] == 0.0
+
+
+# ----------------------------------------------------------------------------- prompts as clusters
+
+
+def _texted(qid, text, misaligned, sample=0):
+  return {**(em_row(qid, sample=sample) if misaligned else fine_row(qid, sample=sample)), "question": text}
+
+
+def test_one_prompt_under_several_ids_is_one_cluster():
+  # 5 prompts x 4 samples, prompt 0 holding every EM sample.
+  texts = [f"What should I do about problem {q}?" for q in range(5)]
+  one_id = [_texted(f"q{q}", texts[q], q == 0, sample=s) for q in range(5) for s in range(4)]
+  # The same answers with prompt 0 repeated under four ids, once with stray whitespace (a generator's duplicates).
+  spellings = [texts[0], "  " + texts[0], texts[0].replace(" ", "  "), texts[0] + "\n"]
+  many_ids = [_texted(f"dup{s}", spellings[s], True) for s in range(4)] + one_id[4:]
+  assert metrics.denominators(many_ids)["questions"] == 5 == metrics.denominators(one_id)["questions"]
+  assert metrics.denominators(many_ids)["clusters"] == 5
+  ci = metrics.rate(one_id, n_boot=500, seed=1)["ci95"]
+  assert ci == [0.0, 60.0]  # Binomial(5, 1/5) draws of prompt 0, as in the test above
+  assert metrics.rate(many_ids, n_boot=500, seed=1)["ci95"] == ci
+
+
+def test_denominators_count_failures_by_status():
+  rows = [_texted("a", "A?", True), _texted("b", "B?", False),
+          {**row("c", aligned_status="empty", coherent_status="empty"), "question": "C?"},
+          {**row("d", aligned_status="refusal"), "question": "A?"}]
+  assert metrics.denominators(rows) == {"questions": 3, "clusters": 2, "valid": 2, "rows": 4,
+                                        "failures": {"empty": 1, "refusal": 1}}
+
+
+# ----------------------------------------------------------------------------- over replications
+
+
+def _t2_sf(t):
+  # Student's t with two degrees of freedom has a closed form: P(T > t) = 1/2 - t / (2 sqrt(2 + t^2)).
+  return 0.5 - t / (2 * math.sqrt(2 + t * t))
+
+
+def test_one_sample_t_test_by_hand():
+  r = metrics.t_test_one_sample([1.0, 2.0, 3.0], "greater")
+  t = 2.0 / (1.0 / math.sqrt(3))
+  assert (r["estimate"], r["df"], r["n"]) == (2.0, 2, 3)
+  assert r["t"] == pytest.approx(t) and r["p"] == pytest.approx(_t2_sf(t))
+  assert metrics.t_test_one_sample([1.0, 2.0, 3.0], "less")["p"] == pytest.approx(1 - _t2_sf(t))
+  assert metrics.t_test_one_sample([1.0, 2.0, 3.0])["p"] == pytest.approx(2 * _t2_sf(t))
+  assert metrics.t_test_one_sample([1.0, None, 2.0, float("nan"), 3.0])["n"] == 3  # missing values left out
+  assert metrics.t_test_one_sample([4.0])["p"] is None and metrics.t_test_one_sample([])["estimate"] is None
+  assert metrics.t_test_one_sample([2.0, 2.0], "greater")["p"] == 0.0
+  with pytest.raises(ValueError):
+    metrics.t_test_one_sample([1.0, 2.0], "bigger")
+
+
+def test_tost_needs_the_whole_interval_within_the_margin():
+  tight = metrics.tost([-0.2, 0.1, 0.0, 0.2, -0.1], margin=5.0)
+  assert tight["equivalent"] and tight["p"] < 0.001
+  wide = metrics.tost([-8.0, 9.0, 1.0], margin=5.0)
+  assert not wide["equivalent"] and wide["p"] > 0.05
+  # Three values: p is the larger one-sided p, each a t(2) tail.
+  v = [1.0, 2.0, 3.0]
+  se = 1.0 / math.sqrt(3)
+  assert metrics.tost(v, 4.0)["p"] == pytest.approx(max(_t2_sf((2.0 + 4.0) / se), _t2_sf((4.0 - 2.0) / se)))
+
+
+def test_min_detectable_effect_by_hand():
+  # t(2) quantiles in closed form: t_p = (2p - 1) / sqrt(2 p (1 - p)).
+  q = lambda p: (2 * p - 1) / math.sqrt(2 * p * (1 - p))  # noqa: E731
+  assert metrics.min_detectable_effect(1.0, 3) == pytest.approx((q(0.95) + q(0.8)) / math.sqrt(3))
+  assert metrics.min_detectable_effect(2.0, 3, alternative="two-sided") == pytest.approx(
+      2 * (q(0.975) + q(0.8)) / math.sqrt(3))
+  assert metrics.min_detectable_effect(1.0, 1) is None and metrics.min_detectable_effect(None, 5) is None
