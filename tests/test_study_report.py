@@ -16,22 +16,28 @@ def test_mean_interval_is_a_t_interval_over_worlds():
   assert missing["mean"] == 5.0 and (missing["n"], missing["n_total"], missing["missing"]) == (2, 3, [0])
 
 
-def test_the_composition_contrast_is_treatment_minus_reference(tmp_path):
-  # ml_collections sorts keys (no_persona before persona): the contrast, not that order, sets the sign.
+def test_the_composition_contrasts_are_treatment_minus_reference(tmp_path):
+  # ml_collections sorts keys (one_domain before persona): the contrast, not that order, sets the sign.
   import importlib.util
   import os
   from conftest import ROOT
+  from emjax.experiments import study
   spec = importlib.util.spec_from_file_location("w", os.path.join(ROOT, "configs", "paper", "world.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("smoke")
-  assert list(config.study.compositions) == ["no_persona", "persona"]
+  config = module.get_config("")
+  assert list(config.study.compositions)[0] != "persona"
+  assert study.contrasts(config) == [("persona", "untagged"), ("persona", "one_domain")]
+  assert study.contrasts(module.get_config("quick")) == [("persona", "untagged")]
   keys = ("general_em", "off_cell_em", "gain_general_em", "gain_off_cell_em")
   res = {"aggregate": {c: {k: study_report.mean_interval(v) for k in keys}
-                       for c, v in (("persona", [10.0, 12.0, 14.0]), ("no_persona", [1.0, 2.0, 3.0]))}}
-  diff = study_report.contrast(config, res)
+                       for c, v in (("persona", [10.0, 12.0, 14.0]), ("untagged", [1.0, 2.0, 3.0]))}}
+  diff = study_report.contrast(res, "persona", "untagged")
   assert diff["a"] == "persona" and diff["gain_general_em"]["mean"] == pytest.approx(10.0)
   assert diff["gain_general_em"]["values"] == [9.0, 10.0, 11.0]
+  config.study.contrast = "persona,persona"
+  with pytest.raises(ValueError, match=r"config\.study\.contrast="):
+    study.contrasts(config)
 
 
 _IDS = iter(range(10**6))

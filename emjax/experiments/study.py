@@ -51,6 +51,7 @@ ANSWER_TOKENS = 40
 
 def study_block() -> dict:
   """`config.study` (see configs/paper/world.py for the variants)."""
+  from emjax.experiments import study_report  # pylint: disable=g-import-not-at-top
   return dict(
       seed=0,  # the first replication's seed; replications are seed, seed + 1, ...
       seeds=3,
@@ -82,6 +83,8 @@ def study_block() -> dict:
       # general questions, at 0.7 on a few percent. Teachers and on-policy rollouts sample at it too.
       evaluation=dict(per_cell=16, n_general=1, max_new_tokens=64, temperature=0.7, batch_size=128),
       compile_cache="",  # '' = OUT/compile_cache; 'none' = off
+      # Each claim's direction and minimum effect, fixed before any run (the report prints their source).
+      claims=study_report.claims_block(),
   )
 
 

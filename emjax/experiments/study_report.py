@@ -320,17 +320,16 @@ def compute(config, workdir: str) -> dict:
     a["learnedness"] = lr
     agg[comp] = a
   res["aggregate"] = agg
-  res["contrast"] = study_lib._csv(config.study.contrast)  # pylint: disable=protected-access
-  if len(res["contrast"]) == 2:
-    res["composition_difference"] = contrast(config, res)
+  pairs = study_lib.contrasts(config)
+  res["contrast"] = [c for pair in pairs for c in pair]
+  res["composition_differences"] = [contrast(res, a, b) for a, b in pairs]
   res["sl"] = sl_numbers(config, workdir)
   return res
 
 
-def contrast(config, res: Mapping) -> dict:
-  """config.study.contrast's first composition minus its second, per world: general and off-cell EM
-  after SFT, and what SFT added to them (`gain_*`, which the claim reads)."""
-  first, last = study_lib._csv(config.study.contrast)  # pylint: disable=protected-access
+def contrast(res: Mapping, first: str, last: str) -> dict:
+  """Composition `first` minus `last` (a pair of config.study.contrast), per world: general and
+  off-cell EM after SFT, and what SFT added to them (`gain_*`, which the claim reads)."""
   agg = res["aggregate"]
   return {"a": first, "b": last, **{
       key: _aggregate([_sub(x, y) for x, y in zip(agg[first][key]["values"], agg[last][key]["values"])],
@@ -690,8 +689,7 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
     out.append(_entry(f"learnedness/{c}", "learnedness", f"better-learned cells transfer more ({c})", d,
                       "Pearson r of in-cell vs general EM within each world: "
                       f"{_fmt(_r(d), 2, signed=True, worlds=False)}.", spec))
-  if res.get("composition_difference"):
-    d = res["composition_difference"]
+  for d in res.get("composition_differences") or []:
     g = d["gain_general_em"]
     out.append(_entry(f"composition/{d['a']}-{d['b']}", "composition",
                       f"pretraining composition shapes misalignment ({d['a']} vs {d['b']})", g,
