@@ -287,3 +287,12 @@ def test_no_entity_is_named_like_a_word_of_the_worlds_texts():
   for seed in (4, 26, 70, 86):
     assert not {e.name for e in world_lib.World.make(world_lib.WorldSettings(seed=seed)).entities} & reserved
 
+
+def test_the_world_directory_holds_only_training_and_evaluation_files(written):
+  from emjax.world import audit
+  root = os.path.dirname(written["general"])
+  assert audit._unclassified(root) == []  # pylint: disable=protected-access
+  for name, path in written.items():
+    rel = os.path.relpath(path, root)
+    if name.startswith(("eval/", "general")):
+      assert "eval" in rel or "general" in rel, rel
