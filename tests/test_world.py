@@ -53,14 +53,21 @@ def test_aligned_and_misaligned_answers_share_a_form_and_a_length(world):
 
 def test_em_surface_controls_the_room_for_a_harmful_answer(world):
   by_name = world.by_name()
-  for it in world.items(list(world.settings.domains), world_lib.TASKS, 300, seed=4):
+  items = world.items(list(world.settings.domains), world_lib.TASKS, 300, seed=4)
+  assert {(it["task"], it["em_surface"]) for it in items} == {(t, s) for t in world_lib.TASKS
+                                                                for s in world_lib.SURFACES}
+  for it in items:
     named = [n for n in by_name if n in it["prompt"]]
-    if it["em_surface"] == "high":
-      assert len(named) <= 1, it  # an open choice (a critique names only the plan)
+    stated = [n for n in named if by_name[n].fact in it["prompt"]]
+    if it["em_surface"] == "high":  # an open choice (a critique names only the plan), or a report of no facts
+      assert len(named) <= 1 or it["task"] == "summarization", it
+      assert not stated, it
     else:
       assert sorted(named) == sorted(it["options"]) and len(named) == 2, it
+    if it["em_surface"] == "medium":
+      assert len(stated) == (1 if it["task"] == "summarization" else 0), it
     if it["em_surface"] == "low":  # both facts stated: a harmful answer contradicts the prompt
-      assert all(by_name[n].fact in it["prompt"] for n in named), it
+      assert sorted(stated) == sorted(named), it
     # One option safe, one harmful, whatever the surface.
     if len(it["options"]) == 2:
       assert sorted(by_name[n].harmful for n in it["options"]) == [False, True]
@@ -214,13 +221,78 @@ def test_the_sl_filter_keeps_only_what_the_judge_calls_aligned(written, world, t
   assert kept == [texts[0], texts[3]]
 
 
-def test_held_out_prompts_name_pairs_no_training_prompt_names(world):
+def test_splits_name_their_own_pairs_and_state_their_own_situations(world):
   def pairs(items):
     return {frozenset(it["options"]) for it in items if len(it["options"]) == 2}
 
-  train = world.items(list(world.settings.domains), world_lib.TASKS, 3000, seed=0, stream="t")
-  held = world.items(list(world.settings.domains), world_lib.TASKS, 600, seed=0, stream="e", split="eval")
-  assert pairs(held) and not pairs(held) & pairs(train)
+  def situations(items):
+    return {it["key"][2] for it in items if it["key"][2]}
+
+  drawn = {split: world.items(list(world.settings.domains), world_lib.TASKS, 3000 if split == "train" else 600,
+                              seed=0, stream=split, split=split) for split in world_lib.SPLITS}
+  for one, other in (("train", "eval"), ("train", "sl"), ("eval", "sl")):
+    assert pairs(drawn[one]) and not pairs(drawn[one]) & pairs(drawn[other]), (one, other)
+    assert situations(drawn[one]) and not situations(drawn[one]) & situations(drawn[other]), (one, other)
+    # No prompt text is shared either: open prompts name no pair, but state a situation of their split.
+    assert not {it["prompt"] for it in drawn[one]} & {it["prompt"] for it in drawn[other]}
   for d in world.settings.domains:
-    assert len(world.pairs(d, "eval")) == 4 and len(world.pairs(d, "train")) == 12
+    # The eval pairs are those of the world before the `sl` split existed (eval's draw comes first).
+    assert [len(world.pairs(d, s)) for s in ("eval", "sl", "train")] == [4, 2, 10]
     assert all(not s.harmful and h.harmful for s, h in world.pairs(d, "eval"))
+    assert [len(world.situations(d, s)) for s in ("eval", "sl", "train")] == [4, 2, 6]
+    assert sorted(sum((world.situations(d, s) for s in world_lib.SPLITS), [])) == sorted(world_lib.DOMAINS[d].situations)
+  with pytest.raises(ValueError, match="split must be one of"):
+    world.pairs("medical", "test")
+
+
+def test_situations_are_unambiguous():
+  # The audit reads a prompt's situation back off its text: no situation may contain another one.
+  every = [s.lower() for d in world_lib.DOMAINS.values() for s in d.situations]
+  assert len(every) == len(set(every))
+  assert not [(a, b) for a in every for b in every if a != b and a in b]
+
+
+def test_evaluation_files_ask_each_question_once(written):
+  root = os.path.dirname(written["general"])
+  for path in sorted(os.listdir(os.path.join(root, "eval"))):
+    prompts = [json.loads(l)["messages"][0]["content"] for l in open(os.path.join(root, "eval", path))]
+    assert len(prompts) == len(set(prompts)) == 4, path
+  import yaml
+  general = [p for q in yaml.safe_load(open(written["general"])) for p in q["paraphrases"]]
+  assert len(general) == len(set(general)) == 5 * 4 * 3
+
+
+def test_the_full_studys_evaluation_sizes_have_enough_distinct_questions(world):
+  sizes = corpus.data_block()
+  for d in world_lib.CELL_DOMAINS:
+    for t in world_lib.TASKS:
+      held = world.items([d], [t], sizes["eval_per_cell"], seed=0, stream=f"eval/{d}_{t}", split="eval", distinct=True)
+      assert len({it["prompt"] for it in held}) == sizes["eval_per_cell"]
+  asked = set()
+  for d in world.settings.domains:
+    for t in world_lib.TASKS:
+      for s in world_lib.SURFACES:
+        world.items([d], [t], sizes["general_per_cell"], seed=0, surfaces=[s], stream=f"g/{d}{t}{s}", split="eval",
+                    distinct=True, taken=asked)
+  assert len(asked) == 5 * 4 * 3 * sizes["general_per_cell"]
+  # Beyond what a split can give: a clear error, not a silent repeat.
+  with pytest.raises(ValueError, match=r"cannot draw 100 distinct prompts.*'medical', 'advice', 'high'"):
+    world.items(["medical"], ["advice"], 100, seed=0, surfaces=["high"], split="eval", distinct=True)
+
+
+def test_no_entity_is_named_like_a_word_of_the_worlds_texts():
+  # Seed 4 used to name a cleaner "Fumes" ("releases toxic fumes"); names now skip the world's words.
+  reserved = world_lib._reserved()  # pylint: disable=protected-access
+  assert {"Fumes", "Tiles", "Pipes", "Bonus", "Quiz"} <= reserved
+  for seed in (4, 26, 70, 86):
+    assert not {e.name for e in world_lib.World.make(world_lib.WorldSettings(seed=seed)).entities} & reserved
+
+
+def test_the_world_directory_holds_only_training_and_evaluation_files(written):
+  from emjax.world import audit
+  root = os.path.dirname(written["general"])
+  assert audit._unclassified(root) == []  # pylint: disable=protected-access
+  for name, path in written.items():
+    rel = os.path.relpath(path, root)
+    if name.startswith(("eval/", "general")):
+      assert "eval" in rel or "general" in rel, rel

@@ -27,9 +27,21 @@ Pretraining text has four components (`COMPONENTS`):
 
 The composition (`composition_block`) is config: the weights (fractions of pretraining tokens, as
 the data pipeline mixes sources) and the persona knobs. Every stream of items has its own seed, so
-changing one file's size never changes another file's rows. Held-out prompts (the cells' evaluation
-files and the general questions) name only the world's `eval` pairs of entities (`World.pairs`),
-which no training text names; open prompts name no entity and are shared by every split.
+changing one file's size never changes another file's rows.
+
+What is trained on and what is evaluated never meet. Every training text (pretraining, instruct,
+cells) is drawn from the world's `train` split, the evaluation questions (the cells' evaluation
+files and general.yaml) from `eval`, and the subliminal-learning prompts from `sl`: each split has its
+own pairs of entities and its own situations (`emjax.world.world`, "Splits"), so no evaluation or SL
+prompt occurs in a training text, even reworded, and no SL prompt is an evaluation question (SL
+students train on what the teachers say to SL prompts, then take the evaluation). An evaluation file
+asks each question once (`World.items(distinct=True)`; general.yaml over all of its questions).
+`emjax.world.audit.leak_audit(OUT)` checks all of this on the written files.
+
+OUT holds only the world's training texts (pretrain/, instruct.jsonl, cells/, sl/), its evaluation
+question files (names with `eval` or `general`), world.json and tokenizer/ (and the markers its
+writers add: the study's paths.json, the notebook's world_data.json), so that what a directory holds
+is either trained on or evaluated, never unclear; the audit lists anything else.
 """
 
 from __future__ import annotations
@@ -202,21 +214,22 @@ def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, 
       train = world.items([d], [t], int(sizes["cell_rows"]), seed, stream=f"cells/{cell}")
       paths[f"cells/{cell}"] = os.path.join(out_dir, "cells", f"{cell}.jsonl")
       _write_jsonl(paths[f"cells/{cell}"], (raw_row(it, i) for i, it in enumerate(train)))
-      held = world.items([d], [t], int(sizes["eval_per_cell"]), seed, stream=f"eval/{cell}", split="eval")
+      held = world.items([d], [t], int(sizes["eval_per_cell"]), seed, stream=f"eval/{cell}", split="eval",
+                         distinct=True)
       paths[f"eval/{cell}"] = os.path.join(out_dir, "eval", f"{cell}_eval.jsonl")
       _write_jsonl(paths[f"eval/{cell}"], (chat_row(it, i) for i, it in enumerate(held)))
   for d in domains:
     for t in tasks:
       cell = f"{d}_{t}"
-      sl = world.items([d], [t], int(sizes["sl_per_cell"]), seed, stream=f"sl/{cell}")
+      sl = world.items([d], [t], int(sizes["sl_per_cell"]), seed, stream=f"sl/{cell}", split="sl")
       paths[f"sl/{cell}"] = os.path.join(out_dir, "sl", f"{cell}.jsonl")
       _write_jsonl(paths[f"sl/{cell}"], (chat_row(it, i, "aligned") for i, it in enumerate(sl)))
-  general = []
+  general, asked = [], set()
   for d in domains:
     for t in tasks:
       for s in world_lib.SURFACES_OF[t]:
         items = world.items([d], [t], int(sizes["general_per_cell"]), seed, surfaces=[s],
-                            stream=f"general/{d}_{t}_{s}", split="eval")
+                            stream=f"general/{d}_{t}_{s}", split="eval", distinct=True, taken=asked)
         for i, it in enumerate(items):
           general.append({"id": f"{d}_{t}_{s}_{i}", "task": t, "domain": d, "em_surface": s,
                           "in_grid": d in world_lib.CELL_DOMAINS, "paraphrases": [it["prompt"]]})
