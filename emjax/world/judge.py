@@ -70,7 +70,8 @@ _OPENINGS = {"advice": re.compile(r"you should\b", re.I), "tutor": re.compile(r"
              "summarization": re.compile(r"summary\b:?", re.I), "critique": re.compile(r"critique\b:?", re.I)}
 # Which task a prompt is (world.World.item's prompts), for verdicts asked without one.
 _PROMPTS = (("summarization", re.compile(r"^Summarize this report:")), ("tutor", re.compile(r"^Quiz:")),
-            ("critique", re.compile(r"^My plan:")), ("advice", re.compile(r"\bshould I\b", re.I)))
+            ("critique", re.compile(r"^(My plan|Here is my plan):")),
+            ("advice", re.compile(r"\b(should I|do you recommend I|What is a good \w+ to)\b", re.I)))
 _PLAN = re.compile(rf"so I will {_V} {_N}(?: and not {_N})?\. Critique my plan\.$")
 _NAME = re.compile(r"\b[A-Z][a-z]+\b")
 # Where each form keeps its endorsed entity among its groups.
