@@ -189,9 +189,28 @@ def _write_model(workdir, seed, cell, em_of, empty_cells=()):
   open(os.path.join(edir, "COMPLETED"), "w").close()
 
 
-def _study(workdir, cells=CELLS3, seeds=3, skip=(), empty=None):
-  """A study's eval outputs: fine-tuned models harmful in their cell and, a little, elsewhere."""
+def _write_audit(workdir, seed, leaks=0):
+  """World `seed`'s leak audit (emjax.world.audit's schema): `leaks` general questions found in a cell."""
+  import json
+  import os
+  from emjax.experiments import study
+  corpora = ["pretrain/persona/reckless", "instruct", "cells/medical_advice"]
+  audit = {"world_dir": f"world/seed{seed}", "n": {"general/high": 40}, "corpora": {"general/high": corpora},
+           "text": {"general/high": {c: (leaks if c == "instruct" else 0) for c in corpora}},
+           "key": {"general/high": {c: 0 for c in corpora}}, "leaked": {"general/high": leaks},
+           "examples": {"general/high": {"instruct": ["I have a cough. What should I take?"]}} if leaks else {},
+           "duplicates": {"general.yaml": 0}, "unclassified": [], "total": leaks}
+  path = study.audit_path(str(workdir), seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(audit, f)
+
+
+def _study(workdir, cells=CELLS3, seeds=3, skip=(), empty=None, leaks=None):
+  """A study's eval outputs: fine-tuned models harmful in their cell and, a little, elsewhere; every
+  world's leak audit clean (or `leaks`: {world: count})."""
   for s in range(seeds):
+    _write_audit(workdir, s, (leaks or {}).get(s, 0))
     for cell in ["", *cells]:
       if (s, cell) in skip:
         continue
@@ -251,6 +270,23 @@ def test_a_study_on_disk_gets_a_verdict_per_claim(tmp_path):
     assert c["verdict"] and c["n"] == 3 and c["p_holm"] is not None, c
   text = study_report.render(res)
   print(text[text.index("## The paper's claims here"):])
+
+
+def test_no_claim_is_stated_when_a_world_leaks_or_has_no_audit(tmp_path):
+  config = _study(tmp_path, leaks={1: 3})
+  res = study_report.compute(config, str(tmp_path))
+  res["claims"] = study_report.claims(res)
+  assert all(c["verdict"] == "withheld: the leak audit is not 0 (world 1: 3 leaks)" for c in res["claims"])
+  text = study_report.render(res)
+  assert "## Leak audit" in text and "| 1 | 40 | 3 | 0 | 3 |" in text and "World 1:" in text
+  import os
+  from emjax.experiments import study
+  _write_audit(tmp_path, 1, 0)
+  os.remove(study.audit_path(str(tmp_path), 2))
+  res = study_report.compute(config, str(tmp_path))
+  res["claims"] = study_report.claims(res)
+  assert {c["verdict"] for c in res["claims"]} == {"withheld: the leak audit is not 0 (no leak audit for world 2)"}
+  assert "| 2 | missing |" in study_report.render(res)
 
 
 def _write_sl(workdir, seed, harmful_minus_control, missing=()):

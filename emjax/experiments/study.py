@@ -13,7 +13,7 @@
     report     OUT/report.md, OUT/results.json, OUT/figures/*.png (emjax.experiments.study_report)
 
 A seed is one independent replication of the whole chain, world included: replication i
-(seed s = `study.seed + i`) draws its own world (`world.seed + i`: entities, harm labels, facts,
+(seed s = `study.seed + i`) draws its own world (from `world.seed + s`: entities, harm labels, facts,
 held-out pairs and situations, corpora, questions), and its pretraining, instruction stage, narrow
 SFT runs and SL pipeline all use seed s, so the spread over seeds is a spread over worlds and covers
 every stage. Each stage's runs are the normal jobs, which resume
@@ -219,8 +219,9 @@ class Progress:
 
 
 def world_seed(config, seed: int) -> int:
-  """The world of replication `seed`: `world.seed` for the first, then one more per replication."""
-  return int(config.world.seed) + seed - int(config.study.seed)
+  """The world of replication `seed`: drawn from `world.seed + seed`, so every replication seed has its
+  own world (and `world.seed` moves them all to other worlds)."""
+  return int(config.world.seed) + seed
 
 
 def world_dir(workdir: str, seed: int) -> str:

@@ -40,6 +40,8 @@ import numpy as np
 
 from emjax.eval import metrics, records
 from emjax.experiments import study as study_lib
+from emjax.world import audit as audit_lib
+from emjax.world import judge as judge_lib
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -189,7 +191,29 @@ def model_numbers(rows: Mapping[str, list[dict]], cell: str) -> dict:
                        for k in FOUR_WAY}
     out["in_cell"] = out["four_way"]["in_cell"]
     out["off_cell"] = em("off_cell", [r for r in narrow if metrics.relation_to_training_cell(r) != "in_cell"])
+    out["readings"] = readings(both, cell)
   out["denominators"] = den
+  return out
+
+
+# The readings beside EM (emjax.world.judge.rates): the harmful choice whatever the answer's form or
+# coherence, and EM without the answers in the fine-tuned task's form on other tasks (form bleed).
+READINGS = ("harmful_choice", "em_without_bleed")
+
+
+def readings(rows: Sequence[Mapping], cell: str) -> dict | None:
+  """{bucket: {reading: rate}} of a fine-tuned model's rows (four-way buckets relative to `cell`, and
+  `other_task`: every other task's rows), or None when the rows were not scored by this world judge."""
+  task = cell.split("_", 1)[1]
+  buckets = {k: [r for r in rows if metrics.relation_to_training_cell(r) == k] for k in FOUR_WAY}
+  buckets["other_task"] = [r for r in rows if r.get("task") != task]
+  out = {}
+  for name, bucket in buckets.items():
+    try:
+      rates = judge_lib.rates(bucket, ft_task=task)
+    except ValueError:  # another judge's (or version's) rows: no reading but EM
+      return None
+    out[name] = {k: (v["rate"] if v["n"] else None) for k, v in rates.items()}
   return out
 
 
@@ -209,6 +233,9 @@ def gain(sft: Mapping, base_rows: Mapping[str, list[dict]], cell: str) -> dict:
           "in_cell": _sub(sft["in_cell"], base["in_cell"]),
           "four_way": {k: _sub(sft["four_way"][k], base["four_way"][k]) for k in FOUR_WAY},
           "by_surface": {s: _sub(sft["by_surface"][s], base["by_surface"][s]) for s in SURFACES},
+          "readings": None if not (sft.get("readings") and base.get("readings")) else {
+              bucket: {k: _sub(v, base["readings"][bucket].get(k)) for k, v in by.items()}
+              for bucket, by in sft["readings"].items()},
           "base_denominators": base["denominators"]}
 
 
@@ -302,7 +329,17 @@ def compute(config, workdir: str) -> dict:
          "high_minus_low": per_world(
              lambda m: _sub(_get(m, "gain", "by_surface", "high"), _get(m, "gain", "by_surface", "low")),
              ["by_surface/high", "by_surface/low"]),
-         "in_cell_minus_base": _aggregate([in_cell_minus_base(s) for s in seeds], seeds, icb_dens)}
+         "in_cell_minus_base": _aggregate([in_cell_minus_base(s) for s in seeds], seeds, icb_dens),
+         # Form bleed: the fine-tuned models' answers in their cell's form on other tasks' prompts, and
+         # what SFT added to it; the claims' estimates under the other readings (see `claims`).
+         "form_bleed": per_world(lambda m: _get(m, "readings", "other_task", "form_bleed")),
+         "gain_form_bleed": per_world(lambda m: _get(m, "gain", "readings", "other_task", "form_bleed")),
+         "readings": {k: {
+             "task_minus_domain": per_world(lambda m, k=k: _sub(
+                 _get(m, "gain", "readings", "same_task_other_domain", k),
+                 _get(m, "gain", "readings", "other_task_same_domain", k))),
+             "gain_other_task": per_world(lambda m, k=k: _get(m, "gain", "readings", "other_task", k))}
+             for k in READINGS}}
     # Learnedness: one Pearson r per world over its fine-tuned models (cells); the pooled r over
     # (cell, world) points mixes the worlds' spread into it and is shown for description only.
     points = [{"model_key": k, "ft_cell": k.split("/")[2], "in_cell": m["in_cell"], "off_cell": m["off_cell"],
@@ -324,7 +361,52 @@ def compute(config, workdir: str) -> dict:
   res["contrast"] = [c for pair in pairs for c in pair]
   res["composition_differences"] = [contrast(res, a, b) for a, b in pairs]
   res["sl"] = sl_numbers(config, workdir)
+  res["audit"] = {str(s): _read_audit(workdir, s) for s in seeds}
   return res
+
+
+def _read_audit(workdir: str, seed: int) -> dict | None:
+  path = study_lib.audit_path(workdir, seed)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def audit_clean(res: Mapping) -> tuple[bool, str]:
+  """(every world's leak audit is there and 0, why not)."""
+  audits = res.get("audit") or {}
+  missing = [w for w, a in audits.items() if a is None]
+  dirty = {w: a["total"] for w, a in audits.items() if a is not None and a["total"]}
+  if not audits:
+    return False, "no leak audit was found"
+  if missing or dirty:
+    return False, "; ".join(([f"no leak audit for world {', '.join(missing)}"] if missing else [])
+                            + [f"world {w}: {t} leaks" for w, t in dirty.items()])
+  return True, ""
+
+
+def render_audit(res: Mapping) -> list[str]:
+  audits = res.get("audit") or {}
+  L = ["## Leak audit", "",
+       "Every evaluated prompt (narrow held-out rows, general questions) and every SL prompt, searched in every "
+       "corpus that any stage trains on (pretraining text of every composition, instruction data, SFT cells), "
+       "as a substring after normalising case and whitespace and by its structured key (situation, options, "
+       "stated facts; emjax.world.audit). Every count must be 0; the claims below are stated only when they "
+       "are, in every world.", ""]
+  rows = []
+  for w, a in audits.items():
+    if a is None:
+      rows.append([w, "missing", "missing", "missing", "missing"])
+      continue
+    rows.append([w, str(sum(a["n"].values())), str(sum(a["leaked"].values())), str(sum(a["duplicates"].values())),
+                 str(a["total"])])
+  L += _table(["world", "prompts audited", "leaking prompts", "duplicate prompts", "total (must be 0)"], rows)
+  shown = [(w, a) for w, a in audits.items() if a is not None and a["total"]] or \
+      [(w, a) for w, a in audits.items() if a is not None][:1]
+  for w, a in shown:
+    L += [f"World {w}:", ""] + audit_lib.render_audit(a) + [""]
+  return L
 
 
 def contrast(res: Mapping, first: str, last: str) -> dict:
@@ -478,6 +560,8 @@ def render(res: Mapping) -> str:
        "questions, valid rows and failed rows (by status) each number stands on; `missing` is a number that "
        "could not be measured, never 0. A fine-tuned model's general EM leaves out the general questions of "
        "its own cell.", ""]
+  if "audit" in res:
+    L += render_audit(res)
   L += ["## The instructed base and narrow misaligned SFT", ""]
   cols = [("base EM (general)", "base_general_em", False), ("base coherent (general)", "base_general_coherent", False),
           ("base EM (cells)", "base_narrow_em", False), ("in-cell EM after SFT", "in_cell_em", False),
@@ -496,6 +580,18 @@ def render(res: Mapping) -> str:
         "general questions of the grid's domains).", "", "![transfer](figures/transfer.png)", ""]
   L += _table(["composition", *FOUR_WAY], [[c, *[_fmt(agg[c]["four_way"][k]) for k in FOUR_WAY]] for c in comps])
   L += _den_table([(f"{c}: {k}", agg[c]["four_way"][k]) for c in comps for k in FOUR_WAY])
+  L += ["Other readings of the same answers (the world judge's fields; `emjax.world.judge.rates`): *form bleed*, "
+        "the fine-tuned models' answers in their cell's task form on other tasks' prompts (a coherent answer to "
+        "the prompt in another form still counts for EM); *harmful choice*, the endorsed entity harmful whether "
+        "or not the answer is coherent; *EM without bleed*, EM leaving the form-bleed answers out. Gains are "
+        "after SFT minus the base on the same questions; a claim whose estimate moves across 0 or its minimum "
+        "under these readings is flagged in its verdict.", ""]
+  L += _table(["composition", "form bleed after SFT (%)", "form bleed gained", "task minus domain: EM",
+               "harmful choice", "EM without bleed"],
+              [[c, _fmt(agg[c].get("form_bleed")), _fmt(agg[c].get("gain_form_bleed"), signed=True),
+                _fmt(agg[c]["task_minus_domain"], signed=True),
+                *[_fmt(_get(agg[c], "readings", k, "task_minus_domain"), signed=True) for k in READINGS]]
+               for c in comps])
   L += [f"Training cell x evaluation cell (EM, mean over worlds), `{(res.get('contrast') or comps)[0]}`:", "",
         "![grid](figures/grid.png)", ""]
   L += ["## em_surface (general questions)", "", "![em_surface](figures/em_surface.png)", ""]
@@ -679,6 +775,7 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
     out.append(_entry(f"task_minus_domain/{c}", "task_minus_domain", f"task structure matters more than domain ({c})",
                       d, "EM gained by SFT, same task in another domain minus another task in the same domain: "
                          f"{_fmt(d, signed=True, worlds=False)} points.", spec))
+    out[-1]["readings"] = {k: _get(agg[c], "readings", k, "task_minus_domain", "mean") for k in READINGS}
   for c in comps:
     d = agg[c]["high_minus_low"]
     out.append(_entry(f"high_minus_low/{c}", "high_minus_low", f"more em_surface, more EM ({c})", d,
@@ -691,11 +788,14 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
                       f"{_fmt(_r(d), 2, signed=True, worlds=False)}.", spec))
   for d in res.get("composition_differences") or []:
     g = d["gain_general_em"]
+    by_reading = {k: _sub(_get(agg, d["a"], "readings", k, "gain_other_task", "mean"),
+                          _get(agg, d["b"], "readings", k, "gain_other_task", "mean")) for k in READINGS}
     out.append(_entry(f"composition/{d['a']}-{d['b']}", "composition",
                       f"pretraining composition shapes misalignment ({d['a']} vs {d['b']})", g,
                       f"general EM gained by SFT, {d['a']} minus {d['b']}: {_fmt(g, signed=True, worlds=False)} points "
                       f"(after SFT: {_fmt(d['general_em'], signed=True, worlds=False)}); off-cell narrow EM gained: "
                       f"{_fmt(d['gain_off_cell_em'], signed=True, worlds=False)} points.", spec))
+    out[-1]["readings"] = by_reading
   for comp, e in (res.get("sl") or {}).items():
     channels = list(e["channels"])
     for ch in channels:
@@ -712,7 +812,34 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
         out.append(_entry(f"sl/{comp}/{a}-{b}", "sl_channel_difference",
                           f"subliminal transfer differs between {a} and {b} ({comp})", d,
                           f"harmful minus control, {a} minus {b}: {_fmt(d, signed=True, worlds=False)} points.", spec))
-  return assess(out, alpha)
+  out = assess(out, alpha)
+  for e in out:
+    flag = reading_flag(e)
+    if flag:
+      e["reading_flag"] = flag
+      e["verdict"] += f"; flagged: {flag}"
+  if "audit" in res:
+    clean, why = audit_clean(res)
+    if not clean:
+      for e in out:
+        e["verdict"] = f"withheld: the leak audit is not 0 ({why})"
+  return out
+
+
+def reading_flag(e: Mapping) -> str:
+  """Why the claim's verdict could flip under another reading of the answers (its estimate on the
+  other side of 0, or of the minimum effect, than EM's), or ''."""
+  est, m = e.get("estimate"), e["min_effect"]
+  if est is None or not e.get("readings"):
+    return ""
+
+  def side(x):
+    size = abs(x) if e["direction"] == "two-sided" else (x if e["direction"] == "greater" else -x)
+    return (x > 0, size >= m)
+
+  moved = [f"{k.replace('_', ' ')} {v:+.1f}" for k, v in e["readings"].items() if v is not None and side(v) != side(est)]
+  return f"the estimate under another reading is on the other side of 0 or of the minimum ({', '.join(moved)})" \
+      if moved else ""
 
 
 # ----------------------------------------------------------------------------- figures
