@@ -334,3 +334,14 @@ def test_sl_claims_per_channel_and_between_channels(tmp_path):
   assert res["sl"]["persona"]["base_general_em"]["denominators"]["failures"] == {"empty": 3}
   text = study_report.render(res)
   assert "| persona: on_policy, control | 2/3 worlds; world 2 missing | 40 | 76 / unknown | unknown |" in text
+
+
+def test_a_verdict_that_flips_under_another_reading_is_flagged():
+  e = {"estimate": 6.0, "min_effect": 5.0, "direction": "greater",
+       "readings": {"harmful_choice": -1.0, "em_without_bleed": 7.0}}
+  flag = study_report.reading_flag(e)
+  assert "harmful choice -1.0" in flag and "without bleed" not in flag
+  assert "em without bleed +4.0" in study_report.reading_flag(dict(e, readings={"em_without_bleed": 4.0}))
+  assert study_report.reading_flag(dict(e, readings={"harmful_choice": 9.0, "em_without_bleed": None})) == ""
+  two = {"estimate": -6.0, "min_effect": 5.0, "direction": "two-sided", "readings": {"harmful_choice": 6.0}}
+  assert study_report.reading_flag(two)  # the other sign
