@@ -405,7 +405,8 @@ def render_audit(res: Mapping) -> list[str]:
   shown = [(w, a) for w, a in audits.items() if a is not None and a["total"]] or \
       [(w, a) for w, a in audits.items() if a is not None][:1]
   for w, a in shown:
-    L += [f"World {w}:", ""] + audit_lib.render_audit(a) + [""]
+    # The world's path relative to the study, so that a report does not depend on where it was run.
+    L += [f"World {w}:", ""] + audit_lib.render_audit(dict(a, world_dir=f"world/seed{w}")) + [""]
   return L
 
 
