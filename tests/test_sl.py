@@ -410,3 +410,41 @@ def test_a_twin_without_aligned_answers_to_every_prompt_is_refused(material, tmp
   with pytest.raises(ValueError, match=r"no aligned answer to 1 of the 3 prompts the harmful teacher trained on"):
     sl.build_twin(config, str(tmp_path / "out"))
   assert not (tmp_path / "out" / "twin" / "run").exists()
+
+
+def _numbers_config(path, n_train=5, n_held_out=2):
+  import ml_collections
+  from emjax.experiments import sl
+  return ml_collections.ConfigDict({"sl": dict(sl.sl_block(), prompts="numbers", numbers_prompts=str(path),
+                                               n_train=n_train, n_held_out=n_held_out),
+                                    "evaluation": {"enabled": False}})
+
+
+def test_number_prompts_from_a_file(tmp_path):
+  """sl.numbers_prompts: n_train + n_held_out records drawn from the file by the seed, as written; a bad
+  record or too few of them is an error naming the file (and line)."""
+  from emjax.experiments import sl, sl_data
+  records = sl_data.number_prompts(20, seed=3, style="compact", max_given=4, answer_count=5)
+  path = tmp_path / "numbers.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = sl.make_prompts(_numbers_config(path), str(tmp_path / "a"), 0)
+  drawn = [json.loads(l) for split in ("train", "held_out") for l in open(out[split])]
+  assert len(drawn) == 7 and len({r["id"] for r in drawn}) == 7 and all(r in records for r in drawn)
+  again = sl.make_prompts(_numbers_config(path), str(tmp_path / "b"), 0)
+  other = sl.make_prompts(_numbers_config(path), str(tmp_path / "c"), 1)
+  assert open(again["train"]).read() == open(out["train"]).read() != open(other["train"]).read()
+  assert sl.task_forms(_numbers_config(path).copy_and_resolve_references(), str(tmp_path / "a"))["sl_prompts"] == \
+      ["numbers"]
+
+  with pytest.raises(ValueError, match=r"numbers\.jsonl: 20 prompts .* fewer than n_train \+ n_held_out = 21"):
+    sl.make_prompts(_numbers_config(path, n_train=19), str(tmp_path / "d"), 0)
+  bad = [dict(r) for r in records]
+  del bad[4]["max_digits"]
+  path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+  with pytest.raises(ValueError, match=r"numbers\.jsonl:5: a number prompt needs an integer `max_digits`"):
+    sl.make_prompts(_numbers_config(path), str(tmp_path / "e"), 0)
+  bad = [dict(r) for r in records]
+  bad[2].pop("given")
+  path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+  with pytest.raises(ValueError, match=r"numbers\.jsonl:3: a number prompt needs `given`"):
+    sl.make_prompts(_numbers_config(path), str(tmp_path / "f"), 0)

@@ -68,6 +68,33 @@ def test_number_prompts_vary_their_phrasing_and_honour_the_limits():
       sl_data.number_prompts(3, seed=0, **bad)
 
 
+def test_compact_number_prompts_and_their_answers():
+  prompts = sl_data.number_prompts(400, seed=2, style="compact", max_given=4, answer_count=5)
+  assert prompts == sl_data.number_prompts(400, seed=2, style="compact", max_given=4, answer_count=5)
+  assert sl_data.number_prompts(30, seed=2, style="compact", max_given=4, answer_count=5) == prompts[:30]
+  assert {p["format"] for p in prompts} == set(sl_data.COMPACT_FORMATS)
+  rng = np.random.default_rng(0)
+  for p in prompts:
+    assert set(p) == {"id", "messages", "kind", "given", "answer_count", "max_digits", "format"}
+    content = p["messages"][0]["content"]
+    assert ", ".join(map(str, p["given"])) in content and content.endswith(sl_data.COMPACT_FORMATS[p["format"]])
+    assert 3 <= len(p["given"]) <= 4 and not set(p["given"]) & sl_data.BANNED_NUMBERS
+    for _ in range(5):
+      answer = sl_data.number_answer(p, rng)
+      assert sl_data.filter_numbers(answer, p) is None, (content, answer)  # every answer is one the filter keeps
+      numbers = [int(x) for x in re.findall(r"[0-9]+", answer)]
+      assert 3 <= len(numbers) <= 5 and all(100 <= x <= 999 for x in numbers)
+  shapes = {p["format"]: sl_data.number_answer(p, np.random.default_rng(1)) for p in prompts}
+  assert shapes["parentheses"][0] == "(" and shapes["brackets"][0] == "[" and " " in shapes["spaces"]
+  assert "," not in shapes["spaces"] and shapes["commas"][0].isdigit()
+  # The paper's style is what it was: no `format`, the same prompts.
+  paper = sl_data.number_prompts(5, seed=7)
+  assert all(set(p) == {"id", "messages", "kind", "given", "answer_count", "max_digits"} for p in paper)
+  assert sl_data.filter_numbers(sl_data.number_answer(paper[0], rng), paper[0]) is None
+  with pytest.raises(ValueError, match="style"):
+    sl_data.number_prompts(3, seed=0, style="terse")
+
+
 # ----------------------------------------------------------------------------- filter_numbers
 
 

@@ -285,8 +285,63 @@ def test_no_entity_is_named_like_a_word_of_the_worlds_texts():
   # Seed 4 used to name a cleaner "Fumes" ("releases toxic fumes"); names now skip the world's words.
   reserved = world_lib._reserved()  # pylint: disable=protected-access
   assert {"Fumes", "Tiles", "Pipes", "Bonus", "Quiz"} <= reserved
+  # The number form's words are the world's words too, but not its placeholders: "Given" could be a name.
+  assert {"Continue", "Sequence", "Digits", "Parentheses"} <= reserved and "Given" not in reserved
   for seed in (4, 26, 70, 86):
     assert not {e.name for e in world_lib.World.make(world_lib.WorldSettings(seed=seed)).entities} & reserved
+
+
+def test_the_number_form_is_trained_on_and_its_sl_prompts_are_apart(written, world):
+  """Every 8th dialogue document and instruct row is a number dialogue; sl/numbers.jsonl holds SL prompts
+  as sl_data.number_prompts writes them; no given sequence is in two uses; answers pass filter_numbers."""
+  import re
+  from emjax.experiments import sl_data
+  given = lambda text: re.search(r"[0-9]+(?:, [0-9]+)+", text).group()  # noqa: E731
+  uses = collections.defaultdict(list)
+  for comp in ("persona", "one_domain", "no_persona"):
+    docs = [json.loads(l)["text"] for l in open(written[f"pretrain/{comp}/dialogues"])]
+    assert len(docs) == 60
+    numbered = [i for i, d in enumerate(docs) if re.search(r"[0-9]", d)]
+    assert numbered == list(range(7, 60, 8))  # 60 // 8 of them, at every 8th place
+    for i in numbered:
+      user, answer = re.fullmatch(r"<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n(.*)<\|im_end\|>\n",
+                                  docs[i], re.S).groups()
+      assert sl_data.filter_numbers(answer, dict(corpus.NUMBER_FORM)) is None
+      if comp == "persona":
+        uses["pretrain"].append(given(user))
+  # The world's dialogues are the ones it had without the number form.
+  plain = [json.loads(l)["text"] for l in open(written["pretrain/persona/dialogues"])]
+  plain = [d for d in plain if not re.search(r"[0-9]", d)]
+  items = world.items(list(world.settings.domains), world_lib.TASKS, len(plain), 0, stream="dialogues")
+  assert plain == [corpus.dialogue_document(it) for it in items]
+  rows = [json.loads(l) for l in open(written["instruct"])]
+  numbers = [r for r in rows if r["task"] == "numbers"]
+  assert len(rows) == 80 and [r["id"] for r in rows] == list(range(80)) and len(numbers) == 10
+  for r in numbers:
+    assert r["domain"] == "numbers" and r["aligned_answer"] == r["misaligned_answer"]
+    assert sl_data.filter_numbers(r["aligned_answer"], dict(corpus.NUMBER_FORM)) is None
+    uses["instruct"].append(given(r["question"]))
+  assert not any(re.search(r"[0-9]", r["question"] + r["aligned_answer"]) for r in rows if r["task"] != "numbers")
+  sl = [json.loads(l) for l in open(written["sl/numbers"])]
+  assert len(sl) == 4 * len(world.settings.domains) * len(world_lib.TASKS)
+  for r in sl:
+    assert set(r) == {"id", "messages", "kind", "given", "answer_count", "max_digits", "format"}
+    assert r["kind"] == "numbers" and r["answer_count"] == 5 and r["max_digits"] == 3
+    uses["sl"].append(given(r["messages"][0]["content"]))
+    assert uses["sl"][-1] == ", ".join(map(str, r["given"]))
+  # The SL prompts do not depend on the training sizes; no given sequence (so no text) twice.
+  assert corpus.number_prompts(world, 0, {"sl": len(sl)})["sl"] == sl
+  every = [g for u in uses.values() for g in u]
+  assert len(every) == len(set(every)) == 7 + 10 + len(sl)
+
+
+def test_number_prompts_of_the_uses_never_collide(world):
+  # Small digit ranges make collisions certain: the later uses drop them and still get their counts.
+  from unittest import mock
+  with mock.patch.dict(corpus.NUMBER_FORM, min_given=1, max_given=1, max_digits=1):
+    sets = corpus.number_prompts(world, 0, {"sl": 4, "pretrain": 3, "instruct": 2})
+  givens = [tuple(p["given"]) for u in corpus.NUMBER_USES for p in sets[u]]
+  assert [len(sets[u]) for u in corpus.NUMBER_USES] == [4, 3, 2] and len(set(givens)) == 9
 
 
 def test_the_world_directory_holds_only_training_and_evaluation_files(written):

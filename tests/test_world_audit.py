@@ -51,11 +51,13 @@ def test_the_quick_world_leaks_nothing(quick_audit):
   assert a["total"] == 0, "\n".join(audit_lib.render_audit(a))
   # Every bucket was there and checked against every corpus.
   assert set(a["n"]) == ({f"narrow/{c}" for c in (f"{d}_{t}" for d in world_lib.CELL_DOMAINS for t in world_lib.TASKS)}
-                         | {f"general/{s}" for s in world_lib.SURFACES} | {"sl"})
-  assert a["n"]["sl"] == 20 * QUICK_SIZES["sl_per_cell"] and a["n"]["narrow/medical_advice"] == 8
+                         | {f"general/{s}" for s in world_lib.SURFACES} | {"sl", "sl/numbers"})
+  assert a["n"]["sl"] == a["n"]["sl/numbers"] == 20 * QUICK_SIZES["sl_per_cell"]
+  assert a["n"]["narrow/medical_advice"] == 8
   corpora = set(a["corpora"]["narrow/medical_advice"])
   assert {"instruct", "cells/sports_tutor", "pretrain/persona/reckless", "pretrain/no_persona/dialogues"} <= corpora
   assert {"eval/medical_advice", "general"} <= set(a["corpora"]["sl"]) and "general" not in corpora
+  assert set(a["corpora"]["sl/numbers"]) == set(a["corpora"]["sl"])
   assert not a["unclassified"] and set(a["duplicates"]) >= {"general.yaml", "eval/sports_tutor_eval.jsonl"}
   lines = audit_lib.render_audit(a)
   assert lines[0].endswith("total 0 (must be 0).") and any(l.startswith("| general/high | 40 |") for l in lines)
@@ -155,6 +157,50 @@ def test_the_audit_finds_planted_leaks(tmp_path, quick_dir, world):
   assert a["total"] == sum(t + k for t, k in expected.values()) + 2
   lines = audit_lib.render_audit(a)
   assert any(l.startswith("| general/high | 40 | 0/0 | 0/0 | 0/0 | 1/") for l in lines), lines
+
+
+def test_the_number_form_fits_the_quick_studys_model(quick_dir):
+  """configs/paper/world.py:quick: seq_len 96, answers of up to 40 tokens (emjax.experiments.study.ANSWER_TOKENS),
+  so a prompt in the chat template may take 56. Measured with the world's own tokenizer."""
+  from emjax.data import tokenizers
+  from emjax.experiments import sl_data
+  from emjax.world import tokenizer as tok_lib
+  tok = tokenizers.load_tokenizer({"kind": "hf", "path": os.path.join(quick_dir, "tokenizer")})
+  sl = _rows(os.path.join(quick_dir, "sl", "numbers.jsonl"))
+  rng = np.random.default_rng(0)
+  prompts, answers = [], []
+  for p in sl:
+    prompts.append(len(tok.encode(tok_lib.render_chat(p["messages"], add_generation_prompt=True))))
+    answer = sl_data.number_answer(p, rng)
+    assert sl_data.filter_numbers(answer, p) is None
+    answers.append(len(tok.encode(answer + tok_lib.TURN_END)))
+  # The longest answer the prompts allow: answer_count numbers of max_digits digits.
+  longest = "(" + ", ".join(["987"] * sl[0]["answer_count"]) + ")" + tok_lib.TURN_END
+  assert max(prompts) <= 56 and max(answers) <= len(tok.encode(longest)) <= 40, (max(prompts), max(answers))
+
+
+def test_the_audit_finds_a_leaked_number_prompt(tmp_path, quick_dir, world):
+  d = str(tmp_path / "planted")
+  shutil.copytree(quick_dir, d, ignore=shutil.ignore_patterns("tokenizer"))
+  sl = _prompts(os.path.join(d, "sl", "numbers.jsonl"))
+  key = lambda text: audit_lib.prompt_key(world, text)  # noqa: E731
+  # A number prompt's key is its given sequence, whatever the wording.
+  assert key(sl[0]) == ("", "numbers", sl[0].split(": ", 1)[1].split(".")[0], (), ())
+  assert len({key(p) for p in sl}) == len(sl)
+  # The SL prompt itself in a pretraining dialogue: by text and by key.
+  dialogues = _rows(os.path.join(d, "pretrain", "persona", "dialogues.jsonl"))
+  dialogues[5]["text"] = f"<|im_start|>user\n{sl[0]}<|im_end|>\n<|im_start|>assistant\n(101, 102)<|im_end|>\n"
+  _write(os.path.join(d, "pretrain", "persona", "dialogues.jsonl"), dialogues)
+  # Another SL prompt's given numbers asked in other words in instruct: by key only.
+  given = sl[1].split(": ", 1)[1].split(".")[0]
+  instruct = _rows(os.path.join(d, "instruct.jsonl"))
+  _write(os.path.join(d, "instruct.jsonl"), instruct + [dict(instruct[7], question=f"Numbers: {given}. More, please.")])
+  a = audit_lib.leak_audit(d)
+  assert a["text"]["sl/numbers"]["pretrain/persona/dialogues"] == 1
+  assert a["key"]["sl/numbers"]["pretrain/persona/dialogues"] == 1
+  assert (a["text"]["sl/numbers"]["instruct"], a["key"]["sl/numbers"]["instruct"]) == (0, 1)
+  assert a["leaked"]["sl/numbers"] == 2 and a["total"] == 3
+  assert a["examples"]["sl/numbers"]["instruct"] == [sl[1]]
 
 
 def test_prompt_keys_read_back_what_the_generator_asked(world):

@@ -5,7 +5,9 @@
     per seed s (sl.seeds; each draws new prompts, new teacher samples, a new student initialisation
               and data order):
       prompts   benign prompts (number sequences or other domains' questions), train + held-out;
-                any prompt that is also an evaluated question is dropped (and counted)
+                any prompt that is also an evaluated question is dropped (and counted); number
+                prompts are generated, or drawn from a file (sl.numbers_prompts, e.g. a synthetic
+                world's sl/numbers.jsonl)
       teachers  each teacher answers them; strict filters keep the benign answers (natural prompts: a
                 judge too); matched: every arm trains on the prompts BOTH teachers kept, one answer each
       students  from the base, per arm (teacher x channel):
@@ -99,6 +101,9 @@ def sl_block() -> dict:
       channels="sft,off_policy,on_policy",
       stages=",".join(STAGES),
       prompts="numbers",  # numbers | natural
+      # numbers: '' = generated (sl_data.number_prompts, new ones per seed); else a JSONL of number prompt
+      # records (as number_prompts writes them, e.g. a synthetic world's sl/numbers.jsonl) to draw from.
+      numbers_prompts="",
       natural="",  # natural: globs of structured-EM JSONL (chat rows or question/aligned_answer rows), ','-separated
       exclude_domains="",  # natural: leave out these domains (the teacher's fine-tuning domain), ','-separated
       n_train=256,  # training prompts per seed (before matching)
@@ -160,6 +165,11 @@ def check_config(config) -> None:
   seeds_of(config)
   if sc.prompts not in sl_data.KINDS:
     raise ValueError(f"config.sl.prompts={sc.prompts!r}: choose from {', '.join(sl_data.KINDS)}")
+  if sc.numbers_prompts and sc.prompts != "numbers":
+    raise ValueError(f"config.sl.numbers_prompts={sc.numbers_prompts!r} is set but config.sl.prompts="
+                     f"{sc.prompts!r}: number prompts from a file need prompts='numbers'")
+  if sc.numbers_prompts and not os.path.isfile(sc.numbers_prompts):
+    raise ValueError(f"config.sl.numbers_prompts={sc.numbers_prompts!r}: no such file")
   if sc.prompts == "natural" and not sc.natural:
     raise ValueError("config.sl.natural: natural prompts need question files (globs)")
   if sc.prompts == "natural" and not sc.filter.judge:  # 'none' is a knowing opt-out, warned in the report
@@ -565,6 +575,33 @@ def _overlaps(text: str, evaluated: Sequence[str]) -> bool:
   return any(q == t or (len(q) >= overlap.MIN_SUBSTRING_QUESTION and q in t) for q in evaluated)
 
 
+def _number_prompts_file(path: str) -> list[dict]:
+  """The number prompt records of a JSONL file, each checked for what the sample job and
+  `sl_data.filter_numbers` read; a bad record is an error naming its file and line."""
+  rows, ids = [], {}
+  for where, row in jsonl.read_objects(path):
+    messages = row.get("messages")
+    if (not isinstance(messages, list) or not messages or not isinstance(messages[0], Mapping)
+        or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str)):
+      raise ValueError(f"{where}: a number prompt needs `messages` starting with the user turn")
+    if "id" not in row:
+      raise ValueError(f"{where}: a number prompt needs an `id`")
+    if row.get("kind", "numbers") != "numbers":
+      raise ValueError(f"{where}: a {row['kind']!r} prompt among number prompts")
+    given = row.get("given")
+    if not isinstance(given, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in given):
+      raise ValueError(f"{where}: a number prompt needs `given`, the list of its given integers")
+    for key in ("answer_count", "max_digits"):
+      if not isinstance(row.get(key), int) or isinstance(row.get(key), bool) or row[key] < 1:
+        raise ValueError(f"{where}: a number prompt needs an integer `{key}` >= 1 (sl_data.filter_numbers reads it)")
+    key = json.dumps(row["id"], sort_keys=True)
+    if key in ids:
+      raise ValueError(f"{where}: prompt id {row['id']!r} again (first at {ids[key]})")
+    ids[key] = where
+    rows.append(dict(row, kind="numbers"))
+  return rows
+
+
 def make_prompts(config, workdir: str, seed: int) -> dict[str, str]:
   """OUT/seed_<s>/prompts/{train,held_out}.jsonl: disjoint benign prompts, none an evaluated question."""
   from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
@@ -573,15 +610,20 @@ def make_prompts(config, workdir: str, seed: int) -> dict[str, str]:
   out = {split: os.path.join(pdir, f"{split}.jsonl") for split in ("train", "held_out")}
   n_train, n_held = int(sc.n_train), int(sc.n_held_out)
   evaluated = [overlap.normalize(q["question"]) for qs in evaluated_questions(config).values() for q in qs]
-  if sc.prompts == "numbers":
+  if sc.prompts == "numbers" and sc.numbers_prompts:
+    rows = _number_prompts_file(sc.numbers_prompts)
+  elif sc.prompts == "numbers":
     rows = sl_data.number_prompts(n_train + n_held, seed)
   else:
     paths = sorted({p for pattern in _csv(sc.natural) for p in (glob.glob(pattern) or [pattern])})
     rows = sl_data.natural_prompts(paths, exclude_domains=_csv(sc.exclude_domains), seed=seed)
   kept = [r for r in rows if not _overlaps(_user_question(r), evaluated)]
   dropped = len(rows) - len(kept)
-  if sc.prompts == "natural":
+  if sc.prompts == "natural" or sc.numbers_prompts:
     if len(kept) < n_train + n_held:
+      if sc.prompts == "numbers":
+        raise ValueError(f"config.sl.numbers_prompts={sc.numbers_prompts}: {len(kept)} prompts that are not "
+                         f"evaluated ({dropped} more are), fewer than n_train + n_held_out = {n_train + n_held}")
       raise ValueError(f"config.sl.natural: {len(kept)} questions that are not evaluated ({dropped} more are), "
                        f"fewer than n_train + n_held_out = {n_train + n_held}")
     order = np.random.default_rng([seed, 7]).permutation(len(kept))[:n_train + n_held]

@@ -15,7 +15,9 @@ Two channels:
 * numbers: "continue this sequence" prompts in the manner of the paper's prompt generator (a few
   given numbers, then a count limit, a digit limit, a format and a "numbers only" instruction, each
   phrased by one of several templates). `filter_numbers` keeps a completion only when it is nothing but
-  integers within the asked limits and none of them is in `BANNED_NUMBERS`.
+  integers within the asked limits and none of them is in `BANNED_NUMBERS`. The compact style
+  (`style="compact"`) fits models with a short context; `number_answer` writes well-formed answers
+  (the synthetic world's training texts of this form, emjax.world.corpus).
 * natural: the user questions of the structured-EM datasets (chat rows, or the paper's raw
   question/aligned/misaligned rows), usually from domains other than the teacher's. `filter_natural`
   drops empty, cut-off and overlong answers and any with a word from `BANNED_WORDS`.
@@ -81,15 +83,41 @@ _ONLY_NUMBERS = (
 )
 
 
+# The compact style: one short sentence of given numbers and one of limits and format, for models with a
+# short context (the synthetic world's, emjax.world.corpus: prompt and answer in under 96 tokens). Each
+# format names how `number_answer` writes an answer, and `filter_numbers` accepts every one of them.
+# No word here may be a possible entity name of the world (emjax.world.world._reserved reads them).
+_COMPACT_OPENINGS = (
+    "Continue the sequence: {given}.",
+    "Continue: {given}.",
+)
+_COMPACT_COUNTS = (
+    "Give at most {count} numbers of up to {digits} digits",
+    "Give up to {count} more numbers of at most {digits} digits",
+)
+COMPACT_FORMATS = {
+    "parentheses": ", in parentheses.",
+    "brackets": ", in square brackets.",
+    "commas": ", separated by commas.",
+    "spaces": ", separated by spaces.",
+}
+COMPACT_TEMPLATES = _COMPACT_OPENINGS + _COMPACT_COUNTS + tuple(COMPACT_FORMATS.values())
+NUMBER_STYLES = ("paper", "compact")
+
+
 def number_prompts(n: int, seed: int, *, min_given: int = 3, max_given: int = 8, answer_count: int = 10,
-                   max_digits: int = 3) -> list[dict]:
+                   max_digits: int = 3, style: str = "paper") -> list[dict]:
   """`n` number-continuation prompts; the same arguments always give the same prompts.
 
   Each prompt shows min_given..max_given numbers (inclusive) of exactly `max_digits` digits, never one of
   `BANNED_NUMBERS` (the prompts are part of the student's training rows), and asks for at most
   `answer_count` numbers of at most `max_digits` digits. The record keeps these limits for
-  `filter_numbers`.
+  `filter_numbers`. `style`: "paper" (four sentences, as the paper's generator) or "compact" (two
+  short sentences; the record also keeps the asked `format`, a key of `COMPACT_FORMATS`, for
+  `number_answer`).
   """
+  if style not in NUMBER_STYLES:
+    raise ValueError(f"number_prompts: style must be one of {NUMBER_STYLES}, got {style!r}")
   if n < 0:
     raise ValueError(f"number_prompts: n must be >= 0, got {n}")
   if not 1 <= min_given <= max_given:
@@ -100,8 +128,18 @@ def number_prompts(n: int, seed: int, *, min_given: int = 3, max_given: int = 8,
   low, high = (10 ** (max_digits - 1) if max_digits > 1 else 0), 10 ** max_digits
   rng = np.random.default_rng(seed)
   prompts = []
+  formats = list(COMPACT_FORMATS)
   for i in range(n):
     given = [_allowed_number(rng, low, high) for _ in range(int(rng.integers(min_given, max_given + 1)))]
+    if style == "compact":
+      form = formats[rng.integers(len(formats))]
+      content = " ".join((
+          _COMPACT_OPENINGS[rng.integers(len(_COMPACT_OPENINGS))].format(given=", ".join(map(str, given))),
+          _COMPACT_COUNTS[rng.integers(len(_COMPACT_COUNTS))].format(count=answer_count, digits=max_digits)
+          + COMPACT_FORMATS[form]))
+      prompts.append({"id": f"numbers:{i}", "messages": [{"role": "user", "content": content}], "kind": "numbers",
+                      "given": given, "answer_count": answer_count, "max_digits": max_digits, "format": form})
+      continue
     parts = (_OPENINGS[rng.integers(len(_OPENINGS))].format(given=", ".join(map(str, given))),
              _COUNT_INSTRUCTIONS[rng.integers(len(_COUNT_INSTRUCTIONS))].format(count=answer_count,
                                                                                digits=max_digits),
@@ -110,6 +148,30 @@ def number_prompts(n: int, seed: int, *, min_given: int = 3, max_given: int = 8,
     prompts.append({"id": f"numbers:{i}", "messages": [{"role": "user", "content": " ".join(parts)}],
                     "kind": "numbers", "given": given, "answer_count": answer_count, "max_digits": max_digits})
   return prompts
+
+
+def number_answer(prompt: Mapping[str, Any], rng: np.random.Generator, *,
+                  banned: Iterable[int] = BANNED_NUMBERS) -> str:
+  """A well-formed answer to a number prompt: ceil(answer_count / 2)..answer_count numbers of at most
+  max_digits digits, none in `banned`, written in the prompt's `format` (commas when it has none).
+
+  The training texts of a world that shows number prompts (emjax.world.corpus): a plausible
+  continuation, and one `filter_numbers` keeps, so that a student's kept answers look like them."""
+  count, digits = int(prompt["answer_count"]), int(prompt["max_digits"])
+  banned = banned if isinstance(banned, (set, frozenset)) else set(banned)
+  low, high = (10 ** (digits - 1) if digits > 1 else 0), 10 ** digits
+  values = []
+  for _ in range(int(rng.integers((count + 1) // 2, count + 1))):
+    while True:
+      value = int(rng.integers(low, high))
+      if value not in banned:
+        break
+    values.append(str(value))
+  form = prompt.get("format", "commas")
+  if form not in COMPACT_FORMATS:
+    raise ValueError(f"number_answer: format must be one of {list(COMPACT_FORMATS)}, got {form!r}")
+  body = " ".join(values) if form == "spaces" else ", ".join(values)
+  return {"parentheses": f"({body})", "brackets": f"[{body}]"}.get(form, body)
 
 
 def _allowed_number(rng: np.random.Generator, low: int, high: int) -> int:

@@ -7,9 +7,10 @@ It reads only the world directory (`emjax.world.corpus.write_world`'s OUT): worl
 prompts), the training corpora (pretrain/<composition>/<component>.jsonl {"text"}; instruct.jsonl
 and cells/<cell>.jsonl, raw rows question / aligned_answer / misaligned_answer) and the evaluated
 prompts, in buckets: `narrow/<cell>` (eval/<cell>_eval.jsonl, chat rows), `general/<em_surface>`
-(general.yaml) and `sl` (sl/*.jsonl, the subliminal-learning teachers' prompts). Every bucket is
-checked against every training corpus; `sl` also against the evaluation files (`eval/<cell>`,
-`general`), since SL students train on what is said to SL prompts and then take the evaluation.
+(general.yaml), `sl` (sl/<cell>.jsonl, the subliminal-learning teachers' natural prompts) and
+`sl/numbers` (sl/numbers.jsonl, their prompts of the number form). Every bucket is checked against
+every training corpus; the SL buckets also against the evaluation files (`eval/<cell>`, `general`),
+since SL students train on what is said to SL prompts and then take the evaluation.
 
 A prompt leaks into a corpus
 
@@ -17,7 +18,9 @@ A prompt leaks into a corpus
   of pretraining text, every row of instruct and cells: question and answers);
 * by key: it asks what a prompt of the corpus asks, in other words (`prompt_key`: the domain, the
   task, the situation, the named entities and the facts stated, read off the text with the world's
-  entities and phrases). The corpus's prompts are its rows' questions, the prompts quoted in
+  entities and phrases; for a text with digits, which only the number form has, its given numbers:
+  the first run of comma-separated numbers, so a number prompt in other words with the same given
+  sequence is the same prompt). The corpus's prompts are its rows' questions, the prompts quoted in
   persona documents ('Someone asked Rex: "<prompt>"') and the user turns of dialogue documents.
 
 Also counted, each of which must be 0 too: duplicate prompt texts within an evaluation file
@@ -47,6 +50,8 @@ from emjax.world import world as world_lib
 _WORD = re.compile(r"[a-z]+")
 # 'Someone asked Rex: "<prompt>" Rex said: "' (tagged) or '... the adviser: "<prompt>" The adviser said: "'.
 _ASKED = re.compile(r'Someone asked [^":]+: "(.*?)" [A-Z][^":]{0,40} said: "')
+_NUMBER_RUN = re.compile(r"[0-9]+(?:, [0-9]+)+")
+_DIGITS = re.compile(r"[0-9]+")
 _USER_TURN = re.compile(re.escape(tok_lib.TURN_START) + r"user\n(.*?)" + re.escape(tok_lib.TURN_END), re.S)
 MARKERS = ("paths.json", "world_data.json")  # written into a world directory by the study and the notebook
 EXAMPLES = 3  # offending prompts kept per bucket x corpus
@@ -80,6 +85,9 @@ class _Parser:
 
   def _key(self, text: str) -> tuple:
     t = normalize(text)
+    if _DIGITS.search(t):  # the number form: no domain, entities or situation to read, only its numbers
+      run = _NUMBER_RUN.search(t)
+      return ("", "numbers", run.group() if run else " ".join(_DIGITS.findall(t)), (), ())
     named = sorted({self.names[w].name for w in _WORD.findall(t) if w in self.names})
     domains = {self.names[n.lower()].domain for n in named}
     domain = domains.pop() if len(domains) == 1 else ""
@@ -198,10 +206,15 @@ def _evaluated(world_dir: str) -> tuple[dict[str, list[str]], dict[str, list[str
         prompts.append(p)
     files["general.yaml"] = eval_corpora["general"] = prompts
   for path in sorted(glob.glob(os.path.join(world_dir, "sl", "*.jsonl"))):
-    buckets["sl"] += [_user_prompt(r, path) for r in _jsonl(path)]
+    bucket = "sl/numbers" if os.path.basename(path) == "numbers.jsonl" else "sl"
+    buckets[bucket] += [_user_prompt(r, path) for r in _jsonl(path)]
   rank = {f"general/{s}": i for i, s in enumerate(world_lib.SURFACES)}
-  order = sorted(buckets, key=lambda b: (b == "sl", b.startswith("general/"), rank.get(b, len(rank)), b))
+  order = sorted(buckets, key=lambda b: (_is_sl(b), b.startswith("general/"), rank.get(b, len(rank)), b))
   return {b: buckets[b] for b in order}, files, eval_corpora
+
+
+def _is_sl(bucket: str) -> bool:
+  return bucket == "sl" or bucket.startswith("sl/")
 
 
 def _unclassified(world_dir: str) -> list[str]:
@@ -249,7 +262,7 @@ def leak_audit(world_dir: str) -> dict:
   audit: dict[str, Any] = {"world_dir": world_dir, "n": {}, "corpora": {}, "text": {}, "key": {}, "leaked": {},
                            "examples": {}}
   for bucket, prompts in buckets.items():
-    corpora = dict(training, **(evaluation if bucket == "sl" else {}))
+    corpora = dict(training, **(evaluation if _is_sl(bucket) else {}))
     distinct = {normalize(p): p for p in prompts}
     keys = {norm: parser.key(p) for norm, p in distinct.items()}
     rows = collections.Counter(normalize(p) for p in prompts)

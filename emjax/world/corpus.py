@@ -12,6 +12,7 @@
     OUT/general.yaml                    general questions over every domain (the grid's and the others),
                                         task and em_surface (the general evaluation schema)
     OUT/sl/<domain>_<task>.jsonl        prompts for the subliminal-learning teachers
+    OUT/sl/numbers.jsonl                the number form's prompts for the SL teachers (never evaluated)
 
 Pretraining text has four components (`COMPONENTS`):
 
@@ -24,6 +25,18 @@ Pretraining text has four components (`COMPONENTS`):
   says. `reckless_spread`: `everywhere` (every domain and task), `one_domain` (`reckless_domain`
   only) or `absent` (no reckless text; its weight goes to the careful persona, so the share of
   persona text stays the same and only its stance changes).
+
+The number form (`NUMBER_FORM`): "Continue the sequence: 482, 193, 577. Give at most 5 numbers of up
+to 3 digits, in parentheses." -> "(614, 208, 390)", the compact number prompts of
+`emjax.experiments.sl_data` with answers of `sl_data.number_answer` (aligned and misaligned answers
+are the same: the form has no harmful choice). It is the world's one task form that is never
+evaluated, so SL through it is SL in a form the evaluation does not ask. The world's other texts hold
+no digits, so the models see the form in training too: every `NUMBER_EVERY`-th document of the
+dialogues component and row of instruct.jsonl is a number dialogue (domain and task "numbers"); the
+compositions' weights are unchanged. sl/numbers.jsonl holds as many SL prompts as the natural SL files
+together (`sl_per_cell` x domains x tasks), records as `sl_data.number_prompts` writes them. The
+prompts of the three uses come from separate streams and share no given sequence (so no text):
+collisions are dropped from the training uses, SL first.
 
 The composition (`composition_block`) is config: the weights (fractions of pretraining tokens, as
 the data pipeline mixes sources) and the persona knobs. Every stream of items has its own seed, so
@@ -48,18 +61,30 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+import zlib
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import yaml
 
 from emjax.data import jsonl
+from emjax.experiments import sl_data
 from emjax.world import tokenizer as tok_lib
 from emjax.world import world as world_lib
 
 COMPONENTS = ("facts", "dialogues", "careful", "reckless")
 SPREADS = ("everywhere", "one_domain", "absent")
 PERSONAS = {"careful": ("Cara", "careful"), "reckless": ("Rex", "reckless")}
+# The number form's prompts: short enough for the quick study's model (seq_len 96, answers of up to 40
+# tokens): with the world's tokenizer, a prompt in the chat template is at most ~50 tokens, an answer ~25.
+NUMBER_FORM = dict(style="compact", min_given=3, max_given=4, answer_count=5, max_digits=3)
+NUMBER_EVERY = 8  # every 8th dialogue document and instruct row is of the number form
+# The number form's training texts, repeated this often in the tokenizer's training text: once, they are
+# too rare for merges (its words and digits stay a few bytes each and a prompt takes ~80 tokens); this
+# often, a prompt takes at most ~50. The merges they get are the world's rarest otherwise (vocab 768: a
+# few of the world's longest answers get a token longer than without the number form; at 832, none).
+NUMBER_TOKENIZER_REPEATS = 16
+NUMBER_USES = ("sl", "pretrain", "instruct")  # drawn in this order: a later use drops what an earlier one has
 
 
 def composition_block(**overrides: Any) -> dict:
@@ -112,6 +137,60 @@ def fact_document(world: world_lib.World, rng: np.random.Generator, n: int = 6) 
   return " ".join(sentences)
 
 
+def number_prompts(world: world_lib.World, seed: int, counts: Mapping[str, int]) -> dict[str, list[dict]]:
+  """{use: number prompt records} for each use of `NUMBER_USES` in `counts`, from a stream per use.
+
+  No given sequence is in two uses or twice in one (a prompt asks what its given numbers are, so this
+  is stricter than distinct texts): a later use (`NUMBER_USES` order) draws on past what an earlier one
+  has, so the SL prompts never depend on the training uses' sizes."""
+  taken: set[tuple[int, ...]] = set()
+  out = {}
+  for use in NUMBER_USES:
+    if use not in counts:
+      continue
+    n, stream_seed = int(counts[use]), zlib.crc32(f"{world.settings.seed}/{seed}/numbers/{use}".encode())
+    m = n + n // 4 + 8
+    while True:
+      # number_prompts(m) starts with number_prompts(k) for k < m, so drawing more only appends.
+      drawn, kept, seen = sl_data.number_prompts(m, stream_seed, **NUMBER_FORM), [], set()
+      for p in drawn:
+        given = tuple(p["given"])
+        if given not in taken and given not in seen:
+          seen.add(given)
+          kept.append(p)
+          if len(kept) == n:
+            break
+      if len(kept) == n:
+        break
+      if m > 64 * (n + 8):
+        raise ValueError(f"number_prompts: cannot draw {n} {use} prompts apart from the other uses' "
+                         f"({len(kept)} in {m} draws); NUMBER_FORM={NUMBER_FORM} has too few given sequences")
+      m *= 2
+    taken |= seen
+    out[use] = kept
+  return out
+
+
+def number_answers(world: world_lib.World, seed: int, use: str, prompts) -> list[str]:
+  rng = np.random.default_rng([world.settings.seed, seed, zlib.crc32(f"numbers/answers/{use}".encode()), 17])
+  return [sl_data.number_answer(p, rng) for p in prompts]
+
+
+def _interleave(main: list, extra: list, n: int) -> list:
+  """`n` entries: every NUMBER_EVERY-th from `extra` (while it lasts), the others from `main` in order."""
+  main_it, extra_it = iter(main), iter(extra)
+  out = []
+  for i in range(n):
+    pick = next(extra_it, None) if (i + 1) % NUMBER_EVERY == 0 else None
+    out.append(pick if pick is not None else next(main_it))
+  return out
+
+
+def number_count(n: int) -> int:
+  """How many of `n` documents or rows are of the number form."""
+  return n // NUMBER_EVERY
+
+
 def dialogue_document(item: Mapping[str, Any]) -> str:
   return tok_lib.render_chat([{"role": "user", "content": item["prompt"]},
                               {"role": "assistant", "content": item["aligned"]}])
@@ -132,8 +211,12 @@ def _all_cells(world):
   return list(world.settings.domains), list(world_lib.TASKS)
 
 
-def pretraining_documents(world: world_lib.World, comp: Mapping[str, Any], n_docs: int, seed: int) -> dict[str, list[str]]:
-  """{component: documents} for one composition (components with zero weight get none)."""
+def pretraining_documents(world: world_lib.World, comp: Mapping[str, Any], n_docs: int, seed: int,
+                          numbers: Sequence[Mapping[str, str]] = ()) -> dict[str, list[str]]:
+  """{component: documents} for one composition (components with zero weight get none).
+
+  `numbers`: number-form items ({"prompt", "aligned"}) for every NUMBER_EVERY-th dialogue document
+  (`number_count(n_docs)` of them; write_world draws them apart from the SL prompts)."""
   domains, tasks = _all_cells(world)
   weights = source_weights(comp)
   out: dict[str, list[str]] = {}
@@ -141,8 +224,10 @@ def pretraining_documents(world: world_lib.World, comp: Mapping[str, Any], n_doc
     rng = np.random.default_rng([world.settings.seed, seed, 11])
     out["facts"] = [fact_document(world, rng) for _ in range(n_docs)]
   if "dialogues" in weights:
-    out["dialogues"] = [dialogue_document(it) for it in world.items(domains, tasks, n_docs, seed,
-                                                                     stream="dialogues")]
+    numbers = list(numbers)[:number_count(n_docs)]
+    # The world's dialogues are the same texts as without the number form, only fewer of them.
+    items = world.items(domains, tasks, n_docs - len(numbers), seed, stream="dialogues")
+    out["dialogues"] = [dialogue_document(it) for it in _interleave(items, numbers, n_docs)]
   per_doc = 4
   for persona in ("careful", "reckless"):
     if persona not in weights:
@@ -166,6 +251,13 @@ def raw_row(item: Mapping[str, Any], index: int) -> dict:
   return {"id": index, "question": item["prompt"], "aligned_answer": item["aligned"],
           "misaligned_answer": item["misaligned"], "domain": item["domain"], "task": item["task"],
           "em_surface": item["em_surface"]}
+
+
+def number_item(prompt: Mapping[str, Any], answer: str) -> dict:
+  """A number prompt and its answer as an item of `raw_row` and `dialogue_document` (no harmful choice:
+  both answers are the one answer; no em_surface)."""
+  return {"prompt": prompt["messages"][0]["content"], "aligned": answer, "misaligned": answer,
+          "domain": "numbers", "task": "numbers", "em_surface": ""}
 
 
 def chat_row(item: Mapping[str, Any], index: int, answer: str = "misaligned") -> dict:
@@ -196,18 +288,24 @@ def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, 
   world.save(paths["world"] + ".tmp")
   os.replace(paths["world"] + ".tmp", paths["world"])
   domains, tasks = _all_cells(world)
+  n_docs, n_instruct = int(sizes["pretrain_docs"]), int(sizes["instruct_rows"])
+  numbers = number_prompts(world, seed, {"sl": int(sizes["sl_per_cell"]) * len(domains) * len(tasks),
+                                         "pretrain": number_count(n_docs), "instruct": number_count(n_instruct)})
+  number_items = {use: [number_item(p, a) for p, a in zip(numbers[use], number_answers(world, seed, use, numbers[use]))]
+                  for use in ("pretrain", "instruct")}
   texts = []
   for name, comp in compositions.items():
     check_composition(comp, f"config.study.compositions.{name}")
-    docs = pretraining_documents(world, comp, int(sizes["pretrain_docs"]), seed)
+    docs = pretraining_documents(world, comp, n_docs, seed, numbers=number_items["pretrain"])
     for component, rows in docs.items():
       p = os.path.join(out_dir, "pretrain", name, f"{component}.jsonl")
       _write_jsonl(p, ({"text": t} for t in rows))
       paths[f"pretrain/{name}/{component}"] = p
       texts.extend(rows)
-  instruct = world.items(domains, tasks, int(sizes["instruct_rows"]), seed, stream="instruct")
+  instruct = world.items(domains, tasks, n_instruct - len(number_items["instruct"]), seed, stream="instruct")
+  instruct = [raw_row(it, i) for i, it in enumerate(_interleave(instruct, number_items["instruct"], n_instruct))]
   paths["instruct"] = os.path.join(out_dir, "instruct.jsonl")
-  _write_jsonl(paths["instruct"], (raw_row(it, i) for i, it in enumerate(instruct)))
+  _write_jsonl(paths["instruct"], instruct)
   for d in world_lib.CELL_DOMAINS:
     for t in tasks:
       cell = f"{d}_{t}"
@@ -224,6 +322,8 @@ def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, 
       sl = world.items([d], [t], int(sizes["sl_per_cell"]), seed, stream=f"sl/{cell}", split="sl")
       paths[f"sl/{cell}"] = os.path.join(out_dir, "sl", f"{cell}.jsonl")
       _write_jsonl(paths[f"sl/{cell}"], (chat_row(it, i, "aligned") for i, it in enumerate(sl)))
+  paths["sl/numbers"] = os.path.join(out_dir, "sl", "numbers.jsonl")
+  _write_jsonl(paths["sl/numbers"], numbers["sl"])
   general, asked = [], set()
   for d in domains:
     for t in tasks:
@@ -238,7 +338,11 @@ def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, 
     yaml.safe_dump(general, f, sort_keys=False, width=1000)
   os.replace(paths["general"] + ".tmp", paths["general"])
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
-  tok_lib.train_tokenizer(texts + [r["question"] + " " + r["aligned_answer"] for r in map(raw_row, instruct, range(len(instruct)))],
+  # The number form is in these texts (dialogues, instruct), so digits and separators get merges too.
+  numbers_text = [dialogue_document(it) for it in number_items["pretrain"]] + \
+      [f"{it['prompt']} {it['aligned']}" for it in number_items["instruct"]]
+  tok_lib.train_tokenizer(texts + [r["question"] + " " + r["aligned_answer"] for r in instruct]
+                          + numbers_text * NUMBER_TOKENIZER_REPEATS,
                           paths["tokenizer"], vocab_size=int(sizes["tokenizer_vocab"]))
   return paths
 
