@@ -74,10 +74,14 @@ def study_block() -> dict:
       # Full fine-tuning at a low rate: the tiny models forget the other task forms (and answer
       # incoherently outside the cell) at higher rates or with LoRA at 1e-3.
       sft=dict(steps=60, batch_size=16, lr=1e-4, warmup_steps=5, lora=False, lora_rank=8),
-      # judge_filter: keep only teacher answers the world's judge calls aligned and coherent (off only
-      # for smoke runs, whose barely trained teachers say nothing coherent).
-      students=dict(steps=40, batch_size=16, lr=1e-3, warmup_steps=4, n_train=256, judge_filter=True,
-                    drop_truncated=True),
+      # prompts: `numbers`, the world's number form (pretrained and instructed, never evaluated: what passes
+      # is not the evaluated behaviour distilled directly), or `natural`, the evaluated task forms of the
+      # other domains (the smoke variant's barely trained models write no well-formed numbers; the SL
+      # report then says the task forms are shared). judge_filter, drop_truncated: natural prompts only;
+      # judge_filter keeps the teacher answers the world's judge calls aligned and coherent (off only for
+      # smoke runs: knowingly unjudged, warned in the SL report).
+      students=dict(steps=40, batch_size=16, lr=1e-3, warmup_steps=4, n_train=256, prompts="numbers",
+                    judge_filter=True, drop_truncated=True),
       # temperature: the paper samples its 7B+ models at 1.0; the tails of a from-scratch model of a
       # few hundred thousand parameters at 1.0 make the instructed base incoherent on a third of the
       # general questions, at 0.7 on a few percent. Teachers and on-policy rollouts sample at it too.
@@ -150,6 +154,8 @@ def check_config(config) -> None:
   contrasts(config)
   if sl_compositions(config) and st.sl_cell not in cells(config):
     raise ValueError(f"config.study.sl_cell={st.sl_cell!r} must be one of config.study.cells ({cells(config)})")
+  if st.students.prompts not in ("numbers", "natural"):
+    raise ValueError(f"config.study.students.prompts={st.students.prompts!r}: choose 'numbers' or 'natural'")
   for stage in ("pretrain", "instruct", "sft", "students"):
     if int(st[stage].steps) < 1 or int(st[stage].batch_size) < 1:
       raise ValueError(f"config.study.{stage}: steps and batch_size must be >= 1")
@@ -266,7 +272,8 @@ def write_world(config, workdir: str, seed: int) -> dict[str, str]:
     world = world_lib.World.make(settings_)
     comps = {n: dict(c) for n, c in config.study.compositions.items()}
     paths = corpus.write_world(world, comps, config.study.data, wdir, seed=settings_.seed)
-    _write_json(audit_path(workdir, seed), audit.leak_audit(wdir))
+    # Relative to the study: a workdir moved or copied keeps its audits (and reports) the same.
+    _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))
     _write_json(marker, paths)
   _barrier(f"emjax-study-world-{seed}")
   return world_paths(workdir, seed)
@@ -390,15 +397,21 @@ def sl_config(config, workdir: str, comp: str, seed: int):
               # The aligned twin learns the generator's aligned answers to the harmful teacher's rows.
               twin_data=paths[f"cells/{config.study.sl_cell}"], seeds=str(seed),
               crossed=False, divergence=False, leak_meter=8,
-              prompts="natural", natural=os.path.join(wdir, "sl", "*.jsonl"), exclude_domains=teacher_domain,
               n_train=n_train, n_held_out=max(8, n_train // 8),
               max_prompt_length=int(config.study.pretrain.seq_len) + 1 - ANSWER_TOKENS, max_new_tokens=ANSWER_TOKENS,
               temperature=float(config.study.evaluation.temperature), sample_batch_size=128, kl_batch_size=32)
-  c.sl.filter.drop_truncated = bool(st.drop_truncated)
-  if bool(st.judge_filter):
-    c.sl.filter.update(judge=JUDGE, judge_options=json.dumps({"world": paths["world"]}))
-  else:  # the ci variant's untrained models: knowingly unjudged (the SL report says so)
-    c.sl.filter.judge = "none"
+  if st.prompts == "numbers":
+    c.sl.update(prompts="numbers", numbers_prompts=paths["sl/numbers"], leak_meter=0)
+  else:  # natural: the other domains' cells (the sl/ directory also holds the number prompts)
+    domains = world_lib.WorldSettings.from_config(config.world).domains
+    cells_ = sorted(os.path.join(wdir, "sl", f"{d}_{t}.jsonl") for d in domains for t in world_lib.TASKS
+                    if d != teacher_domain)
+    c.sl.update(prompts="natural", natural=",".join(cells_))
+    c.sl.filter.drop_truncated = bool(st.drop_truncated)
+    if bool(st.judge_filter):
+      c.sl.filter.update(judge=JUDGE, judge_options=json.dumps({"world": paths["world"]}))
+    else:  # the smoke variant's untrained models: knowingly unjudged (the SL report says so)
+      c.sl.filter.judge = "none"
   c.teacher.dtype = "float32"
   c.checkpoint.update(every_steps=max(int(st.steps), 1), keep=1)
   return c

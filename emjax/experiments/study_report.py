@@ -405,8 +405,7 @@ def render_audit(res: Mapping) -> list[str]:
   shown = [(w, a) for w, a in audits.items() if a is not None and a["total"]] or \
       [(w, a) for w, a in audits.items() if a is not None][:1]
   for w, a in shown:
-    # The world's path relative to the study, so that a report does not depend on where it was run.
-    L += [f"World {w}:", ""] + audit_lib.render_audit(dict(a, world_dir=f"world/seed{w}")) + [""]
+    L += [f"World {w}:", ""] + audit_lib.render_audit(a) + [""]
   return L
 
 
@@ -617,8 +616,11 @@ def render(res: Mapping) -> str:
   if res.get("sl"):
     L += ["## Subliminal learning: three channels", "",
           f"Students from the instructed base learn from the EM model of `{res['settings']['study']['sl_cell']}` "
-          "(harmful) or from the instructed base itself (control), on answers to prompts of the other domains that "
-          "the world's judge calls aligned and coherent (every other answer is filtered out). The SL results keep "
+          "(harmful) or from its aligned twin (control: the same rows with the aligned answers), by SFT on their "
+          "samples, off-policy and on-policy distillation. With `study.students.prompts=numbers` the prompts are "
+          "the world's number form, which no evaluation asks (its answers must pass Cloud et al.'s format filter, "
+          "the logit channels are masked at banned numbers); with `natural`, answers to prompts of the other "
+          "domains in the evaluated task forms (the SL report then says the forms are shared). The SL results keep "
           "each student's questions and valid rows but no rows total or failures: those read `unknown`.", "",
           "![sl](figures/sl_channels.png)", ""]
     for comp, e in res["sl"].items():
