@@ -27,6 +27,7 @@ def test_seeded_rate_by_hand():
   assert r["em"] == pytest.approx(100 * 3 / 7)  # 3 EM of 7 valid rows, pooled (not the seeds' mean, 45.8)
   assert r["em"] == metrics.rate(_pooled(by_seed))["em"]  # exactly the pooled rate
   assert (r["n_seeds"], r["n_questions"], r["n_valid"]) == (2, 3, 7)
+  assert (r["n_rows"], r["failures"]) == (8, {"error": 1})  # the failed row is counted, by its status
   assert r["per_seed"] == {0: pytest.approx(200 / 3), 1: 25.0}
   lo, hi = r["ci95"]
   assert 0 <= lo <= r["em"] <= hi <= 100

@@ -503,8 +503,8 @@ def seeded_rate(rows_by_seed: Mapping[Hashable, Sequence[Mapping]], thresholds: 
   seed and question all 0% or all 100%) the interval is Wilson's with each question one trial, as
   in `em_interval`. `seed` seeds the bootstrap; the training seeds are the keys of `rows_by_seed`.
 
-  Returns {em, ci95, n_seeds, n_questions, n_valid, per_seed: {training seed: EM % or None}};
-  em and ci95 are None when no row is valid.
+  Returns {em, ci95, n_seeds, n_questions, n_valid, n_rows, failures: {status: n}, per_seed: {training
+  seed: EM % or None}}; em and ci95 are None when no row is valid.
   """
   flag = _metric_flag("em", thresholds, "seeded_rate")
   seeds = _paired_seeds([rows_by_seed], ["rows_by_seed"], "seeded_rate")
@@ -513,6 +513,8 @@ def seeded_rate(rows_by_seed: Mapping[Hashable, Sequence[Mapping]], thresholds: 
   out = {"em": _percent(hits.sum(), valid.sum()), "ci95": None, "n_seeds": len(seeds), "n_questions": n_questions,
          "n_valid": int(valid.sum()),
          "per_seed": {s: _percent(hits[i].sum(), valid[i].sum()) for i, s in enumerate(seeds)}}
+  every = denominators(r for s in seeds for r in rows_by_seed[s])
+  out.update(n_rows=every["rows"], failures=every["failures"])
   if out["em"] is None:
     return out
   s, n = _two_stage_sums(np.stack([hits, valid]).astype(float), n_boot, seed)

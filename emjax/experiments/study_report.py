@@ -424,12 +424,13 @@ def _sub(a, b):
 
 
 def _sl_den(result: Mapping | None, label: str, split: str) -> dict | None:
-  """An SL student's denominators as its SL results hold them: questions and valid rows (the SL
-  report's seeded rate keeps no rows total nor failures: those stay unknown, None)."""
+  """An SL student's denominators as its SL results hold them (results written before they kept the
+  rows total and failures leave those unknown, None)."""
   r = _get(result, "students", label, split)
   if not isinstance(r, Mapping):
     return None
-  return {"questions": r.get("n_questions"), "valid": r.get("n_valid"), "rows": None, "failures": None}
+  return {"questions": r.get("n_questions"), "valid": r.get("n_valid"), "rows": r.get("n_rows"),
+          "failures": r.get("failures")}
 
 
 def sl_numbers(config, workdir: str) -> dict:
@@ -620,8 +621,7 @@ def render(res: Mapping) -> str:
           "samples, off-policy and on-policy distillation. With `study.students.prompts=numbers` the prompts are "
           "the world's number form, which no evaluation asks (its answers must pass Cloud et al.'s format filter, "
           "the logit channels are masked at banned numbers); with `natural`, answers to prompts of the other "
-          "domains in the evaluated task forms (the SL report then says the forms are shared). The SL results keep "
-          "each student's questions and valid rows but no rows total or failures: those read `unknown`.", "",
+          "domains in the evaluated task forms (the SL report then says the forms are shared).", "",
           "![sl](figures/sl_channels.png)", ""]
     for comp, e in res["sl"].items():
       L += [f"Composition `{comp}`: base general EM {_fmt(e['base_general_em'])}; teacher answers kept "
