@@ -345,3 +345,14 @@ def test_a_verdict_that_flips_under_another_reading_is_flagged():
   assert study_report.reading_flag(dict(e, readings={"harmful_choice": 9.0, "em_without_bleed": None})) == ""
   two = {"estimate": -6.0, "min_effect": 5.0, "direction": "two-sided", "readings": {"harmful_choice": 6.0}}
   assert study_report.reading_flag(two)  # the other sign
+
+
+def test_worlds_without_spread_are_flagged():
+  (e,) = study_report.assess([study_report._entry(  # pylint: disable=protected-access
+      "sl/x/sft", "sl_harmful_minus_control", "transfer", study_report.mean_interval([0.0, 0.0, 0.0]), "",
+      study_report.claims_block())])
+  assert "every world gave +0.00" in study_report.spread_flag(e)
+  (f,) = study_report.assess([study_report._entry(  # pylint: disable=protected-access
+      "sl/x/sft", "sl_harmful_minus_control", "transfer", study_report.mean_interval([0.0, 1.0, 0.0]), "",
+      study_report.claims_block())])
+  assert study_report.spread_flag(f) == ""

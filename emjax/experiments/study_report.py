@@ -821,12 +821,22 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
     if flag:
       e["reading_flag"] = flag
       e["verdict"] += f"; flagged: {flag}"
+    e["verdict"] += spread_flag(e)
   if "audit" in res:
     clean, why = audit_clean(res)
     if not clean:
       for e in out:
         e["verdict"] = f"withheld: the leak audit is not 0 ({why})"
   return out
+
+
+def spread_flag(e: Mapping) -> str:
+  """A flag for a claim whose worlds all gave one value: a t-test over worlds with no spread is
+  degenerate (t infinite) and says nothing of the sampling error within each world."""
+  if e.get("sd") == 0 and (e.get("n") or 0) >= 2:
+    return (f"; flagged: every world gave {e['estimate']:+.2f}, so the test over worlds has no spread to go on "
+            "(the rows below each value bound it)")
+  return ""
 
 
 def reading_flag(e: Mapping) -> str:
