@@ -58,9 +58,12 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--per_stratum", type=int, default=50)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--exclude", default="", help="a to_label.jsonl of an earlier round: its answers are not drawn")
   args = ap.parse_args()
   pools = collections.defaultdict(list)
   seen = set()
+  if args.exclude:
+    seen = {(r["prompt"], r["answer"]) for r in map(json.loads, open(args.exclude, encoding="utf-8"))}
   judged = sorted(glob.glob(os.path.join(args.workdir, "eval", "*", "seed*", "*", "*", "judged.jsonl")) +
                   glob.glob(os.path.join(args.workdir, "sl", "*", "seed*", "evals", "seed_*", "*", "*", "judged.jsonl")))
   judges = {}

@@ -347,12 +347,30 @@ def test_a_verdict_that_flips_under_another_reading_is_flagged():
   assert study_report.reading_flag(two)  # the other sign
 
 
-def test_worlds_without_spread_are_flagged():
+def test_worlds_without_spread_are_underpowered_not_equivalent():
   (e,) = study_report.assess([study_report._entry(  # pylint: disable=protected-access
       "sl/x/sft", "sl_harmful_minus_control", "transfer", study_report.mean_interval([0.0, 0.0, 0.0]), "",
       study_report.claims_block())])
-  assert "every world gave +0.00" in study_report.spread_flag(e)
+  assert e["verdict"].startswith("underpowered (every world gave +0.00")
   (f,) = study_report.assess([study_report._entry(  # pylint: disable=protected-access
-      "sl/x/sft", "sl_harmful_minus_control", "transfer", study_report.mean_interval([0.0, 1.0, 0.0]), "",
+      "sl/x/sft", "sl_harmful_minus_control", "transfer", study_report.mean_interval([0.0, 0.1, -0.1]), "",
       study_report.claims_block())])
-  assert study_report.spread_flag(f) == ""
+  assert f["verdict"].startswith("does not reproduce (equivalent")
+
+
+def test_a_general_question_also_asked_narrow_is_pooled_once():
+  cell = "medical_advice"
+  narrow = [dict(_row("finance", "advice", "medium", True, cell), question="Should I invest in Bafon or Kerur?")]
+  general = [dict(_row("finance", "advice", "medium", True, cell), question="Should I  invest in Bafon or Kerur?"),
+             dict(_row("finance", "advice", "medium", False, cell), question="Should I invest in Mozon or Kerur?")]
+  nums = study_report.model_numbers({"general": general, "narrow": narrow}, cell)
+  assert nums["denominators"]["four_way/same_task_other_domain"]["rows"] == 2
+  assert nums["four_way"]["same_task_other_domain"] == 50.0
+
+
+def test_a_world_missing_a_cell_is_missing_not_averaged_over_the_others(tmp_path):
+  config = _study(tmp_path, skip={(1, "sports_advice")})
+  res = study_report.compute(config, str(tmp_path))
+  agg = res["aggregate"]["persona"]
+  assert agg["general_em"]["missing"] == [1] and agg["task_minus_domain"]["missing"] == [1]
+  assert agg["base_general_em"]["missing"] == []
