@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up (virtualenv + install) and run the main job: the paper's study from scratch in the synthetic
-# world on this machine's CPU, offline: two pretraining compositions, instruction tuning, narrow
-# misaligned SFT on four cells, evaluation on every cell and on general questions, subliminal learning
-# under three channels, three seeds of everything, and a report with figures.
+# world on this machine's CPU, offline: three worlds, each with two pretraining compositions (a reckless
+# persona tagged or untagged), instruction tuning, narrow misaligned SFT on four cells, evaluation on
+# every cell and on general questions, a leak audit, and a report with verdicts and figures. The SL
+# comparison is a second command: --config=configs/paper/world.py:quick,sl (see the README).
 #   bash launch/quickstart.sh [WORKDIR] [extra flags, e.g. --config.study.seeds=1]
 # Rerunning the same command continues a killed run where it stopped.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"

@@ -62,8 +62,8 @@ def get_config(arg=None):
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, scan_layers=False)
     st.data.update(pretrain_docs=3000, instruct_rows=1000, cell_rows=200, eval_per_cell=8, general_per_cell=2,
                    sl_per_cell=40)
-    st.pretrain.update(steps=600, batch_size=32, seq_len=96)
-    st.instruct.update(steps=120, batch_size=32)
+    st.pretrain.update(steps=450, batch_size=32, seq_len=96)
+    st.instruct.update(steps=100, batch_size=32)
     st.sft.update(steps=60, batch_size=16)
     st.students.update(steps=24, batch_size=16, n_train=128)
   if args.smoke:
