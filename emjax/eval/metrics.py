@@ -625,18 +625,27 @@ def tost(values: Sequence[float | None], margin: float, alpha: float = 0.05) -> 
 def min_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8,
                           alternative: str = "greater") -> float | None:
   """The smallest true mean a one-sample t-test of n replications with spread `sd` detects with
-  probability `power` at level `alpha`: (t_{1-alpha'} + t_{power}) * sd / sqrt(n), df = n - 1, with
-  alpha' = alpha (one-sided) or alpha / 2 (two-sided). The usual approximation of the noncentral t's
-  power (slightly optimistic at tiny n). None with fewer than two replications or no sd."""
+  probability `power` at level `alpha` (one-sided at alpha, or two-sided at alpha / 2 a side, its
+  power counted on the side of the effect): solved on the noncentral t of n - 1 degrees of freedom,
+  not the usual (t_{1-alpha'} + t_{power}) * sd / sqrt(n), which is optimistic at a few replications.
+  None with fewer than two replications or no sd."""
   _check_alternative(alternative, "min_detectable_effect")
   if sd is None or n < 2 or not math.isfinite(sd):
     return None
   if not (0 < alpha < 1 and 0 < power < 1):
     raise ValueError(f"min_detectable_effect: alpha and power must lie in (0, 1), got {alpha}, {power}")
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
   one_sided = alpha / 2 if alternative == "two-sided" else alpha
-  q = float(stats.t.ppf(1 - one_sided, n - 1) + stats.t.ppf(power, n - 1))
-  return q * float(sd) / math.sqrt(n)
+  df = n - 1
+  crit = float(stats.t.ppf(1 - one_sided, df))
+  approx = crit + float(stats.t.ppf(power, df))
+  # The noncentrality (effect / (sd / sqrt(n))) whose power is `power`; power rises with it.
+  gap = lambda nc: float(stats.nct.sf(crit, df, nc)) - power  # noqa: E731
+  hi = max(approx, 1.0)
+  while gap(hi) < 0:
+    hi *= 2
+  nc = optimize.brentq(gap, 0.0, hi, xtol=1e-10)
+  return nc * float(sd) / math.sqrt(n)
 
 
 # ----------------------------------------------------------------------------- multiple comparisons

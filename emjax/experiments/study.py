@@ -267,6 +267,9 @@ def write_world(config, workdir: str, seed: int) -> dict[str, str]:
   from emjax.world import audit  # pylint: disable=g-import-not-at-top
   wdir = world_dir(workdir, seed)
   marker = os.path.join(wdir, "paths.json")
+  if os.path.exists(marker) and not os.path.exists(audit_path(workdir, seed)) and _process_index() == 0:
+    # A world written (or audited) before a lost audit file: audit it again rather than withhold claims.
+    _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))
   if not os.path.exists(marker) and _process_index() == 0:
     settings_ = dataclasses.replace(world_lib.WorldSettings.from_config(config.world), seed=world_seed(config, seed))
     world = world_lib.World.make(settings_)
@@ -370,6 +373,7 @@ def eval_config(config, workdir: str, seed: int, checkpoint: str, model_key: str
   c = evaluation_block(config, workdir, seed)
   c.mesh.update(config.mesh.to_dict())
   c.sample.checkpoint = checkpoint
+  c.sample.seed = seed  # the world's sampling seed, as every other stage of the world uses it
   c.evaluated.update(model_key=model_key, variant=variant)
   if cell:
     domain, task = cell.split("_", 1)
