@@ -7,7 +7,7 @@ under three channels -> report (emjax/experiments/study.py, emjax/world/).
 
 Variants (comma separated `key=value`):
   quick      the reduced study for 2 CPU cores: 2 compositions that hold the misaligned text fixed
-             (a tagged reckless persona vs the same sentences untagged), 4 cells, 3 worlds, small model
+             (a tagged reckless persona vs the same sentences untagged), 3 cells, 3 worlds, small model
              and short runs (about 10 minutes); no SL (add `sl`)
   sl         also run the SL comparison on the first composition (quick,sl: a second command)
   smoke      tiny and short (tests): 1 world, 2 cells, SL on, everything else as quick
@@ -56,13 +56,15 @@ def get_config(arg=None):
     st.compositions = dict(persona=corpus.composition_block(),
                            untagged=corpus.composition_block(persona_tags=False))
     st.contrast = "persona,untagged"
-    st.cells = "medical_advice,medical_critique,sports_advice,finance_tutor"
+    # Three cells: the same task in two domains (medical and sports advice) and another task (finance
+    # tutor), so every four-way bucket has rows; the full study fine-tunes all 12.
+    st.cells = "medical_advice,sports_advice,finance_tutor"
     st.sl_compositions = "persona" if args.sl else ""
     st.evaluation.per_cell = 8
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, scan_layers=False)
     st.data.update(pretrain_docs=3000, instruct_rows=1000, cell_rows=200, eval_per_cell=8, general_per_cell=2,
                    sl_per_cell=40)
-    st.pretrain.update(steps=450, batch_size=32, seq_len=96)
+    st.pretrain.update(steps=350, batch_size=32, seq_len=96)
     st.instruct.update(steps=100, batch_size=32)
     st.sft.update(steps=60, batch_size=16)
     st.students.update(steps=24, batch_size=16, n_train=128)
