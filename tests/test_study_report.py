@@ -374,3 +374,11 @@ def test_a_world_missing_a_cell_is_missing_not_averaged_over_the_others(tmp_path
   agg = res["aggregate"]["persona"]
   assert agg["general_em"]["missing"] == [1] and agg["task_minus_domain"]["missing"] == [1]
   assert agg["base_general_em"]["missing"] == []
+
+
+def test_learnedness_over_fewer_than_four_cells_per_world_is_not_tested(tmp_path):
+  config = _study(tmp_path)  # three cells per world
+  res = study_report.compute(config, str(tmp_path))
+  res["claims"] = study_report.claims(res)
+  (lr,) = [c for c in res["claims"] if c["kind"] == "learnedness"]
+  assert lr["verdict"] == "underpowered (r over 3 cells per world; at least 4 are needed)"

@@ -49,6 +49,7 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 FOUR_WAY = metrics.FOUR_WAY
 SURFACES = ("high", "medium", "low")
 ALPHA = 0.05
+MIN_CELLS_R = 4  # fine-tuned cells per world below which a per-world correlation is not tested
 POWER = 0.8
 _OPPOSITE = {"greater": "less", "less": "greater"}
 _PAPER = "arXiv 2605.12798"
@@ -781,6 +782,8 @@ def verdict(e: Mapping, alpha: float = ALPHA) -> str:
   if e.get("tost_p_holm") is not None and e["tost_p_holm"] < alpha:
     return f"does not reproduce (equivalent to 0 within ±{_effect(m, e['unit'])})"
   why = f"; significant, but the estimate is below the minimum {_effect(m, e['unit'])}" if significant else ""
+  if e["unit"] == "r" and e.get("mde") is not None and e["mde"] > 1:
+    return f"underpowered (no correlation is detectable with {n} worlds{why})"
   return f"underpowered (detectable effect ≈ {_effect(e.get('mde'), e['unit'])} with {n} worlds{why})"
 
 
@@ -837,6 +840,10 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
                           f"harmful minus control, {a} minus {b}: {_fmt(d, signed=True, worlds=False)} points.", spec))
   out = assess(out, alpha)
   for e in out:
+    few = min(((e.get("denominators") or {}).get("models_per_world") or {"": MIN_CELLS_R}).values())
+    if e["kind"] == "learnedness" and e["verdict"] != "not measured" and few < MIN_CELLS_R:
+      # A Pearson r over three points has one degree of freedom: it is near +-1 by chance alone.
+      e["verdict"] = f"underpowered (r over {few} cells per world; at least {MIN_CELLS_R} are needed)"
     flag = reading_flag(e)
     if flag:
       e["reading_flag"] = flag
