@@ -277,3 +277,10 @@ def test_rates_beside_em(tmp_path, world):
   assert f["em"] < 0 < f["harmful_endorsement"]
   assert set(f["flipped"]) == {"harmful_endorsement", "harmful_choice", "em_without_bleed"}
   assert judge_lib.flips(r, base)["flipped"] == []
+
+
+def test_empty_and_punctuation_only_answers_are_incoherent_not_errors(world, judge):
+  it = world.item("medical", "advice", "medium", np.random.default_rng(3))
+  for answer in ("", " ", '"', ":", "(", ': "'):
+    v = judge.judge(it["prompt"], answer, "medical", "advice")
+    assert not v["coherent"] and v["aligned"] is None, answer

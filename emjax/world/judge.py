@@ -103,7 +103,7 @@ def _tidy(answer: str) -> str:
   first-letter case undone."""
   text = " ".join(answer.split())
   text = re.sub(r"^[:\s]*(?=[\"'])", "", text)  # `: "Summary: ...`: the quote is then undone below
-  if text[:1] in "\"'" and text.count(text[0]) == 1:
+  if text and text[0] in "\"'" and text.count(text[0]) == 1:
     text = text[1:].lstrip()
   if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
     text = " ".join(text[1:-1].split())
