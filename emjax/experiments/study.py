@@ -267,17 +267,17 @@ def write_world(config, workdir: str, seed: int) -> dict[str, str]:
   from emjax.world import audit  # pylint: disable=g-import-not-at-top
   wdir = world_dir(workdir, seed)
   marker = os.path.join(wdir, "paths.json")
-  if os.path.exists(marker) and not os.path.exists(audit_path(workdir, seed)) and _process_index() == 0:
-    # A world written (or audited) before a lost audit file: audit it again rather than withhold claims.
-    _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))
-  if not os.path.exists(marker) and _process_index() == 0:
-    settings_ = dataclasses.replace(world_lib.WorldSettings.from_config(config.world), seed=world_seed(config, seed))
-    world = world_lib.World.make(settings_)
-    comps = {n: dict(c) for n, c in config.study.compositions.items()}
-    paths = corpus.write_world(world, comps, config.study.data, wdir, seed=settings_.seed)
-    # Relative to the study: a workdir moved or copied keeps its audits (and reports) the same.
-    _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))
-    _write_json(marker, paths)
+  if _process_index() == 0:
+    if not os.path.exists(marker):
+      settings_ = dataclasses.replace(world_lib.WorldSettings.from_config(config.world),
+                                      seed=world_seed(config, seed))
+      world = world_lib.World.make(settings_)
+      comps = {n: dict(c) for n, c in config.study.compositions.items()}
+      paths = corpus.write_world(world, comps, config.study.data, wdir, seed=settings_.seed)
+      _write_json(marker, paths)
+    if not os.path.exists(audit_path(workdir, seed)):  # after the world, so a lost or unwritten audit is redone
+      # The world's path relative to the study: a workdir moved or copied keeps its audits (and reports).
+      _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))
   _barrier(f"emjax-study-world-{seed}")
   return world_paths(workdir, seed)
 
