@@ -211,7 +211,9 @@ tpu_setup() {
 # ----------------------------------------------------------------------------- the job
 
 tpu_stop_command() {  # stops the job of this worker: SIGINT (emjax writes FAILED and closes), then SIGKILL
-  echo "p=\$(cat $JOB_PID 2>/dev/null || true); if [ -n \"\$p\" ] && kill -0 -- -\$p 2>/dev/null; then kill -INT -- -\$p; for i in \$(seq 60); do kill -0 -- -\$p 2>/dev/null || break; sleep 1; done; kill -KILL -- -\$p 2>/dev/null || true; fi; rm -f $JOB_PID"
+  # The wait ends when no process of the group is alive: exited ones that nobody has reaped yet (zombies,
+  # when the job's new parent is slow to wait for it) still answer `kill -0`.
+  echo "p=\$(cat $JOB_PID 2>/dev/null || true); if [ -n \"\$p\" ] && kill -0 -- -\$p 2>/dev/null; then kill -INT -- -\$p; for i in \$(seq 60); do ps -eo pgid=,stat= | awk -v g=\$p '\$1 == g && \$2 !~ /^Z/ {a = 1} END {exit !a}' || break; sleep 1; done; kill -KILL -- -\$p 2>/dev/null || true; fi; rm -f $JOB_PID"
 }
 
 tpu_job_command() {  # the command every worker runs: stop an earlier job, start this one detached
