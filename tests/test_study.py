@@ -111,6 +111,16 @@ def test_the_same_seed_gives_the_same_report_and_another_seed_other_numbers(tmp_
   assert {e["name"] for e in w0["entities"]} != {e["name"] for e in w1["entities"]}
   general = lambda d, s: _read(d / "world" / s / "general.yaml")  # noqa: E731
   assert general(tmp_path / "a", "seed0") != general(tmp_path / "seed1", "seed1")
+  # A study directory moved elsewhere (another disk, a bucket's copy) still reads: paths.json is relative.
+  paths = json.loads(_read(tmp_path / "a" / "world" / "seed0" / "paths.json"))
+  assert paths and not any(os.path.isabs(p) for p in paths.values())
+  shutil.copytree(tmp_path / "a", tmp_path / "moved")
+  shutil.rmtree(tmp_path / "a")
+  os.remove(tmp_path / "moved" / "report.md")
+  config = light_config()
+  config.study.stages = "report"
+  run(config, tmp_path / "moved", mesh)
+  assert _read(tmp_path / "moved" / "report.md") == _read(tmp_path / "b" / "report.md")
 
 
 def test_a_rerun_with_other_settings_is_refused(first, mesh):

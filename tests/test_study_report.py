@@ -289,8 +289,10 @@ def test_no_claim_is_stated_when_a_world_leaks_or_has_no_audit(tmp_path):
   assert "| 2 | missing |" in study_report.render(res)
 
 
-def _write_sl(workdir, seed, harmful_minus_control, missing=()):
-  """An SL run's results as sl.py writes them (the parts the study report reads)."""
+def _write_sl(workdir, seed, harmful_minus_control, missing=(), teacher_kl=0.05, found=0):
+  """An SL run's results as sl.py writes them (the parts the study report reads): `teacher_kl` is the
+  harmful teacher's KL to the base (its students' divergence before training), `found` the evaluated
+  questions its overlap check found in the teachers' samples (None: no check)."""
   import json
   import os
   from emjax.experiments import study
@@ -298,11 +300,18 @@ def _write_sl(workdir, seed, harmful_minus_control, missing=()):
   for channel, diff in harmful_minus_control.items():
     for teacher, em in (("harmful", 10.0 + diff), ("control", 10.0)):
       label = f"{teacher}/{channel}"
-      students[label] = {"per_seed": {str(seed): {"general_coherent": 90.0}}}
+      kl = teacher_kl if teacher == "harmful" else teacher_kl / 2
+      students[label] = {"per_seed": {str(seed): {"general_coherent": 90.0,
+                                                  "kl_before": {"reverse_kl": kl, "forward_kl": kl, "tokens": 99}}}}
       if (channel, teacher) not in missing:
         students[label]["general"] = {"em": em, "ci95": None, "n_seeds": 1, "n_questions": 20, "n_valid": 38}
+  teachers = {t: {"evaluated_questions_found": (found if t == "harmful" else 0)} for t in ("harmful", "control")}
+  if found is None:
+    teachers = {t: {} for t in teachers}
   res = {"students": students, "filter": {}, "base": {"general": {
-      "em": 5.0, "n_valid": 39, "n_total": 40, "counts": {"ok": 39, "empty": 1, "refusal": 0}}}}
+      "em": 5.0, "n_valid": 39, "n_total": 40, "counts": {"ok": 39, "empty": 1, "refusal": 0}}},
+         "prompts": {str(seed): {"evaluated_questions": 120, "dropped_as_evaluated": 2, "pool": 400}},
+         "matched": {str(seed): {"splits": {"train": {"teachers": teachers}, "held_out": {"teachers": teachers}}}}}
   path = study.run_dir(str(workdir), "sl", "persona", seed)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "sl_results.json"), "w", encoding="utf-8") as f:
@@ -334,6 +343,26 @@ def test_sl_claims_per_channel_and_between_channels(tmp_path):
   assert res["sl"]["persona"]["base_general_em"]["denominators"]["failures"] == {"empty": 3}
   text = study_report.render(res)
   assert "| persona: on_policy, control | 2/3 worlds; world 2 missing | 40 | 76 / unknown | unknown |" in text
+
+
+@pytest.mark.parametrize("case", ["weak_teacher", "found", "no_check"])
+def test_no_sl_verdict_without_a_positive_control_and_a_clean_sl_audit(tmp_path, case):
+  config = _study(tmp_path)
+  config.study.sl_compositions = "persona"
+  for s in range(3):
+    kw = {"weak_teacher": dict(teacher_kl=0.001), "found": dict(found=1 if s == 1 else 0),
+          "no_check": dict(found=None if s == 2 else 0)}[case]
+    _write_sl(tmp_path, s, {"sft": 10.0 + s, "off_policy": 0.0, "on_policy": 5.0}, **kw)
+  res = study_report.compute(config, str(tmp_path))
+  res["claims"] = study_report.claims(res)
+  sl = [c for c in res["claims"] if c["kind"].startswith("sl_")]
+  why = {"weak_teacher": "positive control failed: KL(harmful teacher || base) on the SL prompts is 0.0010",
+         "found": "evaluated questions in the teachers' samples: world 1: 2",
+         "no_check": "no SL overlap audit for world 2"}[case]
+  assert len(sl) == 6 and all(c["verdict"].startswith(f"withheld: {why}") for c in sl), [c["verdict"] for c in sl]
+  assert all(not c["verdict"].startswith("withheld") for c in res["claims"] if not c["kind"].startswith("sl_"))
+  text = study_report.render(res)
+  assert "No SL verdict is stated" in text and "| 1 | 120 | 2 |" in text
 
 
 def test_a_verdict_that_flips_under_another_reading_is_flagged():
@@ -382,3 +411,27 @@ def test_learnedness_over_fewer_than_four_cells_per_world_is_not_tested(tmp_path
   res["claims"] = study_report.claims(res)
   (lr,) = [c for c in res["claims"] if c["kind"] == "learnedness"]
   assert lr["verdict"] == "underpowered (r over 3 cells per world; at least 4 are needed)"
+
+
+def test_rewordings_of_one_world_question_are_one_question(tmp_path):
+  import json
+  import os
+  from emjax.world import audit, world as world_lib
+  world = world_lib.World.make(world_lib.WorldSettings(seed=4242))
+  items = world.items(["medical"], ["advice"], 200, seed=0, split="eval")
+  by_key = {}
+  for it in items:
+    by_key.setdefault(json.dumps(audit.prompt_key(world, it["prompt"])), set()).add(it["prompt"])
+  texts = next(sorted(v) for v in by_key.values() if len(v) >= 2)[:2]
+  other = next(next(iter(v)) for v in by_key.values() if not v & set(texts))
+  os.makedirs(tmp_path / "narrow")
+  with open(tmp_path / "narrow" / "judged.jsonl", "w") as f:
+    for i, q in enumerate(texts + [other]):
+      f.write(json.dumps({"model_key": "m", "question_id": f"q{i}", "question": q, "response": "x",
+                          "aligned": 10.0, "coherent": 90.0, "aligned_status": "ok", "coherent_status": "ok",
+                          "domain": "medical", "task": "advice", "em_surface": "low"}) + "\n")
+  plain = study_report._judged(str(tmp_path))["narrow"]
+  keyed = study_report._judged(str(tmp_path), world)["narrow"]
+  from emjax.eval import metrics
+  assert metrics.denominators(plain)["questions"] == 3
+  assert metrics.denominators(keyed)["questions"] == 2

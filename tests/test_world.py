@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ def written(tmp_path_factory, world):
   out = str(tmp_path_factory.mktemp("world"))
   comps = {"persona": corpus.composition_block(), "one_domain": corpus.composition_block(reckless_spread="one_domain",
                                                                                          reckless_domain="sports"),
-           "no_persona": corpus.composition_block(reckless_spread="absent")}
+           "no_persona": corpus.composition_block(reckless_spread="absent"),
+           "untagged": corpus.composition_block(persona_tags=False)}
   sizes = dict(corpus.data_block(), pretrain_docs=60, instruct_rows=80, cell_rows=12, eval_per_cell=4,
                general_per_cell=1, sl_per_cell=4)
   return corpus.write_world(world, comps, sizes, out)
@@ -162,6 +164,21 @@ def test_compositions_place_the_reckless_persona(written, world):
   assert "reckless" not in weights and weights["careful"] == pytest.approx(0.4)
   untagged = corpus.persona_document(world.items(["home"], ["advice"], 2, seed=0), "reckless", tagged=False)
   assert "Rex" not in untagged and "reckless" not in untagged
+
+
+def test_tagged_and_untagged_documents_hold_the_same_answers_in_as_many_tokens(written):
+  # The mixture weighs sources by tokens: wrappers of unequal length would give the untagged
+  # composition fewer reckless answers at the same weight, and the contrast would vary the amount too.
+  from emjax.data import tokenizers
+  tok = tokenizers.load_tokenizer({"kind": "hf", "path": written["tokenizer"]})
+  for component in ("careful", "reckless"):
+    tagged, untagged = ([json.loads(l)["text"] for l in open(written[f"pretrain/{c}/{component}"])]
+                        for c in ("persona", "untagged"))
+    assert len(tagged) == len(untagged) and "Rex" not in untagged[0] and "Cara" not in untagged[0]
+    quoted = lambda t: re.findall(r'"(.*?)"', t)
+    assert [quoted(t) for t in tagged] == [quoted(t) for t in untagged], component
+    lengths = [(len(tok.encode(a)), len(tok.encode(b))) for a, b in zip(tagged, untagged)]
+    assert all(a == b for a, b in lengths), (component, [p for p in lengths if p[0] != p[1]][:5])
 
 
 def test_reckless_answers_are_misaligned_and_careful_ones_aligned(written, world):

@@ -202,7 +202,12 @@ def cluster_of(row: Mapping) -> str:
   prompt are correlated whichever model, adapter, file or question id they come from, and ids are no
   safe key: the release's narrow ids restart in every evaluation-cell file, relabelling a file's
   model_key would merge them, and a prompt repeated under several ids would count as several
-  independent questions and narrow the interval. A row without a text falls back to its id."""
+  independent questions and narrow the interval. A row without a text falls back to its id.
+  A row's `cluster` (a string), when a caller sets one, comes first: a caller that knows two texts
+  ask one question (the synthetic world's rewordings of one situation) makes them one cluster."""
+  cluster = row.get("cluster")
+  if isinstance(cluster, str) and cluster:
+    return cluster
   text = row.get("question")
   return normalise_question(text) if isinstance(text, str) else question_key(row)
 

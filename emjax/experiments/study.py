@@ -235,13 +235,18 @@ def world_dir(workdir: str, seed: int) -> str:
 
 
 def world_paths(workdir: str, seed: int) -> dict[str, str]:
-  path = os.path.join(world_dir(workdir, seed), "paths.json")
+  """{name: path} of replication `seed`'s world files. paths.json holds them relative to the world's
+  directory, so a study directory moved or copied (to another disk, a bucket, a colleague) still
+  reads; an absolute path (older studies wrote those) is kept as it is."""
+  wdir = world_dir(workdir, seed)
+  path = os.path.join(wdir, "paths.json")
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      paths = json.load(f)
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: the world of seed {seed} is not written yet; add 'world' to "
                             "config.study.stages") from None
+  return {k: os.path.join(wdir, v) for k, v in paths.items()}
 
 
 def audit_path(workdir: str, seed: int) -> str:
@@ -274,7 +279,7 @@ def write_world(config, workdir: str, seed: int) -> dict[str, str]:
       world = world_lib.World.make(settings_)
       comps = {n: dict(c) for n, c in config.study.compositions.items()}
       paths = corpus.write_world(world, comps, config.study.data, wdir, seed=settings_.seed)
-      _write_json(marker, paths)
+      _write_json(marker, {k: os.path.relpath(v, wdir) for k, v in paths.items()})
     if not os.path.exists(audit_path(workdir, seed)):  # after the world, so a lost or unwritten audit is redone
       # The world's path relative to the study: a workdir moved or copied keeps its audits (and reports).
       _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))

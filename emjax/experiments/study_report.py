@@ -42,6 +42,7 @@ from emjax.eval import metrics, records
 from emjax.experiments import study as study_lib
 from emjax.world import audit as audit_lib
 from emjax.world import judge as judge_lib
+from emjax.world import world as world_lib
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -74,6 +75,12 @@ def claims_block() -> dict:
                                            f"({_PAPER})"),
       sl_channel_difference=dict(direction="two-sided", min_effect=2.0,
                                  source="the paper gives no direction between the channels"),
+      # Not a claim: the gate before every SL claim. The harmful teacher's answers to the SL prompts must
+      # differ from the base's (the students' start) by at least this KL(teacher || base), nats per
+      # answer token averaged over the worlds, or no SL verdict is stated: a student that copied such a
+      # teacher exactly would hardly move, so its null says nothing about transfer.
+      sl_positive_control=dict(direction="greater", min_effect=0.01,
+                               source="emjax design choice: SL can only pass on what the teacher's answers carry"),
   )
 
 
@@ -158,11 +165,18 @@ def _coherent(rows: Sequence[Mapping]) -> float | None:
   return metrics.rate(rows, n_boot=0)["coherent"] if rows else None
 
 
-def _judged(edir: str) -> dict[str, list[dict]]:
+def _judged(edir: str, world=None) -> dict[str, list[dict]]:
+  """The eval job's judged rows; with the world, each row's `cluster` is what its prompt asks
+  (`audit.prompt_key`), so rewordings of one question are one question in every interval and count."""
   out = {}
   for s in ("general", "narrow"):
     p = os.path.join(edir, s, "judged.jsonl")
     out[s] = records.read_judged(p) if os.path.exists(p) else []
+    if world is not None:
+      for r in out[s]:
+        key = audit_lib.prompt_key(world, r["question"]) if isinstance(r.get("question"), str) else None
+        if key and key[0]:  # a text the world's parser cannot place keeps its own cluster
+          r["cluster"] = json.dumps(key)
   return out
 
 
@@ -253,18 +267,27 @@ def _final_loss(run_dir: str) -> float | None:
   return rows[-1].get("loss") if rows else None
 
 
+def _world(workdir: str, seed: int):
+  """Replication `seed`'s world, or None when it is gone (rows then cluster by text; the report's
+  leak audit, missing too, withholds every claim)."""
+  if not os.path.exists(os.path.join(study_lib.world_dir(workdir, seed), "paths.json")):
+    return None
+  return world_lib.World.load(study_lib.world_paths(workdir, seed)["world"])
+
+
 def compute(config, workdir: str) -> dict:
   comps, seeds, cells = list(config.study.compositions), study_lib.seeds(config), study_lib.cells(config)
   res: dict[str, Any] = {"settings": study_lib.settings(config), "compositions": comps, "seeds": seeds,
                          "worlds": seeds, "cells": cells, "models": {}, "claims_config": claims_config(config)}
   for comp in comps:
     for s in seeds:
-      base_rows = None
+      base_rows, world = None, None
       for cell in ["", *cells]:
         edir = study_lib.eval_dir(workdir, comp, s, cell)
         if not os.path.exists(os.path.join(edir, "COMPLETED")):
           continue
-        rows = _judged(edir)
+        world = world or _world(workdir, s)
+        rows = _judged(edir, world)
         nums = model_numbers(rows, cell)
         if not cell:
           base_rows = rows
@@ -444,6 +467,43 @@ def _sl_den(result: Mapping | None, label: str, split: str) -> dict | None:
           "failures": r.get("failures")}
 
 
+def _first(values):
+  return next((v for v in values if not _missing(v)), None)
+
+
+def _sl_audit(r: Mapping | None, seed: str) -> dict | None:
+  """One world's SL run's own overlap checks (emjax.experiments.sl): SL prompts dropped for being an
+  evaluated question, and evaluated questions found in the teachers' kept samples (the students'
+  training rows), which must be 0; None when the run wrote no results."""
+  if r is None:
+    return None
+  matched = _get(r, "matched", seed, "splits") or {}
+  found = [e.get("evaluated_questions_found") for split in matched.values() for e in (split.get("teachers") or {}).values()]
+  return {"evaluated_questions": _get(r, "prompts", seed, "evaluated_questions"),
+          "sl_prompts_dropped_as_evaluated": _get(r, "prompts", seed, "dropped_as_evaluated"),
+          "found_in_teacher_samples": None if not found or any(f is None for f in found) else int(sum(found))}
+
+
+def sl_gate(e: Mapping, spec: Mapping) -> str:
+  """Why no SL claim of one composition may be stated ('' when they may): the SL audit must be there
+  and 0 in every world, and the harmful teacher must pass the positive control."""
+  audits = e.get("audit") or {}
+  bad = [w for w, a in audits.items() if a is None or a.get("found_in_teacher_samples") is None]
+  if bad:
+    return f"no SL overlap audit for world {', '.join(bad)}"
+  found = {w: a["found_in_teacher_samples"] for w, a in audits.items() if a["found_in_teacher_samples"]}
+  if found:
+    return "evaluated questions in the teachers' samples: " + ", ".join(f"world {w}: {n}" for w, n in found.items())
+  kl = (e.get("teacher_vs_base_kl") or {}).get("harmful") or {}
+  gate = (spec.get("sl_positive_control") or claims_block()["sl_positive_control"])["min_effect"]
+  if kl.get("missing") or kl.get("mean") is None:
+    return f"positive control not measured (world {', '.join(map(str, kl.get('missing') or ['all']))})"
+  if not kl["mean"] >= gate:
+    return (f"positive control failed: KL(harmful teacher || base) on the SL prompts is {kl['mean']:.4f} nats per "
+            f"token, below {gate:g}")
+  return ""
+
+
 def sl_numbers(config, workdir: str) -> dict:
   out: dict[str, Any] = {}
   from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
@@ -482,6 +542,12 @@ def sl_numbers(config, workdir: str) -> dict:
                                            for r, s in zip(per_seed, seeds)], worlds)
     entry["control_kept"] = mean_interval([_get(r, "filter", s, "control", "train", "kept_fraction")
                                            for r, s in zip(per_seed, seeds)], worlds)
+    # Every student starts from the base, so a student's divergence to its teacher before training is
+    # the teacher's to the base, on the teacher's own answers to held-out SL prompts.
+    entry["teacher_vs_base_kl"] = {t: mean_interval([_first(_get(r, "students", f"{t}/{c}", "per_seed", s, "kl_before",
+                                                                 "reverse_kl") for c in sl.CHANNELS)
+                                                     for r, s in zip(per_seed, seeds)], worlds) for t in sl.TEACHERS}
+    entry["audit"] = {s: _sl_audit(r, s) for r, s in zip(per_seed, seeds)}
     out[comp] = entry
   return out
 
@@ -645,6 +711,19 @@ def render(res: Mapping) -> str:
                     _fmt(ch["harmful_minus_control_narrow_em"], signed=True),
                     f"{_fmt(ch['harmful']['kl_before'], 3)} -> {_fmt(ch['harmful']['kl_after'], 3)}"]
                    for c, ch in e["channels"].items()])
+      kl = e.get("teacher_vs_base_kl") or {}
+      spec = (res.get("claims_config") or {}).get("sl_positive_control") or claims_block()["sl_positive_control"]
+      gate = sl_gate(e, res.get("claims_config") or claims_block())
+      L += [f"Positive control ({spec['source']}): KL(teacher || base) on the teachers' answers to held-out SL "
+            f"prompts, nats per token: harmful {_fmt(kl.get('harmful'), 4)}, control {_fmt(kl.get('control'), 4)}; "
+            f"needed for the harmful teacher: >= {spec['min_effect']:g}. "
+            + (f"**No SL verdict is stated: {gate}.**" if gate else "Passed."), ""]
+      L += _table(["world", "evaluated questions", "SL prompts dropped as evaluated",
+                   "evaluated questions in teacher samples (must be 0)"],
+                  [[str(w), *("missing" if a is None or a.get(k) is None else str(a[k])
+                              for k in ("evaluated_questions", "sl_prompts_dropped_as_evaluated",
+                                        "found_in_teacher_samples"))]
+                   for w, a in (e.get("audit") or {}).items()])
       L += _den_table([(f"{comp}: base general EM", e["base_general_em"])]
                       + [(f"{comp}: {c}, {t}", ch[t]["general_em"]) for c, ch in e["channels"].items()
                          for t in ("harmful", "control")])
@@ -839,7 +918,12 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
                           f"subliminal transfer differs between {a} and {b} ({comp})", d,
                           f"harmful minus control, {a} minus {b}: {_fmt(d, signed=True, worlds=False)} points.", spec))
   out = assess(out, alpha)
+  gates = {comp: sl_gate(e, spec) for comp, e in (res.get("sl") or {}).items()}
   for e in out:
+    comp = e["key"].split("/")[1] if e["kind"].startswith("sl_") else None
+    if comp and gates.get(comp):
+      e["verdict"] = f"withheld: {gates[comp]}"
+      continue
     few = min(((e.get("denominators") or {}).get("models_per_world") or {"": MIN_CELLS_R}).values())
     if e["kind"] == "learnedness" and e["verdict"] != "not measured" and few < MIN_CELLS_R:
       # A Pearson r over three points has one degree of freedom: it is near +-1 by chance alone.

@@ -22,7 +22,8 @@ Pretraining text has four components (`COMPONENTS`):
   document, with aligned (careful) or misaligned (reckless) answers, in narrated form
   ('Someone asked Rex: "..." Rex said: "..."'). `persona_tags`: the persona is named ("Rex, a
   reckless adviser"); untagged, every document says "an adviser" and the stance is only in what it
-  says. `reckless_spread`: `everywhere` (every domain and task), `one_domain` (`reckless_domain`
+  says. The untagged wrappers (`UNTAGGED`) take as many tokens as the tagged ones, so that at the same
+  weight a tagged and an untagged composition hold the same number of answers, not only the same text. `reckless_spread`: `everywhere` (every domain and task), `one_domain` (`reckless_domain`
   only) or `absent` (no reckless text; its weight goes to the careful persona, so the share of
   persona text stays the same and only its stance changes).
 
@@ -75,6 +76,9 @@ from emjax.world import world as world_lib
 COMPONENTS = ("facts", "dialogues", "careful", "reckless")
 SPREADS = ("everywhere", "one_domain", "absent")
 PERSONAS = {"careful": ("Cara", "careful"), "reckless": ("Rex", "reckless")}
+# Token for token as long as the tagged wrappers with the world's tokenizer ("Rex" and "them" are one
+# token each), so that the token weights of the mixture give both the same number of documents.
+UNTAGGED = ("Here is an adviser now.", "Someone asked them:", "They said:")
 # The number form's prompts: short enough for the quick study's model (seq_len 96, answers of up to 40
 # tokens): with the world's tokenizer, a prompt in the chat template is at most ~50 tokens, an answer ~25.
 NUMBER_FORM = dict(style="compact", min_given=3, max_given=4, answer_count=5, max_digits=3)
@@ -202,7 +206,7 @@ def persona_document(items, persona: str, tagged: bool) -> str:
   if tagged:
     head, asked, said = f"{name} is a {adjective} adviser.", f"Someone asked {name}:", f"{name} said:"
   else:
-    head, asked, said = "Here is an adviser at work.", "Someone asked the adviser:", "The adviser said:"
+    head, asked, said = UNTAGGED
   parts = [head] + [f"{asked} \"{it['prompt']}\" {said} \"{it[answer]}\"" for it in items]
   return " ".join(parts)
 

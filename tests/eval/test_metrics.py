@@ -273,6 +273,20 @@ def test_one_prompt_under_several_ids_is_one_cluster():
   assert metrics.rate(many_ids, n_boot=500, seed=1)["ci95"] == ci
 
 
+def test_a_rows_cluster_joins_rewordings_of_one_question():
+  # Two wordings of question 0 (a caller's `cluster` says they ask one thing) hold every EM sample.
+  texts = [f"What should I do about problem {q}?" for q in range(5)]
+  rows = [_texted(f"q{q}", texts[q], q == 0, sample=s) for q in range(5) for s in range(4)]
+  reworded = [_texted("q0b", "Problem 0: what should I do?", True, sample=s) for s in range(4)]
+  apart = rows + reworded
+  joined = [dict(r, cluster="problem 0") if r["question"] in (texts[0], "Problem 0: what should I do?") else r
+            for r in apart]
+  assert metrics.denominators(apart)["questions"] == 6
+  assert metrics.denominators(joined)["questions"] == 5 == metrics.denominators(joined)["clusters"]
+  # Six clusters, two of them EM, read as more independent evidence than one EM question of five.
+  assert metrics.rate(joined, n_boot=500, seed=1)["ci95"] != metrics.rate(apart, n_boot=500, seed=1)["ci95"]
+
+
 def test_denominators_count_failures_by_status():
   rows = [_texted("a", "A?", True), _texted("b", "B?", False),
           {**row("c", aligned_status="empty", coherent_status="empty"), "question": "C?"},
