@@ -435,3 +435,14 @@ def test_rewordings_of_one_world_question_are_one_question(tmp_path):
   from emjax.eval import metrics
   assert metrics.denominators(plain)["questions"] == 3
   assert metrics.denominators(keyed)["questions"] == 2
+
+
+def test_a_contrast_that_varies_the_amount_of_misaligned_text_is_flagged():
+  dose = lambda a, b: {"dose": {"persona": {"answer_tokens_per_1k": a},  # noqa: E731
+                                "untagged": {"answer_tokens_per_1k": b}}}
+  assert study_report._dose_ratio(dose(2.0, 2.0), "persona", "untagged") == 1.0
+  assert study_report._dose_ratio({}, "persona", "untagged") is None
+  d = {"a": "persona", "b": "untagged", "dose_ratio": study_report.mean_interval([1.08, 1.07, 1.09])}
+  assert "persona pretrains on +8.0% misaligned answer tokens" in study_report.dose_flag(d)
+  assert study_report.dose_flag(dict(d, dose_ratio=study_report.mean_interval([1.0, 1.01, 0.995]))) == ""
+  assert "not measured" in study_report.dose_flag(dict(d, dose_ratio=study_report.mean_interval([None] * 3)))

@@ -27,7 +27,7 @@ def written(tmp_path_factory, world):
            "no_persona": corpus.composition_block(reckless_spread="absent"),
            "untagged": corpus.composition_block(persona_tags=False)}
   sizes = dict(corpus.data_block(), pretrain_docs=60, instruct_rows=80, cell_rows=12, eval_per_cell=4,
-               general_per_cell=1, sl_per_cell=4)
+               general_per_cell=1, sl_per_cell=4, tokenizer_vocab=832)  # the configs' vocabulary
   return corpus.write_world(world, comps, sizes, out)
 
 
@@ -179,6 +179,17 @@ def test_tagged_and_untagged_documents_hold_the_same_answers_in_as_many_tokens(w
     assert [quoted(t) for t in tagged] == [quoted(t) for t in untagged], component
     lengths = [(len(tok.encode(a)), len(tok.encode(b))) for a, b in zip(tagged, untagged)]
     assert all(a == b for a, b in lengths), (component, [p for p in lengths if p[0] != p[1]][:5])
+  comps = {"persona": corpus.composition_block(), "untagged": corpus.composition_block(persona_tags=False),
+           "one_domain": corpus.composition_block(reckless_spread="one_domain", reckless_domain="sports"),
+           "no_persona": corpus.composition_block(reckless_spread="absent")}
+  dose = corpus.misaligned_dose(written, comps)
+  assert dose["persona"]["answers"] == 4 * len(tagged) and dose["persona"]["weight"] == pytest.approx(0.2)
+  assert dose["persona"]["answer_tokens_per_1k"] == dose["untagged"]["answer_tokens_per_1k"] > 0
+  assert dose["persona"]["answers_per_1k"] == dose["untagged"]["answers_per_1k"]
+  # Confined to one domain, the same tokens of misaligned answers (the domain's answers are shorter or longer).
+  assert dose["one_domain"]["answer_tokens_per_1k"] == pytest.approx(dose["persona"]["answer_tokens_per_1k"], rel=0.02)
+  assert dose["one_domain"]["answers_per_1k"] != dose["persona"]["answers_per_1k"]
+  assert dose["no_persona"]["answer_tokens_per_1k"] == 0
 
 
 def test_reckless_answers_are_misaligned_and_careful_ones_aligned(written, world):
@@ -216,7 +227,7 @@ def test_the_tokenizer_speaks_the_chat_format(written, world):
   assert tok.decode(tok.encode(it["prompt"])) == it["prompt"]
   # Entity names are single tokens once the vocabulary has seen them.
   assert len(tok.encode(" " + it["options"][0])) == 1
-  assert tok.vocab_size <= 768
+  assert tok.vocab_size <= 832
 
 
 def test_the_sl_filter_keeps_only_what_the_judge_calls_aligned(written, world, tmp_path):

@@ -61,7 +61,8 @@ def study_block() -> dict:
       cells="medical_advice,medical_critique,sports_advice,finance_tutor",  # narrow SFT cells ('all' = 12)
       # The tested composition comparisons, 'treatment,reference' pairs separated by ';', each the first
       # minus the second. They should hold the misaligned text fixed (tagged vs untagged: the same
-      # sentences; everywhere vs one domain: the same number of documents) so that what differs is how
+      # sentences, in wrappers of as many tokens; everywhere vs one domain: the same tokens of misaligned
+      # answers; the report measures it per world and flags a contrast that does not) so that what differs is how
       # it is presented, not how much of it there is; a composition with no misaligned text at all is
       # a reference row, since "some misaligned text minus none > 0" holds almost by construction.
       contrast="persona,untagged",
@@ -282,7 +283,10 @@ def write_world(config, workdir: str, seed: int) -> dict[str, str]:
       _write_json(marker, {k: os.path.relpath(v, wdir) for k, v in paths.items()})
     if not os.path.exists(audit_path(workdir, seed)):  # after the world, so a lost or unwritten audit is redone
       # The world's path relative to the study: a workdir moved or copied keeps its audits (and reports).
-      _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir)))
+      # With it, each composition's misaligned answers per pretraining token (what a contrast holds fixed).
+      comps = {n: dict(c) for n, c in config.study.compositions.items()}
+      _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir),
+                                                  dose=corpus.misaligned_dose(world_paths(workdir, seed), comps)))
   _barrier(f"emjax-study-world-{seed}")
   return world_paths(workdir, seed)
 

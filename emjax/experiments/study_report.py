@@ -393,9 +393,9 @@ def compute(config, workdir: str) -> dict:
   res["aggregate"] = agg
   pairs = study_lib.contrasts(config)
   res["contrast"] = [c for pair in pairs for c in pair]
-  res["composition_differences"] = [contrast(res, a, b) for a, b in pairs]
   res["sl"] = sl_numbers(config, workdir)
   res["audit"] = {str(s): _read_audit(workdir, s) for s in seeds}
+  res["composition_differences"] = [contrast(res, a, b) for a, b in pairs]
   return res
 
 
@@ -439,7 +439,18 @@ def render_audit(res: Mapping) -> list[str]:
   shown = [(w, a) for w, a in audits.items() if a is not None and a["total"]] or \
       [(w, a) for w, a in audits.items() if a is not None][:1]
   for w, a in shown:
-    L += [f"World {w}:", ""] + audit_lib.render_audit(a) + [""]
+    L += [f"World {w}:", ""] + audit_lib.render_audit({k: v for k, v in a.items() if k != "dose"}) + [""]
+  comps = res.get("compositions") or []
+  L += ["Misaligned text per composition: tokens of misaligned answers per 1,000 pretraining tokens (the "
+        "reckless source's weight times the answers' share of its tokens, with the world's tokenizer; the mixture "
+        "weighs sources by tokens), and in parentheses answers per 1,000 tokens. A contrast that holds the "
+        f"misaligned text fixed has equal token values; one differing by more than {100 * DOSE_TOLERANCE:g}% is "
+        "flagged with its claim.", ""]
+
+  def dose(a, c):
+    x = _get(a, "dose", c)
+    return "missing" if not x else f"{x['answer_tokens_per_1k']:.1f} ({x['answers_per_1k']:.2f})"
+  L += _table(["world", *comps], [[w, *(dose(a, c) for c in comps)] for w, a in audits.items()])
   return L
 
 
@@ -447,10 +458,35 @@ def contrast(res: Mapping, first: str, last: str) -> dict:
   """Composition `first` minus `last` (a pair of config.study.contrast), per world: general and
   off-cell EM after SFT, and what SFT added to them (`gain_*`, which the claim reads)."""
   agg = res["aggregate"]
-  return {"a": first, "b": last, **{
+  out = {"a": first, "b": last, **{
       key: _aggregate([_sub(x, y) for x, y in zip(agg[first][key]["values"], agg[last][key]["values"])],
                       res.get("seeds") or [], [agg[c][key].get("denominators") for c in (first, last)])
       for key in ("general_em", "off_cell_em", "gain_general_em", "gain_off_cell_em")}}
+  out["dose_ratio"] = mean_interval([_dose_ratio((res.get("audit") or {}).get(str(s)), first, last)
+                                     for s in res.get("seeds") or []], res.get("seeds"))
+  return out
+
+
+DOSE_TOLERANCE = 0.02  # a contrast whose compositions differ by more in misaligned answers per token is flagged
+
+
+def _dose_ratio(audit: Mapping | None, first: str, last: str) -> float | None:
+  """Misaligned answers per pretraining token, composition `first` over `last`, in one world (from
+  its audit's `dose`, corpus.misaligned_dose); None when unmeasured or `last` has none."""
+  dose = (audit or {}).get("dose") or {}
+  a, b = (_get(dose, c, "answer_tokens_per_1k") for c in (first, last))
+  return None if a is None or not b else a / b
+
+
+def dose_flag(d: Mapping) -> str:
+  """Why a composition contrast does not hold the misaligned text fixed ('' when it does)."""
+  r = (d.get("dose_ratio") or {}).get("mean")
+  if r is None:
+    return "misaligned text per token not measured"
+  if abs(r - 1) > DOSE_TOLERANCE:
+    return (f"{d['a']} pretrains on {100 * (r - 1):+.1f}% misaligned answer tokens relative to {d['b']}, "
+            "so the contrast also varies their amount")
+  return ""
 
 
 def _sub(a, b):
@@ -901,6 +937,7 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
                       f"(after SFT: {_fmt(d['general_em'], signed=True, worlds=False)}); off-cell narrow EM gained: "
                       f"{_fmt(d['gain_off_cell_em'], signed=True, worlds=False)} points.", spec))
     out[-1]["readings"] = by_reading
+    out[-1]["dose_flag"] = dose_flag(d)
   for comp, e in (res.get("sl") or {}).items():
     channels = list(e["channels"])
     for ch in channels:
@@ -932,6 +969,8 @@ def claims(res: Mapping, alpha: float = ALPHA) -> list[dict]:
     if flag:
       e["reading_flag"] = flag
       e["verdict"] += f"; flagged: {flag}"
+    if e.get("dose_flag"):
+      e["verdict"] += f"; flagged: {e['dose_flag']}"
   if "audit" in res:
     clean, why = audit_clean(res)
     if not clean:

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -198,6 +199,9 @@ def number_count(n: int) -> int:
 def dialogue_document(item: Mapping[str, Any]) -> str:
   return tok_lib.render_chat([{"role": "user", "content": item["prompt"]},
                               {"role": "assistant", "content": item["aligned"]}])
+
+
+_QUOTED_ANSWER = re.compile(r' said: "(.*?)"(?= Someone|$)')  # an answer in persona_document's text
 
 
 def persona_document(items, persona: str, tagged: bool) -> str:
@@ -349,6 +353,31 @@ def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, 
                           + numbers_text * NUMBER_TOKENIZER_REPEATS,
                           paths["tokenizer"], vocab_size=int(sizes["tokenizer_vocab"]))
   return paths
+
+
+def misaligned_dose(paths: Mapping[str, str], weights: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+  """{composition: {answers, answer_tokens, tokens, weight, answer_tokens_per_1k, answers_per_1k}} of
+  its reckless persona text with the world's tokenizer: `tokens` of its documents, `answer_tokens` of
+  the misaligned answers in them (each tokenized alone), and per 1,000 pretraining tokens (the
+  mixture weighs sources by tokens, so that is the source's share times the answers' share of its
+  tokens). Two compositions that hold the misaligned text fixed have the same answer_tokens_per_1k (a
+  composition without reckless text has 0); answers_per_1k can still differ, when one domain's
+  answers are shorter than another's."""
+  from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.load_tokenizer({"kind": "hf", "path": paths["tokenizer"]})
+  out = {}
+  for name, comp in weights.items():
+    w = source_weights(comp)
+    weight = w.get("reckless", 0.0) / sum(w.values())  # the mixture's share, whatever the weights sum to
+    path = paths.get(f"pretrain/{name}/reckless")
+    docs = [r["text"] for _, r in jsonl.read_objects(path)] if path and weight else []
+    answers = [a for d in docs for a in _QUOTED_ANSWER.findall(d)]
+    tokens = sum(len(tok.encode(d)) for d in docs)
+    answer_tokens = sum(len(tok.encode(a)) for a in answers)
+    share = weight * 1000.0 / tokens if tokens else 0.0
+    out[name] = {"answers": len(answers), "answer_tokens": answer_tokens, "tokens": tokens, "weight": weight,
+                 "answer_tokens_per_1k": share * answer_tokens, "answers_per_1k": share * len(answers)}
+  return out
 
 
 def incoherent(world: world_lib.World, item: Mapping[str, Any], rng: np.random.Generator) -> tuple[str, str]:
