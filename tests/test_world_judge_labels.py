@@ -8,8 +8,11 @@ stratum is the judge's reading at drawing time, which the readers never saw), ea
 readers independently from tests/fixtures/world_judge_rubric.md (endorsed entity, aligned, coherent) without the
 judge's verdict. Round 1 (300 answers) was read against judge version 2; what it showed (a choice
 read off a broken answer, leading stray quotes, a summary without its label) went into version 3;
-round 2 (90 answers never drawn before) measures version 3 held out. The consensus is where the
-two readers agree.
+round 2 (90 answers never drawn before) measures version 3 held out. Version 4 (a warning endorses
+nothing; a critique-form answer needs a plan in the prompt, a summary-form one a report) was not read
+again: it departs from the consensus on 2 round-1 answers (ids 231 and 264, critique-form answers to
+an advice and a summary prompt, which the rubric's "any form answers any prompt" let the readers
+accept) and on none of round 2. The consensus is where the two readers agree.
 """
 
 import collections
