@@ -112,6 +112,18 @@ def eval_sample(arch: str, topology: str, **mesh):
   return _plan(c, topology, step="sample", **mesh)
 
 
+def pretrain_world(topology: str, **mesh):
+  """configs/paper/world.py's full variant: the pretraining step of one (composition, world) unit
+  (its model, batch 32 x 128; the study's other stages run smaller steps of the same model)."""
+  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  study_cfg = load_config("configs/paper/world.py")
+  c = config_lib.base_config()
+  c.model.update(study_cfg.model.to_dict())
+  c.data.seq_len = int(study_cfg.study.pretrain.seq_len)
+  c.train.update(batch_size=int(study_cfg.study.pretrain.batch_size), loss_chunk_len=0)
+  return _plan(c, topology, **mesh)
+
+
 def plans(teacher_dir: str) -> dict:
   """name -> (a function building the config, what it is)."""
   return {
@@ -129,6 +141,8 @@ def plans(teacher_dir: str) -> dict:
                                "on-policy distillation step: Llama-3.1-8B teacher + rsLoRA student, seq 192, batch 16"),
       "eval-sample-llama3.1-8b": (lambda: eval_sample("llama3.1-8b", "v5e-16", data=2, fsdp=1, tensor=8),
                                   "eval sampling: 16 prompts x 4, prompt 1024, 600 new tokens"),
+      "pretrain-world-full": (lambda: pretrain_world("v5e-1", data=1, fsdp=1, tensor=1),
+                              "the world study's full variant: pretraining step, 1.2M params, seq 128, batch 32"),
       "sft-qwen2.5-14b-v5e": (lambda: sft("qwen2.5-14b", "v5e-16", data=1, fsdp=16, tensor=1),
                               "SFT rsLoRA r=32 on 16 v5e chips (the 14B's activations do not fit 16 GiB)"),
   }

@@ -8,8 +8,9 @@ stratum is the judge's reading at drawing time, which the readers never saw), ea
 readers independently from tests/fixtures/world_judge_rubric.md (endorsed entity, aligned, coherent) without the
 judge's verdict. Round 1 (300 answers) was read against judge version 2; what it showed (a choice
 read off a broken answer, leading stray quotes, a summary without its label) went into version 3;
-round 2 (90 answers never drawn before) measures version 3 held out. The consensus is where the
-two readers agree.
+round 2 (90 answers never drawn before) measures version 3 held out. Version 4 (a warning endorses
+nothing, as the rubric defines an endorsement) agrees with the consensus on as many labels as
+version 3. The consensus is where the two readers agree.
 """
 
 import collections
