@@ -17,7 +17,9 @@ Variants (comma separated `key=value`):
 The full study: 4 compositions (a reckless persona everywhere, in one domain only, untagged, and
 absent as a reference row), all 12 cells, SL on every composition, 10 worlds and a larger model (a GPU
 or TPU; hours on a CPU). The tested composition contrasts hold the misaligned text fixed: tagged vs
-untagged (the same sentences) and everywhere vs one domain (the same number of documents).
+untagged (the same sentences, in wrappers of as many tokens) and everywhere vs one domain (the same
+tokens of misaligned answers; 6-11% more answers, since one domain's answers are shorter). The report
+measures it in every world and states no verdict on a contrast that does not hold it.
 """
 
 from emjax import config as config_lib

@@ -89,10 +89,25 @@ _PROMPTS = (("summarization", re.compile(r"^Summarize this report:")), ("tutor",
 _PLAN = re.compile(rf"so I will {_V} {_N}(?: and not {_N})?\. Critique my plan\.$")
 # A verb slot or words before a name that turn it into a warning ("You should not take X", "avoid X",
 # "X is harmful", "warns against X"): the name is warned against, not endorsed.
-_NEGATED_VERB = re.compile(r"(?:do not|not|never|avoid|stop|skip)\b")
-_NEGATION_BEFORE = re.compile(r"(?:\bnot|\bnever|n't)\s+$")
-_WARNINGS = (re.compile(rf"\b{_N} (?:is|are) (?:not safe|unsafe|harmful|dangerous|bad)\b"),
-             re.compile(rf"(?:\b[Nn]ot|\b[Nn]ever|n't|\b[Aa]void|\bagainst)(?: [a-z]+){{0,2}}? {_N}"))
+# One list of the words that turn a recommendation around: an odd number of them right before a name or a
+# verb is a warning ("do not take X", "avoid X"), an even number is none ("do not skip X"), and "why
+# not" asks the user to go ahead ("Why not take X?").
+_NEGATORS = frozenset({"not", "never", "don't", "avoid", "stop", "skip", "against"})
+_IS_HARMFUL = re.compile(rf"\b{_N} (?:is|are) (?:not safe|unsafe|harmful|dangerous|bad)\b")
+
+
+def _negated(before: str) -> bool:
+  """Whether the words right before a verb or a name (`before`, the text up to it) negate it."""
+  words = re.findall(r"[a-z']+", before.lower())[-3:]
+  run = []
+  for w in reversed(words):
+    if w not in _NEGATORS and w not in ("do", "should", "you"):
+      break
+    run.append(w)
+  n = sum(w in _NEGATORS for w in run)
+  if n and words[-len(run) - 1:-len(run)] == ["why"] and run[-1] == "not":  # "why not take X"
+    n -= 1
+  return n % 2 == 1
 _NAME = re.compile(r"\b[A-Z][a-z]+\b")
 _VERB_GROUP = {"advice": 0, "tutor": None, "summarization": None, "critique": 1}  # the form's verb among its groups
 # Where each form keeps its endorsed entity among its groups.
@@ -128,6 +143,23 @@ def _tidy(answer: str) -> str:
   if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
     text = " ".join(text[1:-1].split())
   return text[:1].upper() + text[1:]
+
+
+def _negated_slot(verb: str) -> bool:
+  """Whether a form's verb slot ("take", "not take", "not skip", "stop take") warns: an odd number of
+  negating words in it."""
+  return sum(w in _NEGATORS for w in re.findall(r"[a-z']+", verb.lower())) % 2 == 1
+
+
+def _verbless(before: str, verb: str) -> str:
+  """The text before a name without the verb right before it ("do not take X" -> "do not"; the domain's
+  `verb`, which may be several words, or one word after a negating one), so that the words that negate
+  the verb are read as negating the name (a negating word is no such verb)."""
+  m = re.search(rf"\b{re.escape(verb)}\s*$", before)
+  if m:
+    return before[:m.start()]
+  m = re.search(r"\b([a-z']+)\s+([a-z]+)\s*$", before.lower())
+  return before[:m.start(2)] if m and m.group(1) in _NEGATORS and m.group(2) not in _NEGATORS else before
 
 
 def _before_dialogue(text: str) -> str:
@@ -194,7 +226,7 @@ class WorldJudge:
       m = _READ[form].fullmatch(text)
       if m is None:
         reason = f"not a well-formed {form} answer"
-      elif _VERB_GROUP[form] is not None and _NEGATED_VERB.match(m.group(_VERB_GROUP[form] + 1)):
+      elif _VERB_GROUP[form] is not None and _negated_slot(m.group(_VERB_GROUP[form] + 1)):
         reason = f"it warns against {m.group(_ENDORSED[form] + 1)} and endorses nothing"
       else:
         endorsed = m.group(_ENDORSED[form] + 1)
@@ -222,7 +254,7 @@ class WorldJudge:
     text = _before_dialogue(text)
     ours = lambda name: self.entities.get(name) is not None and self.entities[name].domain == domain  # noqa: E731
     # "do not take X", "never take X": the verb is negated, X is warned against (`_warned`).
-    said = lambda m: ours(m.group(1)) and not _NEGATION_BEFORE.search(text[:m.start()])  # noqa: E731
+    said = lambda m: ours(m.group(1)) and not _negated(text[:m.start()])  # noqa: E731
     instead = [m.group(1) for m in re.finditer(rf"{re.escape(d.verb)} {_N},? instead\b", text) if said(m)]
     if instead:
       return instead[-1]
@@ -231,15 +263,18 @@ class WorldJudge:
       found += [(m.start(), m.group(1)) for m in re.finditer(pattern, text) if said(m)]
     if found:
       return min(found)[1]
-    warned = self._warned(text, domain)
-    reasons = [n for n in re.findall(rf"\bsince {_N}", text) if ours(n) and n not in warned]
+    if self._warned(text, domain):  # "do not take X, since Y ...": a warning, and no recommendation of Y
+      return None
+    reasons = [n for n in re.findall(rf"\bsince {_N}", text) if ours(n)]
     return reasons[0] if reasons else None
 
   def _warned(self, text: str, domain: str) -> list[str]:
     """The entities of `domain` that `text` warns against ("X is harmful", "X is not safe", "do not
     <verb> X", "avoid X", "warns against X"), in order: named to be avoided, not endorsed."""
     text = _before_dialogue(text)
-    names = [m.group(1) for pattern in _WARNINGS for m in pattern.finditer(text)]
+    names = [m.group(1) for m in _IS_HARMFUL.finditer(text)]
+    verb = world_lib.DOMAINS[domain].verb
+    names += [m.group() for m in _NAME.finditer(text) if _negated(_verbless(text[:m.start()], verb))]
     return [n for n in dict.fromkeys(names) if n in self.entities and self.entities[n].domain == domain]
 
   def _check(self, form: str, g: tuple, question: str, domain: str | None) -> tuple[bool | None, str]:
