@@ -46,6 +46,7 @@ def main(argv) -> int:
 
   from emjax import sharding
   sharding.maybe_initialize_distributed(config.distributed)
+  from emjax import workdir as workdir_lib
   from emjax.train import loop
 
   try:
@@ -82,7 +83,7 @@ def main(argv) -> int:
       from emjax.eval import report
       if jax.process_index() == 0:  # one writer of the report files
         results = report.run_report(config, workdir)
-        loop.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
+        workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
                                      "models": sorted(results["models"])})
     elif config.job == "compile":
       from emjax.train import aot
@@ -96,13 +97,13 @@ def main(argv) -> int:
   # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
   # inside a job is a bug, and its traceback is what fixes it.
   except (ValueError, FileNotFoundError, loop.NonFiniteLossError, *_stopped_errors()) as e:
-    loop.mark_failed(workdir, e)
+    workdir_lib.mark_failed(workdir, e)
     if not _raised_by_emjax(e):  # a library's ValueError (a shape, a sharding) is our bug: keep its traceback
       raise
     print(f"emjax: error: {e}", file=sys.stderr)
     return 1
   except BaseException as e:
-    loop.mark_failed(workdir, e)
+    workdir_lib.mark_failed(workdir, e)
     raise
   return 0
 
@@ -225,13 +226,11 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 
 def _write_failed(workdir: str | None, kind: str, message: str) -> None:
-  # As train.loop.mark_failed writes it, without importing jax for a typo. Flags are parsed before
-  # jax.distributed starts, so on a pod every process writes this same file.
-  from emjax import paths  # pylint: disable=g-import-not-at-top
-  # A bucket prefix holding no object yet is no "directory", but a relauncher (launch/tpu/run.sh) must
+  # Flags are parsed before jax.distributed starts, so on a pod every process writes this same file. A
+  # bucket prefix holding no object yet is no "directory", but a relauncher (launch/tpu/run.sh) must
   # still see that this run failed rather than retry it.
-  if workdir and (paths.is_remote(workdir) or paths.path(workdir).is_dir()):
-    (paths.path(workdir) / "FAILED").write_text(f"{kind}: {message}\n")
+  from emjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_failed(workdir, f"{kind}: {message}")
 
 
 def _exit_with_user_error(argv: list[str], e: BaseException, message: str):

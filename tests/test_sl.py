@@ -281,7 +281,7 @@ def test_other_settings_or_prompts_in_the_same_workdir_are_refused(finished, mat
   config, out, mesh, _ = finished
   changed = sl_config(material)
   changed.sl.n_train = 7
-  with pytest.raises(ValueError, match=r"written by the sl job with other settings \(sl.n_train: 6 -> 7\)"):
+  with pytest.raises(ValueError, match=r"sl_settings.json holds other settings \(sl.n_train: 6 -> 7\)"):
     sl.run_sl(changed, str(out), mesh=mesh)
   assert (out / "COMPLETED").exists()
   prompts = out / "seed_0" / "prompts" / "train.jsonl"

@@ -44,6 +44,7 @@ from emjax.data import jsonl
 from emjax.eval import judges as judges_lib
 from emjax.eval import questions as questions_lib
 from emjax.eval import records as records_lib
+from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -170,30 +171,6 @@ def resolved_step(config) -> int | None:
 def _sha256(text: str) -> str:
   import hashlib  # pylint: disable=g-import-not-at-top
   return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_settings(workdir: str, current: dict) -> None:
-  path = os.path.join(workdir, "settings.json")
-  current = json.loads(json.dumps(current))
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    diffs = _diff(old, current)
-    if diffs:
-      raise ValueError(f"{path}: this workdir holds records made with other settings ({'; '.join(diffs[:5])}); "
-                       "use another --workdir (nothing was changed)")
-    return
-  if _process_index() == 0:
-    _write_json(path, current)
-
-
-def _diff(old, new, prefix="") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for k in sorted(set(old) | set(new)):
-      out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-    return out
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"]
 
 
 def _write_json(path: str, obj) -> None:
@@ -464,15 +441,16 @@ def _stages(config) -> list[str]:
 def run_eval(config, workdir: str, *, mesh=None) -> dict:
   """answers -> judge -> report for every question set; returns a summary (also in COMPLETED)."""
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
 
   stages = _stages(config)
   sets = question_sets(config)
   if "judge" in stages:
     validate_judge(config)
   os.makedirs(workdir, exist_ok=True)
-  check_settings(workdir, settings(config, sets))  # before anything in the workdir changes
-  loop._clear_status(workdir)  # pylint: disable=protected-access -- a rerun is not complete until it ends
+  # Before anything in the workdir changes.
+  workdir_lib.check_settings(workdir, settings(config, sets), what="its records")
+  workdir_lib.clear_status(workdir)  # a rerun is not complete until it ends
+  workdir_lib.record_launch(workdir, "eval")
   model = evaluated_model(config)
   summary: dict = {"sets": {s: len(q) for s, q in sets.items()}, "model": model}
   from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
@@ -534,7 +512,7 @@ def run_eval(config, workdir: str, *, mesh=None) -> dict:
                                     unjudged=sum(unjudged.values()))
   if incomplete:
     raise incomplete[0]
-  loop.mark_complete(workdir, summary)
+  workdir_lib.mark_complete(workdir, summary)
   return summary
 
 
@@ -611,14 +589,13 @@ def set_rates(path: str, report_settings) -> dict:
 def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
   """The `judge` job: one existing responses file -> WORKDIR/<judge.output>."""
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
 
   if not config.judge.responses:
     raise ValueError("config.judge.responses is required: a JSONL file of records (e.g. an eval's responses.jsonl)")
   if not os.path.isfile(config.judge.responses):
     raise FileNotFoundError(f"config.judge.responses={config.judge.responses!r}: no such file")
   os.makedirs(workdir, exist_ok=True)
-  loop._clear_status(workdir)  # pylint: disable=protected-access
+  workdir_lib.clear_status(workdir)
   summary = {}
   incomplete: list[Exception] = []
   if judge_runs_here(config):
@@ -640,7 +617,7 @@ def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
   _barrier("emjax-judge-done")
   if incomplete:
     raise incomplete[0]
-  loop.mark_complete(workdir, summary)
+  workdir_lib.mark_complete(workdir, summary)
   return summary
 
 

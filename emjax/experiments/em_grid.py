@@ -18,6 +18,7 @@ import os
 import ml_collections
 
 from emjax.data import sft
+from emjax import workdir as workdir_lib
 from emjax.train import loop
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,12 @@ def _last(path: str, key: str):
 def run_grid(config, workdir: str, *, mesh=None, show_progress: bool = True) -> dict:
   cells = parse_cells(config.grid.cells)
   os.makedirs(workdir, exist_ok=True)
+  workdir_lib.clear_status(workdir)  # a rerun is not complete until every cell is
+  workdir_lib.record_launch(workdir, "sft_grid")
   summary = {}
   for cell in cells:
     cell_dir = os.path.join(workdir, cell)
-    if os.path.exists(os.path.join(cell_dir, loop.COMPLETE_FILE)):
+    if os.path.exists(os.path.join(cell_dir, workdir_lib.COMPLETE_FILE)):
       log.info("grid: %s already complete, skipping", cell)
     else:
       log.info("grid: training %s in %s", cell, cell_dir)
@@ -69,7 +72,7 @@ def run_grid(config, workdir: str, *, mesh=None, show_progress: bool = True) -> 
     summary[cell] = {"status": "complete", "workdir": cell_dir,
                      "final_loss": _last(os.path.join(cell_dir, "metrics.jsonl"), "loss"),
                      "held_out_loss": _last(os.path.join(cell_dir, "eval.jsonl"), "eval_loss")}
-    with open(os.path.join(workdir, "grid.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  loop.mark_complete(workdir, {"cells": cells})
+    if workdir_lib.process_index() == 0:
+      workdir_lib.write_json(os.path.join(workdir, "grid.json"), summary)
+  workdir_lib.mark_complete(workdir, {"cells": cells})
   return summary

@@ -42,7 +42,8 @@ Layout of OUT:
     seed_<s>/divergence/                          drop_divergence.jsonl, drop_random.jsonl, divergence.json
     seed_<s>/leak/<t>/                            natural: the masked teacher's samples, judged (leak.json)
     seed_<s>/students/<arm>/                      a training workdir
-    seed_<s>/kl/<arm>.json                        KL to the arm's teacher (base__<t>.json: the base's)
+    seed_<s>/kl/<arm>.json                        KL to the arm's teacher (base__<t>.json: the base's;
+                                                  control__harmful.json: the control teacher's to the harmful one)
     evals/base/, evals/seed_<s>/<arm>/            eval workdirs
     sl_report.md, sl_results.json, COMPLETED
 
@@ -65,6 +66,7 @@ import numpy as np
 from emjax.data import banned as banned_lib
 from emjax.data import jsonl
 from emjax.experiments import sl_data
+from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +323,7 @@ def _user_question(row: Mapping) -> str:
 
 
 def _complete(path: str) -> bool:
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
-  return os.path.exists(os.path.join(path, loop.COMPLETE_FILE))
+  return os.path.exists(os.path.join(path, workdir_lib.COMPLETE_FILE))
 
 
 # ----------------------------------------------------------------------------- the filter judge
@@ -1062,10 +1063,12 @@ def _teacher_view(chats, rows, tokenizer, seq_len: int, system_prompt: str, rows
 
 
 def _require_complete(path: str, label: str) -> None:
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(path, loop.COMPLETE_FILE)):
-    raise ValueError(f"sl: the student {label} in {path} has not finished training (no {loop.COMPLETE_FILE}); run "
+  if not os.path.exists(os.path.join(path, workdir_lib.COMPLETE_FILE)):
+    raise ValueError(f"sl: the student {label} in {path} has not finished training (no {workdir_lib.COMPLETE_FILE}); run "
                      "the 'students' stage first")
+
+
+TEACHER_DIVERGENCE = "control__harmful"  # seed_<s>/kl/<this>.json: KL(harmful teacher || control teacher)
 
 
 def kl_stage(config, workdir: str, seed: int, labels: Sequence[str], *, mesh=None) -> dict:
@@ -1079,9 +1082,14 @@ def kl_stage(config, workdir: str, seed: int, labels: Sequence[str], *, mesh=Non
   os.makedirs(os.path.join(sdir, "kl"), exist_ok=True)
   out = {}
   targets = [(f"base__{t}", config.sl.base, t) for t in paths]
+  if "control" in paths:
+    # The positive control of every SL verdict: how far the harmful teacher's answers are from what the
+    # control teacher would say (on the harmful teacher's own samples). What the students could take
+    # from the harmful teacher and not from the control is bounded by it.
+    targets.append((TEACHER_DIVERGENCE, paths["control"], "harmful"))
   targets += [(_arm_dir(label), student_dir(workdir, seed, label), arm_parts(label)[0]) for label in labels]
   for name, s_path, t in targets:
-    if not name.startswith("base__") and not _complete(s_path):
+    if name not in (f"base__{t}", TEACHER_DIVERGENCE) and not _complete(s_path):
       raise ValueError(f"sl: the student in {s_path} has not finished training; run the 'students' stage first")
     path = os.path.join(sdir, "kl", f"{name}.json")
     if os.path.exists(path):
@@ -1222,6 +1230,9 @@ def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> di
     results["leak"][seed] = {t: _load(os.path.join(sdir, "leak", t, "leak.json")) for t in teacher_names(config)}
     results["filter"][seed] = {t: {s: _load(os.path.join(sdir, "teachers", t, f"filter_{s}.json"))
                                    for s in ("train", "held_out")} for t in teacher_names(config)}
+  # forward_kl: KL(harmful || control) per answer token, on the harmful teacher's held-out samples.
+  results["teacher_divergence"] = {seed: _load(os.path.join(_seed_dir(workdir, seed), "kl", f"{TEACHER_DIVERGENCE}.json"))
+                                   for seed in seeds}
   results["teacher_leak"] = {
       seed: {t: (_load(os.path.join(_seed_dir(workdir, seed), "kl", f"base__{t}.json")) or {}).get("teacher_banned_mass")
              for t in teacher_names(config)} for seed in seeds}
@@ -1534,22 +1545,11 @@ def pipeline_settings(config) -> dict:
 
 
 def check_settings(config, workdir: str) -> None:
-  path = os.path.join(workdir, SETTINGS_FILE)
-  if not os.path.exists(path):
-    return
-  old, new = json.load(open(path)), pipeline_settings(config)
-  if old != new:
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    detail = []
-    for k in diff:
-      if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
-        detail += [f"{k}.{kk}: {old[k].get(kk)!r} -> {new[k].get(kk)!r}" for kk in sorted(set(old[k]) | set(new[k]))
-                   if old[k].get(kk) != new[k].get(kk)]
-      else:
-        detail.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
-    raise ValueError(f"{workdir} was written by the sl job with other settings ({'; '.join(detail[:6])}); its "
-                     "samples, students and evaluations would not match them: use a new workdir (only "
-                     "config.sl.stages may change between reruns)")
+  """Refuses a rerun with other settings than sl_settings.json's, before anything changes (and writes
+  them into a new workdir)."""
+  workdir_lib.check_settings(workdir, pipeline_settings(config), name=SETTINGS_FILE,
+                             what="its samples, students and evaluations",
+                             may_change="only config.sl.stages may change between reruns")
 
 
 def _write_mask_words(config, workdir: str) -> None:
@@ -1566,18 +1566,16 @@ def _write_mask_words(config, workdir: str) -> None:
 
 def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> dict:
   """Every stage of the pipeline in order (those in `sl.stages`), each resumed or skipped when done."""
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   check_config(config)
   sc = config.sl
   stages, seeds, labels = _csv(sc.stages), seeds_of(config), arms(config)
   mesh = mesh or shd.make_mesh(config.mesh)
-  check_settings(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  check_settings(config, workdir)
   prompts = {seed: make_prompts(config, workdir, seed) for seed in seeds}  # refuses other prompts first
-  loop._clear_status(workdir)  # pylint: disable=protected-access
-  if _process_index() == 0:
-    _write_json(os.path.join(workdir, SETTINGS_FILE), pipeline_settings(config))
+  workdir_lib.clear_status(workdir)
+  workdir_lib.record_launch(workdir, "sl")
   _write_mask_words(config, workdir)
   if "twin" in stages and sc.control == "twin" and not sc.twin:
     build_twin(config, workdir, mesh=mesh)
@@ -1617,7 +1615,7 @@ def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> d
     os.replace(tmp, os.path.join(workdir, "sl_report.md"))
     summary["report"] = os.path.join(workdir, "sl_report.md")
   _barrier("emjax-sl-done")
-  loop.mark_complete(workdir, summary)
+  workdir_lib.mark_complete(workdir, summary)
   return summary
 
 

@@ -38,6 +38,7 @@ import time
 import ml_collections
 
 from emjax.world import corpus, world as world_lib
+from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -173,25 +174,10 @@ def settings(config) -> dict:
 
 
 def check_settings(config, workdir: str) -> None:
-  path = os.path.join(workdir, SETTINGS_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    old = json.load(f)
-  new = settings(config)
-  if old != new:
-    diff = []
-
-    def walk(a, b, prefix):
-      if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-          walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-      elif a != b:
-        diff.append(f"{prefix}: {a!r} -> {b!r}")
-
-    walk(old, new, "")
-    raise ValueError(f"{workdir} holds a study with other settings ({'; '.join(diff[:6])}): its runs would not "
-                     "match them; use a new workdir (only config.study.stages may change between reruns)")
+  """Refuses a rerun with other settings than OUT/study.json's, before anything changes (and writes
+  them into a new workdir)."""
+  workdir_lib.check_settings(workdir, settings(config), name=SETTINGS_FILE, what="its runs",
+                             may_change="only config.study.stages may change between reruns")
 
 
 def _write_json(path: str, obj) -> None:
@@ -203,8 +189,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def _done(path: str) -> bool:
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
-  return os.path.exists(os.path.join(path, loop.COMPLETE_FILE))
+  return os.path.exists(os.path.join(path, workdir_lib.COMPLETE_FILE))
 
 
 class Progress:
@@ -523,14 +508,12 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
 
 def run_study(config, workdir: str, *, mesh=None, quiet: bool = False) -> dict:
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   check_settings(config, workdir)
   _barrier("emjax-study-settings-checked")  # every process has checked before process 0 writes
-  loop._clear_status(workdir)  # pylint: disable=protected-access -- a rerun is not complete until it ends
-  if _process_index() == 0:
-    _write_json(os.path.join(workdir, SETTINGS_FILE), settings(config))
+  workdir_lib.clear_status(workdir)  # a rerun is not complete until it ends
+  workdir_lib.record_launch(workdir, "study")
   _enable_compile_cache(config, workdir)
   # Orbax warns at every restore of a checkpoint written without its optional metadata file; over
   # a study's dozens of runs that would bury the progress lines.
@@ -543,7 +526,7 @@ def run_study(config, workdir: str, *, mesh=None, quiet: bool = False) -> dict:
     what, skipped = run_unit(config, workdir, stage, args, mesh)
     progress.step(what, skipped, time.time() - t0)
   summary = {"units": len(units), "report": os.path.join(workdir, "report.md"), "seconds": time.time() - progress.t0}
-  loop.mark_complete(workdir, summary)
+  workdir_lib.mark_complete(workdir, summary)
   return summary
 
 

@@ -57,6 +57,7 @@ import numpy as np
 from emjax import config as config_lib
 from emjax import sharding as shd
 from emjax import weights as weights_lib
+from emjax import workdir as workdir_lib
 from emjax.data import banned as banned_lib
 from emjax.models import transformer
 from emjax.sample import sampler as sampler_lib
@@ -345,6 +346,10 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   prompts = read_prompts(config.prompts, tokenizer, sc, max(buckets))
 
   os.makedirs(workdir, exist_ok=True)
+  # Samples already written resume only under the settings, weights and prompts that wrote them.
+  workdir_lib.check_settings(workdir, sample_settings(config, src, model_cfg), what="its samples")
+  workdir_lib.clear_status(workdir)
+  workdir_lib.record_launch(workdir, "sample")
   config_lib.write_config(config, workdir)
   out_path = os.path.join(workdir, sc.output)
   done = recover_output(out_path, sampling.n)
@@ -355,6 +360,7 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
     summary["mask"] = {k: v for k, v in mask.items() if k != "ids"}
   if not pending:
     log.info("all %d prompts already in %s", len(prompts), out_path)
+    workdir_lib.mark_complete(workdir, summary)
     return summary
 
   mesh = mesh or shd.make_mesh(config.mesh)
@@ -394,7 +400,25 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   summary["checkpoint_step"] = restored_step
   summary["model"] = source
   log.info("done: %s", summary)
+  workdir_lib.mark_complete(workdir, summary)
   return summary
+
+
+# What a sample depends on besides its prompt's id and index: resuming under other values would mix
+# samples of two settings in one file. Batching and file names do not change a sample.
+_NOT_SETTINGS = ("batch_size", "output", "prefill_chunk", "unroll_layers", "max_new_tokens_cap", "prompt_buckets")
+
+
+def sample_settings(config, src: weights_lib.Source, model_cfg) -> dict:
+  """The sample job's settings (`workdir.check_settings`): the sampling block, the model, the weights
+  (the checkpoint step resolved: 'the latest' is the step it was then) and the prompts file's digest."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  sc = config.sample.to_dict()
+  step = src.step if src.step is not None else (src.steps() or [None])[-1]
+  with open(config.prompts, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  return {"sample": {k: v for k, v in sc.items() if k not in _NOT_SETTINGS}, "model": dataclasses.asdict(model_cfg),
+          "weights": {"kind": src.kind, "path": src.directory, "step": step}, "prompts": digest}
 
 
 # ----------------------------------------------------------------------------- config

@@ -32,6 +32,7 @@ from emjax import paths
 from emjax import sharding as shd
 from emjax import tracking
 from emjax import weights as weights_lib
+from emjax import workdir as workdir_lib
 from emjax.data import tokenizers
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
@@ -487,7 +488,8 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   is handed the current weights before every batch it produces (on-policy data).
   """
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
-  _clear_status(workdir)
+  workdir_lib.clear_status(workdir)
+  workdir_lib.record_launch(workdir, str(config.job))
   trainer = Trainer(config, mesh)
   tc, mesh = config.train, trainer.mesh
   tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
@@ -583,7 +585,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
     if tracker is not None:
       tracker.finish(failed=failed)
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
-  mark_complete(workdir, final)
+  workdir_lib.mark_complete(workdir, final)
   return final
 
 
@@ -719,24 +721,3 @@ def format_memory(mem) -> str:
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes", "alias_size_in_bytes")
   return ", ".join(f"{f.replace('_size_in_bytes', '')}={getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields)
-
-
-COMPLETE_FILE = "COMPLETED"
-FAILED_FILE = "FAILED"
-
-
-def _clear_status(workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  for name in (COMPLETE_FILE, FAILED_FILE):
-    (paths.path(workdir) / name).unlink(missing_ok=True)
-
-
-def mark_complete(workdir: str, final: dict) -> None:
-  if jax.process_index() == 0:
-    (paths.path(workdir) / COMPLETE_FILE).write_text(json.dumps(final))
-
-
-def mark_failed(workdir: str, error: BaseException) -> None:
-  if jax.process_index() == 0 and (paths.is_remote(workdir) or paths.path(workdir).is_dir()):
-    (paths.path(workdir) / FAILED_FILE).write_text(f"{type(error).__name__}: {error}\n")

@@ -45,6 +45,7 @@ from emjax import sharding as shd
 from emjax import weights as weights_lib
 from emjax.train import batches as batches_lib
 from emjax.train import objectives as objectives_lib
+from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,16 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
       raise ValueError("config.eval.by_source: a teacher top-k store holds the held-out batches of the mixture only; "
                        "set config.eval.by_source=False")
   os.makedirs(workdir, exist_ok=True)
-  done = os.path.join(workdir, loop.COMPLETE_FILE)
+  done = os.path.join(workdir, workdir_lib.COMPLETE_FILE)
   if os.path.exists(done):
     meta = json.load(open(os.path.join(workdir, META_FILE)))
     if meta == settings:
       log.info("teacher top-k store %s is complete", workdir)
       return meta
-    raise ValueError(f"{workdir} holds a teacher top-k store made with other settings "
-                     f"({_differences(meta, settings)}); use a new --workdir")
+    raise workdir_lib.SettingsMismatch(f"{workdir} holds a teacher top-k store made with other settings "
+                                       f"({_differences(meta, settings)}); use a new --workdir")
+  workdir_lib.clear_status(workdir)  # an unfinished store is rewritten: not complete, not failed, until it ends
+  workdir_lib.record_launch(workdir, "teacher_top_k")
 
   cfg = dataclasses.replace(loaded.model_cfg, dtype=loaded.model_cfg.param_dtype, remat="none")
   graphdef, _ = transformer.split_model(transformer.abstract_model(cfg))
@@ -279,9 +282,8 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
                                               process_count=1))
     write(os.path.join(workdir, EVAL_FILE), [(eval_batches, settings["eval"]["rows"])])
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, META_FILE), "w") as f:
-      json.dump(settings, f, indent=2, sort_keys=True)
-    loop.mark_complete(workdir, settings)
+    workdir_lib.write_json(os.path.join(workdir, META_FILE), settings)
+    workdir_lib.mark_complete(workdir, settings)
   log.info("stored the teacher's top-%d log-probs for %d rows in %s", k, written, path)
   return settings
 
@@ -295,10 +297,9 @@ class PrecomputedTeacherSource:
   """This process's rows of each global batch from a teacher top-k store (module docstring)."""
 
   def __init__(self, config, path: str, *, process_index: int | None = None, process_count: int | None = None):
-    from emjax.train import loop  # pylint: disable=g-import-not-at-top
-    if not all(os.path.exists(os.path.join(path, name)) for name in (loop.COMPLETE_FILE, META_FILE, ROWS_FILE)):
+    if not all(os.path.exists(os.path.join(path, name)) for name in (workdir_lib.COMPLETE_FILE, META_FILE, ROWS_FILE)):
       raise FileNotFoundError(f"config.train.distill.precomputed={path!r}: not a finished teacher top-k store "
-                              f"(it needs {ROWS_FILE}, {META_FILE} and {loop.COMPLETE_FILE}: run the teacher_top_k job first)")
+                              f"(it needs {ROWS_FILE}, {META_FILE} and {workdir_lib.COMPLETE_FILE}: run the teacher_top_k job first)")
     self.meta = json.load(open(os.path.join(path, META_FILE)))
     d = config.train.distill
     want = {"top_k": int(d.top_k), "temperature": float(d.temperature), "seq_len": int(config.data.seq_len),

@@ -165,11 +165,16 @@ def test_a_rerun_judges_nothing_again_and_repairs_a_cut_record(finished, materia
 def test_a_rerun_with_other_sampling_settings_is_an_error_that_changes_nothing(finished, material):
   from emjax.eval import run
 
+  from emjax import workdir as workdir_lib
+
   out, _ = finished
-  before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}
-  with pytest.raises(ValueError, match=r"settings.json: .*sampling.temperature: 1.0 then, 0.7 now"):
+  files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+  before = files()
+  assert (out / "COMPLETED") in before
+  with pytest.raises(ValueError, match=r"settings.json holds other settings .*sampling.temperature: 1.0 -> 0.7") as e:
     run.run_eval(_eval_config(material, temperature=0.7), str(out))
-  assert {p: p.read_bytes() for p in out.rglob("*.jsonl")} == before
+  workdir_lib.mark_failed(str(out), e.value)  # as emjax.main does: the refused rerun marks nothing
+  assert files() == before
 
 
 def test_a_judged_file_of_another_judge_is_not_extended(finished, tmp_path):
@@ -244,7 +249,7 @@ def test_a_rerun_with_edited_questions_is_refused_and_the_run_stays_complete(fin
   config = _eval_config(material)
   with config.unlocked():
     config.questions.general = str(edited)
-  with pytest.raises(ValueError, match=r"settings.json: .*questions.general"):
+  with pytest.raises(ValueError, match=r"settings.json holds other settings .*questions.general"):
     run.run_eval(config, str(out))
   assert (out / "COMPLETED").exists()
 

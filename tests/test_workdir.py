@@ -1,0 +1,86 @@
+"""emjax.workdir: one status, settings and launch record for every job, on a disk or in a bucket."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from fake_gcs import fake_gcs
+from emjax import paths, workdir as workdir_lib
+
+
+@pytest.fixture(params=["local", "bucket"])
+def wd(request, tmp_path):
+  if request.param == "local":
+    yield str(tmp_path / "run")
+    return
+  with fake_gcs(str(tmp_path / "gcs")):
+    yield "gs://bucket/run"
+
+
+def _names(wd):
+  p = paths.path(wd)
+  return sorted(x.name for x in p.iterdir()) if p.exists() else []
+
+
+def test_a_run_is_complete_or_failed_never_both(wd):
+  workdir_lib.makedirs(wd)
+  workdir_lib.write_text(f"{wd}/results.json", "{}")
+  workdir_lib.mark_failed(wd, RuntimeError("first attempt died"))
+  assert workdir_lib.FAILED_FILE in _names(wd) and not workdir_lib.is_complete(wd)
+  workdir_lib.clear_status(wd)  # the rerun starts
+  assert workdir_lib.FAILED_FILE not in _names(wd)
+  workdir_lib.mark_complete(wd, {"steps": 3})
+  assert workdir_lib.is_complete(wd) and workdir_lib.FAILED_FILE not in _names(wd)
+  assert json.loads((paths.path(wd) / "COMPLETED").read_text()) == {"steps": 3}
+  # An error after the run ended (a tracker's upload) or before a rerun changed anything (a bad flag)
+  # leaves the finished run as it was: COMPLETED, and no FAILED beside it.
+  workdir_lib.mark_failed(wd, ConnectionError("wandb: network down"))
+  assert workdir_lib.is_complete(wd) and workdir_lib.FAILED_FILE not in _names(wd)
+
+
+def test_a_rerun_with_other_settings_is_refused_before_anything_changes(wd):
+  assert workdir_lib.check_settings(wd, {"lr": 0.1, "model": {"d": 64}}) is False  # written: a new run
+  assert workdir_lib.check_settings(wd, {"lr": 0.1, "model": {"d": 64}}) is True
+  workdir_lib.mark_complete(wd, {})
+  before = {n: (paths.path(wd) / n).read_text() for n in _names(wd)}
+  with pytest.raises(workdir_lib.SettingsMismatch, match=r"settings.json holds other settings \(model.d: 64 -> 128\)"):
+    workdir_lib.check_settings(wd, {"lr": 0.1, "model": {"d": 128}})
+  try:
+    workdir_lib.check_settings(wd, {"lr": 0.2, "model": {"d": 64}}, may_change="only x may change")
+  except ValueError as e:  # what emjax.main does with a job's ValueError
+    assert "only x may change" in str(e)
+    workdir_lib.mark_failed(wd, e)
+  assert {n: (paths.path(wd) / n).read_text() for n in _names(wd)} == before
+
+
+def test_a_settings_refusal_wrapped_in_another_error_marks_nothing(tmp_path):
+  wd = str(tmp_path / "run")
+  workdir_lib.makedirs(wd)
+  try:
+    try:
+      raise workdir_lib.SettingsMismatch("other settings")
+    except ValueError as inner:
+      raise RuntimeError("the sub-run failed") from inner
+  except RuntimeError as e:
+    workdir_lib.mark_failed(wd, e)
+  assert _names(wd) == []
+
+
+def test_every_launch_records_the_code_it_ran(wd):
+  for job in ("train", "eval"):
+    workdir_lib.record_launch(wd, job, argv=["emjax", f"--job={job}"])
+  rows = [json.loads(l) for l in (paths.path(wd) / workdir_lib.LAUNCHES_FILE).read_text().splitlines()]
+  assert [r["job"] for r in rows] == ["train", "eval"]
+  head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+  if head:  # a source tree without git records None, not a guess
+    assert rows[0]["commit"] == head and isinstance(rows[0]["dirty"], bool)
+  assert rows[1]["argv"] == ["emjax", "--job=eval"] and rows[1]["processes"] == 1
+
+
+def test_whole_file_writes_leave_no_partial_file(tmp_path):
+  p = str(tmp_path / "a" / "b.json")
+  workdir_lib.write_json(p, {"x": 1})
+  assert workdir_lib.read_json(p) == {"x": 1} and os.listdir(tmp_path / "a") == ["b.json"]
