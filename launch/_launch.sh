@@ -64,12 +64,21 @@ positive_int() {  # $1: flag name, $2: value
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1=$2: expected a positive integer"
 }
 
-emjax_workdir() {  # the --workdir among EMJAX_ARGS (absl takes the last one), or nothing
+normalize_workdir() {  # gs://b//run/ -> gs://b/run, ./runs//tiny/ -> runs/tiny: one spelling per directory
+  local w="$1" scheme=""
+  case "$w" in gs://*) scheme="gs://"; w="${w#gs://}" ;; esac
+  while [[ "$w" == *//* ]]; do w="${w//\/\//\/}"; done
+  while [[ "$w" == ./* ]]; do w="${w#./}"; done
+  if [ "$w" != / ]; then w="${w%/}"; fi
+  echo "$scheme$w"
+}
+
+emjax_workdir() {  # the --workdir among EMJAX_ARGS (absl takes the last one), normalised, or nothing
   local w="" a
   for a in "${EMJAX_ARGS[@]+"${EMJAX_ARGS[@]}"}"; do
     case "$a" in --workdir=*|-workdir=*) w="${a#*=}" ;; esac
   done
-  echo "$w"
+  if [ -n "$w" ]; then normalize_workdir "$w"; fi
 }
 
 require_emjax_args() {  # the flags of emjax.main after "--": a --config and a --workdir

@@ -3,7 +3,9 @@
 Dry runs (DRY_RUN=1) print every gcloud / sbatch / srun command: these tests read them back word by
 word, with fake gcloud, sbatch, srun and nvidia-smi first on PATH that fail the test if a dry run
 ever calls them. The commands the workers run (install, job, stop) are run here for real against
-a fake home directory and interpreter. The detection of jax.distributed is checked last.
+a fake home directory and interpreter. run.sh's relaunches (--until-done, a changed tree, a local
+workdir) run for real against a fake cloud: a gcloud that keeps a slice's state in a file, a bucket
+in a directory and runs each ssh command here. The detection of jax.distributed is checked last.
 """
 
 import os
@@ -72,26 +74,35 @@ def test_v5e_16_run_requests_a_spot_slice_sets_up_every_worker_and_starts_the_jo
   assert "v5litepod-16: 16 chips, 4 workers, runtime v2-alpha-tpuv5-lite, tier spot" in stderr
   describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", "emjax-v5e", "--zone=us-west4-a",
               "--format=value(state.state)"]
-  tar, scp, install, job = commands[3:]
+  recorded, tar, upload, record, install, job = commands[3:]
   assert commands[:3] == [
       describe,  # none yet (a dry run reads nothing): create it, then wait for ACTIVE
       ["gcloud", "compute", "tpus", "queued-resources", "create", "emjax-v5e", "--node-id=emjax-v5e",
        "--zone=us-west4-a", "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite", "--spot"],
       describe,
   ]
-  # This working tree, packed and copied to every worker.
-  assert tar[:4] == ["tar", "-C", ROOT, "--null"] and tar[6] == "-czf" and tar[7].endswith("/emjax.tgz")
-  assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[7], "emjax-v5e:emjax.tgz", "--zone=us-west4-a",
-                 "--worker=all"]
+  # The run's first launch (the workdir records no code yet): this working tree and its version record,
+  # packed and stored in the workdir; every worker fetches that archive from there.
+  code = "gs://bkt/runs/tiny/code"
+  assert recorded == ["gcloud", "storage", "cat", f"{code}/version.txt"]
+  pack = os.path.dirname(tar[2])
+  assert tar == ["tar", "-czf", f"{pack}/emjax.tgz", "-C", pack, ".emjax-version", "-C", ROOT, "--null", "-T",
+                 f"{pack}/files"]
+  assert upload == ["gcloud", "storage", "cp", f"{pack}/emjax.tgz", f"{code}/emjax.tgz"]
+  assert record == ["gcloud", "storage", "cp", f"{pack}/.emjax-version", f"{code}/version.txt"]
   ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "emjax-v5e", "--zone=us-west4-a", "--worker=all"]
   assert install[:-1] == ssh and job[:-1] == ssh
   install_cmd, job_cmd = option(install, "command"), option(job, "command")
-  assert "rm -rf $HOME/emjax && mkdir -p $HOME/emjax && tar -xzf $HOME/emjax.tgz -C $HOME/emjax" in install_cmd
+  assert install_cmd.startswith("set -e; p=$(cat $HOME/emjax-job.pid")  # an earlier job is stopped before setup
+  assert (f"; {{ gcloud storage cp {code}/emjax.tgz $HOME/emjax.tgz && rm -rf $HOME/emjax && mkdir -p $HOME/emjax && "
+          "tar -xzf $HOME/emjax.tgz -C $HOME/emjax; } || exit 1;") in install_cmd
   assert install_cmd.endswith('$HOME/emjax-venv/bin/python -m pip install -q -e "$HOME/emjax[tpu]"')
-  # Four workers: jax.distributed on; the job detached, its log and pid in the home directory.
-  assert ("EMJAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 nohup $HOME/emjax-venv/bin/python -m emjax.main "
-          "--config=configs/pretrain/tiny.py --workdir=gs://bkt/runs/tiny >$HOME/emjax-job.log 2>&1 </dev/null & "
-          "echo $! >$HOME/emjax-job.pid") in job_cmd
+  # Four workers: jax.distributed on; the job detached, its log (which starts with the code's version
+  # record) and pid in the home directory.
+  assert ("cd $HOME/emjax || exit 1; { echo \"emjax code ($HOME/emjax/.emjax-version):\"; cat .emjax-version "
+          "2>/dev/null || echo unrecorded; } >$HOME/emjax-job.log; EMJAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 nohup "
+          "$HOME/emjax-venv/bin/python -m emjax.main --config=configs/pretrain/tiny.py --workdir=gs://bkt/runs/tiny "
+          ">>$HOME/emjax-job.log 2>&1 </dev/null & echo $! >$HOME/emjax-job.pid") in job_cmd
   assert job_cmd.startswith("set -m; p=$(cat $HOME/emjax-job.pid")  # an earlier job is stopped first
 
 
@@ -105,11 +116,18 @@ def test_v5p_64_is_32_chips_on_8_workers_and_takes_project_tier_git_and_extras(t
       "gcloud", "alpha", "compute", "tpus", "queued-resources", "create", "emjax-v5p", "--node-id=emjax-v5p",
       "--zone=us-east5-a", "--project=my-proj", "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5",
       "--best-effort"]
-  assert all("--project=my-proj" in c and "--zone=us-east5-a" in c for c in commands)
-  assert [c[0] for c in commands] == ["gcloud"] * 5  # describe, create, describe, install, job: no tar, no scp
-  install, job = option(commands[3], "command"), option(commands[4], "command")
-  assert install.startswith("set -e; rm -rf $HOME/emjax && git clone -q https://github.com/me/emjax.git "
-                            "$HOME/emjax && git -C $HOME/emjax checkout -q v1.2;")
+  slice_commands = [c for c in commands if "compute" in c[:3]]
+  assert len(slice_commands) == 5  # describe, create, describe, install, job: no tar, no scp
+  assert all("--project=my-proj" in c and "--zone=us-east5-a" in c for c in slice_commands)
+  # The run's first launch: the commit of v1.2 (a dry run asks nobody: v1.2 itself) is recorded in the workdir.
+  assert commands[3] == ["gcloud", "storage", "cat", "gs://bkt/runs/1b/code/version.txt"]
+  assert commands[4] == ["git", "ls-remote", "https://github.com/me/emjax.git", "v1.2"]
+  assert commands[5][:3] == ["gcloud", "storage", "cp"] and commands[5][4] == "gs://bkt/runs/1b/code/version.txt"
+  install, job = option(commands[6], "command"), option(commands[7], "command")
+  assert install.startswith("set -e; p=$(cat $HOME/emjax-job.pid")
+  assert ("; { rm -rf $HOME/emjax && git clone -q https://github.com/me/emjax.git $HOME/emjax && "
+          "git -C $HOME/emjax checkout -q v1.2 && printf 'commit=%s\\ndirty=0\\nsource=%s\\n' "
+          "\"$(git -C $HOME/emjax rev-parse HEAD)\" https://github.com/me/emjax.git >$HOME/emjax/.emjax-version; } || exit 1;") in install
   assert install.endswith('-m pip install -q -e "$HOME/emjax[tpu,wandb]"')
   assert ("EMJAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 nohup $HOME/emjax-venv/bin/python -m emjax.main "
           "--config=configs/pretrain/llama_1b.py --workdir=gs://bkt/runs/1b --config.train.steps=5 >") in job
@@ -119,15 +137,18 @@ def test_until_done_polls_the_slice_the_workdir_markers_and_the_job(tools):
   commands, stderr = ok(tools, f"{TPU}/run.sh", *V5E, "--type=v5litepod-16", "--until-done", "--poll=60",
                         "--no-setup", "--", *EMJAX)
   assert "every 60s --until-done" in stderr
-  launched = 4  # describe, create, describe, job (no setup)
-  assert " nohup " in option(commands[launched - 1], "command")
+  # describe, create, describe, then the setup all the same (--no-setup: a slice run.sh creates is new), the job
+  launched = [i for i, c in enumerate(commands) if " nohup " in c[-1]][0] + 1
+  assert "emjax-v5e is new: setting it up" in stderr
+  # The markers first (a finished run is done whatever became of its slice), then the slice, then the job.
   assert commands[launched:] == [
-      ["gcloud", "compute", "tpus", "queued-resources", "describe", "emjax-v5e", "--zone=us-west4-a",
-       "--format=value(state.state)"],
       ["gcloud", "storage", "ls", "gs://bkt/runs/tiny/COMPLETED"],
       ["gcloud", "storage", "ls", "gs://bkt/runs/tiny/FAILED"],
+      ["gcloud", "compute", "tpus", "queued-resources", "describe", "emjax-v5e", "--zone=us-west4-a",
+       "--format=value(state.state)"],
       ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "emjax-v5e", "--zone=us-west4-a", "--worker=0",
-       "--command=p=$(cat $HOME/emjax-job.pid 2>/dev/null) && kill -0 -- -$p 2>/dev/null"],
+       "--command=if p=$(cat $HOME/emjax-job.pid 2>/dev/null) && kill -0 -- -$p 2>/dev/null; "
+       "then echo emjax-job-running; else echo emjax-job-stopped; fi"],
   ]
 
 
@@ -135,7 +156,9 @@ def test_a_one_host_slice_runs_one_process_and_may_use_its_own_disk(tools):
   commands, stderr = ok(tools, f"{TPU}/run.sh", *V5E, "--type=v5litepod-8", "--no-setup", "--follow", "--",
                         "--config=configs/pretrain/tiny.py", "--workdir=runs/tiny")
   assert "v5litepod-8: 8 chips, 1 workers" in stderr
+  # A relative workdir lives outside the checkout (~/emjax), which every setup replaces.
   assert "EMJAX_DISTRIBUTED=0 " in option(commands[-2], "command")
+  assert " --workdir=$HOME/emjax-runs/runs/tiny >>" in option(commands[-2], "command")
   assert commands[-1][-2:] == ["--worker=0", "--command=tail -n +1 -F --pid=$(cat $HOME/emjax-job.pid) "
                                              "$HOME/emjax-job.log"]
 
@@ -278,6 +301,324 @@ def test_the_workers_job_and_stop_commands_run_as_printed(tools, tmp_path):
       os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
+
+
+# ----------------------------------------------------------------------------- Cloud TPU: relaunches, for real
+
+# A fake cloud for run.sh without DRY_RUN: gcloud keeps the queued resource's state in a file, a bucket in a
+# directory (gs://X -> gcs/X, with gcloud storage's "matched no objects" errors) and runs every ssh command
+# with bash here, in a fake home that stands for the slice's worker(s) and is wiped when the slice is deleted.
+# The workers' interpreter (made by `fakepy3 -m venv`) logs pip installs and plays the job: launch N runs line
+# N of `plan` (shell code: run SECONDS, complete, preempt, fault 'GLOB'), after noting what it resumes from.
+# `fault 'GLOB'` makes the next gcloud call whose arguments match GLOB fail once, as a dropped connection would.
+_FAKE_GCLOUD = r"""#!/bin/bash
+exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-
+F="$FAKE"
+echo "$*" >> "$F/gcloud.log"
+if [ -f "$F/faults" ]; then
+  n=0
+  while IFS= read -r pat; do
+    n=$((n + 1))
+    # shellcheck disable=SC2053
+    if [[ "$*" == $pat ]]; then
+      sed -i "${n}d" "$F/faults"
+      echo "ERROR: (gcloud) connection reset by peer" >&2
+      if [[ "$*" == *" ssh "* ]]; then exit 255; fi
+      exit 1
+    fi
+  done < "$F/faults"
+fi
+flag() { local a; for a in "${ARGS[@]}"; do case "$a" in --$1=*) echo "${a#*=}"; return ;; esac; done; }
+gs() { case "$1" in gs://*) echo "$F/gcs/${1#gs://}" ;; *) echo "$1" ;; esac; }
+ARGS=("$@")
+if [ "$1" = storage ]; then
+  case "$2" in
+    ls) if [ -e "$(gs "$3")" ]; then echo "$3"; exit 0; fi
+        echo "ERROR: (gcloud.storage.ls) One or more URLs matched no objects." >&2; exit 1 ;;
+    cat) if [ -f "$(gs "$3")" ]; then cat "$(gs "$3")"; exit 0; fi
+         echo "ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:" >&2; exit 1 ;;
+    cp) src="$(gs "$3")" dst="$(gs "$4")"
+        [ -f "$src" ] || { echo "ERROR: (gcloud.storage.cp) The following URLs matched no objects or files:" >&2; exit 1; }
+        mkdir -p "$(dirname "$dst")" && cp "$src" "$dst"; exit ;;
+  esac
+  exit 99
+fi
+case "$1 $2 $3 $4" in
+  "compute tpus queued-resources describe")
+    if [ -f "$F/state" ]; then cat "$F/state"; exit 0; fi
+    echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource 'x' was not found" >&2; exit 1 ;;
+  "compute tpus queued-resources create") echo ACTIVE > "$F/state"; flag accelerator-type > "$F/type" ;;
+  "compute tpus queued-resources delete")
+    p="$(cat "$F/home/emjax-job.pid" 2>/dev/null)" && kill -KILL -- "-$p" 2>/dev/null
+    rm -f "$F/state"; rm -rf "$F/home"; mkdir "$F/home" ;;
+  "compute tpus tpu-vm describe") cat "$F/type" ;;
+  "compute tpus tpu-vm scp") cp "$5" "$F/home/${6#*:}" ;;
+  "compute tpus tpu-vm ssh") cd "$F/home" && HOME="$F/home" exec bash -c "$(flag command)" ;;
+  *) exit 98 ;;
+esac
+"""
+
+_FAKE_WORKER_PYTHON = r"""#!/bin/bash
+if [ "$2" = pip ]; then echo "pip ${*: -1}" >> "$FAKE/events"; exit 0; fi
+w=""
+for a in "$@"; do case "$a" in --workdir=*) w="${a#*=}" ;; esac; done
+case "$w" in gs://*) w="$FAKE/gcs/${w#gs://}" ;; esac
+n=$(( $(cat "$FAKE/launches" 2>/dev/null || echo 0) + 1 ))
+echo "$n" > "$FAKE/launches"
+echo "$$" >> "$FAKE/jobs"
+echo "start $n from=$(cat "$w/step" 2>/dev/null || echo scratch) code=$(cat marker 2>/dev/null)" >> "$FAKE/events"
+mkdir -p "$w" && echo "$n" > "$w/step"  # a checkpoint
+trap 'kill "$sleeper" 2>/dev/null; echo "stopped $n" >> "$FAKE/events"; exit 130' INT
+run() { sleep "$1" & sleeper=$!; wait "$sleeper"; }
+complete() { echo done > "$w/COMPLETED"; }
+preempt() { echo SUSPENDED > "$FAKE/state"; }
+fault() { echo "$*" >> "$FAKE/faults"; }
+eval "$(sed -n "${n}p" "$FAKE/plan")"
+echo "end $n" >> "$FAKE/events"
+"""
+
+
+@pytest.fixture
+def cloud(tmp_path):
+  """A fake cloud (above) and a copy of the launch scripts in a git repository of their own (its
+  working tree is what setup ships, so a test may change it)."""
+  fake, repo, bin_dir = tmp_path / "fake", tmp_path / "repo", tmp_path / "fakebin"
+  for d in (fake / "home", fake / "gcs", bin_dir, repo):
+    d.mkdir(parents=True)
+  shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+  shutil.copy(os.path.join(ROOT, "pyproject.toml"), repo / "pyproject.toml")
+  (repo / "marker").write_text("v1")
+  git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+  subprocess.run([*git, "init", "-q"], check=True)
+  subprocess.run([*git, "add", "-A"], check=True)
+  subprocess.run([*git, "commit", "-q", "-m", "v1"], check=True)
+  commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+  (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+  (fake / "worker-python").write_text(_FAKE_WORKER_PYTHON)
+  (bin_dir / "fakepy3").write_text(
+      '#!/bin/bash\nset -e\n[ "$1 $2" = "-m venv" ]\nmkdir -p "$3/bin"\ncp "$FAKE/worker-python" "$3/bin/python"\n'
+      'chmod +x "$3/bin/python"\n')
+  for f in (bin_dir / "gcloud", bin_dir / "fakepy3"):
+    f.chmod(0o755)
+  (fake / "plan").write_text("")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EMJAX_", "VIRTUAL_ENV", "DRY_RUN"))}
+  env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE=str(fake))
+
+  class Cloud:
+    home, gcs, root, head = fake / "home", fake / "gcs", repo, commit
+
+    @staticmethod
+    def plan(*lines):
+      (fake / "plan").write_text("".join(f"{line}\n" for line in lines))
+
+    @staticmethod
+    def run(*args, timeout=60):
+      """run.sh (of the copy) with the flags of a one-host spot slice and `args`: (status, stderr)."""
+      proc = subprocess.run(["bash", str(repo / "launch" / "tpu" / "run.sh"), *V5E, "--python=fakepy3", *args],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+      return proc.returncode, proc.stderr
+
+    @staticmethod
+    def events():
+      path = fake / "events"
+      return path.read_text().splitlines() if path.exists() else []
+
+    @staticmethod
+    def calls():
+      return (fake / "gcloud.log").read_text().splitlines()
+
+    @staticmethod
+    def wait_for(event, timeout=20):
+      deadline = time.time() + timeout
+      while not any(e.startswith(event) for e in Cloud.events()):
+        assert time.time() < deadline, (event, Cloud.events())
+        time.sleep(0.05)
+
+  yield Cloud
+  if (fake / "jobs").exists():
+    for pid in (fake / "jobs").read_text().split():
+      try:
+        os.killpg(int(pid), signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        pass
+
+
+ONE_HOST = ["--type=v5litepod-8", "--", "--config=configs/pretrain/tiny.py"]
+
+
+def _installs(events):
+  return sum(e.startswith("pip ") and e.endswith("[tpu]") for e in events)
+
+
+def test_a_relaunch_on_one_host_keeps_a_workdir_on_its_disk(cloud):
+  """--workdir=runs/tiny on a one-host slice: rerunning run.sh (with its setup) resumes, never starts over."""
+  cloud.plan("complete", "complete")
+  status, stderr = cloud.run(*ONE_HOST, "--workdir=runs/tiny")
+  assert status == 0, stderr
+  cloud.wait_for("end 1")
+  status, stderr = cloud.run(*ONE_HOST, "--workdir=runs/tiny/")
+  assert status == 0, stderr
+  cloud.wait_for("end 2")
+  assert _installs(cloud.events()) == 2
+  assert [e for e in cloud.events() if e.startswith("start")] == ["start 1 from=scratch code=v1",
+                                                                  "start 2 from=1 code=v1"]
+
+
+def test_setup_never_removes_the_checkout_that_holds_the_workdir(cloud):
+  """An absolute workdir inside ~/emjax (which setup replaces) is refused on the worker; nothing is removed."""
+  inside = cloud.home / "emjax" / "runs" / "tiny"
+  inside.mkdir(parents=True)
+  (inside / "step").write_text("7")
+  status, stderr = cloud.run(*ONE_HOST, f"--workdir={inside}")
+  assert status != 0 and f"the workdir {inside} is inside" in stderr, stderr
+  assert (inside / "step").read_text() == "7" and cloud.events() == []
+
+
+def test_a_relaunch_stops_the_old_job_before_setup_replaces_its_code(cloud):
+  cloud.plan("run 30", "complete")
+  status, stderr = cloud.run("--type=v5litepod-16", "--", "--config=c.py", "--workdir=gs://bkt/run")
+  assert status == 0, stderr
+  cloud.wait_for("start 1")
+  status, stderr = cloud.run("--type=v5litepod-16", "--", "--config=c.py", "--workdir=gs://bkt/run")
+  assert status == 0, stderr
+  cloud.wait_for("end 2")
+  events = cloud.events()
+  assert events.index("stopped 1") < [i for i, e in enumerate(events) if e.endswith("[tpu]")][1], events
+  assert "start 2 from=1 code=v1" in events
+
+
+# (slice, workdir, where the workdir's code/ ends up): a bucket on a slice of 4 workers; the one worker's disk
+WORKDIRS = [("--type=v5litepod-16", "gs://bkt/run", ("gcs", "bkt", "run", "code")),
+            ("--type=v5litepod-8", "runs/tiny", ("home", "emjax-runs", "runs", "tiny", "code"))]
+
+
+@pytest.mark.parametrize("slice_type, workdir, code", WORKDIRS)
+def test_relaunches_ship_the_code_of_the_first_launch_unless_new_code(cloud, slice_type, workdir, code):
+  """The first launch stores an archive of the working tree and its version record in <workdir>/code/; a
+  relaunch from a changed tree installs that archive again; --new-code ships (and records) the tree as it is."""
+  cloud.plan("", "", "")
+  flags = [slice_type, "--", "--config=c.py", f"--workdir={workdir}"]
+  version = cloud.home.parent.joinpath(*code, "version.txt")
+  assert cloud.run(*flags)[0] == 0
+  cloud.wait_for("end 1")
+  assert f"commit={cloud.head}\n" in version.read_text() and "dirty=0\n" in version.read_text()
+  (cloud.root / "marker").write_text("v2")  # an uncommitted change
+  status, stderr = cloud.run(*flags)
+  assert status == 0, stderr
+  cloud.wait_for("end 2")
+  assert "start 2 from=1 code=v1" in cloud.events()
+  log = (cloud.home / "emjax-job.log").read_text()  # the workers' log says which code runs
+  assert f"commit={cloud.head}\ndirty=0\n" in log
+  status, stderr = cloud.run("--new-code", *flags)
+  assert status == 0, stderr
+  cloud.wait_for("end 3")
+  assert "start 3 from=2 code=v2" in cloud.events()
+  assert f"commit={cloud.head}\n" in version.read_text() and "dirty=1\n" in version.read_text()
+  assert f"commit={cloud.head}\ndirty=1\n" in (cloud.home / "emjax-job.log").read_text()
+
+
+@pytest.mark.parametrize("slice_type, workdir, code", WORKDIRS)
+def test_git_relaunches_check_out_the_commit_of_the_first_launch(cloud, slice_type, workdir, code):
+  """--git=URL: the commit of the first launch is recorded in <workdir>/code/version.txt and checked out again
+  when the branch has moved on; --new-code takes the branch as it is now."""
+  cloud.plan("", "", "")
+  git = ["git", "-C", str(cloud.root), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+  branch = subprocess.run([*git, "branch", "--show-current"], check=True, capture_output=True, text=True).stdout.strip()
+  flags = [f"--git={cloud.root}", f"--ref={branch}", slice_type, "--", "--config=c.py", f"--workdir={workdir}"]
+  version = cloud.home.parent.joinpath(*code, "version.txt")
+  status, stderr = cloud.run(*flags)
+  assert status == 0, stderr
+  cloud.wait_for("end 1")
+  assert f"commit={cloud.head}\n" in version.read_text()
+  (cloud.root / "marker").write_text("v2")
+  subprocess.run([*git, "commit", "-q", "-am", "v2"], check=True)
+  status, stderr = cloud.run(*flags)
+  assert status == 0, stderr
+  cloud.wait_for("end 2")
+  assert "start 2 from=1 code=v1" in cloud.events()
+  assert f"commit={cloud.head}\ndirty=0\n" in (cloud.home / "emjax-job.log").read_text()
+  status, stderr = cloud.run("--new-code", *flags)
+  assert status == 0, stderr
+  cloud.wait_for("end 3")
+  assert "start 3 from=2 code=v2" in cloud.events()
+  assert f"commit={cloud.head}\n" not in version.read_text()
+
+
+def test_a_worker_that_cannot_fetch_the_code_fails_the_setup(cloud):
+  """The archive download failing on a worker ends the install there (and run.sh): the old checkout is never
+  installed and started as if it were the run's code."""
+  cloud.plan("fault 'storage cp gs://bkt/run/code/emjax.tgz *'", "")
+  flags = ["--type=v5litepod-16", "--", "--config=c.py", "--workdir=gs://bkt/run"]
+  assert cloud.run(*flags)[0] == 0
+  cloud.wait_for("end 1")
+  status, stderr = cloud.run(*flags)
+  assert status != 0 and "connection reset by peer" in stderr, stderr
+  assert any(c.startswith("storage cp gs://bkt/run/code/emjax.tgz ") for c in cloud.calls()[-3:])  # the worker's
+  assert _installs(cloud.events()) == 1 and cloud.events()[-1] == "end 1"
+
+
+UNTIL_DONE = ["--type=v5litepod-16", "--until-done", "--poll=1", "--max-restarts=3", "--", "--config=c.py",
+              "--workdir=gs://bkt/run"]
+
+
+def test_until_done_reads_completed_before_the_slice_state(cloud):
+  """A run that finished before its slice was preempted is done: nothing is re-created or relaunched."""
+  cloud.plan("complete; preempt")
+  status, stderr = cloud.run(*UNTIL_DONE)
+  assert status == 0 and "gs://bkt/run/COMPLETED: the run is done" in stderr, stderr
+  assert not any("queued-resources delete" in c for c in cloud.calls())
+  assert [e for e in cloud.events() if e.startswith("start")] == ["start 1 from=scratch code=v1"]
+
+
+def test_until_done_looks_again_after_a_failed_ssh_or_gcloud_call(cloud):
+  """A dropped ssh connection to worker 0, a failed bucket listing or slice query: look again later; the
+  live job is neither stopped nor reinstalled."""
+  ssh0 = "'compute tpus tpu-vm ssh * --worker=0 *'"
+  cloud.plan(f"fault {ssh0}; fault 'storage ls *'; fault 'compute tpus queued-resources describe *'; fault {ssh0}; "
+             "run 5; complete")
+  status, stderr = cloud.run(*UNTIL_DONE)
+  assert status == 0 and "the run is done" in stderr, stderr
+  events = cloud.events()
+  assert [e for e in events if e.startswith(("start", "stopped"))] == ["start 1 from=scratch code=v1"], events
+  assert _installs(events) == 1
+
+
+def test_until_done_survives_a_failed_relaunch(cloud):
+  """A preempted slice whose re-creation fails once: the babysitter tries again at the next look."""
+  cloud.plan("fault 'compute tpus queued-resources create *'; preempt", "complete")
+  status, stderr = cloud.run(*UNTIL_DONE)
+  assert status == 0 and "the run is done" in stderr, stderr
+  assert [e for e in cloud.events() if e.startswith("start")] == ["start 1 from=scratch code=v1",
+                                                                  "start 2 from=1 code=v1"]
+  assert sum("queued-resources create" in c for c in cloud.calls()) == 3  # the first, the failed one, the retry
+
+
+def test_no_setup_still_sets_up_a_slice_that_run_sh_created(cloud):
+  """--no-setup means "the workers are set up already": a slice created (or re-created after a preemption)
+  by run.sh is new, so it is set up all the same."""
+  cloud.plan("preempt", "complete")
+  status, stderr = cloud.run("--no-setup", *UNTIL_DONE)
+  assert status == 0 and "the run is done" in stderr, stderr
+  assert _installs(cloud.events()) == 2
+
+
+def test_until_done_needs_a_bucket_workdir(tools):
+  """A preempted slice is re-created with new disks: only a bucket keeps the checkpoints and the markers
+  --until-done reads (a local path would be looked up on this machine)."""
+  for dry in (True, False):
+    status, commands, stderr = launch(tools, f"{TPU}/run.sh", *V5E, "--type=v5litepod-8", "--until-done", "--",
+                                      "--config=configs/pretrain/tiny.py", "--workdir=runs/tiny", dry=dry)
+    assert status == 2 and "--until-done needs a workdir in a bucket (--workdir=gs://BUCKET/PATH)" in stderr, stderr
+    assert commands == []
+
+
+def test_the_workdir_path_is_normalised(tools):
+  commands, _ = ok(tools, f"{TPU}/run.sh", *V5E, "--type=v5litepod-16", "--until-done", "--no-setup", "--",
+                   "--config=configs/pretrain/tiny.py", "--workdir=gs://bkt//runs/tiny/")
+  assert ["gcloud", "storage", "ls", "gs://bkt/runs/tiny/COMPLETED"] in commands
+  job = [option(c, "command") for c in commands if " nohup " in c[-1]]
+  assert len(job) == 1 and " --workdir=gs://bkt/runs/tiny >" in job[0], job
+  assert not any("bkt//" in w or "tiny//" in w for c in commands for w in c), commands
 
 
 def _gcloud_commands(tools):
