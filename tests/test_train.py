@@ -201,6 +201,36 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_device_mesh
   assert not (tmp_path / "COMPLETED").exists()
 
 
+# ----------------------------------------------------------------------------- a fresh start never overwrites
+
+
+def _tree(root):
+  """{relative path: bytes} of every file under `root`."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(d, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, root)] = fh.read()
+  return out
+
+
+def test_resume_false_starts_fresh_but_is_refused_where_checkpoints_exist(tmp_path, one_device_mesh):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(steps=4)
+  config.checkpoint.resume = False  # a fresh start in a new workdir: trains and saves as usual
+  loop.train(config, workdir, mesh=one_device_mesh, show_progress=False)
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10).steps() == [2, 4]
+  before = _tree(workdir)
+  config.train.seed = 7  # another run in the same workdir: its saves would be declined by orbax (a later
+  with pytest.raises(ckpt_lib.CheckpointsExistError) as e:  # step exists) or mixed with the old run's
+    loop.train(config, workdir, mesh=one_device_mesh, show_progress=False)
+  message = str(e.value)
+  assert workdir in message and "steps [2, 4]" in message
+  assert "new --workdir" in message and "delete" in message
+  assert _tree(workdir) == before  # nothing written, moved or removed (COMPLETED of the first run included)
+
+
 def test_cli_reports_errors_without_a_traceback_and_marks_failure(tmp_path):
   run = subprocess.run(
       [sys.executable, "-m", "emjax.main", "--config=configs/pretrain/tiny.py:smoke", f"--workdir={tmp_path}",

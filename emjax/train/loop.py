@@ -486,6 +486,8 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   pipeline of `config.data`). A source with a `set_weights(params, frozen)` method
   is handed the current weights before every batch it produces (on-policy data).
   """
+  if not config.checkpoint.resume:  # before anything is written: an earlier run's checkpoints stay as they are
+    ckpt_lib.refuse_fresh_start(paths.path(workdir) / "checkpoints")
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
   _clear_status(workdir)
   trainer = Trainer(config, mesh)
