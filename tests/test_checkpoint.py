@@ -218,3 +218,39 @@ def test_mismatch_message_lists_the_first_differences_and_counts_the_rest():
   with_dtype = {"a": dict(wanted["a"], w0=jax.ShapeDtypeStruct((2, 1), jnp.bfloat16))}
   assert "a/w0: checkpoint (2, 1) float32, this run (2, 1) bfloat16" in ckpt_lib.structure_differences(saved,
                                                                                                         with_dtype)
+
+
+# ----------------------------------------------------------------------------- a save is never silently skipped
+
+
+def test_a_save_that_orbax_declines_is_an_error_and_the_later_step_is_kept(tmp_path):
+  ckdir = tmp_path / "checkpoints"
+  _save_steps(ckdir, [4])  # an earlier run's step
+  before = _listing(tmp_path)
+  ck = ckpt_lib.Checkpointer(str(ckdir), keep=10, async_save=False)
+  # orbax's CheckpointManager.save returns False (writes nothing) for a step at or below its latest one.
+  with pytest.raises(ckpt_lib.CheckpointSaveError, match=rf"step 2 was not saved in {ckdir}.*step 4"):
+    ck.save(2, _state(), {"position": 2})
+  ck.close()
+  assert _listing(tmp_path) == before  # step 4 untouched, no step 2
+
+
+def test_existing_steps_lists_step_directories_finalised_or_not(tmp_path):
+  ckdir = tmp_path / "checkpoints"
+  assert ckpt_lib.existing_steps(str(ckdir)) == []  # no directory yet
+  _save_steps(ckdir, [2, 4])
+  (ckdir / "6.orbax-checkpoint-tmp-17").mkdir()  # an interrupted save: not a step
+  (ckdir / "8").mkdir()  # a step directory orbax has not finalised (a bucket writes in place)
+  assert ckpt_lib.existing_steps(str(ckdir)) == [2, 4, 8]
+
+
+def test_a_fresh_start_is_refused_where_steps_exist_in_a_bucket_too(tmp_path):
+  from fake_gcs import fake_gcs
+  (tmp_path / "bucket" / "run" / "checkpoints" / "4").mkdir(parents=True)
+  before = _listing(tmp_path)
+  with fake_gcs(str(tmp_path)):
+    ckpt_lib.refuse_fresh_start("gs://bucket/new/checkpoints")  # nothing there: a fresh start is fine
+    with pytest.raises(ckpt_lib.CheckpointsExistError,
+                       match=r"workdir gs://bucket/run already holds checkpoints of steps \[4\]"):
+      ckpt_lib.refuse_fresh_start("gs://bucket/run/checkpoints")
+  assert _listing(tmp_path) == before

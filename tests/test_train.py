@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
@@ -187,6 +188,20 @@ def test_unknown_names_are_clear_errors(key, value, match):
     loop.Trainer(tiny_config(**{key: value}))
 
 
+def _saved_steps_are_finite(workdir, config, mesh):
+  """Every checkpoint in `workdir` holds a finite train state; returns their steps."""
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10)
+  abstract = loop.Trainer(config, mesh).layout.abstract
+  try:
+    for s in ck.steps():
+      state = ck._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      for leaf in jax.tree.leaves(state):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"checkpoint {s} holds non-finite values"
+    return ck.steps()
+  finally:
+    ck.close()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_device_mesh):
   config = tiny_config(steps=8, lr=1e30, warmup_steps=0, grad_clip=0.0)
   config.train.optimizer = "sgd"
@@ -195,10 +210,78 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_device_mesh
     loop.train(config, str(tmp_path), mesh=one_device_mesh, show_progress=False)
   message = str(e.value)
   assert "at step" in message
-  bad_step = int(message.split("at step ")[1].split(";")[0])
-  saved = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=10).steps()
+  bad_step = int(message.split("at step ")[1].split(";")[0].split(" ")[0])
+  saved = _saved_steps_are_finite(str(tmp_path), config, one_device_mesh)
   assert all(s < bad_step for s in saved)
+  assert (f"the last good checkpoint is step {saved[-1]}" in message if saved
+          else "no checkpoint was written before it" in message)
   assert not (tmp_path / "COMPLETED").exists()
+
+
+def _poison_step(monkeypatch, at_step: int, grad_norm: bool):
+  """The compiled step makes the parameters non-finite at step `at_step`, its loss (computed before the
+  update) finite: a NaN gradient (grad_norm NaN too) or an update that overflows (grad_norm finite)."""
+  make = loop.make_train_step
+
+  def make_poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def step(state, frozen, batch, teacher_params=None):
+      new_state, metrics = step_fn(state, frozen, batch, teacher_params)
+      hit = new_state["step"] == at_step
+      poison = jax.numpy.nan if grad_norm else jax.numpy.inf
+      params = jax.tree.map(lambda p: jax.numpy.where(hit, poison, p), new_state["params"])
+      if grad_norm:
+        metrics = dict(metrics, grad_norm=jax.numpy.where(hit, jax.numpy.nan, metrics["grad_norm"]))
+      return dict(new_state, params=params), metrics
+    return step
+  monkeypatch.setattr(loop, "make_train_step", make_poisoned)
+
+
+@pytest.mark.parametrize("grad_norm", [True, False], ids=["nan_gradient", "overflowing_update"])
+def test_a_step_with_non_finite_gradient_or_parameters_is_never_saved(tmp_path, one_device_mesh, monkeypatch,
+                                                                      grad_norm):
+  config = tiny_config(steps=8)  # saves every 2 steps
+  _poison_step(monkeypatch, at_step=4, grad_norm=grad_norm)
+  with pytest.raises(loop.NonFiniteLossError) as e:
+    loop.train(config, str(tmp_path), mesh=one_device_mesh, show_progress=False)
+  message = str(e.value)
+  assert "at step 4" in message
+  assert f"the last good checkpoint is step 2 in {tmp_path / 'checkpoints'}" in message
+  assert ("grad_norm" in message) == grad_norm
+  assert not (tmp_path / "checkpoints" / "4").exists()
+  assert _saved_steps_are_finite(str(tmp_path), config, one_device_mesh) == [2]
+  assert not (tmp_path / "COMPLETED").exists()
+
+
+# ----------------------------------------------------------------------------- a fresh start never overwrites
+
+
+def _tree(root):
+  """{relative path: bytes} of every file under `root`."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(d, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, root)] = fh.read()
+  return out
+
+
+def test_resume_false_starts_fresh_but_is_refused_where_checkpoints_exist(tmp_path, one_device_mesh):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(steps=4)
+  config.checkpoint.resume = False  # a fresh start in a new workdir: trains and saves as usual
+  loop.train(config, workdir, mesh=one_device_mesh, show_progress=False)
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10).steps() == [2, 4]
+  before = _tree(workdir)
+  config.train.seed = 7  # another run in the same workdir: its saves would be declined by orbax (a later
+  with pytest.raises(ckpt_lib.CheckpointsExistError) as e:  # step exists) or mixed with the old run's
+    loop.train(config, workdir, mesh=one_device_mesh, show_progress=False)
+  message = str(e.value)
+  assert workdir in message and "steps [2, 4]" in message
+  assert "new --workdir" in message and "delete" in message
+  assert _tree(workdir) == before  # nothing written, moved or removed (COMPLETED of the first run included)
 
 
 def test_cli_reports_errors_without_a_traceback_and_marks_failure(tmp_path):

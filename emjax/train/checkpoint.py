@@ -27,6 +27,13 @@ Restoring (`restore_latest`) takes the newest step that can be read:
 * Any other failure to read (e.g. a transient filesystem error) is a
   `CheckpointReadError`; nothing is moved.
 
+A save is never skipped in silence: orbax's CheckpointManager declines (returns
+False, writes nothing) a step at or below the newest step in the directory, and
+`save` turns that into a `CheckpointSaveError`. A run that must not resume
+(`checkpoint.resume=False`) calls `refuse_fresh_start` before it writes
+anything: a directory that already holds steps is a `CheckpointsExistError`, so
+an earlier run's checkpoints are never overwritten, mixed in or pruned.
+
 The directory may be in a bucket (gs://...): emjax's own file operations here go
 through emjax.paths, orbax's through epath and tensorstore.
 """
@@ -61,6 +68,14 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointReadError(ValueError):
   """A checkpoint that could not be read for a reason other than missing or truncated files."""
+
+
+class CheckpointSaveError(ValueError):
+  """A save that orbax declined (nothing written); raised instead of going on as if it had saved."""
+
+
+class CheckpointsExistError(ValueError):
+  """A run that must start afresh (checkpoint.resume=False) in a directory that already holds steps."""
 
 
 class _Unreadable(Exception):
@@ -227,6 +242,43 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+# ----------------------------------------------------------------------------- a fresh start
+
+_STEP_DIR_RE = re.compile(r"\d+$")
+
+
+def existing_steps(directory) -> list[int]:
+  """The step directories in `directory`, finalised or not (a bucket's are written in place); [] if none.
+
+  Interrupted saves (`<step>.orbax-checkpoint-tmp-*`) are not steps. Nothing is created or changed.
+  """
+  d = paths.path(directory)
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if _STEP_DIR_RE.match(p.name))
+
+
+def refuse_fresh_start(directory) -> None:
+  """For a run that must not resume (checkpoint.resume=False): a `CheckpointsExistError` if `directory`
+  already holds steps, before the run writes anything.
+
+  Such a run could not keep its own checkpoints there (orbax declines a step at or below the newest one,
+  and `max_to_keep` would prune the earlier run's steps among the new ones), and what loads the workdir
+  later would serve the earlier run's weights. Deleting them is left to the user.
+  """
+  steps = existing_steps(directory)
+  if not steps:
+    return
+  directory = os.fspath(paths.absolute(directory))
+  workdir = os.fspath(paths.path(directory).parent)
+  raise CheckpointsExistError(
+      f"config.checkpoint.resume=False starts a run afresh, but the workdir {workdir} already holds "
+      f"checkpoints of steps {steps} in {directory}, written by an earlier run. This run stopped before "
+      "writing anything: the earlier run's checkpoints, config and metrics are as they were. Start the "
+      "fresh run in a new --workdir; or resume the earlier run (leave checkpoint.resume at True); or, if "
+      f"its checkpoints are no longer wanted, delete {directory} yourself and rerun.")
+
+
 # ----------------------------------------------------------------------------- the checkpointer
 
 
@@ -253,13 +305,25 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ProcessDataHandler()})
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
-    """Saves `state` and THIS process's `data_state` (a JSON dict); every process calls it."""
+    """Saves `state` and THIS process's `data_state` (a JSON dict); every process calls it.
+
+    Raises CheckpointSaveError when orbax declines the step (one at or below the newest step in the
+    directory): nothing was written, and the caller must not go on as if it had been.
+    """
     try:
       data_state = json.loads(json.dumps(data_state))
     except (TypeError, ValueError) as e:
       raise TypeError(f"checkpoint: the data position must be a JSON-serialisable dict ({e})") from e
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ProcessDataSave(data_state)))
+    saved = self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             data=ProcessDataSave(data_state)))
+    if not saved:
+      later = [s for s in self.steps() if s >= step]
+      held = (f"it already holds step{'s' if len(later) > 1 else ''} {', '.join(map(str, later))}"
+              if later else "orbax gave no reason")
+      raise CheckpointSaveError(
+          f"checkpoint: step {step} was not saved in {self.directory}: {held}, and orbax saves no step at or "
+          "below the newest one. Nothing was written, so the run stops rather than go on without it: another "
+          "run is writing into this workdir, or it holds an earlier run's checkpoints. Use a new --workdir.")
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

@@ -469,14 +469,30 @@ def _truncate_metrics(path, resume_step: int) -> None:
     path.write_text("".join(keep))
 
 
+def _last_good(last_good_ckpt: int | None, ckpt_dir: str) -> str:
+  return (f"the last good checkpoint is step {last_good_ckpt} in {ckpt_dir}" if last_good_ckpt is not None
+          else "no checkpoint was written before it")
+
+
 def _finite_or_raise(rows: list[dict], last_good_ckpt: int | None, ckpt_dir: str) -> None:
+  """A NonFiniteLossError at the first row whose loss or grad_norm is not finite.
+
+  The loss is computed before the step's update, so a non-finite gradient shows in grad_norm first:
+  the parameters it updated are already non-finite while the loss is not. Called on a save step's
+  rows before it is saved, so such a step is never saved.
+  """
   for row in rows:
-    if not math.isfinite(row["loss"]):
-      where = (f"the last good checkpoint is step {last_good_ckpt} in {ckpt_dir}" if last_good_ckpt is not None
-               else "no checkpoint was written before it")
-      raise NonFiniteLossError(
-          f"loss became {row['loss']} at step {row['step']}; training stopped and nothing from that step "
-          f"on was saved; {where}. Lower train.lr or check the data.")
+    for key in ("loss", "grad_norm"):
+      if key in row and not math.isfinite(row[key]):
+        raise NonFiniteLossError(
+            f"{key} became {row[key]} at step {row['step']}; training stopped and nothing from that step "
+            f"on was saved; {_last_good(last_good_ckpt, ckpt_dir)}. Lower train.lr or check the data.")
+
+
+def _all_finite(tree) -> jax.Array:
+  """True when every floating-point value of `tree` is finite (one scalar)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool = True,
@@ -487,6 +503,8 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   pipeline of `config.data`). A source with a `set_weights(params, frozen)` method
   is handed the current weights before every batch it produces (on-policy data).
   """
+  if not config.checkpoint.resume:  # before anything is written: an earlier run's checkpoints stay as they are
+    ckpt_lib.refuse_fresh_start(paths.path(workdir) / "checkpoints")
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
   workdir_lib.clear_status(workdir)
   workdir_lib.record_launch(workdir, str(config.job))
@@ -545,6 +563,7 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
   last_row: dict = {}
   t_last, steps_since = time.perf_counter(), 0
 
+  state_finite = jax.jit(_all_finite, out_shardings=shd.replicated(mesh))  # checked before every save
   progress = _progress(start_step, tc.steps, show_progress)
   failed = True
   try:
@@ -573,6 +592,12 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
       if evaluate is not None and (step % config.eval.every_steps == 0 or step == tc.steps):
         evaluate(step, state, frozen, teacher)
       if should_save:
+        # This step's loss and grad_norm were checked above; an update can still overflow.
+        if not bool(jax.device_get(state_finite(state))):
+          raise NonFiniteLossError(
+              f"the parameters or optimizer state became non-finite at step {step} while its loss and gradient "
+              f"were finite (the update overflowed); training stopped and step {step} was not saved; "
+              f"{_last_good(last_saved, checkpointer.directory)}. Lower train.lr.")
         checkpointer.save(step, state, batches.get_state())
         last_saved = step
       progress.update(1)
