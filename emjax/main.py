@@ -53,47 +53,22 @@ def main(argv) -> int:
     from emjax import tracking  # pylint: disable=g-import-not-at-top
     _check_judge(config)  # before anything is written: a pasted key must reach no file, log or tracker
     tracking.check_config(config)  # before any work: wandb enabled but not installed is refused now
-    if config.job in ("train", "pretrain"):
+    if config.job in ("train", "pretrain"):  # the loop writes a bucket workdir through epath itself
       final = loop.train(config, workdir, show_progress=flags.FLAGS.progress,
                          make_batch_source=batch_source_for(config))
       log.info("done: %s", final)
-    elif config.job == "sft_grid":
-      from emjax.experiments import em_grid
-      em_grid.run_grid(config, workdir)
-    elif config.job == "teacher_top_k":
-      from emjax.train import precompute  # pylint: disable=g-import-not-at-top
-      precompute.run_teacher_top_k(config, workdir)
-    elif config.job == "sl":
-      from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
-      final = sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
-    elif config.job == "study":
-      from emjax.experiments import study  # pylint: disable=g-import-not-at-top
-      study.run_study(config, workdir, quiet=not flags.FLAGS.progress)
-    elif config.job == "sample":
-      from emjax.sample import run as sample_run
-      sample_run.run_sampling(config, workdir)
-    elif config.job == "eval":
-      from emjax.eval import run as eval_run
-      eval_run.run_eval(config, workdir)
-    elif config.job == "judge":
-      from emjax.eval import run as eval_run
-      eval_run.run_judge_job(config, workdir)
-    elif config.job == "report":
-      import jax
-      from emjax.eval import report
-      if jax.process_index() == 0:  # one writer of the report files
-        results = report.run_report(config, workdir)
-        workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
-                                     "models": sorted(results["models"])})
-    elif config.job == "compile":
-      from emjax.train import aot
-      aot.compile_and_report(config, workdir)
-    elif config.job == "plan":
-      from emjax.train import aot
-      aot.plan(config, workdir)
+      tracking.log_report_figures(config, workdir)
+    elif config.job in ("compile", "plan"):
+      from emjax.train import aot  # pylint: disable=g-import-not-at-top
+      (aot.compile_and_report if config.job == "compile" else aot.plan)(config, workdir)
+    elif config.job in STAGED_JOBS:
+      # These jobs write plain files: on a bucket workdir they write a staged local copy that is
+      # pushed as they go and when they end (emjax.workdir.staged).
+      with workdir_lib.staged(workdir) as wd:
+        run_staged_job(config, wd)
+        tracking.log_report_figures(config, wd)  # report, eval, study: their figures, when tracking is on
     else:
       raise ValueError(f"config.job: unknown job {config.job!r}")
-    tracking.log_report_figures(config, workdir)  # report, eval, study: their figures, when tracking is on
   # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
   # inside a job is a bug, and its traceback is what fixes it.
   except (ValueError, FileNotFoundError, loop.NonFiniteLossError, *_stopped_errors()) as e:
@@ -106,6 +81,42 @@ def main(argv) -> int:
     workdir_lib.mark_failed(workdir, e)
     raise
   return 0
+
+
+STAGED_JOBS = ("sft_grid", "teacher_top_k", "sl", "study", "sample", "eval", "judge", "report")
+
+
+def run_staged_job(config, workdir: str) -> None:
+  """One of STAGED_JOBS in `workdir` (a local directory: a bucket workdir's staged copy)."""
+  from emjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if config.job == "sft_grid":
+    from emjax.experiments import em_grid  # pylint: disable=g-import-not-at-top
+    em_grid.run_grid(config, workdir)
+  elif config.job == "teacher_top_k":
+    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
+    precompute.run_teacher_top_k(config, workdir)
+  elif config.job == "sl":
+    from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
+    sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
+  elif config.job == "study":
+    from emjax.experiments import study  # pylint: disable=g-import-not-at-top
+    study.run_study(config, workdir, quiet=not flags.FLAGS.progress)
+  elif config.job == "sample":
+    from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+    sample_run.run_sampling(config, workdir)
+  elif config.job == "eval":
+    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+    eval_run.run_eval(config, workdir)
+  elif config.job == "judge":
+    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+    eval_run.run_judge_job(config, workdir)
+  elif config.job == "report":
+    from emjax.eval import report  # pylint: disable=g-import-not-at-top
+    if workdir_lib.process_index() == 0:  # one writer of the report files
+      workdir_lib.clear_status(workdir)
+      results = report.run_report(config, workdir)
+      workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
+                                          "models": sorted(results["models"])})
 
 
 def _stopped_errors() -> tuple[type[BaseException], ...]:

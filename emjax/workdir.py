@@ -12,17 +12,31 @@ Every path goes through `emjax.paths` (a local directory or a bucket alike); who
 atomic (a kill leaves the old file or the new one, never half of one). On several processes one
 writes (process 0) and `barrier` makes the others wait until it has; a job calls them at the same
 points on every process.
+
+A bucket workdir for a job that writes plain files (everything but the training loop, which writes
+through epath itself): `staged(workdir)` gives the job a local copy (named scratch: $EMJAX_SCRATCH,
+default ~/.cache/emjax/staging/<bucket path>), pulled from the bucket first, so a relaunch on a fresh
+VM resumes from what was pushed. Everything the job writes is pushed to the bucket every
+`SYNC_SECONDS`, at every `barrier` (process 0 pushes, then the others pull what it wrote) and when
+the job ends, whatever way it ends; files the job deleted are deleted there too. The status is the
+bucket's: clearing it clears the bucket's, and COMPLETED (or FAILED) is written there only after the
+push of everything it vouches for. A preemption loses at most the last `SYNC_SECONDS` of writes, which
+a relaunch redoes (every job resumes from its files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
-from typing import Any, Mapping
+import threading
+from typing import Any, Iterator, Mapping
 
 import jax
 
@@ -32,6 +46,10 @@ COMPLETE_FILE = "COMPLETED"
 FAILED_FILE = "FAILED"
 SETTINGS_FILE = "settings.json"
 LAUNCHES_FILE = "launches.jsonl"
+SYNC_SECONDS = 60.0
+MARKERS = (COMPLETE_FILE, FAILED_FILE)
+
+log = logging.getLogger(__name__)
 
 
 class SettingsMismatch(ValueError):
@@ -43,10 +61,15 @@ def process_index() -> int:
 
 
 def barrier(name: str) -> None:
-  """Every process waits here until all have arrived (a no-op with one process)."""
+  """Every process waits here until all have arrived (a no-op with one process). In a staged bucket
+  workdir what process 0 wrote before it is in every process's copy after it."""
+  if _STAGE is not None and process_index() == 0:
+    _STAGE.push()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top -- multi-process only
     multihost_utils.sync_global_devices(name)
+    if _STAGE is not None and process_index() != 0:
+      _STAGE.pull()
 
 
 def exists(p) -> bool:
@@ -80,20 +103,34 @@ def is_complete(workdir) -> bool:
   return exists(paths.path(workdir) / COMPLETE_FILE)
 
 
+def _status_dirs(workdir) -> list[str]:
+  """The directories whose markers are `workdir`'s: itself, and its bucket when it is a staged copy."""
+  out = [os.fspath(workdir)]
+  if _STAGE is not None and os.path.abspath(os.fspath(workdir)) == _STAGE.local:
+    out.append(_STAGE.remote)
+  return out
+
+
 def clear_status(workdir) -> None:
   """A run starts: neither COMPLETED nor FAILED until it ends (process 0 removes them)."""
   if process_index() != 0:
     return
-  for name in (COMPLETE_FILE, FAILED_FILE):
-    (paths.path(workdir) / name).unlink(missing_ok=True)
+  for d in _status_dirs(workdir):
+    for name in MARKERS:
+      (paths.path(d) / name).unlink(missing_ok=True)
 
 
 def mark_complete(workdir, summary: Mapping) -> None:
-  """The run ended well: COMPLETED holds its summary; a FAILED of an earlier attempt goes first."""
+  """The run ended well: COMPLETED holds its summary; a FAILED of an earlier attempt goes first. In a
+  staged bucket workdir everything is pushed first, so COMPLETED never vouches for a file not there."""
   if process_index() != 0:
     return
-  (paths.path(workdir) / FAILED_FILE).unlink(missing_ok=True)
-  write_text(paths.path(workdir) / COMPLETE_FILE, json.dumps(summary, default=str))
+  dirs = _status_dirs(workdir)
+  if len(dirs) > 1:
+    _STAGE.push()
+  for d in dirs:
+    (paths.path(d) / FAILED_FILE).unlink(missing_ok=True)
+    write_text(paths.path(d) / COMPLETE_FILE, json.dumps(summary, default=str))
 
 
 def mark_failed(workdir, error: BaseException) -> None:
@@ -109,8 +146,14 @@ def mark_failed(workdir, error: BaseException) -> None:
 def write_failed(workdir, text: str) -> None:
   """FAILED holding `text`, on whichever process calls it (`mark_failed` is process 0's; the command
   line's own errors come before jax.distributed starts, when every process writes the same file)."""
-  if workdir and (paths.is_remote(workdir) or paths.path(workdir).is_dir()) and not is_complete(workdir):
-    write_text(paths.path(workdir) / FAILED_FILE, f"{text}\n")
+  if not workdir:
+    return
+  dirs = _status_dirs(workdir)
+  if len(dirs) > 1:
+    _STAGE.push()
+  for d in dirs:
+    if (paths.is_remote(d) or paths.path(d).is_dir()) and not is_complete(d):
+      write_text(paths.path(d) / FAILED_FILE, f"{text}\n")
 
 
 def error_is_settings_mismatch(error: BaseException) -> bool:
@@ -183,3 +226,126 @@ def record_launch(workdir, job: str, argv: list[str] | None = None) -> dict:
     old = p.read_text() if p.exists() else ""
     write_text(p, old + json.dumps(row, sort_keys=True) + "\n")
   return row
+
+
+# ----------------------------------------------------------------------------- a bucket workdir, staged
+
+
+def scratch_dir(remote: str) -> str:
+  """The local copy of bucket workdir `remote` (named scratch: $EMJAX_SCRATCH or ~/.cache/emjax/staging)."""
+  root = os.environ.get("EMJAX_SCRATCH") or os.path.join(os.path.expanduser("~"), ".cache", "emjax", "staging")
+  return os.path.abspath(os.path.join(root, re.sub(r"[^A-Za-z0-9._-]+", "_", remote.rstrip("/"))))
+
+
+class Stage:
+  """A bucket workdir and its local copy: `pull` brings the bucket's files down, `push` sends the
+  copy's changes up (new and changed files, then deletions; markers are the status functions')."""
+
+  def __init__(self, remote: str, local: str):
+    self.remote, self.local = remote.rstrip("/"), os.path.abspath(local)
+    self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) as last pushed
+    self._lock = threading.Lock()
+
+  def _local_files(self) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, _, files in os.walk(self.local):
+      for f in files:
+        full = os.path.join(dirpath, f)
+        rel = os.path.relpath(full, self.local)
+        if f.endswith(".tmp") or rel in MARKERS:
+          continue
+        st = os.stat(full)
+        out[rel] = (st.st_size, st.st_mtime_ns)
+    return out
+
+  def pull(self) -> int:
+    """Copies every object of the bucket workdir that the local copy lacks or holds otherwise; returns
+    how many. The top-level markers stay in the bucket (the status functions read them there)."""
+    root, n = paths.path(self.remote), 0
+    if not root.exists():
+      return 0
+    with self._lock:
+      for rel in self._remote_files(root):
+        if rel in MARKERS:
+          continue
+        dst = os.path.join(self.local, rel)
+        data = (root / rel).read_bytes()
+        same = os.path.exists(dst) and os.path.getsize(dst) == len(data)
+        if same:
+          with open(dst, "rb") as f:
+            same = f.read() == data
+        if not same:
+          os.makedirs(os.path.dirname(dst), exist_ok=True)
+          with open(dst + ".pull.tmp", "wb") as f:
+            f.write(data)
+          os.replace(dst + ".pull.tmp", dst)
+          n += 1
+        st = os.stat(dst)
+        self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+    return n
+
+  @staticmethod
+  def _remote_files(root) -> list[str]:
+    """The objects under `root`, relative to it. gpath has no recursive glob, and its walk names
+    directories without the scheme: paths are taken relative to the first (the root as it names it)."""
+    walk = list(root.walk())
+    top = os.fspath(walk[0][0]) if walk else ""
+    return [os.path.normpath(os.path.join(os.path.relpath(os.fspath(d), top), f)) for d, _, files in walk for f in files]
+
+  def push(self) -> int:
+    """Sends new and changed files to the bucket, then deletes there what the job deleted here; a
+    sub-run's markers after everything else, so they never vouch for a file not yet there."""
+    with self._lock:
+      now = self._local_files()
+      changed = [rel for rel, sig in now.items() if self._pushed.get(rel) != sig]
+      changed.sort(key=lambda rel: os.path.basename(rel) in MARKERS)
+      root = paths.path(self.remote)
+      for rel in changed:
+        with open(os.path.join(self.local, rel), "rb") as f:
+          (root / rel).write_bytes(f.read())
+        self._pushed[rel] = now[rel]
+      gone = [rel for rel in self._pushed if rel not in now]
+      for rel in gone:
+        (root / rel).unlink(missing_ok=True)
+        del self._pushed[rel]
+    return len(changed) + len(gone)
+
+
+_STAGE: Stage | None = None
+
+
+@contextlib.contextmanager
+def staged(workdir: str, sync_seconds: float = SYNC_SECONDS) -> Iterator[str]:
+  """The directory a job writes into: `workdir` itself when local, else its staged local copy (see
+  the module docstring), pushed every `sync_seconds` and when the job ends, however it ends."""
+  global _STAGE
+  if not paths.is_remote(workdir) or _STAGE is not None:
+    yield workdir
+    return
+  stage = Stage(workdir, scratch_dir(workdir))
+  os.makedirs(stage.local, exist_ok=True)
+  stage.pull()
+  barrier("emjax-stage-pulled")
+  stop = threading.Event()
+
+  def sync():
+    while not stop.wait(sync_seconds):
+      try:
+        stage.push()
+      except Exception as e:  # pylint: disable=broad-except -- the next push tries again
+        log.warning("pushing %s to %s failed (tried again in %.0f s): %s", stage.local, stage.remote, sync_seconds, e)
+
+  _STAGE = stage
+  thread = threading.Thread(target=sync, daemon=True, name="emjax-stage-sync") if process_index() == 0 else None
+  if thread:
+    thread.start()
+  log.info("workdir %s is staged in %s", stage.remote, stage.local)
+  try:
+    yield stage.local
+  finally:
+    stop.set()
+    if thread:
+      thread.join()
+    _STAGE = None
+    if process_index() == 0:
+      stage.push()

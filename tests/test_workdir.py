@@ -84,3 +84,49 @@ def test_whole_file_writes_leave_no_partial_file(tmp_path):
   p = str(tmp_path / "a" / "b.json")
   workdir_lib.write_json(p, {"x": 1})
   assert workdir_lib.read_json(p) == {"x": 1} and os.listdir(tmp_path / "a") == ["b.json"]
+
+
+def test_a_staged_bucket_workdir_is_pulled_pushed_and_marked_in_the_bucket(tmp_path, monkeypatch):
+  import time
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  bucket = tmp_path / "gcs" / "b" / "run"
+  with fake_gcs(str(tmp_path / "gcs")):
+    paths.path("gs://b/run/old/kept.txt").write_text("from an earlier launch")
+    paths.path("gs://b/run/old/dropped.txt").write_text("the job deletes it")
+    paths.path("gs://b/run/COMPLETED").write_text("{}")
+    with workdir_lib.staged("gs://b/run", sync_seconds=0.2) as wd:
+      assert open(os.path.join(wd, "old", "kept.txt")).read() == "from an earlier launch"
+      workdir_lib.clear_status(wd)  # the bucket's status is cleared, not only the copy's
+      assert not (bucket / "COMPLETED").exists()
+      os.remove(os.path.join(wd, "old", "dropped.txt"))
+      os.makedirs(os.path.join(wd, "sub"))
+      with open(os.path.join(wd, "sub", "rows.jsonl"), "w") as f:
+        f.write("a\n")
+      deadline = time.time() + 10
+      while not (bucket / "sub" / "rows.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+      assert (bucket / "sub" / "rows.jsonl").read_text() == "a\n"  # pushed while the job runs
+      with open(os.path.join(wd, "sub", "COMPLETED"), "w") as f:  # a sub-run's marker travels as a file
+        f.write("{}")
+      with open(os.path.join(wd, "late.txt"), "w") as f:
+        f.write("written just before the end")
+      workdir_lib.mark_complete(wd, {"ok": True})
+      # COMPLETED vouches for everything: what was written before it is in the bucket already.
+      assert json.loads((bucket / "COMPLETED").read_text()) == {"ok": True} and (bucket / "late.txt").exists()
+    assert not (bucket / "old" / "dropped.txt").exists() and (bucket / "old" / "kept.txt").exists()
+    assert (bucket / "sub" / "COMPLETED").exists()
+
+
+def test_a_staged_job_that_fails_keeps_what_it_wrote_and_says_so_in_the_bucket(tmp_path, monkeypatch):
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  bucket = tmp_path / "gcs" / "b" / "run"
+  with fake_gcs(str(tmp_path / "gcs")):
+    with pytest.raises(RuntimeError):
+      with workdir_lib.staged("gs://b/run", sync_seconds=3600) as wd:
+        workdir_lib.clear_status(wd)
+        with open(os.path.join(wd, "partial.jsonl"), "w") as f:
+          f.write("judged so far\n")
+        raise RuntimeError("preempted")
+    workdir_lib.mark_failed("gs://b/run", RuntimeError("preempted"))  # as emjax.main does, after the push
+    assert (bucket / "partial.jsonl").read_text() == "judged so far\n"
+    assert (bucket / "FAILED").exists() and not (bucket / "COMPLETED").exists()

@@ -240,16 +240,8 @@ def audit_path(workdir: str, seed: int) -> str:
   return os.path.join(workdir, "audit", f"seed{seed}.json")
 
 
-def _process_index() -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index()
-
-
-def _barrier(name: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+_process_index = workdir_lib.process_index
+_barrier = workdir_lib.barrier  # in a staged bucket workdir it also brings what process 0 wrote
 
 
 def write_world(config, workdir: str, seed: int) -> dict[str, str]:

@@ -376,3 +376,37 @@ def test_a_report_over_records_never_judged_is_partial_and_not_complete(finished
   text = (out / "report.md").read_text()
   assert "**PARTIAL: 4 records of this evaluation have no judgement yet**" in text
   assert json.loads((out / "results.json").read_text())["judging"]["partial"] is True
+
+
+def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(finished, material, tmp_path, monkeypatch):
+  """--workdir=gs://...: the eval job writes a staged copy (emjax.workdir.staged) and every file of a
+  local run ends in the bucket, COMPLETED last; a relaunch on a fresh machine (no copy) resumes from
+  the bucket and judges nothing again. Nothing is written locally outside the named scratch."""
+  import jax
+  from emjax import sharding, workdir as workdir_lib
+  from emjax.eval import run
+  from tests.fake_gcs import fake_gcs
+
+  out, _ = finished
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  monkeypatch.chdir(tmp_path)
+  bucket = tmp_path / "gcs" / "bucket" / "ev"
+  local_names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+  with fake_gcs(str(tmp_path / "gcs")):
+    with workdir_lib.staged("gs://bucket/ev") as wd:
+      assert wd.startswith(str(tmp_path / "scratch"))
+      run.run_eval(_eval_config(material, stages=STAGES), wd, mesh=mesh)
+    names = sorted(str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file())
+    assert [n for n in names if n != "launches.jsonl"] == [n for n in local_names if n != "launches.jsonl"]
+    assert workdir_lib.is_complete("gs://bucket/ev")
+    judged = (bucket / "general" / "judged.jsonl").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["gcs", "scratch"]  # no 'gs:' directory beside them
+    # A fresh machine: the staged copy is gone; the rerun pulls the bucket and resumes.
+    import shutil
+    shutil.rmtree(tmp_path / "scratch")
+    with workdir_lib.staged("gs://bucket/ev") as wd:
+      summary = run.run_eval(_eval_config(material, stages=STAGES), wd, mesh=mesh)
+    assert summary["general"]["judged"] == 0 and summary["general"]["already_judged"] == summary["general"]["records"]
+    assert (bucket / "general" / "judged.jsonl").read_bytes() == judged
+    assert len((bucket / "launches.jsonl").read_text().splitlines()) == 2
