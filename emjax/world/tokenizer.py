@@ -5,7 +5,7 @@ that the chat masks, the sampler's chat prompts, the eval job and distillation t
 from scratch exactly like imported ones (`data.tokenizer.kind='hf'`). Byte-level, so any text
 round-trips; the world's words and names become single tokens once the vocabulary covers them.
 
-    python -m emjax.world tokenizer --out DIR     (also written by `python -m emjax.world write`)
+Written into every world directory by `emjax.world.corpus.write_world` (the study's world stage).
 """
 
 from __future__ import annotations
