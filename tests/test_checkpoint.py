@@ -246,7 +246,10 @@ def test_existing_steps_lists_step_directories_finalised_or_not(tmp_path):
 
 def test_a_fresh_start_is_refused_where_steps_exist_in_a_bucket_too(tmp_path):
   from fake_gcs import fake_gcs
-  (tmp_path / "bucket" / "run" / "checkpoints" / "4").mkdir(parents=True)
+  # A step a save left unfinished (no commit_success.txt): still a step of the earlier run. A bucket has no
+  # empty directories, so the step holds an object.
+  (tmp_path / "bucket" / "run" / "checkpoints" / "4" / "state").mkdir(parents=True)
+  (tmp_path / "bucket" / "run" / "checkpoints" / "4" / "state" / "_METADATA").write_text("{}")
   before = _listing(tmp_path)
   with fake_gcs(str(tmp_path)):
     ckpt_lib.refuse_fresh_start("gs://bucket/new/checkpoints")  # nothing there: a fresh start is fine
