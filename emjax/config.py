@@ -170,7 +170,11 @@ def validate(config) -> None:
 
 
 def write_config(config, workdir: str) -> None:
-  """The resolved config as JSON; a resumed run with a different config keeps the old one beside it."""
+  """The resolved config as JSON; a resumed run with a different config keeps the old one beside it.
+
+  Every write is whole (`paths.write_text`): the old config is copied to `config.json.<n>` first and
+  config.json then replaced, so a kill at any point leaves a complete config.json (the old or the new).
+  """
   import jax
 
   if jax.process_index() != 0:
@@ -178,12 +182,16 @@ def write_config(config, workdir: str) -> None:
   path = paths.path(workdir) / "config.json"
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   if path.exists():
-    if path.read_text() != text:
-      n = 1
-      while path.with_name(f"{path.name}.{n}").exists():
-        n += 1
-      path.rename(path.with_name(f"{path.name}.{n}"))
-  path.write_text(text)
+    old = path.read_text()
+    if old == text:
+      return
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+      n += 1
+    # (Unless the newest kept copy is it already: a run killed between the two writes.)
+    if n == 1 or path.with_name(f"{path.name}.{n - 1}").read_text() != old:
+      paths.write_text(path.with_name(f"{path.name}.{n}"), old)
+  paths.write_text(path, text)
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:

@@ -150,11 +150,30 @@ def _is_emjax_config(path) -> bool:
 
 
 def complete_steps(checkpoints: str) -> list[int]:
-  """The step numbers in a checkpoints directory, ascending (a save cut by a kill has no number)."""
+  """The steps orbax has finalised in a checkpoints directory, ascending; [] if none (or no directory).
+
+  Orbax's own predicate decides (`orbax.checkpoint.utils.checkpoint_steps_paths`): on a local disk a
+  step is written under a temporary name and renamed when complete, so a numbered directory is final;
+  in a bucket a step is written in place under its number and is final only once orbax has written
+  its `commit_success.txt`, so a step still being saved (or cut short by a kill) is not listed.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   d = paths.path(checkpoints)
   if not d.is_dir():
     return []
-  return sorted(int(c.name) for c in d.iterdir() if c.name.isdigit())
+  return sorted(int(p.name) for p in ocp.utils.checkpoint_steps_paths(d) if p.name.isdigit())
+
+
+def _unfinished_saves(checkpoints: str) -> list[str]:
+  """The names of saves in `checkpoints` orbax has not finalised: `<step>.orbax-checkpoint-tmp-*`
+  directories (a disk) and numbered steps without their commit file (a bucket)."""
+  d = paths.path(checkpoints)
+  if not d.is_dir():
+    return []
+  final = set(complete_steps(checkpoints))
+  return sorted(p.name for p in d.iterdir()
+                if "tmp" in p.name or (p.name.isdigit() and int(p.name) not in final and p.is_dir()))
 
 
 def resolve(path: str, *, step: int | None = None, key: str = "", base: str = "", base_key: str = "") -> Source:
@@ -372,12 +391,14 @@ def read_params(checkpoints: str, abstract: dict, *, step: int | None = None, la
   steps = complete_steps(checkpoints)
   if step is not None:
     if step not in steps:
-      raise FileNotFoundError(f"{label}: no step {step} in {checkpoints} (steps there: {steps or 'none'})")
+      unfinished = " (it was not finalised: a save still under way, or cut short)" \
+          if str(step) in _unfinished_saves(checkpoints) else ""
+      raise FileNotFoundError(f"{label}: no step {step} in {checkpoints}{unfinished} (steps there: {steps or 'none'})")
     candidates = [step]
   else:
     if not steps:
       exists = paths.path(checkpoints).is_dir()
-      partial = sorted(d.name for d in paths.path(checkpoints).iterdir() if "tmp" in d.name) if exists else []
+      partial = _unfinished_saves(checkpoints)
       why = (f"; only incomplete saves ({', '.join(partial)}) of a run stopped while writing" if partial
              else "" if exists else "; the directory does not exist")
       raise FileNotFoundError(f"{label}: no complete checkpoint step in {checkpoints}{why}")

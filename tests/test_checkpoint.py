@@ -209,6 +209,35 @@ def test_only_process_0_moves_a_damaged_step_between_two_barriers(tmp_path, monk
   assert ck.steps() == [2]
 
 
+def test_a_damaged_step_in_a_bucket_is_set_aside_too(tmp_path, caplog):
+  """A bucket has no directories: `<directory>_unreadable/` cannot be made before the move (gcsfs's mkdir of a
+  prefix does nothing, and epath's rename wants the destination's parent to exist). Every object of the step
+  is moved, and the step number is free again."""
+  from fake_gcs import fake_gcs
+  ckdir, local = "gs://bucket/run/checkpoints", tmp_path / "bucket" / "run" / "checkpoints"
+  aside = tmp_path / "bucket" / "run" / "checkpoints_unreadable"
+  with fake_gcs(str(tmp_path)):
+    _save_steps(ckdir, [2, 4])
+    assert (local / "4" / "commit_success.txt").is_file()  # orbax's mark of a finalised step in a bucket
+    os.remove(local / "4" / "data" / "process_0-of-1.json")  # position lost
+    objects = _listing(local / "4")
+    with caplog.at_level(logging.ERROR):
+      ck = ckpt_lib.Checkpointer(ckdir, keep=10)
+      step, _, data = ck.restore_latest(_abstract())
+    assert (step, data) == (2, {"position": 2})
+    assert "moved unreadable step 4 to gs://bucket/run/checkpoints_unreadable/4" in caplog.text
+    assert not (local / "4").exists() and _listing(aside / "4") == objects  # every object kept, none left
+    assert ck.steps() == [2]
+    ck.save(4, _state(), {"position": "again"})  # the number is free again
+    ck.close()
+    # Damaged again: set aside beside the first one, which is kept.
+    os.remove(local / "4" / "data" / "process_0-of-1.json")
+    ck = ckpt_lib.Checkpointer(ckdir, keep=10)
+    assert ck.restore_latest(_abstract())[0] == 2
+    ck.close()
+    assert sorted(os.listdir(aside)) == ["4", "4.1"] and _listing(aside / "4") == objects
+
+
 def test_mismatch_message_lists_the_first_differences_and_counts_the_rest():
   saved = {"a": {f"w{i}": jax.ShapeDtypeStruct((2, i + 1), jnp.float32) for i in range(8)}}
   wanted = {"a": {f"w{i}": jax.ShapeDtypeStruct((2, i + 2), jnp.float32) for i in range(8)}}
@@ -246,7 +275,10 @@ def test_existing_steps_lists_step_directories_finalised_or_not(tmp_path):
 
 def test_a_fresh_start_is_refused_where_steps_exist_in_a_bucket_too(tmp_path):
   from fake_gcs import fake_gcs
-  (tmp_path / "bucket" / "run" / "checkpoints" / "4").mkdir(parents=True)
+  # A step a save left unfinished (no commit_success.txt): still a step of the earlier run. A bucket has no
+  # empty directories, so the step holds an object.
+  (tmp_path / "bucket" / "run" / "checkpoints" / "4" / "state").mkdir(parents=True)
+  (tmp_path / "bucket" / "run" / "checkpoints" / "4" / "state" / "_METADATA").write_text("{}")
   before = _listing(tmp_path)
   with fake_gcs(str(tmp_path)):
     ckpt_lib.refuse_fresh_start("gs://bucket/new/checkpoints")  # nothing there: a fresh start is fine

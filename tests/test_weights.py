@@ -154,6 +154,46 @@ def test_an_unreadable_step_falls_back_to_an_older_one_unless_asked_for(run_dir,
     weights.load_weights(str(broken), step=5, mesh=mesh1())
 
 
+def test_a_step_orbax_has_not_finalised_in_a_bucket_is_not_listed_nor_loaded(tmp_path):
+  """In a bucket orbax writes a step in place under its number and finalises it by writing
+  commit_success.txt last: a step without it is being saved (or was cut short) and is no step yet."""
+  import orbax.checkpoint as ocp
+  from fake_gcs import fake_gcs
+
+  run, local = "gs://bucket/run", tmp_path / "bucket" / "run"
+  with fake_gcs(str(tmp_path)):
+    config = config_lib.base_config()
+    config.model = dataclasses.asdict(CFG)
+    config_lib.write_config(config, run)
+    manager = ocp.CheckpointManager(f"{run}/checkpoints", options=ocp.CheckpointManagerOptions(create=True),
+                                    item_names=("state",))
+    for step in (3, 5):
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+          {"params": random_params(seed=step), "step": jnp.int32(step)})))
+    manager.wait_until_finished()
+    manager.close()
+    assert weights.complete_steps(f"{run}/checkpoints") == [3, 5]
+    # Step 5 as a save still under way leaves it: every file written but the commit file.
+    os.remove(local / "checkpoints" / "5" / "commit_success.txt")
+    assert weights.complete_steps(f"{run}/checkpoints") == [3]
+    assert weights.resolve(run).steps() == [3]
+    loaded = weights.load_weights(run, mesh=mesh1())
+    assert loaded.step == 3
+    assert_tree_equal(loaded.params, random_params(seed=3))
+    with pytest.raises(FileNotFoundError, match=r"no step 5 in gs://bucket/run/checkpoints \(it was not finalised"):
+      weights.load_weights(run, step=5, mesh=mesh1())
+
+
+def test_a_numbered_step_directory_on_a_disk_is_final_and_a_temporary_one_is_not(tmp_path):
+  """On a disk orbax finalises a step by renaming its temporary directory: the numbered name is the mark."""
+  ckdir = tmp_path / "checkpoints"
+  (ckdir / "2" / "state").mkdir(parents=True)
+  (ckdir / "4.orbax-checkpoint-tmp-17" / "state").mkdir(parents=True)
+  (ckdir / "notes").mkdir()
+  assert weights.complete_steps(str(ckdir)) == [2]
+  assert weights.complete_steps(str(tmp_path / "nowhere")) == []
+
+
 def test_fingerprint_is_exact_and_mesh_independent():
   params = random_params(seed=7)
   params["layers"]["attn_norm"]["scale"] = params["layers"]["attn_norm"]["scale"].astype(jnp.bfloat16)

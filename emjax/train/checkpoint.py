@@ -417,20 +417,24 @@ class Checkpointer:
         "nothing was moved")
 
   def _set_aside(self, steps: list[int]) -> None:
-    """Moves unreadable steps to `<directory>_unreadable/` (kept, for inspection) so saves can reuse their numbers."""
+    """Moves unreadable steps to `<directory>_unreadable/` (kept, for inspection) so saves can reuse their numbers.
+
+    Through `paths.move_tree`: in a bucket there is no `_unreadable/` directory to make (gcsfs's mkdir of a
+    prefix does nothing, and epath's rename refuses a destination whose parent does not exist), so each
+    object of the step is copied to its new name and then deleted.
+    """
     if not steps:
       return
     _barrier("emjax_checkpoint_before_set_aside")  # every process is done reading
     if _process()[0] == 0:
       aside = paths.path(self.directory.rstrip("/") + "_unreadable")
-      aside.mkdir(parents=True, exist_ok=True)
       for s in sorted(steps):
         src, dst = paths.path(self.directory) / str(s), aside / str(s)
         n = 0
         while dst.exists():
           n += 1
           dst = aside / f"{s}.{n}"
-        src.rename(dst)
+        paths.move_tree(src, dst)
         log.error("checkpoint: moved unreadable step %d to %s", s, dst)
     _barrier("emjax_checkpoint_after_set_aside")  # nobody lists the steps before the renames are done
     self._manager.close()
