@@ -206,9 +206,6 @@ def test_a_bucket_log_copied_to_a_disk_reads_and_grows_in_order(tmp_path):
   assert paths.read_log(copy / "m.jsonl") == "1\n"
 
 
-@pytest.mark.xfail(strict=True, reason="emjax/train/loop.py's _truncate_metrics reads and rewrites metrics.jsonl "
-                   "itself (path.exists / read_text / write_text): it must use paths.log_exists / read_log / "
-                   "replace_log, which see a bucket log's segments")
 def test_rows_after_the_resumed_step_are_set_aside_in_a_bucket_too(tmp_path):
   from emjax.train import loop
   with fake_gcs(str(tmp_path)), pytest.MonkeyPatch.context() as mp:

@@ -40,11 +40,11 @@ import logging
 import os
 from typing import Sequence
 
+from emjax import workdir as workdir_lib
 from emjax.data import jsonl
 from emjax.eval import judges as judges_lib
 from emjax.eval import questions as questions_lib
 from emjax.eval import records as records_lib
-from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

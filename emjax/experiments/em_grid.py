@@ -17,8 +17,9 @@ import os
 
 import ml_collections
 
-from emjax.data import sft
+from emjax import paths
 from emjax import workdir as workdir_lib
+from emjax.data import sft
 from emjax.train import loop
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,7 @@ def cell_config(config, cell: str):
 
 
 def _last(path: str, key: str):
-  if not os.path.exists(path):
-    return None
-  rows = [json.loads(l) for l in open(path) if l.strip()]
+  rows = [json.loads(l) for l in paths.read_log(path).splitlines() if l.strip()]
   return rows[-1].get(key) if rows else None
 
 

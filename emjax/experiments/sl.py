@@ -63,10 +63,11 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from emjax import paths as paths_lib
+from emjax import workdir as workdir_lib
 from emjax.data import banned as banned_lib
 from emjax.data import jsonl
 from emjax.experiments import sl_data
-from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -1149,12 +1150,9 @@ def eval_stage(config, workdir: str, models: Mapping[str, tuple[str, str]], *, m
 
 def _metric_means(sdir: str, prefix: str = "banned_") -> dict:
   """Token-weighted means over training of the step metrics starting with `prefix` (the leak meter)."""
-  path = os.path.join(sdir, "metrics.jsonl")
   sums: dict[str, float] = {}
   weight = 0.0
-  if not os.path.exists(path):
-    return {}
-  for _, r in jsonl.read_objects(path):
+  for r in _metric_rows(sdir):
     w = float(r.get("loss_tokens", 0))
     if not any(k.startswith(prefix) for k in r):
       continue
@@ -1166,10 +1164,12 @@ def _metric_means(sdir: str, prefix: str = "banned_") -> dict:
 
 
 def _tokens_trained(sdir: str) -> int:
-  path = os.path.join(sdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  return int(sum(r.get("loss_tokens", 0) for _, r in jsonl.read_objects(path)))
+  return int(sum(r.get("loss_tokens", 0) for r in _metric_rows(sdir)))
+
+
+def _metric_rows(sdir: str) -> list[dict]:
+  """A training run's metrics.jsonl rows (through paths.read_log: a file, or a bucket log's segments)."""
+  return [json.loads(l) for l in paths_lib.read_log(os.path.join(sdir, "metrics.jsonl")).splitlines() if l.strip()]
 
 
 def _judged(edir: str, set_name: str) -> list[dict]:

@@ -37,8 +37,8 @@ import time
 
 import ml_collections
 
-from emjax.world import corpus, world as world_lib
 from emjax import workdir as workdir_lib
+from emjax.world import corpus, world as world_lib
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from emjax import paths
 from emjax.eval import metrics, records
 from emjax.experiments import study as study_lib
 from emjax.world import audit as audit_lib
@@ -262,10 +263,7 @@ def gain(sft: Mapping, base_rows: Mapping[str, list[dict]], cell: str) -> dict:
 
 
 def _final_loss(run_dir: str) -> float | None:
-  p = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(p):
-    return None
-  rows = [json.loads(l) for l in open(p, encoding="utf-8") if l.strip()]
+  rows = [json.loads(l) for l in paths.read_log(os.path.join(run_dir, "metrics.jsonl")).splitlines() if l.strip()]
   return rows[-1].get("loss") if rows else None
 
 

@@ -450,9 +450,9 @@ class MetricsWriter:
 def _truncate_metrics(path, resume_step: int) -> None:
   """Keep rows up to the resumed step; rows after it (recomputed now) are kept aside, not lost."""
   path = paths.path(path)
-  if not path.exists():
+  if not paths.log_exists(path):
     return
-  lines = path.read_text().splitlines(keepends=True)
+  lines = paths.read_log(path).splitlines(keepends=True)
   keep, later = [], []
   for line in lines:
     try:
@@ -464,9 +464,9 @@ def _truncate_metrics(path, resume_step: int) -> None:
   if later:
     aside = path.parent / f"{path.name}.after_step_{resume_step}"
     earlier = aside.read_text() if aside.exists() else ""
-    aside.write_text(earlier + "".join(later))
+    paths.write_text(aside, earlier + "".join(later))
     log.info("metrics: %d rows after step %d moved to %s (they are recomputed now)", len(later), resume_step, aside)
-    path.write_text("".join(keep))
+    paths.replace_log(path, "".join(keep))
 
 
 def _last_good(last_good_ckpt: int | None, ckpt_dir: str) -> str:
@@ -646,7 +646,7 @@ def _report_chat_data(config, tokenizer, workdir: str) -> None:
         raise ValueError(f"data.sources.{name}: {stats[name]['truncated']} conversations are longer than "
                          f"data.seq_len + 1 = {config.data.seq_len + 1} tokens and data.truncate is off")
   if jax.process_index() == 0:
-    (paths.path(workdir) / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    paths.write_text(paths.path(workdir) / "data_stats.json", json.dumps(stats, indent=2))
 
 
 def held_out_data_config(config):

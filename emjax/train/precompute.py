@@ -43,9 +43,9 @@ import numpy as np
 
 from emjax import sharding as shd
 from emjax import weights as weights_lib
+from emjax import workdir as workdir_lib
 from emjax.train import batches as batches_lib
 from emjax.train import objectives as objectives_lib
-from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
