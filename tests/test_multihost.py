@@ -1,6 +1,9 @@
 """Two processes on this machine as one multi-host job (launch/multiprocess.sh, jax.distributed on 127.0.0.1).
 
 2 processes x 4 CPU devices on the mesh data=2 fsdp=2 tensor=2:
+  * SIGTERM to one process (a preemption notice): jax's preemption service tells the other, both save a
+    checkpoint at the same step, both exit with status 75 within seconds, neither COMPLETED nor FAILED is
+    written, and the rerun equals the uninterrupted run bit for bit;
   * killed with SIGKILL after a checkpoint and resumed: losses and final parameters equal the
     uninterrupted 2-process run bit for bit (each process resumes from its own data position; the
     newest checkpoint is damaged on process 1 only, so both must agree to skip it and process 0
@@ -74,10 +77,17 @@ def _complete_steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def straight(tmp_path_factory):
+  """The uninterrupted 2-process run that the others are compared with."""
+  root = tmp_path_factory.mktemp("straight")
+  _finish(_launch(root / "run", root / "logs"), root / "logs")
+  return root / "run"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, straight):
   root = tmp_path_factory.mktemp("multihost")
-  straight, killed = root / "straight", root / "killed"
-  _finish(_launch(straight, root / "logs_straight"), root / "logs_straight")
+  killed = root / "killed"
 
   proc = _launch(killed, root / "logs_killed")
   deadline = time.time() + 600
@@ -122,6 +132,66 @@ def test_sigkill_and_resume_equals_the_uninterrupted_two_process_run_bit_for_bit
   assert [r["step"] for r in ea] == [0, 6, 12, 15] == [r["step"] for r in eb]
   assert ea == eb
   pa, pb = _params(runs["straight"], STEPS), _params(runs["killed"], STEPS)
+  assert jax.tree.structure(pa) == jax.tree.structure(pb)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)  # bitwise
+
+
+def _process_pid(script_pid, index):
+  """The pid of process `index` among launch/multiprocess.sh's children (from /proc)."""
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    except OSError:
+      continue
+    if ppid == script_pid and f"--config.distributed.process_id={index}".encode() in argv:
+      return int(entry)
+  raise AssertionError(f"no process {index} under {script_pid}")
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bit_for_bit(straight, tmp_path_factory):
+  root = tmp_path_factory.mktemp("preempted")
+  run, logs = root / "run", root / "logs"
+  proc = _launch(run, logs)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:  # training under way: its first checkpoint is written
+    if _complete_steps(run):
+      break
+    time.sleep(0.05)
+  try:
+    os.kill(_process_pid(proc.pid, 1), signal.SIGTERM)  # one process only, as a spot VM's notice reaches one host
+    sent = time.time()
+    rc = proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  stopped_in = time.time() - sent
+  texts = [(logs / f"process_{i}.log").read_text() for i in (0, 1)]
+  assert rc == 75, [t[-3000:] for t in texts]
+  assert stopped_in < 30, f"both processes must stop within seconds, took {stopped_in:.0f}s"
+  saved = max(_complete_steps(run))
+  assert saved < STEPS, "the run ended before the notice took effect: raise STEPS"
+  for text in texts:  # the same agreed step on both, said in the log
+    assert f"step {saved} saved" in text and "preemption" in text, text[-3000:]
+  assert not (run / "COMPLETED").exists() and not (run / "FAILED").exists()
+  assert not [p for p in os.listdir(run / "checkpoints") if "tmp" in p]  # the save was final before the exit
+  assert [r["step"] for r in _metrics(run)] == list(range(1, saved + 1))
+
+  resumed_logs = root / "logs_resumed"
+  _finish(_launch(run, resumed_logs), resumed_logs)
+  assert f"resumed from step {saved}" in (resumed_logs / "process_0.log").read_text()
+  assert (run / "COMPLETED").exists()
+  a, b = _metrics(straight), _metrics(run)
+  assert [r["step"] for r in a] == list(range(1, STEPS + 1)) == [r["step"] for r in b]
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]  # exact
+  assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+  assert _metrics(straight, "eval.jsonl") == _metrics(run, "eval.jsonl")
+  pa, pb = _params(straight, STEPS), _params(run, STEPS)
   assert jax.tree.structure(pa) == jax.tree.structure(pb)
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)  # bitwise

@@ -282,6 +282,22 @@ def refuse_fresh_start(directory) -> None:
 # ----------------------------------------------------------------------------- the checkpointer
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager, leaving jax's preemption sync point to the training loop.
+
+  orbax asks `multihost_utils.reached_preemption_sync_point(step)` when it saves, and again from its
+  background finalize thread with the step it finalises, which by then may be behind the loop's step.
+  jax's protocol takes the last step each process passed it as that process's position, so such a call
+  could set the agreed step to one the loop has already passed on that process, which would then never
+  stop while the others wait for it. The loop (emjax.train.loop.PreemptionWatch) asks at every step, in
+  order, and decides the saves itself.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Step directories of one run: `save` every so often, `restore_latest` once at start.
 
@@ -300,7 +316,7 @@ class Checkpointer:
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
+    return _Manager(
         self.directory, options=self._options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ProcessDataHandler()})
 

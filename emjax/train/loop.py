@@ -7,6 +7,10 @@ The step is a pure function `(state, batch) -> (state, metrics)` compiled once
 with explicit in/out shardings. The model graph is split off once; inside the
 step `nnx.merge` only happens at trace time, so no per-step Python work grows
 with the model.
+
+A preemption (SIGTERM on one process; jax's preemption sync point on several) saves
+the step reached, waits for the save, and ends the run resumable: neither COMPLETED
+nor FAILED, exit status 75 (`PreemptionWatch`, `train`).
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from emjax import config as config_lib
@@ -46,6 +54,121 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+# ----------------------------------------------------------------------------- preemption
+
+# sysexits.h EX_TEMPFAIL ("try again later"): the run stopped on request at a saved step; rerun the same
+# command to resume. Not 0 (a chain `train && eval` must not go on with a half-trained model), not 1 (FAILED).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(BaseException):
+  """Training stopped on a preemption: `step` is saved and final (unless `saved` is False: nothing was trained
+  since the checkpoint the run started from, or since step 0), and neither COMPLETED nor FAILED was written.
+
+  A BaseException, as KeyboardInterrupt is: a stop on request, not an error for `except Exception` to swallow.
+  `train` ends the process with EXIT_PREEMPTED unless called with `exit_on_preemption=False`.
+  """
+
+  def __init__(self, step: int, *, saved: bool, cause: str, checkpoints: str, resume_step: int | None,
+               started: float | None = None):
+    super().__init__(step)
+    self.step, self.saved, self.cause, self.checkpoints = step, saved, cause, checkpoints
+    self.resume_step = step if saved else resume_step
+    self.started = time.perf_counter() if started is None else started  # the save's start: `save_s` times it
+    self.save_s = 0.0
+
+  def __str__(self) -> str:
+    if self.saved:
+      done = f"step {self.step} saved in {self.checkpoints} ({self.save_s:.1f} s, waited for)"
+    else:
+      done = f"stopped before step {self.step + 1}, nothing new to save"
+    resume = (f"rerun the same command to resume from step {self.resume_step}" if self.resume_step is not None
+              else "rerun the same command to start it again")
+    return (f"preemption ({self.cause}): {done}; the run stops with neither COMPLETED nor FAILED, exit status "
+            f"{EXIT_PREEMPTED}: {resume}")
+
+
+class PreemptionWatch:
+  """Whether training must stop at this step boundary, saving the step first: `reached(step)`.
+
+  * jax.distributed initialised (every multi-process job): jax's preemption service (on unless
+    `jax_enable_preemption_service` is off) takes SIGTERM on any process, tells every other one, and
+    sets a sync point, the step after the fastest process's; `reached` is
+    `multihost_utils.reached_preemption_sync_point`, called by every process at every step, so all stop
+    and save at the same step.
+  * otherwise (one process): a SIGTERM handler, installed in the main thread here and restored by
+    `close`, sets a flag that `reached` reads: the step being computed when the signal came is saved.
+
+  SIGINT is left as it is: Ctrl-C (and launch/tpu/stop.sh) stops at once and writes FAILED.
+  """
+
+  def __init__(self):
+    self.mode = "none"
+    self._received: float | None = None
+    self._previous = None
+    if jax.distributed.is_initialized():
+      if not getattr(jax.config, "jax_enable_preemption_service", True):
+        log.warning("preemption: jax_enable_preemption_service is off, so nothing takes SIGTERM: it ends this "
+                    "job without a checkpoint")
+        return
+      self.mode = "sync"
+      log.info("preemption: SIGTERM to any process (jax's preemption service) makes every process save the "
+               "same step and stop, resumable (exit status %d)", EXIT_PREEMPTED)
+    elif threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self.mode = "signal"
+      log.info("preemption: SIGTERM saves the step being trained and stops the run, resumable (exit status %d)",
+               EXIT_PREEMPTED)
+    else:
+      log.warning("preemption: training outside the main thread, where no signal handler can be installed: "
+                  "SIGTERM ends the process without a checkpoint")
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame  # no logging here: a handler may interrupt a write to the same stream
+    if self._received is None:
+      self._received = time.time()
+
+  @property
+  def cause(self) -> str:
+    if self.mode == "sync":
+      return "jax's preemption sync point: a process of this job was sent SIGTERM, every process stops here"
+    when = time.strftime("%H:%M:%S", time.localtime(self._received)) if self._received else "?"
+    return f"SIGTERM received at {when}"
+
+  def reached(self, step: int) -> bool:
+    """True when training must stop after `step` (every process must call this at every step, in order)."""
+    if self.mode == "sync":
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # the preemption service is off: SIGTERM is not caught, nothing to watch
+        log.warning("preemption: %s; a SIGTERM ends this job without a checkpoint", e)
+        self.mode = "none"
+        return False
+    return self._received is not None
+
+  def close(self) -> None:
+    if self.mode == "signal":
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+      self.mode = "none"
+
+
+def _exit_preempted() -> NoReturn:
+  """Ends the process now with EXIT_PREEMPTED: past the job's error handling, which would record the stop as
+  a failure (FAILED), and past nested jobs (a grid's, a study's) that would go on to their next run."""
+  if jax.distributed.is_initialized():
+    try:  # together: every process stopped at the same step, so none sees the coordinator vanish first
+      jax.distributed.shutdown()
+    except Exception as e:  # noqa: BLE001 -- leaving anyway
+      log.warning("preemption: jax.distributed.shutdown failed (%s); exiting anyway", e)
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # noqa: BLE001 -- a closed stream
+      pass
+  os._exit(EXIT_PREEMPTED)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -496,13 +619,41 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool = True,
-          make_batch_source: Callable[..., batches_lib.BatchSource] | None = None) -> dict:
+          make_batch_source: Callable[..., batches_lib.BatchSource] | None = None,
+          exit_on_preemption: bool = True) -> dict:
   """Run (or resume) the configured training job in `workdir`; returns the final metrics row.
 
   Batches come from `make_batch_source(trainer, tokenizer)` (default: the grain
   pipeline of `config.data`). A source with a `set_weights(params, frozen)` method
   is handed the current weights before every batch it produces (on-policy data).
+
+  Preemption (`PreemptionWatch`): after SIGTERM (one process) or at jax's preemption sync point (several),
+  the step reached is saved (the NaN guard first, as for every save), the save is waited for, and the run
+  stops with neither COMPLETED nor FAILED: the process ends with EXIT_PREEMPTED (75), or, with
+  `exit_on_preemption=False`, `Preempted` is raised. Rerunning resumes from that step, bit for bit. A
+  preemption at the last step completes the run as usual.
   """
+  watch = PreemptionWatch()
+  try:
+    return _train(config, workdir, watch, mesh=mesh, show_progress=show_progress,
+                  make_batch_source=make_batch_source)
+  except Preempted as stop:
+    stop.save_s = time.perf_counter() - stop.started
+    log.warning("%s", stop)
+    if exit_on_preemption:
+      _exit_preempted()
+    raise
+  finally:
+    watch.close()
+
+
+def _train(config, workdir: str, watch: PreemptionWatch, *, mesh: Mesh | None, show_progress: bool,
+           make_batch_source: Callable[..., batches_lib.BatchSource] | None) -> dict:
+  if watch.mode == "sync":
+    # jax's sync point is the step after the last one any process passed it. The step this run resumes from
+    # (the newest in the directory) is passed now, so that a notice while it starts up lands on a step it
+    # will reach, not on step 1.
+    watch.reached(max(ckpt_lib.existing_steps(paths.path(workdir) / "checkpoints"), default=0))
   if not config.checkpoint.resume:  # before anything is written: an earlier run's checkpoints stay as they are
     ckpt_lib.refuse_fresh_start(paths.path(workdir) / "checkpoints")
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -565,8 +716,15 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
 
   state_finite = jax.jit(_all_finite, out_shardings=shd.replicated(mesh))  # checked before every save
   progress = _progress(start_step, tc.steps, show_progress)
-  failed = True
+
+  def preempted(step: int, saved: bool, started: float | None = None) -> Preempted:
+    return Preempted(step, saved=saved, cause=watch.cause, checkpoints=checkpointer.directory,
+                     resume_step=last_saved, started=started)
+
+  outcome = "failed"
   try:
+    if watch.reached(start_step):  # before any step: the state is the checkpoint it started from (or step 0)
+      raise preempted(start_step, saved=False)
     for step in range(start_step + 1, tc.steps + 1):
       if wants_weights:
         batches.set_weights(state["params"], frozen)
@@ -574,7 +732,10 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
       state, metrics = compiled(state, frozen, batch, teacher)
       pending.append((step, metrics))
       steps_since += 1
-      should_save = step % config.checkpoint.every_steps == 0 or step == tc.steps
+      # Asked on every step by every process (jax's sync point needs each step); at the last step the run
+      # simply completes.
+      stop = watch.reached(step) and step < tc.steps
+      should_save = step % config.checkpoint.every_steps == 0 or step == tc.steps or stop
       if step % tc.log_every == 0 or should_save:
         rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
         pending.clear()
@@ -598,17 +759,23 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
               f"the parameters or optimizer state became non-finite at step {step} while its loss and gradient "
               f"were finite (the update overflowed); training stopped and step {step} was not saved; "
               f"{_last_good(last_saved, checkpointer.directory)}. Lower train.lr.")
+        save_started = time.perf_counter()
         checkpointer.save(step, state, batches.get_state())
         last_saved = step
       progress.update(1)
-    failed = False
+      if stop:  # saved above; `checkpointer.close()` below waits until the save is final
+        raise preempted(step, saved=True, started=save_started)
+    outcome = "completed"
+  except Preempted:
+    outcome = "preempted"
+    raise
   finally:
     progress.close()
-    checkpointer.close()
+    checkpointer.close()  # waits for the last save: a preempted run's step is final before the process ends
     writer.close()
     batches.close()
     if tracker is not None:
-      tracker.finish(failed=failed)
+      tracker.finish(failed=outcome == "failed")
   final = {"step": tc.steps, **{k: v for k, v in last_row.items() if k != "step"}}
   workdir_lib.mark_complete(workdir, final)
   return final

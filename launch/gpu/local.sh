@@ -43,4 +43,10 @@ env_args=(JAX_PLATFORMS=cuda EMJAX_DISTRIBUTED=0)
 if [ -n "$gpus" ]; then env_args+=(CUDA_VISIBLE_DEVICES="$gpus"); fi
 python="$(emjax_python)"
 cd "$LAUNCH_ROOT"
-run env "${env_args[@]}" "$python" -m emjax.main "${EMJAX_ARGS[@]}"
+if is_dry_run; then
+  run env "${env_args[@]}" "$python" -m emjax.main "${EMJAX_ARGS[@]}"
+else
+  # The job replaces this shell: a SIGTERM sent to it (a supervisor, `kill`) reaches the job, which saves a
+  # checkpoint at the step it is at and exits with status 75 (rerun to resume).
+  exec env "${env_args[@]}" "$python" -m emjax.main "${EMJAX_ARGS[@]}"
+fi
