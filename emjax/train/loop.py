@@ -68,7 +68,7 @@ class Preempted(BaseException):
   since the checkpoint the run started from, or since step 0), and neither COMPLETED nor FAILED was written.
 
   A BaseException, as KeyboardInterrupt is: a stop on request, not an error for `except Exception` to swallow.
-  `train` ends the process with EXIT_PREEMPTED unless called with `exit_on_preemption=False`.
+  emjax.main turns it into exit status EXIT_PREEMPTED (`train(exit_on_preemption=True)` exits there itself).
   """
 
   def __init__(self, step: int, *, saved: bool, cause: str, checkpoints: str, resume_step: int | None,
@@ -620,7 +620,7 @@ def _all_finite(tree) -> jax.Array:
 
 def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool = True,
           make_batch_source: Callable[..., batches_lib.BatchSource] | None = None,
-          exit_on_preemption: bool = True) -> dict:
+          exit_on_preemption: bool = False) -> dict:
   """Run (or resume) the configured training job in `workdir`; returns the final metrics row.
 
   Batches come from `make_batch_source(trainer, tokenizer)` (default: the grain
@@ -629,9 +629,11 @@ def train(config, workdir: str, *, mesh: Mesh | None = None, show_progress: bool
 
   Preemption (`PreemptionWatch`): after SIGTERM (one process) or at jax's preemption sync point (several),
   the step reached is saved (the NaN guard first, as for every save), the save is waited for, and the run
-  stops with neither COMPLETED nor FAILED: the process ends with EXIT_PREEMPTED (75), or, with
-  `exit_on_preemption=False`, `Preempted` is raised. Rerunning resumes from that step, bit for bit. A
-  preemption at the last step completes the run as usual.
+  stops with neither COMPLETED nor FAILED: `Preempted` (a BaseException) is raised, through nested jobs (a
+  grid's, a study's: none goes on to its next run, and a staged bucket workdir is pushed on the way out)
+  to emjax.main, which exits with EXIT_PREEMPTED (75) and marks nothing; with `exit_on_preemption=True`
+  the process ends here instead. Rerunning resumes from that step, bit for bit. A preemption at the last
+  step completes the run as usual.
   """
   watch = PreemptionWatch()
   try:
