@@ -544,6 +544,31 @@ def test_sample_job_writes_resumes_and_repairs(train_dir, tmp_path, one_device_m
   assert summary["already_written"] == 3 and summary["sampled"] == 2
   assert _read_rows(path) == full  # the same samples as the uninterrupted run
   assert os.path.exists(str(path) + ".incomplete")
+  assert json.loads((out_dir / "COMPLETED").read_text())["sampled"] == 2 and not (out_dir / "FAILED").exists()
+
+
+def test_sample_job_resumes_only_under_the_settings_and_weights_that_wrote_its_samples(train_dir, tmp_path,
+                                                                                      one_device_mesh):
+  from emjax import workdir as workdir_lib
+  from emjax.sample import run
+
+  out_dir = tmp_path / "out"
+  run.run_sampling(_sample_config(train_dir, train_dir / "prompts.jsonl"), str(out_dir), mesh=one_device_mesh)
+  before = (out_dir / "samples.jsonl").read_bytes()
+  hotter = _sample_config(train_dir, train_dir / "prompts.jsonl")
+  with hotter.unlocked():
+    hotter.sample.temperature = 0.3
+  with pytest.raises(workdir_lib.SettingsMismatch, match=r"sample.temperature: .* -> 0.3"):
+    run.run_sampling(hotter, str(out_dir), mesh=one_device_mesh)
+  # A newer checkpoint under 'the latest step': the samples of step 5 are not continued with step 7's.
+  import shutil
+  shutil.copytree(train_dir / "train" / "checkpoints" / "5", train_dir / "train" / "checkpoints" / "7")
+  try:
+    with pytest.raises(workdir_lib.SettingsMismatch, match=r"weights.step: 5 -> 7"):
+      run.run_sampling(_sample_config(train_dir, train_dir / "prompts.jsonl"), str(out_dir), mesh=one_device_mesh)
+  finally:
+    shutil.rmtree(train_dir / "train" / "checkpoints" / "7")
+  assert (out_dir / "samples.jsonl").read_bytes() == before and (out_dir / "COMPLETED").exists()
 
 
 def test_sample_job_rejects_bad_input_before_writing(train_dir, tmp_path):
