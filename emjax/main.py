@@ -77,7 +77,7 @@ def main(argv) -> int:
       raise
     print(f"emjax: error: {e}", file=sys.stderr)
     return 1
-  except loop.Preempted as e:  # a stop on request at a saved step: resumable, neither COMPLETED nor FAILED
+  except (loop.Preempted, workdir_lib.Stopped) as e:  # a stop on request: resumable, neither COMPLETED nor FAILED
     print(f"emjax: {e}", file=sys.stderr)
     return loop.EXIT_PREEMPTED
   except BaseException as e:

@@ -62,14 +62,12 @@ def process_index() -> int:
 
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (a no-op with one process). In a staged bucket
-  workdir what process 0 wrote before it is in every process's copy after it."""
-  if _STAGE is not None and process_index() == 0:
+  workdir what was written before it is pushed."""
+  if _STAGE is not None:  # (one process only) a barrier is a point where what was written is worth pushing
     _STAGE.push()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top -- multi-process only
     multihost_utils.sync_global_devices(name)
-    if _STAGE is not None and process_index() != 0:
-      _STAGE.pull()
 
 
 def exists(p) -> bool:
@@ -100,7 +98,11 @@ def read_json(p) -> Any:
 
 
 def is_complete(workdir) -> bool:
-  return exists(paths.path(workdir) / COMPLETE_FILE)
+  """COMPLETED is there (in the bucket, for a staged copy: the copy's own markers are not the run's)."""
+  return exists(paths.path(_status_dirs(workdir)[-1]) / COMPLETE_FILE)
+
+
+_CLEARED: set[str] = set()  # the status directories this process cleared: their runs have started
 
 
 def _status_dirs(workdir) -> list[str]:
@@ -113,6 +115,7 @@ def _status_dirs(workdir) -> list[str]:
 
 def clear_status(workdir) -> None:
   """A run starts: neither COMPLETED nor FAILED until it ends (process 0 removes them)."""
+  _CLEARED.update(_status_dirs(workdir))
   if process_index() != 0:
     return
   for d in _status_dirs(workdir):
@@ -126,6 +129,7 @@ def mark_complete(workdir, summary: Mapping) -> None:
   if process_index() != 0:
     return
   dirs = _status_dirs(workdir)
+  _CLEARED.difference_update(dirs)  # ended: a later refusal in this process comes before a new start
   if len(dirs) > 1:
     _STAGE.push()
   for d in dirs:
@@ -135,11 +139,14 @@ def mark_complete(workdir, summary: Mapping) -> None:
 
 def mark_failed(workdir, error: BaseException) -> None:
   """The run ended with `error`: FAILED says why. Nothing is marked when COMPLETED is there: a run
-  clears it when it starts, so the error came before this run changed anything (a refused rerun, a
-  bad flag) or after it had ended (a tracker's upload), and the workdir is as complete as it was;
-  nor in a workdir that does not exist yet (a bucket prefix always may)."""
-  if process_index() != 0 or error_is_settings_mismatch(error):
+  clears it when it starts, so the error came before this run changed anything (a bad flag) or after
+  it had ended (a tracker's upload), and the workdir is as complete as it was; nor for a rerun refused
+  (`SettingsMismatch`) before it cleared its status; nor in a workdir that does not exist yet (a bucket
+  prefix always may). A refusal raised after the run started (a nested job's) is a failure like any."""
+  if process_index() != 0:
     return
+  if error_is_settings_mismatch(error) and not _CLEARED.intersection(_status_dirs(workdir)):
+    return  # refused before this run started: the workdir is as it was
   write_failed(workdir, f"{type(error).__name__}: {error}")
 
 
@@ -232,9 +239,25 @@ def record_launch(workdir, job: str, argv: list[str] | None = None) -> dict:
 
 
 def scratch_dir(remote: str) -> str:
-  """The local copy of bucket workdir `remote` (named scratch: $EMJAX_SCRATCH or ~/.cache/emjax/staging)."""
+  """The local copy of bucket workdir `remote` (named scratch: $EMJAX_SCRATCH or ~/.cache/emjax/staging):
+  a readable name and a digest of the exact path, so two workdirs never share one."""
+  import hashlib  # pylint: disable=g-import-not-at-top
   root = os.environ.get("EMJAX_SCRATCH") or os.path.join(os.path.expanduser("~"), ".cache", "emjax", "staging")
-  return os.path.abspath(os.path.join(root, re.sub(r"[^A-Za-z0-9._-]+", "_", remote.rstrip("/"))))
+  remote = remote.rstrip("/")
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", remote)[-80:] + "-" + hashlib.sha256(remote.encode()).hexdigest()[:12]
+  return os.path.abspath(os.path.join(root, name))
+
+
+def _staged_name(rel: str) -> bool:
+  """Whether a file is the stage's to carry: not a top-level marker (the status functions' own) and not a
+  writer's temporary file (`x.tmp`, `.x.tmp`, `x.tmp.<pid>.<n>`), which is renamed or gone in a moment."""
+  base = os.path.basename(rel)
+  return rel not in MARKERS and not base.endswith(".tmp") and ".tmp." not in base
+
+
+class Stopped(BaseException):
+  """A staged job stopped by SIGTERM outside training (the training loop saves and raises its own):
+  what it wrote is pushed, and the run is resumable, neither COMPLETED nor FAILED."""
 
 
 class Stage:
@@ -252,34 +275,34 @@ class Stage:
       for f in files:
         full = os.path.join(dirpath, f)
         rel = os.path.relpath(full, self.local)
-        if f.endswith(".tmp") or rel in MARKERS:
+        if not _staged_name(rel):
           continue
-        st = os.stat(full)
+        try:
+          st = os.stat(full)
+        except FileNotFoundError:  # renamed or deleted while we looked
+          continue
         out[rel] = (st.st_size, st.st_mtime_ns)
     return out
 
   def pull(self) -> int:
-    """Copies every object of the bucket workdir that the local copy lacks or holds otherwise; returns
-    how many. The top-level markers stay in the bucket (the status functions read them there)."""
+    """Copies every object of the bucket workdir into the local copy; returns how many."""
     root, n = paths.path(self.remote), 0
     if not root.exists():
       return 0
     with self._lock:
       for rel in self._remote_files(root):
-        if rel in MARKERS:
+        if not _staged_name(rel):
+          continue
+        try:
+          data = (root / rel).read_bytes()
+        except FileNotFoundError:  # deleted since it was listed
           continue
         dst = os.path.join(self.local, rel)
-        data = (root / rel).read_bytes()
-        same = os.path.exists(dst) and os.path.getsize(dst) == len(data)
-        if same:
-          with open(dst, "rb") as f:
-            same = f.read() == data
-        if not same:
-          os.makedirs(os.path.dirname(dst), exist_ok=True)
-          with open(dst + ".pull.tmp", "wb") as f:
-            f.write(data)
-          os.replace(dst + ".pull.tmp", dst)
-          n += 1
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with open(dst + ".pull.tmp", "wb") as f:
+          f.write(data)
+        os.replace(dst + ".pull.tmp", dst)
+        n += 1
         st = os.stat(dst)
         self._pushed[rel] = (st.st_size, st.st_mtime_ns)
     return n
@@ -300,32 +323,63 @@ class Stage:
       changed = [rel for rel, sig in now.items() if self._pushed.get(rel) != sig]
       changed.sort(key=lambda rel: os.path.basename(rel) in MARKERS)
       root = paths.path(self.remote)
+      sent = 0
       for rel in changed:
-        with open(os.path.join(self.local, rel), "rb") as f:
-          (root / rel).write_bytes(f.read())
+        try:
+          with open(os.path.join(self.local, rel), "rb") as f:
+            data = f.read()
+        except FileNotFoundError:  # replaced or deleted since the walk: the next push sees what is there
+          continue
+        (root / rel).write_bytes(data)
         self._pushed[rel] = now[rel]
-      gone = [rel for rel in self._pushed if rel not in now]
+        sent += 1
+      gone = [rel for rel in self._pushed if rel not in now and not os.path.exists(os.path.join(self.local, rel))]
       for rel in gone:
         (root / rel).unlink(missing_ok=True)
         del self._pushed[rel]
-    return len(changed) + len(gone)
+    return sent + len(gone)
 
 
 _STAGE: Stage | None = None
 
 
+def _fresh(local: str) -> None:
+  """An empty local copy: one left by an earlier session on this machine may hold files the bucket no
+  longer has (or never got: a session killed before its push), which would come back as the job's. It
+  is moved aside (kept, and said so), never pushed and never read."""
+  if os.path.isdir(local) and os.listdir(local):
+    aside = f"{local}.earlier-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.replace(local, aside)
+    log.warning("%s held an earlier session's copy; it is kept in %s and the bucket's files are pulled afresh",
+                local, aside)
+  os.makedirs(local, exist_ok=True)
+
+
 @contextlib.contextmanager
 def staged(workdir: str, sync_seconds: float = SYNC_SECONDS) -> Iterator[str]:
   """The directory a job writes into: `workdir` itself when local, else its staged local copy (see
-  the module docstring), pushed every `sync_seconds` and when the job ends, however it ends."""
+  the module docstring), pushed every `sync_seconds` and when the job ends, however it ends (a
+  SIGTERM outside training raises `Stopped` so that the push happens).
+
+  One process only: on several, each host's copy would hold its own part of what the job writes (a
+  training sub-run's checkpoint shards), which one push cannot gather; such a job is refused with a
+  bucket workdir (use a shared filesystem, or one process)."""
   global _STAGE
-  if not paths.is_remote(workdir) or _STAGE is not None:
+  if not paths.is_remote(workdir):
     yield workdir
     return
+  if _STAGE is not None:
+    if _STAGE.remote != workdir.rstrip("/"):
+      raise ValueError(f"{workdir}: a staged job cannot stage another bucket workdir ({_STAGE.remote} is staged)")
+    yield _STAGE.local
+    return
+  if jax.process_count() > 1:
+    raise ValueError(f"--workdir={workdir}: this job writes plain files, which a bucket workdir stages on the local "
+                     f"disk of one process; it runs on {jax.process_count()} processes. Run it on one process, or "
+                     "give it a workdir on a filesystem every host shares")
   stage = Stage(workdir, scratch_dir(workdir))
-  os.makedirs(stage.local, exist_ok=True)
+  _fresh(stage.local)
   stage.pull()
-  barrier("emjax-stage-pulled")
   stop = threading.Event()
 
   def sync():
@@ -335,17 +389,33 @@ def staged(workdir: str, sync_seconds: float = SYNC_SECONDS) -> Iterator[str]:
       except Exception as e:  # pylint: disable=broad-except -- the next push tries again
         log.warning("pushing %s to %s failed (tried again in %.0f s): %s", stage.local, stage.remote, sync_seconds, e)
 
+  def on_sigterm(signum, frame):
+    del signum, frame
+    raise Stopped("SIGTERM: the job stopped; what it wrote is pushed to the bucket, rerun to resume")
+
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    import signal  # pylint: disable=g-import-not-at-top
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
   _STAGE = stage
-  thread = threading.Thread(target=sync, daemon=True, name="emjax-stage-sync") if process_index() == 0 else None
-  if thread:
-    thread.start()
+  thread = threading.Thread(target=sync, daemon=True, name="emjax-stage-sync")
+  thread.start()
   log.info("workdir %s is staged in %s", stage.remote, stage.local)
+  failed = True
   try:
     yield stage.local
+    failed = False
   finally:
     stop.set()
-    if thread:
-      thread.join()
+    thread.join()
     _STAGE = None
-    if process_index() == 0:
+    if previous is not None:
+      import signal  # pylint: disable=g-import-not-at-top
+      signal.signal(signal.SIGTERM, previous)
+    try:
       stage.push()
+    except Exception as e:  # pylint: disable=broad-except
+      if not failed:
+        raise
+      # The job's own error (a preemption, a failure) is what the caller must see, not the push's.
+      log.error("the last push of %s to %s failed: %s", stage.local, stage.remote, e)

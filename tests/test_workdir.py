@@ -130,3 +130,71 @@ def test_a_staged_job_that_fails_keeps_what_it_wrote_and_says_so_in_the_bucket(t
     workdir_lib.mark_failed("gs://b/run", RuntimeError("preempted"))  # as emjax.main does, after the push
     assert (bucket / "partial.jsonl").read_text() == "judged so far\n"
     assert (bucket / "FAILED").exists() and not (bucket / "COMPLETED").exists()
+
+
+def test_an_earlier_sessions_copy_is_moved_aside_never_pushed(tmp_path, monkeypatch):
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  bucket = tmp_path / "gcs" / "b" / "run"
+  with fake_gcs(str(tmp_path / "gcs")):
+    paths.path("gs://b/run/settings.json").write_text('{"x": 2}')
+    paths.path("gs://b/run/keep.tmp").write_text("a writer's temporary object: not the stage's")
+    local = workdir_lib.scratch_dir("gs://b/run")
+    os.makedirs(os.path.join(local, "sub"))
+    for rel, text in (("settings.json", '{"x": 1}'), ("results.json", "stale"), ("sub/COMPLETED", "{}")):
+      with open(os.path.join(local, rel), "w") as f:
+        f.write(text)
+    with workdir_lib.staged("gs://b/run") as wd:
+      assert sorted(os.listdir(wd)) == ["settings.json"]  # the bucket's files only
+      assert workdir_lib.check_settings(wd, {"x": 2}) is True
+    assert sorted(p.name for p in bucket.iterdir()) == ["keep.tmp", "settings.json"]
+    aside = [d for d in os.listdir(tmp_path / "scratch") if ".earlier-" in d]
+    assert len(aside) == 1 and open(tmp_path / "scratch" / aside[0] / "results.json").read() == "stale"
+  assert workdir_lib.scratch_dir("gs://b/run_1") != workdir_lib.scratch_dir("gs://b/run/1")
+
+
+def test_a_failed_last_push_does_not_hide_the_jobs_own_error(tmp_path, monkeypatch):
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  with fake_gcs(str(tmp_path / "gcs")):
+    def down(self):
+      raise OSError("network unreachable")
+    with pytest.raises(KeyboardInterrupt):  # a preemption, a stop: a BaseException the caller must see
+      with workdir_lib.staged("gs://b/run") as wd:
+        monkeypatch.setattr(workdir_lib.Stage, "push", down)
+        raise KeyboardInterrupt
+    monkeypatch.undo()
+
+
+def test_sigterm_stops_a_staged_job_and_what_it_wrote_is_pushed(tmp_path, monkeypatch):
+  import signal
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  before = signal.getsignal(signal.SIGTERM)
+  with fake_gcs(str(tmp_path / "gcs")):
+    with pytest.raises(workdir_lib.Stopped):
+      with workdir_lib.staged("gs://b/run", sync_seconds=3600) as wd:
+        with open(os.path.join(wd, "rows.jsonl"), "w") as f:
+          f.write("judged\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler raises at the next bytecode
+          pass
+    assert (tmp_path / "gcs" / "b" / "run" / "rows.jsonl").read_text() == "judged\n"
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler is the stage's only while it runs
+
+
+def test_a_bucket_workdir_on_several_processes_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib.jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="runs on 2 processes"):
+    with workdir_lib.staged("gs://b/run"):
+      pass
+
+
+def test_a_refusal_after_the_run_started_is_a_failure(tmp_path):
+  from emjax.train import checkpoint as ckpt_lib
+  wd = str(tmp_path / "run")
+  workdir_lib.makedirs(wd)
+  # Before the run clears its status (resume=False in a used, unfinished workdir): nothing is marked.
+  workdir_lib.mark_failed(wd, ckpt_lib.CheckpointsExistError("holds steps [2, 4]"))
+  assert _names(wd) == []
+  # After (a nested job refusing): the run did start, so it failed.
+  workdir_lib.clear_status(wd)
+  workdir_lib.mark_failed(wd, workdir_lib.SettingsMismatch("the sample job's settings differ"))
+  assert _names(wd) == ["FAILED"]

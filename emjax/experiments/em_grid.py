@@ -58,6 +58,11 @@ def _last(path: str, key: str):
 def run_grid(config, workdir: str, *, mesh=None, show_progress: bool = True) -> dict:
   cells = parse_cells(config.grid.cells)
   os.makedirs(workdir, exist_ok=True)
+  # Cells finished under other settings would be skipped as done: the grid's settings, its cells aside
+  # (a rerun may add cells), are refused when they differ.
+  settings = {k: v for k, v in config.to_dict().items() if k != "grid"}
+  workdir_lib.check_settings(workdir, settings, name="grid_settings.json", what="the cells already trained",
+                             may_change="only config.grid.cells may change between reruns")
   workdir_lib.clear_status(workdir)  # a rerun is not complete until every cell is
   workdir_lib.record_launch(workdir, "sft_grid")
   summary = {}

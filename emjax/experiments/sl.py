@@ -628,7 +628,7 @@ def make_prompts(config, workdir: str, seed: int) -> dict[str, str]:
   for split, part in parts:  # on every process, so that all of them stop together
     new = "".join(jsonl.dumps(dict(r)) for r in part)
     if os.path.exists(out[split]) and open(out[split], encoding="utf-8").read() != new:
-      raise ValueError(f"{out[split]} holds other prompts than config.sl now makes (sl.prompts, n_train, "
+      raise workdir_lib.SettingsMismatch(f"{out[split]} holds other prompts than config.sl now makes (sl.prompts, n_train, "
                        "n_held_out, the seed or the question files changed): use a new workdir")
   _barrier("emjax-sl-prompts-checked")
   if _process_index() == 0:

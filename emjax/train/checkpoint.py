@@ -53,6 +53,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from emjax import paths
+from emjax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CheckpointSaveError(ValueError):
   """A save that orbax declined (nothing written); raised instead of going on as if it had saved."""
 
 
-class CheckpointsExistError(ValueError):
+class CheckpointsExistError(workdir_lib.SettingsMismatch):
   """A run that must start afresh (checkpoint.resume=False) in a directory that already holds steps."""
 
 

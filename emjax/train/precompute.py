@@ -201,8 +201,7 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
       raise ValueError("config.eval.by_source: a teacher top-k store holds the held-out batches of the mixture only; "
                        "set config.eval.by_source=False")
   os.makedirs(workdir, exist_ok=True)
-  done = os.path.join(workdir, workdir_lib.COMPLETE_FILE)
-  if os.path.exists(done):
+  if workdir_lib.is_complete(workdir):  # the bucket's COMPLETED, for a staged copy
     meta = json.load(open(os.path.join(workdir, META_FILE)))
     if meta == settings:
       log.info("teacher top-k store %s is complete", workdir)
