@@ -16,9 +16,11 @@ points on every process.
 A bucket workdir for a job that writes plain files (everything but the training loop, which writes
 through epath itself): `staged(workdir)` gives the job a local copy (named scratch: $EMJAX_SCRATCH,
 default ~/.cache/emjax/staging/<bucket path>), pulled from the bucket first, so a relaunch on a fresh
-VM resumes from what was pushed. Everything the job writes is pushed to the bucket every
-`SYNC_SECONDS`, at every `barrier` (process 0 pushes, then the others pull what it wrote) and when
-the job ends, whatever way it ends; files the job deleted are deleted there too. The status is the
+VM resumes from what was pushed (a copy left by an earlier session is moved aside, never pushed).
+Everything the job writes is pushed to the bucket every `SYNC_SECONDS`, at every `barrier` and when
+the job ends, whatever way it ends (SIGTERM outside training included); files the job deleted are
+deleted there too. One process only: on several, each host's copy would hold its own part of a
+training sub-run's checkpoint, which one push cannot gather. The status is the
 bucket's: clearing it clears the bucket's, and COMPLETED (or FAILED) is written there only after the
 push of everything it vouches for. A preemption loses at most the last `SYNC_SECONDS` of writes, which
 a relaunch redoes (every job resumes from its files).
