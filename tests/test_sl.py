@@ -189,6 +189,10 @@ def test_the_control_is_the_aligned_twin_not_the_base(finished):
   for c in ("off_policy", "on_policy"):
     kb = results["students"][f"control/{c}"]["per_seed"]["0"]["kl_before"]
     assert kb["forward_kl"] > 1e-4, kb
+  # The positive control of the study's SL verdicts: the harmful teacher's divergence from the twin, on
+  # the harmful teacher's own held-out samples (the twin trained on other answers: not 0).
+  divergence = results["teacher_divergence"]["0"]
+  assert divergence["forward_kl"] > 1e-4 and divergence["tokens"] > 0, divergence
 
 
 def test_each_channel_moves_the_student_toward_its_teacher(finished):
