@@ -378,7 +378,7 @@ def test_a_report_over_records_never_judged_is_partial_and_not_complete(finished
   assert json.loads((out / "results.json").read_text())["judging"]["partial"] is True
 
 
-def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(finished, material, tmp_path, monkeypatch):
+def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(material, tmp_path, monkeypatch):
   """--workdir=gs://...: the eval job writes a staged copy (emjax.workdir.staged) and every file of a
   local run ends in the bucket, COMPLETED last; a relaunch on a fresh machine (no copy) resumes from
   the bucket and judges nothing again. Nothing is written locally outside the named scratch."""
@@ -387,8 +387,9 @@ def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(finished, mat
   from emjax.eval import run
   from tests.fake_gcs import fake_gcs
 
-  out, _ = finished
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  out = tmp_path / "local"  # the same eval in a local workdir: what the bucket must hold (other tests change `finished`)
+  run.run_eval(_eval_config(material, stages=STAGES), str(out), mesh=mesh)
   monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
   monkeypatch.chdir(tmp_path)
   bucket = tmp_path / "gcs" / "bucket" / "ev"
@@ -401,7 +402,7 @@ def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(finished, mat
     assert [n for n in names if n != "launches.jsonl"] == [n for n in local_names if n != "launches.jsonl"]
     assert workdir_lib.is_complete("gs://bucket/ev")
     judged = (bucket / "general" / "judged.jsonl").read_bytes()
-    assert sorted(os.listdir(tmp_path)) == ["gcs", "scratch"]  # no 'gs:' directory beside them
+    assert sorted(os.listdir(tmp_path)) == ["gcs", "local", "scratch"]  # no 'gs:' directory beside them
     # A fresh machine: the staged copy is gone; the rerun pulls the bucket and resumes.
     import shutil
     shutil.rmtree(tmp_path / "scratch")
