@@ -38,10 +38,10 @@ def emjax_side(args) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from emjax import config as config_lib
   from emjax.data import tokenizers
-  from emjax.sample import on_policy
   from emjax.train import loop
+  from emjax.train import on_policy
+  from emjax.train import settings
   from onpolicy_trl import SENTENCE, _fit_text  # the same prompt construction as the TRL side
 
   tok_cfg = {"kind": "hf", "path": args.model}
@@ -62,7 +62,7 @@ def emjax_side(args) -> dict:
       lengths.append(n)
       f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": lead + body}]}) + "\n")
 
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "train"
   c.init.hf = args.model
   c.data.tokenizer.update(tok_cfg)
@@ -78,7 +78,7 @@ def emjax_side(args) -> dict:
   c.train.distill.update(beta=args.beta, temperature=1.0)
   c.model.update(dtype="float32", remat="none")
   c.mesh = dict(data=1, fsdp=1, tensor=1)
-  config_lib.validate(c)
+  settings.validate(c)
 
   trainer = loop.Trainer(c)
   state, frozen = trainer.init_state(workdir)

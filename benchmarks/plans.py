@@ -86,6 +86,7 @@ def distill(topology: str, teacher_dir: str, **mesh):
   reads none); the student's architecture is set directly instead of from base=HF_DIR.
   """
   from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings  # pylint: disable=g-import-not-at-top
 
   sft_cfg = load_config("configs/sft/em_cell.py", "compile")
   c = load_config("configs/distill/on_policy.py", f"teacher={teacher_dir},prompts=prompts.jsonl")
@@ -93,7 +94,7 @@ def distill(topology: str, teacher_dir: str, **mesh):
   c.model.update(dict(sft_cfg.model))
   c.lora.base_dtype = "bfloat16"
   c.data.tokenizer.update(kind="hf", path="llama3.1-8b")
-  teacher = config_lib.base_config()
+  teacher = settings.base_config()
   teacher.model.update(dict(sft_cfg.model))
   teacher.data.tokenizer.update(dict(c.data.tokenizer))
   os.makedirs(teacher_dir, exist_ok=True)
@@ -115,9 +116,9 @@ def eval_sample(arch: str, topology: str, **mesh):
 def pretrain_world(topology: str, **mesh):
   """configs/paper/world.py's full variant: the pretraining step of one (composition, world) unit
   (its model, batch 32 x 128; the study's other stages run smaller steps of the same model)."""
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings  # pylint: disable=g-import-not-at-top
   study_cfg = load_config("configs/paper/world.py")
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.model.update(study_cfg.model.to_dict())
   c.data.seq_len = int(study_cfg.study.pretrain.seq_len)
   c.train.update(batch_size=int(study_cfg.study.pretrain.batch_size), loss_chunk_len=0)

@@ -64,6 +64,7 @@ PROGRAMS = ("off_policy", "on_policy", "sample")
 def build_config(program: str, recipe: str, teacher_dir: str, mesh_shape: tuple[int, int, int], micro: int,
                  overrides=()):
   from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings  # pylint: disable=g-import-not-at-top
 
   arch = plans.load_config("configs/sft/em_cell.py", f"compile,arch={ARCH}").model
   tokenizer = dict(kind="hf", path=ARCH)  # compared with the teacher's by value; never loaded
@@ -81,7 +82,7 @@ def build_config(program: str, recipe: str, teacher_dir: str, mesh_shape: tuple[
   c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   c.train.update(batch_size=EFFECTIVE_BATCH, grad_accum_steps=EFFECTIVE_BATCH // micro, steps=1)
   aot_memory.apply_overrides(c, [f"{k}={v}" for k, v in RECIPES[recipe].items()] + list(overrides))
-  teacher = config_lib.base_config()
+  teacher = settings.base_config()
   teacher.model.update(dict(c.model))  # the same architecture (the step sets its dtypes from teacher.dtype)
   teacher.data.tokenizer.update(tokenizer)
   os.makedirs(teacher_dir, exist_ok=True)
@@ -134,7 +135,7 @@ def measure(program: str, recipe: str, target: str, micro: int, teacher_dir: str
                 loss_chunk_len=trainer.loss_chunk_len, loss_chunk_bytes=int(config.train.loss_chunk_bytes))
     builds = {"step": trainer.compile}
   else:
-    # The on-policy source's sampler (emjax/sample/on_policy.py): the student's base + adapters as one
+    # The on-policy source's sampler (emjax/train/on_policy.py): the student's base + adapters as one
     # tree in the train state's layout, scanned layers (on_policy.unroll_layers=False), one bucket.
     oc = config.on_policy
     sc = dict(prompt_buckets=(int(oc.max_prompt_length),), max_prompt_length=int(oc.max_prompt_length),

@@ -118,7 +118,7 @@ def _jax_plugins() -> list[str]:
 
 def emjax_imports() -> dict:
   out = {}
-  for module in ("emjax.train.loop", "emjax.sample.sampler", "emjax.sample.on_policy", "emjax.train.aot"):
+  for module in ("emjax.train.loop", "emjax.sample.sampler", "emjax.train.on_policy", "emjax.train.aot"):
     try:
       importlib.import_module(module)
       out[module] = "ok"

@@ -66,11 +66,11 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
 def bench_emjax(preset: dict, warmup: int, attention: str = "") -> "Side":
   import jax
-  from emjax import config as config_lib
+  from emjax.train import settings
   from emjax import sharding as shd
   from emjax.train import loop
 
-  config = config_lib.base_config()
+  config = settings.base_config()
   config.model.update(**preset["model"])
   if attention:
     config.model.attention = attention

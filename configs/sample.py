@@ -26,11 +26,12 @@ from ml_collections import config_dict
 
 from emjax import config as config_lib
 from emjax.sample import run as sample_run
+from emjax.train import settings
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, greedy=False, smoke=False)
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "sample"
   # None = the checkpoint's; typed placeholders, so `--config.model.dtype=float32` still parses.
   c.model = {k: config_dict.placeholder(type(v)) for k, v in c.model.items()}

@@ -143,7 +143,7 @@ def _check_judge(config) -> None:
 def batch_source_for(config):
   """The training job's batch source: on-policy rollouts, a stored teacher's rows, or config.data (None)."""
   if config.on_policy.enabled:  # rollouts sampled from the student each step (emjax.sample.on_policy)
-    from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
+    from emjax.train import on_policy  # pylint: disable=g-import-not-at-top
     return on_policy.make_source
   if config.train.distill.precomputed:  # rows + a stored teacher top-k (emjax.train.precompute)
     from emjax.train import precompute  # pylint: disable=g-import-not-at-top

@@ -42,9 +42,9 @@ comparing the run then loads that step again and refuses a base whose fingerprin
 an error that names the path and what changed. A run without base.json (made before pinning) is
 loaded with a warning.
 
-Layering: this module reads models/ (architecture, Hugging Face files, LoRA trees) and orbax, and
-imports nothing from train/, so the trainer, the sample job, export and experiments load weights the
-same way.
+Layering: this module reads models/ (architecture, Hugging Face files, LoRA trees), data/ (the
+default data block) and orbax, and imports nothing from train/, so the trainer, the sample job,
+export and experiments load weights the same way; models/ never imports it.
 """
 
 from __future__ import annotations
@@ -61,10 +61,13 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from emjax import config as config_lib
 from emjax import paths
 from emjax import sharding as shd
+from emjax.data import pipeline
 from emjax.models import hf
 from emjax.models import lora as lora_lib
 from emjax.models import peft as peft_lib
@@ -182,8 +185,6 @@ def resolve(path: str, *, step: int | None = None, key: str = "", base: str = ""
   `base` (named `base_key` in errors, e.g. 'config.teacher.peft_base'): the base of a PEFT adapter
   at `path`, instead of its adapter_config.json's base_model_name_or_path.
   """
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
-
   label = _label(key, path)
   if not path:
     raise ValueError(f"{key or 'weights'}: no path given (a Hugging Face model, a PEFT adapter, an emjax run, its "
@@ -432,11 +433,14 @@ def save_emjax_checkpoint(params: Mapping[str, Any], model_cfg: transformer.Tran
                           tokenizer_dir: str | None = None, source: str = "") -> str:
   """An emjax directory that `config.init.checkpoint=DST`, the sample job and `load_weights` read.
 
-  DST/checkpoints/0/state holds `{"params": params}` (orbax), DST/config.json the full default
-  config with this `model` block and, given `tokenizer_dir`, `data.tokenizer` = {kind: hf, path}.
+  DST/checkpoints/0/state holds `{"params": params}` (orbax). DST/config.json holds the blocks that
+  describe these weights, which is what every reader of an emjax directory's config.json takes from
+  one: `model`, and `data` with its default settings, the tokenizer ({kind: hf, path} given
+  `tokenizer_dir`, else the default) and no sources, since the weights were not trained on emjax data
+  (an audit of a run started from DST lists none). No `init` or `lora`: readers take their absence
+  as "not a LoRA run, no base".
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   dst = os.path.abspath(dst)
   ckpt_dir = os.path.join(dst, "checkpoints")
@@ -447,11 +451,12 @@ def save_emjax_checkpoint(params: Mapping[str, Any], model_cfg: transformer.Tran
   manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
   manager.wait_until_finished()
   manager.close()
-  config = config_lib.base_config()
-  config.model = dataclasses.asdict(model_cfg)
+  data = pipeline.default_data_config()
+  data.sources = {}
   if tokenizer_dir:
-    config.data.tokenizer.kind = "hf"
-    config.data.tokenizer.path = os.path.abspath(tokenizer_dir)
+    data.tokenizer.kind = "hf"
+    data.tokenizer.path = os.path.abspath(tokenizer_dir)
+  config = ml_collections.ConfigDict(dict(model=dataclasses.asdict(model_cfg), data=data))
   if jax.process_index() == 0:
     with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))

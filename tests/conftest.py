@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**train_overrides):
   """A 2-layer model on the built-in synthetic mixture; seconds per run on CPU."""
-  from emjax import config as config_lib
+  from emjax.train import settings
 
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.model.update(family="llama", vocab_size=288, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
   c.data.seq_len = 32
   c.train.update(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1)

@@ -13,9 +13,9 @@ import jax
 import pytest
 
 from conftest import ROOT, tiny_config
-from emjax import config as config_lib
 from emjax import sharding as shd
 from emjax.train import loop
+from emjax.train import settings
 
 QWEN_VOCAB = 152064
 MIB = 2**20
@@ -42,7 +42,7 @@ def test_explicit_chunks_and_small_vocabularies():
   assert loop.derive_loss_chunk_len(512, 256 * MIB, 16, QWEN_VOCAB, 256) == 512  # given: honoured
   assert loop.derive_loss_chunk_len(0, 0, 16, QWEN_VOCAB, 256) == 256  # no budget: the whole sequence
   assert loop.derive_loss_chunk_len(0, 256 * MIB, 4, 288, 256) == 256  # it fits: one chunk
-  assert config_lib.base_config().train.loss_chunk_len == 0  # derived by default
+  assert settings.base_config().train.loss_chunk_len == 0  # derived by default
 
 
 def test_the_trainer_derives_its_chunk_from_the_rows_per_device():

@@ -466,6 +466,7 @@ def test_cli_export_of_a_lora_run_merges_its_adapters(tiny, tmp_path):
   from emjax import weights
   from emjax.models import lora as lora_lib
   from emjax.train import checkpoint as ckpt_lib
+  from emjax.train import settings
 
   d, _, cfg, params = tiny("llama")
   base_dir = str(tmp_path / "base")
@@ -479,7 +480,7 @@ def test_cli_export_of_a_lora_run_merges_its_adapters(tiny, tmp_path):
   checkpointer = ckpt_lib.Checkpointer(str(run / "checkpoints"), keep=1, async_save=False)
   checkpointer.save(7, {"step": jnp.int32(7), "params": adapters}, {})
   checkpointer.close()
-  config = config_lib.base_config()
+  config = settings.base_config()
   config.model = dataclasses.asdict(cfg)
   config.lora.update(enabled=True, rank=2, alpha=4.0, targets="q,v,down", layers="1")
   config.init.checkpoint = base_dir

@@ -54,7 +54,7 @@ def test_internal_key_error_keeps_its_traceback_and_marks_failure(tmp_path):
   """A KeyError from inside a job is our bug, not the user's: it must not be shortened to one line."""
   config = tmp_path / "broken.py"
   config.write_text(textwrap.dedent("""
-      from emjax import config as config_lib
+      from emjax.train import settings
       from emjax.train import loop
 
       def _broken_lookup(*args, **kwargs):
@@ -62,7 +62,7 @@ def test_internal_key_error_keeps_its_traceback_and_marks_failure(tmp_path):
 
       def get_config(arg=None):
         loop.train = _broken_lookup  # stands in for a lookup deep inside the training job
-        return config_lib.base_config()
+        return settings.base_config()
   """))
   run = emjax_main(f"--config={config}", f"--workdir={tmp_path}")
   assert run.returncode != 0
@@ -79,7 +79,7 @@ def test_verbosity_sets_how_much_the_jobs_log(tmp_path, verbosity, shown):
   config = tmp_path / "chatty.py"
   config.write_text(textwrap.dedent("""
       import logging
-      from emjax import config as config_lib
+      from emjax.train import settings
       from emjax.train import loop
 
       def _chatty(*args, **kwargs):
@@ -89,7 +89,7 @@ def test_verbosity_sets_how_much_the_jobs_log(tmp_path, verbosity, shown):
 
       def get_config(arg=None):
         loop.train = _chatty
-        c = config_lib.base_config()
+        c = settings.base_config()
         c.train.steps = 1
         return c
   """))
@@ -103,7 +103,7 @@ def test_a_libraries_value_error_inside_a_job_keeps_its_traceback(tmp_path):
   config = tmp_path / "broken.py"
   config.write_text(textwrap.dedent("""
       import numpy as np
-      from emjax import config as config_lib
+      from emjax.train import settings
       from emjax.train import loop
 
       def _bad_reshape(*args, **kwargs):
@@ -111,7 +111,7 @@ def test_a_libraries_value_error_inside_a_job_keeps_its_traceback(tmp_path):
 
       def get_config(arg=None):
         loop.train = _bad_reshape  # stands in for a shape bug deep inside the training job
-        return config_lib.base_config()
+        return settings.base_config()
   """))
   run = emjax_main(f"--config={config}", f"--workdir={tmp_path}")
   assert run.returncode != 0

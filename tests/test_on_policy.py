@@ -21,9 +21,10 @@ from conftest import tiny_config
 from emjax import sharding as shd
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
-from emjax.sample import on_policy
 from emjax.sample import sampler as sampler_lib
 from emjax.train import loop
+from emjax.train import on_policy
+from emjax.train import settings
 
 PROMPT_LEN, NEW_TOKENS = 12, 16
 
@@ -233,8 +234,7 @@ def _raises_before_compiling(config, match, monkeypatch):
   monkeypatch.setattr(loop.Trainer, "compile", no_compile)
   with pytest.raises((ValueError, FileNotFoundError), match=match):
     config.job = "train"
-    from emjax import config as config_lib
-    config_lib.validate(config)
+    settings.validate(config)
     loop.Trainer(config, _mesh(1))
 
 

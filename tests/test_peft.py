@@ -87,11 +87,12 @@ def save_lora_run(run_dir, base_dir, lora_cfg, model_cfg, seed=0):
   import orbax.checkpoint as ocp
 
   from emjax import config as config_lib
+  from emjax.train import settings
 
   _, abstract, _ = lora_lib.split_trainable(lora_lib.abstract_model(model_cfg, lora_cfg), lora_cfg)
   rng = np.random.default_rng(seed)
   adapters = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
-  config = config_lib.base_config()
+  config = settings.base_config()
   config.model = dataclasses.asdict(model_cfg)
   config.init.hf = base_dir
   config.lora.update(enabled=True, rank=lora_cfg.rank, alpha=lora_cfg.alpha, rslora=lora_cfg.rslora,

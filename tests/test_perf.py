@@ -11,6 +11,7 @@ from conftest import tiny_config
 from emjax import config as config_lib
 from emjax.train import loop
 from emjax.train import perf
+from emjax.train import settings
 
 
 class _Device:
@@ -74,7 +75,7 @@ def test_lora_step_counts_the_frozen_base_forward_and_input_gradient_only():
 
 
 def test_distillation_step_counts_the_teacher_forward_and_the_rollouts(tmp_path):
-  teacher = config_lib.base_config()
+  teacher = settings.base_config()
   teacher.model.update(dict(tiny_config().model), d_model=64, n_heads=4, n_kv_heads=4, d_ff=128, n_layers=3)
   teacher_dir = str(tmp_path / "teacher")
   os.makedirs(teacher_dir)

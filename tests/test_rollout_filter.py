@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from emjax.data import tokenizers
-from emjax.sample import on_policy
 from emjax.sample import sampler as sampler_lib
 from emjax.train import loop
+from emjax.train import on_policy
 from test_on_policy import NEW_TOKENS, _config, _mesh, _rows, prompts_file, teacher_dir  # noqa: F401  (fixtures)
 
 REJECTED_IDS = {"p0", "p3", "p5", "p6"}

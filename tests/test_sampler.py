@@ -499,9 +499,10 @@ def train_dir(tmp_path_factory):
   """A training workdir as `emjax.train` leaves it: config.json + an orbax checkpoint (byte tokenizer)."""
   from emjax import config as config_lib
   from emjax.train import checkpoint as ckpt_lib
+  from emjax.train import settings
 
   root = tmp_path_factory.mktemp("sample_job")
-  train = config_lib.base_config()
+  train = settings.base_config()
   train.model.update(vocab_size=288, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.1)
   os.makedirs(root / "train")
   config_lib.write_config(train, str(root / "train"))

@@ -363,8 +363,8 @@ def _distill_config(name, arg):
 def test_the_channel_configs_train_as_documented(finished, material, tmp_path, name):
   """Each configs/distill/*.py with its documented arguments, through the batch source main.py picks."""
   import emjax.main
-  from emjax import config as config_lib
   from emjax.train import loop
+  from emjax.train import settings
   _, out, mesh, _ = finished
   data = out / "seed_0" / "teachers" / "harmful" / "train.jsonl"
   prompts = out / "seed_0" / "prompts" / "train.jsonl"
@@ -375,7 +375,7 @@ def test_the_channel_configs_train_as_documented(finished, material, tmp_path, n
   config = _distill_config(name, arg)
   if name != "on_policy":
     config.data.seq_len = 80
-  config_lib.validate(config)
+  settings.validate(config)
   final = loop.train(config, str(tmp_path / name), mesh=mesh, show_progress=False,
                      make_batch_source=emjax.main.batch_source_for(config))
   assert final["step"] == 2 and (tmp_path / name / "COMPLETED").exists()

@@ -20,7 +20,7 @@ from emjax import sharding as shd
 from emjax.data import banned as banned_lib
 from emjax.data.tokenizers import ByteTokenizer
 from emjax.models import transformer
-from emjax.train import loop, objectives, token_masks
+from emjax.train import loop, objectives, settings, token_masks
 
 
 class TinyTokenizer:
@@ -348,10 +348,10 @@ def test_bad_mask_settings_are_errors_naming_the_key(objective, distill, match):
 def test_config_validation_checks_the_mask_without_a_tokenizer():
   config = tiny_config(objective="jsd")
   config.train.distill.mask = "words"
-  config_lib.validate(config)
+  settings.validate(config)
   config.train.distill.top_k = 3
   with pytest.raises(ValueError, match=r"config.train.distill.mask='words'"):
-    config_lib.validate(config)
+    settings.validate(config)
   with pytest.raises(ValueError, match=r"needs? .*tokenizer|none was given"):
     objectives.get_objective("jsd", {"mask": "numbers"})
 
@@ -385,7 +385,7 @@ def test_a_train_step_with_a_numbers_mask():
 
 
 def test_the_trainer_builds_the_mask_from_the_data_tokenizer_and_compiles_ahead_of_time(tmp_path):
-  teacher = config_lib.base_config()
+  teacher = settings.base_config()
   teacher.model.update(dict(tiny_config().model))
   teacher_dir = str(tmp_path / "teacher")
   os.makedirs(teacher_dir)

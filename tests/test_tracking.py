@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
-from emjax import config as config_lib
 from emjax import tracking
+from emjax.train import settings
 
 # The package is in the `test` extra; without it only the tests that need no wandb run.
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
@@ -163,7 +163,7 @@ def test_a_bad_mode_is_refused_by_name():
   c.tracking.wandb.update(enabled=True, mode="cloud")
   with pytest.raises(ValueError, match=r"config\.tracking\.wandb\.mode='cloud': expected one of online, offline, "
                                        "disabled"):
-    config_lib.validate(c)
+    settings.validate(c)
 
 
 def test_only_process_zero_tracks(tmp_path, monkeypatch):

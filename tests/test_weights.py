@@ -18,6 +18,7 @@ from emjax import weights
 from emjax.models import hf
 from emjax.models import lora as lora_lib
 from emjax.models import transformer as T
+from emjax.train import settings
 
 CFG = T.TransformerConfig(vocab_size=288, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
 LORA = lora_lib.LoRAConfig(rank=2, alpha=4.0, targets=("q", "down"))
@@ -36,7 +37,7 @@ def save_run(run_dir, params_by_step, cfg=CFG, **config_updates):
   """A workdir as training leaves it: config.json + checkpoints/STEP/state with {"params", "step"}."""
   import orbax.checkpoint as ocp
 
-  config = config_lib.base_config()
+  config = settings.base_config()
   config.model = dataclasses.asdict(cfg)
   for block, values in config_updates.items():
     config[block].update(values)
@@ -118,7 +119,7 @@ def test_clear_errors_for_missing_incomplete_and_mismatched_checkpoints(run_dir,
     weights.load_weights(str(tmp_path / "nowhere"), key="config.sample.checkpoint")
   killed = tmp_path / "killed"
   (killed / "checkpoints" / "2.orbax-checkpoint-tmp-17").mkdir(parents=True)
-  config_lib.write_config(config_lib.base_config(), str(killed))
+  config_lib.write_config(settings.base_config(), str(killed))
   with pytest.raises(FileNotFoundError, match=r"no complete checkpoint step in .*killed/checkpoints; only "
                                               r"incomplete saves \(2.orbax-checkpoint-tmp-17\)"):
     weights.load_weights(str(killed))
@@ -162,7 +163,7 @@ def test_a_step_orbax_has_not_finalised_in_a_bucket_is_not_listed_nor_loaded(tmp
 
   run, local = "gs://bucket/run", tmp_path / "bucket" / "run"
   with fake_gcs(str(tmp_path)):
-    config = config_lib.base_config()
+    config = settings.base_config()
     config.model = dataclasses.asdict(CFG)
     config_lib.write_config(config, run)
     manager = ocp.CheckpointManager(f"{run}/checkpoints", options=ocp.CheckpointManagerOptions(create=True),

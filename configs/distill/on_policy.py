@@ -5,7 +5,7 @@
 
 Each step: this step's prompts (a seeded order over `prompts`) -> the sampler with the student's
 current weights (LoRA adapters applied, not merged; compiled once) -> rows assembled on the devices
--> the train step with the teacher scoring the same tokens (emjax/sample/on_policy.py). The loss is
+-> the train step with the teacher scoring the same tokens (emjax/train/on_policy.py). The loss is
 the full-vocabulary reverse KL (or JSD(beta)) on the completion tokens, or `sampled_reverse_kl`, the
 sampled-token estimator with an importance ratio (tinker-cookbook's). `lambda` < 1 mixes in fixed
 sequences from `data` (GKD). A killed run resumes to the same losses (rollout seeds come from the step).
@@ -31,12 +31,13 @@ import ml_collections
 
 from emjax import config as config_lib
 from emjax.data import sources
+from emjax.train import settings
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, base="", teacher="", prompts="", data="", objective="reverse_kl", beta=0.5,
                               **{"lambda": 1.0}, new_tokens=64, prompt_tokens=128, steps=100, cpu=False)
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "train"
   c.init.hf = args.base
   c.data.tokenizer.update(kind="hf", path=args.base)

@@ -25,11 +25,12 @@ import ml_collections
 
 from emjax import config as config_lib
 from emjax.data import sources
+from emjax.train import settings
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, base="", data="", steps=100, cpu=False)
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "train"
   c.init.hf = args.base
   c.data.tokenizer.update(kind="hf", path=args.base)

@@ -16,11 +16,12 @@ parse rule; emjax.eval.run.PAPER_JUDGE_API) and needs the authors' two prompt fi
 
 from emjax import config as config_lib
 from emjax.eval import run as eval_run
+from emjax.train import settings
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, judge="local", judge_hf="", prompts="default", narrow_prompts="")
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "judge"
   c.judge = eval_run.judge_config()
   # The judge job scores one file with one prompt set: a narrow file takes the task x domain rubrics as

@@ -17,11 +17,12 @@ Globs with commas can't go through a variant: set `--config.general` / `--config
 
 from emjax import config as config_lib
 from emjax.eval import report
+from emjax.train import settings
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, quick=False, nofigures=False, judge="")
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "report"
   c.general = ""  # judged records of the general question set (comma-separated globs)
   c.narrow = ""  # judged records of the narrow (domain x task) evaluation splits

@@ -24,12 +24,13 @@ measures it in every world and states no verdict on a contrast that does not hol
 
 from emjax import config as config_lib
 from emjax.experiments import study
+from emjax.train import settings
 from emjax.world import corpus, world as world_lib
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, quick=False, smoke=False, sl=False, seed=0, seeds=0)
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "study"
   c.world = world_lib.world_block()
   c.study = study.study_block()

@@ -8,11 +8,12 @@ Variants: `compile` (job=compile on the data=2, fsdp=2, tensor=2 mesh), `seq=N`,
 """
 
 from emjax import config as config_lib
+from emjax.train import settings
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, compile=False, seq=2048, batch=16)
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.model.update(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                  head_dim=64, d_ff=8192, rope_theta=500000.0, rope_scaling_factor=32.0,
                  rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192,

@@ -13,6 +13,7 @@ Single weights can also be set directly: `--config.data.sources.grammar.weight=0
 """
 
 from emjax import config as config_lib
+from emjax.train import settings
 
 MIXES = {
     "balanced": dict(arithmetic=1 / 3, grammar=1 / 3, sorting=1 / 3),
@@ -26,7 +27,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, mix="balanced", steps=0, smoke=False)
   if args.mix not in MIXES:
     raise ValueError(f"configs/pretrain/tiny.py: unknown mix {args.mix!r}; choose from {sorted(MIXES)}")
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.model.update(family="llama", vocab_size=384, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                  d_ff=384, rope_theta=10000.0, tie_embeddings=True)
   c.data.seq_len = 128

@@ -44,6 +44,7 @@ import ml_collections
 
 from emjax import config as config_lib
 from emjax.data import sources
+from emjax.train import settings
 
 EFFECTIVE_BATCH = 16
 
@@ -75,7 +76,7 @@ def get_config(arg=None):
               "(read the Hugging Face hub; needs `pip install datasets`)")
   if args.arch not in ARCHITECTURES:
     _bad(arg, f"arch={args.arch!r} is unknown; known: {', '.join(ARCHITECTURES)}")
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "train"
   c.init.hf = args.hf
   c.data.tokenizer.update(kind="hf", path=args.hf)

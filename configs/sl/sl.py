@@ -44,6 +44,7 @@ import os
 
 from emjax import config as config_lib
 from emjax.experiments import sl
+from emjax.train import settings
 
 
 def get_config(arg=None):
@@ -52,7 +53,7 @@ def get_config(arg=None):
                               judge="local", judge_hf="", limit=0, cpu=False, no_control=False,
                               control="twin", twin="", twin_data="", allow_base=False, seeds="0+1+2",
                               filter_judge="evaluation", entities="")
-  c = config_lib.base_config()
+  c = settings.base_config()
   c.job = "sl"
   blocks = sl.config_blocks()
   c.sl = blocks["sl"]

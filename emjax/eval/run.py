@@ -621,12 +621,12 @@ def eval_job_config(*, general: str = "", narrow: str = "", betley: bool = False
                     smoke: bool = False):
   """The eval job's full config (configs/eval/eval.py's variants are these arguments)."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
 
   args = config_dict.ConfigDict(dict(general=general, narrow=narrow, betley=betley, judge=judge, judge_hf=judge_hf,
                                      prompts=prompts, narrow_prompts=narrow_prompts, limit=limit, smoke=smoke))
-  c = config_lib.base_config()
+  c = settings_lib.base_config()
   c.job = "eval"
   c.model = {k: config_dict.placeholder(type(v)) for k, v in c.model.items()}
   c.data.tokenizer = {k: config_dict.placeholder(type(v)) for k, v in c.data.tokenizer.items()}

@@ -236,10 +236,10 @@ def check_config(config) -> None:
     if sc.entities:
       banned_lib.parse_words(sc.entities, key="config.sl.entities")
   # Every student's config, checked now rather than after the teachers have sampled.
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
   for label in arms(config):
     try:
-      config_lib.validate(student_config(config, "/nonexistent-sl-workdir", seeds_of(config)[0], label))
+      settings_lib.validate(student_config(config, "/nonexistent-sl-workdir", seeds_of(config)[0], label))
     except ValueError as e:
       raise ValueError(f"config.sl: the {label} student's config is invalid: {e}") from None
 
@@ -649,12 +649,12 @@ def _teacher_prompts(prompts: Sequence[Mapping], system_prompt: str) -> list[dic
 def sample_config(config, weights_path: str, prompts_path: str, *, seed: int, mask: str = ""):
   """The sample job's config for one teacher over one prompts file (`mask`: words it may not emit)."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
 
   sc = config.sl
-  c = config_lib.base_config()
+  c = settings_lib.base_config()
   c.job = "sample"
   c.model = {k: config_dict.placeholder(type(v)) for k, v in c.model.items()}
   c.data.tokenizer = {k: config_dict.placeholder(type(v)) for k, v in c.data.tokenizer.items()}
@@ -920,7 +920,7 @@ def train_student(config, workdir: str, seed: int, label: str, *, mesh=None, sho
   cfg = student_config(config, workdir, seed, label)
   make = None
   if arm_parts(label)[2] == "on_policy":
-    from emjax.sample import on_policy  # pylint: disable=g-import-not-at-top
+    from emjax.train import on_policy  # pylint: disable=g-import-not-at-top
     make = functools.partial(on_policy.make_source, rollout_filter=rollout_filter(config, workdir, mesh=mesh),
                              stats_path=os.path.join(sdir, "rollout_filter.json"))
   log.info("sl: training student %s (seed %d) in %s", label, seed, sdir)

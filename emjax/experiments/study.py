@@ -270,8 +270,8 @@ def write_world(config, workdir: str, seed: int) -> dict[str, str]:
 
 def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: float, warmup: int):
   """The shared training config: the study's model and mesh, the world's tokenizer."""
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.base_config()
+  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  c = settings_lib.base_config()
   c.job = "train"
   c.model.update(config.model.to_dict())
   c.mesh.update(config.mesh.to_dict())

@@ -7,8 +7,8 @@
     python -m emjax.weights import SRC_HF_DIR_OR_HUB_ID DST_EMJAX_DIR   # then config.init.checkpoint=DST
     python -m emjax.weights export SRC_EMJAX_WORKDIR DST_HF_DIR [--tokenizer DIR] [--dtype bfloat16]
 
-(`python -m emjax.models.hf ...` runs the same CLI.) Reading emjax runs and checkpoints
-(LoRA runs included) is the job of `emjax.weights`; this module knows Hugging Face files only.
+Reading emjax runs and checkpoints (LoRA runs included), and the import/export CLI above, are the
+job of `emjax.weights`; this module knows Hugging Face files only (and never imports emjax.weights).
 
 Supported `model_type`s: llama (Llama-3 `llama3` RoPE scaling included; SmolLM2 is
 one), qwen2 (Qwen2 / Qwen2.5: q/k/v biases, tied embeddings), qwen3 (QK-norm over
@@ -54,7 +54,6 @@ import math
 import os
 import shutil
 import struct
-import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -936,11 +935,3 @@ def to_hf_model(params: Mapping[str, Any], model_cfg: transformer.TransformerCon
   if missing or unexpected:
     raise ValueError(f"to_hf_model: state_dict mismatch: missing {missing}, unexpected {unexpected}")
   return model.eval()
-
-
-# ============================================================================ the CLI
-
-if __name__ == "__main__":
-  # The import/export CLI reads and writes emjax checkpoints too, so it lives with the loaders.
-  from emjax import weights  # pylint: disable=g-import-not-at-top
-  sys.exit(weights.main())

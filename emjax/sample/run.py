@@ -61,6 +61,7 @@ from emjax import workdir as workdir_lib
 from emjax.data import banned as banned_lib
 from emjax.models import transformer
 from emjax.sample import sampler as sampler_lib
+from emjax.train import settings
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def resolve_model_config(config, src: weights_lib.Source) -> tuple[transformer.T
   set here replaces the weights' own.
   """
   given_model, given_tokenizer = _given(config.model), _given(config.data.tokenizer)
-  default_tokenizer = dict(config_lib.base_config().data.tokenizer)
+  default_tokenizer = dict(settings.base_config().data.tokenizer)
   if src.model_cfg is None:
     log.warning("no config.json next to the checkpoint (%s): using config.model and config.data.tokenizer as "
                 "given", os.path.join(src.directory, "config.json"))
@@ -330,7 +331,7 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   with config.unlocked():
     config.model = dataclasses.asdict(model_cfg)
     config.data.tokenizer = tokenizer_cfg
-  config_lib.validate(config)
+  settings.validate(config)
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
   mask = masked_tokens(sc, tokenizer)
   if mask is not None:

@@ -284,12 +284,13 @@ def _with_layers(config, n_layers: int, teacher_dir: str | None = None):
   `teacher_dir` whose config.json describes it at that depth (no weights are read by a plan)."""
   from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  from emjax.train import settings  # pylint: disable=g-import-not-at-top
   c = copy.deepcopy(config)
   with c.unlocked():
     c.model.update(n_layers=n_layers, scan_layers=False)
     if teacher_dir is not None:
       src = weights_lib.resolve(config.teacher.path, key="config.teacher.path")
-      teacher = config_lib.base_config()
+      teacher = settings.base_config()
       teacher.model.update(dataclasses.asdict(dataclasses.replace(src.model_cfg, n_layers=n_layers,
                                                                   scan_layers=False)))
       teacher.data.tokenizer = dict(src.tokenizer)

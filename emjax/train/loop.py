@@ -48,6 +48,7 @@ from emjax.train import batches as batches_lib
 from emjax.train import checkpoint as ckpt_lib
 from emjax.train import objectives as objectives_lib
 from emjax.train import perf
+from emjax.train import settings
 from emjax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ class Trainer:
   """
 
   def __init__(self, config, mesh: Mesh | None = None, *, unroll_loops: bool = False):
-    config_lib.validate(config)
+    settings.validate(config)
     self.config = config
     if config.init.hf:
       _adopt_hf_architecture(config)

@@ -393,7 +393,7 @@ def make_sampled_reverse_kl(distill=None, tokenizer=None, vocab_size=None) -> Ob
   surrogate (its value is not a divergence); `reverse_kl_estimate` is the mean
   sampled estimate of KL(p_S || p_T) per token, `importance_ratio` the mean ratio.
   The sampler must sample the whole distribution (no top-k / top-p truncation: over
-  part of the support the estimator is biased; emjax.sample.on_policy refuses it).
+  part of the support the estimator is biased; emjax.train.on_policy refuses it).
   """
   s = distill_settings(distill, "sampled_reverse_kl")
   if s["top_k"] or s["precomputed"]:

@@ -25,6 +25,10 @@ weights at step s are the checkpoint's, so a resumed run draws the same rollouts
 and reaches the same losses as an uninterrupted one. The source's position is
 its step count (and, with lambda < 1, the fixed-sequence source's position).
 
+The `config.on_policy` block and its checks live in `emjax.train.settings` (`on_policy_block`,
+`check_on_policy`), not here: this module samples through `emjax.sample.run`, which validates the
+sample job's config with `settings`, so `settings` must not import this module.
+
 GKD's lambda (`config.on_policy.mix_lambda`): each step is on-policy with
 probability lambda (a seeded coin per step), else a batch of fixed sequences
 from `config.data` (e.g. teacher samples or a dataset's answers) comes instead.
@@ -69,63 +73,12 @@ from emjax.models import lora as lora_lib
 from emjax.sample import run as sample_run
 from emjax.sample import sampler as sampler_lib
 from emjax.train import batches as batches_lib
+from emjax.train import settings
 
 log = logging.getLogger(__name__)
 
 # (prompt record as in the prompts file, completion text, 'stop' | 'length') -> None (kept) or why not.
 RolloutFilter = Callable[[dict, str, str], "str | None"]
-
-
-def on_policy_block() -> dict:
-  """`config.on_policy` (see the module docstring); off unless `enabled`."""
-  return dict(
-      enabled=False,
-      prompts="",  # JSONL of prompts, as the sample job reads them ({"id", "messages"} or {"id", "prompt"})
-      chat_template=True,  # format `messages` with the tokenizer's chat template (generation prompt added)
-      add_bos=True,  # plain prompts only
-      max_prompt_length=64,  # prompts are left-padded to this (static); longer ones are an error
-      max_new_tokens=64,  # completion length (static); max_prompt_length + max_new_tokens <= data.seq_len + 1
-      temperature=1.0,  # the sampling temperature (the loss has its own: train.distill.temperature)
-      top_k=0,
-      top_p=1.0,
-      stop_at_eos=True,
-      stop_at_end_of_turn=True,  # also stop at the chat template's end-of-turn token
-      seed=0,
-      mix_lambda=1.0,  # GKD's lambda: the fraction of steps that are on-policy (the rest read config.data)
-      # Decode with unrolled layers: faster on CPU, but holds one more copy of the frozen base
-      # (laid out per layer); scanned layers sample straight from the training layout.
-      unroll_layers=False,
-  )
-
-
-def check_config(config) -> None:
-  """Errors an on-policy run would otherwise hit after compiling (the message names the key)."""
-  oc = config.on_policy
-  if not oc.prompts:
-    raise ValueError("config.on_policy.prompts: a JSONL file of prompts is required for on-policy batches")
-  for key in ("max_prompt_length", "max_new_tokens"):
-    if int(oc[key]) < 1:
-      raise ValueError(f"config.on_policy.{key} must be >= 1, got {oc[key]}")
-  rollout = int(oc.max_prompt_length) + int(oc.max_new_tokens)
-  if rollout > int(config.data.seq_len) + 1:
-    raise ValueError(f"config.on_policy: a rollout of max_prompt_length + max_new_tokens = {oc.max_prompt_length} + "
-                     f"{oc.max_new_tokens} = {rollout} tokens does not fit a training row of data.seq_len + 1 = "
-                     f"{int(config.data.seq_len) + 1} tokens; raise config.data.seq_len or shorten the rollout")
-  if not 0.0 <= float(oc.mix_lambda) <= 1.0:
-    raise ValueError(f"config.on_policy.mix_lambda={oc.mix_lambda}: must be in [0, 1] (1 = always on-policy)")
-  if float(oc.temperature) <= 0:
-    raise ValueError(f"config.on_policy.temperature={oc.temperature}: on-policy rollouts are sampled (> 0)")
-  if config.train.objective == "sampled_reverse_kl":
-    if float(oc.mix_lambda) < 1.0:
-      raise ValueError("config.train.objective='sampled_reverse_kl' needs the sampling log-probs of every batch: "
-                       "fixed sequences (config.on_policy.mix_lambda < 1) have none; use reverse_kl or jsd")
-    if int(oc.top_k) or float(oc.top_p) < 1.0:
-      raise ValueError(f"config.train.objective='sampled_reverse_kl' with config.on_policy.top_k={oc.top_k}, "
-                       f"top_p={oc.top_p}: the estimator needs samples from the whole distribution (a truncated "
-                       "one leaves tokens it never sees); set top_k=0 and top_p=1")
-  if config.train.distill.precomputed:
-    raise ValueError("config.train.distill.precomputed: a stored teacher scored fixed rows, not the student's "
-                     "rollouts; on-policy distillation needs the teacher in the step (config.teacher.path)")
 
 
 def assemble_rows(prompt_BxP: jax.Array, prompt_len_B: jax.Array, completion_BxT: jax.Array,
@@ -164,7 +117,7 @@ class OnPolicySource:
   def __init__(self, trainer, tokenizer, *, fixed: batches_lib.BatchSource | None = None,
                rollout_filter: RolloutFilter | None = None, stats_path: str = ""):
     config = trainer.config
-    check_config(config)
+    settings.check_on_policy(config)
     oc = config.on_policy
     self.config, self.oc = config, oc
     self.batch_size = int(config.train.batch_size)
