@@ -29,8 +29,10 @@ is a copy and a delete of each object. What this module offers works on both:
   anyway (it restarts from its last checkpoint and sets later rows aside). Read a log through
   `read_log` only: in a bucket `metrics.jsonl` alone is not the log.
 
-TensorBoard's event files in a bucket (`register_tensorboard_schemes`) are still rewritten whole on
-each of tensorboardX's flushes (every two minutes by default).
+TensorBoard's event files in a bucket (`register_tensorboard_schemes`) grow the same way: each of
+tensorboardX's flushes (every two minutes by default, and on close) writes what came since the last
+one as a new object, `events.out.tfevents.<time>.<host>.00000001`, `.00000002`, ... . Each holds whole
+records, and TensorBoard reads every events file of a directory, in the order of their names, as one run.
 """
 
 from __future__ import annotations
@@ -251,18 +253,27 @@ class AppendLog:
       self._file.close()
 
 
-class _RewrittenObject:
-  """tensorboardX's record-file interface over one bucket object, rewritten whole on every flush."""
+class _SegmentedEvents:
+  """tensorboardX's record-file interface over a bucket: each flush writes the records since the last
+  one as a new object (`<path>.<n>`), so a run's flushes cost the bytes written, not the file's size
+  each time (an object cannot be appended to)."""
 
   def __init__(self, p: str):
     self._path = path(p)
     self._buffer = io.BytesIO()
+    self._next = 1
 
   def write(self, data: bytes) -> None:
+    # A record's writes and a flush hold one lock of tensorboardX's EventsWriter: a flush never splits a record.
     self._buffer.write(data)
 
   def flush(self) -> None:
-    self._path.write_bytes(self._buffer.getvalue())
+    data = self._buffer.getvalue()
+    if not data:
+      return
+    self._path.with_name(f"{self._path.name}.{self._next:08d}").write_bytes(data)
+    self._next += 1
+    self._buffer = io.BytesIO()
 
   def close(self) -> None:
     self.flush()
@@ -270,8 +281,8 @@ class _RewrittenObject:
 
 class _EventFileFactory:
 
-  def open(self, p: str) -> _RewrittenObject:
-    return _RewrittenObject(p)
+  def open(self, p: str) -> _SegmentedEvents:
+    return _SegmentedEvents(p)
 
   def directory_check(self, p: str) -> None:
     del p  # a bucket has no directories to create
@@ -280,8 +291,9 @@ class _EventFileFactory:
 def register_tensorboard_schemes() -> None:
   """TensorBoard event files in buckets go through epath too.
 
-  tensorboardX's own gs:// writer needs google-cloud-storage and its s3:// one boto3; this one has
-  their semantics (the file is rewritten whole on every flush: objects cannot be appended to) over
+  tensorboardX's own gs:// writer needs google-cloud-storage and its s3:// one boto3, and both upload
+  the whole file again on every flush (objects cannot be appended to): a run's uploads grow with the
+  square of its length. This one writes each flush's records as a new object (`_SegmentedEvents`) over
   the same path type as everything else the job writes.
   """
   from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top

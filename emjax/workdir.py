@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -243,7 +245,6 @@ def record_launch(workdir, job: str, argv: list[str] | None = None) -> dict:
 def scratch_dir(remote: str) -> str:
   """The local copy of bucket workdir `remote` (named scratch: $EMJAX_SCRATCH or ~/.cache/emjax/staging):
   a readable name and a digest of the exact path, so two workdirs never share one."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   root = os.environ.get("EMJAX_SCRATCH") or os.path.join(os.path.expanduser("~"), ".cache", "emjax", "staging")
   remote = remote.rstrip("/")
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", remote)[-80:] + "-" + hashlib.sha256(remote.encode()).hexdigest()[:12]
@@ -397,7 +398,6 @@ def staged(workdir: str, sync_seconds: float = SYNC_SECONDS) -> Iterator[str]:
 
   previous = None
   if threading.current_thread() is threading.main_thread():
-    import signal  # pylint: disable=g-import-not-at-top
     previous = signal.signal(signal.SIGTERM, on_sigterm)
   _STAGE = stage
   thread = threading.Thread(target=sync, daemon=True, name="emjax-stage-sync")
@@ -412,7 +412,6 @@ def staged(workdir: str, sync_seconds: float = SYNC_SECONDS) -> Iterator[str]:
     thread.join()
     _STAGE = None
     if previous is not None:
-      import signal  # pylint: disable=g-import-not-at-top
       signal.signal(signal.SIGTERM, previous)
     try:
       stage.push()

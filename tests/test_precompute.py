@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from fake_gcs import fake_gcs
+from emjax import paths
 from emjax import sharding as shd
 from emjax.train import loop, precompute
 
@@ -122,7 +124,11 @@ def test_meta_records_the_data_and_a_student_of_other_data_is_refused(stored):
                                        r"data.sources.arithmetic.seed: 0 vs 7"):
     precompute.PrecomputedTeacherSource(other, store)
   with pytest.raises(ValueError, match=r"built from other data"):  # the same config, the trainer's path
-    loop.train(other, os.path.join(os.path.dirname(store), "refused"), mesh=_mesh(2), show_progress=False)
+    loop.train(other, os.path.join(os.path.dirname(store), "refused"), mesh=_mesh(2), show_progress=False,
+               make_batch_source=precompute.make_source)
+  # The loop does not import the store's reader: without it, a stored teacher is refused with what to pass.
+  with pytest.raises(ValueError, match=r"pass make_batch_source=emjax.train.precompute.make_source"):
+    loop.train(other, os.path.join(os.path.dirname(store), "no_source"), mesh=_mesh(2), show_progress=False)
 
 
 def test_a_changed_file_changes_the_fingerprint(tmp_path):
@@ -193,3 +199,38 @@ def test_a_student_of_a_stored_teacher_measures_its_held_out_loss(stored, tmp_pa
   config.eval.batches = 3
   with pytest.raises(ValueError, match=r"config.eval.every_steps=3: the held-out loss with a stored teacher reads"):
     precompute.PrecomputedTeacherSource(config, store)
+
+
+def test_a_store_in_a_bucket_is_written_and_trained_from_there(stored, tmp_path, monkeypatch):
+  """train.distill.precomputed=gs://...: the job's store and the student's run in a bucket; on this machine
+  only the named scratch (ArrayRecord reads and writes local files)."""
+  teacher_dir, local_store, _ = stored
+  root, scratch, cwd = tmp_path / "gcs", tmp_path / "scratch", tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.setenv("EMJAX_SCRATCH", str(scratch))
+  monkeypatch.chdir(cwd)  # a local write of "gs://..." would land here as gs:/...
+  store, student = "gs://bucket/topk", "gs://bucket/student"
+  with fake_gcs(str(root)):
+    meta = precompute.run_teacher_top_k(_student_config(teacher_dir), store, mesh=_mesh(2))
+    assert sorted(os.listdir(root / "bucket" / "topk")) == sorted(
+        ["COMPLETED", "eval.array_record", "launches.jsonl", "meta.json", "rows.array_record"])
+    for name in ("rows.array_record", "eval.array_record"):  # the same bytes as the local store's
+      assert (root / "bucket" / "topk" / name).read_bytes() == open(os.path.join(local_store, name), "rb").read()
+    assert [f for _, _, files in os.walk(scratch) for f in files] == []  # uploaded, then removed
+    config = _student_config(teacher_dir, precomputed=store)
+    config.teacher.path = ""
+    final = loop.train(config, student, mesh=_mesh(2), show_progress=False, make_batch_source=precompute.make_source)
+    rows = [json.loads(line) for line in paths.read_log(f"{student}/metrics.jsonl").splitlines()]
+    eval_rows = [json.loads(line) for line in paths.read_log(f"{student}/eval.jsonl").splitlines()]
+    # A second reader on this machine reuses the scratch copy of the finished store.
+    copies = {f: os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(scratch) for f in files}
+    precompute.PrecomputedTeacherSource(config, store, process_index=0, process_count=1).eval_batches(1)
+    again = {f: os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(scratch) for f in files}
+  assert meta["rows"] == 20 and final["step"] == 6
+  assert [r["step"] for r in rows] == list(range(1, 7)) and [r["step"] for r in eval_rows] == [0, 3, 6]
+  assert sorted(copies) == sorted(["rows.array_record", "rows.array_record.source.json", "eval.array_record",
+                                   "eval.array_record.source.json"]) and again == copies
+  assert os.listdir(cwd) == []
+  assert set(os.listdir(tmp_path)) == {"gcs", "scratch", "cwd"}
+  # The student's TensorBoard events are in the bucket too.
+  assert any("tfevents" in f for f in os.listdir(root / "bucket" / "student" / "tensorboard"))

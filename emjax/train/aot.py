@@ -52,9 +52,15 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from emjax import config as config_lib
 from emjax import sharding as shd
+from emjax import weights as weights_lib
+from emjax.models import transformer
+from emjax.sample import run as sample_run
+from emjax.sample import sampler as sampler_lib
 from emjax.train import loop
 from emjax.train import perf
+from emjax.train import settings
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +288,6 @@ def _memory_report(per_device: dict[str, int], hbm: int, refusal: str | None) ->
 def _with_layers(config, n_layers: int, teacher_dir: str | None = None):
   """`config` at `n_layers` Python-unrolled layers; a teacher too, rewritten as a run directory
   `teacher_dir` whose config.json describes it at that depth (no weights are read by a plan)."""
-  from emjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  from emjax.train import settings  # pylint: disable=g-import-not-at-top
   c = copy.deepcopy(config)
   with c.unlocked():
     c.model.update(n_layers=n_layers, scan_layers=False)
@@ -353,8 +356,6 @@ def _header(config, topo: Topology, mesh, model_cfg, step: str) -> dict:
 def sample_model_config(config):
   """The sampled model: `config.model` when every key is set, else the architecture of
   `config.sample.hf` / `.checkpoint` (their config.json only; no weights are read)."""
-  from emjax.models import transformer  # pylint: disable=g-import-not-at-top
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
   if all(v is not None for v in dict(config.model).values()):
     return transformer.TransformerConfig.from_config(config.model)
   if not (config.sample.hf or config.sample.checkpoint):
@@ -375,8 +376,6 @@ def _sampler_programs(model_cfg, mesh, sc, options: dict | None, *, lora=None, w
   `lora` + `weights`: a LoRA student sampled with its adapters applied (the on-policy source's
   sampler), `weights` the abstract `lora.merge_trees(frozen, adapters)` with the train state's
   shardings; default: the full parameters of `model_cfg`, as the sample job loads them."""
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  from emjax.sample import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   buckets = tuple(sc.prompt_buckets) or sampler_lib.make_buckets(int(sc.max_prompt_length))
   bucket, cap, n = max(buckets), int(sc.max_new_tokens_cap) or int(sc.max_new_tokens), int(sc.n)

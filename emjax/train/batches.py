@@ -23,7 +23,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+import jax
 import numpy as np
+
+from emjax.data import pipeline
 
 
 @runtime_checkable
@@ -69,9 +72,6 @@ class GrainBatchSource:
 
   def __init__(self, data_cfg, tokenizer, global_batch_size: int, *, seed: int,
                process_index: int | None = None, process_count: int | None = None):
-    from emjax.data import pipeline  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    self._pipeline = pipeline
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     self._iterator = iter(pipeline.make_batches(data_cfg, tokenizer, global_batch_size, seed=seed,
@@ -88,11 +88,11 @@ class GrainBatchSource:
     return next(self._iterator)
 
   def get_state(self) -> dict[str, Any]:
-    return {"order": dict(self.order), "iterator": self._pipeline.iterator_state(self._iterator)}
+    return {"order": dict(self.order), "iterator": pipeline.iterator_state(self._iterator)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if "iterator" not in state:  # a checkpoint written before positions carried their pipeline settings
-      self._pipeline.restore_iterator(self._iterator, state)
+      pipeline.restore_iterator(self._iterator, state)
       return
     saved = dict(state.get("order", {}))
     for key in _ORDER_KEYS:
@@ -104,7 +104,7 @@ class GrainBatchSource:
             f"the checkpoint's data position was saved with {key}={saved[key]}, this run has {self.order[key]} "
             f"({where}); the batch order depends on it, so resuming would silently change the data. "
             f"Resume with the same setting, or start a new workdir.")
-    self._pipeline.restore_iterator(self._iterator, state["iterator"])
+    pipeline.restore_iterator(self._iterator, state["iterator"])
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)

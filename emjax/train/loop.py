@@ -41,6 +41,10 @@ from emjax import sharding as shd
 from emjax import tracking
 from emjax import weights as weights_lib
 from emjax import workdir as workdir_lib
+from emjax.data import chat
+from emjax.data import pipeline as data_pipeline
+from emjax.data import sft
+from emjax.data import sources as sources_lib
 from emjax.data import tokenizers
 from emjax.models import lora as lora_lib
 from emjax.models import transformer
@@ -479,7 +483,6 @@ def check_teacher_tokenizer(teacher: weights_lib.Source, student_tokenizer) -> N
   chat template that differs shifts every teacher log-prob onto other text, so the
   pair must share both; the error names the first difference.
   """
-  from emjax.data import chat  # pylint: disable=g-import-not-at-top
   teacher_cfg = teacher.tokenizer
   if teacher_cfg is None:
     raise ValueError(f"config.teacher.path={teacher.path}: its run records no tokenizer (no data.tokenizer in "
@@ -511,7 +514,6 @@ def resolve_epochs(config) -> None:
   if config.data.packing != "none":
     raise ValueError("config.train.epochs needs config.data.packing='none' (one example per row); "
                      "with packing, set train.steps instead")
-  from emjax.data import sources as sources_lib
   rows = sum(len(sources_lib.make_source(name, src)) for name, src in config.data.sources.items()
              if float(src.weight) > 0)
   tc.steps = max(1, math.ceil(tc.epochs * rows / tc.batch_size))
@@ -676,11 +678,13 @@ def _train(config, workdir: str, watch: PreemptionWatch, *, mesh: Mesh | None, s
 
   if make_batch_source is None and config.on_policy.enabled:
     raise ValueError("config.on_policy.enabled: on-policy batches come from the sampler, which the training loop "
-                     "does not import; pass make_batch_source=emjax.sample.on_policy.make_source (python -m "
+                     "does not import; pass make_batch_source=emjax.train.on_policy.make_source (python -m "
                      "emjax.main does)")
   if make_batch_source is None and tc.distill.precomputed:
-    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
-    make_batch_source = precompute.make_source
+    # The store's reader sits above the loop (the teacher_top_k job that writes it builds on the Trainer).
+    raise ValueError("config.train.distill.precomputed: the rows of a stored teacher come from the store's reader, "
+                     "which the training loop does not import; pass make_batch_source="
+                     "emjax.train.precompute.make_source (python -m emjax.main does)")
   if make_batch_source is None:
     batches = batches_lib.GrainBatchSource(config.data, tokenizer, tc.batch_size, seed=tc.seed)
   else:
@@ -802,7 +806,6 @@ def _model_batch(local: Mapping[str, np.ndarray], keys) -> dict:
 
 def _report_chat_data(config, tokenizer, workdir: str) -> None:
   """Per chat source: conversations, how many are truncated to data.seq_len, tokens trained on."""
-  from emjax.data import sft, sources as sources_lib
   examples = sft.ChatExample(tokenizer, config.data.seq_len, config.data.truncate)
   stats = {}
   for name, src in config.data.sources.items():
@@ -821,7 +824,6 @@ def _report_chat_data(config, tokenizer, workdir: str) -> None:
 
 def held_out_data_config(config):
   """config.data reading each source's `eval.split` in a fixed order: the evaluator's held-out batches."""
-  from emjax.data import sources as sources_lib
   if config.eval.split not in sources_lib.PARTITIONS:
     raise ValueError(f"config.eval.split={config.eval.split!r}: expected one of {list(sources_lib.PARTITIONS)}")
   data_cfg = copy.deepcopy(config.data)
@@ -845,9 +847,8 @@ def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter, batch_so
   With `eval.by_source`, each source alone gets its own `eval.batches` batches too
   (`eval_loss_by_source`, `eval_tokens_by_source`), whatever its training weight. With a stored
   teacher (`train.distill.precomputed`) the same held-out rows come from the store, which holds the
-  teacher's top-k on them (`batch_source`: the run's, when it is the store's reader).
+  teacher's top-k on them (`batch_source`: the run's, the store's reader, `eval_batches`).
   """
-  from emjax.data import pipeline as data_pipeline
   config = trainer.config
   if config.eval.every_steps <= 0:
     return None
@@ -861,11 +862,12 @@ def _make_evaluator(trainer: Trainer, tokenizer, writer: MetricsWriter, batch_so
   if config.train.distill.precomputed:
     # A stored teacher: the same held-out rows with the teacher's top-k, stored by the teacher_top_k job
     # (checked against config.eval when the batch source opened the store).
-    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
-    store = batch_source if hasattr(batch_source, "eval_batches") else precompute.PrecomputedTeacherSource(
-        config, config.train.distill.precomputed)
+    if not hasattr(batch_source, "eval_batches"):
+      raise ValueError("config.train.distill.precomputed with config.eval.every_steps > 0: the held-out rows come "
+                       "from the store, through the batch source's eval_batches (emjax.train.precompute.make_source); "
+                       f"this run's batch source ({type(batch_source).__name__}) has none")
     held_out = [shd.put_local_batch(_model_batch(b, trainer.eval_batch_keys), trainer.mesh)
-                for b in store.eval_batches(int(config.eval.batches))]
+                for b in batch_source.eval_batches(int(config.eval.batches))]
   else:
     data_cfg = held_out_data_config(config)
     held_out = fixed_batches(data_cfg)

@@ -22,6 +22,11 @@ train.batch_size rows of each source's `eval.split`, with the teacher's top-k), 
 stored teacher measures its held-out loss too (with the same eval.split and eval.batches; not
 eval.by_source). TOPK/COMPLETED marks a finished store; an unfinished one is rewritten.
 
+TOPK may be a bucket (gs://...): every file of the store is read and written through emjax.paths, but
+ArrayRecord's reader and writer take local paths only, so the job writes each ArrayRecord file in named
+scratch (`emjax.workdir.scratch_dir`) and uploads it, and a student downloads them once into scratch on
+each machine (kept while the store is the same finished store).
+
 `PrecomputedTeacherSource` is the loop's batch source over a store: epoch e visits the rows in a
 permutation seeded by (train.seed, e); global batch s is rows s*B .. s*B+B-1 of that sequence; each
 process reads its own block of each global batch. Its position is its step count, so resume is exact.
@@ -36,15 +41,26 @@ import io
 import json
 import logging
 import os
+import shutil
 from typing import Any, Mapping
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+from array_record.python import array_record_module
+from flax import nnx
 
+from emjax import paths
 from emjax import sharding as shd
 from emjax import weights as weights_lib
 from emjax import workdir as workdir_lib
+from emjax.data import pipeline
+from emjax.data import sources as sources_lib
+from emjax.data import tokenizers
+from emjax.models import transformer
 from emjax.train import batches as batches_lib
+from emjax.train import loop
 from emjax.train import objectives as objectives_lib
 
 log = logging.getLogger(__name__)
@@ -113,7 +129,6 @@ def data_fingerprint(config) -> dict:
   read) and, per stored source, its config (all but the weight) and a sha256 of its documents in
   order (the files' contents as the source reads them, the held-out split already taken out).
   """
-  from emjax.data import sources as sources_lib  # pylint: disable=g-import-not-at-top
   data = _plain(config.data)
   settings = {k: v for k, v in data.items() if k not in RUNTIME_DATA_KEYS and k != "sources"}
   sources = {}
@@ -166,13 +181,6 @@ def check_store_data(meta: Mapping[str, Any], config, path: str) -> None:
 
 def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
   """The `teacher_top_k` job: one pass of the teacher over one epoch of config.data -> TOPK."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from emjax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top
-  from emjax.models import transformer  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
-
   d = config.train.distill
   k = int(d.top_k)
   if k < 1:
@@ -200,9 +208,9 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
     if config.eval.by_source:
       raise ValueError("config.eval.by_source: a teacher top-k store holds the held-out batches of the mixture only; "
                        "set config.eval.by_source=False")
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.makedirs(workdir)
   if workdir_lib.is_complete(workdir):  # the bucket's COMPLETED, for a staged copy
-    meta = json.load(open(os.path.join(workdir, META_FILE)))
+    meta = workdir_lib.read_json(paths.path(workdir) / META_FILE)
     if meta == settings:
       log.info("teacher top-k store %s is complete", workdir)
       return meta
@@ -239,9 +247,14 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
   data_cfg.prefetch = 0
   seed = int(config.train.seed)
 
-  def write(path, streams):
-    """Each (batches, n) of `streams`: its first n rows with the teacher's top-k, to `path`; the row count."""
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1") if jax.process_index() == 0 else None
+  def write(name, streams):
+    """Each (batches, n) of `streams`: its first n rows with the teacher's top-k, to the store's file `name`;
+    the row count. (The writer takes a local path: a bucket store's file is written in scratch, then uploaded.)"""
+    target = paths.path(workdir) / name
+    local = os.path.join(_scratch(workdir), name) if paths.is_remote(target) else os.fspath(target)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+    writer = array_record_module.ArrayRecordWriter(local, "group_size:1") if jax.process_index() == 0 else None
     written = 0
     try:
       for batches, n in streams:
@@ -261,6 +274,9 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
     finally:
       if writer is not None:
         writer.close()
+    if writer is not None and local != os.fspath(target):
+      _copy(local, target)
+      os.remove(local)
     return written
 
   def one_source(name, src):
@@ -272,19 +288,58 @@ def run_teacher_top_k(config, workdir: str, *, mesh=None) -> dict:
       cfg.sources = type(cfg.sources)({name: one})
     return iter(pipeline.make_batches(cfg, tokenizer, batch_size, seed=seed, process_index=0, process_count=1))
 
-  path = os.path.join(workdir, ROWS_FILE)
-  written = write(path, [(one_source(name, src), data["sources"][name]["rows"])
-                         for name, src in stored_sources(config)])
+  path = paths.path(workdir) / ROWS_FILE
+  written = write(ROWS_FILE, [(one_source(name, src), data["sources"][name]["rows"])
+                              for name, src in stored_sources(config)])
   if eval_cfg is not None:
     # The held-out batches the loop's evaluator would read (emjax.train.loop._make_evaluator), in order.
     eval_batches = iter(pipeline.make_batches(eval_cfg, tokenizer, batch_size, seed=seed, process_index=0,
                                               process_count=1))
-    write(os.path.join(workdir, EVAL_FILE), [(eval_batches, settings["eval"]["rows"])])
+    write(EVAL_FILE, [(eval_batches, settings["eval"]["rows"])])
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, META_FILE), settings)
+    workdir_lib.write_json(paths.path(workdir) / META_FILE, settings)
     workdir_lib.mark_complete(workdir, settings)
   log.info("stored the teacher's top-%d log-probs for %d rows in %s", k, written, path)
   return settings
+
+
+def _scratch(store) -> str:
+  """Where this machine keeps a bucket store's ArrayRecord files: ArrayRecord's reader and writer take local
+  paths only. Named scratch (`emjax.workdir.scratch_dir`), apart from a staged copy of the same workdir."""
+  return workdir_lib.scratch_dir(os.fspath(store).rstrip("/") + "/.array_records")
+
+
+def _copy(src, dst) -> None:
+  """The file `src` to `dst` (a local path or a bucket object), streamed: a store's rows may not fit in memory.
+  A local `dst` is written aside and renamed, so a kill never leaves half a file under its name."""
+  dst = paths.path(dst)
+  tmp = dst if paths.is_remote(dst) else dst.parent / f".{dst.name}.{os.getpid()}.tmp"  # an object appears whole
+  with paths.path(src).open("rb") as f, tmp.open("wb") as g:
+    shutil.copyfileobj(f, g, 16 << 20)
+  if tmp != dst:
+    tmp.replace(dst)
+
+
+def _local_records(store: str, name: str) -> str:
+  """A local path of the store's ArrayRecord file `name`: the file itself on a disk; a bucket's object
+  downloaded once into named scratch (`_scratch`) and reused while the store is the same finished store
+  (its COMPLETED, and the object's size and time)."""
+  remote = paths.path(store) / name
+  if not paths.is_remote(remote):
+    return os.fspath(remote)
+  st = remote.stat()
+  key = {"object": os.fspath(remote), "length": int(st.length), "mtime": st.mtime,
+         "completed": (paths.path(store) / workdir_lib.COMPLETE_FILE).read_text()}
+  local = os.path.join(_scratch(store), name)
+  marker = f"{local}.source.json"
+  if os.path.exists(local) and os.path.exists(marker) and workdir_lib.read_json(marker) == json.loads(
+      json.dumps(key, default=str)):
+    return local
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  log.info("copying %s (%.1f MiB) to %s: ArrayRecord reads local files", remote, st.length / 2**20, local)
+  _copy(remote, local)
+  workdir_lib.write_json(marker, key)
+  return local
 
 
 def _differences(a: Mapping, b: Mapping) -> str:
@@ -296,10 +351,10 @@ class PrecomputedTeacherSource:
   """This process's rows of each global batch from a teacher top-k store (module docstring)."""
 
   def __init__(self, config, path: str, *, process_index: int | None = None, process_count: int | None = None):
-    if not all(os.path.exists(os.path.join(path, name)) for name in (workdir_lib.COMPLETE_FILE, META_FILE, ROWS_FILE)):
+    if not all((paths.path(path) / name).exists() for name in (workdir_lib.COMPLETE_FILE, META_FILE, ROWS_FILE)):
       raise FileNotFoundError(f"config.train.distill.precomputed={path!r}: not a finished teacher top-k store "
                               f"(it needs {ROWS_FILE}, {META_FILE} and {workdir_lib.COMPLETE_FILE}: run the teacher_top_k job first)")
-    self.meta = json.load(open(os.path.join(path, META_FILE)))
+    self.meta = workdir_lib.read_json(paths.path(path) / META_FILE)
     d = config.train.distill
     want = {"top_k": int(d.top_k), "temperature": float(d.temperature), "seq_len": int(config.data.seq_len),
             "tokenizer": dict(config.data.tokenizer)}
@@ -315,15 +370,14 @@ class PrecomputedTeacherSource:
         raise ValueError("config.eval.by_source: with a stored teacher (config.train.distill.precomputed) the "
                          "held-out loss is the mixture's only; set config.eval.by_source=False")
       stored, wanted = self.meta.get("eval"), _eval_settings(config)
-      if stored != wanted or not os.path.exists(os.path.join(path, EVAL_FILE)):
+      if stored != wanted or not (paths.path(path) / EVAL_FILE).exists():
         raise ValueError(f"config.eval.every_steps={config.eval.every_steps}: the held-out loss with a stored teacher "
                          f"reads the teacher's top-k on the held-out rows from the store, and "
                          f"config.train.distill.precomputed={path!r} holds "
                          f"{'none' if stored is None else stored} where this run needs {wanted} "
                          "(eval.split, eval.batches x train.batch_size rows): store the teacher again with this "
                          "run's config.eval, or set config.eval.every_steps=0")
-    import grain  # pylint: disable=g-import-not-at-top
-    self._records = grain.sources.ArrayRecordDataSource([os.path.join(path, ROWS_FILE)])
+    self._records = grain.sources.ArrayRecordDataSource([_local_records(path, ROWS_FILE)])
     self.rows = len(self._records)
     if self.rows != int(self.meta["rows"]):
       raise ValueError(f"{path}: {self.rows} records, meta.json says {self.meta['rows']}")
@@ -361,8 +415,7 @@ class PrecomputedTeacherSource:
 
   def eval_batches(self, batches: int) -> list[dict[str, np.ndarray]]:
     """This process's rows of each stored held-out global batch (the evaluator's fixed batches)."""
-    import grain  # pylint: disable=g-import-not-at-top
-    records = grain.sources.ArrayRecordDataSource([os.path.join(self.path, EVAL_FILE)])
+    records = grain.sources.ArrayRecordDataSource([_local_records(self.path, EVAL_FILE)])
     local = self.batch_size // self.process_count
     out = []
     for b in range(batches):
