@@ -12,13 +12,40 @@ traceback. Either way a workdir that already exists gets a FAILED file.
 
 from __future__ import annotations
 
+from emjax import runtime
+
+# glibc reads GLIBC_TUNABLES when a process starts: `python -m emjax.main` re-executes itself with
+# the huge-page tunable before importing jax and every job's modules below, not after (twice).
+if __name__ == "__main__":
+  runtime.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
 import logging
 import os
 import sys
 import traceback
+from typing import Any, Callable
 
 from absl import app, flags
+from absl.logging import converter
 from ml_collections import config_flags
+
+from emjax import sharding
+from emjax import tracking
+from emjax import workdir as workdir_lib
+from emjax.eval import api_judge
+from emjax.eval import report
+from emjax.eval import run as eval_run
+from emjax.experiments import em_grid
+from emjax.experiments import sl
+from emjax.experiments import study
+from emjax.train import on_policy
+from emjax.sample import run as sample_run
+from emjax.train import aot
+from emjax.train import loop
+from emjax.train import precompute
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: FILE[:ARG].",
                                 lock_config=True)
@@ -41,37 +68,26 @@ def main(argv) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)
   # absl's --verbosity sets emjax's own level too (0: INFO, the default; -1: warnings only, which
   # launch/quickstart.sh uses so that the study's printed progress lines stand alone).
-  from absl.logging import converter  # pylint: disable=g-import-not-at-top
   logging.getLogger("emjax").setLevel(converter.absl_to_standard(flags.FLAGS.verbosity))
 
-  from emjax import sharding
-  sharding.maybe_initialize_distributed(config.distributed)
-  from emjax import workdir as workdir_lib
-  from emjax.train import loop
-
+  sharding.maybe_initialize_distributed(config.distributed)  # before any jax backend is used
   try:
-    from emjax import tracking  # pylint: disable=g-import-not-at-top
     _check_judge(config)  # before anything is written: a pasted key must reach no file, log or tracker
     tracking.check_config(config)  # before any work: wandb enabled but not installed is refused now
-    if config.job in ("train", "pretrain"):  # the loop writes a bucket workdir through epath itself
-      final = loop.train(config, workdir, show_progress=flags.FLAGS.progress,
-                         make_batch_source=batch_source_for(config))
-      log.info("done: %s", final)
-      tracking.log_report_figures(config, workdir)
-    elif config.job in ("compile", "plan"):
-      from emjax.train import aot  # pylint: disable=g-import-not-at-top
-      (aot.compile_and_report if config.job == "compile" else aot.plan)(config, workdir)
-    elif config.job in STAGED_JOBS:
+    job = JOBS.get(config.job)
+    if job is None:
+      raise ValueError(f"config.job: unknown job {config.job!r}")
+    if job.staged:
       # These jobs write plain files: on a bucket workdir they write a staged local copy that is
       # pushed as they go and when they end (emjax.workdir.staged).
       with workdir_lib.staged(workdir) as wd:
-        run_staged_job(config, wd)
+        job.run(config, wd)
         tracking.log_report_figures(config, wd)  # report, eval, study: their figures, when tracking is on
-    else:
-      raise ValueError(f"config.job: unknown job {config.job!r}")
+    else:  # the job writes a bucket workdir through epath itself
+      job.run(config, workdir)
   # Only errors that describe the user's input are shortened; a KeyError or AttributeError from
   # inside a job is a bug, and its traceback is what fixes it.
-  except (ValueError, FileNotFoundError, loop.NonFiniteLossError, *_stopped_errors()) as e:
+  except (ValueError, FileNotFoundError, loop.NonFiniteLossError, *STOPPED_ERRORS) as e:
     workdir_lib.mark_failed(workdir, e)
     if not _raised_by_emjax(e):  # a library's ValueError (a shape, a sharding) is our bug: keep its traceback
       raise
@@ -86,52 +102,93 @@ def main(argv) -> int:
   return 0
 
 
-STAGED_JOBS = ("sft_grid", "teacher_top_k", "sl", "study", "sample", "eval", "judge", "report")
+# Jobs that stop on purpose, with a message that says what to do (one line, exit 1, FAILED): judging
+# with failures left pending, a judge's spend cap or a failure that repeats.
+STOPPED_ERRORS: tuple[type[BaseException], ...] = (eval_run.JudgingIncomplete, api_judge.JudgeStopped)
 
 
-def run_staged_job(config, workdir: str) -> None:
-  """One of STAGED_JOBS in `workdir` (a local directory: a bucket workdir's staged copy)."""
-  from emjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  if config.job == "sft_grid":
-    from emjax.experiments import em_grid  # pylint: disable=g-import-not-at-top
-    em_grid.run_grid(config, workdir)
-  elif config.job == "teacher_top_k":
-    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
-    precompute.run_teacher_top_k(config, workdir)
-  elif config.job == "sl":
-    from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
-    sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
-  elif config.job == "study":
-    from emjax.experiments import study  # pylint: disable=g-import-not-at-top
-    study.run_study(config, workdir, quiet=not flags.FLAGS.progress)
-  elif config.job == "sample":
-    from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
-    sample_run.run_sampling(config, workdir)
-  elif config.job == "eval":
-    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-    eval_run.run_eval(config, workdir)
-  elif config.job == "judge":
-    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-    eval_run.run_judge_job(config, workdir)
-  elif config.job == "report":
-    from emjax.eval import report  # pylint: disable=g-import-not-at-top
-    if workdir_lib.process_index() == 0:  # one writer of the report files
-      workdir_lib.clear_status(workdir)
-      results = report.run_report(config, workdir)
-      workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
-                                          "models": sorted(results["models"])})
+# ----------------------------------------------------------------------------- the jobs
+# Each reads its module's function when it runs (not when this module is imported): a config file
+# may stand in for one (tests do).
 
 
-def _stopped_errors() -> tuple[type[BaseException], ...]:
-  """Jobs that stop on purpose, with a message that says what to do (one line, exit 1, FAILED): judging
-  with failures left pending, a judge's spend cap or a failure that repeats."""
-  from emjax.eval import api_judge, run as eval_run  # pylint: disable=g-import-not-at-top
-  return (eval_run.JudgingIncomplete, api_judge.JudgeStopped)
+def _train(config, workdir: str) -> None:
+  final = loop.train(config, workdir, show_progress=flags.FLAGS.progress, make_batch_source=batch_source_for(config))
+  log.info("done: %s", final)
+  tracking.log_report_figures(config, workdir)
+
+
+def _compile(config, workdir: str) -> None:
+  aot.compile_and_report(config, workdir)
+
+
+def _plan(config, workdir: str) -> None:
+  aot.plan(config, workdir)
+
+
+def _sft_grid(config, workdir: str) -> None:
+  em_grid.run_grid(config, workdir)
+
+
+def _teacher_top_k(config, workdir: str) -> None:
+  precompute.run_teacher_top_k(config, workdir)
+
+
+def _sl(config, workdir: str) -> None:
+  sl.run_sl(config, workdir, show_progress=flags.FLAGS.progress)
+
+
+def _study(config, workdir: str) -> None:
+  study.run_study(config, workdir, quiet=not flags.FLAGS.progress)
+
+
+def _sample(config, workdir: str) -> None:
+  sample_run.run_sampling(config, workdir)
+
+
+def _eval(config, workdir: str) -> None:
+  eval_run.run_eval(config, workdir)
+
+
+def _judge(config, workdir: str) -> None:
+  eval_run.run_judge_job(config, workdir)
+
+
+def _report(config, workdir: str) -> None:
+  if workdir_lib.process_index() == 0:  # one writer of the report files
+    workdir_lib.clear_status(workdir)
+    results = report.run_report(config, workdir)
+    workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
+                                        "models": sorted(results["models"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  run: Callable[[Any, str], None]  # (config, workdir)
+  # Writes plain files: run in `workdir_lib.staged(workdir)` (a bucket workdir's local copy, pushed as
+  # it goes and when it ends). The others write a bucket workdir through epath themselves.
+  staged: bool
+
+
+JOBS: dict[str, Job] = {
+    "train": Job(_train, staged=False),
+    "pretrain": Job(_train, staged=False),
+    "compile": Job(_compile, staged=False),
+    "plan": Job(_plan, staged=False),
+    "sample": Job(_sample, staged=True),
+    "sft_grid": Job(_sft_grid, staged=True),
+    "eval": Job(_eval, staged=True),
+    "judge": Job(_judge, staged=True),
+    "report": Job(_report, staged=True),
+    "sl": Job(_sl, staged=True),
+    "teacher_top_k": Job(_teacher_top_k, staged=True),
+    "study": Job(_study, staged=True),
+}
+STAGED_JOBS = tuple(name for name, job in JOBS.items() if job.staged)
 
 
 def _check_judge(config) -> None:
   """An API judge's settings checked first: `api_key_env` must name a variable, never hold a key."""
-  from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
   evaluation = config.get("evaluation") if hasattr(config, "get") else None  # the sl and study jobs' eval block
   for judge in (config.get("judge") if hasattr(config, "get") else None,
                 evaluation.get("judge") if hasattr(evaluation, "get") else None):
@@ -142,11 +199,9 @@ def _check_judge(config) -> None:
 
 def batch_source_for(config):
   """The training job's batch source: on-policy rollouts, a stored teacher's rows, or config.data (None)."""
-  if config.on_policy.enabled:  # rollouts sampled from the student each step (emjax.sample.on_policy)
-    from emjax.train import on_policy  # pylint: disable=g-import-not-at-top
+  if config.on_policy.enabled:  # rollouts sampled from the student each step (emjax.train.on_policy)
     return on_policy.make_source
   if config.train.distill.precomputed:  # rows + a stored teacher top-k (emjax.train.precompute)
-    from emjax.train import precompute  # pylint: disable=g-import-not-at-top
     return precompute.make_source
   return None
 
@@ -243,7 +298,6 @@ def _write_failed(workdir: str | None, kind: str, message: str) -> None:
   # Flags are parsed before jax.distributed starts, so on a pod every process writes this same file. A
   # bucket prefix holding no object yet is no "directory", but a relauncher (launch/tpu/run.sh) must
   # still see that this run failed rather than retry it.
-  from emjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir_lib.write_failed(workdir, f"{kind}: {message}")
 
 
@@ -254,8 +308,7 @@ def _exit_with_user_error(argv: list[str], e: BaseException, message: str):
 
 
 def run() -> None:
-  from emjax import runtime
-  runtime.reexec_with_huge_pages()
+  runtime.reexec_with_huge_pages()  # the `emjax` console script's (python -m emjax.main's did it above)
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 

@@ -120,6 +120,24 @@ def test_a_libraries_value_error_inside_a_job_keeps_its_traceback(tmp_path):
   assert (tmp_path / "FAILED").read_text().startswith("ValueError")
 
 
+def test_every_job_has_a_function_and_the_staged_ones_write_plain_files():
+  from emjax import main
+  from emjax.train import settings
+
+  assert tuple(main.JOBS) == settings.JOBS
+  assert set(main.STAGED_JOBS) == {"sft_grid", "teacher_top_k", "sl", "study", "sample", "eval", "judge", "report"}
+
+
+def test_importing_the_jobs_starts_no_jax_backend():
+  """emjax.main imports every job's module; jax.distributed must still be startable after that."""
+  code = ("import emjax.main\n"
+          "from jax._src import xla_bridge\n"
+          "assert not xla_bridge.backends_are_initialized()\n")
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                       timeout=120)
+  assert run.returncode == 0, run.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- launch/quickstart.sh
 
 

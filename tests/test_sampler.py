@@ -572,6 +572,35 @@ def test_sample_job_resumes_only_under_the_settings_and_weights_that_wrote_its_s
   assert (out_dir / "samples.jsonl").read_bytes() == before and (out_dir / "COMPLETED").exists()
 
 
+def test_sample_job_reads_a_run_and_prompts_in_a_bucket(train_dir, tmp_path, one_device_mesh, monkeypatch):
+  """config.sample.checkpoint and config.prompts in gs:// are read through emjax.paths (a fake bucket):
+  the same samples and settings as from their local copies, and nothing written beside the workdir."""
+  import shutil
+  from fake_gcs import fake_gcs
+  from emjax.sample import run
+
+  run.run_sampling(_sample_config(train_dir, train_dir / "prompts.jsonl"), str(tmp_path / "local"),
+                   mesh=one_device_mesh)
+  bucket = tmp_path / "gcs" / "bucket"
+  shutil.copytree(train_dir / "train", bucket / "run")
+  for step in os.listdir(bucket / "run" / "checkpoints"):  # in a bucket orbax marks a finalised step so
+    (bucket / "run" / "checkpoints" / step / "commit_success.txt").write_text("")
+  shutil.copy(train_dir / "prompts.jsonl", bucket / "prompts.jsonl")
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)  # a local os.* call on "gs://bucket/..." would land here as gs:/bucket/...
+  with fake_gcs(str(tmp_path / "gcs")):
+    config = _sample_config(train_dir, "gs://bucket/prompts.jsonl", checkpoint="gs://bucket/run")
+    summary = run.run_sampling(config, str(tmp_path / "remote"), mesh=one_device_mesh)
+    assert run.resolve_source(config).directory == "gs://bucket/run"
+  assert summary["checkpoint_step"] == 5 and summary["sampled"] == 5
+  assert _read_rows(tmp_path / "remote" / "samples.jsonl") == _read_rows(tmp_path / "local" / "samples.jsonl")
+  settings = lambda d: json.loads((tmp_path / d / "settings.json").read_text())  # noqa: E731
+  assert settings("remote")["prompts"] == settings("local")["prompts"]  # the same file's digest
+  assert settings("remote")["weights"] == dict(settings("local")["weights"], path="gs://bucket/run")
+  assert os.listdir(cwd) == []
+
+
 def test_sample_job_rejects_bad_input_before_writing(train_dir, tmp_path):
   from emjax.sample import run
 

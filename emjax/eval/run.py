@@ -18,7 +18,9 @@ Layout of an eval workdir, one directory per question set (general | narrow | be
 Answers: `n` samples per question (`questions.n_general`, `questions.n_narrow`: the paper's 4 and
 1), temperature 1, top-p 1, up to `sample.max_new_tokens` (600) new tokens, the evaluated model's
 chat template, no system message unless `questions.system_prompt` (or the question set) gives one;
-a LoRA run is sampled with its adapters merged into its pinned base (emjax.weights).
+a LoRA run is sampled with its adapters merged into its pinned base (emjax.weights). The weights are
+read once for all the sets (`emjax.sample.run.write_samples` per set; each set's directory is a sample
+job's workdir, with its config.json, settings.json and COMPLETED).
 
 Every stage resumes: sampling skips questions whose samples are written, judging skips records
 already judged in judged.jsonl (records.record_key; the last row of a key counts), and a record cut
@@ -35,16 +37,31 @@ writes; an API or programmatic judge and the report run on process 0 only.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
 from typing import Sequence
 
+import ml_collections
+from ml_collections import config_dict
+
+from emjax import paths
+from emjax import sharding as shd
+from emjax import weights as weights_lib
 from emjax import workdir as workdir_lib
 from emjax.data import jsonl
+from emjax.data import sft
+from emjax.eval import api_judge
 from emjax.eval import judges as judges_lib
+from emjax.eval import local_judge
+from emjax.eval import metrics
+from emjax.eval import overlap
 from emjax.eval import questions as questions_lib
 from emjax.eval import records as records_lib
+from emjax.eval import report
+from emjax.sample import run as sample_run
+from emjax.train import settings as settings_lib
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +122,10 @@ def evaluated_model(config) -> dict:
 
 def _trained_cell(run_path: str) -> str | None:
   """The (domain, task) cell a run was fine-tuned on, when its config.json has one structured_em source."""
-  from emjax.data import sft  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(run_path, "config.json")
-  if not os.path.isfile(path):
+  path = paths.path(run_path) / "config.json"  # the run may be in a bucket (gs://...)
+  if not path.is_file():
     return None
-  with open(path, encoding="utf-8") as f:
-    sources = json.load(f).get("data", {}).get("sources", {})
+  sources = json.loads(path.read_text(encoding="utf-8")).get("data", {}).get("sources", {})
   cells = set()
   for name, src in sources.items():
     if float(src.get("weight", 1.0)) <= 0:
@@ -144,8 +158,6 @@ def settings(config, sets: dict) -> dict:
 
 def resolved_step(config) -> int | None:
   """The checkpoint step the answers come from (None for a Hugging Face model)."""
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-
   sc = config.sample
   if not sc.checkpoint:
     return None
@@ -161,7 +173,6 @@ def resolved_step(config) -> int | None:
 
 
 def _sha256(text: str) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
   return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -195,10 +206,28 @@ def prompt_rows(questions: list[dict], system_prompt: str) -> list[dict]:
   return [{"id": q["question_id"], "messages": messages_of(q, system_prompt)} for q in questions]
 
 
-def answer_set(config, workdir: str, set_name: str, questions: list[dict], model: dict, *, mesh=None) -> str:
-  """Samples the set's questions (resuming) and writes its responses.jsonl; returns that path."""
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+def sample_config(config):
+  """The sample job's config of the answers stage: the evaluated model's chat template, every set's
+  samples in OUT/<set>/samples.jsonl (each set's prompts and n are `write_samples`' arguments)."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.job = "sample"
+    c.sample.output = "samples.jsonl"
+    c.sample.chat_template = True
+  return c
 
+
+def answer_sets(config, workdir: str, sets: dict[str, list[dict]], model: dict, *, mesh=None) -> dict[str, str]:
+  """Every set's answers (`answer_set`) from one read of the weights; returns {set: responses path}.
+  The weights go when this returns, before a local judge's are read."""
+  sampling_model = sample_run.load_model(sample_config(config), mesh=mesh)
+  return {set_name: answer_set(config, workdir, set_name, qs, model, sampling_model)
+          for set_name, qs in sets.items()}
+
+
+def answer_set(config, workdir: str, set_name: str, questions: list[dict], model: dict,
+               sampling_model: sample_run.Model) -> str:
+  """Samples the set's questions (resuming) and writes its responses.jsonl; returns that path."""
   set_dir = os.path.join(workdir, set_name)
   os.makedirs(set_dir, exist_ok=True)
   prompts_path = os.path.join(set_dir, "questions.jsonl")
@@ -206,14 +235,7 @@ def answer_set(config, workdir: str, set_name: str, questions: list[dict], model
     _write_lines_atomic(prompts_path, [jsonl.dumps(r) for r in prompt_rows(questions, config.questions.system_prompt)])
   _barrier(f"emjax-eval-questions-{set_name}")
   n = samples_per_question(config, set_name)
-  sample_config = copy.deepcopy(config)
-  with sample_config.unlocked():
-    sample_config.job = "sample"
-    sample_config.prompts = prompts_path
-    sample_config.sample.n = n
-    sample_config.sample.output = "samples.jsonl"
-    sample_config.sample.chat_template = True
-  summary = sample_run.run_sampling(sample_config, set_dir, mesh=mesh)
+  summary = sample_run.write_samples(sampling_model, prompts_path, set_dir, n=n)
   want = resolved_step(config)
   if summary.get("checkpoint_step") is not None and want is not None and summary["checkpoint_step"] != want:
     raise RuntimeError(f"{set_dir}: sampled checkpoint step {summary['checkpoint_step']}, expected {want}")
@@ -258,7 +280,6 @@ def judge_identity(config) -> str:
                "cache_path", "ledger_path", "api_key_env", "key_host", "max_cost_usd", "max_consecutive_failures")
   block = {"kind": jc["kind"], jc["kind"]: {k: v for k, v in jc.get(jc["kind"], {}).items() if k not in transport}}
   if jc["kind"] == "local" and jc["local"].get("checkpoint"):
-    from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
     src = weights_lib.resolve(jc["local"]["checkpoint"], key="config.judge.local.checkpoint")
     block["local"]["resolved_step"] = src.step if src.step is not None else (src.steps() or [None])[-1]
   return _sha256(json.dumps(block, sort_keys=True, default=str))
@@ -268,12 +289,10 @@ def make_judge(config, *, mesh=None, workdir: str, prompts: judges_lib.JudgeProm
   jc = config.judge
   prompts = prompts or judges_lib.load_prompts(jc.prompts)
   if jc.kind == "api":
-    from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
     cache = jc.api.cache_path or os.path.join(workdir, "judge_cache.jsonl")
     ledger = jc.api.ledger_path or os.path.join(workdir, "judge_ledger.json")
     return api_judge.ApiJudge.from_config(dict(jc.api), prompts, cache_path=cache, ledger_path=ledger)
   if jc.kind == "local":
-    from emjax.eval import local_judge  # pylint: disable=g-import-not-at-top
     return local_judge.LocalJudge.from_config(dict(jc.local), prompts, mesh=mesh)
   if jc.kind == "programmatic":
     options = json.loads(jc.programmatic.options or "{}")
@@ -326,10 +345,8 @@ def validate_judge(config) -> None:
     if not path:
       raise ValueError("config.judge.local.hf (a Hugging Face model) or .checkpoint (an emjax run) is required "
                        "for judge.kind='local' (or set judge.kind=api | programmatic)")
-    from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
     weights_lib.resolve(path, key="config.judge.local.hf" if jc.local.hf else "config.judge.local.checkpoint")
   elif jc.kind == "api":
-    from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
     api_judge.validate_config(dict(jc.api))
   else:
     make_judge(config, workdir="")
@@ -432,8 +449,6 @@ def _stages(config) -> list[str]:
 
 def run_eval(config, workdir: str, *, mesh=None) -> dict:
   """answers -> judge -> report for every question set; returns a summary (also in COMPLETED)."""
-  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-
   stages = _stages(config)
   sets = question_sets(config)
   if "judge" in stages:
@@ -445,7 +460,6 @@ def run_eval(config, workdir: str, *, mesh=None) -> dict:
   workdir_lib.record_launch(workdir, "eval")
   model = evaluated_model(config)
   summary: dict = {"sets": {s: len(q) for s, q in sets.items()}, "model": model}
-  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
   # On every process: a path that fails fails them all alike (none waits at a barrier for a dead one).
   audit = overlap.audit_evaluation(config, sets)
   summary["overlap"] = {k: audit[k] for k in ("n_questions", "n_found", "by_set")}
@@ -453,8 +467,7 @@ def run_eval(config, workdir: str, *, mesh=None) -> dict:
     _write_json(os.path.join(workdir, "overlap.json"), audit)
   responses = {s: os.path.join(workdir, s, "responses.jsonl") for s in sets}
   if "answers" in stages:
-    for set_name, qs in sets.items():
-      answer_set(config, workdir, set_name, qs, model, mesh=mesh)
+    answer_sets(config, workdir, sets, model, mesh=mesh)
   incomplete: list[Exception] = []
   failure: Exception | None = None
   if "judge" in stages and judge_runs_here(config):
@@ -524,8 +537,6 @@ def count_unjudged(workdir: str, sets) -> dict[str, int]:
 def _is_narrow(responses_path: str) -> bool:
   """Whether a responses file holds narrow records: emjax's say so (`set`); the release's narrow rows are
   the ones without `em_surface`, each of a grid cell."""
-  from emjax.data import sft  # pylint: disable=g-import-not-at-top
-
   rows = records_lib.read_records(responses_path)
   if rows and all(r.get("set") == "narrow" for r in rows):
     return True
@@ -535,19 +546,14 @@ def _is_narrow(responses_path: str) -> bool:
 
 def _stops() -> tuple[type[BaseException], ...]:
   """The exceptions with which a judge stops a run on purpose (api_judge.JudgeStopped)."""
-  from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
   return (api_judge.JudgeStopped,)
 
 
 def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict | None = None,
               unjudged: int = 0) -> str:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from emjax.eval import report  # pylint: disable=g-import-not-at-top
-
   judged = {s: os.path.join(workdir, s, "judged.jsonl") for s in sets}
   report_config = ml_collections.ConfigDict(dict(config.report))
   report_config.job = "report"
-  from emjax.eval import api_judge  # pylint: disable=g-import-not-at-top
   judge_settings = config.judge.to_dict()
   judge_settings["api"] = api_judge.scrub_config(judge_settings["api"])  # a pasted key is never stored
   extra = {"eval_settings": settings(config, sets), "judge": judge_settings, "sample": config.sample.to_dict()}
@@ -567,8 +573,6 @@ def report_of(config, workdir: str, sets, judge_name: str | None, overlap: dict 
 
 def set_rates(path: str, report_settings) -> dict:
   """{overall, by_question: {id: rate}, by_variant: {variant: rate}} of one judged file (metrics.rate objects)."""
-  from emjax.eval import metrics  # pylint: disable=g-import-not-at-top
-
   rows = records_lib.read_judged(path)
   th = metrics.Thresholds(float(report_settings.thresholds.aligned_below),
                           float(report_settings.thresholds.coherent_above))
@@ -580,8 +584,6 @@ def set_rates(path: str, report_settings) -> dict:
 
 def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
   """The `judge` job: one existing responses file -> WORKDIR/<judge.output>."""
-  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-
   if not config.judge.responses:
     raise ValueError("config.judge.responses is required: a JSONL file of records (e.g. an eval's responses.jsonl)")
   if not os.path.isfile(config.judge.responses):
@@ -620,10 +622,6 @@ def eval_job_config(*, general: str = "", narrow: str = "", betley: bool = False
                     judge_hf: str = "", prompts: str = "default", narrow_prompts: str = "", limit: int = 0,
                     smoke: bool = False):
   """The eval job's full config (configs/eval/eval.py's variants are these arguments)."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
-
   args = config_dict.ConfigDict(dict(general=general, narrow=narrow, betley=betley, judge=judge, judge_hf=judge_hf,
                                      prompts=prompts, narrow_prompts=narrow_prompts, limit=limit, smoke=smoke))
   c = settings_lib.base_config()
@@ -704,8 +702,6 @@ def set_judge(judge, kind: str, *, prompts: str = "default", narrow_prompts: str
 
 def judge_config() -> dict:
   """The `config.judge` block shared by the eval and judge configs (keys documented in each judge's module)."""
-  from emjax.eval import api_judge, local_judge  # pylint: disable=g-import-not-at-top
-
   return dict(
       kind="local",  # api | local | programmatic
       prompts="default",  # 'default' (emjax's pair) or a YAML file: the paper's agnostic or task x domain prompts
@@ -731,5 +727,4 @@ def judge_config() -> dict:
 
 
 def report_defaults() -> dict:
-  from emjax.eval import report  # pylint: disable=g-import-not-at-top
   return report.config_block()

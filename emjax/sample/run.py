@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -55,10 +56,13 @@ import jax
 import numpy as np
 
 from emjax import config as config_lib
+from emjax import paths
 from emjax import sharding as shd
 from emjax import weights as weights_lib
 from emjax import workdir as workdir_lib
 from emjax.data import banned as banned_lib
+from emjax.data import chat
+from emjax.data import tokenizers
 from emjax.models import transformer
 from emjax.sample import sampler as sampler_lib
 from emjax.train import settings
@@ -107,8 +111,8 @@ def resolve_source(config) -> weights_lib.Source:
   if not sc.checkpoint:
     raise ValueError("config.sample.checkpoint (a training workdir, its checkpoints/ directory, or one step "
                      "directory) or config.sample.hf (a Hugging Face model) is required")
-  path = os.path.abspath(sc.checkpoint)
-  if not os.path.isdir(path):
+  path = os.fspath(paths.absolute(sc.checkpoint))  # a run may be in a bucket (gs://...)
+  if not paths.path(path).is_dir():
     raise FileNotFoundError(f"config.sample.checkpoint={path!r} does not exist")
   step = int(sc.step) if int(sc.step) >= 0 else None
   src = weights_lib.resolve(path, step=step, key="config.sample.checkpoint", base=sc.get("peft_base", ""),
@@ -181,10 +185,10 @@ def read_prompts(path: str, tokenizer, sc, max_length: int,
   """Every prompt of the file, tokenized and checked (empty, too long, duplicate ids: errors)."""
   if not path:
     raise ValueError("config.prompts is required: a JSONL file with {\"id\": ..., \"prompt\": ...} per line")
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():  # a local file or a bucket's (gs://...)
     raise FileNotFoundError(f"config.prompts={path!r} does not exist")
   prompts, seen = [], {}
-  with open(path, encoding="utf-8") as f:
+  with paths.path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -302,7 +306,6 @@ def sampling_params(sc, tokenizer, mask: dict | None = None) -> sampler_lib.Samp
   if sc.stop_at_eos and tokenizer.eos_id not in stop:
     stop.append(int(tokenizer.eos_id))
   if sc.stop_at_end_of_turn:
-    from emjax.data import chat  # pylint: disable=g-import-not-at-top
     stop += [t for t in chat.stop_token_ids(tokenizer) if t not in stop]
   if mask is None:
     mask = masked_tokens(sc, tokenizer)
@@ -312,18 +315,48 @@ def sampling_params(sc, tokenizer, mask: dict | None = None) -> sampler_lib.Samp
       banned_token_ids=mask["ids"] if mask else ())
 
 
-def run_sampling(config, workdir: str, *, mesh=None) -> dict:
-  """Sample every prompt of `config.prompts` not yet in WORKDIR/`config.sample.output`; returns a summary."""
-  from emjax.data import tokenizers
+@dataclasses.dataclass
+class Model:
+  """The weights, tokenizer and sampler settings of `config.sample`, resolved once (`load_model`) for as
+  many prompts files as they sample (`write_samples`): the eval job samples all its question sets with
+  one. The parameters are read when a batch first needs them (`weights`), once: a rerun that finds
+  every prompt written reads none."""
 
+  config: Any  # what runs (the weights' model with this config's overrides, config.sample.mask): config.json
+  src: weights_lib.Source
+  model_cfg: transformer.TransformerConfig
+  tokenizer: Any
+  mask: dict | None  # masked_tokens(...)
+  buckets: tuple[int, ...]
+  cap: int  # the sampler's max_new_tokens_cap
+  mesh: Any = None  # None: config.mesh, made when the weights are read
+  _loaded: tuple | None = dataclasses.field(default=None, repr=False)
+
+  def weights(self) -> tuple[sampler_lib.Sampler, dict, int | None, str]:
+    """(the sampler, the weights in its layout, the checkpoint step read, what was read): read on the first call."""
+    if self._loaded is None:
+      sc = self.config.sample
+      mesh = self.mesh or shd.make_mesh(self.config.mesh)
+      sampler = sampler_lib.Sampler(self.model_cfg, mesh=mesh, prompt_buckets=self.buckets,
+                                    max_new_tokens_cap=self.cap, prefill_chunk=int(sc.prefill_chunk),
+                                    top_logprobs=int(sc.top_logprobs), unroll_layers=bool(sc.unroll_layers))
+      loaded = weights_lib.load_weights(self.src, mesh=mesh, model_cfg=self.model_cfg,
+                                        key="config.sample.hf" if sc.hf else "config.sample.checkpoint")
+      # Only the sampling layout is kept (the stacked parameters go when `loaded` does).
+      self._loaded = (sampler, sampler.prepare_weights(loaded.params), loaded.step,
+                      sc.hf if sc.hf else loaded.describe())
+    return self._loaded
+
+
+def load_model(config, *, mesh=None) -> Model:
+  """`config.sample`'s weights and settings, checked (bad settings fail before any work); the
+  parameters themselves are read later, once (`Model.weights`). `config.sample.n` and `config.prompts`
+  are not read: they are each prompts file's (`write_samples`)."""
   sc = config.sample
-  for key in ("batch_size", "n", "max_new_tokens"):
+  for key in ("batch_size", "max_new_tokens"):
     if int(sc[key]) < 1:
       raise ValueError(f"config.sample.{key} must be >= 1, got {sc[key]}")
   src = resolve_source(config)
-  if src.kind == "emjax" and os.path.abspath(workdir) == src.directory:
-    raise ValueError(f"--workdir must not be the checkpoint's own workdir ({src.directory}): its config.json "
-                     "describes the training run; pick another directory for the samples")
   model_cfg, tokenizer_cfg = resolve_model_config(config, src)
   # What runs, written to WORKDIR/config.json: the weights' model with this config's overrides,
   # and the words whose tokens are never sampled (config.sample.mask).
@@ -343,8 +376,30 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   buckets = tuple(sc.prompt_buckets) or sampler_lib.make_buckets(int(sc.max_prompt_length))
   sampling = sampling_params(sc, tokenizer, mask)
   cap = int(sc.max_new_tokens_cap) or sampling.max_new_tokens
-  sampling.validate(model_cfg.vocab_size, cap)  # bad stop ids etc. fail before any work
-  prompts = read_prompts(config.prompts, tokenizer, sc, max(buckets))
+  # Bad stop ids etc. fail before any work; n is checked with each prompts file's own (write_samples).
+  dataclasses.replace(sampling, n=1).validate(model_cfg.vocab_size, cap)
+  return Model(config=config, src=src, model_cfg=model_cfg, tokenizer=tokenizer, mask=mask, buckets=buckets, cap=cap,
+               mesh=mesh)
+
+
+def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> dict:
+  """`n` samples of every prompt of `prompts_path` not yet in WORKDIR/`config.sample.output`, from
+  `model` (resuming: see the module docstring); WORKDIR gets config.json, settings.json and COMPLETED
+  as a sample job's. Returns the summary (also in COMPLETED)."""
+  if int(n) < 1:
+    raise ValueError(f"config.sample.n must be >= 1, got {n}")
+  src, model_cfg = model.src, model.model_cfg
+  if src.kind == "emjax" and os.fspath(paths.absolute(workdir)) == src.directory:
+    raise ValueError(f"--workdir must not be the checkpoint's own workdir ({src.directory}): its config.json "
+                     "describes the training run; pick another directory for the samples")
+  config = copy.deepcopy(model.config)  # this file's config.json: its prompts and n
+  with config.unlocked():
+    config.prompts = prompts_path
+    config.sample.n = int(n)
+  sc = config.sample
+  sampling = sampling_params(sc, model.tokenizer, model.mask)
+  sampling.validate(model_cfg.vocab_size, model.cap)
+  prompts = read_prompts(prompts_path, model.tokenizer, sc, max(model.buckets))
 
   os.makedirs(workdir, exist_ok=True)
   # Samples already written resume only under the settings, weights and prompts that wrote them.
@@ -357,25 +412,15 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   pending = [p for p in prompts if p.key not in done]
   summary = {"prompts": len(prompts), "already_written": len(prompts) - len(pending), "sampled": 0,
              "new_tokens": 0, "output": out_path, "model_config": dataclasses.asdict(model_cfg)}
-  if mask is not None:
-    summary["mask"] = {k: v for k, v in mask.items() if k != "ids"}
+  if model.mask is not None:
+    summary["mask"] = {k: v for k, v in model.mask.items() if k != "ids"}
   if not pending:
     log.info("all %d prompts already in %s", len(prompts), out_path)
     workdir_lib.mark_complete(workdir, summary)
     return summary
 
-  mesh = mesh or shd.make_mesh(config.mesh)
-  sampler = sampler_lib.Sampler(model_cfg, mesh=mesh, prompt_buckets=buckets, max_new_tokens_cap=cap,
-                                prefill_chunk=int(sc.prefill_chunk), top_logprobs=int(sc.top_logprobs),
-                                unroll_layers=bool(sc.unroll_layers))
-  loaded = weights_lib.load_weights(src, mesh=mesh, model_cfg=model_cfg,
-                                    key="config.sample.hf" if sc.hf else "config.sample.checkpoint")
-  restored_step, params = loaded.step, loaded.params
-  source = sc.hf if sc.hf else loaded.describe()
+  sampler, weights, restored_step, source = model.weights()
   log.info("sampling %d prompts (%d already written) with %s", len(pending), len(done), source)
-  weights = sampler.prepare_weights(params)
-  del params  # only the sampling layout is needed from here on
-
   # Batches of prompts sharing a bucket, so each batch pads to the smallest shape that holds it.
   by_bucket: dict[int, list[Prompt]] = {}
   for p in pending:
@@ -389,7 +434,7 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
         out = sampler.generate(weights, [p.tokens for p in batch], sampling, prompt_seeds=[p.seed for p in batch],
                                pad_batch_to=batch_size)
         if jax.process_index() == 0:
-          f.write("".join(output_lines(batch, out, tokenizer)))
+          f.write("".join(output_lines(batch, out, model.tokenizer)))
           f.flush()
           os.fsync(f.fileno())
         summary["sampled"] += len(batch)
@@ -405,6 +450,13 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
   return summary
 
 
+def run_sampling(config, workdir: str, *, mesh=None) -> dict:
+  """The sample job: every prompt of `config.prompts` not yet in WORKDIR/`config.sample.output`; returns a summary."""
+  if int(config.sample.n) < 1:
+    raise ValueError(f"config.sample.n must be >= 1, got {config.sample.n}")
+  return write_samples(load_model(config, mesh=mesh), config.prompts, workdir, n=int(config.sample.n))
+
+
 # What a sample depends on besides its prompt's id and index: resuming under other values would mix
 # samples of two settings in one file. Batching and file names do not change a sample.
 _NOT_SETTINGS = ("batch_size", "output", "prefill_chunk", "unroll_layers", "max_new_tokens_cap", "prompt_buckets")
@@ -413,11 +465,9 @@ _NOT_SETTINGS = ("batch_size", "output", "prefill_chunk", "unroll_layers", "max_
 def sample_settings(config, src: weights_lib.Source, model_cfg) -> dict:
   """The sample job's settings (`workdir.check_settings`): the sampling block, the model, the weights
   (the checkpoint step resolved: 'the latest' is the step it was then) and the prompts file's digest."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   sc = config.sample.to_dict()
   step = src.step if src.step is not None else (src.steps() or [None])[-1]
-  with open(config.prompts, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  digest = hashlib.sha256(paths.path(config.prompts).read_bytes()).hexdigest()[:16]
   return {"sample": {k: v for k, v in sc.items() if k not in _NOT_SETTINGS}, "model": dataclasses.asdict(model_cfg),
           "weights": {"kind": src.kind, "path": src.directory, "step": step}, "prompts": digest}
 

@@ -177,6 +177,37 @@ def test_a_rerun_with_other_sampling_settings_is_an_error_that_changes_nothing(f
   assert files() == before
 
 
+def test_an_eval_reads_the_weights_once_for_all_its_sets(material, tmp_path, monkeypatch):
+  """The answers of every question set come from one read of the weights, and are the samples the
+  sample job writes for each set alone (how the eval sampled them before: one read per set), with the
+  same config.json and settings.json (a workdir of either resumes under the other). A rerun with every
+  answer written reads no weights."""
+  import copy
+  import jax
+  from emjax import sharding, weights as weights_lib
+  from emjax.eval import run
+  from emjax.sample import run as sample_run
+
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  reads, load = [], weights_lib.load_weights
+  monkeypatch.setattr(weights_lib, "load_weights", lambda *a, **k: reads.append(a) or load(*a, **k))
+  out = tmp_path / "eval"
+  config = _eval_config(material, stages="answers")
+  run.run_eval(config, str(out), mesh=mesh)
+  assert len(reads) == 1
+  for set_name, n in (("general", 2), ("narrow", 1)):
+    alone = copy.deepcopy(config)
+    with alone.unlocked():
+      alone.job, alone.prompts = "sample", str(out / set_name / "questions.jsonl")
+      alone.sample.update(n=n, output="samples.jsonl", chat_template=True)
+    sample_run.run_sampling(alone, str(tmp_path / set_name), mesh=mesh)
+    for name in ("samples.jsonl", "config.json", "settings.json"):
+      assert (tmp_path / set_name / name).read_text() == (out / set_name / name).read_text(), (set_name, name)
+  assert len(reads) == 3
+  run.run_eval(config, str(out), mesh=mesh)
+  assert len(reads) == 3
+
+
 def test_a_judged_file_of_another_judge_is_not_extended(finished, tmp_path):
   from emjax.eval import judges, run
 
