@@ -255,6 +255,7 @@ def _exit_with_user_error(argv: list[str], e: BaseException, message: str):
 
 def run() -> None:
   from emjax import runtime
+  runtime.skip_absent_tpu()
   runtime.reexec_with_huge_pages()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
