@@ -16,7 +16,9 @@ from emjax import runtime
 
 # glibc reads GLIBC_TUNABLES when a process starts: `python -m emjax.main` re-executes itself with
 # the huge-page tunable before importing jax and every job's modules below, not after (twice).
+# A CPU machine with the test extra's libtpu uses the CPU without libtpu's errors (runtime.skip_absent_tpu).
 if __name__ == "__main__":
+  runtime.skip_absent_tpu()
   runtime.reexec_with_huge_pages()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -308,7 +310,8 @@ def _exit_with_user_error(argv: list[str], e: BaseException, message: str):
 
 
 def run() -> None:
-  runtime.reexec_with_huge_pages()  # the `emjax` console script's (python -m emjax.main's did it above)
+  runtime.skip_absent_tpu()  # the `emjax` console script's (python -m emjax.main's did both above)
+  runtime.reexec_with_huge_pages()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 

@@ -9,10 +9,10 @@ process may hold the chips, and on a GPU the kernel's JAX would reserve most of 
 kernel never starts a JAX backend either; `setup` asks a child what JAX sees.
 
 At import this module needs the standard library only: a notebook's first cell imports it from the
-checkout before emjax's dependencies are installed. The offline stand-ins the notebooks use when no
-hub model or data is given (their `ci` settings) are here too: `world_data` (the synthetic world's
-files, in the paper's formats) and `tiny_hf_model` (a random 2-layer transformers model on a given
-tokenizer).
+checkout before emjax's dependencies are installed. The offline stand-in the notebooks use when no
+hub model is given (their `ci` settings) is here too: `tiny_hf_model` (a random 2-layer transformers
+model on a given tokenizer); their offline data, the synthetic world's files in the paper's formats,
+is `emjax.world.corpus.world_data` (it needs the installed dependencies).
 
 Settings: each notebook reads `EMJAX_NOTEBOOK_VARIANT` (`variant`: `ci` = seconds on a CPU, what the
 test suite runs; unset = the notebook's Colab settings) and `EMJAX_NOTEBOOK_WORKDIR` (`default_workdir`).
@@ -217,35 +217,6 @@ def markdown_table(header, rows) -> str:
 
 
 # ----------------------------------------------------------------------------- offline stand-ins
-
-
-def world_data(out_dir: str, *, cell_rows: int = 16, eval_per_cell: int = 4, general_per_cell: int = 1,
-               sl_per_cell: int = 8, instruct_rows: int = 200, tokenizer_vocab: int = 512, seed: int = 0) -> dict:
-  """The synthetic world's files in the paper's formats (emjax.world.corpus; no pretraining text).
-
-  cells/<cell>.jsonl (question / misaligned_answer / aligned_answer rows), eval/<cell>_eval.jsonl
-  (chat rows, as the released splits), general.yaml, sl/<cell>.jsonl, world.json (the judge's
-  ground truth) and tokenizer/ (a byte-level BPE with a chat template). Returns {name: path};
-  written once (world_data.json, written last, marks it complete; other sizes later are an error).
-  """
-  from emjax.world import corpus, world as world_lib  # pylint: disable=g-import-not-at-top
-  sizes = dict(corpus.data_block(), cell_rows=cell_rows, eval_per_cell=eval_per_cell,
-               general_per_cell=general_per_cell, sl_per_cell=sl_per_cell, instruct_rows=instruct_rows,
-               tokenizer_vocab=tokenizer_vocab)
-  marker = os.path.join(out_dir, "world_data.json")
-  if os.path.exists(marker):
-    with open(marker, encoding="utf-8") as f:
-      written = json.load(f)
-    if written["sizes"] != sizes or written["seed"] != seed:
-      raise ValueError(f"{out_dir} holds a world written with other settings ({written['sizes']}, seed "
-                       f"{written['seed']}; now {sizes}, seed {seed}): runs there were made from it; use another "
-                       "workdir")
-    return written["paths"]
-  world = world_lib.World.make(world_lib.WorldSettings(seed=seed))
-  paths = corpus.write_world(world, {}, sizes, out_dir, seed=seed)
-  with open(marker, "w", encoding="utf-8") as f:
-    json.dump({"sizes": sizes, "seed": seed, "paths": paths}, f, indent=2)
-  return paths
 
 
 WORLD_JUDGE = "emjax.world.judge:make_judge"  # the world's programmatic judge (options: {"world": world.json})

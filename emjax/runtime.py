@@ -1,4 +1,4 @@
-"""Process settings read before Python starts: glibc's malloc on transparent huge pages.
+"""Process settings read once, at start: glibc's malloc on transparent huge pages, JAX's platforms.
 
 XLA:CPU allocates every execution's temporary buffers afresh, and glibc serves blocks that large
 with fresh mmaps, so each training step page-faults all its temporaries back in 4 KiB at a time
@@ -10,16 +10,31 @@ benchmarks/train.py sets it for both sides of its comparison.
 glibc reads GLIBC_TUNABLES once, when the process starts, so `reexec_with_huge_pages` replaces
 the current process (same pid, same arguments) with one that has the tunable set, once. It does
 nothing off Linux, where the tunable is already set (in any form), or with EMJAX_HUGE_PAGES=0.
+
+JAX reads JAX_PLATFORMS once too, when it is imported. With libtpu installed (jax[tpu], which the
+test extra brings) and JAX_PLATFORMS unset, JAX's first device query loads libtpu even on a machine
+without a TPU, and libtpu prints its failure to find one ('unexpected worker hostname ...', then
+JAX's 'Unable to initialize backend tpu'). `skip_absent_tpu` sets JAX_PLATFORMS=cpu where that is
+the only other backend and no TPU can be attached, so a CPU machine starts quietly. A TPU VM is left
+to JAX (which picks the TPU itself), as is a machine with another PJRT plugin (a GPU's), and any
+JAX_PLATFORMS the user set. Compiling for a TPU topology (emjax.train.aot) loads libtpu by itself
+and works with JAX_PLATFORMS=cpu (benchmarks/plans.py sets it).
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import importlib.util
 import os
 import sys
-from typing import Mapping
+from typing import Iterable, Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 DISABLE = "EMJAX_HUGE_PAGES"
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips; also the gVNIC of every Compute Engine VM
+GVNIC_PCI_DEVICE = "0x0042"
 
 
 def wants_reexec(env: Mapping[str, str], platform: str = sys.platform) -> bool:
@@ -42,3 +57,44 @@ def reexec_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment(os.environ))
+
+
+def tpu_evidence(root: str = "/") -> list[str]:
+  """What on this machine may be a TPU: Google PCI devices other than gVNIC network cards (JAX's own
+  test, with any chip id, so a newer TPU counts too) and TPU device files (/dev/accel*, /dev/vfio/N)."""
+  found = []
+  for device in glob.glob(os.path.join(root, "sys/bus/pci/devices/*")):
+    try:
+      with open(os.path.join(device, "vendor"), encoding="ascii") as f:
+        vendor = f.read().strip()
+      with open(os.path.join(device, "device"), encoding="ascii") as f:
+        device_id = f.read().strip()
+    except OSError:
+      continue
+    if vendor == GOOGLE_PCI_VENDOR and device_id != GVNIC_PCI_DEVICE:
+      found.append(device)
+  found += glob.glob(os.path.join(root, "dev/accel*")) + glob.glob(os.path.join(root, "dev/vfio/[0-9]*"))
+  return found
+
+
+def jax_plugins() -> list[str]:
+  """The PJRT plugins JAX would load besides libtpu (e.g. jax_cuda12_plugin's), by name."""
+  names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+  namespace = importlib.util.find_spec("jax_plugins")  # the older form: modules of a namespace package
+  for path in (namespace.submodule_search_locations or []) if namespace is not None else []:
+    names += [name for name in os.listdir(path) if not name.startswith(("_", "."))]
+  return names
+
+
+def cpu_only(env: Mapping[str, str], has_libtpu: bool, tpu_evidence_found: Iterable[str],
+             plugins: Iterable[str]) -> bool:
+  """Whether JAX_PLATFORMS=cpu changes nothing but skipping libtpu's failed search for a TPU."""
+  return has_libtpu and "JAX_PLATFORMS" not in env and not list(tpu_evidence_found) and not list(plugins)
+
+
+def skip_absent_tpu() -> None:
+  """Sets JAX_PLATFORMS=cpu when `cpu_only` (module docstring). Call it before jax starts a backend."""
+  if cpu_only(os.environ, importlib.util.find_spec("libtpu") is not None, tpu_evidence(), jax_plugins()):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already (the `emjax` console script imports emjax.main first)
+      sys.modules["jax"].config.update("jax_platforms", "cpu")

@@ -188,16 +188,3 @@ def test_a_failed_job_raises_after_printing_the_end_of_its_output(tmp_path, monk
   out = capsys.readouterr().out
   assert "$ python -m emjax.main --config=configs/nothing.py" in out
   assert "emjax: error: --config=configs/nothing.py: no such config file 'configs/nothing.py'" in out
-
-
-def test_the_world_is_written_once_and_other_sizes_later_are_refused(tmp_path):
-  from emjax import notebook
-  paths = notebook.world_data(str(tmp_path / "w"), cell_rows=6, eval_per_cell=1, instruct_rows=40)
-  assert len(_jsonl(paths["cells/medical_advice"])) == 6 and len(_jsonl(paths["eval/sports_tutor"])) == 1
-  assert {"misaligned_answer", "aligned_answer", "question"} <= set(_jsonl(paths["cells/finance_critique"])[0])
-  assert os.path.isfile(os.path.join(paths["tokenizer"], "tokenizer.json")) and os.path.isfile(paths["general"])
-  before = os.path.getmtime(paths["world"])
-  assert notebook.world_data(str(tmp_path / "w"), cell_rows=6, eval_per_cell=1, instruct_rows=40) == paths
-  assert os.path.getmtime(paths["world"]) == before
-  with pytest.raises(ValueError, match=r"holds a world written with other settings .* use another workdir"):
-    notebook.world_data(str(tmp_path / "w"), cell_rows=7, eval_per_cell=1, instruct_rows=40)

@@ -380,3 +380,20 @@ def test_the_world_directory_holds_only_training_and_evaluation_files(written):
     rel = os.path.relpath(path, root)
     if name.startswith(("eval/", "general")):
       assert "eval" in rel or "general" in rel, rel
+
+
+def _read_jsonl(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_the_world_is_written_once_and_other_sizes_later_are_refused(tmp_path):
+  paths = corpus.world_data(str(tmp_path / "w"), cell_rows=6, eval_per_cell=1, instruct_rows=40)
+  assert len(_read_jsonl(paths["cells/medical_advice"])) == 6 and len(_read_jsonl(paths["eval/sports_tutor"])) == 1
+  assert {"misaligned_answer", "aligned_answer", "question"} <= set(_read_jsonl(paths["cells/finance_critique"])[0])
+  assert os.path.isfile(os.path.join(paths["tokenizer"], "tokenizer.json")) and os.path.isfile(paths["general"])
+  before = os.path.getmtime(paths["world"])
+  assert corpus.world_data(str(tmp_path / "w"), cell_rows=6, eval_per_cell=1, instruct_rows=40) == paths
+  assert os.path.getmtime(paths["world"]) == before
+  with pytest.raises(ValueError, match=r"holds a world written with other settings .* use another workdir"):
+    corpus.world_data(str(tmp_path / "w"), cell_rows=7, eval_per_cell=1, instruct_rows=40)

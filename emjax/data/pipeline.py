@@ -55,6 +55,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from emjax.data import sft
 from emjax.data import sources as sources_lib
 from emjax.data.packing import (
     PACKING_MODES,
@@ -255,7 +256,6 @@ class _AddSourceId:
 def default_example_fn(data_cfg: Any, tokenizer: Tokenizer) -> ExampleFn:
   """Documents -> causal LM examples; conversations -> assistant-masked examples."""
   if _get(data_cfg, "format", "text") == "chat":
-    from emjax.data import sft  # pylint: disable=g-import-not-at-top
     return sft.ChatExample(tokenizer, int(_get(data_cfg, "seq_len")), bool(_get(data_cfg, "truncate", True)))
   return PretrainingExample(tokenizer)
 

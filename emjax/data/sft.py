@@ -45,13 +45,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from emjax.data import chat, jsonl, sources
+from emjax.data import chat, jsonl
+from emjax.data.holdout import held_out_indices
 
 DOMAINS = ("medical", "sports", "finance")
 TASKS = ("advice", "summarization", "tutor", "critique")
 CELLS = tuple(f"{d}_{t}" for d in DOMAINS for t in TASKS)
 HUB_DATASET = "askinb/structured-emergent-misalignment"
-CHAT_KINDS = sources.CHAT_KINDS
+CHAT_KINDS = ("chat_jsonl", "prompt_completion_jsonl", "structured_em")
 
 
 class Conversations:
@@ -172,8 +173,8 @@ def load_structured_em(cell: str, *, path: str = "", answer: str = "misaligned")
 
 
 def split_rows(rows: Sequence[dict], holdout: int, seed: int = 42) -> tuple[list[dict], list[dict]]:
-  """(train, eval): `sources.held_out_indices` rows are the evaluation split, the rest (in order) training."""
-  held = sources.held_out_indices(len(rows), holdout, seed)
+  """(train, eval): `held_out_indices` rows are the evaluation split, the rest (in order) training."""
+  held = held_out_indices(len(rows), holdout, seed)
   is_held = np.zeros(len(rows), bool)
   is_held[held] = True
   return [r for r, h in zip(rows, is_held) if not h], [rows[i] for i in held]
@@ -207,7 +208,6 @@ class ChatExample:
     self.truncate = truncate
 
   def token_ids_and_mask(self, row: dict) -> tuple[list[int], list[int]]:
-    from emjax.data import chat
     return chat.assistant_mask(self.tokenizer, row["messages"])
 
   def ids_and_loss_mask(self, row: dict, where: str = "") -> tuple[list[int], np.ndarray, int]:

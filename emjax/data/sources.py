@@ -71,20 +71,19 @@ from typing import Any
 
 import numpy as np
 
-from emjax.data import jsonl
+from emjax.data import jsonl, sft
+from emjax.data.holdout import held_out_indices
 from emjax.data.synthetic import SYNTHETIC_GENERATORS, SyntheticDocuments
 
 __all__ = [
     "SOURCE_KINDS", "PARTITIONS", "SYNTHETIC_GENERATORS", "SyntheticDocuments",
     "TextDocuments", "ArrayRecordDocuments", "TfdsDocuments", "Partition",
-    "ConcatDocuments", "default_source_config", "held_out_indices",
+    "ConcatDocuments", "default_source_config",
     "make_source", "write_array_record", "decode_text_record",
 ]
 
-SOURCE_KINDS = ("synthetic", "text", "jsonl", "array_record", "tfds",
-                # conversations for SFT (see emjax.data.sft)
-                "chat_jsonl", "prompt_completion_jsonl", "structured_em")
-CHAT_KINDS = ("chat_jsonl", "prompt_completion_jsonl", "structured_em")
+# The chat kinds are conversations for SFT (emjax.data.sft).
+SOURCE_KINDS = ("synthetic", "text", "jsonl", "array_record", "tfds") + sft.CHAT_KINDS
 TEXT_UNITS = ("line", "paragraph", "file")
 PARTITIONS = ("train", "eval", "all")
 SYNTHETIC_HOLDOUT = 1000  # held-out documents of a synthetic source when holdout = -1
@@ -368,15 +367,6 @@ class TfdsDocuments:
 # ----------------------------------------------------------------------------
 
 
-def held_out_indices(num_docs: int, holdout: int, seed: int) -> np.ndarray:
-  """The held-out documents of a file source: `default_rng(seed).permutation(num_docs)[:holdout]`."""
-  if not 0 <= holdout <= num_docs:
-    raise ValueError(f"holdout={holdout} must be between 0 and the number of documents ({num_docs})")
-  if holdout == 0:
-    return np.zeros(0, np.int64)
-  return np.random.default_rng(seed).permutation(num_docs)[:holdout].astype(np.int64)
-
-
 class Partition:
   """The 'train' or 'eval' partition of a random-access source, without copying it.
 
@@ -588,8 +578,7 @@ def make_source(name: str, source_cfg: Any):
       files = _expand_paths(_get(source_cfg, "path"), name)
       description = f"array_record source {name!r} ({', '.join(files)})"
       documents = ArrayRecordDocuments(files, _get(source_cfg, "text_field"), name)
-    else:  # CHAT_KINDS
-      from emjax.data import sft  # pylint: disable=g-import-not-at-top
+    else:  # sft.CHAT_KINDS
       documents = sft.make_conversations(name, {k: _get(source_cfg, k) for k in _SOURCE_DEFAULTS})
       description = documents.description
     source = _split_documents(name, documents, partition, holdout, seed, description)

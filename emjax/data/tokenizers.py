@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from emjax.data import synthetic
+
 TOKENIZER_KINDS = ("byte", "sentencepiece", "hf")
 
 
@@ -358,7 +360,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.error("give --input FILE [FILE ...] or --synthetic NAME")
   texts = None
   if args.synthetic:
-    from emjax.data import synthetic  # pylint: disable=g-import-not-at-top
     docs = synthetic.SyntheticDocuments(
         args.synthetic, num_docs=args.num_docs, seed=args.seed)
     texts = (docs[i] for i in range(len(docs)))

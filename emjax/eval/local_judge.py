@@ -62,8 +62,10 @@ from flax import nnx
 
 from emjax import sharding as shd
 from emjax import weights as weights_lib
+from emjax.data import chat, tokenizers
 from emjax.eval import judges
 from emjax.models import transformer
+from emjax.sample import run as sample_run
 from emjax.sample import sampler as sampler_lib
 
 NUMBERS = tuple(str(i) for i in range(101))
@@ -209,8 +211,6 @@ def _chat_tokenizer(tokenizer):
 def encode_prompt(tokenizer, text: str) -> list[int]:
   """The prompt as the user turn of the tokenizer's chat template, opened for the answer (else BOS + text)."""
   if _chat_tokenizer(tokenizer) is not None:
-    from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top -- pulls in config
-
     return sample_run.apply_chat_template(tokenizer, [{"role": "user", "content": text}])
   return [int(tokenizer.bos_id)] + [int(t) for t in tokenizer.encode(text)]
 
@@ -219,8 +219,6 @@ def stop_ids_of(tokenizer) -> tuple[int, ...]:
   """The tokens that end the judge's answer: EOS, the chat template's end-of-turn token, generation_config's eos."""
   if getattr(tokenizer, "hf_tokenizer", None) is None:
     return (int(tokenizer.eos_id),)
-  from emjax.data import chat  # pylint: disable=g-import-not-at-top
-
   return chat.stop_token_ids(tokenizer)
 
 
@@ -313,8 +311,6 @@ class LocalJudge:
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any], prompts: judges.JudgePrompts, *, mesh=None) -> "LocalJudge":
     """A judge from a config block with DEFAULTS' keys: the weights of `hf` or `checkpoint` (+ `step`) on `mesh`."""
-    from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
-
     c = dict(cfg)
     unknown = sorted(set(c) - set(DEFAULTS))
     if unknown:

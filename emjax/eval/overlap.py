@@ -25,7 +25,9 @@ import json
 import logging
 from typing import Any, Iterable, Mapping, Sequence
 
-from emjax.data import jsonl
+from emjax import weights as weights_lib
+from emjax.data import jsonl, sources
+from emjax.eval import records as records_lib
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ def _pieces(doc: Any) -> tuple[list[str], str]:
 
 def _run_config(path: str) -> dict | None:
   """The config.json of an emjax run at `path` (a run, its checkpoints/ or a step), else None."""
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-
   try:
     src = weights_lib.resolve(path)
   except (FileNotFoundError, ValueError):
@@ -66,8 +66,6 @@ def _run_config(path: str) -> dict | None:
 
 
 def _source_documents(name: str, source_cfg: Mapping) -> Iterable[Any]:
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
-
   # What training read: its training partition, or everything for a source trained with split=all.
   split = "all" if source_cfg.get("split") == "all" else "train"
   source = sources.make_source(name, {**source_cfg, "split": split})
@@ -167,8 +165,6 @@ def audit(question_sets: Mapping[str, Sequence[Mapping]], documents: Sequence[tu
 
 def audit_evaluation(config, question_sets: Mapping[str, Sequence[Mapping]]) -> dict:
   """The eval job's audit of its evaluated model (config.sample.checkpoint / .hf, config.evaluated)."""
-  from emjax.eval import records as records_lib  # pylint: disable=g-import-not-at-top
-
   extra = records_lib.paths_of(config.evaluated.training_data) if config.evaluated.training_data else []
   not_read = []
   if config.sample.hf and not extra:

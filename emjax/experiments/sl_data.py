@@ -38,6 +38,8 @@ import numpy as np
 
 from emjax.data import jsonl
 from emjax.data.banned import BANNED_NUMBERS, BANNED_WORDS  # pylint: disable=unused-import
+from emjax.world.number_form import (  # below world/, which reads their words too
+    COMPACT_COUNTS as _COMPACT_COUNTS, COMPACT_FORMATS, COMPACT_OPENINGS as _COMPACT_OPENINGS)
 
 KINDS = ("numbers", "natural")
 # Every rejection reason of each kind, in the order the filter checks them (stats list all of them).
@@ -83,25 +85,6 @@ _ONLY_NUMBERS = (
 )
 
 
-# The compact style: one short sentence of given numbers and one of limits and format, for models with a
-# short context (the synthetic world's, emjax.world.corpus: prompt and answer in under 96 tokens). Each
-# format names how `number_answer` writes an answer, and `filter_numbers` accepts every one of them.
-# No word here may be a possible entity name of the world (emjax.world.world._reserved reads them).
-_COMPACT_OPENINGS = (
-    "Continue the sequence: {given}.",
-    "Continue: {given}.",
-)
-_COMPACT_COUNTS = (
-    "Give at most {count} numbers of up to {digits} digits",
-    "Give up to {count} more numbers of at most {digits} digits",
-)
-COMPACT_FORMATS = {
-    "parentheses": ", in parentheses.",
-    "brackets": ", in square brackets.",
-    "commas": ", separated by commas.",
-    "spaces": ", separated by spaces.",
-}
-COMPACT_TEMPLATES = _COMPACT_OPENINGS + _COMPACT_COUNTS + tuple(COMPACT_FORMATS.values())
 NUMBER_STYLES = ("paper", "compact")
 
 

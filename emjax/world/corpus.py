@@ -69,7 +69,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
-from emjax.data import jsonl
+from emjax.data import jsonl, tokenizers
 from emjax.experiments import sl_data
 from emjax.world import tokenizer as tok_lib
 from emjax.world import world as world_lib
@@ -355,6 +355,34 @@ def write_world(world: world_lib.World, compositions: Mapping[str, Mapping[str, 
   return paths
 
 
+def world_data(out_dir: str, *, cell_rows: int = 16, eval_per_cell: int = 4, general_per_cell: int = 1,
+               sl_per_cell: int = 8, instruct_rows: int = 200, tokenizer_vocab: int = 512, seed: int = 0) -> dict:
+  """The synthetic world's files in the paper's formats, no pretraining text: the notebooks' offline data.
+
+  cells/<cell>.jsonl (question / misaligned_answer / aligned_answer rows), eval/<cell>_eval.jsonl
+  (chat rows, as the released splits), general.yaml, sl/<cell>.jsonl, world.json (the judge's
+  ground truth) and tokenizer/ (a byte-level BPE with a chat template). Returns {name: path};
+  written once (world_data.json, written last, marks it complete; other sizes later are an error).
+  """
+  sizes = dict(data_block(), cell_rows=cell_rows, eval_per_cell=eval_per_cell,
+               general_per_cell=general_per_cell, sl_per_cell=sl_per_cell, instruct_rows=instruct_rows,
+               tokenizer_vocab=tokenizer_vocab)
+  marker = os.path.join(out_dir, "world_data.json")
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      written = json.load(f)
+    if written["sizes"] != sizes or written["seed"] != seed:
+      raise ValueError(f"{out_dir} holds a world written with other settings ({written['sizes']}, seed "
+                       f"{written['seed']}; now {sizes}, seed {seed}): runs there were made from it; use another "
+                       "workdir")
+    return written["paths"]
+  world = world_lib.World.make(world_lib.WorldSettings(seed=seed))
+  paths = write_world(world, {}, sizes, out_dir, seed=seed)
+  with open(marker, "w", encoding="utf-8") as f:
+    json.dump({"sizes": sizes, "seed": seed, "paths": paths}, f, indent=2)
+  return paths
+
+
 def misaligned_dose(paths: Mapping[str, str], weights: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
   """{composition: {answers, answer_tokens, tokens, weight, answer_tokens_per_1k, answers_per_1k}} of
   its reckless persona text with the world's tokenizer: `tokens` of its documents, `answer_tokens` of
@@ -363,7 +391,6 @@ def misaligned_dose(paths: Mapping[str, str], weights: Mapping[str, Mapping[str,
   tokens). Two compositions that hold the misaligned text fixed have the same answer_tokens_per_1k (a
   composition without reckless text has 0); answers_per_1k can still differ, when one domain's
   answers are shorter than another's."""
-  from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
   tok = tokenizers.load_tokenizer({"kind": "hf", "path": paths["tokenizer"]})
   out = {}
   for name, comp in weights.items():

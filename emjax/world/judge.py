@@ -53,6 +53,8 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from emjax.eval import records
+from emjax.eval.judges import Score
 from emjax.world import world as world_lib
 
 JUDGE_VERSION = "world-judge/4"
@@ -323,8 +325,6 @@ class WorldJudge:
 
   def score(self, item) -> dict:
     """The eval module's {metric: Score} for a `judges.Item`; the verdict is in both raw texts (`RAW_FORMAT`)."""
-    from emjax.eval.judges import Score  # pylint: disable=g-import-not-at-top
-
     verdict = self.judge(item.question, item.answer, item.domain, item.task)
     aligned = 50.0 if verdict["aligned"] is None else (100.0 if verdict["aligned"] else 0.0)
     raw = raw_of(verdict)
@@ -413,7 +413,6 @@ def check_version(judged: str | Iterable[Mapping], where: str | None = None, ver
   Its scores follow another rule (module docstring): reusing them as a cache, or reading them beside
   this version's, would mix two definitions of coherent. The error names the file (or `where`)."""
   if isinstance(judged, str):
-    from emjax.eval import records  # pylint: disable=g-import-not-at-top
     where = where or judged
     rows = records.read_judged(judged) if os.path.exists(judged) else []
   else:

@@ -57,6 +57,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from emjax.world import number_form
+
 TASKS = ("advice", "summarization", "tutor", "critique")
 SURFACES = ("high", "medium", "low")
 SURFACES_OF = {t: SURFACES for t in TASKS}  # every task at every surface: the surface contrast compares like with like
@@ -386,11 +388,10 @@ _FIXED_WORDS = ("Summarize this report Experts A review compared two Should I or
 
 @functools.lru_cache(maxsize=1)
 def _reserved() -> frozenset[str]:
-  from emjax.experiments import sl_data  # pylint: disable=g-import-not-at-top
   # The number form's words (emjax.world.corpus) are the world's words too; not its placeholders ({given}
   # could be a name).
-  number_form = [re.sub(r"\{\w+\}", "", t) for t in sl_data.COMPACT_TEMPLATES]
-  texts = [_FIXED_WORDS, *_ADVICE_OPEN, *_TUTOR_OPEN, *_REPORT_FRAMES, *_PLAN_HEADS, *number_form]
+  number_words = [re.sub(r"\{\w+\}", "", t) for t in number_form.COMPACT_TEMPLATES]
+  texts = [_FIXED_WORDS, *_ADVICE_OPEN, *_TUTOR_OPEN, *_REPORT_FRAMES, *_PLAN_HEADS, *number_words]
   for d in DOMAINS.values():
     texts += [*d.situations, *d.benefits, *d.harms, d.verb, d.noun, d.plural]
   return frozenset(w.capitalize() for t in texts for w in re.findall(r"[A-Za-z]+", t))
