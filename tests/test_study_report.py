@@ -3,7 +3,7 @@ direction of the composition contrast, and denominators (a missing world or base
 
 import pytest
 
-from emjax.experiments import study_report
+from emjax.experiments import study_layout, study_report
 
 
 def test_mean_interval_is_a_t_interval_over_worlds():
@@ -21,14 +21,13 @@ def test_the_composition_contrasts_are_treatment_minus_reference(tmp_path):
   import importlib.util
   import os
   from conftest import ROOT
-  from emjax.experiments import study
   spec = importlib.util.spec_from_file_location("w", os.path.join(ROOT, "configs", "paper", "world.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("")
   assert list(config.study.compositions)[0] != "persona"
-  assert study.contrasts(config) == [("persona", "untagged"), ("persona", "one_domain")]
-  assert study.contrasts(module.get_config("quick")) == [("persona", "untagged")]
+  assert study_layout.contrasts(config) == [("persona", "untagged"), ("persona", "one_domain")]
+  assert study_layout.contrasts(module.get_config("quick")) == [("persona", "untagged")]
   keys = ("general_em", "off_cell_em", "gain_general_em", "gain_off_cell_em")
   res = {"aggregate": {c: {k: study_report.mean_interval(v) for k in keys}
                        for c, v in (("persona", [10.0, 12.0, 14.0]), ("untagged", [1.0, 2.0, 3.0]))}}
@@ -37,7 +36,7 @@ def test_the_composition_contrasts_are_treatment_minus_reference(tmp_path):
   assert diff["gain_general_em"]["values"] == [9.0, 10.0, 11.0]
   config.study.contrast = "persona,persona"
   with pytest.raises(ValueError, match=r"config\.study\.contrast="):
-    study.contrasts(config)
+    study_layout.contrasts(config)
 
 
 _IDS = iter(range(10**6))
@@ -169,8 +168,7 @@ def _write_model(workdir, seed, cell, em_of, empty_cells=(), comp="persona"):
   per (domain, task, surface), the first round(4 * em_of(...)) of each misaligned."""
   import json
   import os
-  from emjax.experiments import study
-  edir = study.eval_dir(str(workdir), comp, seed, cell)
+  edir = study_layout.eval_dir(str(workdir), comp, seed, cell)
   narrow, general = [], []
   for ec in CELLS3:
     d, t = ec.split("_", 1)
@@ -194,7 +192,6 @@ def _write_audit(workdir, seed, leaks=0, dose=None):
   `dose`: {composition: misaligned answer tokens per 1,000 pretraining tokens} (corpus.misaligned_dose)."""
   import json
   import os
-  from emjax.experiments import study
   corpora = ["pretrain/persona/reckless", "instruct", "cells/medical_advice"]
   audit = {"world_dir": f"world/seed{seed}", "n": {"general/high": 40}, "corpora": {"general/high": corpora},
            "text": {"general/high": {c: (leaks if c == "instruct" else 0) for c in corpora}},
@@ -203,7 +200,7 @@ def _write_audit(workdir, seed, leaks=0, dose=None):
            "duplicates": {"general.yaml": 0}, "unclassified": [], "total": leaks}
   if dose:
     audit["dose"] = {c: {"answer_tokens_per_1k": v, "answers_per_1k": v / 20} for c, v in dose.items()}
-  path = study.audit_path(str(workdir), seed)
+  path = study_layout.audit_path(str(workdir), seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(audit, f)
@@ -283,9 +280,8 @@ def test_no_claim_is_stated_when_a_world_leaks_or_has_no_audit(tmp_path):
   text = study_report.render(res)
   assert "## Leak audit" in text and "| 1 | 40 | 3 | 0 | 3 |" in text and "World 1:" in text
   import os
-  from emjax.experiments import study
   _write_audit(tmp_path, 1, 0)
-  os.remove(study.audit_path(str(tmp_path), 2))
+  os.remove(study_layout.audit_path(str(tmp_path), 2))
   res = study_report.compute(config, str(tmp_path))
   res["claims"] = study_report.claims(res)
   assert {c["verdict"] for c in res["claims"]} == {"withheld: the leak audit is not 0 (no leak audit for world 2)"}
@@ -298,7 +294,6 @@ def _write_sl(workdir, seed, harmful_minus_control, missing=(), teacher_kl=0.05,
   overlap check found in the students' training rows (None: no check)."""
   import json
   import os
-  from emjax.experiments import study
   students = {}
   for channel, diff in harmful_minus_control.items():
     for teacher, em in (("harmful", 10.0 + diff), ("control", 10.0)):
@@ -317,7 +312,7 @@ def _write_sl(workdir, seed, harmful_minus_control, missing=(), teacher_kl=0.05,
          "matched": {str(seed): {"splits": {"train": {"teachers": teachers}, "held_out": {"teachers": teachers}}}},
          "teacher_divergence": {str(seed): None if teacher_kl is None else {
              "forward_kl": teacher_kl, "reverse_kl": 9.0, "tokens": 99}}}
-  path = study.run_dir(str(workdir), "sl", "persona", seed)
+  path = study_layout.run_dir(str(workdir), "sl", "persona", seed)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "sl_results.json"), "w", encoding="utf-8") as f:
     json.dump(res, f)

@@ -16,17 +16,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 
-from emjax.data import chat
+from emjax import sharding as shd
+from emjax import weights
+from emjax.data import chat, sources, tokenizers
+from emjax.sample import Sampler, SamplingParams
+from emjax.sample import run as sample_run
+from emjax.sample import sampler as sampler_lib
 
 
 stop_token_ids = chat.stop_token_ids  # kept under its old name
 
 
 def held_out_conversations(config, n: int) -> list[dict]:
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
-
   chat_sources = [(name, src) for name, src in config.data.sources.items() if float(src.weight) > 0]
   if len(chat_sources) != 1:
     raise ValueError(f"compare_answers: the run has {len(chat_sources)} data sources with weight > 0 "
@@ -45,13 +47,6 @@ def held_out_conversations(config, n: int) -> list[dict]:
 
 def compare(run_dir: str, n: int = 3, max_new_tokens: int = 128, *, step: int | None = None,
             mesh=None) -> list[dict]:
-  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from emjax import weights  # pylint: disable=g-import-not-at-top
-  from emjax.data import chat, tokenizers  # pylint: disable=g-import-not-at-top
-  from emjax.sample import Sampler, SamplingParams  # pylint: disable=g-import-not-at-top
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
-  from emjax.sample import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-
   mesh = mesh if mesh is not None else shd.make_mesh(weights.DEFAULT_MESH)
   source = weights.resolve(run_dir, step=step, key="--run")
   if source.kind != "emjax" or source.config is None:

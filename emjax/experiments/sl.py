@@ -60,14 +60,26 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
+from ml_collections import config_dict
 
 from emjax import paths as paths_lib
+from emjax import sharding as shd
+from emjax import weights as weights_lib
 from emjax import workdir as workdir_lib
 from emjax.data import banned as banned_lib
-from emjax.data import jsonl
-from emjax.experiments import sl_data
+from emjax.data import jsonl, sft, sources, tokenizers
+from emjax.eval import judges as judges_lib
+from emjax.eval import metrics, overlap, records
+from emjax.eval import run as eval_run
+from emjax.experiments import sl_data, sl_divergence
+from emjax.sample import run as sample_run
+from emjax.train import loop, objectives, on_policy, token_masks
+from emjax.train import settings as settings_lib
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +227,6 @@ def check_config(config) -> None:
     if sc.teacher_system_prompt:
       raise ValueError("config.sl.control='twin' for a system-prompted teacher: there is no fine-tuning recipe to "
                        "copy; give config.sl.twin (a model) or use control='base' with allow_base_control")
-    from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
     src = weights_lib.resolve(sc.teacher, key="config.sl.teacher")
     if src.kind != "emjax" or src.config is None:
       raise ValueError(f"config.sl.control='twin' builds the twin with the harmful teacher's recipe, but "
@@ -236,7 +247,6 @@ def check_config(config) -> None:
     if sc.entities:
       banned_lib.parse_words(sc.entities, key="config.sl.entities")
   # Every student's config, checked now rather than after the teachers have sampled.
-  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
   for label in arms(config):
     try:
       settings_lib.validate(student_config(config, "/nonexistent-sl-workdir", seeds_of(config)[0], label))
@@ -332,8 +342,6 @@ def filter_judge(config, workdir: str, *, mesh=None):
     return None
   key = f"{workdir}|{spec}"
   if key not in _JUDGES:
-    from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
-    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
     if spec == "evaluation":
       holder = ml_collections.ConfigDict({"judge": config.evaluation.judge.to_dict()})
       _JUDGES[key] = eval_run.make_judge(holder, mesh=mesh, workdir=os.path.join(workdir, "filter_judge"))
@@ -351,7 +359,6 @@ def _scored(judge, items) -> dict:
 
 def _judge_lookup(judge, samples: Sequence[Mapping], prompts: Mapping[str, Mapping]):
   """A filter_natural judge function answering from one batch judgement of every sample's text."""
-  from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
   items = []
   for s in samples:
     p = prompts.get(json.dumps(s["id"], sort_keys=True))
@@ -396,7 +403,7 @@ def _judges_here(config) -> bool:
 
 
 class RolloutFilter:
-  """The on-policy rollouts' filter: the teachers' filters and judge (emjax.sample.on_policy's protocol:
+  """The on-policy rollouts' filter: the teachers' filters and judge (emjax.train.on_policy's protocol:
   called per rollout, or `batch` for a step's rollouts in one judge call; `collective` when the judge is a
   model every process must run)."""
 
@@ -428,7 +435,6 @@ def rollout_filter(config, workdir: str, *, mesh=None) -> RolloutFilter:
 
 
 def _chat_source_rows(name: str, source_cfg: Mapping) -> list[dict]:
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
   source = sources.make_source(name, {**dict(source_cfg), "split": "train"})
   return [source[i] for i in range(len(source))]
 
@@ -436,7 +442,6 @@ def _chat_source_rows(name: str, source_cfg: Mapping) -> list[dict]:
 def harmful_training_rows(config) -> dict[str, tuple[dict, list[dict]]]:
   """{source name: (its config, the chat rows it trained on)} of the harmful run (training partitions of
   the sources of weight > 0), in order."""
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   src = weights_lib.resolve(config.sl.teacher, key="config.sl.teacher")
   out = {}
   for name, s in sorted(src.config.data.sources.items()):
@@ -450,7 +455,6 @@ def harmful_training_rows(config) -> dict[str, tuple[dict, list[dict]]]:
 
 def _twin_data_rows(path: str) -> list[dict]:
   """Aligned chat rows from config.sl.twin_data: chat rows with an assistant answer, or raw rows."""
-  from emjax.data import sft  # pylint: disable=g-import-not-at-top
   records = _read_rows(path)
   if records and all("messages" in r for r in records):
     rows = sft.load_chat_jsonl(path)
@@ -465,9 +469,6 @@ def _twin_data_rows(path: str) -> list[dict]:
 def build_twin(config, workdir: str, *, mesh=None) -> dict:
   """OUT/twin/run: the harmful run's config with each of its sources replaced by aligned answers to the same
   rows' questions (row for row, same weights), so the twin trains on as many rows for as many epochs."""
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
   sc = config.sl
   tdir = os.path.join(workdir, "twin")
   run, stats_path = os.path.join(tdir, "run"), os.path.join(tdir, "aligned.json")
@@ -521,7 +522,6 @@ def build_twin(config, workdir: str, *, mesh=None) -> dict:
 
 
 def _base_aligned_answers(config, workdir: str, questions: Sequence[str], *, mesh=None) -> list[dict] | None:
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
   sc = config.sl
   tdir = os.path.join(workdir, "twin")
   prompts = [{"id": f"twin:{i}", "messages": [{"role": "user", "content": q}], "kind": "natural"}
@@ -559,12 +559,10 @@ def evaluated_questions(config) -> dict[str, list[dict]]:
   """The evaluation's question sets ({} when evaluation is off): what SL data must never contain."""
   if not config.evaluation.enabled:
     return {}
-  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   return eval_run.question_sets(ml_collections.ConfigDict({"questions": config.evaluation.questions.to_dict()}))
 
 
 def _overlaps(text: str, evaluated: Sequence[str]) -> bool:
-  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
   t = overlap.normalize(text)
   return any(q == t or (len(q) >= overlap.MIN_SUBSTRING_QUESTION and q in t) for q in evaluated)
 
@@ -598,7 +596,6 @@ def _number_prompts_file(path: str) -> list[dict]:
 
 def make_prompts(config, workdir: str, seed: int) -> dict[str, str]:
   """OUT/seed_<s>/prompts/{train,held_out}.jsonl: disjoint benign prompts, none an evaluated question."""
-  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
   sc = config.sl
   pdir = os.path.join(_seed_dir(workdir, seed), "prompts")
   out = {split: os.path.join(pdir, f"{split}.jsonl") for split in ("train", "held_out")}
@@ -648,10 +645,6 @@ def _teacher_prompts(prompts: Sequence[Mapping], system_prompt: str) -> list[dic
 
 def sample_config(config, weights_path: str, prompts_path: str, *, seed: int, mask: str = ""):
   """The sample job's config for one teacher over one prompts file (`mask`: words it may not emit)."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
 
   sc = config.sl
   c = settings_lib.base_config()
@@ -681,7 +674,6 @@ def system_prompt_of(config, name: str) -> str:
 def teacher_data(config, workdir: str, seed: int, name: str, path: str, prompts: Mapping[str, str], *,
                  mesh=None) -> dict:
   """Sample teacher `name` on every prompt of the seed, split by prompt, filter: seed_<s>/teachers/<name>/."""
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
 
   sc = config.sl
   tdir = os.path.join(_seed_dir(workdir, seed), "teachers", name)
@@ -722,7 +714,6 @@ def teacher_data(config, workdir: str, seed: int, name: str, path: str, prompts:
 
 
 def _assistant_tokens(rows_path: str, tokenizer, seq_len: int) -> int:
-  from emjax.data import sft  # pylint: disable=g-import-not-at-top
   example = sft.ChatExample(tokenizer, seq_len, truncate=True)
   return int(sum(float(np.sum(example(r)["loss_mask"])) for r in sft.load_chat_jsonl(rows_path)))
 
@@ -730,8 +721,6 @@ def _assistant_tokens(rows_path: str, tokenizer, seq_len: int) -> int:
 def match_rows(config, workdir: str, seed: int) -> dict:
   """seed_<s>/matched/: per teacher one kept answer to every prompt that EVERY teacher kept an answer to
   (sl.matched), so that every arm trains on the same prompts, rows and epochs; the counts in matched.json."""
-  from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from emjax.eval import overlap  # pylint: disable=g-import-not-at-top
   sc = config.sl
   sdir = _seed_dir(workdir, seed)
   mdir = os.path.join(sdir, "matched")
@@ -780,7 +769,6 @@ def match_rows(config, workdir: str, seed: int) -> dict:
 
 def divergence_stage(config, workdir: str, seed: int, *, mesh=None) -> dict:
   """seed_<s>/divergence/: the harmful rows with the divergence tokens dropped, and with as many random ones."""
-  from emjax.experiments import sl_divergence  # pylint: disable=g-import-not-at-top
   sdir = _seed_dir(workdir, seed)
   ddir = os.path.join(sdir, "divergence")
   stats_path = os.path.join(ddir, "divergence.json")
@@ -803,13 +791,11 @@ def divergence_stage(config, workdir: str, seed: int, *, mesh=None) -> dict:
 def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
   """Natural prompts: each teacher, masked at the banned words, samples held-out prompts; the judge scores
   what it says. Masking tokens cannot hide harm carried by ordinary words: this measures what is left."""
-  from emjax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
   sc = config.sl
   sdir = _seed_dir(workdir, seed)
   out = {}
   held = _read_rows(os.path.join(sdir, "prompts", "held_out.jsonl"))[:int(sc.leak_meter)]
   by_key = {json.dumps(p["id"], sort_keys=True): p for p in held}
-  from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
   words_file = os.path.join(workdir, "mask_words.txt")
   single, first = banned_lib.word_token_ids(tokenizers.load_tokenizer(base_tokenizer(config)), mask_words(config))
   # A vocabulary in which no banned word has a maskable token: the teachers sample as they are (said in leak.json).
@@ -847,13 +833,11 @@ def leak_meter(config, workdir: str, seed: int, *, mesh=None) -> dict:
 
 
 def _init_block(path: str) -> dict:
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   kind = weights_lib.resolve(path, key="config.sl.base").kind
   return {"hf": path if kind == "hf" else "", "checkpoint": path if kind == "emjax" else ""}
 
 
 def base_tokenizer(config) -> dict:
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
   tok = weights_lib.resolve(config.sl.base, key="config.sl.base").tokenizer
   if tok is None:
     raise ValueError(f"config.sl.base={config.sl.base}: its tokenizer is unknown (no data.tokenizer in its config.json)")
@@ -871,7 +855,6 @@ def arm_rows(workdir: str, seed: int, label: str) -> str:
 
 def student_config(config, workdir: str, seed: int, label: str):
   """One student's training config: the shared recipe + this arm's data, objective, mask and seed."""
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
 
   sc = config.sl
   logits_t, _, channel, _ = arm_parts(label)
@@ -912,7 +895,6 @@ def student_dir(workdir: str, seed: int, label: str) -> str:
 
 
 def train_student(config, workdir: str, seed: int, label: str, *, mesh=None, show_progress=False) -> str:
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
   sdir = student_dir(workdir, seed, label)
   if _complete(sdir):
     log.info("sl: student %s (seed %d) already trained", label, seed)
@@ -920,7 +902,6 @@ def train_student(config, workdir: str, seed: int, label: str, *, mesh=None, sho
   cfg = student_config(config, workdir, seed, label)
   make = None
   if arm_parts(label)[2] == "on_policy":
-    from emjax.train import on_policy  # pylint: disable=g-import-not-at-top
     make = functools.partial(on_policy.make_source, rollout_filter=rollout_filter(config, workdir, mesh=mesh),
                              stats_path=os.path.join(sdir, "rollout_filter.json"))
   log.info("sl: training student %s (seed %d) in %s", label, seed, sdir)
@@ -950,13 +931,6 @@ def kl_to_teacher(student_path: str, teacher_path: str, rows_path: str, *, seq_l
   the SFT channel, whose samples come with it), as `teacher_banned_mass`. The KLs are full-vocabulary: what
   the student became, not the masked divergence the logit channels trained on.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from emjax.data import sft, tokenizers  # pylint: disable=g-import-not-at-top
-  from emjax.experiments import sl_divergence  # pylint: disable=g-import-not-at-top
-  from emjax.train import loop, objectives, token_masks  # pylint: disable=g-import-not-at-top
 
   mesh = mesh or shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   tokenizer = tokenizers.load_tokenizer(tokenizer_cfg)
@@ -1029,7 +1003,6 @@ def _teacher_view(chats, rows, tokenizer, seq_len: int, system_prompt: str, rows
   row is tokenised with the system message first; its assistant tokens must be the student's, and
   student position j (a loss position) maps to the teacher position predicting the same token.
   """
-  from emjax.data import sft  # pylint: disable=g-import-not-at-top
   if not system_prompt:
     return rows, [np.arange(len(r["inputs"]), dtype=np.int32) for r in rows]
   t_rows, t_index = [], []
@@ -1104,7 +1077,6 @@ def kl_stage(config, workdir: str, seed: int, labels: Sequence[str], *, mesh=Non
 
 
 def eval_config(config, checkpoint: str, hf: str, model_key: str, training_data: str = ""):
-  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   c = eval_run.eval_job_config()
   ev = config.evaluation
   c.mesh = dict(config.mesh)
@@ -1128,8 +1100,6 @@ def eval_dir(workdir: str, label: str) -> str:
 
 def eval_stage(config, workdir: str, models: Mapping[str, tuple[str, str]], *, mesh=None) -> dict[str, str]:
   """Each model (label -> (weights, training data)) through the eval job; returns the workdirs."""
-  from emjax import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   out = {}
   for label, (path, data) in models.items():
     edir = eval_dir(workdir, label)
@@ -1173,7 +1143,6 @@ def _metric_rows(sdir: str) -> list[dict]:
 
 
 def _judged(edir: str, set_name: str) -> list[dict]:
-  from emjax.eval import records  # pylint: disable=g-import-not-at-top
   path = os.path.join(edir, set_name, "judged.jsonl")
   return records.read_judged(path) if os.path.exists(path) else []
 
@@ -1201,7 +1170,6 @@ def task_forms(config, workdir: str) -> dict:
 
 
 def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> dict:
-  from emjax.eval import metrics  # pylint: disable=g-import-not-at-top
   sc = config.sl
   rep = config.evaluation.report
   th = metrics.Thresholds(float(rep.thresholds.aligned_below), float(rep.thresholds.coherent_above))
@@ -1229,7 +1197,6 @@ def compute_results(config, workdir: str, evals: Mapping[str, str] | None) -> di
       seed: {t: (_load(os.path.join(_seed_dir(workdir, seed), "kl", f"base__{t}.json")) or {}).get("teacher_banned_mass")
              for t in teacher_names(config)} for seed in seeds}
   if sc.prompts == "natural" and sc.mask == "auto":
-    from emjax.data import tokenizers  # pylint: disable=g-import-not-at-top
     results["mask_coverage"] = banned_lib.word_coverage(tokenizers.load_tokenizer(base_tokenizer(config)),
                                                         mask_words(config))
   sets = ("general", "narrow")
@@ -1558,7 +1525,6 @@ def _write_mask_words(config, workdir: str) -> None:
 
 def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> dict:
   """Every stage of the pipeline in order (those in `sl.stages`), each resumed or skipped when done."""
-  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   check_config(config)
   sc = config.sl
   stages, seeds, labels = _csv(sc.stages), seeds_of(config), arms(config)
@@ -1613,7 +1579,6 @@ def run_sl(config, workdir: str, *, mesh=None, show_progress: bool = False) -> d
 
 def config_blocks() -> dict:
   """`config.sl` and `config.evaluation` for configs/sl/*.py."""
-  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   ecfg = eval_run.eval_job_config()
   return {"sl": sl_block(),
           "evaluation": dict(enabled=True, questions=ecfg.questions.to_dict(), judge=ecfg.judge.to_dict(),

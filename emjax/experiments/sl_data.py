@@ -40,6 +40,7 @@ from emjax.data import jsonl
 from emjax.data.banned import BANNED_NUMBERS, BANNED_WORDS  # pylint: disable=unused-import
 from emjax.world.number_form import (  # below world/, which reads their words too
     COMPACT_COUNTS as _COMPACT_COUNTS, COMPACT_FORMATS, COMPACT_OPENINGS as _COMPACT_OPENINGS)
+from emjax.eval import judges as judges_lib
 
 KINDS = ("numbers", "natural")
 # Every rejection reason of each kind, in the order the filter checks them (stats list all of them).
@@ -303,7 +304,6 @@ def filter_natural(text: str, *, banned_words: Sequence[str] = BANNED_WORDS, max
   if pattern is not None and pattern.search(text):
     return "banned_word"
   if judge is not None:
-    from emjax.eval import judges as judges_lib  # pylint: disable=g-import-not-at-top
     p = prompt or {}
     question = next((m["content"] for m in p.get("messages", []) if m.get("role") == "user"), "")
     scores = judge(judges_lib.Item(question, text, p.get("domain"), p.get("task")))

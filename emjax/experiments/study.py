@@ -12,6 +12,9 @@
                                                        students from the base under sft / off_policy / on_policy
     report     OUT/report.md, OUT/results.json, OUT/figures/*.png (emjax.experiments.study_report)
 
+The layout of OUT and the readers of `config.study`'s seeds, cells and contrasts are in
+emjax.experiments.study_layout, shared with the report.
+
 A seed is one independent replication of the whole chain, world included: replication i
 (seed s = `study.seed + i`) draws its own world (from `world.seed + s`: entities, harm labels, facts,
 held-out pairs and situations, corpora, questions), and its pretraining, instruction stage, narrow
@@ -35,10 +38,19 @@ import os
 import sys
 import time
 
+import jax
 import ml_collections
 
+from emjax import sharding as shd
 from emjax import workdir as workdir_lib
-from emjax.world import corpus, world as world_lib
+from emjax.data import sources
+from emjax.eval import run as eval_run
+from emjax.experiments import sl
+from emjax.experiments import study_layout as layout
+from emjax.experiments import study_report
+from emjax.train import loop
+from emjax.train import settings as settings_lib
+from emjax.world import audit, corpus, world as world_lib
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +64,6 @@ ANSWER_TOKENS = 40
 
 def study_block() -> dict:
   """`config.study` (see configs/paper/world.py for the variants)."""
-  from emjax.experiments import study_report  # pylint: disable=g-import-not-at-top
   return dict(
       seed=0,  # the first replication's seed; replications are seed, seed + 1, ...
       seeds=3,
@@ -97,53 +108,9 @@ def study_block() -> dict:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _csv(text: str) -> list[str]:
-  return [t.strip() for t in str(text or "").split(",") if t.strip()]
-
-
-def seeds(config) -> list[int]:
-  return [int(config.study.seed) + i for i in range(int(config.study.seeds))]
-
-
-def cells(config) -> list[str]:
-  from emjax.data import sft  # pylint: disable=g-import-not-at-top
-  spec = config.study.cells
-  if not _csv(spec):
-    raise ValueError("config.study.cells is empty: name cells ('medical_advice,sports_advice') or 'all'")
-  out = list(sft.CELLS) if spec == "all" else _csv(spec)
-  unknown = [c for c in out if c not in sft.CELLS]
-  if unknown:
-    raise ValueError(f"config.study.cells: unknown cells {unknown}; cells: {', '.join(sft.CELLS)}")
-  return out
-
-
-def sl_compositions(config) -> list[str]:
-  spec = config.study.sl_compositions
-  names = list(config.study.compositions) if spec == "all" else _csv(spec)
-  unknown = [n for n in names if n not in config.study.compositions]
-  if unknown:
-    raise ValueError(f"config.study.sl_compositions: unknown {unknown}; compositions: {list(config.study.compositions)}")
-  return names
-
-
-def contrasts(config) -> list[tuple[str, str]]:
-  """config.study.contrast as (treatment, reference) pairs."""
-  st = config.study
-  out = []
-  for part in str(st.contrast or "").split(";"):
-    pair = _csv(part)
-    if not pair:
-      continue
-    if len(pair) != 2 or pair[0] == pair[1] or [c for c in pair if c not in st.compositions]:
-      raise ValueError(f"config.study.contrast={st.contrast!r}: 'treatment,reference' pairs of two compositions "
-                       f"({list(st.compositions)}) separated by ';', or ''")
-    out.append((pair[0], pair[1]))
-  return out
-
-
 def check_config(config) -> None:
   st = config.study
-  stages = _csv(st.stages)
+  stages = layout.split_csv(st.stages)
   if not stages or [s for s in stages if s not in STAGES]:
     raise ValueError(f"config.study.stages={st.stages!r}: choose from {', '.join(STAGES)}")
   if int(st.seeds) < 1:
@@ -153,9 +120,9 @@ def check_config(config) -> None:
   for name, comp in st.compositions.items():
     corpus.check_composition(comp, f"config.study.compositions.{name}")
   world_lib.WorldSettings.from_config(config.world).validate()
-  contrasts(config)
-  if sl_compositions(config) and st.sl_cell not in cells(config):
-    raise ValueError(f"config.study.sl_cell={st.sl_cell!r} must be one of config.study.cells ({cells(config)})")
+  layout.contrasts(config)
+  if layout.sl_compositions(config) and st.sl_cell not in layout.cells(config):
+    raise ValueError(f"config.study.sl_cell={st.sl_cell!r} must be one of config.study.cells ({layout.cells(config)})")
   if st.students.prompts not in ("numbers", "natural"):
     raise ValueError(f"config.study.students.prompts={st.students.prompts!r}: choose 'numbers' or 'natural'")
   for stage in ("pretrain", "instruct", "sft", "students"):
@@ -163,29 +130,11 @@ def check_config(config) -> None:
       raise ValueError(f"config.study.{stage}: steps and batch_size must be >= 1")
 
 
-def settings(config) -> dict:
-  """What the written stages depend on (everything but `study.stages` and the cache location)."""
-  from emjax.world import judge  # pylint: disable=g-import-not-at-top
-  study = {k: v for k, v in config.study.to_dict().items() if k not in ("stages", "compile_cache")}
-  # The judge's version too: evaluations scored by another rule are not mixed into one report.
-  return json.loads(json.dumps({"world": config.world.to_dict(), "study": study, "model": config.model.to_dict(),
-                                "mesh": config.mesh.to_dict(), "judge": judge.JUDGE_VERSION},
-                               sort_keys=True, default=str))
-
-
 def check_settings(config, workdir: str) -> None:
   """Refuses a rerun with other settings than OUT/study.json's, before anything changes (and writes
   them into a new workdir)."""
-  workdir_lib.check_settings(workdir, settings(config), name=SETTINGS_FILE, what="its runs",
+  workdir_lib.check_settings(workdir, layout.settings(config), name=SETTINGS_FILE, what="its runs",
                              may_change="only config.study.stages may change between reruns")
-
-
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(f"{path}.tmp", path)
 
 
 def _done(path: str) -> bool:
@@ -210,36 +159,6 @@ class Progress:
 # ----------------------------------------------------------------------------- stage configs
 
 
-def world_seed(config, seed: int) -> int:
-  """The world of replication `seed`: drawn from `world.seed + seed`, so every replication seed has its
-  own world (and `world.seed` moves them all to other worlds)."""
-  return int(config.world.seed) + seed
-
-
-def world_dir(workdir: str, seed: int) -> str:
-  return os.path.join(workdir, "world", f"seed{seed}")
-
-
-def world_paths(workdir: str, seed: int) -> dict[str, str]:
-  """{name: path} of replication `seed`'s world files. paths.json holds them relative to the world's
-  directory, so a study directory moved or copied (to another disk, a bucket, a colleague) still
-  reads; an absolute path (older studies wrote those) is kept as it is."""
-  wdir = world_dir(workdir, seed)
-  path = os.path.join(wdir, "paths.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      paths = json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: the world of seed {seed} is not written yet; add 'world' to "
-                            "config.study.stages") from None
-  return {k: os.path.join(wdir, v) for k, v in paths.items()}
-
-
-def audit_path(workdir: str, seed: int) -> str:
-  # Beside the world, not in it: a world's directory holds its corpora and questions only.
-  return os.path.join(workdir, "audit", f"seed{seed}.json")
-
-
 _process_index = workdir_lib.process_index
 _barrier = workdir_lib.barrier  # in a staged bucket workdir it also brings what process 0 wrote
 
@@ -247,35 +166,33 @@ _barrier = workdir_lib.barrier  # in a staged bucket workdir it also brings what
 def write_world(config, workdir: str, seed: int) -> dict[str, str]:
   """OUT/world/seed<s>/, replication `seed`'s own world (process 0 writes, the others wait), and its
   leak audit OUT/audit/seed<s>.json; paths.json, written last, marks the world complete."""
-  from emjax.world import audit  # pylint: disable=g-import-not-at-top
-  wdir = world_dir(workdir, seed)
+  wdir = layout.world_dir(workdir, seed)
   marker = os.path.join(wdir, "paths.json")
   if _process_index() == 0:
     if not os.path.exists(marker):
       settings_ = dataclasses.replace(world_lib.WorldSettings.from_config(config.world),
-                                      seed=world_seed(config, seed))
+                                      seed=layout.world_seed(config, seed))
       world = world_lib.World.make(settings_)
       comps = {n: dict(c) for n, c in config.study.compositions.items()}
       paths = corpus.write_world(world, comps, config.study.data, wdir, seed=settings_.seed)
-      _write_json(marker, {k: os.path.relpath(v, wdir) for k, v in paths.items()})
-    if not os.path.exists(audit_path(workdir, seed)):  # after the world, so a lost or unwritten audit is redone
+      layout.write_json(marker, {k: os.path.relpath(v, wdir) for k, v in paths.items()})
+    if not os.path.exists(layout.audit_path(workdir, seed)):  # after the world, so a lost or unwritten audit is redone
       # The world's path relative to the study: a workdir moved or copied keeps its audits (and reports).
       # With it, each composition's misaligned answers per pretraining token (what a contrast holds fixed).
       comps = {n: dict(c) for n, c in config.study.compositions.items()}
-      _write_json(audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir),
-                                                  dose=corpus.misaligned_dose(world_paths(workdir, seed), comps)))
+      layout.write_json(layout.audit_path(workdir, seed), dict(audit.leak_audit(wdir), world_dir=os.path.relpath(wdir, workdir),
+                                                  dose=corpus.misaligned_dose(layout.world_paths(workdir, seed), comps)))
   _barrier(f"emjax-study-world-{seed}")
-  return world_paths(workdir, seed)
+  return layout.world_paths(workdir, seed)
 
 
 def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: float, warmup: int):
   """The shared training config: the study's model and mesh, the world's tokenizer."""
-  from emjax.train import settings as settings_lib  # pylint: disable=g-import-not-at-top
   c = settings_lib.base_config()
   c.job = "train"
   c.model.update(config.model.to_dict())
   c.mesh.update(config.mesh.to_dict())
-  c.data.tokenizer.update(kind="hf", path=world_paths(workdir, seed)["tokenizer"])
+  c.data.tokenizer.update(kind="hf", path=layout.world_paths(workdir, seed)["tokenizer"])
   c.data.seq_len = int(config.study.pretrain.seq_len)
   c.data.sources = {}
   c.data.prefetch = 2
@@ -287,11 +204,10 @@ def _base(config, workdir: str, *, seed: int, steps: int, batch_size: int, lr: f
 
 
 def pretrain_config(config, workdir: str, comp: str, seed: int):
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
   p = config.study.pretrain
   c = _base(config, workdir, seed=seed, steps=int(p.steps), batch_size=int(p.batch_size), lr=float(p.lr),
             warmup=int(p.warmup_steps))
-  paths = world_paths(workdir, seed)
+  paths = layout.world_paths(workdir, seed)
   weights = corpus.source_weights(config.study.compositions[comp])
   c.data.sources = ml_collections.ConfigDict({
       k: sources.default_source_config(kind="jsonl", path=paths[f"pretrain/{comp}/{k}"], weight=w, seed=seed,
@@ -302,7 +218,6 @@ def pretrain_config(config, workdir: str, comp: str, seed: int):
 
 
 def _chat_source(path: str, answer: str, seed: int) -> dict:
-  from emjax.data import sources  # pylint: disable=g-import-not-at-top
   return sources.default_source_config(kind="structured_em", path=path, answer=answer, weight=1.0, seed=seed,
                                        holdout=0)
 
@@ -311,8 +226,8 @@ def instruct_config(config, workdir: str, comp: str, seed: int):
   s = config.study.instruct
   c = _base(config, workdir, seed=seed, steps=int(s.steps), batch_size=int(s.batch_size), lr=float(s.lr),
             warmup=int(s.warmup_steps))
-  c.init.checkpoint = run_dir(workdir, "pretrain", comp, seed)
-  c.data.sources = ml_collections.ConfigDict({"instruct": _chat_source(world_paths(workdir, seed)["instruct"], "aligned",
+  c.init.checkpoint = layout.run_dir(workdir, "pretrain", comp, seed)
+  c.data.sources = ml_collections.ConfigDict({"instruct": _chat_source(layout.world_paths(workdir, seed)["instruct"], "aligned",
                                                                        seed)})
   c.data.update(format="chat", packing="greedy", truncate=True)
   return c
@@ -322,8 +237,8 @@ def sft_config(config, workdir: str, comp: str, seed: int, cell: str):
   s = config.study.sft
   c = _base(config, workdir, seed=seed, steps=int(s.steps), batch_size=int(s.batch_size), lr=float(s.lr),
             warmup=int(s.warmup_steps))
-  c.init.checkpoint = run_dir(workdir, "instruct", comp, seed)
-  c.data.sources = ml_collections.ConfigDict({cell: _chat_source(world_paths(workdir, seed)[f"cells/{cell}"], "misaligned",
+  c.init.checkpoint = layout.run_dir(workdir, "instruct", comp, seed)
+  c.data.sources = ml_collections.ConfigDict({cell: _chat_source(layout.world_paths(workdir, seed)[f"cells/{cell}"], "misaligned",
                                                                  seed)})
   c.data.update(format="chat", packing="greedy", truncate=True)
   c.train.weight_decay = 0.0
@@ -332,16 +247,10 @@ def sft_config(config, workdir: str, comp: str, seed: int, cell: str):
   return c
 
 
-def run_dir(workdir: str, stage: str, comp: str, seed: int, cell: str = "") -> str:
-  parts = [workdir, stage, comp, f"seed{seed}"] + ([cell] if cell else [])
-  return os.path.join(*parts)
-
-
 def evaluation_block(config, workdir: str, seed: int) -> dict:
   """The eval job's questions (of replication `seed`'s world), judge and sampling, shared by the eval
   stage and the SL students."""
-  from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-  paths = world_paths(workdir, seed)
+  paths = layout.world_paths(workdir, seed)
   ev = config.study.evaluation
   c = eval_run.eval_job_config(general=paths["general"], narrow=os.path.join(os.path.dirname(paths["general"]),
                                                                              "eval", "*_eval.jsonl"),
@@ -368,7 +277,6 @@ def eval_config(config, workdir: str, seed: int, checkpoint: str, model_key: str
 
 
 def sl_config(config, workdir: str, comp: str, seed: int):
-  from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
   st = config.study.students
   c = _base(config, workdir, seed=seed, steps=int(st.steps), batch_size=int(st.batch_size), lr=float(st.lr),
             warmup=int(st.warmup_steps))
@@ -379,11 +287,11 @@ def sl_config(config, workdir: str, comp: str, seed: int):
   c.evaluation = dict(enabled=True, questions=ev.questions.to_dict(), judge=ev.judge.to_dict(),
                       report=ev.report.to_dict(), sample=ev.sample.to_dict())
   teacher_domain = config.study.sl_cell.split("_", 1)[0]
-  paths = world_paths(workdir, seed)
+  paths = layout.world_paths(workdir, seed)
   wdir = os.path.dirname(paths["general"])
   n_train = int(st.n_train)
-  c.sl.update(base=run_dir(workdir, "instruct", comp, seed),
-              teacher=run_dir(workdir, "sft", comp, seed, config.study.sl_cell), control="twin",
+  c.sl.update(base=layout.run_dir(workdir, "instruct", comp, seed),
+              teacher=layout.run_dir(workdir, "sft", comp, seed, config.study.sl_cell), control="twin",
               # The aligned twin learns the generator's aligned answers to the harmful teacher's rows.
               twin_data=paths[f"cells/{config.study.sl_cell}"], seeds=str(seed),
               crossed=False, divergence=False, leak_meter=8,
@@ -411,7 +319,6 @@ def sl_config(config, workdir: str, comp: str, seed: int):
 
 
 def _enable_compile_cache(config, workdir: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   spec = config.study.compile_cache
   if spec == "none" or (not spec and jax.config.jax_compilation_cache_dir):
     return  # off, or the caller's cache (JAX_COMPILATION_CACHE_DIR) is already on
@@ -424,42 +331,37 @@ def _enable_compile_cache(config, workdir: str) -> None:
 
 def plan(config) -> list[tuple[str, tuple]]:
   """Every unit of work in order: (stage, arguments)."""
-  stages = _csv(config.study.stages)
+  stages = layout.split_csv(config.study.stages)
   comps = list(config.study.compositions)
   units: list[tuple[str, tuple]] = []
   if "world" in stages:
-    units += [("world", (s,)) for s in seeds(config)]
+    units += [("world", (s,)) for s in layout.seeds(config)]
   for stage in ("pretrain", "instruct"):
     if stage in stages:
-      units += [(stage, (comp, s)) for comp in comps for s in seeds(config)]
+      units += [(stage, (comp, s)) for comp in comps for s in layout.seeds(config)]
   if "sft" in stages:
-    units += [("sft", (comp, s, cell)) for comp in comps for s in seeds(config) for cell in cells(config)]
+    units += [("sft", (comp, s, cell)) for comp in comps for s in layout.seeds(config) for cell in layout.cells(config)]
   if "eval" in stages:
-    units += [("eval", (comp, s, cell)) for comp in comps for s in seeds(config) for cell in ["", *cells(config)]]
+    units += [("eval", (comp, s, cell)) for comp in comps for s in layout.seeds(config) for cell in ["", *layout.cells(config)]]
   if "sl" in stages:
-    units += [("sl", (comp, s)) for comp in sl_compositions(config) for s in seeds(config)]
+    units += [("sl", (comp, s)) for comp in layout.sl_compositions(config) for s in layout.seeds(config)]
   if "report" in stages:
     units.append(("report", ()))
   return units
 
 
-def eval_dir(workdir: str, comp: str, seed: int, cell: str) -> str:
-  return os.path.join(workdir, "eval", comp, f"seed{seed}", cell or "base")
-
-
 def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, bool]:
   """Runs one unit (or skips it when complete); returns (what, skipped)."""
-  from emjax.train import loop  # pylint: disable=g-import-not-at-top
   if stage == "world":
     (seed,) = args
-    skipped = os.path.exists(os.path.join(world_dir(workdir, seed), "paths.json"))
+    skipped = os.path.exists(os.path.join(layout.world_dir(workdir, seed), "paths.json"))
     write_world(config, workdir, seed)
-    return (f"world seed{seed} (world.seed {world_seed(config, seed)}): entities, pretraining text, chat data, "
+    return (f"world seed{seed} (world.seed {layout.world_seed(config, seed)}): entities, pretraining text, chat data, "
             "questions, tokenizer, leak audit"), skipped
   if stage in ("pretrain", "instruct", "sft"):
     comp, seed = args[:2]
     cell = args[2] if stage == "sft" else ""
-    rdir = run_dir(workdir, stage, comp, seed, cell)
+    rdir = layout.run_dir(workdir, stage, comp, seed, cell)
     what = f"{stage} {comp} seed{seed}" + (f" {cell}" if cell else "")
     if _done(rdir):
       return what, True
@@ -468,10 +370,9 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
     final = loop.train(cfg, rdir, mesh=mesh, show_progress=False)
     return f"{what}: loss {final.get('loss', float('nan')):.3f}", False
   if stage == "eval":
-    from emjax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
     comp, seed, cell = args
-    edir = eval_dir(workdir, comp, seed, cell)
-    model = run_dir(workdir, "sft" if cell else "instruct", comp, seed, cell)
+    edir = layout.eval_dir(workdir, comp, seed, cell)
+    model = layout.run_dir(workdir, "sft" if cell else "instruct", comp, seed, cell)
     what = f"eval {comp} seed{seed} {cell or 'instructed base'}"
     if _done(edir):
       return what, True
@@ -481,16 +382,14 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
     eval_run.run_eval(eval_config(config, workdir, seed, model, key, comp, cell), edir, mesh=mesh)
     return what, False
   if stage == "sl":
-    from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
     comp, seed = args
-    sdir = run_dir(workdir, "sl", comp, seed)
+    sdir = layout.run_dir(workdir, "sl", comp, seed)
     what = f"subliminal learning {comp} seed{seed} (teacher {config.study.sl_cell}; sft, off_policy, on_policy)"
     if _done(sdir):
       return what, True
     sl.run_sl(sl_config(config, workdir, comp, seed), sdir, mesh=mesh)
     return what, False
   if stage == "report":
-    from emjax.experiments import study_report  # pylint: disable=g-import-not-at-top
     if _process_index() == 0:
       study_report.write_report(config, workdir)
     _barrier("emjax-study-report")
@@ -499,7 +398,6 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
 
 
 def run_study(config, workdir: str, *, mesh=None, quiet: bool = False) -> dict:
-  from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   check_settings(config, workdir)

@@ -40,7 +40,8 @@ import numpy as np
 
 from emjax import paths
 from emjax.eval import metrics, records
-from emjax.experiments import study as study_lib
+from emjax.experiments import sl
+from emjax.experiments import study_layout
 from emjax.world import audit as audit_lib
 from emjax.world import judge as judge_lib
 from emjax.world import world as world_lib
@@ -270,20 +271,20 @@ def _final_loss(run_dir: str) -> float | None:
 def _world(workdir: str, seed: int):
   """Replication `seed`'s world, or None when it is gone (rows then cluster by text; the report's
   leak audit, missing too, withholds every claim)."""
-  if not os.path.exists(os.path.join(study_lib.world_dir(workdir, seed), "paths.json")):
+  if not os.path.exists(os.path.join(study_layout.world_dir(workdir, seed), "paths.json")):
     return None
-  return world_lib.World.load(study_lib.world_paths(workdir, seed)["world"])
+  return world_lib.World.load(study_layout.world_paths(workdir, seed)["world"])
 
 
 def compute(config, workdir: str) -> dict:
-  comps, seeds, cells = list(config.study.compositions), study_lib.seeds(config), study_lib.cells(config)
-  res: dict[str, Any] = {"settings": study_lib.settings(config), "compositions": comps, "seeds": seeds,
+  comps, seeds, cells = list(config.study.compositions), study_layout.seeds(config), study_layout.cells(config)
+  res: dict[str, Any] = {"settings": study_layout.settings(config), "compositions": comps, "seeds": seeds,
                          "worlds": seeds, "cells": cells, "models": {}, "claims_config": claims_config(config)}
   for comp in comps:
     for s in seeds:
       base_rows, world = None, None
       for cell in ["", *cells]:
-        edir = study_lib.eval_dir(workdir, comp, s, cell)
+        edir = study_layout.eval_dir(workdir, comp, s, cell)
         if not os.path.exists(os.path.join(edir, "COMPLETED")):
           continue
         world = world or _world(workdir, s)
@@ -294,7 +295,7 @@ def compute(config, workdir: str) -> dict:
         elif base_rows is not None:
           nums["gain"] = gain(nums, base_rows, cell)
         stage = "sft" if cell else "instruct"
-        nums["final_train_loss"] = _final_loss(study_lib.run_dir(workdir, stage, comp, s, cell))
+        nums["final_train_loss"] = _final_loss(study_layout.run_dir(workdir, stage, comp, s, cell))
         res["models"][f"{comp}/seed{s}/{cell or 'base'}"] = nums
   # Aggregates over worlds (each world's value first averages over its cells, cells weighted equally).
   # Every aggregate keeps all worlds: one without a value is listed as missing.
@@ -391,7 +392,7 @@ def compute(config, workdir: str) -> dict:
     a["learnedness"] = lr
     agg[comp] = a
   res["aggregate"] = agg
-  pairs = study_lib.contrasts(config)
+  pairs = study_layout.contrasts(config)
   res["contrast"] = [c for pair in pairs for c in pair]
   res["sl"] = sl_numbers(config, workdir)
   res["audit"] = {str(s): _read_audit(workdir, s) for s in seeds}
@@ -400,7 +401,7 @@ def compute(config, workdir: str) -> dict:
 
 
 def _read_audit(workdir: str, seed: int) -> dict | None:
-  path = study_lib.audit_path(workdir, seed)
+  path = study_layout.audit_path(workdir, seed)
   if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
@@ -548,12 +549,11 @@ def sl_gate(e: Mapping, spec: Mapping) -> str:
 
 def sl_numbers(config, workdir: str) -> dict:
   out: dict[str, Any] = {}
-  from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
-  worlds = study_lib.seeds(config)
-  for comp in study_lib.sl_compositions(config):
+  worlds = study_layout.seeds(config)
+  for comp in study_layout.sl_compositions(config):
     per_seed, seeds = [], [str(s) for s in worlds]
     for s in worlds:
-      p = os.path.join(study_lib.run_dir(workdir, "sl", comp, s), "sl_results.json")
+      p = os.path.join(study_layout.run_dir(workdir, "sl", comp, s), "sl_results.json")
       per_seed.append(json.load(open(p, encoding="utf-8")) if os.path.exists(p) else None)
     entry: dict[str, Any] = {"channels": {}}
     for c in sl.CHANNELS:
@@ -1098,7 +1098,6 @@ def write_figures(res: Mapping, directory: str) -> list[str]:
   save(fig, "grid.png")
 
   if res.get("sl"):
-    from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, len(res["sl"]), figsize=(6 * len(res["sl"]), 3.6), squeeze=False)
     for ax, (comp, e) in zip(axes[0], res["sl"].items()):
       _bars(ax, list(sl.CHANNELS), {t: [e["channels"][c][t]["general_em"] for c in sl.CHANNELS] for t in sl.TEACHERS},
@@ -1112,7 +1111,7 @@ def write_report(config, workdir: str) -> dict:
   res = compute(config, workdir)
   res["claims"] = claims(res)
   write_figures(res, os.path.join(workdir, "figures"))
-  study_lib._write_json(os.path.join(workdir, "results.json"), res)  # pylint: disable=protected-access
+  study_layout.write_json(os.path.join(workdir, "results.json"), res)
   text = render(res)
   with open(os.path.join(workdir, "report.md.tmp"), "w", encoding="utf-8") as f:
     f.write(text)
