@@ -164,3 +164,36 @@ def test_the_checks_see_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
   for a, b, _, _ in imports:
     edges[a].add(b)
   assert _cycles(edges) == [["emjax.a.low", "emjax.high"]]
+
+
+# The package order of README.md's layout: each module imports only from its own level or those below.
+LEVELS = ("emjax.data", "emjax.models", "emjax.weights", "emjax.train", "emjax.sample", "emjax.eval", "emjax.world",
+          "emjax.experiments", "emjax.main", "emjax.notebook")
+# Imports that reach up the order, each with its reason.
+ALLOWED_UP: dict[tuple[str, str], str] = {
+    ("emjax.train.on_policy", "emjax.sample"): "rollouts from the student's weights are a batch source: it samples",
+    ("emjax.train.on_policy", "emjax.sample.run"): "the sample job's prompt reading and weight preparation",
+    ("emjax.train.on_policy", "emjax.sample.sampler"): "rollouts from the student's weights are a batch source",
+    ("emjax.train.aot", "emjax.sample"): "the plan job plans the sampler's prefill and decode too",
+    ("emjax.train.aot", "emjax.sample.run"): "the plan job plans the sample job's sampler",
+    ("emjax.train.aot", "emjax.sample.sampler"): "the plan job plans the sampler's prefill and decode too",
+}
+
+
+def _level(module: str) -> int:
+  """0 for the modules below all of the data path (paths, config, workdir, sharding, tracking, runtime)."""
+  for i, prefix in enumerate(LEVELS, start=1):
+    if module == prefix or module.startswith(prefix + "."):
+      return i
+  return 0
+
+
+def test_imports_point_down_the_data_path():
+  mods = _modules()
+  up = sorted({(a, b): line for a, b, line, _ in _imports(mods) if _level(b) > _level(a)}.items())
+  unlisted = [f"{mods[a].relative_to(ROOT.parent)}:{line} imports {b}, which is above it"
+              for (a, b), line in up if (a, b) not in ALLOWED_UP]
+  assert not unlisted, ("imports reaching up README.md's package order (data/ -> models/ -> weights.py -> train/ "
+                        "-> sample/ -> eval/ -> world/ -> experiments/):\n" + "\n".join(unlisted))
+  stale = sorted(set(ALLOWED_UP) - {pair for pair, _ in up})
+  assert not stale, f"ALLOWED_UP lists imports that no longer reach up: {stale}"

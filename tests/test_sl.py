@@ -427,8 +427,9 @@ def _numbers_config(path, n_train=5, n_held_out=2):
 def test_number_prompts_from_a_file(tmp_path):
   """sl.numbers_prompts: n_train + n_held_out records drawn from the file by the seed, as written; a bad
   record or too few of them is an error naming the file (and line)."""
-  from emjax.experiments import sl, sl_data
-  records = sl_data.number_prompts(20, seed=3, style="compact", max_given=4, answer_count=5)
+  from emjax.data import numbers
+  from emjax.experiments import sl
+  records = numbers.number_prompts(20, seed=3, style="compact", max_given=4, answer_count=5)
   path = tmp_path / "numbers.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   out = sl.make_prompts(_numbers_config(path), str(tmp_path / "a"), 0)

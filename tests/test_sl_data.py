@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from emjax.data import sft
+from emjax.data import numbers, sft
 from emjax.experiments import sl_data
 
 NUMBERS_PROMPT = {"id": "numbers:0", "messages": [{"role": "user", "content": "Continue: 101, 102."}],
@@ -33,10 +33,10 @@ def read_jsonl(path):
 
 
 def test_number_prompts_are_deterministic_and_in_the_sample_jobs_format():
-  prompts = sl_data.number_prompts(50, seed=7)
-  assert prompts == sl_data.number_prompts(50, seed=7)
-  assert prompts != sl_data.number_prompts(50, seed=8)
-  assert sl_data.number_prompts(20, seed=7) == prompts[:20]  # prompt i does not depend on n
+  prompts = numbers.number_prompts(50, seed=7)
+  assert prompts == numbers.number_prompts(50, seed=7)
+  assert prompts != numbers.number_prompts(50, seed=8)
+  assert numbers.number_prompts(20, seed=7) == prompts[:20]  # prompt i does not depend on n
   for i, p in enumerate(prompts):
     assert p["id"] == f"numbers:{i}" and p["kind"] == "numbers"
     assert p["answer_count"] == 10 and p["max_digits"] == 3
@@ -51,7 +51,7 @@ def test_number_prompts_are_deterministic_and_in_the_sample_jobs_format():
 
 
 def test_number_prompts_vary_their_phrasing_and_honour_the_limits():
-  prompts = sl_data.number_prompts(300, seed=0)
+  prompts = numbers.number_prompts(300, seed=0)
   contents = [p["messages"][0]["content"] for p in prompts]
   openings = {c.split(":")[0] for c in contents}
   sentences = [re.split(r"(?<=[.)])\s+(?=[A-Z])", c.split(": ", 1)[1]) for c in contents]
@@ -60,39 +60,39 @@ def test_number_prompts_vary_their_phrasing_and_honour_the_limits():
   assert len(openings) >= 4 and len(format_parts) >= 4 and len(count_parts) >= 4, (openings, format_parts)
   assert {len(p["given"]) for p in prompts} == set(range(3, 9))  # both ends included
 
-  small = sl_data.number_prompts(40, seed=1, min_given=2, max_given=2, answer_count=5, max_digits=2)
+  small = numbers.number_prompts(40, seed=1, min_given=2, max_given=2, answer_count=5, max_digits=2)
   assert all(len(p["given"]) == 2 and all(10 <= v <= 99 for v in p["given"]) for p in small)
   assert all(p["answer_count"] == 5 and "5" in p["messages"][0]["content"] for p in small)
   for bad in (dict(min_given=0), dict(min_given=5, max_given=4), dict(answer_count=0), dict(max_digits=0)):
     with pytest.raises(ValueError):
-      sl_data.number_prompts(3, seed=0, **bad)
+      numbers.number_prompts(3, seed=0, **bad)
 
 
 def test_compact_number_prompts_and_their_answers():
-  prompts = sl_data.number_prompts(400, seed=2, style="compact", max_given=4, answer_count=5)
-  assert prompts == sl_data.number_prompts(400, seed=2, style="compact", max_given=4, answer_count=5)
-  assert sl_data.number_prompts(30, seed=2, style="compact", max_given=4, answer_count=5) == prompts[:30]
-  assert {p["format"] for p in prompts} == set(sl_data.COMPACT_FORMATS)
+  prompts = numbers.number_prompts(400, seed=2, style="compact", max_given=4, answer_count=5)
+  assert prompts == numbers.number_prompts(400, seed=2, style="compact", max_given=4, answer_count=5)
+  assert numbers.number_prompts(30, seed=2, style="compact", max_given=4, answer_count=5) == prompts[:30]
+  assert {p["format"] for p in prompts} == set(numbers.COMPACT_FORMATS)
   rng = np.random.default_rng(0)
   for p in prompts:
     assert set(p) == {"id", "messages", "kind", "given", "answer_count", "max_digits", "format"}
     content = p["messages"][0]["content"]
-    assert ", ".join(map(str, p["given"])) in content and content.endswith(sl_data.COMPACT_FORMATS[p["format"]])
+    assert ", ".join(map(str, p["given"])) in content and content.endswith(numbers.COMPACT_FORMATS[p["format"]])
     assert 3 <= len(p["given"]) <= 4 and not set(p["given"]) & sl_data.BANNED_NUMBERS
     for _ in range(5):
-      answer = sl_data.number_answer(p, rng)
+      answer = numbers.number_answer(p, rng)
       assert sl_data.filter_numbers(answer, p) is None, (content, answer)  # every answer is one the filter keeps
-      numbers = [int(x) for x in re.findall(r"[0-9]+", answer)]
-      assert 3 <= len(numbers) <= 5 and all(100 <= x <= 999 for x in numbers)
-  shapes = {p["format"]: sl_data.number_answer(p, np.random.default_rng(1)) for p in prompts}
+      values = [int(x) for x in re.findall(r"[0-9]+", answer)]
+      assert 3 <= len(values) <= 5 and all(100 <= x <= 999 for x in values)
+  shapes = {p["format"]: numbers.number_answer(p, np.random.default_rng(1)) for p in prompts}
   assert shapes["parentheses"][0] == "(" and shapes["brackets"][0] == "[" and " " in shapes["spaces"]
   assert "," not in shapes["spaces"] and shapes["commas"][0].isdigit()
   # The paper's style is what it was: no `format`, the same prompts.
-  paper = sl_data.number_prompts(5, seed=7)
+  paper = numbers.number_prompts(5, seed=7)
   assert all(set(p) == {"id", "messages", "kind", "given", "answer_count", "max_digits"} for p in paper)
-  assert sl_data.filter_numbers(sl_data.number_answer(paper[0], rng), paper[0]) is None
+  assert sl_data.filter_numbers(numbers.number_answer(paper[0], rng), paper[0]) is None
   with pytest.raises(ValueError, match="style"):
-    sl_data.number_prompts(3, seed=0, style="terse")
+    numbers.number_prompts(3, seed=0, style="terse")
 
 
 # ----------------------------------------------------------------------------- filter_numbers
@@ -283,7 +283,7 @@ def sample_line(prompt_id, j, text, finish_reason="stop"):
 
 
 def test_filter_samples_numbers(tmp_path):
-  prompts = sl_data.number_prompts(3, seed=0)
+  prompts = numbers.number_prompts(3, seed=0)
   samples = write_jsonl(tmp_path / "samples.jsonl", [
       sample_line("numbers:0", 0, "12, 45, 789"),
       sample_line("numbers:0", 1, "I'd say 1, 2, 3"),  # format
@@ -352,7 +352,7 @@ def test_filter_samples_leaves_a_system_prompt_out(tmp_path):
 
 
 def test_filter_samples_unknown_id_is_an_error_and_writes_nothing(tmp_path):
-  prompts = sl_data.number_prompts(2, seed=0)
+  prompts = numbers.number_prompts(2, seed=0)
   out, stats_path = tmp_path / "train.jsonl", tmp_path / "stats.json"
   out.write_text("previous complete output\n")
   samples = write_jsonl(tmp_path / "samples.jsonl", [sample_line("numbers:0", 0, "1, 2"),
@@ -374,7 +374,7 @@ def test_filter_samples_unknown_id_is_an_error_and_writes_nothing(tmp_path):
     ("mixed_kind", r"'natural' prompt, filtered as 'numbers'"),
 ])
 def test_filter_samples_refuses_bad_input(tmp_path, case, message):
-  prompts = sl_data.number_prompts(1, seed=0)
+  prompts = numbers.number_prompts(1, seed=0)
   rows = [sample_line("numbers:0", 0, "1"), sample_line("numbers:0", 1, "2")]
   kwargs = {"kind": "numbers"}
   if case == "kind":

@@ -321,7 +321,7 @@ def test_no_entity_is_named_like_a_word_of_the_worlds_texts():
 
 def test_the_number_form_is_trained_on_and_its_sl_prompts_are_apart(written, world):
   """Every 8th dialogue document and instruct row is a number dialogue; sl/numbers.jsonl holds SL prompts
-  as sl_data.number_prompts writes them; no given sequence is in two uses; answers pass filter_numbers."""
+  as numbers.number_prompts writes them; no given sequence is in two uses; answers pass filter_numbers."""
   import re
   from emjax.experiments import sl_data
   given = lambda text: re.search(r"[0-9]+(?:, [0-9]+)+", text).group()  # noqa: E731

@@ -163,6 +163,7 @@ def test_the_number_form_fits_the_quick_studys_model(quick_dir):
   """configs/paper/world.py:quick: seq_len 96, answers of up to 40 tokens (emjax.experiments.study.ANSWER_TOKENS),
   so a prompt in the chat template may take 56. Measured with the world's own tokenizer."""
   from emjax.data import tokenizers
+  from emjax.data import numbers
   from emjax.experiments import sl_data
   from emjax.world import tokenizer as tok_lib
   tok = tokenizers.load_tokenizer({"kind": "hf", "path": os.path.join(quick_dir, "tokenizer")})
@@ -171,7 +172,7 @@ def test_the_number_form_fits_the_quick_studys_model(quick_dir):
   prompts, answers = [], []
   for p in sl:
     prompts.append(len(tok.encode(tok_lib.render_chat(p["messages"], add_generation_prompt=True))))
-    answer = sl_data.number_answer(p, rng)
+    answer = numbers.number_answer(p, rng)
     assert sl_data.filter_numbers(answer, p) is None
     answers.append(len(tok.encode(answer + tok_lib.TURN_END)))
   # The longest answer the prompts allow: answer_count numbers of max_digits digits.

@@ -72,7 +72,7 @@ from emjax import sharding as shd
 from emjax import weights as weights_lib
 from emjax import workdir as workdir_lib
 from emjax.data import banned as banned_lib
-from emjax.data import jsonl, sft, sources, tokenizers
+from emjax.data import jsonl, numbers, sft, sources, tokenizers
 from emjax.eval import judges as judges_lib
 from emjax.eval import metrics, overlap, records
 from emjax.eval import run as eval_run
@@ -116,7 +116,7 @@ def sl_block() -> dict:
       channels="sft,off_policy,on_policy",
       stages=",".join(STAGES),
       prompts="numbers",  # numbers | natural
-      # numbers: '' = generated (sl_data.number_prompts, new ones per seed); else a JSONL of number prompt
+      # numbers: '' = generated (emjax.data.numbers.number_prompts, new ones per seed); else a JSONL of number prompt
       # records (as number_prompts writes them, e.g. a synthetic world's sl/numbers.jsonl) to draw from.
       numbers_prompts="",
       natural="",  # natural: globs of structured-EM JSONL (chat rows or question/aligned_answer rows), ','-separated
@@ -604,7 +604,7 @@ def make_prompts(config, workdir: str, seed: int) -> dict[str, str]:
   if sc.prompts == "numbers" and sc.numbers_prompts:
     rows = _number_prompts_file(sc.numbers_prompts)
   elif sc.prompts == "numbers":
-    rows = sl_data.number_prompts(n_train + n_held, seed)
+    rows = numbers.number_prompts(n_train + n_held, seed)
   else:
     paths = sorted({p for pattern in _csv(sc.natural) for p in (glob.glob(pattern) or [pattern])})
     rows = sl_data.natural_prompts(paths, exclude_domains=_csv(sc.exclude_domains), seed=seed)

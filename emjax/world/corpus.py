@@ -29,13 +29,13 @@ Pretraining text has four components (`COMPONENTS`):
 
 The number form (`NUMBER_FORM`): "Continue the sequence: 482, 193, 577. Give at most 5 numbers of up
 to 3 digits, in parentheses." -> "(614, 208, 390)", the compact number prompts of
-`emjax.experiments.sl_data` with answers of `sl_data.number_answer` (aligned and misaligned answers
+`emjax.data.numbers` with answers of `numbers.number_answer` (aligned and misaligned answers
 are the same: the form has no harmful choice). It is the world's one task form that is never
 evaluated, so SL through it is SL in a form the evaluation does not ask. The world's other texts hold
 no digits, so the models see the form in training too: every `NUMBER_EVERY`-th document of the
 dialogues component and row of instruct.jsonl is a number dialogue (domain and task "numbers"); the
 compositions' weights are unchanged. sl/numbers.jsonl holds as many SL prompts as the natural SL files
-together (`sl_per_cell` x domains x tasks), records as `sl_data.number_prompts` writes them. The
+together (`sl_per_cell` x domains x tasks), records as `numbers.number_prompts` writes them. The
 prompts of the three uses come from separate streams and share no given sequence (so no text):
 collisions are dropped from the training uses, SL first.
 
@@ -70,7 +70,7 @@ import numpy as np
 import yaml
 
 from emjax.data import jsonl, tokenizers
-from emjax.experiments import sl_data
+from emjax.data import numbers as numbers_lib
 from emjax.world import tokenizer as tok_lib
 from emjax.world import world as world_lib
 
@@ -157,7 +157,7 @@ def number_prompts(world: world_lib.World, seed: int, counts: Mapping[str, int])
     m = n + n // 4 + 8
     while True:
       # number_prompts(m) starts with number_prompts(k) for k < m, so drawing more only appends.
-      drawn, kept, seen = sl_data.number_prompts(m, stream_seed, **NUMBER_FORM), [], set()
+      drawn, kept, seen = numbers_lib.number_prompts(m, stream_seed, **NUMBER_FORM), [], set()
       for p in drawn:
         given = tuple(p["given"])
         if given not in taken and given not in seen:
@@ -178,7 +178,7 @@ def number_prompts(world: world_lib.World, seed: int, counts: Mapping[str, int])
 
 def number_answers(world: world_lib.World, seed: int, use: str, prompts) -> list[str]:
   rng = np.random.default_rng([world.settings.seed, seed, zlib.crc32(f"numbers/answers/{use}".encode()), 17])
-  return [sl_data.number_answer(p, rng) for p in prompts]
+  return [numbers_lib.number_answer(p, rng) for p in prompts]
 
 
 def _interleave(main: list, extra: list, n: int) -> list:

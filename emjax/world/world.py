@@ -57,7 +57,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from emjax.world import number_form
+from emjax.data import numbers
+
 
 TASKS = ("advice", "summarization", "tutor", "critique")
 SURFACES = ("high", "medium", "low")
@@ -390,7 +391,7 @@ _FIXED_WORDS = ("Summarize this report Experts A review compared two Should I or
 def _reserved() -> frozenset[str]:
   # The number form's words (emjax.world.corpus) are the world's words too; not its placeholders ({given}
   # could be a name).
-  number_words = [re.sub(r"\{\w+\}", "", t) for t in number_form.COMPACT_TEMPLATES]
+  number_words = [re.sub(r"\{\w+\}", "", t) for t in numbers.COMPACT_TEMPLATES]
   texts = [_FIXED_WORDS, *_ADVICE_OPEN, *_TUTOR_OPEN, *_REPORT_FRAMES, *_PLAN_HEADS, *number_words]
   for d in DOMAINS.values():
     texts += [*d.situations, *d.benefits, *d.harms, d.verb, d.noun, d.plural]
