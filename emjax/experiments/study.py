@@ -261,6 +261,8 @@ def evaluation_block(config, workdir: str, seed: int) -> dict:
                   batch_size=int(ev.batch_size), max_prompt_length=int(config.study.pretrain.seq_len),
                   seed=0)
   c.report.bootstrap_samples = 200
+  # One model's figures tell little here; the study's report draws them across cells and worlds.
+  c.report.figures = False
   return c
 
 
