@@ -73,7 +73,7 @@ def write_text(p: epath.PathLike, text: str) -> None:
   if is_remote(target):
     target.write_text(text)
     return
-  tmp = target.parent / f".{target.name}.tmp"
+  tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"  # processes of one host may write the same file
   tmp.write_text(text)
   tmp.replace(target)
 

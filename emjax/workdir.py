@@ -358,6 +358,15 @@ def _fresh(local: str) -> None:
   os.makedirs(local, exist_ok=True)
 
 
+def origin(workdir: str) -> str:
+  """The workdir as the user named it: the bucket path when `workdir` is the staged local copy of a
+  bucket workdir (inside `staged`), else `workdir` itself."""
+  stage = _STAGE
+  if stage is not None and os.path.abspath(workdir) == os.path.abspath(stage.local):
+    return stage.remote
+  return workdir
+
+
 @contextlib.contextmanager
 def staged(workdir: str, sync_seconds: float = SYNC_SECONDS) -> Iterator[str]:
   """The directory a job writes into: `workdir` itself when local, else its staged local copy (see

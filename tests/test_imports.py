@@ -2,7 +2,8 @@
 
 Read from the source (ast), so an import inside a function counts as an edge as much as one at the top:
 a lazy import that hides a cycle is still a cycle here. Importing `emjax.a.b` also runs `emjax/a/__init__.py`,
-so it is an edge to the package as well.
+so it is an edge to the package as well. Not seen: modules imported by name at run time
+(`importlib.import_module`: emjax/data/__init__.py's lazy exports, a judge named as "module:function").
 """
 
 from __future__ import annotations

@@ -577,6 +577,7 @@ def test_sample_job_reads_a_run_and_prompts_in_a_bucket(train_dir, tmp_path, one
   the same samples and settings as from their local copies, and nothing written beside the workdir."""
   import shutil
   from fake_gcs import fake_gcs
+  from emjax import workdir as workdir_lib
   from emjax.sample import run
 
   run.run_sampling(_sample_config(train_dir, train_dir / "prompts.jsonl"), str(tmp_path / "local"),
@@ -589,10 +590,16 @@ def test_sample_job_reads_a_run_and_prompts_in_a_bucket(train_dir, tmp_path, one
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)  # a local os.* call on "gs://bucket/..." would land here as gs:/bucket/...
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
   with fake_gcs(str(tmp_path / "gcs")):
     config = _sample_config(train_dir, "gs://bucket/prompts.jsonl", checkpoint="gs://bucket/run")
     summary = run.run_sampling(config, str(tmp_path / "remote"), mesh=one_device_mesh)
     assert run.resolve_source(config).directory == "gs://bucket/run"
+    # The run's own bucket workdir, staged as the sample job is, is refused as a local one is.
+    with pytest.raises(ValueError, match="must not be the checkpoint's own workdir"):
+      with workdir_lib.staged("gs://bucket/run") as wd:
+        run.run_sampling(config, wd, mesh=one_device_mesh)
+    assert not (bucket / "run" / "settings.json").exists()
   assert summary["checkpoint_step"] == 5 and summary["sampled"] == 5
   assert _read_rows(tmp_path / "remote" / "samples.jsonl") == _read_rows(tmp_path / "local" / "samples.jsonl")
   settings = lambda d: json.loads((tmp_path / d / "settings.json").read_text())  # noqa: E731

@@ -228,10 +228,10 @@ def check_config(config) -> None:
       raise ValueError("config.sl.control='twin' for a system-prompted teacher: there is no fine-tuning recipe to "
                        "copy; give config.sl.twin (a model) or use control='base' with allow_base_control")
     src = weights_lib.resolve(sc.teacher, key="config.sl.teacher")
-    if src.kind != "emjax" or src.config is None:
+    if src.kind != "emjax" or src.config is None or "train" not in src.config:
       raise ValueError(f"config.sl.control='twin' builds the twin with the harmful teacher's recipe, but "
-                       f"config.sl.teacher={sc.teacher} is not an emjax run with a config.json; give an existing "
-                       "twin as config.sl.twin")
+                       f"config.sl.teacher={sc.teacher} is not an emjax training run (a config.json with its train "
+                       "block; an imported checkpoint has none); give an existing twin as config.sl.twin")
     if not sc.twin_data and not sc.filter.judge:
       raise ValueError("config.sl.filter.judge: the twin's default aligned answers are the base's own, kept when "
                        "a judge scores them aligned and coherent; set a judge or config.sl.twin_data")

@@ -261,8 +261,6 @@ def evaluation_block(config, workdir: str, seed: int) -> dict:
                   batch_size=int(ev.batch_size), max_prompt_length=int(config.study.pretrain.seq_len),
                   seed=0)
   c.report.bootstrap_samples = 200
-  # One model's figures tell little here; the study's report draws them across cells and worlds.
-  c.report.figures = False
   return c
 
 
@@ -271,6 +269,8 @@ def eval_config(config, workdir: str, seed: int, checkpoint: str, model_key: str
   c.mesh.update(config.mesh.to_dict())
   c.sample.checkpoint = checkpoint
   c.sample.seed = seed  # the world's sampling seed, as every other stage of the world uses it
+  # One model's figures tell little here; the study's report draws them across cells and worlds.
+  c.report.figures = False
   c.evaluated.update(model_key=model_key, variant=variant)
   if cell:
     domain, task = cell.split("_", 1)

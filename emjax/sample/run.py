@@ -389,7 +389,9 @@ def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> d
   if int(n) < 1:
     raise ValueError(f"config.sample.n must be >= 1, got {n}")
   src, model_cfg = model.src, model.model_cfg
-  if src.kind == "emjax" and os.fspath(paths.absolute(workdir)) == src.directory:
+  # (A staged bucket workdir is compared as the bucket path it stands for.)
+  if src.kind == "emjax" and src.directory in {os.fspath(paths.absolute(w))
+                                               for w in (workdir, workdir_lib.origin(workdir))}:
     raise ValueError(f"--workdir must not be the checkpoint's own workdir ({src.directory}): its config.json "
                      "describes the training run; pick another directory for the samples")
   config = copy.deepcopy(model.config)  # this file's config.json: its prompts and n
