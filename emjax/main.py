@@ -160,7 +160,7 @@ def _report(config, workdir: str) -> None:
   if workdir_lib.process_index() == 0:  # one writer of the report files
     workdir_lib.clear_status(workdir)
     results = report.run_report(config, workdir)
-    workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir, report.REPORT_FILE),
+    workdir_lib.mark_complete(workdir, {"report": os.path.join(workdir_lib.origin(workdir), report.REPORT_FILE),
                                         "models": sorted(results["models"])})
 
 

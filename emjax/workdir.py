@@ -196,9 +196,10 @@ def check_settings(workdir, current: Mapping, *, name: str = SETTINGS_FILE, what
   `current`; writes `current` there when it holds none. Returns whether the file existed.
   `may_change` says in the error which settings a rerun may change."""
   p = paths.path(workdir) / name
-  current = json.loads(json.dumps(current, sort_keys=True, default=str))
+  current = portable(json.loads(json.dumps(current, sort_keys=True, default=str)))
   if p.exists():
-    diffs = differences(read_json(p), current)
+    # A file written in this staged copy before its paths were recorded as the bucket's still matches.
+    diffs = differences(portable(read_json(p)), current)
     if diffs:
       more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
       raise SettingsMismatch(f"{p} holds other settings ({'; '.join(diffs[:6])}{more}): {what} would not match "
@@ -356,6 +357,24 @@ def _fresh(local: str) -> None:
     log.warning("%s held an earlier session's copy; it is kept in %s and the bucket's files are pulled afresh",
                 local, aside)
   os.makedirs(local, exist_ok=True)
+
+
+def portable(obj: Any) -> Any:
+  """`obj` with every path inside the staged copy written as its bucket path: what a run records of
+  its sub-runs' places (settings) must not name this machine's scratch, or a relaunch with another
+  $HOME or $EMJAX_SCRATCH (a fresh VM, a SLURM job's own temporary disk) would be refused."""
+  stage = _STAGE
+  if stage is None:
+    return obj
+  if isinstance(obj, str):
+    if obj == stage.local or obj.startswith(stage.local + os.sep):
+      return stage.remote + obj[len(stage.local):].replace(os.sep, "/")
+    return obj
+  if isinstance(obj, Mapping):
+    return {k: portable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [portable(v) for v in obj]
+  return obj
 
 
 def origin(workdir: str) -> str:

@@ -152,6 +152,26 @@ def test_an_earlier_sessions_copy_is_moved_aside_never_pushed(tmp_path, monkeypa
   assert workdir_lib.scratch_dir("gs://b/run_1") != workdir_lib.scratch_dir("gs://b/run/1")
 
 
+def test_settings_naming_sub_runs_in_the_staged_copy_survive_a_relaunch_with_other_scratch(tmp_path, monkeypatch):
+  """A study's eval sub-run records the checkpoint it reads, a path in the staged copy: relaunched on a
+  machine whose scratch is elsewhere, the same settings are the same settings."""
+  with fake_gcs(str(tmp_path / "gcs")):
+    for scratch in ("first_vm", "second_vm"):
+      monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / scratch))
+      with workdir_lib.staged("gs://b/study") as wd:
+        sub = os.path.join(wd, "eval", "cell")
+        settings = {"model": {"checkpoint": os.path.join(wd, "sft", "cell"), "step": 3}, "sets": [wd]}
+        existed = workdir_lib.check_settings(sub, settings)
+        assert existed == (scratch == "second_vm")
+    recorded = json.loads(paths.path("gs://b/study/eval/cell/settings.json").read_text())
+    assert recorded == {"model": {"checkpoint": "gs://b/study/sft/cell", "step": 3}, "sets": ["gs://b/study"]}
+    monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "third_vm"))
+    with workdir_lib.staged("gs://b/study") as wd:  # and other settings are still refused
+      with pytest.raises(workdir_lib.SettingsMismatch, match="checkpoint"):
+        workdir_lib.check_settings(os.path.join(wd, "eval", "cell"),
+                                   {"model": {"checkpoint": os.path.join(wd, "sft", "other"), "step": 3}, "sets": [wd]})
+
+
 def test_a_failed_last_push_does_not_hide_the_jobs_own_error(tmp_path, monkeypatch):
   monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
   with fake_gcs(str(tmp_path / "gcs")):
