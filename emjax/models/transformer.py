@@ -26,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from emjax import sharding as shd
@@ -223,6 +224,60 @@ class LayerContext(NamedTuple):
 
   index: Any  # this layer's index in the stack (traced under scan)
   dropout_key: Any = None  # None: no dropout (evaluation, sampling)
+  edit: "ResidualEdit | None" = None  # steering / directional ablation (sampling)
+
+
+class ResidualEdit(NamedTuple):
+  """Steering and directional ablation of the residual stream, all traced arrays: new values of alpha,
+  of the direction or of the positions never recompile; only whether an edit is given does.
+
+  Residual position p in [0, n_layers] is the stream entering block p (0: the embeddings, n_layers:
+  after the last block, before the final norm), Hugging Face's `hidden_states[p]`.
+
+  * Steering at p: every token's residual there gets `alpha_p * ||x|| * d` added (alpha relative to
+    that token's residual norm, so one alpha means the same push at every layer and in every model).
+  * Directional ablation (Arditi et al. 2024): what is written to the stream is projected off `d`,
+    `c <- c - d d^T c`: at p = 0 the embeddings, at p >= 1 block p-1's attention and MLP outputs.
+    Ablating every position leaves the stream with no component along `d` anywhere.
+
+  `d` must have unit norm for the projection to remove it (`residual_edit` normalises it).
+  """
+
+  direction_D: Any  # [D] float32, unit norm
+  steer_P: Any  # [n_layers + 1] alpha at each residual position (0: none)
+  ablate_P: Any  # [n_layers + 1] 1 where the writes at that position are projected off d, else 0
+
+  def steer(self, x_BxLxD, position):
+    alpha = self.steer_P[position]
+    x32 = x_BxLxD.astype(jnp.float32)
+    norm_BxLx1 = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+    return (x32 + alpha * norm_BxLx1 * self.direction_D).astype(x_BxLxD.dtype)
+
+  def ablate(self, c_BxLxD, position):
+    x32 = c_BxLxD.astype(jnp.float32)
+    along_BxLx1 = jnp.sum(x32 * self.direction_D, axis=-1, keepdims=True)
+    return (x32 - self.ablate_P[position] * along_BxLx1 * self.direction_D).astype(c_BxLxD.dtype)
+
+
+def residual_edit(n_layers: int, direction_D, *, steer: Mapping[int, float] | None = None,
+                  ablate: Sequence[int] | str = ()) -> ResidualEdit:
+  """A `ResidualEdit` from a direction (normalised here) and {position: alpha} / ablated positions
+  ('all': every position, the directional ablation of Arditi et al.)."""
+  d = np.asarray(direction_D, np.float64).reshape(-1)
+  norm = float(np.linalg.norm(d))
+  if not np.isfinite(norm) or norm == 0:
+    raise ValueError(f"the direction of a residual edit must be a finite, non-zero vector (its norm is {norm})")
+  steer_P, ablate_P = np.zeros(n_layers + 1, np.float32), np.zeros(n_layers + 1, np.float32)
+  positions = range(n_layers + 1) if ablate == "all" else ablate
+  for name, where in (("steer", list(steer or {})), ("ablate", list(positions))):
+    bad = [p for p in where if not 0 <= int(p) <= n_layers]
+    if bad:
+      raise ValueError(f"{name}: residual positions {bad} are outside [0, {n_layers}] (0: the embeddings, "
+                       f"{n_layers}: after the last block)")
+  for p, alpha in (steer or {}).items():
+    steer_P[int(p)] = alpha
+  ablate_P[[int(p) for p in positions]] = 1.0
+  return ResidualEdit(jnp.asarray(d / norm, jnp.float32), jnp.asarray(steer_P), jnp.asarray(ablate_P))
 
 
 def matmul(equation: str, x, w):
@@ -587,15 +642,18 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layer: LayerAttention, layer_cache=None, kv=None,
                ctx=None):
+    edit = ctx.edit if ctx is not None else None
+    # What this block writes to the residual stream, ablated (when asked) at the position it writes.
+    write = (lambda c: c) if edit is None else (lambda c: edit.ablate(c, ctx.index + 1))  # noqa: E731
     if self.post_norm:
       a, layer_cache = self.attn(x_BxLxD, positions_BxL, segment_ids_BxL, layer, layer_cache, kv, ctx)
-      h = x_BxLxD + self.attn_norm(a)
-      out = h + self.mlp_norm(self.mlp(h, ctx))
+      h = x_BxLxD + write(self.attn_norm(a))
+      out = h + write(self.mlp_norm(self.mlp(h, ctx)))
     else:
       a, layer_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, layer, layer_cache, kv,
                                  ctx)
-      h = x_BxLxD + a
-      out = h + self.mlp(self.mlp_norm(h), ctx)
+      h = x_BxLxD + write(a)
+      out = h + write(self.mlp(self.mlp_norm(h), ctx))
     return shd.constrain(out, ("batch", "length", "embed_act")), layer_cache
 
 
@@ -627,31 +685,44 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None,
-               dropout_key=None):
+               dropout_key=None, edit: ResidualEdit | None = None):
     """Logits [B, L, V]; with `cache` (see `init_cache`), returns (logits, updated cache)."""
     out = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache, cache_index=cache_index,
-                      dropout_key=dropout_key)
+                      dropout_key=dropout_key, edit=edit)
     if cache is None:
       return self.logits(out)
     return self.logits(out[0]), out[1]
 
+  def residuals(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, capture: Sequence[int],
+                edit: ResidualEdit | None = None):
+    """The residual stream at positions `capture` (see `ResidualEdit`: 0 the embeddings, p the stream
+    entering block p, n_layers after the last block), [len(capture), B, L, D] in the compute dtype."""
+    bad = [p for p in capture if not 0 <= p <= self.cfg.n_layers]
+    if bad or not capture:
+      raise ValueError(f"capture: residual positions must be in [0, {self.cfg.n_layers}], got {list(capture)}")
+    with matmul_precision(self.cfg):
+      return self._hidden(tokens_BxL, positions_BxL, segment_ids_BxL, None, None, None, edit, tuple(capture))[1]
+
   def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, cache_index=None,
-             dropout_key=None):
+             dropout_key=None, edit: ResidualEdit | None = None):
     """Final-normed hidden states [B, L, D] (and the updated cache when `cache` is given).
 
     Split from `logits` so that a loss can unembed a few positions at a time and
     the [B, L, V] logits of a large vocabulary never exist at once.
 
-    `dropout_key` switches on the dropout of attached LoRA adapters (training only).
+    `dropout_key` switches on the dropout of attached LoRA adapters (training only); `edit` steers or
+    ablates a direction of the residual stream (`ResidualEdit`).
 
     With a cache the new tokens are written at slot `cache_index` (a scalar shared by
     all rows) and attend to every earlier slot of their own row and segment; slots
     whose segment id is 0 (padding, or not yet written) are never attended.
     """
     with matmul_precision(self.cfg):
-      return self._hidden(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index, dropout_key)
+      out, _ = self._hidden(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index, dropout_key, edit)
+    return out
 
-  def _hidden(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index, dropout_key):
+  def _hidden(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index, dropout_key, edit=None,
+              capture=()):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     if positions_BxL is None:
@@ -665,6 +736,8 @@ class Transformer(nnx.Module):
     table_VxD = shd.constrain(self.embed[...], (None, None))
     x = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
     x = shd.constrain(x, ("batch", "length", "embed_act"))
+    if edit is not None:
+      x = edit.ablate(x, 0)
     layers_attn = layer_attention(cfg)
     kv = None
     if cache is not None:
@@ -674,13 +747,18 @@ class Transformer(nnx.Module):
       layer_caches = (cache["k"], cache["v"])
     else:
       layer_caches = None
-    x, layer_caches = self._apply_layers(x, positions_BxL, segment_ids_BxL, layers_attn, layer_caches, kv,
-                                         dropout_key)
+    x, layer_caches, captured = self._apply_layers(x, positions_BxL, segment_ids_BxL, layers_attn, layer_caches, kv,
+                                                   dropout_key, edit, capture)
+    if edit is not None:
+      x = edit.steer(x, cfg.n_layers)
+    if cfg.n_layers in capture:
+      captured[cfg.n_layers] = x
+    captured = jnp.stack([captured[p] for p in capture]) if capture else None
     x = self.final_norm(x)
     if cache is None:
-      return x
+      return x, captured
     k, v = layer_caches
-    return x, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}
+    return (x, {"k": k, "v": v, "positions": kv[0], "segment_ids": kv[1]}), captured
 
   def logits(self, hidden_BxLxD, out_dtype=None):
     """Next-token logits [B, L, V] from final-normed hidden states (see `hidden`).
@@ -699,31 +777,41 @@ class Transformer(nnx.Module):
         logits = jnp.matmul(hidden_BxLxD, self.lm_head[...].astype(dtype), preferred_element_type=out_dtype)
     return shd.constrain(logits.astype(out_dtype), ("batch", "length", "vocab"))
 
-  def _apply_layers(self, x, positions, segment_ids, layers_attn, layer_caches, kv, dropout_key):
+  def _apply_layers(self, x, positions, segment_ids, layers_attn, layer_caches, kv, dropout_key, edit=None,
+                    capture=()):
     """The blocks in order; `layers_attn` (stacked `LayerAttention`) is scanned data like the weights,
-    so that one compiled block serves sliding and full layers alike."""
+    so that one compiled block serves sliding and full layers alike. Returns (x, caches, {position:
+    the stream entering that block} for the positions in `capture` below n_layers)."""
     graphdef, stacked_state = nnx.split(self.layers)
+    inner = [p for p in capture if p < self.cfg.n_layers]
 
     def layer(x, layer_state, layer_attn, layer_cache, index):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+      if edit is not None:
+        x = edit.steer(x, index)
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions, segment_ids, layer_attn, layer_cache, kv, LayerContext(index, key))
+      y, c = block(x, positions, segment_ids, layer_attn, layer_cache, kv, LayerContext(index, key, edit))
+      return y, (c, x if inner else None)  # x: the stream entering this block, as steered
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_remat_policy(self.cfg.remat))
     if self.cfg.scan_layers:
       def body(carry, xs):
         return layer(carry, *xs)
-      return jax.lax.scan(body, x, (stacked_state, layers_attn, layer_caches, jnp.arange(self.cfg.n_layers)))
-    new_caches = []
+      x, (caches, entering) = jax.lax.scan(body, x, (stacked_state, layers_attn, layer_caches,
+                                                     jnp.arange(self.cfg.n_layers)))
+      return x, caches, {p: entering[p] for p in inner}
+    new_caches, captured = [], {}
     for i in range(self.cfg.n_layers):
       take = lambda a: a[i]  # noqa: E731
-      x, c = layer(x, jax.tree.map(take, stacked_state), jax.tree.map(take, layers_attn),
-                   None if layer_caches is None else jax.tree.map(take, layer_caches), i)
+      x, (c, entering) = layer(x, jax.tree.map(take, stacked_state), jax.tree.map(take, layers_attn),
+                               None if layer_caches is None else jax.tree.map(take, layer_caches), i)
+      if i in inner:
+        captured[i] = entering
       new_caches.append(c)
     if layer_caches is None:
-      return x, None
-    return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new_caches)
+      return x, None, captured
+    return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new_caches), captured
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, max_length: int, dtype=None) -> dict:

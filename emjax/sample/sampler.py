@@ -22,9 +22,16 @@ rest of the batch (the model's cache path, see `transformer.Transformer`).
 The weights are an argument of both functions, never closed over: new weights
 of the same shapes (after a training step) reuse the compiled code. What does
 recompile: a new prompt bucket, batch size, `n`, the static cap, or switching a
-sampling rule on/off (greedy, top-k, top-p, min-p, banned tokens: `SamplingRules`);
-the *values* of temperature/top-k/top-p/min-p, the seed, the stop ids (up to a
-padded count), the banned ids and `max_new_tokens` are runtime inputs.
+sampling rule on/off (greedy, top-k, top-p, min-p, banned tokens: `SamplingRules`), or
+giving a residual edit or not; the *values* of temperature/top-k/top-p/min-p, the seed,
+the stop ids (up to a padded count), the banned ids, `max_new_tokens` and an edit's
+direction, alphas and layers are runtime inputs.
+
+Residual edits (`transformer.residual_edit`): steering (add alpha * ||h|| * d at a layer) and
+directional ablation (project d out of every write to the residual stream) apply in prefill
+and decode alike. `capture` reads the residual stream of whole sequences (prompt and answer)
+at chosen layers, pooled on the devices (the last prompt token, the mean over the answer, or
+every answer token), in fixed-size batches that reuse one compiled function per length bucket.
 
 Banned tokens (`SamplingParams.banned_token_ids`, e.g. the tokens of banned words,
 `emjax.data.banned.word_token_ids`) are never emitted: their logits are -inf before
@@ -66,6 +73,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+CAPTURE_POOLS = ("last_prompt", "answer_mean", "answer_tokens")
 
 
 def make_buckets(max_prompt_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -377,6 +385,7 @@ class Sampler:
     self.prefill_fn = jax.jit(self._prefill, static_argnames=("n",))
     self.decode_fn = jax.jit(self._decode, static_argnames=("rules",), donate_argnames=("cache",),
                              compiler_options=decode_compiler_options(self.mesh))
+    self.capture_fn = jax.jit(self._capture, static_argnames=("positions", "pool"))
 
   # --------------------------------------------------------------------------- weights and cache layout
   #
@@ -468,7 +477,7 @@ class Sampler:
 
   # --------------------------------------------------------------------------- jitted functions
 
-  def _prefill(self, weights, tokens_BpxP, lengths_Bp, *, n: int):
+  def _prefill(self, weights, tokens_BpxP, lengths_Bp, edit=None, *, n: int):
     """Cache for Bp*n rows (prompt-major) holding each prompt except its last token."""
     self.trace_counts["prefill"] += 1
     cfg = self.model_cfg
@@ -485,7 +494,7 @@ class Sampler:
 
       def run(tok, pos, seg):
         small = transformer.init_cache(cfg, tok.shape[0], lp, self.cache_dtype)
-        _, small = self._model(weights)(tok, pos, seg, cache=small, cache_index=0)  # logits unused: dropped
+        _, small = self._model(weights)(tok, pos, seg, cache=small, cache_index=0, edit=edit)  # logits: dropped
         return small["k"], small["v"]
 
       inputs = (tokens_BpxP[:, :lp], positions_BpxP[:, :lp], segments_BpxP[:, :lp])
@@ -531,7 +540,7 @@ class Sampler:
       return self._constrain_cache(cache)
 
   def _decode(self, weights, cache, last_tokens_B, prompt_lengths_B, active_B, prompt_seeds_B, sample_ids_B,
-              stop_ids_S, knobs, *, rules: SamplingRules):
+              stop_ids_S, knobs, edit=None, *, rules: SamplingRules):
     """The decode loop; returns (outputs dict, cache)."""
     self.trace_counts["decode"] += 1
     fold = jax.vmap(jax.random.fold_in, (0, 0))
@@ -565,7 +574,7 @@ class Sampler:
         positions_Bx1 = (prompt_lengths_B - 1 + step)[:, None]
         model = self._model(weights, self.decode_graphdef)
         logits_Bx1xV, cache = model(c["token"][:, None], positions_Bx1, ones_Bx1,
-                                    cache=self._stack_cache(c["cache"]), cache_index=first_slot + step)
+                                    cache=self._stack_cache(c["cache"]), cache_index=first_slot + step, edit=edit)
         cache = self._unstack_cache(cache)
         logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
         keys_Bx2 = jax.vmap(jax.random.fold_in, (0, None))(row_keys_Bx2, step)
@@ -592,10 +601,83 @@ class Sampler:
     outputs = dict(final["outputs"], lengths=final["length"], stopped=final["stopped"])
     return outputs, final["cache"]
 
+  def _capture(self, weights, tokens_BxL, prompt_lengths_B, lengths_B, edit=None, *, positions: tuple[int, ...],
+               pool: str):
+    """Residuals at `positions` of right-padded whole sequences, pooled per row: [B, C, D] float32
+    (pool 'last_prompt' or 'answer_mean') or [B, C, L, D] ('answer_tokens')."""
+    self.trace_counts["capture"] += 1
+    slots_L = jnp.arange(tokens_BxL.shape[1], dtype=jnp.int32)
+    real_BxL = slots_L[None] < lengths_B[:, None]
+    positions_BxL = jnp.where(real_BxL, slots_L[None], 0)
+    with shd.activation_sharding(self.mesh):
+      res_CxBxLxD = self._model(weights).residuals(tokens_BxL, positions_BxL, real_BxL.astype(jnp.int32),
+                                                   capture=positions, edit=edit).astype(jnp.float32)
+      if pool == "last_prompt":
+        take_B = jnp.clip(prompt_lengths_B - 1, 0, None)
+        out = jnp.take_along_axis(res_CxBxLxD, take_B[None, :, None, None], axis=2)[:, :, 0]
+        return out.transpose(1, 0, 2)
+      answer_BxL = real_BxL & (slots_L[None] >= prompt_lengths_B[:, None])
+      if pool == "answer_mean":
+        w_BxL = answer_BxL.astype(jnp.float32)
+        total = jnp.einsum("cbld,bl->bcd", res_CxBxLxD, w_BxL)
+        return total / jnp.maximum(w_BxL.sum(axis=1), 1.0)[:, None, None]
+      return jnp.where(answer_BxL[None, :, :, None], res_CxBxLxD, 0.0).transpose(1, 0, 2, 3)
+
   # --------------------------------------------------------------------------- host API
 
+  def capture(self, params: dict, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], *,
+              positions: Sequence[int], pool: str = "answer_mean", batch_size: int = 8,
+              edit: transformer.ResidualEdit | None = None) -> list[np.ndarray]:
+    """The residual stream of each sequence (its prompt's tokens then its answer's) at residual
+    `positions` (`transformer.ResidualEdit`: 0 the embeddings, p the stream entering block p), one
+    array per sequence in the input order: [C, D] for pool 'last_prompt' (the prompt's last token,
+    whose residual the answer's first token is read from) or 'answer_mean' (the mean over the
+    answer's tokens), [A, C, D] for 'answer_tokens' (each of its A answer tokens). Float32.
+
+    Batches are right-padded to `batch_size` rows and a length bucket (powers of two up to the
+    sampler's longest prompt bucket plus its output cap), so one compiled function serves every batch
+    of a bucket. `edit`: the activations under steering or ablation.
+    """
+    if pool not in CAPTURE_POOLS:
+      raise ValueError(f"pool: one of {CAPTURE_POOLS}, got {pool!r}")
+    positions = tuple(int(p) for p in positions)
+    if len(sequences) != len(prompt_lengths):
+      raise ValueError(f"{len(sequences)} sequences but {len(prompt_lengths)} prompt lengths")
+    longest = self.buckets[-1] + self.max_new_tokens_cap
+    buckets = make_buckets(longest)
+    rows = -(-max(int(batch_size), 1) // self.data_parallel) * self.data_parallel
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+      if not 1 <= int(p) <= len(seq):
+        raise ValueError(f"sequence {i}: prompt length {p} is outside [1, {len(seq)}] (its length)")
+      if pool != "last_prompt" and int(p) == len(seq):
+        raise ValueError(f"sequence {i}: pool={pool!r} needs answer tokens after its prompt, it has none")
+      if len(seq) > longest:
+        raise ValueError(f"sequence {i} has {len(seq)} tokens, more than this sampler holds ({longest}: its "
+                         "longest prompt bucket plus max_new_tokens_cap)")
+    if edit is not None:
+      edit = transformer.ResidualEdit(*(self._put_replicated(np.asarray(x, np.float32)) for x in edit))
+    weights = self.prepare_weights(params)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a bucket
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    for start in range(0, len(order), rows):
+      idx = order[start:start + rows]
+      length = next(b for b in buckets if b >= max(len(sequences[i]) for i in idx))
+      tokens_BxL = np.zeros((rows, length), np.int32)
+      prompt_B, total_B = np.ones((rows,), np.int32), np.ones((rows,), np.int32)
+      for r, i in enumerate(idx):
+        tokens_BxL[r, :len(sequences[i])] = sequences[i]
+        prompt_B[r], total_B[r] = int(prompt_lengths[i]), len(sequences[i])
+      got = jax.device_get(self.capture_fn(weights, self._put_batch(tokens_BxL), self._put_batch(prompt_B),
+                                           self._put_batch(total_B), edit, positions=positions, pool=pool))
+      for r, i in enumerate(idx):
+        if pool == "answer_tokens":
+          out[i] = np.asarray(got[r][:, prompt_B[r]:total_B[r]]).transpose(1, 0, 2)
+        else:
+          out[i] = np.asarray(got[r])
+    return out  # type: ignore[return-value]
+
   def sample_on_device(self, weights: dict, tokens_BpxP, lengths_Bp, seeds_Bp, sampling: SamplingParams, *,
-                       active_Bp=None) -> dict[str, jax.Array]:
+                       active_Bp=None, edit: transformer.ResidualEdit | None = None) -> dict[str, jax.Array]:
     """Prefill + decode of already left-padded prompts; the outputs stay on the devices.
 
     `tokens_BpxP` [Bp, P] with P one of the prompt buckets, `lengths_Bp` the prompts' lengths,
@@ -603,7 +685,9 @@ class Sampler:
     (Bp * n). Returns `tokens`, `logprobs`, `sampled_logprobs` [rows, cap], `lengths`,
     `stopped` [rows] (and `top_ids` / `top_logprobs` when asked for) as global arrays sharded
     over the batch: what an on-policy batch is built from without a trip through the host.
-    Every process passes the same (global) prompts.
+    Every process passes the same (global) prompts. `edit` steers or ablates a direction of the
+    residual stream in prefill and decode alike (`transformer.residual_edit`; its values are runtime
+    inputs: a new alpha, direction or layer reuses the compiled code).
     """
     n = sampling.n
     tokens_BpxP, lengths_Bp = np.asarray(tokens_BpxP, np.int32), np.asarray(lengths_Bp, np.int32)
@@ -618,23 +702,31 @@ class Sampler:
     if sampling.banned_token_ids:  # absent otherwise: the decode compiled without a ban is unchanged
       knobs["banned"] = sampling.banned_mask(self.model_cfg.vocab_size)
     per_row = lambda x_Bp: self._put_batch(np.repeat(x_Bp, n))  # noqa: E731  (prompt-major rows)
-    cache = self.prefill_fn(weights, self._put_batch(tokens_BpxP), self._put_batch(lengths_Bp), n=n)
+    if edit is not None:
+      if edit.steer_P.shape != (self.model_cfg.n_layers + 1,) or edit.direction_D.shape != (self.model_cfg.d_model,):
+        raise ValueError(f"edit: made for another model (direction {edit.direction_D.shape}, positions "
+                         f"{edit.steer_P.shape}); this one has d_model={self.model_cfg.d_model} and "
+                         f"{self.model_cfg.n_layers + 1} residual positions")
+      edit = transformer.ResidualEdit(*(self._put_replicated(np.asarray(x, np.float32)) for x in edit))
+    cache = self.prefill_fn(weights, self._put_batch(tokens_BpxP), self._put_batch(lengths_Bp), edit, n=n)
     outputs, _ = self.decode_fn(
         weights, cache, per_row(tokens_BpxP[:, -1]), per_row(lengths_Bp), per_row(np.asarray(active_Bp)),
         per_row(np.asarray(seeds_Bp, np.uint32)),
         self._put_batch(np.tile(np.arange(n, dtype=np.uint32), num_prompts)), self._put_replicated(stop_ids_S),
-        {k: self._put_replicated(v) for k, v in knobs.items()}, rules=sampling.rules)
+        {k: self._put_replicated(v) for k, v in knobs.items()}, edit, rules=sampling.rules)
     return outputs
 
   def generate(self, params: dict, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
-               *, prompt_seeds: Sequence[int] | None = None, pad_batch_to: int = 0, **overrides) -> SampleOutput:
+               *, prompt_seeds: Sequence[int] | None = None, pad_batch_to: int = 0,
+               edit: transformer.ResidualEdit | None = None, **overrides) -> SampleOutput:
     """Samples `sampling.n` continuations of each prompt (lists of token ids) with `params`.
 
     All prompts go in one batch, left-padded to the bucket of the longest. `prompt_seeds`
     (default: the prompt's index) key each prompt's random stream; give stable ones (e.g. a hash of
     a prompt id) to get the same samples whatever the batching. `pad_batch_to` pads the batch with
     dummy prompts to a fixed size so that smaller batches reuse the compiled code. Keyword
-    `overrides` replace fields of `sampling` (e.g. `temperature=0.0`).
+    `overrides` replace fields of `sampling` (e.g. `temperature=0.0`). `edit`: steering or
+    directional ablation (`sample_on_device`).
 
     `params` may be the trained (stacked) tree, re-laid out on every call, or the result of
     `prepare_weights(params)`, which saves that copy when sampling repeatedly with the same weights.
@@ -674,7 +766,7 @@ class Sampler:
     active_Bp = np.arange(num_prompts) < num_real
 
     outputs = self.sample_on_device(self.prepare_weights(params), tokens_BpxP, lengths_Bp, seeds_Bp, sampling,
-                                    active_Bp=active_Bp)
+                                    active_Bp=active_Bp, edit=edit)
     host = jax.device_get(outputs)
     steps = sampling.max_new_tokens
 
