@@ -10,6 +10,9 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   fi
   # shellcheck disable=SC1091
   . .venv/bin/activate
+  # $PYTHON chose the interpreter the virtualenv was made from; what runs from here on (the tests'
+  # launch/multiprocess.sh, which reads $PYTHON as the interpreter that has emjax) is the virtualenv's.
+  unset PYTHON
 fi
 # glibc's malloc on transparent huge pages for everything started from here (the test suite too):
 # emjax/runtime.py says why; emjax.main sets it by itself when it is missing.

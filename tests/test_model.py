@@ -342,7 +342,9 @@ def test_cudnn_attention_is_told_causal_and_one_segment_has_no_bias_or_bias_grad
       assert p["mask_type"] == MaskType.CAUSAL, (segments, name, p["mask_type"])
       # (has_bias, has_dbias): one segment and no window: no [B, 1, T, S] bias read, no gradient of it
       # computed; with segment ids the segment mask is still a bias beside the causal flag.
-      assert p["variadic_args"] == (want_bias, want_bias), (segments, name, p["variadic_args"])
+      # (jax >= 0.12 computes no gradient of a bias that is a constant mask: has_dbias may be off with it.)
+      has_bias, has_dbias = p["variadic_args"]
+      assert has_bias == want_bias and has_dbias in (False, want_bias), (segments, name, p["variadic_args"])
 
 
 class _FakeDevice:

@@ -47,7 +47,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -235,14 +235,52 @@ def _is_oom(e: BaseException) -> bool:
 
 def _compile_or_oom(build: Callable[[dict | None], Any]) -> tuple[Any, str | None]:
   """(compiled, None), or, when XLA refuses the program for HBM, the program compiled anyway and
-  XLA's refusal (the plan still reports the numbers of what does not fit)."""
+  XLA's refusal (the plan still reports the numbers of what does not fit). Newer libtpu builds no
+  program past HBM even when told to ("Invalid TPU program"): then (None, refusal), and the plan's
+  memory comes from the refusal and the arguments' shapes (`_memory_without_program`)."""
   try:
     return build(None), None
   except jax.errors.JaxRuntimeError as e:
     if not _is_oom(e):
       raise
     refusal = " ".join(str(e).split())
-  return build(dict(COMPILE_ANYWAY)), refusal
+  try:
+    return build(dict(COMPILE_ANYWAY)), refusal
+  except jax.errors.JaxRuntimeError as e:
+    log.warning("XLA compiles no program past HBM here (%s); the plan reports its refusal and the arguments' "
+                "bytes", " ".join(str(e).split())[:200])
+    return None, refusal
+
+
+_REFUSAL_BYTES = re.compile(r"(?:memory required[^(]*\(|Used\s+)(\d+(?:\.\d+)?)\s*([KMGT]?)")
+
+
+def _refusal_bytes(refusal: str) -> int | None:
+  """The bytes XLA's HBM refusal says the program needs ("... required ... (38.13G)", "Used 28.5G of ...")."""
+  m = _REFUSAL_BYTES.search(refusal or "")
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def per_device_bytes(abstract_trees: Sequence[Any]) -> int:
+  """Bytes one device holds of sharded abstract arrays (the largest shard of each leaf)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_trees):
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _memory_without_program(arguments: int | None, refusal: str) -> dict:
+  """The per-device bytes of a program XLA refused and did not build: its arguments (from their
+  shapes) and the peak the refusal states (at least the arguments); the rest unknown (None)."""
+  out: dict[str, Any] = {f: None for f in MEMORY_FIELDS}
+  out["argument"] = arguments
+  known = [x for x in (_refusal_bytes(refusal), arguments) if x is not None]
+  out["peak"] = max(known) if known else None
+  out["from"] = "XLA's refusal and the arguments' shapes (no program was built past HBM)"
+  return out
 
 
 def _cost(compiled) -> dict[str, float]:
@@ -282,7 +320,8 @@ def roofline(cost: Mapping[str, float], topo: Topology) -> dict:
 
 def _memory_report(per_device: dict[str, int], hbm: int, refusal: str | None) -> dict:
   return {"per_device_bytes": per_device, "hbm_per_device_bytes": hbm,
-          "hbm_fraction": round(per_device["peak"] / hbm, 4), "fits": refusal is None, "xla_refusal": refusal}
+          "hbm_fraction": round(per_device["peak"] / hbm, 4) if per_device["peak"] is not None else None,
+          "fits": refusal is None, "xla_refusal": refusal}
 
 
 def _with_layers(config, n_layers: int, teacher_dir: str | None = None):
@@ -313,7 +352,12 @@ def plan_train(config, topo: Topology) -> dict:
   trainer = loop.Trainer(config, mesh)
   t0 = time.perf_counter()
   compiled, refusal = _compile_or_oom(trainer.compile)
-  memory = _memory_report(memory_bytes(compiled), hbm, refusal)
+  if compiled is None:
+    teacher = trainer.teacher.abstract if trainer.teacher is not None else None
+    args = per_device_bytes([trainer.layout.abstract, trainer.layout.frozen_abstract, trainer.batch_abstract, teacher])
+    memory = _memory_report(_memory_without_program(args, refusal), hbm, refusal)
+  else:
+    memory = _memory_report(memory_bytes(compiled), hbm, refusal)
   compile_s = time.perf_counter() - t0
 
   if trainer.teacher is not None and trainer.teacher_model_cfg.n_layers != trainer.model_cfg.n_layers:
@@ -377,14 +421,11 @@ def _sampler_programs(model_cfg, mesh, sc, options: dict | None, *, lora=None, w
   sampler), `weights` the abstract `lora.merge_trees(frozen, adapters)` with the train state's
   shardings; default: the full parameters of `model_cfg`, as the sample job loads them."""
 
-  buckets = tuple(sc.prompt_buckets) or sampler_lib.make_buckets(int(sc.max_prompt_length))
-  bucket, cap, n = max(buckets), int(sc.max_new_tokens_cap) or int(sc.max_new_tokens), int(sc.n)
+  shape = _sampler_shape(mesh, sc)
+  bucket, cap, n, prompts, rows = (shape[k] for k in ("prompt_bucket", "max_new_tokens", "n", "prompts", "rows"))
   sampler = sampler_lib.Sampler(model_cfg, mesh=mesh, prompt_buckets=(bucket,), max_new_tokens_cap=cap,
                                 prefill_chunk=int(sc.prefill_chunk), top_logprobs=int(sc.top_logprobs),
                                 unroll_layers=bool(sc.unroll_layers), lora=lora)
-  dp = sampler.data_parallel
-  prompts = -(-int(sc.batch_size) // dp) * dp  # as `Sampler.generate` pads the batch
-  rows = prompts * n
   if weights is None:
     weights = weights_lib.abstract_params(sampler.model_cfg, mesh)
   if sampler.unroll_layers:  # the per-layer layout `prepare_weights` hands the compiled functions
@@ -405,7 +446,16 @@ def _sampler_programs(model_cfg, mesh, sc, options: dict | None, *, lora=None, w
       weights, cache, batch((rows,), jnp.int32), batch((rows,), jnp.int32), batch((rows,), jnp.bool_),
       batch((rows,), jnp.uint32), batch((rows,), jnp.uint32), stop, knobs, rules=rules).compile(
           compiler_options=options)
-  return prefill, decode, dict(prompt_bucket=bucket, max_new_tokens=cap, n=n, prompts=prompts, rows=rows)
+  return prefill, decode, shape
+
+
+def _sampler_shape(mesh, sc) -> dict:
+  """The sample job's largest batch: its prompt bucket, output cap, samples per prompt, prompts and rows."""
+  buckets = tuple(sc.prompt_buckets) or sampler_lib.make_buckets(int(sc.max_prompt_length))
+  dp = shd.data_parallel_size(mesh) if mesh is not None and mesh.size > 1 else 1
+  prompts = -(-int(sc.batch_size) // dp) * dp  # as `Sampler.generate` pads the batch
+  return dict(prompt_bucket=max(buckets), max_new_tokens=int(sc.max_new_tokens_cap) or int(sc.max_new_tokens),
+              n=int(sc.n), prompts=prompts, rows=prompts * int(sc.n))
 
 
 def plan_sample(config, topo: Topology) -> dict:
@@ -424,11 +474,13 @@ def plan_sample(config, topo: Topology) -> dict:
     programs["prefill"], programs["decode"], programs["shape"] = _sampler_programs(model_cfg, mesh, sc, options)
     return programs
 
-  _, refusal = _compile_or_oom(build)
-  shape = programs["shape"]
+  built, refusal = _compile_or_oom(build)
+  shape = _sampler_shape(mesh, sc)
   memory = {}
   for name in ("prefill", "decode"):
-    memory[name] = _memory_report(memory_bytes(programs[name]), hbm, refusal)
+    # No program past HBM (see _compile_or_oom): what the refusal says, for both.
+    per_device = memory_bytes(programs[name]) if built is not None else _memory_without_program(None, refusal)
+    memory[name] = _memory_report(per_device, hbm, refusal)
   compile_s = time.perf_counter() - t0
 
   compiled_at: dict[tuple, dict] = {}  # prefill and decode compile together: once per depth
@@ -488,8 +540,8 @@ def plan_fits(report: Mapping) -> bool:
   return report["memory"]["fits"] if report["plan"] == "train" else report["fits"]
 
 
-def _gib(x: float) -> str:
-  return f"{x / 2**30:.2f} GiB"
+def _gib(x: float | None) -> str:
+  return "? GiB" if x is None else f"{x / 2**30:.2f} GiB"
 
 
 def describe(report: Mapping) -> list[str]:
