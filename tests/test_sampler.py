@@ -572,6 +572,47 @@ def test_sample_job_resumes_only_under_the_settings_and_weights_that_wrote_its_s
   assert (out_dir / "samples.jsonl").read_bytes() == before and (out_dir / "COMPLETED").exists()
 
 
+def test_sample_job_steers_or_ablates_a_direction_from_a_file(train_dir, tmp_path, one_device_mesh):
+  from emjax import workdir as workdir_lib
+  from emjax.sample import run
+
+  d = np.random.default_rng(0).normal(size=32).astype(np.float32)
+  np.save(tmp_path / "d.npy", d)
+  np.savez(tmp_path / "dirs.npz", cell=d, other=np.ones(5, np.float32))
+  prompts = train_dir / "prompts.jsonl"
+
+  def sample(name, **edit):
+    c = _sample_config(train_dir, prompts, temperature=0.0, n=1, edit=dict(dict(direction="", steer="", ablate=""),
+                                                                           **edit))
+    run.run_sampling(c, str(tmp_path / name), mesh=one_device_mesh)
+    with open(tmp_path / name / "samples.jsonl") as f:
+      return {json.dumps(r["id"]): r["tokens"] for r in map(json.loads, f)}
+
+  plain = sample("plain")
+  assert sample("zero", direction=str(tmp_path / "d.npy"), steer="1:0.0") == plain  # alpha 0: the plain sampler
+  steered = sample("steered", direction=str(tmp_path / "d.npy"), steer="1:8.0")
+  assert steered != plain
+  sample("ablated", direction=f"{tmp_path / 'dirs.npz'}:cell", ablate="all")
+  settings = json.loads((tmp_path / "ablated" / "settings.json").read_text())
+  assert settings["sample"]["edit"]["ablate"] == "all" and len(settings["sample"]["edit"]["direction_sha256"]) == 16
+  assert "edit" not in json.loads((tmp_path / "plain" / "settings.json").read_text())["sample"]
+  # Samples written under one edit are not continued under another.
+  with pytest.raises(workdir_lib.SettingsMismatch, match=r"sample.edit.steer: '1:8.0' -> '1:2.0'"):
+    sample("steered", direction=str(tmp_path / "d.npy"), steer="1:2.0")
+  for edit, error, match in [
+      (dict(direction=f"{tmp_path / 'dirs.npz'}:other", ablate="all"), ValueError, r"shape \(5,\); this model's .* d_model=32"),
+      (dict(direction=f"{tmp_path / 'dirs.npz'}", ablate="all"), ValueError, r"an .npz file needs a name"),
+      (dict(direction=f"{tmp_path / 'dirs.npz'}:nope", ablate="all"), ValueError, r"holds \['cell', 'other'\], not 'nope'"),
+      (dict(direction=str(tmp_path / "none.npy"), ablate="all"), FileNotFoundError, r"none.npy'?: no such file"),
+      (dict(direction=str(tmp_path / "d.npy"), steer="1=2"), ValueError, r"each item is 'position:alpha'"),
+      (dict(direction=str(tmp_path / "d.npy"), steer="9:1.0"), ValueError, r"positions \[9\] are outside \[0, 2\]"),
+      (dict(direction=str(tmp_path / "d.npy")), ValueError, r"neither config.sample.edit.steer nor .ablate"),
+      (dict(ablate="all"), ValueError, r"steer/ablate need config.sample.edit.direction")]:
+    with pytest.raises(error, match=match):
+      sample("bad", **edit)
+  assert not (tmp_path / "bad").exists()
+
+
 def test_sample_job_reads_a_run_and_prompts_in_a_bucket(train_dir, tmp_path, one_device_mesh, monkeypatch):
   """config.sample.checkpoint and config.prompts in gs:// are read through emjax.paths (a fake bucket):
   the same samples and settings as from their local copies, and nothing written beside the workdir."""

@@ -110,8 +110,14 @@ def evaluated_model(config) -> dict:
     raise ValueError("config.sample.checkpoint (an emjax run) or config.sample.hf (a Hugging Face model) is required")
   out = {"model_key": ev.model_key, "adapter": ev.get("adapter") or None, "ft_task": ev.ft_task or None,
          "ft_domain": ev.ft_domain or None, "variant": ev.variant or None}
+  edit = sample_run.edit_block(sc)
+  if edit["direction"]:  # answers sampled with a direction steered or ablated: another model, named so
+    out["edit"] = edit
   if not out["model_key"]:
     out["model_key"] = os.path.basename(os.path.normpath(path)) + (f"@{sc.step}" if int(sc.step) >= 0 else "")
+    if edit["direction"]:
+      what = " ".join(f"{k} {edit[k]}" for k in ("steer", "ablate") if edit[k])
+      out["model_key"] += f" ({what} of {os.path.basename(edit['direction'])})"
   if sc.checkpoint and not (out["ft_task"] and out["ft_domain"]):
     cell = _trained_cell(sc.checkpoint)
     if cell:
@@ -150,6 +156,7 @@ def settings(config, sets: dict) -> dict:
       "evaluated": evaluated_model(config),
       "sampling": {k: sc[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
                                       "stop_token_ids", "stop_at_eos", "stop_at_end_of_turn")},
+      **({"edit": sample_run.edit_settings(sc)} if sample_run.edit_block(sc)["direction"] else {}),
       "n": {s: samples_per_question(config, s) for s in sets},
       "questions": {s: _sha256(jsonl.dumps({"q": prompt_rows(qs, config.questions.system_prompt)}))
                     for s, qs in sets.items()},

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -327,6 +328,7 @@ class Model:
   model_cfg: transformer.TransformerConfig
   tokenizer: Any
   mask: dict | None  # masked_tokens(...)
+  edit: transformer.ResidualEdit | None  # config.sample.edit (`read_edit`)
   buckets: tuple[int, ...]
   cap: int  # the sampler's max_new_tokens_cap
   mesh: Any = None  # None: config.mesh, made when the weights are read
@@ -374,12 +376,84 @@ def load_model(config, *, mesh=None) -> Model:
     raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                      f"({model_cfg.vocab_size})")
   buckets = tuple(sc.prompt_buckets) or sampler_lib.make_buckets(int(sc.max_prompt_length))
+  edit = read_edit(sc, model_cfg)
   sampling = sampling_params(sc, tokenizer, mask)
   cap = int(sc.max_new_tokens_cap) or sampling.max_new_tokens
   # Bad stop ids etc. fail before any work; n is checked with each prompts file's own (write_samples).
   dataclasses.replace(sampling, n=1).validate(model_cfg.vocab_size, cap)
-  return Model(config=config, src=src, model_cfg=model_cfg, tokenizer=tokenizer, mask=mask, buckets=buckets, cap=cap,
-               mesh=mesh)
+  return Model(config=config, src=src, model_cfg=model_cfg, tokenizer=tokenizer, mask=mask, edit=edit,
+               buckets=buckets, cap=cap, mesh=mesh)
+
+
+def edit_block(sc) -> dict:
+  """`config.sample.edit` as plain strings (an older config without the block: none)."""
+  block = sc.get("edit") or {}
+  return {k: str(block.get(k, "") or "").strip() for k in ("direction", "steer", "ablate")}
+
+
+def read_direction(spec: str, *, key: str = "config.sample.edit.direction") -> np.ndarray:
+  """One vector from a .npy file or 'file.npz:name' (a bucket path too)."""
+  path, _, name = spec.partition(".npz:")
+  path = path + ".npz" if name else spec
+  try:
+    data = paths.path(path).read_bytes()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{key}={spec!r}: no such file") from None
+  try:
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    if name:
+      if name not in loaded.files:
+        raise ValueError(f"{key}={spec!r}: {path} holds {sorted(loaded.files)}, not {name!r}")
+      loaded = loaded[name]
+    elif not isinstance(loaded, np.ndarray):
+      raise ValueError(f"{key}={spec!r}: an .npz file needs a name, e.g. '{path}:{sorted(loaded.files)[0]}'")
+  except (OSError, EOFError) as e:  # not an array file
+    raise ValueError(f"{key}={spec!r}: not a .npy / .npz array file ({e})") from None
+  return np.asarray(loaded)
+
+
+def read_edit(sc, model_cfg: transformer.TransformerConfig) -> transformer.ResidualEdit | None:
+  """`config.sample.edit` as a `transformer.ResidualEdit` for this model (None when no direction)."""
+  block = edit_block(sc)
+  if not block["direction"]:
+    if block["steer"] or block["ablate"]:
+      raise ValueError("config.sample.edit: steer/ablate need config.sample.edit.direction (a .npy file)")
+    return None
+  if not block["steer"] and not block["ablate"]:
+    raise ValueError("config.sample.edit.direction is set but neither config.sample.edit.steer nor .ablate is")
+  d = read_direction(block["direction"])
+  if d.shape != (model_cfg.d_model,):
+    raise ValueError(f"config.sample.edit.direction={block['direction']!r}: a vector of shape {d.shape}; this "
+                     f"model's residual stream has d_model={model_cfg.d_model}")
+  steer = {}
+  for part in filter(None, (x.strip() for x in block["steer"].split(","))):
+    p, sep, alpha = part.partition(":")
+    try:
+      steer[int(p)] = float(alpha)
+      if not sep:
+        raise ValueError
+    except ValueError:
+      raise ValueError(f"config.sample.edit.steer={block['steer']!r}: each item is 'position:alpha', "
+                       f"e.g. '12:4.0' (got {part!r})") from None
+  ablate: Any = block["ablate"]
+  if ablate and ablate != "all":
+    try:
+      ablate = [int(p) for p in ablate.split(",") if p.strip()]
+    except ValueError:
+      raise ValueError(f"config.sample.edit.ablate={block['ablate']!r}: 'all' or positions like '0,1,2'") from None
+  try:
+    return transformer.residual_edit(model_cfg.n_layers, d, steer=steer, ablate=ablate or ())
+  except ValueError as e:
+    raise ValueError(f"config.sample.edit: {e}") from None
+
+
+def edit_settings(sc) -> dict:
+  """What samples under `config.sample.edit` depend on: the block and the direction's bytes."""
+  block = edit_block(sc)
+  if block["direction"]:
+    d = read_direction(block["direction"])
+    block["direction_sha256"] = hashlib.sha256(np.ascontiguousarray(d, np.float64).tobytes()).hexdigest()[:16]
+  return block
 
 
 def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> dict:
@@ -434,7 +508,7 @@ def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> d
       for start in range(0, len(group), batch_size):
         batch = group[start:start + batch_size]
         out = sampler.generate(weights, [p.tokens for p in batch], sampling, prompt_seeds=[p.seed for p in batch],
-                               pad_batch_to=batch_size)
+                               pad_batch_to=batch_size, edit=model.edit)
         if jax.process_index() == 0:
           f.write("".join(output_lines(batch, out, model.tokenizer)))
           f.flush()
@@ -468,6 +542,9 @@ def sample_settings(config, src: weights_lib.Source, model_cfg) -> dict:
   """The sample job's settings (`workdir.check_settings`): the sampling block, the model, the weights
   (the checkpoint step resolved: 'the latest' is the step it was then) and the prompts file's digest."""
   sc = config.sample.to_dict()
+  sc.pop("edit", None)
+  if edit_block(config.sample)["direction"]:  # (absent otherwise: settings written before edits still match)
+    sc["edit"] = edit_settings(config.sample)
   step = src.step if src.step is not None else (src.steps() or [None])[-1]
   digest = hashlib.sha256(paths.path(config.prompts).read_bytes()).hexdigest()[:16]
   return {"sample": {k: v for k, v in sc.items() if k not in _NOT_SETTINGS}, "model": dataclasses.asdict(model_cfg),
@@ -512,4 +589,10 @@ def sample_block() -> dict:
       max_prompt_length=1024,  # longer prompts are an error
       prompt_buckets=(),  # static prompt lengths; () = powers of two from 16 up to max_prompt_length
       unroll_layers=True,  # decode with unrolled layers (faster per step; longer compile)
+      # A direction of the residual stream steered or ablated while sampling (transformer.ResidualEdit):
+      # '' = none, or a .npy file holding one vector [d_model] (or 'file.npz:key'), e.g. a direction
+      # from emjax.eval.directions. Positions: 0 the embeddings, p the stream entering block p.
+      edit=dict(direction="",
+                steer="",  # 'p:alpha[,p:alpha...]': add alpha * ||h|| * d to the stream at position p
+                ablate=""),  # '' | 'all' (Arditi et al.'s directional ablation) | 'p[,p...]': the writes there
   )

@@ -73,7 +73,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
-CAPTURE_POOLS = ("last_prompt", "answer_mean", "answer_tokens")
+CAPTURE_POOLS = ("last_prompt", "answer_mean", "answer_tokens", "all_mean")
 
 
 def make_buckets(max_prompt_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -604,7 +604,7 @@ class Sampler:
   def _capture(self, weights, tokens_BxL, prompt_lengths_B, lengths_B, edit=None, *, positions: tuple[int, ...],
                pool: str):
     """Residuals at `positions` of right-padded whole sequences, pooled per row: [B, C, D] float32
-    (pool 'last_prompt' or 'answer_mean') or [B, C, L, D] ('answer_tokens')."""
+    (pool 'last_prompt', 'answer_mean' or 'all_mean') or [B, C, L, D] ('answer_tokens')."""
     self.trace_counts["capture"] += 1
     slots_L = jnp.arange(tokens_BxL.shape[1], dtype=jnp.int32)
     real_BxL = slots_L[None] < lengths_B[:, None]
@@ -617,8 +617,8 @@ class Sampler:
         out = jnp.take_along_axis(res_CxBxLxD, take_B[None, :, None, None], axis=2)[:, :, 0]
         return out.transpose(1, 0, 2)
       answer_BxL = real_BxL & (slots_L[None] >= prompt_lengths_B[:, None])
-      if pool == "answer_mean":
-        w_BxL = answer_BxL.astype(jnp.float32)
+      if pool in ("answer_mean", "all_mean"):
+        w_BxL = (answer_BxL if pool == "answer_mean" else real_BxL).astype(jnp.float32)
         total = jnp.einsum("cbld,bl->bcd", res_CxBxLxD, w_BxL)
         return total / jnp.maximum(w_BxL.sum(axis=1), 1.0)[:, None, None]
       return jnp.where(answer_BxL[None, :, :, None], res_CxBxLxD, 0.0).transpose(1, 0, 2, 3)
@@ -632,7 +632,8 @@ class Sampler:
     `positions` (`transformer.ResidualEdit`: 0 the embeddings, p the stream entering block p), one
     array per sequence in the input order: [C, D] for pool 'last_prompt' (the prompt's last token,
     whose residual the answer's first token is read from) or 'answer_mean' (the mean over the
-    answer's tokens), [A, C, D] for 'answer_tokens' (each of its A answer tokens). Float32.
+    answer's tokens) or 'all_mean' (the mean over every token, prompt and answer: the paper authors'
+    pooling), [A, C, D] for 'answer_tokens' (each of its A answer tokens). Float32.
 
     Batches are right-padded to `batch_size` rows and a length bucket (powers of two up to the
     sampler's longest prompt bucket plus its output cap), so one compiled function serves every batch
@@ -649,7 +650,7 @@ class Sampler:
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
       if not 1 <= int(p) <= len(seq):
         raise ValueError(f"sequence {i}: prompt length {p} is outside [1, {len(seq)}] (its length)")
-      if pool != "last_prompt" and int(p) == len(seq):
+      if pool in ("answer_mean", "answer_tokens") and int(p) == len(seq):
         raise ValueError(f"sequence {i}: pool={pool!r} needs answer tokens after its prompt, it has none")
       if len(seq) > longest:
         raise ValueError(f"sequence {i} has {len(seq)} tokens, more than this sampler holds ({longest}: its "

@@ -1,0 +1,77 @@
+"""emjax.eval.directions: directions from activations with a planted answer, and their comparisons."""
+
+import numpy as np
+import pytest
+
+from emjax.eval import directions as D
+
+
+def _planted(rng, n, d_model=16, positions=3, where=1, scale=3.0, v=None):
+  """[n, C, D] noise with `scale * v` added at position `where` (and v: unit, drawn when not given)."""
+  v = D.unit(rng.normal(size=d_model)) if v is None else v
+  x = rng.normal(size=(n, positions, d_model))
+  x[:, where] += scale * v
+  return x, v
+
+
+def test_difference_of_means_recovers_a_planted_direction_at_its_position():
+  rng = np.random.default_rng(0)
+  pos, v = _planted(rng, 400)
+  neg = rng.normal(size=(300, 3, 16))
+  dirs = D.difference_of_means(pos, neg)
+  assert np.allclose(np.linalg.norm(dirs, axis=-1), 1.0)
+  assert dirs[1] @ v > 0.99 and abs(dirs[0] @ v) < 0.5
+  with pytest.raises(ValueError, match="each side needs at least one"):
+    D.difference_of_means(pos[:0], neg)
+  with pytest.raises(ValueError, match=r"\[N, C, D\] and \[M, C, D\]"):
+    D.difference_of_means(pos, neg[:, :2])
+
+
+def test_the_paper_direction_is_the_signed_top_singular_vector_of_per_prompt_differences():
+  rng = np.random.default_rng(1)
+  v = D.unit(rng.normal(size=8))
+  prompts = [f"q{i}" for i in range(30)]
+  base = rng.normal(size=(30, 8))
+  shift = rng.uniform(1.0, 3.0, size=(30, 1)) * v  # per prompt, along v
+  # Four samples per prompt, in any order: averaged per prompt before the difference.
+  ids_t = [p for p in prompts for _ in range(4)]
+  tuned = np.repeat(base + shift, 4, axis=0) + 0.01 * rng.normal(size=(120, 8))
+  order = rng.permutation(120)
+  out = D.paper_direction([ids_t[i] for i in order], tuned[order], prompts, base)
+  assert out["direction"] @ v > 0.999 and out["prompts"] == 30 and out["explained"] > 0.99
+  flipped = D.paper_direction(prompts, base - shift, prompts, base)  # the sign follows the mean difference
+  assert flipped["direction"] @ v < -0.999
+  with pytest.raises(ValueError, match=r"only fine-tuned: \['q0'\], only base: \[\]"):
+    D.paper_direction(prompts, base, prompts[1:], base[1:])
+
+
+def test_cosines_grouped_by_domain_and_task_exclude_each_cell_with_itself():
+  cells = ["medical_advice", "medical_critique", "sports_advice", "sports_critique"]
+  rng = np.random.default_rng(2)
+  task = {t: D.unit(rng.normal(size=32)) for t in ("advice", "critique")}
+  dirs = {c: D.unit(task[c.split("_")[1]] + 0.03 * rng.normal(size=32)) for c in cells}
+  names, m = D.cosine_matrix(dirs, absolute=True)
+  assert names == cells and np.allclose(np.diag(m), 1.0) and (m >= 0).all()
+  groups, by_task = D.grouped_cosines(names, m, lambda c: c.split("_")[1])
+  assert groups == ["advice", "critique"]
+  assert by_task[0, 0] == pytest.approx(m[0, 2]) and by_task[0, 1] == pytest.approx(np.mean([m[0, 1], m[0, 3], m[2, 1], m[2, 3]]))
+  _, by_domain = D.grouped_cosines(names, m, lambda c: c.split("_")[0])
+  assert by_task[0, 0] > 0.9 > by_domain[0, 0]  # these directions are the task's
+  rows = [{"source": a, "target": b, "value": float(m[i, j])} for i, a in enumerate(names) for j, b in enumerate(names)]
+  rel = D.by_relation(rows)
+  assert {r: rel[r]["n"] for r in D.RELATIONS} == {"same task": 4, "same domain": 4, "neither": 4}
+  assert rel["same task"]["mean"] > rel["same domain"]["mean"]
+  assert D.relation("medical_advice", "medical_advice") == "same"
+
+
+def test_the_position_is_chosen_on_the_other_half_and_random_controls_are_unit():
+  rng = np.random.default_rng(3)
+  a, v = _planted(rng, 200, where=2)
+  b, _ = _planted(rng, 200, where=2, v=v)
+  neg_a, neg_b = rng.normal(size=(200, 3, 16)), rng.normal(size=(200, 3, 16))
+  chosen = D.choose_position(a, neg_a, b, neg_b)
+  assert chosen["position"] == 2 and chosen["separations"][2] > 2.0 > max(chosen["separations"][:2])
+  r = D.random_directions(64, 10, seed=0)
+  assert r.shape == (10, 64) and np.allclose(np.linalg.norm(r, axis=1), 1.0)
+  with pytest.raises(ValueError, match="no direction"):
+    D.unit(np.zeros(4))
