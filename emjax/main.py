@@ -37,6 +37,7 @@ from emjax import sharding
 from emjax import tracking
 from emjax import workdir as workdir_lib
 from emjax.eval import api_judge
+from emjax.eval import curves
 from emjax.eval import report
 from emjax.eval import run as eval_run
 from emjax.experiments import em_grid
@@ -144,6 +145,10 @@ def _study(config, workdir: str) -> None:
   study.run_study(config, workdir, quiet=not flags.FLAGS.progress)
 
 
+def _em_curve(config, workdir: str) -> None:
+  curves.run_curve(config, workdir)
+
+
 def _sample(config, workdir: str) -> None:
   sample_run.run_sampling(config, workdir)
 
@@ -185,6 +190,7 @@ JOBS: dict[str, Job] = {
     "sl": Job(_sl, staged=True),
     "teacher_top_k": Job(_teacher_top_k, staged=True),
     "study": Job(_study, staged=True),
+    "em_curve": Job(_em_curve, staged=True),
 }
 STAGED_JOBS = tuple(name for name, job in JOBS.items() if job.staged)
 

@@ -306,11 +306,14 @@ class Checkpointer:
   in the same order (saves and restores are collective).
   """
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True, keep_every: int = 0):
     # A string (messages, orbax) that is absolute when local and gs://... as given for a bucket.
     self.directory = os.fspath(paths.absolute(directory))
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
+        # Steps that are multiples of keep_every are never pruned: a run's checkpoints over training
+        # (EM curves) besides the last `keep`.
+        keep_period=keep_every if keep_every > 0 else None,
         enable_async_checkpointing=async_save,
         create=True,
     )

@@ -691,7 +691,8 @@ def _train(config, workdir: str, watch: PreemptionWatch, *, mesh: Mesh | None, s
     batches = make_batch_source(trainer, tokenizer)
   wants_weights = hasattr(batches, "set_weights")
   checkpointer = ckpt_lib.Checkpointer(paths.path(workdir) / "checkpoints", keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
+                                       async_save=config.checkpoint.async_save,
+                                       keep_every=int(config.checkpoint.get("keep_every", 0)))
   restored = checkpointer.restore_latest(trainer.layout.abstract) if config.checkpoint.resume else None
   if restored is not None:
     start_step, state, data_state = restored

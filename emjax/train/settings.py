@@ -22,7 +22,7 @@ from emjax.models import transformer
 from emjax.train import objectives
 
 JOBS = ("train", "pretrain", "compile", "plan", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k",
-        "study")
+        "study", "em_curve")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
       distill=dict(beta=0.5, temperature=1.0, top_k=0, tail=True, precomputed="", mask="", mask_words="default"),
   )
   c.data = pipeline.default_data_config()
-  c.checkpoint = dict(every_steps=100, keep=3, async_save=True, resume=True)
+  # keep: the newest steps kept; keep_every: steps that are multiples of it are kept too (0 = off), e.g.
+  # for EM over training (the em_curve job evaluates every kept step).
+  c.checkpoint = dict(every_steps=100, keep=3, keep_every=0, async_save=True, resume=True)
   # Where the weights of step 0 come from: empty = random; an emjax workdir / checkpoint dir.
   # hf: a Hugging Face model directory (its architecture is adopted), or a PEFT LoRA adapter: merged into its
   # base, or, with config.lora (the adapter's), trained on; peft_base: its base ('' = the one it names).
@@ -188,5 +190,9 @@ def validate(config) -> None:
           f"{tc.get('loss_chunk_bytes')} must be >= 0 (0 = derived from the byte budget / no budget)")
   if config.checkpoint.every_steps < 1:
     _fail("checkpoint.every_steps", f"must be >= 1, got {config.checkpoint.every_steps}")
+  keep_every = int(config.checkpoint.get("keep_every", 0))
+  if keep_every < 0 or (keep_every and keep_every % config.checkpoint.every_steps):
+    _fail("checkpoint.keep_every", f"must be 0 (off) or a multiple of checkpoint.every_steps="
+          f"{config.checkpoint.every_steps} (only saved steps can be kept), got {keep_every}")
   tracking.check_config(config)
   pipeline.validate_data_config(config.data)
