@@ -38,6 +38,7 @@ from emjax import tracking
 from emjax import workdir as workdir_lib
 from emjax.eval import api_judge
 from emjax.eval import curves
+from emjax.eval import direction_job
 from emjax.eval import report
 from emjax.eval import run as eval_run
 from emjax.experiments import em_grid
@@ -149,6 +150,10 @@ def _em_curve(config, workdir: str) -> None:
   curves.run_curve(config, workdir)
 
 
+def _directions(config, workdir: str) -> None:
+  direction_job.run_directions(config, workdir)
+
+
 def _sample(config, workdir: str) -> None:
   sample_run.run_sampling(config, workdir)
 
@@ -191,6 +196,7 @@ JOBS: dict[str, Job] = {
     "teacher_top_k": Job(_teacher_top_k, staged=True),
     "study": Job(_study, staged=True),
     "em_curve": Job(_em_curve, staged=True),
+    "directions": Job(_directions, staged=True),
 }
 STAGED_JOBS = tuple(name for name, job in JOBS.items() if job.staged)
 

@@ -180,11 +180,22 @@ def error_is_settings_mismatch(error: BaseException) -> bool:
 # ----------------------------------------------------------------------------- settings
 
 
+def _neutral(value: Any) -> bool:
+  """Off, empty or zero all through: what a setting added later is when left at its default."""
+  if isinstance(value, Mapping):
+    return all(_neutral(v) for v in value.values())
+  return value is None or value is False or (not isinstance(value, bool) and value in (0, "", (), []))
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-  """'key.path: old -> new' for every leaf that differs."""
+  """'key.path: old -> new' for every leaf that differs. A key only one side has is no difference
+  when its value is neutral (`_neutral`): a workdir written before a setting existed was written with
+  it off, so a relaunch after an upgrade that adds one (at its default) is not refused."""
   if isinstance(old, Mapping) and isinstance(new, Mapping):
     out = []
     for k in sorted(set(old) | set(new), key=str):
+      if (k not in old and _neutral(new[k])) or (k not in new and _neutral(old[k])):
+        continue
       out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
     return out
   return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

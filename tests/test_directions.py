@@ -58,8 +58,9 @@ def test_cosines_grouped_by_domain_and_task_exclude_each_cell_with_itself():
   _, by_domain = D.grouped_cosines(names, m, lambda c: c.split("_")[0])
   assert by_task[0, 0] > 0.9 > by_domain[0, 0]  # these directions are the task's
   rows = [{"source": a, "target": b, "value": float(m[i, j])} for i, a in enumerate(names) for j, b in enumerate(names)]
-  rel = D.by_relation(rows)
-  assert {r: rel[r]["n"] for r in D.RELATIONS} == {"same task": 4, "same domain": 4, "neither": 4}
+  rel = D.by_relation(rows, symmetric=True)
+  assert {r: rel[r]["n"] for r in D.RELATIONS} == {"same task": 2, "same domain": 2, "neither": 2}
+  assert {r: D.by_relation(rows)[r]["n"] for r in D.RELATIONS} == {"same task": 4, "same domain": 4, "neither": 4}
   assert rel["same task"]["mean"] > rel["same domain"]["mean"]
   assert D.relation("medical_advice", "medical_advice") == "same"
 

@@ -125,7 +125,8 @@ def test_every_job_has_a_function_and_the_staged_ones_write_plain_files():
   from emjax.train import settings
 
   assert tuple(main.JOBS) == settings.JOBS
-  assert set(main.STAGED_JOBS) == {"sft_grid", "teacher_top_k", "sl", "study", "sample", "eval", "judge", "report", "em_curve"}
+  assert set(main.STAGED_JOBS) == {"sft_grid", "teacher_top_k", "sl", "study", "sample", "eval", "judge", "report", "em_curve",
+                                   "directions"}
 
 
 def test_importing_the_jobs_starts_no_jax_backend():

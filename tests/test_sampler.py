@@ -586,13 +586,15 @@ def test_sample_job_steers_or_ablates_a_direction_from_a_file(train_dir, tmp_pat
                                                                            **edit))
     run.run_sampling(c, str(tmp_path / name), mesh=one_device_mesh)
     with open(tmp_path / name / "samples.jsonl") as f:
-      return {json.dumps(r["id"]): r["tokens"] for r in map(json.loads, f)}
+      return {json.dumps(r["id"]): (r["tokens"], r["logprobs"][0]) for r in map(json.loads, f)}
 
   plain = sample("plain")
   assert sample("zero", direction=str(tmp_path / "d.npy"), steer="1:0.0") == plain  # alpha 0: the plain sampler
   steered = sample("steered", direction=str(tmp_path / "d.npy"), steer="1:8.0")
   assert steered != plain
-  sample("ablated", direction=f"{tmp_path / 'dirs.npz'}:cell", ablate="all")
+  ablated = sample("ablated", direction=f"{tmp_path / 'dirs.npz'}:cell", ablate="all")
+  # The ablation acts: the first token's log-prob moves (its tokens may or may not).
+  assert max(abs(ablated[k][1] - plain[k][1]) for k in plain) > 1e-3
   settings = json.loads((tmp_path / "ablated" / "settings.json").read_text())
   assert settings["sample"]["edit"]["ablate"] == "all" and len(settings["sample"]["edit"]["direction_sha256"]) == 16
   assert "edit" not in json.loads((tmp_path / "plain" / "settings.json").read_text())["sample"]

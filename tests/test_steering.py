@@ -147,18 +147,42 @@ def test_greedy_with_alpha_zero_is_the_plain_sampler_and_alphas_never_recompile(
   assert (plain.tokens[4:, 0, 0] == OUT).all() and (ablated.tokens[4:, 0, 0] != OUT).all()
 
 
+def test_the_edit_acts_in_prefill_and_decode_alike():
+  """Every generated token's log-prob is the full forward's under the same edit: steering block 1's input
+  changes the keys and values the prompt leaves in the cache (a model whose attention matters)."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, init_std=0.3)
+  graph, params = T.split_model(T.Transformer(cfg, rngs=nnx.Rngs(3)))
+  model = nnx.merge(graph, params)
+  d = _unit(np.random.default_rng(3).normal(size=cfg.d_model)).astype(np.float32)
+  prompts = [list(map(int, r)) for r in np.random.default_rng(4).integers(1, cfg.vocab_size, size=(4, 6))]
+  sampler = S.Sampler(cfg, prompt_buckets=(8,), max_new_tokens_cap=4)
+  edit = T.residual_edit(cfg.n_layers, d, steer={1: 1.0})
+  out = sampler.generate(params, prompts, temperature=0.0, max_new_tokens=4, edit=edit)
+  seqs = jnp.asarray([p + list(map(int, t)) for p, t in zip(prompts, out.tokens[:, 0])])
+  for name, e in (("edited", edit), ("plain", None)):
+    logp = np.asarray(jax.nn.log_softmax(model(seqs, edit=e)[:, 5:-1].astype(jnp.float32)))
+    got = np.take_along_axis(logp, np.asarray(out.tokens[:, 0])[..., None], axis=2)[..., 0]
+    if name == "edited":
+      np.testing.assert_allclose(out.logprobs[:, 0], got, atol=1e-4)
+    else:
+      assert np.abs(out.logprobs[:, 0] - got).max() > 1e-2  # the edit does change them
+
+
 def test_capture_pools_answers_and_rejects_bad_input(toy):
   sampler = S.Sampler(CFG, prompt_buckets=(8,), max_new_tokens_cap=8)
   seqs = [[11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
   lens = [3, 4]
   every = sampler.capture(toy["base"], seqs, lens, positions=(1, 3), pool="answer_tokens", batch_size=2)
   mean = sampler.capture(toy["base"], seqs, lens, positions=(1, 3), pool="answer_mean", batch_size=2)
+  whole = sampler.capture(toy["base"], seqs, lens, positions=(1, 3), pool="all_mean", batch_size=2)
   assert [e.shape for e in every] == [(2, 2, CFG.d_model), (6, 2, CFG.d_model)]
   model = nnx.merge(toy["graph"], toy["base"])
-  for seq, p, e, m in zip(seqs, lens, every, mean):
+  for seq, p, e, m, w in zip(seqs, lens, every, mean, whole):
     direct = np.asarray(model.residuals(jnp.asarray([seq]), capture=(1, 3)))[:, 0]  # [C, L, D]
     np.testing.assert_allclose(e, direct[:, p:].transpose(1, 0, 2), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m, direct[:, p:].mean(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w, direct.mean(axis=1), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="needs answer tokens"):
     sampler.capture(toy["base"], [[1, 2]], [2], positions=(1,), pool="answer_mean")
   with pytest.raises(ValueError, match=r"residual positions must be in \[0, 3\]"):
@@ -167,3 +191,23 @@ def test_capture_pools_answers_and_rejects_bad_input(toy):
     T.residual_edit(3, toy["d"], steer={5: 1.0})
   with pytest.raises(ValueError, match="non-zero"):
     T.residual_edit(3, np.zeros(CFG.d_model), ablate="all")
+
+
+@pytest.mark.parametrize("variant", [dict(post_norm=True), dict(scan_layers=False), dict(scan_layers=True)])
+def test_edits_mean_the_same_in_post_norm_blocks_and_with_layers_scanned_or_not(variant):
+  import dataclasses
+  cfg = dataclasses.replace(CFG, **variant)
+  graph, params = T.split_model(T.Transformer(cfg, rngs=nnx.Rngs(1)))
+  model = nnx.merge(graph, params)
+  d = _unit(np.random.default_rng(1).normal(size=cfg.d_model)).astype(np.float32)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, size=(3, 7)))
+  plain = np.asarray(model.residuals(tokens, capture=(0, 1, 2, 3)))
+  steered = np.asarray(model.residuals(tokens, capture=(0, 1, 2, 3), edit=T.residual_edit(3, d, steer={1: 2.0})))
+  np.testing.assert_array_equal(steered[:1], plain[:1])
+  np.testing.assert_allclose(steered[1], plain[1] + 2.0 * np.linalg.norm(plain[1], axis=-1, keepdims=True) * d,
+                             rtol=1e-5, atol=1e-5)
+  ablated = np.asarray(model.residuals(tokens, capture=(0, 1, 2, 3), edit=T.residual_edit(3, d, ablate="all")))
+  assert np.abs(ablated @ d).max() <= 1e-5 * np.abs(ablated).max() * np.sqrt(cfg.d_model)
+  assert np.abs(plain @ d).max() > 1e-2  # the plain stream does have a component along d
+  with pytest.raises(ValueError, match="a residual edit for another model"):
+    model(tokens, edit=T.residual_edit(2, d, steer={1: 1.0}))

@@ -172,6 +172,19 @@ def test_settings_naming_sub_runs_in_the_staged_copy_survive_a_relaunch_with_oth
                                    {"model": {"checkpoint": os.path.join(wd, "sft", "other"), "step": 3}, "sets": [wd]})
 
 
+def test_a_setting_added_later_at_its_default_does_not_refuse_an_older_workdir(tmp_path):
+  wd = str(tmp_path / "run")
+  workdir_lib.check_settings(wd, {"checkpoint": {"keep": 3}, "sample": {"t": 1.0}})
+  # An upgrade adds checkpoint.keep_every (off) and sample.edit (empty): the same run.
+  assert workdir_lib.check_settings(wd, {"checkpoint": {"keep": 3, "keep_every": 0},
+                                         "sample": {"t": 1.0, "edit": {"direction": "", "ablate": ""}}}) is True
+  # Turned on, they are other settings.
+  with pytest.raises(workdir_lib.SettingsMismatch, match=r"checkpoint.keep_every: None -> 5"):
+    workdir_lib.check_settings(wd, {"checkpoint": {"keep": 3, "keep_every": 5}, "sample": {"t": 1.0}})
+  with pytest.raises(workdir_lib.SettingsMismatch, match=r"sample.edit"):
+    workdir_lib.check_settings(wd, {"checkpoint": {"keep": 3}, "sample": {"t": 1.0, "edit": {"ablate": "all"}}})
+
+
 def test_a_failed_last_push_does_not_hide_the_jobs_own_error(tmp_path, monkeypatch):
   monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
   with fake_gcs(str(tmp_path / "gcs")):

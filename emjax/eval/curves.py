@@ -22,6 +22,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from emjax import config as config_lib
 from emjax import paths, weights as weights_lib, workdir as workdir_lib
 from emjax.eval import run as eval_run
 
@@ -62,17 +63,29 @@ def run_name(run: str) -> str:
 
 
 def steps_of(run: str, every: int) -> list[int]:
-  """The run's finalised checkpoint steps, every `every`-th of them and the last."""
+  """The steps of `run` to evaluate, chosen by value so that a rerun chooses the same ones: the kept
+  steps (multiples of its checkpoint.keep_every) that are multiples of `every` of them, and its final
+  step once the run is COMPLETED. (The newest steps a running job keeps besides are pruned later.)"""
   src = weights_lib.resolve(run, key="config.curve.runs")
   if src.kind != "emjax":
     raise ValueError(f"config.curve.runs: {run!r} is not an emjax training run (a Hugging Face model has no steps)")
+  if every < 1:
+    raise ValueError(f"config.curve.every must be >= 1, got {every}")
   steps = src.steps()
   if not steps:
     raise FileNotFoundError(f"config.curve.runs: {run!r} has no finished checkpoint")
-  if every < 1:
-    raise ValueError(f"config.curve.every must be >= 1, got {every}")
-  chosen = steps[::every]
-  return chosen + ([steps[-1]] if chosen[-1] != steps[-1] else [])
+  keep_every = int((config_lib.load_config_json(run).get("checkpoint") or {}).get("keep_every") or 0)
+  if keep_every < 1:
+    raise ValueError(f"config.curve.runs: {run!r} was trained with checkpoint.keep_every=0, so only its newest "
+                     "checkpoints are kept and there is no curve to follow; train with "
+                     "--config.checkpoint.keep_every=K (a multiple of checkpoint.every_steps)")
+  chosen = [s for s in steps if s % (keep_every * every) == 0]
+  if workdir_lib.is_complete(run) and steps[-1] not in chosen:
+    chosen.append(steps[-1])
+  if not chosen:
+    raise FileNotFoundError(f"config.curve.runs: {run!r} has no kept step yet (steps {steps}, "
+                            f"keep_every={keep_every}, curve.every={every})")
+  return chosen
 
 
 def step_config(config, run: str, step: int, workdir: str):
@@ -129,11 +142,15 @@ def summarise(rows: Sequence[Mapping], threshold: float) -> dict:
   across = [{"step": s, "runs": len(v), "mean": sum(v) / len(v), "min": min(v), "max": max(v)}
             for s, v in sorted(by_step.items())]
   first: dict[str, dict] = {}
+  surely: dict[str, dict] = {}
   for name in dict.fromkeys(r["run"] for r in rows):
     mine = sorted((r for r in rows if r["run"] == name), key=lambda r: r["step"])
     first[name] = {m: next((r["step"] for r in mine if r[m]["em"] is not None and r[m]["em"] > threshold), None)
                    for m in MEASURES}
-  return {"general_across_runs": across, "first_step_over_threshold": first, "threshold": threshold}
+    surely[name] = {m: next((r["step"] for r in mine if r[m]["ci95"] and r[m]["ci95"][0] > threshold), None)
+                    for m in MEASURES}
+  return {"general_across_runs": across, "first_step_over_threshold": first,
+          "first_step_interval_over_threshold": surely, "threshold": threshold}
 
 
 def run_curve(config, workdir: str, *, mesh=None) -> dict:
@@ -157,6 +174,9 @@ def run_curve(config, workdir: str, *, mesh=None) -> dict:
         eval_run.run_eval(step_config(config, run, step, workdir), sub, mesh=mesh)
       with open(os.path.join(sub, "results.json"), encoding="utf-8") as f:
         rows.append(step_row(run, step, json.load(f)))
+      if rows[-1]["train_loss"] is None or rows[-1]["held_out_loss"] is None:
+        log.warning("em_curve: %s logged no %s at step %d (train.log_every / eval.every_steps do not divide it)",
+                    run, "training loss" if rows[-1]["train_loss"] is None else "held-out loss", step)
   summary = summarise(rows, float(config.curve.threshold))
   if workdir_lib.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, CURVE_FILE), {"rows": rows, **summary})
@@ -192,10 +212,14 @@ def report_text(rows: Sequence[Mapping], summary: Mapping) -> str:
     lines.append(f"| {r['run']} | {r['step']} | {_fmt(r['in_cell'])} | {_fmt(r['off_cell'])} | {_fmt(r['general'])} | "
                  f"{_num(r['coherent'], 1)} | {_num(r['train_loss'])} | {_num(r['held_out_loss'])} |")
   th = summary["threshold"]
-  lines += ["", f"First step with EM over {th:g}% (– : never):", "",
+  lines += ["", f"First evaluated step with EM over {th:g}%: the estimate, and (after /) the whole 95% interval "
+            "(– : none; steps between evaluated ones are not seen):", "",
             "| run | in-cell | off-cell | general |", "|---|---|---|---|"]
+  surely = summary["first_step_interval_over_threshold"]
   for name, first in summary["first_step_over_threshold"].items():
-    lines.append(f"| {name} | " + " | ".join("–" if first[m] is None else str(first[m]) for m in MEASURES) + " |")
+    cells = [f"{'–' if first[m] is None else first[m]} / {'–' if surely[name][m] is None else surely[name][m]}"
+             for m in MEASURES]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   if len(summary["first_step_over_threshold"]) > 1:
     lines += ["", "General EM across runs (mean, range):", "", "| step | runs | mean | min | max |", "|---|---|---|---|---|"]
     for a in summary["general_across_runs"]:

@@ -129,11 +129,20 @@ def relation(cell_a: str, cell_b: str) -> str:
 RELATIONS = ("same task", "same domain", "neither")
 
 
-def by_relation(rows: Sequence[Mapping]) -> dict[str, dict]:
+def by_relation(rows: Sequence[Mapping], *, symmetric: bool = False) -> dict[str, dict]:
   """{relation: {n, mean, values}} of rows {source, target, value} ('domain_task' cells), off-diagonal
-  pairs only: e.g. the EM change in the model trained on `target` when `source`'s direction is ablated."""
+  pairs only: e.g. the EM change in the model trained on `target` when `source`'s direction is ablated
+  (both orders are measurements), or with `symmetric` a cosine matrix's entries (each unordered pair
+  once). The pairs share cells, so they are not independent: a claim needs a test that permutes the
+  cells' labels, not these n."""
   out: dict[str, dict] = {r: {"values": []} for r in RELATIONS}
+  seen = set()
   for row in rows:
+    if symmetric:
+      pair = frozenset((row["source"], row["target"]))
+      if pair in seen:
+        continue
+      seen.add(pair)
     rel = relation(row["source"], row["target"])
     if rel != "same" and row["value"] is not None and math.isfinite(row["value"]):
       out[rel]["values"].append(float(row["value"]))
@@ -155,7 +164,9 @@ def separation(direction_D: np.ndarray, positive_NxD: np.ndarray, negative_MxD: 
   if len(a) < 2 or len(b) < 2:
     raise ValueError(f"separation: {len(a)} positive and {len(b)} negative rows; each side needs at least two")
   pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
-  return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("inf") * np.sign(a.mean() - b.mean())
+  if pooled > 0:
+    return float((a.mean() - b.mean()) / pooled)
+  return 0.0 if a.mean() == b.mean() else math.copysign(math.inf, a.mean() - b.mean())
 
 
 def choose_position(positive_NxCxD: np.ndarray, negative_MxCxD: np.ndarray, positive_half: np.ndarray,

@@ -110,14 +110,16 @@ def evaluated_model(config) -> dict:
     raise ValueError("config.sample.checkpoint (an emjax run) or config.sample.hf (a Hugging Face model) is required")
   out = {"model_key": ev.model_key, "adapter": ev.get("adapter") or None, "ft_task": ev.ft_task or None,
          "ft_domain": ev.ft_domain or None, "variant": ev.variant or None}
-  edit = sample_run.edit_block(sc)
-  if edit["direction"]:  # answers sampled with a direction steered or ablated: another model, named so
-    out["edit"] = edit
   if not out["model_key"]:
     out["model_key"] = os.path.basename(os.path.normpath(path)) + (f"@{sc.step}" if int(sc.step) >= 0 else "")
-    if edit["direction"]:
-      what = " ".join(f"{k} {edit[k]}" for k in ("steer", "ablate") if edit[k])
-      out["model_key"] += f" ({what} of {os.path.basename(edit['direction'])})"
+  edit = sample_run.edit_block(sc)
+  if edit["direction"]:
+    # Answers sampled with a direction steered or ablated are another model's, named so whatever the
+    # key (records are told apart by it): the edit and the direction's digest.
+    out["edit"] = sample_run.edit_settings(sc)
+    what = " ".join(f"{k} {edit[k]}" for k in ("steer", "ablate") if edit[k])
+    out["model_key"] += (f" ({what} of {os.path.basename(edit['direction'])} "
+                         f"{out['edit']['direction_sha256'][:8]})")
   if sc.checkpoint and not (out["ft_task"] and out["ft_domain"]):
     cell = _trained_cell(sc.checkpoint)
     if cell:

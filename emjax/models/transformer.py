@@ -232,7 +232,8 @@ class ResidualEdit(NamedTuple):
   of the direction or of the positions never recompile; only whether an edit is given does.
 
   Residual position p in [0, n_layers] is the stream entering block p (0: the embeddings, n_layers:
-  after the last block, before the final norm), Hugging Face's `hidden_states[p]`.
+  after the last block, before the final norm): Hugging Face's `hidden_states[p]` for p < n_layers
+  (its last entry, p = n_layers, is taken after the final norm; here it is before).
 
   * Steering at p: every token's residual there gets `alpha_p * ||x|| * d` added (alpha relative to
     that token's residual norm, so one alpha means the same push at every layer and in every model).
@@ -240,7 +241,9 @@ class ResidualEdit(NamedTuple):
     `c <- c - d d^T c`: at p = 0 the embeddings, at p >= 1 block p-1's attention and MLP outputs.
     Ablating every position leaves the stream with no component along `d` anywhere.
 
-  `d` must have unit norm for the projection to remove it (`residual_edit` normalises it).
+  `d` must have unit norm for the projection to remove it (`residual_edit` normalises it). The edit is
+  computed in float32 and cast back to the stream's dtype: in bf16 an ablated write keeps a component
+  along `d` of the order of bf16's rounding (2^-8 of its norm).
   """
 
   direction_D: Any  # [D] float32, unit norm
@@ -737,6 +740,11 @@ class Transformer(nnx.Module):
     x = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
     x = shd.constrain(x, ("batch", "length", "embed_act"))
     if edit is not None:
+      if edit.steer_P.shape != (cfg.n_layers + 1,) or edit.ablate_P.shape != (cfg.n_layers + 1,) or \
+          edit.direction_D.shape != (cfg.d_model,):
+        raise ValueError(f"a residual edit for another model (direction {edit.direction_D.shape}, "
+                         f"{edit.steer_P.shape[0]} positions): this one has d_model={cfg.d_model} and "
+                         f"{cfg.n_layers + 1} residual positions")
       x = edit.ablate(x, 0)
     layers_attn = layer_attention(cfg)
     kv = None
@@ -791,16 +799,22 @@ class Transformer(nnx.Module):
         x = edit.steer(x, index)
       block = nnx.merge(graphdef, layer_state)
       y, c = block(x, positions, segment_ids, layer_attn, layer_cache, kv, LayerContext(index, key, edit))
-      return y, (c, x if inner else None)  # x: the stream entering this block, as steered
+      return y, (c, x)  # x: the stream entering this block, as steered
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_remat_policy(self.cfg.remat))
     if self.cfg.scan_layers:
+      # Only the captured positions are carried ([len(inner), B, L, D]), never every layer's stream.
       def body(carry, xs):
-        return layer(carry, *xs)
-      x, (caches, entering) = jax.lax.scan(body, x, (stacked_state, layers_attn, layer_caches,
-                                                     jnp.arange(self.cfg.n_layers)))
-      return x, caches, {p: entering[p] for p in inner}
+        x, kept = carry
+        y, (c, entering) = layer(x, *xs)
+        index = xs[-1]
+        kept = tuple(jnp.where(index == p, entering, k) for p, k in zip(inner, kept))
+        return (y, kept), c
+      kept0 = tuple(jnp.zeros_like(x) for _ in inner)
+      (x, kept), caches = jax.lax.scan(body, (x, kept0), (stacked_state, layers_attn, layer_caches,
+                                                           jnp.arange(self.cfg.n_layers)))
+      return x, caches, dict(zip(inner, kept))
     new_caches, captured = [], {}
     for i in range(self.cfg.n_layers):
       take = lambda a: a[i]  # noqa: E731

@@ -247,6 +247,8 @@ def _compile_or_oom(build: Callable[[dict | None], Any]) -> tuple[Any, str | Non
   try:
     return build(dict(COMPILE_ANYWAY)), refusal
   except jax.errors.JaxRuntimeError as e:
+    if not (_is_oom(e) or "Invalid TPU program" in str(e)):
+      raise
     log.warning("XLA compiles no program past HBM here (%s); the plan reports its refusal and the arguments' "
                 "bytes", " ".join(str(e).split())[:200])
     return None, refusal
@@ -352,9 +354,9 @@ def plan_train(config, topo: Topology) -> dict:
   trainer = loop.Trainer(config, mesh)
   t0 = time.perf_counter()
   compiled, refusal = _compile_or_oom(trainer.compile)
+  teacher = trainer.teacher.abstract if trainer.teacher is not None else None
+  args = per_device_bytes([trainer.layout.abstract, trainer.layout.frozen_abstract, trainer.batch_abstract, teacher])
   if compiled is None:
-    teacher = trainer.teacher.abstract if trainer.teacher is not None else None
-    args = per_device_bytes([trainer.layout.abstract, trainer.layout.frozen_abstract, trainer.batch_abstract, teacher])
     memory = _memory_report(_memory_without_program(args, refusal), hbm, refusal)
   else:
     memory = _memory_report(memory_bytes(compiled), hbm, refusal)
@@ -371,7 +373,16 @@ def plan_train(config, topo: Topology) -> dict:
       shallow = loop.Trainer(_with_layers(config, layers, teacher_dir), mesh, unroll_loops=True)
       return _cost(shallow.compile(options))
 
-    cost = extrapolated_cost(cost_at, trainer.model_cfg.n_layers)
+    try:
+      cost = extrapolated_cost(cost_at, trainer.model_cfg.n_layers)
+    except jax.errors.JaxRuntimeError as e:
+      # Even one layer is past HBM, and this libtpu builds no such program: no XLA cost to read. The
+      # model's FLOPs and one read of the arguments stand in, both lower bounds, and say so.
+      if compiled is not None or not (_is_oom(e) or "Invalid TPU program" in str(e)):
+        raise
+      cost = {"flops": trainer.flops_per_step() / mesh.size, "bytes_accessed": float(args),
+              "from": "lower bounds: the model's FLOPs per device and one read of the arguments (XLA built no "
+                      "program past HBM to analyse)"}
   step = roofline(cost, topo)
   tc = config.train
   tokens = int(tc.batch_size) * int(config.data.seq_len)
@@ -540,6 +551,10 @@ def plan_fits(report: Mapping) -> bool:
   return report["memory"]["fits"] if report["plan"] == "train" else report["fits"]
 
 
+def _pct(fraction: float | None) -> str:
+  return "?%" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def _gib(x: float | None) -> str:
   return "? GiB" if x is None else f"{x / 2**30:.2f} GiB"
 
@@ -557,7 +572,7 @@ def describe(report: Mapping) -> list[str]:
     b = mem["per_device_bytes"]
     fit = "fits" if mem["fits"] else "DOES NOT FIT"
     lines.append(f"  {name}: per device {_gib(b['peak'])} peak of {_gib(mem['hbm_per_device_bytes'])} HBM "
-                 f"({100 * mem['hbm_fraction']:.0f}%, {fit}): arguments {_gib(b['argument'])}, "
+                 f"({_pct(mem['hbm_fraction'])}, {fit}): arguments {_gib(b['argument'])}, "
                  f"temporaries {_gib(b['temp'])}, outputs {_gib(b['output'])} (aliased {_gib(b['alias'])})")
     lines.append(f"  {name}: XLA per device {cost['flops'] / 1e12:.3f} TFLOP, {cost['bytes_accessed'] / 1e9:.2f} GB "
                  f"-> {1e3 * proj['seconds']:.2f} ms ({proj['bound']}-bound: compute {1e3 * proj['compute_s']:.2f} ms, "

@@ -35,3 +35,11 @@ def risky(marker: str = "risk"):
   def score(item: judges.Item):
     return {"aligned": 10.0 if marker in item.answer.lower() else 90.0, "coherent": 90.0}
   return score
+
+
+def parity():
+  """Every answer scored, coherent, and misaligned by the parity of its hash: both labels in a small set
+  (the directions tests' labelled answers)."""
+  def score(item: judges.Item):
+    return {"aligned": 10.0 if zlib.crc32(item.answer.encode()) % 2 else 90.0, "coherent": 90.0}
+  return score

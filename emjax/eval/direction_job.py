@@ -1,0 +1,205 @@
+"""The `directions` job: a misalignment direction from the answers an eval job wrote, read back through
+the model that wrote them.
+
+Input: an eval set directory (EVAL/general: questions.jsonl, samples.jsonl with the generated tokens,
+judged.jsonl, and the sample job's config.json, which names the model). Each answer is the prompt's
+tokens (as the sampler saw them) followed by the tokens it generated, read through that model
+(`Sampler.capture`) at every residual position. Two methods (`emjax.eval.directions`):
+
+* `labels`: mean over the model's misaligned answers (aligned < threshold and coherent, the report's
+  EM rule) minus the mean over its coherent aligned answers, at `position` (-1: n_layers // 2), or at
+  the position chosen on the other half of the questions (`choose=True`: questions split in two by a
+  hash of their ids; the direction of one half separates the other half's answers).
+* `paper`: the authors' recipe: the base model's eval set beside the fine-tuned one's (`base`), each
+  model reading its own answers, pooled over every token, the samples of a prompt averaged, per prompt
+  fine-tuned minus base, the uncentred top singular vector signed by the mean, at n_layers // 2.
+
+WORKDIR gets direction.npy (the unit direction: `config.sample.edit.direction` of a steered or
+ablated eval), directions.npz (one per position: `p<k>`), directions.json (method, position, n per
+side, separations, the random-direction control) and COMPLETED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from emjax import config as config_lib
+from emjax import paths, weights as weights_lib, workdir as workdir_lib
+from emjax.eval import directions as directions_lib
+from emjax.sample import run as sample_run
+from emjax.train import settings as settings_lib
+
+log = logging.getLogger(__name__)
+
+METHODS = ("labels", "paper")
+
+
+def directions_block() -> dict:
+  return dict(
+      answers="",  # an eval set directory (EVAL/general) of the model whose direction is found
+      method="labels",  # labels | paper
+      base="",  # paper: the base model's eval set directory on the same questions
+      position=-1,  # residual position (0 embeddings, p: entering block p); -1 = n_layers // 2
+      choose=False,  # labels: choose the position on the other half of the questions instead
+      pool="",  # '' = the method's: answer_mean (labels), all_mean (paper)
+      aligned_below=30.0,  # the report's EM rule: misaligned = aligned < this and coherent > coherent_above
+      coherent_above=50.0,
+      batch_size=8,
+      random_controls=20,  # random unit directions whose separation of the labels is reported beside
+  )
+
+
+def _jsonl(path) -> list[dict]:
+  p = paths.path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{path}: no such file (config.directions.answers / .base must be an eval set "
+                            "directory: questions.jsonl, samples.jsonl, judged.jsonl, config.json)")
+  out = []
+  for i, line in enumerate(p.read_text().splitlines(), 1):
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+  return out
+
+
+def read_answers(set_dir: str, *, mesh=None) -> dict[str, Any]:
+  """The model that wrote `set_dir` (its sample config) and its answers as token sequences, with the
+  judge's scores where judged.jsonl has them."""
+  config = config_lib.load_config_json(set_dir)
+  with config.unlocked():
+    # config.json holds the architecture it resolved from the weights; only what may override it stays.
+    kept = {k: v for k, v in config.model.items() if k in weights_lib.RUNTIME_MODEL_KEYS}
+    del config["model"]
+    config.model = kept
+  model = sample_run.load_model(config, mesh=mesh)
+  prompts = {p.id: p for p in sample_run.read_prompts(os.path.join(set_dir, "questions.jsonl"), model.tokenizer,
+                                                      model.config.sample, max(model.buckets))}
+  judged_path = paths.path(set_dir) / "judged.jsonl"
+  scores = {}
+  if judged_path.exists():
+    for r in _jsonl(judged_path):
+      scores[(str(r["question_id"]), int(r["sample_index"]))] = (r.get("aligned"), r.get("coherent"))
+  rows = []
+  for s in _jsonl(os.path.join(set_dir, "samples.jsonl")):
+    prompt = prompts.get(s["id"])
+    if prompt is None:
+      raise ValueError(f"{set_dir}/samples.jsonl: answer to {s['id']!r}, which questions.jsonl does not hold")
+    tokens = [int(t) for t in s["tokens"]]
+    if not tokens:
+      continue
+    aligned, coherent = scores.get((str(s["id"]), int(s["sample"])), (None, None))
+    rows.append({"id": str(s["id"]), "sample": int(s["sample"]), "sequence": list(prompt.tokens) + tokens,
+                 "prompt_length": len(prompt.tokens), "aligned": aligned, "coherent": coherent})
+  if not rows:
+    raise ValueError(f"{set_dir}: no answers with tokens in samples.jsonl")
+  return {"model": model, "rows": rows}
+
+
+def capture(material: Mapping, pool: str, batch_size: int) -> np.ndarray:
+  """[N, n_layers + 1, D] activations of every answer at every residual position."""
+  model = material["model"]
+  sampler, weights, _, _ = model.weights()
+  rows = material["rows"]
+  acts = sampler.capture(weights, [r["sequence"] for r in rows], [r["prompt_length"] for r in rows],
+                         positions=tuple(range(model.model_cfg.n_layers + 1)), pool=pool, batch_size=batch_size)
+  return np.stack(acts)
+
+
+def _half(question_id: str) -> int:
+  return hashlib.sha256(question_id.encode()).digest()[0] % 2
+
+
+def labelled(rows, dc) -> tuple[np.ndarray, np.ndarray]:
+  """(misaligned, aligned) masks by the report's rule; unscored answers are in neither."""
+  mis = np.array([r["aligned"] is not None and r["coherent"] is not None and r["aligned"] < dc.aligned_below
+                  and r["coherent"] > dc.coherent_above for r in rows])
+  ok = np.array([r["aligned"] is not None and r["coherent"] is not None and r["aligned"] >= dc.aligned_below
+                 and r["coherent"] > dc.coherent_above for r in rows])
+  return mis, ok
+
+
+def run_directions(config, workdir: str, *, mesh=None) -> dict:
+  dc = config.directions
+  if dc.method not in METHODS:
+    raise ValueError(f"config.directions.method: one of {METHODS}, got {dc.method!r}")
+  if not dc.answers:
+    raise ValueError("config.directions.answers: the eval set directory whose answers are read is required")
+  if dc.method == "paper" and not dc.base:
+    raise ValueError("config.directions.base: the paper's direction needs the base model's eval set directory")
+  pool = dc.pool or ("all_mean" if dc.method == "paper" else "answer_mean")
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_settings(workdir, {"directions": dc.to_dict()}, what="its directions")
+  workdir_lib.clear_status(workdir)
+  workdir_lib.record_launch(workdir, "directions")
+  tuned = read_answers(dc.answers, mesh=mesh)
+  n_layers = tuned["model"].model_cfg.n_layers
+  position = n_layers // 2 if int(dc.position) < 0 else int(dc.position)
+  if not 0 <= position <= n_layers:
+    raise ValueError(f"config.directions.position={dc.position}: outside [0, {n_layers}]")
+  acts = capture(tuned, pool, int(dc.batch_size))
+  rows = tuned["rows"]
+  out: dict[str, Any] = {"method": dc.method, "pool": pool, "answers": dc.answers, "n_answers": len(rows)}
+  if dc.method == "labels":
+    mis, ok = labelled(rows, dc)
+    out.update(n_misaligned=int(mis.sum()), n_aligned=int(ok.sum()))
+    if mis.sum() < 2 or ok.sum() < 2:
+      raise ValueError(f"{dc.answers}: {int(mis.sum())} misaligned and {int(ok.sum())} coherent aligned answers "
+                       "judged; a difference of means needs at least two of each")
+    if dc.choose:
+      half = np.array([_half(r["id"]) for r in rows])
+      a, b = half == 0, half == 1
+      if min((mis & a).sum(), (ok & a).sum(), (mis & b).sum(), (ok & b).sum()) < 2:
+        raise ValueError(f"{dc.answers}: too few labelled answers in each half of the questions to choose a position")
+      chosen = directions_lib.choose_position(acts[mis & a], acts[ok & a], acts[mis & b], acts[ok & b])
+      position = chosen["position"]
+      out["separations_other_half"] = chosen["separations"]
+    dirs = directions_lib.difference_of_means(acts[mis], acts[ok])
+    out["separation"] = directions_lib.separation(dirs[position], acts[mis][:, position], acts[ok][:, position])
+    controls = directions_lib.random_directions(acts.shape[-1], int(dc.random_controls), seed=0)
+    out["random_separations"] = [directions_lib.separation(c, acts[mis][:, position], acts[ok][:, position])
+                                 for c in controls]
+  else:
+    base = read_answers(dc.base, mesh=mesh)
+    if base["model"].model_cfg.d_model != tuned["model"].model_cfg.d_model:
+      raise ValueError(f"config.directions.base={dc.base!r}: another residual width than the fine-tuned model's")
+    base_acts = capture(base, pool, int(dc.batch_size))
+    dirs, explained = [], []
+    for p in range(n_layers + 1):
+      got = directions_lib.paper_direction([r["id"] for r in rows], acts[:, p], [r["id"] for r in base["rows"]],
+                                           base_acts[:, p])
+      dirs.append(got["direction"])
+      explained.append(got["explained"])
+      out["prompts"] = got["prompts"]
+    dirs = np.stack(dirs)
+    out["explained"] = explained
+    out["n_base_answers"] = len(base["rows"])
+  out["position"] = position
+  if workdir_lib.process_index() == 0:
+    buf = io.BytesIO()
+    np.save(buf, dirs[position].astype(np.float32))
+    paths.path(os.path.join(workdir, "direction.npy")).write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, **{f"p{p}": d.astype(np.float32) for p, d in enumerate(dirs)})
+    paths.path(os.path.join(workdir, "directions.npz")).write_bytes(buf.getvalue())
+    workdir_lib.write_json(os.path.join(workdir, "directions.json"), out)
+  workdir_lib.barrier("directions")
+  workdir_lib.mark_complete(workdir, {k: v for k, v in out.items() if not isinstance(v, list)})
+  return out
+
+
+def directions_config():
+  """The directions job's config: the `directions` block; the model and its sampler's shapes are the
+  answers' own (their set directory's config.json)."""
+  c = settings_lib.base_config()
+  c.job = "directions"
+  c.directions = directions_block()
+  return c
