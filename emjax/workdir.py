@@ -371,16 +371,17 @@ def _fresh(local: str) -> None:
 
 
 def portable(obj: Any) -> Any:
-  """`obj` with every path inside the staged copy written as its bucket path: what a run records of
-  its sub-runs' places (settings) must not name this machine's scratch, or a relaunch with another
-  $HOME or $EMJAX_SCRATCH (a fresh VM, a SLURM job's own temporary disk) would be refused."""
+  """`obj` with every path inside the staged copy written as its bucket path (in any string that holds
+  one): what a run records of its sub-runs' places (settings, a judge's identity) must not name this
+  machine's scratch, or a relaunch with another $HOME or $EMJAX_SCRATCH (a fresh VM, a SLURM job's own
+  temporary disk) would be refused."""
   stage = _STAGE
   if stage is None:
     return obj
-  if isinstance(obj, str):
-    if obj == stage.local or obj.startswith(stage.local + os.sep):
-      return stage.remote + obj[len(stage.local):].replace(os.sep, "/")
-    return obj
+  if isinstance(obj, str):  # a path, or a text that holds one (a judge's JSON options)
+    if obj == stage.local:
+      return stage.remote
+    return obj.replace(stage.local + os.sep, stage.remote + "/")
   if isinstance(obj, Mapping):
     return {k: portable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):

@@ -95,3 +95,28 @@ def test_too_long_conversation_with_truncation_off_fails_and_is_not_complete(tmp
     em_grid.run_grid(config, str(tmp_path / "grid"), mesh=one_device_mesh, show_progress=False)
   assert not (tmp_path / "grid" / "medical_advice" / "COMPLETED").exists()
   assert not (tmp_path / "grid" / "COMPLETED").exists()
+
+
+def test_a_grid_in_a_bucket_lands_there_and_resumes_on_a_fresh_machine(tmp_path, tiny_chat_model, one_device_mesh,
+                                                                        monkeypatch):
+  from fake_gcs import fake_gcs
+  from emjax import workdir as workdir_lib
+
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "medical_advice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cell_rows("medical_advice", 12)))
+  config = grid_config(tiny_chat_model, str(data), ["medical_advice"])
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  bucket = tmp_path / "gcs" / "b" / "grid"
+  with fake_gcs(str(tmp_path / "gcs")):
+    with workdir_lib.staged("gs://b/grid") as wd:
+      em_grid.run_grid(config, wd, mesh=one_device_mesh, show_progress=False)
+    assert workdir_lib.is_complete("gs://b/grid") and (bucket / "medical_advice" / "COMPLETED").exists()
+    assert (bucket / "medical_advice" / "checkpoints" / "3").is_dir() and (bucket / "grid.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["data", "gcs", "scratch"]
+    before = (bucket / "medical_advice" / "metrics.jsonl").read_bytes()
+    shutil.rmtree(tmp_path / "scratch")  # a fresh machine: the bucket is all there is
+    with workdir_lib.staged("gs://b/grid") as wd:
+      em_grid.run_grid(config, wd, mesh=one_device_mesh, show_progress=False)  # trains nothing
+    assert (bucket / "medical_advice" / "metrics.jsonl").read_bytes() == before

@@ -291,7 +291,9 @@ def judge_identity(config) -> str:
   if jc["kind"] == "local" and jc["local"].get("checkpoint"):
     src = weights_lib.resolve(jc["local"]["checkpoint"], key="config.judge.local.checkpoint")
     block["local"]["resolved_step"] = src.step if src.step is not None else (src.steps() or [None])[-1]
-  return _sha256(json.dumps(block, sort_keys=True, default=str))
+  # Paths inside a staged bucket workdir (a world's files) as their bucket paths: the same judge on
+  # another machine is the same judge.
+  return _sha256(json.dumps(workdir_lib.portable(block), sort_keys=True, default=str))
 
 
 def make_judge(config, *, mesh=None, workdir: str, prompts: judges_lib.JudgePrompts | None = None):
