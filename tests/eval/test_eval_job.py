@@ -442,3 +442,40 @@ def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(material, tmp
     assert summary["general"]["judged"] == 0 and summary["general"]["already_judged"] == summary["general"]["records"]
     assert (bucket / "general" / "judged.jsonl").read_bytes() == judged
     assert len((bucket / "launches.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_judge_and_report_jobs_write_a_bucket_workdir_whole(finished, tmp_path, monkeypatch):
+  """The judge job and the report job with --workdir=gs://... (staged, as emjax.main runs them) under a
+  fake gcsfs bucket: their files and COMPLETED land there, nothing beside the named scratch."""
+  import importlib.util
+  from emjax import main as main_lib, workdir as workdir_lib
+  from emjax.eval import run
+  from tests.fake_gcs import fake_gcs
+
+  out_dir, _ = finished
+  spec = importlib.util.spec_from_file_location("judge_config", os.path.join(ROOT, "configs", "eval", "judge.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  judge_cfg = module.get_config("judge=programmatic")
+  judge_cfg.judge.responses = str(out_dir / "general" / "responses.jsonl")
+  judge_cfg.judge.programmatic.name = JUDGE
+  judge_cfg.judge.finalize_errors = True
+  spec = importlib.util.spec_from_file_location("report_config", os.path.join(ROOT, "configs", "eval", "report.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  report_cfg = module.get_config()
+  report_cfg.update(general=str(out_dir / "general" / "judged.jsonl"), figures=False, bootstrap_samples=100)
+  monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
+  monkeypatch.chdir(tmp_path)
+  with fake_gcs(str(tmp_path / "gcs")):
+    with workdir_lib.staged("gs://b/judge") as wd:
+      run.run_judge_job(judge_cfg, wd)
+    with workdir_lib.staged("gs://b/report") as wd:
+      main_lib._report(report_cfg, wd)
+    bucket = tmp_path / "gcs" / "b"
+    assert workdir_lib.is_complete("gs://b/judge") and workdir_lib.is_complete("gs://b/report")
+    judged = [json.loads(l) for l in open(bucket / "judge" / "judged.jsonl")]
+    assert len({(r["question_id"], r["sample_index"]) for r in judged}) == 6
+    assert {"report.md", "results.json"} <= set(os.listdir(bucket / "report"))
+    assert json.loads((bucket / "report" / "COMPLETED").read_text())["report"] == "gs://b/report/report.md"
+    assert sorted(os.listdir(tmp_path)) == ["gcs", "scratch"]
