@@ -11,6 +11,8 @@ import json
 import os
 from typing import Iterator, Sequence
 
+from emjax import paths
+
 
 def read_objects(path: str, *, tolerate_cut_last_line: bool = False) -> Iterator[tuple[str, dict]]:
   """(where, obj) for every non-blank line of `path`; `where` is "path:line".
@@ -18,10 +20,10 @@ def read_objects(path: str, *, tolerate_cut_last_line: bool = False) -> Iterator
   tolerate_cut_last_line: a last line without its newline that does not parse (a write cut by a
   kill) is skipped instead of being an error.
   """
-  if not os.path.exists(path):
+  p = paths.path(path)  # a local file or a bucket object
+  if not p.exists():
     raise FileNotFoundError(f"{path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = p.read_text(encoding="utf-8").split("\n")
   for line_no, line in enumerate(lines, 1):
     if not line.strip():
       continue

@@ -34,6 +34,7 @@ import glob as glob_lib
 import os
 from typing import Iterable, Sequence
 
+from emjax import paths
 from emjax.data import jsonl
 
 METRICS = ("aligned", "coherent")
@@ -129,15 +130,28 @@ def paths_of(patterns: str | Sequence[str]) -> list[str]:
   out: list[str] = []
   for pattern in patterns:
     pattern = os.path.expanduser(pattern.strip())
-    matches = sorted(glob_lib.glob(pattern)) if glob_lib.has_magic(pattern) else [pattern]
+    matches = _glob(pattern) if glob_lib.has_magic(pattern) else [pattern]
     if not matches:
       raise FileNotFoundError(f"{pattern}: matches no file")
     for m in matches:
-      if not os.path.isfile(m):
+      if not paths.path(m).is_file():
         raise FileNotFoundError(f"{m}: no such file")
       if m not in out:
         out.append(m)
   return out
+
+
+def _glob(pattern: str) -> list[str]:
+  """The files a glob names, on a local disk or in a bucket (gs://b/evals/*/general/judged.jsonl)."""
+  if not paths.is_remote(pattern):
+    return sorted(glob_lib.glob(pattern))
+  scheme, _, rest = pattern.partition("://")
+  parts = rest.split("/")
+  first = next(i for i, part in enumerate(parts) if glob_lib.has_magic(part))
+  root = paths.path(f"{scheme}://{'/'.join(parts[:first])}")
+  if not root.exists():
+    return []
+  return sorted(f"{scheme}://{'/'.join(parts[:first])}/{p.relative_to(root)}" for p in root.glob("/".join(parts[first:])))
 
 
 def normalize(obj: dict, where: str, line_no: int = 0) -> dict:

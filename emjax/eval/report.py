@@ -92,6 +92,7 @@ import sys
 import tempfile
 from typing import Mapping, Sequence
 
+from emjax import paths
 from emjax.eval import metrics, records as records_lib
 from emjax.eval.metrics import CELLS, DOMAINS, EM_SURFACES, FOUR_WAY, NONE_LABEL, TASKS
 
@@ -216,7 +217,7 @@ def load_records(config) -> list[dict]:
       if unjudged:
         raise ValueError(f"{path}: {unjudged} of {len(rows)} records have no judge scores "
                          f"(aligned_status / coherent_status); judge them before reporting")
-      loaded.append({"set": set_name, "path": os.path.abspath(path), "sha256": _sha256(path), "rows": rows,
+      loaded.append({"set": set_name, "path": os.fspath(paths.absolute(path)), "sha256": _sha256(path), "rows": rows,
                      "lines": len(raw_rows)})
   return loaded
 
@@ -506,7 +507,7 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:  # a local file or a bucket object
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()

@@ -597,7 +597,7 @@ def run_judge_job(config, workdir: str, *, mesh=None) -> dict:
   """The `judge` job: one existing responses file -> WORKDIR/<judge.output>."""
   if not config.judge.responses:
     raise ValueError("config.judge.responses is required: a JSONL file of records (e.g. an eval's responses.jsonl)")
-  if not os.path.isfile(config.judge.responses):
+  if not paths.path(config.judge.responses).is_file():  # a local file or a bucket object
     raise FileNotFoundError(f"config.judge.responses={config.judge.responses!r}: no such file")
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.clear_status(workdir)

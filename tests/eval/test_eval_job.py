@@ -446,7 +446,8 @@ def test_an_eval_in_a_bucket_lands_there_whole_and_resumes_from_it(material, tmp
 
 def test_the_judge_and_report_jobs_write_a_bucket_workdir_whole(finished, tmp_path, monkeypatch):
   """The judge job and the report job with --workdir=gs://... (staged, as emjax.main runs them) under a
-  fake gcsfs bucket: their files and COMPLETED land there, nothing beside the named scratch."""
+  fake gcsfs bucket, reading their inputs from the bucket too (a responses file, a glob of judged files):
+  their files and COMPLETED land there, nothing beside the named scratch."""
   import importlib.util
   from emjax import main as main_lib, workdir as workdir_lib
   from emjax.eval import run
@@ -457,17 +458,19 @@ def test_the_judge_and_report_jobs_write_a_bucket_workdir_whole(finished, tmp_pa
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   judge_cfg = module.get_config("judge=programmatic")
-  judge_cfg.judge.responses = str(out_dir / "general" / "responses.jsonl")
+  judge_cfg.judge.responses = "gs://b/evals/m/general/responses.jsonl"
   judge_cfg.judge.programmatic.name = JUDGE
   judge_cfg.judge.finalize_errors = True
   spec = importlib.util.spec_from_file_location("report_config", os.path.join(ROOT, "configs", "eval", "report.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   report_cfg = module.get_config()
-  report_cfg.update(general=str(out_dir / "general" / "judged.jsonl"), figures=False, bootstrap_samples=100)
+  report_cfg.update(general="gs://b/jud*/judged.jsonl", figures=False, bootstrap_samples=100)
   monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "scratch"))
   monkeypatch.chdir(tmp_path)
   with fake_gcs(str(tmp_path / "gcs")):
+    from emjax import paths
+    paths.path(judge_cfg.judge.responses).write_text((out_dir / "general" / "responses.jsonl").read_text())
     with workdir_lib.staged("gs://b/judge") as wd:
       run.run_judge_job(judge_cfg, wd)
     with workdir_lib.staged("gs://b/report") as wd:
@@ -478,4 +481,6 @@ def test_the_judge_and_report_jobs_write_a_bucket_workdir_whole(finished, tmp_pa
     assert len({(r["question_id"], r["sample_index"]) for r in judged}) == 6
     assert {"report.md", "results.json"} <= set(os.listdir(bucket / "report"))
     assert json.loads((bucket / "report" / "COMPLETED").read_text())["report"] == "gs://b/report/report.md"
+    provenance = json.loads((bucket / "report" / "results.json").read_text())["provenance"]
+    assert "gs://b/judge/judged.jsonl" in json.dumps(provenance)
     assert sorted(os.listdir(tmp_path)) == ["gcs", "scratch"]
