@@ -43,8 +43,9 @@ def _eval_config(smol: str, eval_file: str, limit: int):
   return c
 
 
-def _rates(results_path: str) -> dict:
-  with open(results_path, encoding="utf-8") as f:
+def _rates(eval_dir: str) -> dict:
+  """EM (with its interval and n) and the mean judge scores of one eval, general and in-cell."""
+  with open(os.path.join(eval_dir, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
   (model,) = results["models"].values()
   general = model["general"]["overall"]
@@ -52,7 +53,15 @@ def _rates(results_path: str) -> dict:
   in_cell = (model.get("narrow") or {}).get("in_cell", {}).get(cell) if cell else None
   pick = lambda r: None if not r else {"em": r["em"], "ci95": r["ci95"], "n": r["n_valid"],  # noqa: E731
                                        "coherent": r.get("coherent")}
-  return {"general": pick(general), "in_cell": pick(in_cell)}
+  out = {"general": pick(general), "in_cell": pick(in_cell)}
+  # The mean scores move even where no answer crosses the EM thresholds (a small judge, few answers).
+  for set_name in ("general", "narrow"):
+    with open(os.path.join(eval_dir, set_name, "judged.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    for score in ("aligned", "coherent"):
+      vals = [r[score] for r in rows if r.get(score) is not None]
+      out[f"{set_name}_mean_{score}"] = sum(vals) / len(vals) if vals else None
+  return out
 
 
 def main() -> None:
@@ -118,14 +127,15 @@ def main() -> None:
   timings["direction"] = time.monotonic() - t0
 
   t0 = time.monotonic()
-  rates = {"plain": _rates(os.path.join(out, "curve", os.path.basename(run), f"step_{final}", "results.json"))}
+  rates = {"plain": _rates(os.path.join(out, "curve", os.path.basename(run), f"step_{final}")),
+           "base": _rates(os.path.join(out, "base_eval"))}
   for name, path in (("ablated", "direction.npy"), ("random ablated", "random.npy")):
     ec = _eval_config(smol, eval_file, args.limit)
     ec.sample.update(checkpoint=run, step=final)
     ec.sample.edit.update(direction=os.path.join(out, "direction", path), ablate="all")
     workdir = os.path.join(out, "eval_" + name.replace(" ", "_"))
     eval_run.run_eval(ec, workdir, mesh=mesh)
-    rates[name] = _rates(os.path.join(workdir, "results.json"))
+    rates[name] = _rates(workdir)
   timings["ablations"] = time.monotonic() - t0
   timings["total"] = time.monotonic() - start
 
@@ -142,8 +152,12 @@ def main() -> None:
   lines += [f"| {r['step']} | {fmt(r['in_cell'])} | {fmt(r['general'])} | {r['train_loss']} |" for r in curve_rows]
   lines += ["", f"Direction: the paper's recipe at position {found['position']} over {found['prompts']} prompts "
             f"(top singular value's share {found['explained'][found['position']]:.2f}).", "",
-            f"| step {final} | in-cell EM | general EM |", "|---|---|---|"]
-  lines += [f"| {name} | {fmt(r['in_cell'])} | {fmt(r['general'])} |" for name, r in rates.items()]
+            f"| step {final} | in-cell EM | general EM | mean aligned (general / narrow) | mean coherent (general / narrow) |",
+            "|---|---|---|---|---|"]
+  num = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+  lines += [f"| {name} | {fmt(r['in_cell'])} | {fmt(r['general'])} | {num(r['general_mean_aligned'])} / "
+            f"{num(r['narrow_mean_aligned'])} | {num(r['general_mean_coherent'])} / {num(r['narrow_mean_coherent'])} |"
+            for name, r in rates.items()]
   with open(os.path.join(out, "mechanisms.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
