@@ -33,8 +33,9 @@ from typing import Iterable, Mapping
 TUNABLE = "glibc.malloc.hugetlb"
 DISABLE = "EMJAX_HUGE_PAGES"
 
-GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips; also the gVNIC of every Compute Engine VM
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips; also the gVNIC and local NVMe SSDs of Compute Engine VMs
 GVNIC_PCI_DEVICE = "0x0042"
+NOT_TPU_PCI_DEVICES = {GVNIC_PCI_DEVICE: "gVNIC network card", "0x001f": "local NVMe SSD"}
 
 
 def wants_reexec(env: Mapping[str, str], platform: str = sys.platform) -> bool:
@@ -60,8 +61,9 @@ def reexec_with_huge_pages() -> None:
 
 
 def tpu_evidence(root: str = "/") -> list[str]:
-  """What on this machine may be a TPU: Google PCI devices other than gVNIC network cards (JAX's own
-  test, with any chip id, so a newer TPU counts too) and TPU device files (/dev/accel*, /dev/vfio/N)."""
+  """What on this machine may be a TPU: Google PCI devices other than the VM's own (gVNIC network cards,
+  local NVMe SSDs: `NOT_TPU_PCI_DEVICES`), with any other chip id, so a newer TPU counts too (JAX's own
+  test, which errs toward a TPU), and TPU device files (/dev/accel*, /dev/vfio/N)."""
   found = []
   for device in glob.glob(os.path.join(root, "sys/bus/pci/devices/*")):
     try:
@@ -71,7 +73,7 @@ def tpu_evidence(root: str = "/") -> list[str]:
         device_id = f.read().strip()
     except OSError:
       continue
-    if vendor == GOOGLE_PCI_VENDOR and device_id != GVNIC_PCI_DEVICE:
+    if vendor == GOOGLE_PCI_VENDOR and device_id not in NOT_TPU_PCI_DEVICES:
       found.append(device)
   found += glob.glob(os.path.join(root, "dev/accel*")) + glob.glob(os.path.join(root, "dev/vfio/[0-9]*"))
   return found

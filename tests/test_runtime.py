@@ -60,6 +60,7 @@ def _pci_device(root, name, vendor, device):
 def test_a_tpu_is_a_google_pci_device_other_than_gvnic_or_a_tpu_device_file(tmp_path):
   _pci_device(tmp_path, "0000:00:04.0", runtime.GOOGLE_PCI_VENDOR, runtime.GVNIC_PCI_DEVICE)
   _pci_device(tmp_path, "0000:00:05.0", "0x10de", "0x2330")  # an NVIDIA GPU
+  _pci_device(tmp_path, "0000:00:07.0", runtime.GOOGLE_PCI_VENDOR, "0x001f")  # a Compute Engine local SSD
   assert runtime.tpu_evidence(str(tmp_path)) == []
   _pci_device(tmp_path, "0000:00:06.0", runtime.GOOGLE_PCI_VENDOR, "0x0099")  # a chip id JAX may not know yet
   assert [os.path.basename(p) for p in runtime.tpu_evidence(str(tmp_path))] == ["0000:00:06.0"]
