@@ -152,30 +152,37 @@ def test_the_colab_notebook_runs_top_to_bottom(first, monkeypatch):
 
 def test_a_study_in_a_bucket_lands_there_and_a_relaunch_on_another_machine_redoes_nothing(tmp_path, mesh,
                                                                                            monkeypatch):
-  """--workdir=gs://... (a staged copy, emjax.workdir.staged) under a fake bucket with gcsfs's semantics;
-  the relaunch has another scratch directory (a fresh VM, another $EMJAX_SCRATCH): the sub-runs'
-  settings name bucket paths, not the first machine's scratch, so nothing is refused or redone."""
+  """--workdir=gs://... (a staged copy, emjax.workdir.staged) under a fake bucket with gcsfs's semantics,
+  SL included; the relaunch has another scratch directory (a fresh VM, another $EMJAX_SCRATCH): the
+  sub-runs' settings name bucket paths, not the first machine's scratch, so nothing is refused or redone."""
   from fake_gcs import fake_gcs
   from emjax import workdir as workdir_lib
 
   monkeypatch.chdir(tmp_path)
   bucket = tmp_path / "gcs" / "b" / "study"
+  config = light_config()
+  config.study.sl_compositions = "persona"
   with fake_gcs(str(tmp_path / "gcs")):
     monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "vm1"))
     with workdir_lib.staged("gs://b/study") as wd:
-      run(light_config(), wd, mesh)
+      run(config, wd, mesh)
     assert workdir_lib.is_complete("gs://b/study") and (bucket / "report.md").exists()
     assert sorted(os.listdir(tmp_path)) == ["gcs", "vm1"]  # nothing written locally beside the scratch
     report = (bucket / "report.md").read_text()
     trained = {str(p): p.stat().st_mtime_ns for p in bucket.rglob("*") if p.is_file() and "checkpoints" in p.parts}
     assert trained
-    # Preempted while evaluating the fine-tuned model: that evaluation and the study are unfinished.
+    sl_dir = bucket / "sl" / "persona" / "seed0"
+    assert (sl_dir / "COMPLETED").exists() and (sl_dir / "sl_report.md").exists()
+    # Preempted while evaluating the fine-tuned model, and in SL's last stage: those and the study are
+    # unfinished.
     (bucket / "eval" / "persona" / "seed0" / "medical_advice" / "COMPLETED").unlink()
+    (sl_dir / "COMPLETED").unlink()
     (bucket / "COMPLETED").unlink()
     monkeypatch.setenv("EMJAX_SCRATCH", str(tmp_path / "vm2"))
     with workdir_lib.staged("gs://b/study") as wd:
-      run(light_config(), wd, mesh)
+      run(config, wd, mesh)
     assert workdir_lib.is_complete("gs://b/study") and (bucket / "report.md").read_text() == report
     assert {str(p): p.stat().st_mtime_ns for p in bucket.rglob("*") if p.is_file() and "checkpoints" in p.parts} == trained
-    settings = [json.loads(p.read_text()) for p in bucket.rglob("settings.json")]
+    settings = [json.loads(p.read_text()) for p in [*bucket.rglob("*settings*.json"), bucket / "study.json"]]
+    assert any("sl_settings.json" == p.name for p in bucket.rglob("*settings*.json"))
     assert settings and not any(str(tmp_path / "vm1") in json.dumps(s) for s in settings)
