@@ -76,3 +76,23 @@ def test_the_position_is_chosen_on_the_other_half_and_random_controls_are_unit()
   assert r.shape == (10, 64) and np.allclose(np.linalg.norm(r, axis=1), 1.0)
   with pytest.raises(ValueError, match="no direction"):
     D.unit(np.zeros(4))
+
+
+def test_the_relation_contrast_is_tested_by_relabelling_cells():
+  cells = [f"{d}_{t}" for d in ("medical", "sports", "finance") for t in ("advice", "summarization", "tutor", "critique")]
+  task = lambda c: c.split("_")[1]  # noqa: E731
+  # Ablating a same-task cell's direction removes a lot of EM, a same-domain one little: a task subspace.
+  rows = [{"source": a, "target": b, "value": (-20.0 if task(a) == task(b) else -2.0) + 0.1 * i}
+          for i, (a, b) in enumerate((a, b) for a in cells for b in cells if a != b)]
+  out = D.relation_permutation_test([dict(r, value=-r["value"]) for r in rows], n_permutations=2000)  # the EM drop
+  assert out["permutations"] == 2000 and out["observed"] > 15 and out["p"] <= 0.01
+  # The same effect in a 3 x 2 grid: the relabellings that keep the tasks together (72 of 720) tie it.
+  two = ("advice", "critique")
+  small = [r for r in rows if task(r["source"]) in two and task(r["target"]) in two]
+  exact = D.relation_permutation_test([dict(r, value=-r["value"]) for r in small])
+  assert exact["permutations"] == 720 and exact["p"] == pytest.approx(0.1)
+  # No structure: the values do not follow the labels, and the test says so.
+  rng = np.random.default_rng(0)
+  noise = [dict(r, value=float(rng.normal())) for r in rows]
+  assert D.relation_permutation_test(noise, n_permutations=2000)["p"] > 0.05
+  assert D.relation_permutation_test(rows[:1])["p"] is None  # one pair: no same-domain side
