@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.sl_cpu import SHARED, _config, logging_setup, split_cell  # noqa: E402
+from benchmarks.sl_cpu import SHARED, _config, split_cell, start_run  # noqa: E402
 
 
 def _eval_config(smol: str, eval_file: str, limit: int):
@@ -77,11 +77,7 @@ def main() -> None:
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  logging_setup()
+  out = start_run(args.out)
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   from emjax.eval import curves, direction_job, run as eval_run  # pylint: disable=g-import-not-at-top
   from emjax.train import loop  # pylint: disable=g-import-not-at-top

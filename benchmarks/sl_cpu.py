@@ -87,12 +87,7 @@ def main() -> None:
   args = ap.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
-  # Every student compiles the same step: the persistent cache makes the second one cheap.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  logging_setup()
+  out = start_run(args.out)
   from emjax import sharding as shd  # pylint: disable=g-import-not-at-top
   from emjax.experiments import sl  # pylint: disable=g-import-not-at-top
   from emjax.train import loop  # pylint: disable=g-import-not-at-top
@@ -141,6 +136,18 @@ def main() -> None:
     timings[f"sl_{kind}"] = time.monotonic() - t0
   timings["total"] = time.monotonic() - start
   print(json.dumps({"timings_s": {k: round(v) for k, v in timings.items()}, "out": out}, indent=2))
+
+
+def start_run(out: str) -> str:
+  """The output directory (absolute, made), JAX's persistent compilation cache in it (every student
+  and eval compiles the same programs: the second is cheap) and quiet logging; returns the directory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(out)
+  os.makedirs(out, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  logging_setup()
+  return out
 
 
 def logging_setup() -> None:

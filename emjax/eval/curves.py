@@ -104,14 +104,15 @@ def step_config(config, run: str, step: int, workdir: str):
   return c
 
 
-def _at_step(run: str, log_name: str, key: str, step: int) -> float | None:
-  value = None
+def logged(run: str, log_name: str, key: str) -> dict[int, float]:
+  """{step: the last value of `key` logged at it} from a run's log, read once per run."""
+  out = {}
   for line in paths.read_log(paths.path(run) / log_name).splitlines():
     if line.strip():
       row = json.loads(line)
-      if row.get("step") == step and row.get(key) is not None:
-        value = float(row[key])
-  return value
+      if row.get(key) is not None:
+        out[int(row["step"])] = float(row[key])
+  return out
 
 
 def _rate(r: Mapping | None) -> dict:
@@ -120,8 +121,9 @@ def _rate(r: Mapping | None) -> dict:
   return {"em": r.get("em"), "ci95": r.get("ci95"), "n": r.get("n_valid", 0)}
 
 
-def step_row(run: str, step: int, results: Mapping) -> dict:
-  """One step's measures from its eval's results.json (the one model it evaluated)."""
+def step_row(run: str, step: int, results: Mapping, losses: Mapping[str, Mapping[int, float]]) -> dict:
+  """One step's measures from its eval's results.json (the one model it evaluated) and the run's
+  `losses` ({"train_loss" / "held_out_loss": `logged(...)`})."""
   (model,) = results["models"].values()
   general = model.get("general", {}).get("overall")
   narrow = model.get("narrow") or {}
@@ -129,8 +131,7 @@ def step_row(run: str, step: int, results: Mapping) -> dict:
   in_cell = (narrow.get("in_cell") or {}).get(cell) if cell else None
   return {"run": run_name(run), "step": int(step), "in_cell": _rate(in_cell), "off_cell": _rate(narrow.get("off_cell")),
           "general": _rate(general), "coherent": general.get("coherent") if general else None,
-          "train_loss": _at_step(run, "metrics.jsonl", "loss", step),
-          "held_out_loss": _at_step(run, "eval.jsonl", "eval_loss", step)}
+          **{name: by_step.get(int(step)) for name, by_step in losses.items()}}
 
 
 def summarise(rows: Sequence[Mapping], threshold: float) -> dict:
@@ -167,13 +168,15 @@ def run_curve(config, workdir: str, *, mesh=None) -> dict:
   workdir_lib.record_launch(workdir, "em_curve")
   rows = []
   for run in runs:
+    losses = {"train_loss": logged(run, "metrics.jsonl", "loss"),
+              "held_out_loss": logged(run, "eval.jsonl", "eval_loss")}
     for step in plan[run]:
       sub = os.path.join(workdir, run_name(run), f"step_{step}")
       if not workdir_lib.is_complete(sub):
         log.info("em_curve: %s step %d", run, step)
         eval_run.run_eval(step_config(config, run, step, workdir), sub, mesh=mesh)
       with open(os.path.join(sub, "results.json"), encoding="utf-8") as f:
-        rows.append(step_row(run, step, json.load(f)))
+        rows.append(step_row(run, step, json.load(f), losses))
       if rows[-1]["train_loss"] is None or rows[-1]["held_out_loss"] is None:
         log.warning("em_curve: %s logged no %s at step %d (train.log_every / eval.every_steps do not divide it)",
                     run, "training loss" if rows[-1]["train_loss"] is None else "held-out loss", step)

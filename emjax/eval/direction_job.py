@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 from typing import Any, Mapping
@@ -32,6 +31,7 @@ import numpy as np
 
 from emjax import config as config_lib
 from emjax import paths, weights as weights_lib, workdir as workdir_lib
+from emjax.data import jsonl
 from emjax.eval import directions as directions_lib
 from emjax.sample import run as sample_run
 from emjax.train import settings as settings_lib
@@ -57,18 +57,10 @@ def directions_block() -> dict:
 
 
 def _jsonl(path) -> list[dict]:
-  p = paths.path(path)
-  if not p.exists():
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"{path}: no such file (config.directions.answers / .base must be an eval set "
                             "directory: questions.jsonl, samples.jsonl, judged.jsonl, config.json)")
-  out = []
-  for i, line in enumerate(p.read_text().splitlines(), 1):
-    if line.strip():
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-  return out
+  return [obj for _, obj in jsonl.read_objects(path)]
 
 
 def read_answers(set_dir: str, *, mesh=None) -> dict[str, Any]:
