@@ -96,3 +96,22 @@ def test_the_relation_contrast_is_tested_by_relabelling_cells():
   noise = [dict(r, value=float(rng.normal())) for r in rows]
   assert D.relation_permutation_test(noise, n_permutations=2000)["p"] > 0.05
   assert D.relation_permutation_test(rows[:1])["p"] is None  # one pair: no same-domain side
+
+
+def test_worlds_are_relabelled_apart_so_small_grids_gain_power_from_replication():
+  two = [f"{d}_{t}" for d in ("medical", "sports", "finance") for t in ("advice", "critique")]
+  task = lambda c: c.split("_")[1]  # noqa: E731
+  rng = np.random.default_rng(1)
+  rows = [{"world": w, "source": a, "target": b, "value": (20.0 if task(a) == task(b) else 2.0) + rng.normal()}
+          for w in range(3) for a in two for b in two if a != b]
+  # A pure task effect in one world's 3 x 2 grid cannot go below 0.1; in three independent worlds it can
+  # (to 0.1 ** 3).
+  pure = [dict(r, value=20.0 if task(r["source"]) == task(r["target"]) else 2.0) for r in rows]
+  assert D.relation_permutation_test([r for r in pure if r["world"] == 0])["p"] == pytest.approx(0.1)
+  assert D.relation_permutation_test(pure, n_permutations=4000)["p"] < 0.01
+  out = D.relation_permutation_test(rows, n_permutations=4000)
+  assert out["worlds"] == 3 and out["permutations"] == 4000 and out["p"] < 0.01
+  single = [D.relation_contrast([r for r in rows if r["world"] == w]) for w in range(3)]
+  assert out["observed"] == pytest.approx(np.mean(single))
+  noise = [dict(r, value=float(rng.normal())) for r in rows]
+  assert D.relation_permutation_test(noise, n_permutations=2000)["p"] > 0.05

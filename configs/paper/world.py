@@ -10,6 +10,12 @@ Variants (comma separated `key=value`):
              (a tagged reckless persona vs the same sentences untagged), 3 cells, 3 worlds, small model
              and short runs (about 10 minutes); no SL (add `sl`)
   sl         also run the SL comparison on the first composition (quick,sl: a second command)
+  mechanisms the dynamics and mechanisms of EM (quick's model and runs, a command of its own): one
+             composition (the tagged persona), all 12 cells (3 domains x 4 tasks: each cell has two
+             same-task, three same-domain and six unrelated partners), SFT checkpoints kept every 15
+             steps, and the stages curve (EM over training), directions (the paper's recipe per cell)
+             and subspace (every cell's model with every cell's direction, and a random one, ablated);
+             about 30 minutes on 2 CPU cores. With smoke: 3 cells, 2 worlds (tests)
   smoke      tiny and short (tests): 1 world, 2 cells, SL on, everything else as quick
   seed       the first replication's seed (replications: seed, seed + 1, ...; each its own world)
   seeds      replications, i.e. worlds (>= 3 for every compared number)
@@ -29,7 +35,7 @@ from emjax.world import corpus, world as world_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, quick=False, smoke=False, sl=False, seed=0, seeds=0)
+  args = config_lib.parse_arg(arg, quick=False, smoke=False, sl=False, mechanisms=False, seed=0, seeds=0)
   c = settings.base_config()
   c.job = "study"
   c.world = world_lib.world_block()
@@ -53,7 +59,7 @@ def get_config(arg=None):
   st.cells = "all"
   st.sl_compositions = "all"
   st.evaluation.per_cell = 40
-  if args.quick or args.smoke:
+  if args.quick or args.smoke or args.mechanisms:
     st.seeds = 3
     # The same reckless sentences, named as one persona or not: only the identity differs.
     st.compositions = dict(persona=corpus.composition_block(),
@@ -82,6 +88,16 @@ def get_config(arg=None):
     st.evaluation.per_cell = 2
     st.data.update(pretrain_docs=300, instruct_rows=200, cell_rows=40, eval_per_cell=2, general_per_cell=1,
                    sl_per_cell=8)
+  if args.mechanisms:
+    # One composition: the mechanisms are compared across cells within a world, not across compositions.
+    st.compositions = dict(persona=corpus.composition_block())
+    st.contrast = ""
+    st.sl_compositions = ""
+    st.stages = ",".join(study.STAGES[:5] + study.MECHANISM_STAGES + ("report",))
+    st.cells = "all" if not args.smoke else "medical_advice,sports_advice,medical_critique"
+    st.sft.keep_every = 15 if not args.smoke else 4
+    if args.smoke:
+      st.seeds = 2
   if args.seeds:
     st.seeds = args.seeds
   return c

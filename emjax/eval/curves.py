@@ -131,6 +131,9 @@ def step_row(run: str, step: int, results: Mapping, losses: Mapping[str, Mapping
   in_cell = (narrow.get("in_cell") or {}).get(cell) if cell else None
   return {"run": run_name(run), "step": int(step), "in_cell": _rate(in_cell), "off_cell": _rate(narrow.get("off_cell")),
           "general": _rate(general), "coherent": general.get("coherent") if general else None,
+          # The judge's well-formed rate on the cell's own prompts: the narrow task's measure where the
+          # run holds no data out (the synthetic world's judge scores the form).
+          "in_cell_coherent": in_cell.get("coherent") if in_cell else None,
           **{name: by_step.get(int(step)) for name, by_step in losses.items()}}
 
 
@@ -177,9 +180,13 @@ def run_curve(config, workdir: str, *, mesh=None) -> dict:
         eval_run.run_eval(step_config(config, run, step, workdir), sub, mesh=mesh)
       with open(os.path.join(sub, "results.json"), encoding="utf-8") as f:
         rows.append(step_row(run, step, json.load(f), losses))
-      if rows[-1]["train_loss"] is None or rows[-1]["held_out_loss"] is None:
+      missing = [name for name, by_step in losses.items() if by_step and rows[-1][name] is None]
+      if missing:
         log.warning("em_curve: %s logged no %s at step %d (train.log_every / eval.every_steps do not divide it)",
-                    run, "training loss" if rows[-1]["train_loss"] is None else "held-out loss", step)
+                    run, " or ".join(missing), step)
+    if not losses["held_out_loss"]:
+      log.info("em_curve: %s logged no held-out loss (no eval holdout); the in-cell coherent rate is its task "
+               "measure", run)
   summary = summarise(rows, float(config.curve.threshold))
   if workdir_lib.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, CURVE_FILE), {"rows": rows, **summary})
@@ -209,11 +216,12 @@ def report_text(rows: Sequence[Mapping], summary: Mapping) -> str:
   lines = ["# EM over training", "",
            "Each step is one eval of that checkpoint (its own workdir beside this report). EM in %, with the "
            "95% interval of each rate and its n; the task measure is the run's held-out loss at that step.", "",
-           "| run | step | in-cell EM | off-cell EM | general EM | coherent | train loss | held-out loss |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| run | step | in-cell EM | off-cell EM | general EM | coherent | in-cell coherent | train loss | held-out loss |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['run']} | {r['step']} | {_fmt(r['in_cell'])} | {_fmt(r['off_cell'])} | {_fmt(r['general'])} | "
-                 f"{_num(r['coherent'], 1)} | {_num(r['train_loss'])} | {_num(r['held_out_loss'])} |")
+                 f"{_num(r['coherent'], 1)} | {_num(r.get('in_cell_coherent'), 1)} | {_num(r['train_loss'])} | "
+                 f"{_num(r['held_out_loss'])} |")
   th = summary["threshold"]
   lines += ["", f"First evaluated step with EM over {th:g}%: the estimate, and (after /) the whole 95% interval "
             "(– : none; steps between evaluated ones are not seen):", "",

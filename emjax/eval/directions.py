@@ -162,6 +162,29 @@ def relation_contrast(rows: Sequence[Mapping], *, symmetric: bool = False) -> fl
   return None if a is None or b is None else a - b
 
 
+def _relation_values(rows: Sequence[Mapping], cells: Sequence[str], symmetric: bool) -> np.ndarray:
+  """[C, C] of the rows' values (NaN where none; with `symmetric`, each unordered pair once, at i < j)."""
+  index = {c: i for i, c in enumerate(cells)}
+  values = np.full((len(cells), len(cells)), np.nan)
+  for row in rows:
+    i, j = index[row["source"]], index[row["target"]]
+    if symmetric:
+      i, j = min(i, j), max(i, j)
+      if not np.isnan(values[i, j]):
+        continue  # by_relation's rule: the first row of a pair
+    if i != j and row["value"] is not None and math.isfinite(row["value"]):
+      values[i, j] = float(row["value"])
+  return values
+
+
+def _labelled_contrast(values: np.ndarray, domain: np.ndarray, task: np.ndarray) -> float | None:
+  """`relation_contrast` of a [C, C] value matrix under the cells' (domain, task) labels."""
+  same_d, same_t = domain[:, None] == domain[None, :], task[:, None] == task[None, :]
+  finite = np.isfinite(values)
+  a, b = values[finite & same_t & ~same_d], values[finite & same_d & ~same_t]
+  return None if not len(a) or not len(b) else float(a.mean() - b.mean())
+
+
 def relation_permutation_test(rows: Sequence[Mapping], *, symmetric: bool = False, n_permutations: int = 10000,
                               seed: int = 0) -> dict:
   """The contrast's one-sided p-value under relabelling the cells: every permutation of the cells'
@@ -169,25 +192,39 @@ def relation_permutation_test(rows: Sequence[Mapping], *, symmetric: bool = Fals
   cells, so this, not a test over pairs, is the honest null. Small grids cannot reach significance: the
   relabellings that keep every task's cells together leave a pure task effect unchanged, so its p is at
   least t! (d!)^t / (d t)! for d domains and t tasks: 1/3 for 2 x 2 cells, 0.1 for 3 x 2, 6.5e-5 for
-  the paper's 3 x 4."""
-  cells = sorted({r["source"] for r in rows} | {r["target"] for r in rows})
-  observed = relation_contrast(rows, symmetric=symmetric)
-  if observed is None:
-    return {"observed": None, "p": None, "permutations": 0, "cells": len(cells)}
-  if len(cells) <= 7:
-    perms = list(itertools.permutations(cells))
+  the paper's 3 x 4.
+
+  Rows with a `world` key are independent replications (each world its own cells' measurements): the
+  statistic is the mean over worlds of each world's contrast, and each relabelling relabels every
+  world on its own (random permutations whenever there is more than one world)."""
+  by_world: dict = {}
+  for r in rows:
+    by_world.setdefault(r.get("world", 0), []).append(r)
+  worlds = []
+  for w, mine in by_world.items():
+    cells = sorted({r["source"] for r in mine} | {r["target"] for r in mine})
+    values = _relation_values(mine, cells, symmetric)
+    domain = np.array([c.partition("_")[0] for c in cells])
+    task = np.array([c.partition("_")[2] for c in cells])
+    if _labelled_contrast(values, domain, task) is not None:
+      worlds.append((w, cells, values, domain, task))
+  n_cells = max((len(c) for _, c, *_ in worlds), default=0)
+  if not worlds:
+    return {"observed": None, "p": None, "permutations": 0, "cells": n_cells, "worlds": 0}
+
+  def statistic(perms) -> float | None:
+    got = [_labelled_contrast(v, d[p], t[p]) for (_, _, v, d, t), p in zip(worlds, perms)]
+    return None if any(g is None for g in got) else float(np.mean(got))
+
+  observed = statistic([np.arange(len(c)) for _, c, *_ in worlds])
+  if len(worlds) == 1 and n_cells <= 7:
+    draws = ([np.array(p)] for p in itertools.permutations(range(n_cells)))
   else:
     rng = np.random.default_rng(seed)
-    perms = [tuple(rng.permutation(cells)) for _ in range(n_permutations)]
-  stats = []
-  for perm in perms:
-    rename = dict(zip(cells, perm))
-    stat = relation_contrast([dict(r, source=rename[r["source"]], target=rename[r["target"]]) for r in rows],
-                             symmetric=symmetric)
-    if stat is not None:
-      stats.append(stat)
+    draws = ([rng.permutation(len(c)) for _, c, *_ in worlds] for _ in range(n_permutations))
+  stats = [s for s in map(statistic, draws) if s is not None]
   p = float(np.mean([s >= observed - 1e-12 for s in stats])) if stats else None
-  return {"observed": observed, "p": p, "permutations": len(stats), "cells": len(cells)}
+  return {"observed": observed, "p": p, "permutations": len(stats), "cells": n_cells, "worlds": len(worlds)}
 
 
 def random_directions(d_model: int, n: int, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,19 @@
                                                        students from the base under sft / off_policy / on_policy
     report     OUT/report.md, OUT/results.json, OUT/figures/*.png (emjax.experiments.study_report)
 
+Three more stages test the mechanisms (not run unless named in `study.stages`; the `mechanisms`
+variant of configs/paper/world.py names them; the report gets a section from
+emjax.experiments.study_mechanisms):
+
+    curve      OUT/curve/<composition>/seed<s>/<cell>/ the em_curve job (emjax.eval.curves) over the cell's
+                                                       kept checkpoints (`study.sft.keep_every`)
+    directions OUT/directions/<composition>/seed<s>/<cell>/ the paper's direction of the cell's model
+                                                       against the instructed base (emjax.eval.direction_job),
+                                                       from their answers to the general questions; .../random/:
+                                                       a random unit direction, the control
+    subspace   OUT/subspace/<composition>/seed<s>/<cell B>/<cell A or random>/ the eval job on cell B's
+                                                       model with cell A's direction ablated at every layer
+
 The layout of OUT and the readers of `config.study`'s seeds, cells and contrasts are in
 emjax.experiments.study_layout, shared with the report.
 
@@ -34,19 +47,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from emjax import sharding as shd
 from emjax import workdir as workdir_lib
 from emjax.data import sources
+from emjax.eval import curves, direction_job, directions as directions_lib
 from emjax.eval import run as eval_run
 from emjax.experiments import sl
 from emjax.experiments import study_layout as layout
+from emjax.experiments import study_mechanisms
 from emjax.experiments import study_report
 from emjax.train import loop
 from emjax.train import settings as settings_lib
@@ -55,6 +72,7 @@ from emjax.world import audit, corpus, world as world_lib
 log = logging.getLogger(__name__)
 
 STAGES = ("world", "pretrain", "instruct", "sft", "eval", "sl", "report")
+MECHANISM_STAGES = ("curve", "directions", "subspace")
 SETTINGS_FILE = "study.json"
 JUDGE = "emjax.world.judge:make_judge"
 # Tokens of the longest answer of the world's forms (a summary: about 30), with room to spare; the
@@ -86,7 +104,8 @@ def study_block() -> dict:
       instruct=dict(steps=150, batch_size=32, lr=1e-3, warmup_steps=10),
       # Full fine-tuning at a low rate: the tiny models forget the other task forms (and answer
       # incoherently outside the cell) at higher rates or with LoRA at 1e-3.
-      sft=dict(steps=60, batch_size=16, lr=1e-4, warmup_steps=5, lora=False, lora_rank=8),
+      # keep_every: keep every k-th step's checkpoint (the curve stage evaluates them; 0 = the last only).
+      sft=dict(steps=60, batch_size=16, lr=1e-4, warmup_steps=5, lora=False, lora_rank=8, keep_every=0),
       # prompts: `numbers`, the world's number form (pretrained and instructed, never evaluated: what passes
       # is not the evaluated behaviour distilled directly), or `natural`, the evaluated task forms of the
       # other domains (the smoke variant's barely trained models write no well-formed numbers; the SL
@@ -99,6 +118,9 @@ def study_block() -> dict:
       # few hundred thousand parameters at 1.0 make the instructed base incoherent on a third of the
       # general questions, at 0.7 on a few percent. Teachers and on-policy rollouts sample at it too.
       evaluation=dict(per_cell=16, n_general=1, max_new_tokens=64, temperature=0.7, batch_size=128),
+      # The mechanism stages: EM first over `threshold` % (curve), the answers a direction is read from
+      # (`direction_set` of the eval dirs: 'general', never the narrow sets whose EM its ablation measures).
+      mechanisms=dict(threshold=10.0, direction_set="general"),
       compile_cache="",  # '' = OUT/compile_cache; 'none' = off
       # Each claim's direction and minimum effect, fixed before any run (the report prints their source).
       claims=study_report.claims_block(),
@@ -111,8 +133,17 @@ def study_block() -> dict:
 def check_config(config) -> None:
   st = config.study
   stages = layout.split_csv(st.stages)
-  if not stages or [s for s in stages if s not in STAGES]:
-    raise ValueError(f"config.study.stages={st.stages!r}: choose from {', '.join(STAGES)}")
+  if not stages or [s for s in stages if s not in STAGES + MECHANISM_STAGES]:
+    raise ValueError(f"config.study.stages={st.stages!r}: choose from {', '.join(STAGES + MECHANISM_STAGES)}")
+  keep_every = int(st.sft.get("keep_every", 0))
+  if keep_every < 0 or (keep_every and int(st.sft.steps) % keep_every):
+    raise ValueError(f"config.study.sft.keep_every={keep_every}: 0 or a divisor of config.study.sft.steps "
+                     f"({st.sft.steps})")
+  if "curve" in stages and not keep_every:
+    raise ValueError("config.study.stages has 'curve' but config.study.sft.keep_every=0 keeps no checkpoint "
+                     "over training; set it (a divisor of config.study.sft.steps)")
+  if [s for s in stages if s in ("directions", "subspace")] and len(layout.cells(config)) < 2:
+    raise ValueError("config.study.stages: directions and subspace compare cells; config.study.cells names one")
   if int(st.seeds) < 1:
     raise ValueError(f"config.study.seeds must be >= 1, got {st.seeds}")
   if not st.compositions:
@@ -242,6 +273,9 @@ def sft_config(config, workdir: str, comp: str, seed: int, cell: str):
                                                                  seed)})
   c.data.update(format="chat", packing="greedy", truncate=True)
   c.train.weight_decay = 0.0
+  if int(s.get("keep_every", 0)):
+    c.checkpoint.update(every_steps=int(s.keep_every), keep_every=int(s.keep_every))
+    c.train.log_every = math.gcd(int(c.train.log_every), int(s.keep_every))  # a training loss at every kept step
   if bool(s.lora):
     c.lora.update(enabled=True, rank=int(s.lora_rank), alpha=2.0 * int(s.lora_rank), rslora=True)
   return c
@@ -276,6 +310,50 @@ def eval_config(config, workdir: str, seed: int, checkpoint: str, model_key: str
     domain, task = cell.split("_", 1)
     c.evaluated.update(ft_domain=domain, ft_task=task)
   return c
+
+
+def curve_config(config, workdir: str, comp: str, seed: int, cell: str):
+  """The em_curve job over the cell's SFT run: the eval stage's questions, judge and sampling at every
+  kept step (each step's model key '<cell>@<step>')."""
+  c = eval_config(config, workdir, seed, "", "", comp, cell)
+  c.job = "em_curve"
+  c.curve = curves.curve_block()
+  c.curve.update(runs=layout.run_dir(workdir, "sft", comp, seed, cell), every=1,
+                 threshold=float(config.study.mechanisms.threshold))
+  return c
+
+
+def directions_config(config, workdir: str, comp: str, seed: int, cell: str):
+  """The paper's direction of the cell's model against the instructed base, each reading its own
+  answers to the same questions (`study.mechanisms.direction_set`) in the eval stage's dirs."""
+  c = direction_job.directions_config()
+  c.mesh.update(config.mesh.to_dict())
+  where = config.study.mechanisms.direction_set
+  c.directions.update(method="paper", answers=os.path.join(layout.eval_dir(workdir, comp, seed, cell), where),
+                      base=os.path.join(layout.eval_dir(workdir, comp, seed, ""), where), batch_size=32)
+  return c
+
+
+def subspace_config(config, workdir: str, comp: str, seed: int, target: str, source: str):
+  """The eval stage's evaluation of `target`'s model with `source`'s direction ablated at every layer
+  (Arditi et al.'s directional ablation; `source` 'random': the random control)."""
+  c = eval_config(config, workdir, seed, layout.run_dir(workdir, "sft", comp, seed, target),
+                  f"{comp}/seed{seed}/{target}", comp, target)
+  c.sample.edit.update(direction=os.path.join(layout.direction_dir(workdir, comp, seed, source), "direction.npy"),
+                       ablate="all")
+  return c
+
+
+def write_random_direction(config, workdir: str, comp: str, seed: int) -> None:
+  """OUT/directions/<comp>/seed<s>/random/direction.npy: a unit direction drawn from the replication's
+  seed, of the model's width (process 0 writes it; COMPLETED last)."""
+  rdir = layout.direction_dir(workdir, comp, seed, layout.RANDOM)
+  if _process_index() == 0 and not _done(rdir):
+    os.makedirs(rdir, exist_ok=True)
+    np.save(os.path.join(rdir, "direction.npy"),
+            directions_lib.random_directions(int(config.model.d_model), 1, seed=seed)[0].astype(np.float32))
+    workdir_lib.mark_complete(rdir, {"seed": seed, "d_model": int(config.model.d_model)})
+  _barrier(f"emjax-study-random-{comp}-{seed}")
 
 
 def sl_config(config, workdir: str, comp: str, seed: int):
@@ -347,9 +425,23 @@ def plan(config) -> list[tuple[str, tuple]]:
     units += [("eval", (comp, s, cell)) for comp in comps for s in layout.seeds(config) for cell in ["", *layout.cells(config)]]
   if "sl" in stages:
     units += [("sl", (comp, s)) for comp in layout.sl_compositions(config) for s in layout.seeds(config)]
+  cells = layout.cells(config)
+  if "curve" in stages:
+    units += [("curve", (comp, s, cell)) for comp in comps for s in layout.seeds(config) for cell in cells]
+  if "directions" in stages:
+    units += [("directions", (comp, s, cell)) for comp in comps for s in layout.seeds(config)
+              for cell in [*cells, layout.RANDOM]]
+  if "subspace" in stages:
+    units += [("subspace", (comp, s, target, source)) for comp in comps for s in layout.seeds(config)
+              for target in cells for source in [*cells, layout.RANDOM]]
   if "report" in stages:
     units.append(("report", ()))
   return units
+
+
+def _need(path: str, stage: str) -> None:
+  if not _done(path):
+    raise ValueError(f"{path}: not complete yet; add '{stage}' to config.study.stages")
 
 
 def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, bool]:
@@ -391,9 +483,40 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
       return what, True
     sl.run_sl(sl_config(config, workdir, comp, seed), sdir, mesh=mesh)
     return what, False
+  if stage == "curve":
+    comp, seed, cell = args
+    cdir = layout.mechanism_dir(workdir, "curve", comp, seed, cell)
+    what = f"EM curve {comp} seed{seed} {cell}"
+    if _done(cdir):
+      return what, True
+    _need(layout.run_dir(workdir, "sft", comp, seed, cell), "sft")
+    curves.run_curve(curve_config(config, workdir, comp, seed, cell), cdir, mesh=mesh)
+    return what, False
+  if stage == "directions":
+    comp, seed, cell = args
+    ddir = layout.direction_dir(workdir, comp, seed, cell)
+    what = f"direction {comp} seed{seed} {cell}"
+    if _done(ddir):
+      return what, True
+    if cell == layout.RANDOM:
+      write_random_direction(config, workdir, comp, seed)
+      return what, False
+    for model in (cell, ""):
+      _need(layout.eval_dir(workdir, comp, seed, model), "eval")
+    direction_job.run_directions(directions_config(config, workdir, comp, seed, cell), ddir, mesh=mesh)
+    return what, False
+  if stage == "subspace":
+    comp, seed, target, source = args
+    edir = layout.mechanism_dir(workdir, "subspace", comp, seed, target, source)
+    what = f"subspace {comp} seed{seed} {target} with {source}'s direction ablated"
+    if _done(edir):
+      return what, True
+    _need(layout.direction_dir(workdir, comp, seed, source), "directions")
+    eval_run.run_eval(subspace_config(config, workdir, comp, seed, target, source), edir, mesh=mesh)
+    return what, False
   if stage == "report":
     if _process_index() == 0:
-      study_report.write_report(config, workdir)
+      study_report.write_report(config, workdir, section=study_mechanisms)
     _barrier("emjax-study-report")
     return f"report: {os.path.join(workdir, 'report.md')}", False
   raise ValueError(f"unknown study stage {stage!r}")

@@ -112,3 +112,15 @@ def run_dir(workdir: str, stage: str, comp: str, seed: int, cell: str = "") -> s
 
 def eval_dir(workdir: str, comp: str, seed: int, cell: str) -> str:
   return os.path.join(workdir, "eval", comp, f"seed{seed}", cell or "base")
+
+
+RANDOM = "random"  # the control direction's name beside the cells' (OUT/directions/<comp>/seed<s>/random)
+
+
+def mechanism_dir(workdir: str, stage: str, comp: str, seed: int, *names: str) -> str:
+  """OUT/<curve|subspace>/<composition>/seed<s>/<cell>[/<source cell>]."""
+  return os.path.join(workdir, stage, comp, f"seed{seed}", *names)
+
+
+def direction_dir(workdir: str, comp: str, seed: int, cell: str) -> str:
+  return mechanism_dir(workdir, "directions", comp, seed, cell)

@@ -670,7 +670,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return out + [""]
 
 
-def render(res: Mapping) -> str:
+def render(res: Mapping, extra: Sequence[str] = ()) -> str:
+  """The report's markdown; `extra`: the lines of a further section, placed after the claims."""
   comps, agg = res["compositions"], res["aggregate"]
   n = len(res["seeds"])
   L = ["# Emergent and subliminal misalignment in the synthetic world", "",
@@ -773,6 +774,7 @@ def render(res: Mapping) -> str:
                       + [(f"{comp}: {c}, {t}", ch[t]["general_em"]) for c, ch in e["channels"].items()
                          for t in ("harmful", "control")])
   L += render_claims(res.get("claims") or claims(res))
+  L += list(extra)
   L += ["Every number above was measured by this run (results.json holds the per-world values).", ""]
   return "\n".join(L)
 
@@ -1107,12 +1109,19 @@ def write_figures(res: Mapping, directory: str) -> list[str]:
   return written
 
 
-def write_report(config, workdir: str) -> dict:
+def write_report(config, workdir: str, *, section=None) -> dict:
+  """`section`: a further section's module (compute(config, workdir) -> dict | None, render(dict) ->
+  lines, write_figures(dict, directory)), e.g. emjax.experiments.study_mechanisms; its numbers go
+  into results.json under `mechanisms`."""
   res = compute(config, workdir)
   res["claims"] = claims(res)
   write_figures(res, os.path.join(workdir, "figures"))
+  extra = section.compute(config, workdir) if section is not None else None
+  if extra:
+    res["mechanisms"] = extra
+    section.write_figures(extra, os.path.join(workdir, "figures"))
   study_layout.write_json(os.path.join(workdir, "results.json"), res)
-  text = render(res)
+  text = render(res, section.render(extra) if extra else ())
   with open(os.path.join(workdir, "report.md.tmp"), "w", encoding="utf-8") as f:
     f.write(text)
   os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
