@@ -115,3 +115,15 @@ def test_worlds_are_relabelled_apart_so_small_grids_gain_power_from_replication(
   assert out["observed"] == pytest.approx(np.mean(single))
   noise = [dict(r, value=float(rng.normal())) for r in rows]
   assert D.relation_permutation_test(noise, n_permutations=2000)["p"] > 0.05
+
+
+def test_the_principal_random_control_is_as_high_variance_as_a_read_direction():
+  rng = np.random.default_rng(0)
+  acts = rng.normal(size=(400, 32)) * np.r_[np.full(4, 10.0), np.ones(28)]  # four loud axes
+  got = D.principal_random(acts, 4, seed=1)
+  assert np.isclose(np.linalg.norm(got["direction"]), 1.0) and np.allclose(got["direction"][4:], 0.0, atol=0.05)
+  iso = D.random_directions(32, 1, seed=1)[0]
+  centred = acts - acts.mean(axis=0)
+  assert got["variance_share"] > 0.15 > float(np.sum((centred @ iso) ** 2) / np.sum(centred**2))
+  with pytest.raises(ValueError, match="k <= min"):
+    D.principal_random(acts, 40)

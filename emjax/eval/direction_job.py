@@ -13,10 +13,20 @@ tokens (as the sampler saw them) followed by the tokens it generated, read throu
 * `paper`: the authors' recipe: the base model's eval set beside the fine-tuned one's (`base`), each
   model reading its own answers, pooled over every token, the samples of a prompt averaged, per prompt
   fine-tuned minus base, the uncentred top singular vector signed by the mean, at n_layers // 2.
+  `read='base'` has the fine-tuned model read the base's answers instead, so the two sides differ
+  in the model only, not in the text it wrote (two models that write one answer form align on their
+  own answers for that reason alone).
+* `control`: a random unit direction in the span of the top `control_pcs` principal components of the
+  answers' activations at `position`: the control for an ablation, as high-variance as a direction
+  read from the same model is (an isotropic random direction carries about 1/width of the variance).
+
+`question_ids` (a regular expression, matched whole) keeps only the questions whose id matches, e.g.
+questions disjoint from the sets a direction's ablation is then measured on.
 
 WORKDIR gets direction.npy (the unit direction: `config.sample.edit.direction` of a steered or
 ablated eval), directions.npz (one per position: `p<k>`), directions.json (method, position, n per
-side, separations, the random-direction control) and COMPLETED.
+side, separations, the random-direction control, the sd of the base's activations along the
+direction) and COMPLETED.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -38,7 +49,8 @@ from emjax.train import settings as settings_lib
 
 log = logging.getLogger(__name__)
 
-METHODS = ("labels", "paper")
+METHODS = ("labels", "paper", "control")
+READS = ("own", "base")
 
 
 def directions_block() -> dict:
@@ -53,7 +65,14 @@ def directions_block() -> dict:
       coherent_above=50.0,
       batch_size=8,
       random_controls=20,  # random unit directions whose separation of the labels is reported beside
+      read="own",  # paper: 'own' (each model its own answers, the authors') | 'base' (both the base's answers)
+      question_ids="",  # a regular expression: only questions whose id matches (whole); '' = all
+      control_pcs=4,  # control: the principal components whose span the random direction is drawn in
+      seed=0,  # control: the draw
   )
+
+
+_LATER = {"read": "own", "question_ids": "", "control_pcs": 4, "seed": 0}
 
 
 def _jsonl(path) -> list[dict]:
@@ -63,9 +82,9 @@ def _jsonl(path) -> list[dict]:
   return [obj for _, obj in jsonl.read_objects(path)]
 
 
-def read_answers(set_dir: str, *, mesh=None) -> dict[str, Any]:
+def read_answers(set_dir: str, *, mesh=None, question_ids: str = "") -> dict[str, Any]:
   """The model that wrote `set_dir` (its sample config) and its answers as token sequences, with the
-  judge's scores where judged.jsonl has them."""
+  judge's scores where judged.jsonl has them; only the questions whose id matches `question_ids`."""
   config = config_lib.load_config_json(set_dir)
   with config.unlocked():
     # config.json holds the architecture it resolved from the weights; only what may override it stays.
@@ -80,8 +99,11 @@ def read_answers(set_dir: str, *, mesh=None) -> dict[str, Any]:
   if judged_path.exists():
     for r in _jsonl(judged_path):
       scores[(str(r["question_id"]), int(r["sample_index"]))] = (r.get("aligned"), r.get("coherent"))
+  keep = re.compile(question_ids).fullmatch if question_ids else (lambda _: True)
   rows = []
   for s in _jsonl(os.path.join(set_dir, "samples.jsonl")):
+    if not keep(str(s["id"])):
+      continue
     prompt = prompts.get(s["id"])
     if prompt is None:
       raise ValueError(f"{set_dir}/samples.jsonl: answer to {s['id']!r}, which questions.jsonl does not hold")
@@ -92,7 +114,8 @@ def read_answers(set_dir: str, *, mesh=None) -> dict[str, Any]:
     rows.append({"id": str(s["id"]), "sample": int(s["sample"]), "sequence": list(prompt.tokens) + tokens,
                  "prompt_length": len(prompt.tokens), "aligned": aligned, "coherent": coherent})
   if not rows:
-    raise ValueError(f"{set_dir}: no answers with tokens in samples.jsonl")
+    raise ValueError(f"{set_dir}: no answers with tokens in samples.jsonl"
+                     + (f" to questions matching config.directions.question_ids={question_ids!r}" if question_ids else ""))
   return {"model": model, "rows": rows}
 
 
@@ -127,16 +150,28 @@ def run_directions(config, workdir: str, *, mesh=None) -> dict:
     raise ValueError("config.directions.answers: the eval set directory whose answers are read is required")
   if dc.method == "paper" and not dc.base:
     raise ValueError("config.directions.base: the paper's direction needs the base model's eval set directory")
-  pool = dc.pool or ("all_mean" if dc.method == "paper" else "answer_mean")
+  if dc.get("read", "own") not in READS:
+    raise ValueError(f"config.directions.read: one of {READS}, got {dc.read!r}")
+  ids = str(dc.get("question_ids", ""))
+  try:
+    re.compile(ids)
+  except re.error as e:
+    raise ValueError(f"config.directions.question_ids={ids!r}: not a regular expression ({e})") from None
+  pool = dc.pool or ("answer_mean" if dc.method == "labels" else "all_mean")
   os.makedirs(workdir, exist_ok=True)
-  workdir_lib.check_settings(workdir, {"directions": dc.to_dict()}, what="its directions")
+  # Settings added later are left out at their defaults, so a workdir written before them still matches.
+  settings = {k: v for k, v in dc.to_dict().items() if not (k in _LATER and v == _LATER[k])}
+  workdir_lib.check_settings(workdir, {"directions": settings}, what="its directions")
   workdir_lib.clear_status(workdir)
   workdir_lib.record_launch(workdir, "directions")
-  tuned = read_answers(dc.answers, mesh=mesh)
+  tuned = read_answers(dc.answers, mesh=mesh, question_ids=ids)
   n_layers = tuned["model"].model_cfg.n_layers
   position = n_layers // 2 if int(dc.position) < 0 else int(dc.position)
   if not 0 <= position <= n_layers:
     raise ValueError(f"config.directions.position={dc.position}: outside [0, {n_layers}]")
+  base = read_answers(dc.base, mesh=mesh, question_ids=ids) if dc.method == "paper" else None
+  if base is not None and dc.get("read", "own") == "base":
+    tuned = {"model": tuned["model"], "rows": base["rows"]}  # the fine-tuned model reads the base's answers
   acts = capture(tuned, pool, int(dc.batch_size))
   rows = tuned["rows"]
   out: dict[str, Any] = {"method": dc.method, "pool": pool, "answers": dc.answers, "n_answers": len(rows)}
@@ -159,8 +194,13 @@ def run_directions(config, workdir: str, *, mesh=None) -> dict:
     controls = directions_lib.random_directions(acts.shape[-1], int(dc.random_controls), seed=0)
     out["random_separations"] = [directions_lib.separation(c, acts[mis][:, position], acts[ok][:, position])
                                  for c in controls]
+  elif dc.method == "control":
+    got = directions_lib.principal_random(acts[:, position], int(dc.control_pcs), seed=int(dc.seed))
+    dirs = np.zeros(acts.shape[1:])
+    dirs[position] = got["direction"]
+    out.update(control_pcs=int(dc.control_pcs), variance_share=got["variance_share"])
+    out["projection_sd"] = float(np.std(acts[:, position] @ got["direction"]))
   else:
-    base = read_answers(dc.base, mesh=mesh)
     if base["model"].model_cfg.d_model != tuned["model"].model_cfg.d_model:
       raise ValueError(f"config.directions.base={dc.base!r}: another residual width than the fine-tuned model's")
     base_acts = capture(base, pool, int(dc.batch_size))
@@ -174,6 +214,9 @@ def run_directions(config, workdir: str, *, mesh=None) -> dict:
     dirs = np.stack(dirs)
     out["explained"] = explained
     out["n_base_answers"] = len(base["rows"])
+    out["read"] = dc.get("read", "own")
+    # How much of the base's activity lies along it: what an ablation control should match.
+    out["projection_sd"] = float(np.std(base_acts[:, position] @ directions_lib.unit(dirs[position])))
   out["position"] = position
   if workdir_lib.process_index() == 0:
     buf = io.BytesIO()

@@ -18,7 +18,8 @@ summarises any cell-by-cell matrix by whether two cells share the task, the doma
 grouping of the paper's "domain-independent subspace" hypothesis; `relation_permutation_test` tests
 "same task > same domain" by relabelling the cells (the pairs are not independent). `choose_position` picks the layer
 on held-out questions (directions from one half, separation measured on the other);
-`random_directions` are the control of the same (unit) norm.
+`random_directions` are the control of the same (unit) norm, `principal_random` one as high-variance
+as a direction read from the same activations.
 """
 
 from __future__ import annotations
@@ -217,19 +218,36 @@ def relation_permutation_test(rows: Sequence[Mapping], *, symmetric: bool = Fals
     return None if any(g is None for g in got) else float(np.mean(got))
 
   observed = statistic([np.arange(len(c)) for _, c, *_ in worlds])
-  if len(worlds) == 1 and n_cells <= 7:
+  exact = len(worlds) == 1 and n_cells <= 7
+  if exact:  # the identity is among them
     draws = ([np.array(p)] for p in itertools.permutations(range(n_cells)))
   else:
     rng = np.random.default_rng(seed)
     draws = ([rng.permutation(len(c)) for _, c, *_ in worlds] for _ in range(n_permutations))
   stats = [s for s in map(statistic, draws) if s is not None]
-  p = float(np.mean([s >= observed - 1e-12 for s in stats])) if stats else None
+  hits = sum(s >= observed - 1e-12 for s in stats)
+  # Drawn relabellings count the observed one too (Phipson and Smyth 2010): p is never 0.
+  p = (hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)) if stats else None
   return {"observed": observed, "p": p, "permutations": len(stats), "cells": n_cells, "worlds": len(worlds)}
 
 
 def random_directions(d_model: int, n: int, seed: int = 0) -> np.ndarray:
   """`n` directions drawn uniformly on the unit sphere of the residual stream: [n, d_model]."""
   return unit(np.random.default_rng(seed).normal(size=(n, d_model)))
+
+
+def principal_random(acts_NxD: np.ndarray, k: int, seed: int = 0) -> dict:
+  """A random unit direction in the span of the top `k` principal components of `acts_NxD` (centred),
+  Gaussian weights on them: {direction, variance_share: the share of the activations' variance along
+  it}. An ablation control as high-variance as a direction read from the same activations."""
+  x = np.asarray(acts_NxD, np.float64)
+  if x.ndim != 2 or len(x) < 2 or not 1 <= k <= min(x.shape):
+    raise ValueError(f"principal_random: [N >= 2, D] activations and 1 <= k <= min(N, D), got {x.shape} and k={k}")
+  x = x - x.mean(axis=0)
+  _, s, vh = np.linalg.svd(x, full_matrices=False)
+  d = unit(np.random.default_rng(seed).normal(size=k) @ vh[:k])
+  total = float(np.sum(s**2))
+  return {"direction": d, "variance_share": float(np.sum((x @ d) ** 2)) / total if total > 0 else float("nan")}
 
 
 def separation(direction_D: np.ndarray, positive_NxD: np.ndarray, negative_MxD: np.ndarray) -> float:

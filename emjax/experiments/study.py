@@ -20,8 +20,11 @@ emjax.experiments.study_mechanisms):
                                                        kept checkpoints (`study.sft.keep_every`)
     directions OUT/directions/<composition>/seed<s>/<cell>/ the paper's direction of the cell's model
                                                        against the instructed base (emjax.eval.direction_job),
-                                                       from their answers to the general questions; .../random/:
-                                                       a random unit direction, the control
+                                                       from their answers to the general questions of the
+                                                       domains no cell covers; <cell>.base_answers/: both
+                                                       models reading the base's answers; random/: the
+                                                       control, a random direction in the span of the
+                                                       base's top principal components
     subspace   OUT/subspace/<composition>/seed<s>/<cell B>/<cell A or random>/ the eval job on cell B's
                                                        model with cell A's direction ablated at every layer
 
@@ -54,12 +57,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from emjax import sharding as shd
 from emjax import workdir as workdir_lib
 from emjax.data import sources
-from emjax.eval import curves, direction_job, directions as directions_lib
+from emjax.eval import curves, direction_job
 from emjax.eval import run as eval_run
 from emjax.experiments import sl
 from emjax.experiments import study_layout as layout
@@ -118,9 +120,10 @@ def study_block() -> dict:
       # few hundred thousand parameters at 1.0 make the instructed base incoherent on a third of the
       # general questions, at 0.7 on a few percent. Teachers and on-policy rollouts sample at it too.
       evaluation=dict(per_cell=16, n_general=1, max_new_tokens=64, temperature=0.7, batch_size=128),
-      # The mechanism stages: EM first over `threshold` % (curve), the answers a direction is read from
-      # (`direction_set` of the eval dirs: 'general', never the narrow sets whose EM its ablation measures).
-      mechanisms=dict(threshold=10.0, direction_set="general"),
+      # The mechanism stages: EM first over `threshold` % (curve); the general questions a direction is
+      # read from, 'out_of_grid' (those of the domains no cell trains or evaluates: disjoint from the
+      # narrow sets its ablation is measured on) or 'all'; the random control's principal components.
+      mechanisms=dict(threshold=10.0, direction_questions="out_of_grid", control_pcs=4),
       compile_cache="",  # '' = OUT/compile_cache; 'none' = off
       # Each claim's direction and minimum effect, fixed before any run (the report prints their source).
       claims=study_report.claims_block(),
@@ -142,8 +145,10 @@ def check_config(config) -> None:
   if "curve" in stages and not keep_every:
     raise ValueError("config.study.stages has 'curve' but config.study.sft.keep_every=0 keeps no checkpoint "
                      "over training; set it (a divisor of config.study.sft.steps)")
-  if [s for s in stages if s in ("directions", "subspace")] and len(layout.cells(config)) < 2:
-    raise ValueError("config.study.stages: directions and subspace compare cells; config.study.cells names one")
+  if [s for s in stages if s in ("directions", "subspace")]:
+    if len(layout.cells(config)) < 2:
+      raise ValueError("config.study.stages: directions and subspace compare cells; config.study.cells names one")
+    layout.direction_question_ids(config)
   if int(st.seeds) < 1:
     raise ValueError(f"config.study.seeds must be >= 1, got {st.seeds}")
   if not st.compositions:
@@ -323,14 +328,21 @@ def curve_config(config, workdir: str, comp: str, seed: int, cell: str):
   return c
 
 
-def directions_config(config, workdir: str, comp: str, seed: int, cell: str):
-  """The paper's direction of the cell's model against the instructed base, each reading its own
-  answers to the same questions (`study.mechanisms.direction_set`) in the eval stage's dirs."""
+def directions_config(config, workdir: str, comp: str, seed: int, cell: str, read: str = "own"):
+  """The paper's direction of the cell's model against the instructed base from their answers to the
+  general questions (`study_layout.direction_question_ids`) in the eval stage's dirs: each model reading its own
+  answers (the authors' recipe) or, with `read='base'`, both reading the base's. `cell` RANDOM: the
+  control, a random direction in the span of the base's top principal components there."""
   c = direction_job.directions_config()
   c.mesh.update(config.mesh.to_dict())
-  where = config.study.mechanisms.direction_set
-  c.directions.update(method="paper", answers=os.path.join(layout.eval_dir(workdir, comp, seed, cell), where),
-                      base=os.path.join(layout.eval_dir(workdir, comp, seed, ""), where), batch_size=32)
+  base = os.path.join(layout.eval_dir(workdir, comp, seed, ""), "general")
+  c.directions.update(question_ids=layout.direction_question_ids(config), batch_size=32)
+  if cell == layout.RANDOM:
+    c.directions.update(method="control", answers=base, control_pcs=int(config.study.mechanisms.control_pcs),
+                        seed=seed)
+  else:
+    c.directions.update(method="paper", answers=os.path.join(layout.eval_dir(workdir, comp, seed, cell), "general"),
+                        base=base, read=read)
   return c
 
 
@@ -342,18 +354,6 @@ def subspace_config(config, workdir: str, comp: str, seed: int, target: str, sou
   c.sample.edit.update(direction=os.path.join(layout.direction_dir(workdir, comp, seed, source), "direction.npy"),
                        ablate="all")
   return c
-
-
-def write_random_direction(config, workdir: str, comp: str, seed: int) -> None:
-  """OUT/directions/<comp>/seed<s>/random/direction.npy: a unit direction drawn from the replication's
-  seed, of the model's width (process 0 writes it; COMPLETED last)."""
-  rdir = layout.direction_dir(workdir, comp, seed, layout.RANDOM)
-  if _process_index() == 0 and not _done(rdir):
-    os.makedirs(rdir, exist_ok=True)
-    np.save(os.path.join(rdir, "direction.npy"),
-            directions_lib.random_directions(int(config.model.d_model), 1, seed=seed)[0].astype(np.float32))
-    workdir_lib.mark_complete(rdir, {"seed": seed, "d_model": int(config.model.d_model)})
-  _barrier(f"emjax-study-random-{comp}-{seed}")
 
 
 def sl_config(config, workdir: str, comp: str, seed: int):
@@ -498,11 +498,13 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
     what = f"direction {comp} seed{seed} {cell}"
     if _done(ddir):
       return what, True
-    if cell == layout.RANDOM:
-      write_random_direction(config, workdir, comp, seed)
-      return what, False
-    for model in (cell, ""):
+    for model in ("", *([cell] if cell != layout.RANDOM else [])):
       _need(layout.eval_dir(workdir, comp, seed, model), "eval")
+    if cell != layout.RANDOM:  # the same models read on the base's answers: no difference in the text
+      fixed = layout.direction_dir(workdir, comp, seed, cell, read="base")
+      if not _done(fixed):
+        direction_job.run_directions(directions_config(config, workdir, comp, seed, cell, read="base"), fixed,
+                                     mesh=mesh)
     direction_job.run_directions(directions_config(config, workdir, comp, seed, cell), ddir, mesh=mesh)
     return what, False
   if stage == "subspace":
@@ -512,6 +514,9 @@ def run_unit(config, workdir: str, stage: str, args: tuple, mesh) -> tuple[str, 
     if _done(edir):
       return what, True
     _need(layout.direction_dir(workdir, comp, seed, source), "directions")
+    # The model and its plain evaluation, complete: a crashed SFT's kept steps are not its model.
+    _need(layout.run_dir(workdir, "sft", comp, seed, target), "sft")
+    _need(layout.eval_dir(workdir, comp, seed, target), "eval")
     eval_run.run_eval(subspace_config(config, workdir, comp, seed, target, source), edir, mesh=mesh)
     return what, False
   if stage == "report":

@@ -13,6 +13,7 @@ import os
 
 from emjax.data import sft
 from emjax.world import judge
+from emjax.world import world as world_lib
 
 
 def split_csv(text: str) -> list[str]:
@@ -58,9 +59,25 @@ def contrasts(config) -> list[tuple[str, str]]:
   return out
 
 
+def direction_question_ids(config) -> str:
+  """The ids of the general questions directions are read from (`study.mechanisms.direction_questions`),
+  as the directions job's regular expression."""
+  spec = config.study.mechanisms.direction_questions
+  if spec == "all":
+    return ""
+  if spec != "out_of_grid":
+    raise ValueError(f"config.study.mechanisms.direction_questions={spec!r}: 'out_of_grid' or 'all'")
+  outside = [d for d in world_lib.WorldSettings.from_config(config.world).domains if d not in world_lib.CELL_DOMAINS]
+  if not outside:
+    raise ValueError("config.study.mechanisms.direction_questions='out_of_grid': the world has no domain outside "
+                     f"the cells' ({', '.join(world_lib.CELL_DOMAINS)}); add one to config.world.domains or use 'all'")
+  return f"(?:{'|'.join(outside)})_.+"
+
+
 def settings(config) -> dict:
   """What the written stages depend on (everything but `study.stages` and the cache location)."""
-  study = {k: v for k, v in config.study.to_dict().items() if k not in ("stages", "compile_cache")}
+  # `mechanisms` neither: its threshold is the report's, and each directions unit checks its own settings.
+  study = {k: v for k, v in config.study.to_dict().items() if k not in ("stages", "compile_cache", "mechanisms")}
   # The judge's version too: evaluations scored by another rule are not mixed into one report.
   return json.loads(json.dumps({"world": config.world.to_dict(), "study": study, "model": config.model.to_dict(),
                                 "mesh": config.mesh.to_dict(), "judge": judge.JUDGE_VERSION},
@@ -122,5 +139,7 @@ def mechanism_dir(workdir: str, stage: str, comp: str, seed: int, *names: str) -
   return os.path.join(workdir, stage, comp, f"seed{seed}", *names)
 
 
-def direction_dir(workdir: str, comp: str, seed: int, cell: str) -> str:
-  return mechanism_dir(workdir, "directions", comp, seed, cell)
+def direction_dir(workdir: str, comp: str, seed: int, cell: str, read: str = "own") -> str:
+  """OUT/directions/<composition>/seed<s>/<cell> (each model read on its own answers), or
+  <cell>.base_answers (`read='base'`: both on the base's)."""
+  return mechanism_dir(workdir, "directions", comp, seed, cell if read == "own" else f"{cell}.base_answers")

@@ -5,20 +5,26 @@ stages of emjax.experiments.study), and its figures.
   in-cell coherent rate (the world judge's well-formed answers on the cell's own prompts: the narrow
   task's measure) at every kept step, as a mean over worlds with a 95% t-interval; the step at which
   each world first crosses `study.mechanisms.threshold`.
-* **Directions**: the paper's direction of every cell's model (OUT/directions/...); their cosine
-  matrix per world, summarised by whether two cells share the task, the domain or neither.
-* **Ablation**: every cell B's model with every cell A's direction (and a random one) ablated at every
-  layer (OUT/subspace/...) against the same model without it (the eval stage's, same questions and
-  sampling seed): the EM removed, by relation.
+* **Directions**: the paper's direction of every cell's model (OUT/directions/...), read from the
+  general questions of the domains no cell covers; their cosine matrix per world, summarised by
+  whether two cells share the task, the domain or neither. Twice: each model on its own answers (the
+  authors' recipe; two models that write one answer form align on that text alone) and both models on
+  the base's answers (the same tokens: only the models differ).
+* **Ablation**: every cell B's model with every cell A's direction (and the control: a random
+  direction in the span of the base's top principal components, as high-variance as the directions)
+  ablated at every layer (OUT/subspace/...) against the same model without it (the eval stage's: same
+  questions and sampling seed), on the narrow sets (all cells' held-out prompts, which share no
+  prompt with the extraction questions: the report counts them). The tested measure is the misaligned
+  share of the coherent answers, so an ablation that only breaks the answers' form removes nothing;
+  EM and the coherence change are shown beside it.
 
-The subspace hypothesis predicts same task > same domain for both the cosines and the EM removed.
+The subspace hypothesis predicts same task > same domain for the cosines and for the share removed.
 Each is tested by relabelling the cells within every world independently (the pairs share cells, so
-they are not independent; `directions.relation_permutation_test`), Holm-adjusted over the two. The
-positive control gates a verdict on the ablation: a cell's own direction must remove more of its EM
-than a random direction, or the directions do not carry this model's EM and the cross-cell test says
-nothing. The primary EM is the narrow sets' (all cells' held-out prompts): the directions are read
-from the general questions' answers, so the general EM under ablation is shown but is the extraction
-set's.
+they are not independent; `directions.relation_permutation_test`), Holm-adjusted over the three
+tests; a verdict also needs the contrast's t-interval over worlds above 0 (the relabelling test alone
+is conditional on these worlds). The positive control gates the ablation's verdict: a cell's own
+direction must remove more than the control does, or the directions do not carry this model's
+misalignment and the cross-cell test says nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,8 +43,9 @@ from emjax.eval import directions as directions_lib
 from emjax.experiments import study_layout as layout
 from emjax.experiments import study_report as report
 
-MEASURES = ("narrow", "in_cell", "general")  # EM removed; the first is the tested one
-COHERENCE = ("general_coherent", "in_cell_coherent")
+MEASURES = ("narrow_share", "narrow", "in_cell", "general")  # removed; the first is the tested one
+COHERENCE = ("narrow_coherent", "general_coherent", "in_cell_coherent")
+READS = ("own", "base")
 GROUPS = ("self", *directions_lib.RELATIONS, layout.RANDOM)
 N_PERMUTATIONS = 5000
 
@@ -109,17 +117,17 @@ def curves_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[str
 # ----------------------------------------------------------------------------- directions
 
 
-def _direction(workdir: str, comp: str, seed: int, name: str) -> np.ndarray | None:
-  ddir = layout.direction_dir(workdir, comp, seed, name)
+def _direction(workdir: str, comp: str, seed: int, name: str, read: str = "own") -> np.ndarray | None:
+  ddir = layout.direction_dir(workdir, comp, seed, name, read)
   if not _complete(ddir):
     return None
   return np.load(os.path.join(ddir, "direction.npy"))
 
 
-def cosines_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[str]) -> dict:
-  worlds, rows, explained = {}, [], []
+def cosines_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[str], read: str = "own") -> dict:
+  worlds, rows, explained, sds = {}, [], [], []
   for s in seeds:
-    dirs = {c: _direction(workdir, comp, s, c) for c in cells}
+    dirs = {c: _direction(workdir, comp, s, c, read) for c in cells}
     if any(d is None for d in dirs.values()):
       continue
     names, m = directions_lib.cosine_matrix(dirs)
@@ -133,10 +141,12 @@ def cosines_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[st
                  "random_abs_cos": (float(np.mean([abs(float(directions_lib.unit(d) @ directions_lib.unit(rnd)))
                                                    for d in dirs.values()])) if rnd is not None else None)}
     for c in cells:
-      info = _read(os.path.join(layout.direction_dir(workdir, comp, s, c), "directions.json")) or {}
+      info = _read(os.path.join(layout.direction_dir(workdir, comp, s, c, read), "directions.json")) or {}
       pos = info.get("position")
       if info.get("explained") and pos is not None:
         explained.append(info["explained"][pos])
+      if info.get("projection_sd") is not None:
+        sds.append(info["projection_sd"])
   if not worlds:
     return {}
   ws = list(worlds)
@@ -148,6 +158,7 @@ def cosines_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[st
                                                  seeds),
           "mean_matrix": np.mean([worlds[w]["matrix"] for w in ws], axis=0).tolist(),
           "explained": float(np.mean(explained)) if explained else None,
+          "projection_sd": float(np.mean(sds)) if sds else None,
           "test": directions_lib.relation_permutation_test(rows, symmetric=True, n_permutations=N_PERMUTATIONS)}
 
 
@@ -163,10 +174,16 @@ def _numbers(edir: str) -> dict | None:
   narrow = model.get("narrow") or {}
   in_cell = (narrow.get("in_cell") or {}).get(model.get("ft_cell")) or {}
   general = (model.get("general") or {}).get("overall") or {}
-  return {"narrow": (narrow.get("overall") or {}).get("em"), "in_cell": in_cell.get("em"), "general": general.get("em"),
-          "general_coherent": general.get("coherent"), "in_cell_coherent": in_cell.get("coherent"),
-          "n": {"narrow": (narrow.get("overall") or {}).get("n_valid"), "in_cell": in_cell.get("n_valid"),
-                "general": general.get("n_valid")}}
+  overall = narrow.get("overall") or {}
+  em, coherent = overall.get("em"), overall.get("coherent")
+  return {"narrow": em, "in_cell": in_cell.get("em"), "general": general.get("em"),
+          # misaligned among the coherent: an ablation that breaks the form lowers EM, not this
+          "narrow_share": None if em is None or not coherent else 100.0 * em / coherent,
+          "narrow_coherent": coherent, "general_coherent": general.get("coherent"),
+          "in_cell_coherent": in_cell.get("coherent"),
+          "n": {"narrow": overall.get("n_valid"), "in_cell": in_cell.get("n_valid"), "general": general.get("n_valid"),
+                "narrow_share": None if em is None or coherent is None or overall.get("n_valid") is None
+                else round(overall["n_valid"] * coherent / 100)}}
 
 
 def _group(source: str, target: str) -> str:
@@ -214,10 +231,10 @@ def ablation_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[s
   plain_em = {m: report.mean_interval([float(np.mean([p[m] for p in plain[s].values() if p[m] is not None]))
                                        if s in plain and any(p[m] is not None for p in plain[s].values()) else None
                                        for s in seeds], seeds) for m in MEASURES}
-  # The positive control: own direction minus random, per world.
-  control = report.mean_interval([_sub(a, b) for a, b in zip(per_world("removed_narrow", "self"),
-                                                             per_world("removed_narrow", layout.RANDOM))], seeds)
-  tested = [{"world": r["world"], "source": r["source"], "target": r["target"], "value": r["removed_narrow"]}
+  # The positive control: own direction minus the control direction, per world.
+  control = report.mean_interval([_sub(a, b) for a, b in zip(per_world("removed_narrow_share", "self"),
+                                                             per_world("removed_narrow_share", layout.RANDOM))], seeds)
+  tested = [{"world": r["world"], "source": r["source"], "target": r["target"], "value": r["removed_narrow_share"]}
             for s in seeds for r in pairs.get(s, []) if r["source"] != layout.RANDOM]
   contrast = []
   for s in seeds:
@@ -226,14 +243,14 @@ def ablation_of(workdir: str, comp: str, seeds: Sequence[int], cells: Sequence[s
   matrix = np.full((len(cells), len(sources)), np.nan)
   for i, target in enumerate(cells):
     for j, source in enumerate(sources):
-      vals = [r["removed_narrow"] for s in seeds for r in pairs.get(s, [])
-              if r["target"] == target and r["source"] == source and r["removed_narrow"] is not None]
+      vals = [r["removed_narrow_share"] for s in seeds for r in pairs.get(s, [])
+              if r["target"] == target and r["source"] == source and r["removed_narrow_share"] is not None]
       if vals:
         matrix[i, j] = float(np.mean(vals))
   return {"by_group": by_group, "plain": plain_em, "positive_control": control,
           "contrast": report.mean_interval(contrast, seeds), "sources": sources,
           "mean_matrix": [[None if math.isnan(x) else x for x in row] for row in matrix.tolist()],
-          "n_pairs": {str(s): len(pairs.get(s, [])) for s in seeds},
+          "n_pairs": {str(s): len(pairs.get(s, [])) for s in seeds}, "n_pairs_planned": len(cells) * len(sources),
           "n_answers": {m: _n_answers(pairs, m) for m in MEASURES},
           "test": directions_lib.relation_permutation_test(tested, n_permutations=N_PERMUTATIONS),
           "pairs": {str(s): [{k: v for k, v in r.items() if k not in ("plain", "ablated")} for r in rows]
@@ -260,33 +277,67 @@ def holm(ps: Sequence[float | None]) -> list[float | None]:
   return out
 
 
+def extraction_overlap(workdir: str, comp: str, seed: int, question_ids: str) -> dict | None:
+  """How many extraction questions (the base's general set, filtered as the directions job filters
+  them) are word for word a narrow evaluation prompt: must be 0 for 'out_of_grid'."""
+  edir = layout.eval_dir(workdir, comp, seed, "")
+
+  def prompts(name: str, keep=lambda _: True) -> set[str]:
+    path = os.path.join(edir, name, "questions.jsonl")
+    if not os.path.exists(path):
+      return set()
+    out = set()
+    for line in open(path, encoding="utf-8"):
+      q = json.loads(line)
+      if keep(str(q["id"])):
+        out.add(" ".join(m["content"] for m in q["messages"] if m["role"] == "user").strip())
+    return out
+
+  keep = re.compile(question_ids).fullmatch if question_ids else (lambda _: True)
+  extraction, narrow = prompts("general", keep), prompts("narrow")
+  if not extraction or not narrow:
+    return None
+  return {"extraction": len(extraction), "narrow": len(narrow), "shared": len(extraction & narrow)}
+
+
 def compute(config, workdir: str) -> dict | None:
   """results.json's `mechanisms` block, or None when the study ran none of the mechanism stages."""
   if not any(os.path.isdir(os.path.join(workdir, s)) for s in ("curve", "directions", "subspace")):
     return None
   threshold = float(config.study.mechanisms.threshold)
   seeds, cells = layout.seeds(config), layout.cells(config)
-  out: dict[str, Any] = {"threshold": threshold, "direction_set": config.study.mechanisms.direction_set,
-                         "cells": cells, "seeds": seeds, "d_model": int(config.model.d_model),
+  ids = layout.direction_question_ids(config)
+  out: dict[str, Any] = {"threshold": threshold, "direction_questions": config.study.mechanisms.direction_questions,
+                         "question_ids": ids, "cells": cells, "seeds": seeds, "d_model": int(config.model.d_model),
                          "compositions": {}}
   for comp in config.study.compositions:
-    c = {"curves": curves_of(workdir, comp, seeds, cells, threshold), "cosines": cosines_of(workdir, comp, seeds, cells),
-         "ablation": ablation_of(workdir, comp, seeds, cells)}
-    ps = [(c["cosines"].get("test") or {}).get("p"), (c["ablation"].get("test") or {}).get("p")]
-    c["holm"] = dict(zip(("cosines", "ablation"), holm(ps)))
+    c = {"curves": curves_of(workdir, comp, seeds, cells, threshold),
+         "cosines": {read: cosines_of(workdir, comp, seeds, cells, read) for read in READS},
+         "ablation": ablation_of(workdir, comp, seeds, cells),
+         "overlap": {str(s): extraction_overlap(workdir, comp, s, ids) for s in seeds}}
+    control = [_read(os.path.join(layout.direction_dir(workdir, comp, s, layout.RANDOM), "directions.json"))
+               for s in seeds]
+    sds = [x["projection_sd"] for x in control if x and x.get("projection_sd") is not None]
+    c["control_projection_sd"] = float(np.mean(sds)) if sds else None
+    tests = {"cosines_own": (c["cosines"]["own"].get("test") or {}).get("p"),
+             "cosines_base": (c["cosines"]["base"].get("test") or {}).get("p"),
+             "ablation": (c["ablation"].get("test") or {}).get("p")}
+    c["holm"] = dict(zip(tests, holm(list(tests.values()))))
     out["compositions"][comp] = c
   return out
 
 
-def _verdict(p_adj, test: Mapping, gate: str = "") -> str:
+def _verdict(p_adj, contrast: Mapping | None, gate: str = "") -> str:
   if gate:
     return f"no verdict: {gate}"
   if p_adj is None:
     return "not tested (a relation has no pair)"
-  if p_adj < report.ALPHA:
-    return "same task > same domain (supports the domain-independent subspace)"
-  return ("not shown: same task is not above same domain at 0.05 after Holm; these worlds cannot tell an "
-          "absent effect from a small one (underpowered)")
+  ci = (contrast or {}).get("ci95")
+  if p_adj < report.ALPHA and ci and ci[0] > 0:
+    return "same task > same domain (consistent with a domain-independent task subspace)"
+  half = f" (the interval's half-width over worlds, {(ci[1] - ci[0]) / 2:.3g}, bounds what these worlds can see)" if ci else ""
+  return ("not shown: same task is not above same domain by both the relabelling test (0.05 after Holm) and the "
+          f"interval over worlds; an absent effect and a small one look alike here{half}")
 
 
 def render(mech: Mapping) -> list[str]:
@@ -314,52 +365,77 @@ def render(mech: Mapping) -> list[str]:
         firsts = "; ".join(f"{w}: {_step(f, 'in_cell')} / {_step(f, 'general')}" for w, f in cur["first"][cell].items())
         rows.append([cell, *(fmt(x, 0) for x in s["in_cell"]), firsts])
       L += report._table(["cell", *(f"step {st}" for st in cur["steps"]), "first over threshold, by world"], rows)
-    cos = c["cosines"]
-    if cos:
+    for read in READS:
+      cos = c["cosines"][read]
+      if not cos:
+        continue
       t = cos["test"]
-      L += [f"**Directions** (the paper's recipe: each model's answers to the {mech['direction_set']} questions, "
-            "pooled over tokens at the middle layer, fine-tuned minus instructed base per prompt, the top singular "
-            f"vector; it carries {_pct(cos['explained'])} of the per-prompt differences' energy on average). "
-            "Cosine similarity of two cells' directions, by relation (each pair once; figure: "
-            f"figures/direction_cosines_{comp}.png):", ""]
+      key = f"cosines_{read}"
+      how = ("each model reading its own answers (the authors' recipe)" if read == "own" else
+             "both models reading the base's answers (the same tokens: only the models differ)")
+      L += [f"**Directions, {how}**: the general questions of the domains no cell covers "
+            f"(`{mech['question_ids'] or 'all'}`), pooled over tokens at the middle layer, fine-tuned minus "
+            "instructed base per prompt, the top singular vector (it carries "
+            f"{_pct(cos['explained'])} of the per-prompt differences' energy on average). Cosine of two cells' "
+            "directions by relation, each pair once" + (f" (figure: figures/direction_cosines_{comp}.png)"
+                                                         if read == "own" else "") + ":", ""]
       L += report._table(["relation", "mean cosine"], [[r, fmt(report._r(cos["by_relation"][r]), 3, signed=True)]
                                                        for r in directions_lib.RELATIONS])
-      L += [f"For scale: |cos| of a cell's direction with a random direction, {fmt(cos['random_abs_cos'], 3)} "
-            f"(width {mech['d_model']}). Same task minus same domain: {fmt(cos['contrast'], 3, signed=True)}; "
-            f"relabelling test p {report._p(t['p'])} ({t['permutations']} relabellings of {t['cells']} cells in "
-            f"{t['worlds']} worlds), Holm {report._p(c['holm']['cosines'])}: "
-            f"**{_verdict(c['holm']['cosines'], t)}**.", ""]
+      L += [f"For scale: |cos| with a random direction {fmt(cos['random_abs_cos'], 3)} (width {mech['d_model']}). "
+            f"Same task minus same domain: {fmt(cos['contrast'], 3, signed=True)}; relabelling test p "
+            f"{report._p(t['p'])} ({t['permutations']} relabellings of {t['cells']} cells in {t['worlds']} worlds), "
+            f"Holm {report._p(c['holm'][key])}: **{_verdict(c['holm'][key], cos['contrast'])}**.", ""]
+    overlap = [o for o in c["overlap"].values() if o]
+    if overlap:
+      shared = sum(o["shared"] for o in overlap)
+      L += [f"Extraction questions that are also narrow evaluation prompts, word for word: {shared} "
+            f"(of {sum(o['extraction'] for o in overlap)} extraction and {sum(o['narrow'] for o in overlap)} narrow "
+            f"prompts over {len(overlap)} worlds)" + ("." if not shared else
+                                                      ": **the ablation is measured partly on its extraction set**."),
+            ""]
     ab = c["ablation"]
     if ab:
       t = ab["test"]
       ctrl = ab["positive_control"]
       gate = ""
       if not ctrl.get("ci95") or ctrl["ci95"][0] <= 0:
-        gate = ("the positive control did not pass (a cell's own direction does not remove more of its narrow EM "
-                "than a random direction: the interval over worlds does not lie above 0), so the directions do "
-                "not carry this model's EM and the cross-cell comparison is uninformative")
+        gate = ("the positive control did not pass (a cell's own direction does not remove more of its misaligned "
+                "share than the control direction: the interval over worlds does not lie above 0), so the "
+                "directions do not carry this model's misalignment and the cross-cell comparison is uninformative")
       n = ab["n_answers"]
+      sd_dir, sd_ctrl = c["cosines"]["own"].get("projection_sd") if c["cosines"]["own"] else None, c["control_projection_sd"]
       L += ["**Ablation**: each cell B's model with a direction projected out of the residual stream at every "
-            "layer, against the same model, questions and sampling seed without it: EM removed = EM plain minus "
-            "EM ablated (percentage points; > 0 removes EM). Narrow EM: all cells' held-out prompts "
-            f"({_range(n.get('narrow'))} answers per evaluation), the tested measure; in-cell: B's own prompts "
-            f"({_range(n.get('in_cell'))}); general: the questions the directions were read from "
-            f"({_range(n.get('general'))}).", "",
-            f"Plain EM of the fine-tuned models: narrow {fmt(ab['plain']['narrow'])}, in-cell "
-            f"{fmt(ab['plain']['in_cell'])}, general {fmt(ab['plain']['general'])}.", ""]
+            "layer, against the same model, questions and sampling seed without it; removed = plain minus "
+            "ablated, percentage points (> 0 removes). The tested measure is the misaligned share of the coherent "
+            "narrow answers (all cells' held-out prompts; about "
+            f"{_range(n.get('narrow_share'))} coherent of {_range(n.get('narrow'))} answers per evaluation): an "
+            "ablation that only breaks the answers' form leaves it, while it lowers EM (misaligned and coherent "
+            f"among all). In-cell: B's own prompts ({_range(n.get('in_cell'))} answers); general: the general "
+            f"questions ({_range(n.get('general'))}; those of the uncovered domains are the extraction set). The "
+            f"control is a random direction in the span of the base's top principal components (sd of the base's "
+            f"activations along it {_num(sd_ctrl)}, along the cells' directions {_num(sd_dir)}).", "",
+            f"Plain, before any ablation: narrow misaligned share {fmt(ab['plain']['narrow_share'])}, narrow EM "
+            f"{fmt(ab['plain']['narrow'])}, in-cell EM {fmt(ab['plain']['in_cell'])}, general EM "
+            f"{fmt(ab['plain']['general'])}. Evaluations per world: "
+            f"{', '.join(f'{w}: {k}' for w, k in ab['n_pairs'].items())} of {ab['n_pairs_planned']} planned.", ""]
       rows = [[g, *(fmt(ab["by_group"][f"removed_{m}"][g], 1, signed=True) for m in MEASURES),
                *(fmt(ab["by_group"][f"change_{m}"][g], 1, signed=True) for m in COHERENCE)] for g in GROUPS]
-      L += report._table(["direction ablated", "narrow EM removed", "in-cell EM removed", "general EM removed",
+      L += report._table(["direction ablated", "misaligned share removed (tested)", "narrow EM removed",
+                          "in-cell EM removed", "general EM removed", "narrow coherent change",
                           "general coherent change", "in-cell coherent change"], rows)
-      L += [f"Positive control (own direction minus random, narrow EM removed): {fmt(ctrl, 1, signed=True)}. "
-            f"Same task minus same domain (narrow EM removed): {fmt(ab['contrast'], 1, signed=True)}; relabelling "
+      L += [f"Positive control (own direction minus control, share removed): {fmt(ctrl, 1, signed=True)}. "
+            f"Same task minus same domain (share removed): {fmt(ab['contrast'], 1, signed=True)}; relabelling "
             f"test p {report._p(t['p'])} ({t['permutations']} relabellings of {t['cells']} cells in {t['worlds']} "
-            f"worlds), Holm {report._p(c['holm']['ablation'])}: **{_verdict(c['holm']['ablation'], t, gate)}**.", "",
-            "The matrix (narrow EM removed, mean over worlds; rows: the model's cell B, columns: the direction's "
-            f"cell A) is figures/subspace_{comp}.png. What this cannot show: the models are tiny (one direction may be "
-            "most of their width), the directions come from one layer and one set of questions, and a "
-            "relation's mean pools pairs of unequal count (in the full 3 x 4 grid each cell has 2 same-task, 3 "
-            "same-domain and 6 unrelated partners).", ""]
+            f"worlds), Holm {report._p(c['holm']['ablation'])}: "
+            f"**{_verdict(c['holm']['ablation'], ab['contrast'], gate)}**.", "",
+            "The matrix (share removed, mean over worlds; rows: the model's cell B, columns: the direction's "
+            f"cell A) is figures/subspace_{comp}.png. What this cannot show: the models are tiny (a direction "
+            "may be a large part of their width); the directions come from one layer and one set of questions; "
+            "a relation's mean pools pairs of unequal count (in the 3 x 4 grid each cell has 2 same-task, 3 "
+            "same-domain and 6 unrelated partners); and a removal that scales with both the source's direction "
+            "strength and the target's misalignment, each varying by task, raises same task over same domain "
+            "with no shared subspace, so the ablation contrast is read beside the cosines on the base's answers, "
+            "which have no such term.", ""]
   return L
 
 
@@ -368,6 +444,10 @@ def _step(first: Mapping | None, m: str) -> str:
     return "missing"
   v = first["estimate"][m]
   return "–" if v is None else str(v)
+
+
+def _num(x) -> str:
+  return "unknown" if x is None else f"{x:.3g}"
 
 
 def _pct(x) -> str:
@@ -412,7 +492,7 @@ def write_figures(mech: Mapping, directory: str) -> list[str]:
       axes.flat[0].legend(fontsize=7)
       fig.suptitle(f"EM (%) over SFT steps, one line per world ({comp})", fontsize=10)
       save(fig, f"em_curves_{comp}.png")
-    cos = c["cosines"]
+    cos = c["cosines"]["own"]
     if cos:
       m = np.array(cos["mean_matrix"])
       fig, ax = plt.subplots(figsize=(0.45 * len(cells) + 2.5, 0.45 * len(cells) + 1.8))
@@ -436,7 +516,7 @@ def write_figures(mech: Mapping, directory: str) -> list[str]:
       ax.set_yticklabels(cells, fontsize=7)
       ax.set_xlabel("direction ablated (cell A)")
       ax.set_ylabel("model (cell B)")
-      ax.set_title(f"Narrow EM removed (pp, mean over worlds, {comp})", fontsize=9)
+      ax.set_title(f"Misaligned share of coherent narrow answers removed (pp, mean over worlds, {comp})", fontsize=8)
       fig.colorbar(im, ax=ax, fraction=0.04)
       save(fig, f"subspace_{comp}.png")
   return written
