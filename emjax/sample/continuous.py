@@ -1,0 +1,274 @@
+"""Continuous batching: a fixed number of decode slots over one preallocated KV cache, each slot
+refilled with the next prompt as soon as its row stops.
+
+The static sampler (`Sampler.generate`) decodes a batch until its longest row finishes, so rows that
+stop early idle. Here every slot is a row of a ring-buffer cache of C = (longest prompt bucket - 1)
++ max_new_tokens_cap columns: every decode step writes column `t mod C` of every slot (one global
+step `t`, so the model's scalar cache index is unchanged), and a row's keys are told apart from a
+previous occupant's by their segment ids (0 = empty), so attention needs no new mask. Refilling a
+slot prefills the new prompt with the static sampler's prefill (its buckets) and places its cache
+columns so that its last one is `t - 1`; every other column of the slot is emptied. A row never
+spans more than C columns (its prompt's bucket - 1 plus at most the cap), so the ring never
+overwrites a live key.
+
+What a row draws is the static sampler's: the same row keys (the prompt's seed and the sample's
+index) folded with the row's own step, the same `sample_logits`, stop ids and limits, so greedy
+answers are the static ones token for token (up to float ties, since attention sums over another
+cache length) and sampled ones too. The decode runs in chunks of up to `chunk_steps` steps inside
+one `lax.while_loop`, ending early when a row stops while prompts wait; the host then refills the
+free slots (prefill and insertion padded to powers of two, so the number of compiled programs is
+bounded by the buckets, not by the run's length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emjax import sharding as shd
+from emjax.models import transformer
+from emjax.sample import sampler as sampler_lib
+
+
+@dataclasses.dataclass
+class _Job:
+  prompt: int  # index of the prompt
+  sample: int  # index of the sample (0 .. n-1)
+
+
+class ContinuousSampler:
+  """Continuous batching over a `Sampler`'s compiled prefill and model (its buckets, cap, mesh, LoRA).
+
+  Args:
+    sampler: the static sampler whose architecture, buckets and cap are used.
+    slots: decode rows (a multiple of the data-parallel size).
+    chunk_steps: most decode steps between two visits of the host.
+  """
+
+  def __init__(self, sampler: sampler_lib.Sampler, *, slots: int = 32, chunk_steps: int = 16):
+    if slots < 1 or slots % sampler.data_parallel:
+      raise ValueError(f"slots={slots}: a positive multiple of the data-parallel size ({sampler.data_parallel})")
+    if chunk_steps < 1:
+      raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    self.sampler = sampler
+    self.slots = int(slots)
+    self.chunk_steps = int(chunk_steps)
+    self.ring = sampler.cache_length(sampler.buckets[-1])
+    self.trace_counts = sampler.trace_counts  # one counter: prefill is the sampler's own
+    self.init_fn = jax.jit(self._init)
+    self.insert_fn = jax.jit(self._insert, donate_argnames=("state",))
+    self.decode_fn = jax.jit(self._decode_chunk, static_argnames=("rules",), donate_argnames=("state",),
+                             compiler_options=sampler_lib.decode_compiler_options(sampler.mesh))
+
+  # --------------------------------------------------------------------------- device functions
+
+  def _outputs(self, rows: int) -> dict:
+    cap, k_top = self.sampler.max_new_tokens_cap, self.sampler.top_logprobs
+    out = {"tokens": jnp.zeros((rows, cap), jnp.int32), "logprobs": jnp.zeros((rows, cap), jnp.float32),
+           "sampled_logprobs": jnp.zeros((rows, cap), jnp.float32)}
+    if k_top:
+      out["top_ids"] = jnp.zeros((rows, cap, k_top), jnp.int32)
+      out["top_logprobs"] = jnp.zeros((rows, cap, k_top), jnp.float32)
+    return out
+
+  def _init(self) -> dict:
+    """Every slot empty and finished."""
+    self.trace_counts["continuous_init"] += 1
+    s, cfg = self.slots, self.sampler.model_cfg
+    with shd.activation_sharding(self.sampler.mesh):
+      cache = transformer.init_cache(cfg, s, self.ring, self.sampler.cache_dtype)
+      cache = self.sampler._constrain_cache(self.sampler._unstack_cache(cache))
+      zeros = jnp.zeros((s,), jnp.int32)
+      return {"cache": cache, "t": jnp.zeros((), jnp.int32), "token": zeros, "position": zeros, "length": zeros,
+              "live": jnp.zeros((s,), bool), "stopped": jnp.zeros((s,), bool),
+              "keys": jnp.zeros((s, 2), jnp.uint32), "outputs": self._outputs(s)}
+
+  def _insert(self, state, rows_R, small, last_tokens_R, prompt_lengths_R, keys_Rx2, bucket_cols):
+    """Slots `rows_R` (== slots: padding, dropped) take the prefilled rows of `small` (a prefill
+    cache whose first `bucket_cols` columns hold the prompts), placed to end at column t - 1."""
+    self.trace_counts["continuous_insert"] += 1
+    ring, t = self.ring, state["t"]
+    shift = jnp.mod(t - bucket_cols, ring)
+
+    def place(x, axis):  # [R, ..., cols, ...] -> the ring's columns, rolled into place
+      pad = [(0, 0)] * x.ndim
+      pad[axis] = (0, ring - x.shape[axis])
+      return jnp.roll(jnp.pad(x, pad), shift, axis=axis)
+
+    def put(buf, x):
+      return buf.at[rows_R].set(x.astype(buf.dtype), mode="drop")
+
+    with shd.activation_sharding(self.sampler.mesh):
+      cache = dict(state["cache"])
+      for name in ("k", "v"):
+        axis = transformer.CACHE_LOGICAL_AXES[name].index("length") - 1  # per layer: no layers axis
+        layers = small[name] if isinstance(small[name], (list, tuple)) else list(small[name])
+        new = [put(buf, place(x, axis)) for buf, x in zip(cache[name], layers)]
+        cache[name] = new if isinstance(cache[name], (list, tuple)) else jnp.stack(new)
+      cache["positions"] = put(cache["positions"], place(small["positions"], 1))
+      cache["segment_ids"] = put(cache["segment_ids"], place(small["segment_ids"], 1))
+      r = rows_R.shape[0]
+      out = {k: put(v, jnp.zeros((r, *v.shape[1:]), v.dtype)) for k, v in state["outputs"].items()}
+      return dict(state, cache=self.sampler._constrain_cache(cache), outputs=out,
+                  token=put(state["token"], last_tokens_R), position=put(state["position"], prompt_lengths_R - 1),
+                  length=put(state["length"], jnp.zeros_like(rows_R)), live=put(state["live"], jnp.ones(r, bool)),
+                  stopped=put(state["stopped"], jnp.zeros(r, bool)), keys=put(state["keys"], keys_Rx2))
+
+  def _decode_chunk(self, weights, state, stop_ids_S, knobs, early, edit=None, *, rules: sampler_lib.SamplingRules):
+    """Up to `chunk_steps` decode steps of every live slot; ends early (when `early`) once a row stops."""
+    self.trace_counts["continuous_decode"] += 1
+    sampler, ring, cap, k_top = self.sampler, self.ring, self.sampler.max_new_tokens_cap, self.sampler.top_logprobs
+    max_new = knobs["max_new_tokens"]
+    rows = self.slots
+    ones_Bx1 = jnp.ones((rows, 1), jnp.int32)
+    slot_ids = jnp.arange(rows)
+
+    def cond(c):
+      return (c["i"] < self.chunk_steps) & jnp.any(c["state"]["live"]) & ~(early & c["finished"])
+
+    def body(c):
+      s = c["state"]
+      live_B = s["live"]
+      model = sampler._model(weights, sampler.decode_graphdef)
+      logits_Bx1xV, cache = model(s["token"][:, None], s["position"][:, None], ones_Bx1,
+                                  cache=sampler._stack_cache(s["cache"]), cache_index=jnp.mod(s["t"], ring), edit=edit)
+      cache = sampler._unstack_cache(cache)
+      logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
+      step_B = s["length"]
+      keys_Bx2 = jax.vmap(jax.random.fold_in)(s["keys"], step_B)
+      token_B, raw_lp_B, sampled_lp_B, lse_B = sampler_lib.sample_logits(logits_BxV, keys_Bx2, knobs, rules,
+                                                                         sampler.sort_candidates)
+      token_B = jnp.where(live_B, token_B, 0)
+      col_B = jnp.where(live_B, jnp.minimum(step_B, cap - 1), cap)  # finished rows write nowhere
+      out = dict(s["outputs"])
+      write = lambda buf, x: buf.at[slot_ids, col_B].set(x, mode="drop")  # noqa: E731
+      out["tokens"] = write(out["tokens"], token_B)
+      out["logprobs"] = write(out["logprobs"], raw_lp_B)
+      out["sampled_logprobs"] = write(out["sampled_logprobs"], sampled_lp_B)
+      if k_top:
+        top_vals_BxK, top_ids_BxK = jax.lax.top_k(logits_BxV, k_top)
+        out["top_ids"] = write(out["top_ids"], top_ids_BxK)
+        out["top_logprobs"] = write(out["top_logprobs"], top_vals_BxK - lse_B[:, None])
+      hit_stop_B = live_B & jnp.any(token_B[:, None] == stop_ids_S[None, :], axis=-1)
+      done_B = live_B & (hit_stop_B | (step_B + 1 >= max_new))
+      new = dict(s, cache=sampler._constrain_cache(cache), t=s["t"] + 1, token=jnp.where(live_B, token_B, s["token"]),
+                 position=s["position"] + live_B, length=s["length"] + live_B, live=live_B & ~done_B,
+                 stopped=s["stopped"] | hit_stop_B, outputs=out)
+      return {"i": c["i"] + 1, "finished": c["finished"] | jnp.any(done_B), "state": new}
+
+    with shd.activation_sharding(sampler.mesh):
+      final = jax.lax.while_loop(cond, body, {"i": jnp.zeros((), jnp.int32), "finished": jnp.zeros((), bool),
+                                              "state": state})
+    return final["state"]
+
+  # --------------------------------------------------------------------------- host API
+
+  def generate(self, params: dict, prompts: Sequence[Sequence[int]],
+               sampling: sampler_lib.SamplingParams | None = None, *, prompt_seeds: Sequence[int] | None = None,
+               edit: transformer.ResidualEdit | None = None, **overrides) -> sampler_lib.SampleOutput:
+    """`Sampler.generate`'s contract (the same outputs, row for row), decoded by continuous batching."""
+    sampler = self.sampler
+    sampling = dataclasses.replace(sampling or sampler_lib.SamplingParams(), **overrides)
+    sampling.validate(sampler.model_cfg.vocab_size, sampler.max_new_tokens_cap)
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+      raise ValueError("generate: no prompts given")
+    vocab = sampler.model_cfg.vocab_size
+    for i, p in enumerate(prompts):
+      if not p:
+        raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+      bad = [t for t in p if not 0 <= t < vocab]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+      sampler.bucket_for(len(p))
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+      raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
+    seeds = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(len(prompts)), np.int64) % 2**32
+    n, steps = sampling.n, sampling.max_new_tokens
+    weights = sampler.prepare_weights(params)
+    if edit is not None:
+      edit = transformer.ResidualEdit(*(sampler._put_replicated(np.asarray(x, np.float32)) for x in edit))
+    stop_ids_S = np.full((sampler_lib._padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
+    stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
+    knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(steps),
+             "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
+             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
+    if sampling.banned_token_ids:
+      knobs["banned"] = sampling.banned_mask(vocab)
+    knobs = {k: sampler._put_replicated(v) for k, v in knobs.items()}
+    stop_ids_S = sampler._put_replicated(stop_ids_S)
+    base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))
+    fold = jax.vmap(jax.random.fold_in, (0, 0))
+
+    # Longest prompts first: similar lengths share prefill buckets, and the long rows start early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    pending = [_Job(i, j) for i in order for j in range(n)]
+    pending.reverse()  # pop() from the end
+    occupant: list[_Job | None] = [None] * self.slots
+    shape = (len(prompts), n, steps)
+    tokens, lengths = np.zeros(shape, np.int32), np.zeros(shape[:2], np.int32)
+    logprobs, sampled = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    stopped = np.zeros(shape[:2], bool)
+    k_top = sampler.top_logprobs
+    top_ids = np.zeros((*shape, k_top), np.int32) if k_top else None
+    top_lps = np.zeros((*shape, k_top), np.float32) if k_top else None
+
+    state = self.init_fn()
+    while pending or any(o is not None for o in occupant):
+      free = [r for r, o in enumerate(occupant) if o is None]
+      if pending and free:
+        jobs = [pending.pop() for _ in range(min(len(free), len(pending)))]
+        state = self._refill(weights, state, free[:len(jobs)], jobs, prompts, seeds, base_key, fold, edit)
+        for r, job in zip(free, jobs):
+          occupant[r] = job
+      state = self.decode_fn(weights, state, stop_ids_S, knobs, sampler._put_replicated(np.bool_(bool(pending))),
+                             edit, rules=sampling.rules)
+      live = np.asarray(jax.device_get(state["live"]))
+      done = [r for r, o in enumerate(occupant) if o is not None and not live[r]]
+      if not done:
+        continue
+      host = jax.device_get({"length": state["length"], "stopped": state["stopped"],
+                             **{k: v for k, v in state["outputs"].items()}})
+      for r in done:
+        job, m = occupant[r], int(host["length"][r])
+        tokens[job.prompt, job.sample, :m] = host["tokens"][r, :m]
+        logprobs[job.prompt, job.sample, :m] = host["logprobs"][r, :m]
+        sampled[job.prompt, job.sample, :m] = host["sampled_logprobs"][r, :m]
+        if k_top:
+          top_ids[job.prompt, job.sample, :m] = host["top_ids"][r, :m]
+          top_lps[job.prompt, job.sample, :m] = host["top_logprobs"][r, :m]
+        lengths[job.prompt, job.sample] = m
+        stopped[job.prompt, job.sample] = bool(host["stopped"][r])
+        occupant[r] = None
+    return sampler_lib.SampleOutput(
+        tokens=tokens, lengths=lengths, finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP,
+                                                                sampler_lib.FINISH_LENGTH),
+        logprobs=logprobs, sampled_logprobs=sampled,
+        prompt_lengths=np.asarray([len(p) for p in prompts], np.int32), top_ids=top_ids, top_logprobs=top_lps)
+
+  def _refill(self, weights, state, rows: list[int], jobs: list[_Job], prompts, seeds, base_key, fold, edit):
+    """Prefill `jobs` (padded to a power of two, at least the data-parallel size) into slots `rows`."""
+    sampler = self.sampler
+    bucket = sampler.bucket_for(max(len(prompts[j.prompt]) for j in jobs))
+    count = max(sampler.data_parallel, 1 << math.ceil(math.log2(len(jobs))))
+    count = -(-count // sampler.data_parallel) * sampler.data_parallel
+    tokens_RxP = np.zeros((count, bucket), np.int32)
+    lengths_R = np.ones((count,), np.int32)
+    rows_R = np.full((count,), self.slots, np.int32)  # padding rows are dropped by the insertion
+    prompt_seed_R, sample_R = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
+    for i, (r, job) in enumerate(zip(rows, jobs)):
+      p = prompts[job.prompt]
+      tokens_RxP[i, bucket - len(p):] = p
+      lengths_R[i], rows_R[i] = len(p), r
+      prompt_seed_R[i], sample_R[i] = seeds[job.prompt], job.sample
+    keys_Rx2 = fold(fold(jnp.broadcast_to(base_key, (count, *base_key.shape)), jnp.asarray(prompt_seed_R)),
+                    jnp.asarray(sample_R))
+    small = sampler.prefill_fn(weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), edit, n=1)
+    return self.insert_fn(state, sampler._put_batch(rows_R), small, sampler._put_batch(tokens_RxP[:, -1]),
+                          sampler._put_batch(lengths_R), sampler._put_batch(np.asarray(keys_Rx2)),
+                          jnp.int32(bucket - 1))

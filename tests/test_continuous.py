@@ -1,0 +1,90 @@
+"""Continuous batching (emjax.sample.continuous): the static sampler's answers, row for row, from a
+few slots refilled as rows stop; compiled programs bounded; stop ids, limits and edits carried over."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from emjax.models import transformer as T
+from emjax.sample import continuous as C
+from emjax.sample import sampler as S
+
+CFG = T.TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.1)
+BUCKETS = (8, 16)
+CAP = 12
+
+
+@pytest.fixture(scope="module")
+def params():
+  return T.split_model(T.Transformer(CFG, rngs=nnx.Rngs(0)))[1]
+
+
+@pytest.fixture(scope="module")
+def static():
+  return S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP, top_logprobs=3)
+
+
+def prompts(count, seed=1):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(1, CFG.vocab_size, size=int(rng.integers(1, 17))).tolist() for _ in range(count)]
+
+
+def same(a: S.SampleOutput, b: S.SampleOutput, *, logprob_atol=1e-4):
+  np.testing.assert_array_equal(a.lengths, b.lengths)
+  np.testing.assert_array_equal(a.finish_reasons, b.finish_reasons)
+  for i in range(a.tokens.shape[0]):
+    for j in range(a.tokens.shape[1]):
+      m = a.lengths[i, j]
+      np.testing.assert_array_equal(a.tokens[i, j, :m], b.tokens[i, j, :m])
+      np.testing.assert_allclose(a.logprobs[i, j, :m], b.logprobs[i, j, :m], atol=logprob_atol)
+      np.testing.assert_allclose(a.sampled_logprobs[i, j, :m], b.sampled_logprobs[i, j, :m], atol=logprob_atol)
+      np.testing.assert_array_equal(a.top_ids[i, j, :m], b.top_ids[i, j, :m])
+
+
+@pytest.mark.parametrize("sampling", [
+    S.SamplingParams(temperature=0.0, max_new_tokens=CAP, stop_token_ids=(3, 7)),
+    S.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, stop_token_ids=(3, 7), n=2, seed=5),
+], ids=["greedy", "sampled_n2"])
+def test_the_answers_are_the_static_samplers_row_for_row(params, static, sampling):
+  ps = prompts(13)
+  ref = static.generate(params, ps, sampling)
+  cont = C.ContinuousSampler(static, slots=4, chunk_steps=3)
+  got = cont.generate(params, ps, sampling)
+  assert (ref.finish_reasons == "stop").any() and (ref.lengths < sampling.max_new_tokens).any()  # rows stop early
+  same(got, ref)
+
+
+def test_compiled_programs_do_not_grow_with_the_run(params):
+  static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP)
+  cont = C.ContinuousSampler(static, slots=4, chunk_steps=4)
+  sampling = S.SamplingParams(temperature=0.0, max_new_tokens=CAP, stop_token_ids=(3,))
+  cont.generate(params, prompts(9, seed=2), sampling)
+  before = dict(cont.trace_counts)
+  for seed in range(3, 6):
+    cont.generate(params, prompts(17, seed=seed), dataclasses.replace(sampling, max_new_tokens=5 + seed))
+  assert before == dict(cont.trace_counts), (before, dict(cont.trace_counts))
+  assert before["continuous_decode"] == 1 and before["continuous_init"] == 1
+
+
+def test_an_ablation_is_the_static_samplers_too(params, static):
+  d = np.random.default_rng(0).normal(size=CFG.d_model)
+  edit = T.residual_edit(CFG.n_layers, d / np.linalg.norm(d), ablate="all")
+  ps = prompts(6, seed=7)
+  sampling = S.SamplingParams(temperature=0.0, max_new_tokens=CAP)
+  ref = static.generate(params, ps, sampling, edit=edit)
+  got = C.ContinuousSampler(static, slots=2, chunk_steps=5).generate(params, ps, sampling, edit=edit)
+  same(got, ref)
+  plain = static.generate(params, ps, sampling)
+  assert not np.array_equal(plain.tokens, got.tokens)
+
+
+def test_bad_arguments_are_refused(params, static):
+  with pytest.raises(ValueError, match="slots"):
+    C.ContinuousSampler(static, slots=0)
+  cont = C.ContinuousSampler(static, slots=2)
+  with pytest.raises(ValueError, match="longer than the cache allows"):
+    cont.generate(params, [[1] * 17], max_new_tokens=CAP)
+  with pytest.raises(ValueError, match="empty"):
+    cont.generate(params, [[]], max_new_tokens=CAP)
