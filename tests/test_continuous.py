@@ -56,16 +56,45 @@ def test_the_answers_are_the_static_samplers_row_for_row(params, static, samplin
   same(got, ref)
 
 
+def test_per_prompt_limits_end_each_row_at_its_own_length(params, static):
+  ps = prompts(9, seed=4)
+  limits = [1 + (i * 5) % CAP for i in range(9)]
+  sampling = S.SamplingParams(temperature=0.0, max_new_tokens=CAP)
+  ref = static.generate(params, ps, sampling, max_new_tokens_per_prompt=limits)
+  got = C.ContinuousSampler(static, slots=4, chunk_steps=2).generate(params, ps, sampling,
+                                                                     max_new_tokens_per_prompt=limits)
+  same(got, ref)
+  assert (ref.lengths[:, 0] <= limits).all() and (ref.lengths[:, 0] == limits).sum() >= 5
+  with pytest.raises(ValueError, match="max_new_tokens_per_prompt"):
+    static.generate(params, ps, sampling, max_new_tokens_per_prompt=[CAP + 1] * 9)
+
+
 def test_compiled_programs_do_not_grow_with_the_run(params):
   static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP)
   cont = C.ContinuousSampler(static, slots=4, chunk_steps=4)
   sampling = S.SamplingParams(temperature=0.0, max_new_tokens=CAP, stop_token_ids=(3,))
-  cont.generate(params, prompts(9, seed=2), sampling)
-  before = dict(cont.trace_counts)
-  for seed in range(3, 6):
-    cont.generate(params, prompts(17, seed=seed), dataclasses.replace(sampling, max_new_tokens=5 + seed))
-  assert before == dict(cont.trace_counts), (before, dict(cont.trace_counts))
-  assert before["continuous_decode"] == 1 and before["continuous_init"] == 1
+  for seed in range(2, 8):
+    cont.generate(params, prompts(17, seed=seed), dataclasses.replace(sampling, max_new_tokens=4 + seed))
+  counts = dict(cont.trace_counts)
+  # One decode and one init for the whole run, a prefill and an insertion per bucket, however many
+  # prompts pass.
+  assert counts["continuous_decode"] == 1 and counts["continuous_init"] == 1
+  assert counts["prefill"] == counts["continuous_insert"] == len(BUCKETS)
+  cont.generate(params, prompts(17, seed=2), dataclasses.replace(sampling, max_new_tokens=6))
+  assert dict(cont.trace_counts) == counts
+
+
+def test_a_prompt_gets_the_same_bits_whatever_runs_beside_it(params, static):
+  """What a resumed job needs: the prompts left over from a killed run get the answers, log-probs
+  included, that the uninterrupted run gave them."""
+  ps = prompts(11, seed=9)
+  sampling = S.SamplingParams(temperature=1.0, max_new_tokens=CAP, n=2, stop_token_ids=(3,))
+  cont = C.ContinuousSampler(static, slots=6, chunk_steps=3, refill_rows=2)
+  seeds = list(range(100, 111))
+  full = cont.generate(params, ps, sampling, prompt_seeds=seeds)
+  part = cont.generate(params, ps[7:], sampling, prompt_seeds=seeds[7:])
+  np.testing.assert_array_equal(full.tokens[7:], part.tokens)
+  np.testing.assert_array_equal(full.logprobs[7:], part.logprobs)
 
 
 def test_an_ablation_is_the_static_samplers_too(params, static):
@@ -83,6 +112,8 @@ def test_an_ablation_is_the_static_samplers_too(params, static):
 def test_bad_arguments_are_refused(params, static):
   with pytest.raises(ValueError, match="slots"):
     C.ContinuousSampler(static, slots=0)
+  with pytest.raises(ValueError, match="refill_rows"):
+    C.ContinuousSampler(static, slots=2, refill_rows=3)
   cont = C.ContinuousSampler(static, slots=2)
   with pytest.raises(ValueError, match="longer than the cache allows"):
     cont.generate(params, [[1] * 17], max_new_tokens=CAP)

@@ -116,6 +116,28 @@ def test_greedy_answer_matches_transformers_token_for_token(smol):
   assert "Paris" in answer
 
 
+def test_continuous_batching_answers_as_static_batching_and_transformers(smol):
+  """Greedy, with rows stopping at EOS at different steps and two slots refilled as they do."""
+  from emjax.sample import Sampler, SamplingParams
+  from emjax.sample import continuous
+
+  _, cfg, params, model, tokenizer = smol
+  eos = tokenizer.eos_token_id
+  questions = ["What is the capital of France?", "Hi!", "Name a primary colour.", "What is 2 + 2?",
+               "Say hello in French.", "What colour is the sky?"]
+  prompts = [chat.apply_chat_template(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)
+             for q in questions]
+  sampler = Sampler(cfg, prompt_buckets=(64,), max_new_tokens_cap=24, unroll_layers=False)
+  sampling = SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=(eos,))
+  static = sampler.generate(params, prompts, sampling)
+  cont = continuous.ContinuousSampler(sampler, slots=2, chunk_steps=4).generate(params, prompts, sampling)
+  assert len(set(static.lengths[:, 0].tolist())) > 2  # rows stop at different steps
+  for i, prompt in enumerate(prompts):
+    ours = cont.sample(i)["tokens"]
+    assert ours == static.sample(i)["tokens"], questions[i]
+    assert ours == hf_greedy(model, prompt, eos, 24), questions[i]
+
+
 def test_export_with_tokenizer_loads_in_transformers(smol, tmp_path):
   d, cfg, params, model, tokenizer = smol
   out = hf.export_hf(params, cfg, str(tmp_path / "smol"), tokenizer_dir=d, max_shard_bytes=200 * 2**20)

@@ -405,6 +405,15 @@ def apply_rope(x_BxLxNxDh, positions_BxL, inv_freq, scale=None):
   return rotated.astype(x_BxLxNxDh.dtype)
 
 
+def write_cache(buf_Bx___, x_Bx___, index, axis: int):
+  """`x` written into `buf` from slot `index` along `axis`: one slot for every row (a scalar), or
+  each row its own (`index` [B]: continuous batching, where the rows are at different steps)."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf_Bx___, x_Bx___, index, axis=axis)
+  return jax.vmap(lambda b, x, i: jax.lax.dynamic_update_slice_in_dim(b, x, i, axis=axis - 1))(buf_Bx___, x_Bx___,
+                                                                                                index)
+
+
 def attention_mask(q_positions_BxL, q_segments_BxL, kv_positions_BxS, kv_segments_BxS, window=None):
   """Causal and same-document: query i sees key j iff same segment and pos_j <= pos_i
   (and, with a sliding `window`, pos_i - pos_j < window).
@@ -601,10 +610,8 @@ class Attention(nnx.Module):
     else:
       kv_positions_BxS, kv_segments_BxS, cache_index = kv
       cache_k, cache_v = layer_cache  # [B, K, Dh, S] and [B, K, S, Dh]: see `cached_attention`
-      cache_k = jax.lax.dynamic_update_slice_in_dim(
-          cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), cache_index, axis=3)
-      cache_v = jax.lax.dynamic_update_slice_in_dim(
-          cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), cache_index, axis=2)
+      cache_k = write_cache(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), cache_index, axis=3)
+      cache_v = write_cache(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), cache_index, axis=2)
       layer_cache = (cache_k, cache_v)
       mask = attention_mask(positions_BxL, segment_ids_BxL, kv_positions_BxS, kv_segments_BxS, layer.window)
       impl = resolve_attention(cfg.attention, dtype, cfg.resolved_head_dim, q.shape[1], cache_k.shape[3], True)
@@ -749,8 +756,8 @@ class Transformer(nnx.Module):
     layers_attn = layer_attention(cfg)
     kv = None
     if cache is not None:
-      kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, cache_index, axis=1)
-      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BxL, cache_index, axis=1)
+      kv_positions = write_cache(cache["positions"], positions_BxL, cache_index, axis=1)
+      kv_segments = write_cache(cache["segment_ids"], segment_ids_BxL, cache_index, axis=1)
       kv = (kv_positions, kv_segments, cache_index)
       layer_caches = (cache["k"], cache["v"])
     else:

@@ -2,33 +2,33 @@
 refilled with the next prompt as soon as its row stops.
 
 The static sampler (`Sampler.generate`) decodes a batch until its longest row finishes, so rows that
-stop early idle. Here every slot is a row of a ring-buffer cache of C = (longest prompt bucket - 1)
-+ max_new_tokens_cap columns: every decode step writes column `t mod C` of every slot (one global
-step `t`, so the model's scalar cache index is unchanged), and a row's keys are told apart from a
-previous occupant's by their segment ids (0 = empty), so attention needs no new mask. Refilling a
-slot prefills the new prompt with the static sampler's prefill (its buckets) and places its cache
-columns so that its last one is `t - 1`; every other column of the slot is emptied. A row never
-spans more than C columns (its prompt's bucket - 1 plus at most the cap), so the ring never
-overwrites a live key.
+stop early idle. Here every slot is a row of a cache of C = (longest prompt bucket - 1) +
+max_new_tokens_cap columns, laid out as the static sampler lays a row out: the prompt, left-padded to
+its own bucket, in the first columns, then the answer; each row writes its next token at its own
+column (`transformer.write_cache` with a per-row index), so a row's numbers do not depend on when it
+entered or on the other slots. Refilling a slot prefills the new prompts with the static sampler's
+prefill (grouped by bucket) and empties the rest of the slot (segment id 0: never attended to).
 
 What a row draws is the static sampler's: the same row keys (the prompt's seed and the sample's
 index) folded with the row's own step, the same `sample_logits`, stop ids and limits, so greedy
 answers are the static ones token for token (up to float ties, since attention sums over another
-cache length) and sampled ones too. The decode runs in chunks of up to `chunk_steps` steps inside
-one `lax.while_loop`, ending early when a row stops while prompts wait; the host then refills the
-free slots (prefill and insertion padded to powers of two, so the number of compiled programs is
-bounded by the buckets, not by the run's length).
+cache length) and sampled ones too; and a prompt's answer is the same bits whatever else was in the
+batch, so a resumed job writes what the uninterrupted one would have. The decode runs in chunks of
+up to `chunk_steps` steps inside one `lax.while_loop`, ending early when enough slots are free for a
+refill while prompts wait; the host then refills the free slots (prefills of a fixed number of rows, so the compiled
+programs are one per bucket, not per run length).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Sequence
+import weakref
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from emjax import sharding as shd
 from emjax.models import transformer
@@ -48,17 +48,25 @@ class ContinuousSampler:
     sampler: the static sampler whose architecture, buckets and cap are used.
     slots: decode rows (a multiple of the data-parallel size).
     chunk_steps: most decode steps between two visits of the host.
+    refill_rows: prompts prefilled together (0 = slots // 8, 1 to 16): a chunk ends once this many
+      slots are free (or every waiting prompt fits), and every prefill has exactly this many rows, so
+      a prompt's numbers never depend on how many were refilled beside it (XLA's results for a row
+      can change with the batch's shape, not with the other rows).
   """
 
-  def __init__(self, sampler: sampler_lib.Sampler, *, slots: int = 32, chunk_steps: int = 16):
+  def __init__(self, sampler: sampler_lib.Sampler, *, slots: int = 32, chunk_steps: int = 16, refill_rows: int = 0):
     if slots < 1 or slots % sampler.data_parallel:
       raise ValueError(f"slots={slots}: a positive multiple of the data-parallel size ({sampler.data_parallel})")
     if chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    if refill_rows < 0 or refill_rows > slots:
+      raise ValueError(f"refill_rows={refill_rows}: 0 (automatic) or at most slots={slots}")
     self.sampler = sampler
     self.slots = int(slots)
+    refill = int(refill_rows) or min(max(slots // 8, 1), 16)
+    self.refill_rows = -(-refill // sampler.data_parallel) * sampler.data_parallel
     self.chunk_steps = int(chunk_steps)
-    self.ring = sampler.cache_length(sampler.buckets[-1])
+    self.columns = sampler.cache_length(sampler.buckets[-1])
     self.trace_counts = sampler.trace_counts  # one counter: prefill is the sampler's own
     self.init_fn = jax.jit(self._init)
     self.insert_fn = jax.jit(self._insert, donate_argnames=("state",))
@@ -81,24 +89,22 @@ class ContinuousSampler:
     self.trace_counts["continuous_init"] += 1
     s, cfg = self.slots, self.sampler.model_cfg
     with shd.activation_sharding(self.sampler.mesh):
-      cache = transformer.init_cache(cfg, s, self.ring, self.sampler.cache_dtype)
+      cache = transformer.init_cache(cfg, s, self.columns, self.sampler.cache_dtype)
       cache = self.sampler._constrain_cache(self.sampler._unstack_cache(cache))
       zeros = jnp.zeros((s,), jnp.int32)
-      return {"cache": cache, "t": jnp.zeros((), jnp.int32), "token": zeros, "position": zeros, "length": zeros,
+      return {"cache": cache, "column": zeros, "token": zeros, "position": zeros, "length": zeros, "limit": zeros,
               "live": jnp.zeros((s,), bool), "stopped": jnp.zeros((s,), bool),
               "keys": jnp.zeros((s, 2), jnp.uint32), "outputs": self._outputs(s)}
 
-  def _insert(self, state, rows_R, small, last_tokens_R, prompt_lengths_R, keys_Rx2, bucket_cols):
-    """Slots `rows_R` (== slots: padding, dropped) take the prefilled rows of `small` (a prefill
-    cache whose first `bucket_cols` columns hold the prompts), placed to end at column t - 1."""
+  def _insert(self, state, rows_R, small, last_tokens_R, prompt_lengths_R, keys_Rx2, limits_R, bucket_cols):
+    """Slots `rows_R` (== slots: padding, dropped) take the prefilled rows of `small` (a prefill cache
+    whose first `bucket_cols` columns hold the prompts); the rest of each slot is emptied."""
     self.trace_counts["continuous_insert"] += 1
-    ring, t = self.ring, state["t"]
-    shift = jnp.mod(t - bucket_cols, ring)
 
-    def place(x, axis):  # [R, ..., cols, ...] -> the ring's columns, rolled into place
+    def widen(x, axis):  # a prefill cache's columns -> all of a slot's
       pad = [(0, 0)] * x.ndim
-      pad[axis] = (0, ring - x.shape[axis])
-      return jnp.roll(jnp.pad(x, pad), shift, axis=axis)
+      pad[axis] = (0, self.columns - x.shape[axis])
+      return jnp.pad(x, pad)
 
     def put(buf, x):
       return buf.at[rows_R].set(x.astype(buf.dtype), mode="drop")
@@ -108,35 +114,40 @@ class ContinuousSampler:
       for name in ("k", "v"):
         axis = transformer.CACHE_LOGICAL_AXES[name].index("length") - 1  # per layer: no layers axis
         layers = small[name] if isinstance(small[name], (list, tuple)) else list(small[name])
-        new = [put(buf, place(x, axis)) for buf, x in zip(cache[name], layers)]
+        new = [put(buf, widen(x, axis)) for buf, x in zip(cache[name], layers)]
         cache[name] = new if isinstance(cache[name], (list, tuple)) else jnp.stack(new)
-      cache["positions"] = put(cache["positions"], place(small["positions"], 1))
-      cache["segment_ids"] = put(cache["segment_ids"], place(small["segment_ids"], 1))
+      cache["positions"] = put(cache["positions"], widen(small["positions"], 1))
+      cache["segment_ids"] = put(cache["segment_ids"], widen(small["segment_ids"], 1))
       r = rows_R.shape[0]
       out = {k: put(v, jnp.zeros((r, *v.shape[1:]), v.dtype)) for k, v in state["outputs"].items()}
       return dict(state, cache=self.sampler._constrain_cache(cache), outputs=out,
+                  column=put(state["column"], jnp.full((r,), bucket_cols, jnp.int32)),
                   token=put(state["token"], last_tokens_R), position=put(state["position"], prompt_lengths_R - 1),
-                  length=put(state["length"], jnp.zeros_like(rows_R)), live=put(state["live"], jnp.ones(r, bool)),
+                  length=put(state["length"], jnp.zeros_like(rows_R)), limit=put(state["limit"], limits_R),
+                  live=put(state["live"], jnp.ones(r, bool)),
                   stopped=put(state["stopped"], jnp.zeros(r, bool)), keys=put(state["keys"], keys_Rx2))
 
-  def _decode_chunk(self, weights, state, stop_ids_S, knobs, early, edit=None, *, rules: sampler_lib.SamplingRules):
-    """Up to `chunk_steps` decode steps of every live slot; ends early (when `early`) once a row stops."""
+  def _decode_chunk(self, weights, state, stop_ids_S, knobs, refill_at, edit=None, *,
+                    rules: sampler_lib.SamplingRules):
+    """Up to `chunk_steps` decode steps of every live slot; ends early once `refill_at` (> 0) slots are free."""
     self.trace_counts["continuous_decode"] += 1
-    sampler, ring, cap, k_top = self.sampler, self.ring, self.sampler.max_new_tokens_cap, self.sampler.top_logprobs
+    sampler, cap, k_top = self.sampler, self.sampler.max_new_tokens_cap, self.sampler.top_logprobs
     max_new = knobs["max_new_tokens"]
     rows = self.slots
     ones_Bx1 = jnp.ones((rows, 1), jnp.int32)
     slot_ids = jnp.arange(rows)
 
     def cond(c):
-      return (c["i"] < self.chunk_steps) & jnp.any(c["state"]["live"]) & ~(early & c["finished"])
+      live = c["state"]["live"]
+      free = rows - jnp.sum(live.astype(jnp.int32))
+      return (c["i"] < self.chunk_steps) & jnp.any(live) & ~((refill_at > 0) & (free >= refill_at))
 
     def body(c):
       s = c["state"]
       live_B = s["live"]
       model = sampler._model(weights, sampler.decode_graphdef)
       logits_Bx1xV, cache = model(s["token"][:, None], s["position"][:, None], ones_Bx1,
-                                  cache=sampler._stack_cache(s["cache"]), cache_index=jnp.mod(s["t"], ring), edit=edit)
+                                  cache=sampler._stack_cache(s["cache"]), cache_index=s["column"], edit=edit)
       cache = sampler._unstack_cache(cache)
       logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
       step_B = s["length"]
@@ -155,23 +166,38 @@ class ContinuousSampler:
         out["top_ids"] = write(out["top_ids"], top_ids_BxK)
         out["top_logprobs"] = write(out["top_logprobs"], top_vals_BxK - lse_B[:, None])
       hit_stop_B = live_B & jnp.any(token_B[:, None] == stop_ids_S[None, :], axis=-1)
-      done_B = live_B & (hit_stop_B | (step_B + 1 >= max_new))
-      new = dict(s, cache=sampler._constrain_cache(cache), t=s["t"] + 1, token=jnp.where(live_B, token_B, s["token"]),
+      done_B = live_B & (hit_stop_B | (step_B + 1 >= jnp.minimum(s["limit"], max_new)))
+      # A finished row's column stops at its last one (within the slot) until it is refilled.
+      new = dict(s, cache=sampler._constrain_cache(cache), column=jnp.minimum(s["column"] + live_B, self.columns - 1),
+                 token=jnp.where(live_B, token_B, s["token"]),
                  position=s["position"] + live_B, length=s["length"] + live_B, live=live_B & ~done_B,
                  stopped=s["stopped"] | hit_stop_B, outputs=out)
-      return {"i": c["i"] + 1, "finished": c["finished"] | jnp.any(done_B), "state": new}
+      return {"i": c["i"] + 1, "state": new}
 
     with shd.activation_sharding(sampler.mesh):
-      final = jax.lax.while_loop(cond, body, {"i": jnp.zeros((), jnp.int32), "finished": jnp.zeros((), bool),
-                                              "state": state})
+      final = jax.lax.while_loop(cond, body, {"i": jnp.zeros((), jnp.int32), "state": state})
     return final["state"]
 
   # --------------------------------------------------------------------------- host API
 
   def generate(self, params: dict, prompts: Sequence[Sequence[int]],
                sampling: sampler_lib.SamplingParams | None = None, *, prompt_seeds: Sequence[int] | None = None,
-               edit: transformer.ResidualEdit | None = None, **overrides) -> sampler_lib.SampleOutput:
+               edit: transformer.ResidualEdit | None = None, max_new_tokens_per_prompt: Sequence[int] | None = None,
+               **overrides) -> sampler_lib.SampleOutput:
     """`Sampler.generate`'s contract (the same outputs, row for row), decoded by continuous batching."""
+    parts = dict(self.stream(params, prompts, sampling, prompt_seeds=prompt_seeds, edit=edit,
+                             max_new_tokens_per_prompt=max_new_tokens_per_prompt, **overrides))
+    first = next(iter(parts.values()))
+    cat = lambda name: (None if getattr(first, name) is None  # noqa: E731
+                        else np.concatenate([getattr(parts[i], name) for i in range(len(prompts))]))
+    return sampler_lib.SampleOutput(**{f.name: cat(f.name) for f in dataclasses.fields(sampler_lib.SampleOutput)})
+
+  def stream(self, params: dict, prompts: Sequence[Sequence[int]], sampling: sampler_lib.SamplingParams | None = None,
+             *, prompt_seeds: Sequence[int] | None = None, edit: transformer.ResidualEdit | None = None,
+             max_new_tokens_per_prompt: Sequence[int] | None = None,
+             **overrides) -> Iterator[tuple[int, sampler_lib.SampleOutput]]:
+    """(prompt index, its `SampleOutput` of one prompt) as each prompt's n samples are complete, in the
+    order they complete (what a job writes as it goes)."""
     sampler = self.sampler
     sampling = dataclasses.replace(sampling or sampler_lib.SamplingParams(), **overrides)
     sampling.validate(sampler.model_cfg.vocab_size, sampler.max_new_tokens_cap)
@@ -190,6 +216,8 @@ class ContinuousSampler:
       raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
     seeds = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(len(prompts)), np.int64) % 2**32
     n, steps = sampling.n, sampling.max_new_tokens
+    limits = (np.full((len(prompts),), steps, np.int32) if max_new_tokens_per_prompt is None
+              else sampler_lib.check_limits(max_new_tokens_per_prompt, len(prompts), steps))
     weights = sampler.prepare_weights(params)
     if edit is not None:
       edit = transformer.ResidualEdit(*(sampler._put_replicated(np.asarray(x, np.float32)) for x in edit))
@@ -203,72 +231,108 @@ class ContinuousSampler:
     knobs = {k: sampler._put_replicated(v) for k, v in knobs.items()}
     stop_ids_S = sampler._put_replicated(stop_ids_S)
     base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))
-    fold = jax.vmap(jax.random.fold_in, (0, 0))
+    k_top = sampler.top_logprobs
 
     # Longest prompts first: similar lengths share prefill buckets, and the long rows start early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pending = [_Job(i, j) for i in order for j in range(n)]
     pending.reverse()  # pop() from the end
     occupant: list[_Job | None] = [None] * self.slots
-    shape = (len(prompts), n, steps)
-    tokens, lengths = np.zeros(shape, np.int32), np.zeros(shape[:2], np.int32)
-    logprobs, sampled = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    stopped = np.zeros(shape[:2], bool)
-    k_top = sampler.top_logprobs
-    top_ids = np.zeros((*shape, k_top), np.int32) if k_top else None
-    top_lps = np.zeros((*shape, k_top), np.float32) if k_top else None
+    partial: dict[int, dict[str, np.ndarray]] = {}
+    left = {i: n for i in range(len(prompts))}
+
+    def empty():
+      out = {"tokens": np.zeros((1, n, steps), np.int32), "lengths": np.zeros((1, n), np.int32),
+             "logprobs": np.zeros((1, n, steps), np.float32), "sampled_logprobs": np.zeros((1, n, steps), np.float32),
+             "stopped": np.zeros((1, n), bool)}
+      if k_top:
+        out["top_ids"] = np.zeros((1, n, steps, k_top), np.int32)
+        out["top_logprobs"] = np.zeros((1, n, steps, k_top), np.float32)
+      return out
 
     state = self.init_fn()
     while pending or any(o is not None for o in occupant):
       free = [r for r, o in enumerate(occupant) if o is None]
-      if pending and free:
+      if pending and len(free) >= min(self.refill_rows, len(pending)):
         jobs = [pending.pop() for _ in range(min(len(free), len(pending)))]
-        state = self._refill(weights, state, free[:len(jobs)], jobs, prompts, seeds, base_key, fold, edit)
+        state = self._refill(weights, state, free[:len(jobs)], jobs, prompts, seeds, limits, base_key, edit)
         for r, job in zip(free, jobs):
           occupant[r] = job
-      state = self.decode_fn(weights, state, stop_ids_S, knobs, sampler._put_replicated(np.bool_(bool(pending))),
+      refill_at = min(self.refill_rows, len(pending)) if pending else 0
+      state = self.decode_fn(weights, state, stop_ids_S, knobs, sampler._put_replicated(np.int32(refill_at)),
                              edit, rules=sampling.rules)
-      live = np.asarray(jax.device_get(state["live"]))
+      live = np.asarray(_host(state["live"]))
       done = [r for r, o in enumerate(occupant) if o is not None and not live[r]]
       if not done:
         continue
-      host = jax.device_get({"length": state["length"], "stopped": state["stopped"],
-                             **{k: v for k, v in state["outputs"].items()}})
+      host = _host({"length": state["length"], "stopped": state["stopped"], **state["outputs"]})
       for r in done:
         job, m = occupant[r], int(host["length"][r])
-        tokens[job.prompt, job.sample, :m] = host["tokens"][r, :m]
-        logprobs[job.prompt, job.sample, :m] = host["logprobs"][r, :m]
-        sampled[job.prompt, job.sample, :m] = host["sampled_logprobs"][r, :m]
-        if k_top:
-          top_ids[job.prompt, job.sample, :m] = host["top_ids"][r, :m]
-          top_lps[job.prompt, job.sample, :m] = host["top_logprobs"][r, :m]
-        lengths[job.prompt, job.sample] = m
-        stopped[job.prompt, job.sample] = bool(host["stopped"][r])
         occupant[r] = None
-    return sampler_lib.SampleOutput(
-        tokens=tokens, lengths=lengths, finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP,
-                                                                sampler_lib.FINISH_LENGTH),
-        logprobs=logprobs, sampled_logprobs=sampled,
-        prompt_lengths=np.asarray([len(p) for p in prompts], np.int32), top_ids=top_ids, top_logprobs=top_lps)
+        out = partial.setdefault(job.prompt, empty())
+        for name in ("tokens", "logprobs", "sampled_logprobs", *(("top_ids", "top_logprobs") if k_top else ())):
+          out[name][0, job.sample, :m] = host[name][r, :m]
+        out["lengths"][0, job.sample] = m
+        out["stopped"][0, job.sample] = bool(host["stopped"][r])
+        left[job.prompt] -= 1
+        if not left[job.prompt]:
+          out = partial.pop(job.prompt)
+          stopped = out.pop("stopped")
+          yield job.prompt, sampler_lib.SampleOutput(
+              finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP, sampler_lib.FINISH_LENGTH),
+              prompt_lengths=np.asarray([len(prompts[job.prompt])], np.int32),
+              **{k: out.get(k) for k in ("tokens", "lengths", "logprobs", "sampled_logprobs", "top_ids",
+                                         "top_logprobs")})
 
-  def _refill(self, weights, state, rows: list[int], jobs: list[_Job], prompts, seeds, base_key, fold, edit):
-    """Prefill `jobs` (padded to a power of two, at least the data-parallel size) into slots `rows`."""
-    sampler = self.sampler
-    bucket = sampler.bucket_for(max(len(prompts[j.prompt]) for j in jobs))
-    count = max(sampler.data_parallel, 1 << math.ceil(math.log2(len(jobs))))
-    count = -(-count // sampler.data_parallel) * sampler.data_parallel
+  def _refill(self, weights, state, rows: list[int], jobs: list[_Job], prompts, seeds, limits, base_key, edit):
+    """Prefill `jobs` into slots `rows`, per prompt bucket (a prompt is always prefilled in its own
+    bucket, as the static sampler does) in prefills of exactly `refill_rows` rows."""
+    groups: dict[int, list[tuple[int, _Job]]] = {}
+    for r, job in zip(rows, jobs):
+      groups.setdefault(self.sampler.bucket_for(len(prompts[job.prompt])), []).append((r, job))
+    for bucket, whole in sorted(groups.items()):
+      for start in range(0, len(whole), self.refill_rows):
+        state = self._prefill_into(weights, state, bucket, whole[start:start + self.refill_rows], prompts, seeds,
+                                   limits, base_key, edit)
+    return state
+
+  def _prefill_into(self, weights, state, bucket: int, group: list[tuple[int, _Job]], prompts, seeds, limits,
+                    base_key, edit):
+    sampler, count = self.sampler, self.refill_rows
     tokens_RxP = np.zeros((count, bucket), np.int32)
     lengths_R = np.ones((count,), np.int32)
     rows_R = np.full((count,), self.slots, np.int32)  # padding rows are dropped by the insertion
     prompt_seed_R, sample_R = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
-    for i, (r, job) in enumerate(zip(rows, jobs)):
+    limits_R = np.ones((count,), np.int32)
+    for i, (r, job) in enumerate(group):
       p = prompts[job.prompt]
       tokens_RxP[i, bucket - len(p):] = p
-      lengths_R[i], rows_R[i] = len(p), r
+      lengths_R[i], rows_R[i], limits_R[i] = len(p), r, limits[job.prompt]
       prompt_seed_R[i], sample_R[i] = seeds[job.prompt], job.sample
+    fold = jax.vmap(jax.random.fold_in, (0, 0))
     keys_Rx2 = fold(fold(jnp.broadcast_to(base_key, (count, *base_key.shape)), jnp.asarray(prompt_seed_R)),
                     jnp.asarray(sample_R))
     small = sampler.prefill_fn(weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), edit, n=1)
     return self.insert_fn(state, sampler._put_batch(rows_R), small, sampler._put_batch(tokens_RxP[:, -1]),
                           sampler._put_batch(lengths_R), sampler._put_batch(np.asarray(keys_Rx2)),
-                          jnp.int32(bucket - 1))
+                          sampler._put_batch(limits_R), jnp.int32(bucket - 1))
+
+
+def _host(tree):
+  """Global arrays on the host of every process (across processes the slots are sharded)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+_ENGINES: "weakref.WeakKeyDictionary[sampler_lib.Sampler, dict]" = weakref.WeakKeyDictionary()
+
+
+def engine(sampler: sampler_lib.Sampler, *, slots: int, chunk_steps: int = 16) -> ContinuousSampler:
+  """One `ContinuousSampler` per (sampler, slots, chunk_steps), so its compiled programs are reused by
+  every job that samples with that sampler (an eval job's sets, a curve's steps)."""
+  slots = -(-max(int(slots), 1) // sampler.data_parallel) * sampler.data_parallel
+  per = _ENGINES.setdefault(sampler, {})
+  if (slots, chunk_steps) not in per:
+    per[(slots, chunk_steps)] = ContinuousSampler(sampler, slots=slots, chunk_steps=chunk_steps)
+  return per[(slots, chunk_steps)]

@@ -65,6 +65,7 @@ from emjax.data import banned as banned_lib
 from emjax.data import chat
 from emjax.data import tokenizers
 from emjax.models import transformer
+from emjax.sample import continuous as continuous_lib
 from emjax.sample import sampler as sampler_lib
 from emjax.train import settings
 
@@ -496,12 +497,36 @@ def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> d
     return summary
 
   sampler, weights, restored_step, source = model.weights()
-  log.info("sampling %d prompts (%d already written) with %s", len(pending), len(done), source)
-  # Batches of prompts sharing a bucket, so each batch pads to the smallest shape that holds it.
-  by_bucket: dict[int, list[Prompt]] = {}
-  for p in pending:
-    by_bucket.setdefault(sampler.bucket_for(len(p.tokens)), []).append(p)
+  batching = str(sc.get("batching", "continuous"))
+  if batching not in BATCHING:
+    raise ValueError(f"config.sample.batching={batching!r}: one of {BATCHING}")
+  log.info("sampling %d prompts (%d already written) with %s (%s batching)", len(pending), len(done), source,
+           batching)
   batch_size, t0 = int(sc.batch_size), time.perf_counter()
+  if batching == "continuous":
+    # Each prompt's line is written when its n samples are done; a prompt cut off by a kill is redone.
+    engine = continuous_lib.engine(sampler, slots=batch_size * sampling.n)
+    stream = engine.stream(weights, [p.tokens for p in pending], sampling, prompt_seeds=[p.seed for p in pending],
+                           edit=model.edit)
+    with open(out_path, "a", encoding="utf-8") as f:
+      last_sync = time.perf_counter()
+      for i, out in stream:
+        if jax.process_index() == 0:
+          f.write("".join(output_lines([pending[i]], out, model.tokenizer)))
+        summary["sampled"] += 1
+        summary["new_tokens"] += int(np.sum(out.lengths))
+        if time.perf_counter() - last_sync > 5.0 or summary["sampled"] == len(pending):
+          f.flush()
+          os.fsync(f.fileno())
+          last_sync = time.perf_counter()
+          log.info("sampled %d/%d prompts (%.0f new tokens/s)", summary["sampled"], len(pending),
+                   summary["new_tokens"] / (time.perf_counter() - t0))
+    by_bucket: dict[int, list[Prompt]] = {}
+  else:
+    # Batches of prompts sharing a bucket, so each batch pads to the smallest shape that holds it.
+    by_bucket = {}
+    for p in pending:
+      by_bucket.setdefault(sampler.bucket_for(len(p.tokens)), []).append(p)
   with open(out_path, "a", encoding="utf-8") as f:
     for bucket in sorted(by_bucket):
       group = by_bucket[bucket]
@@ -535,7 +560,9 @@ def run_sampling(config, workdir: str, *, mesh=None) -> dict:
 
 # What a sample depends on besides its prompt's id and index: resuming under other values would mix
 # samples of two settings in one file. Batching and file names do not change a sample.
-_NOT_SETTINGS = ("batch_size", "output", "prefill_chunk", "unroll_layers", "max_new_tokens_cap", "prompt_buckets")
+_NOT_SETTINGS = ("batch_size", "output", "prefill_chunk", "unroll_layers", "max_new_tokens_cap", "prompt_buckets",
+                 "batching")
+BATCHING = ("continuous", "static")
 
 
 def sample_settings(config, src: weights_lib.Source, model_cfg) -> dict:
@@ -585,6 +612,10 @@ def sample_block() -> dict:
       add_bos=True,  # prepend BOS to plain prompts (pretraining puts BOS before every document)
       # Shapes and memory.
       batch_size=32,  # prompts per batch (rows decoded together = batch_size * n)
+      # continuous: batch_size * n decode slots, each refilled with the next prompt as soon as its row
+      # stops (emjax.sample.continuous; the same samples); static: each batch decodes until its longest
+      # row stops.
+      batching="continuous",
       prefill_chunk=0,  # prefill in sub-batches of this many prompts (0 = whole batch)
       max_prompt_length=1024,  # longer prompts are an error
       prompt_buckets=(),  # static prompt lengths; () = powers of two from 16 up to max_prompt_length

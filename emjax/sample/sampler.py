@@ -540,8 +540,8 @@ class Sampler:
       return self._constrain_cache(cache)
 
   def _decode(self, weights, cache, last_tokens_B, prompt_lengths_B, active_B, prompt_seeds_B, sample_ids_B,
-              stop_ids_S, knobs, edit=None, *, rules: SamplingRules):
-    """The decode loop; returns (outputs dict, cache)."""
+              stop_ids_S, knobs, limits_B, edit=None, *, rules: SamplingRules):
+    """The decode loop (row r stops at `limits_B[r]` new tokens at most); returns (outputs dict, cache)."""
     self.trace_counts["decode"] += 1
     fold = jax.vmap(jax.random.fold_in, (0, 0))
     base_key = jax.random.PRNGKey(knobs["seed"])
@@ -592,7 +592,7 @@ class Sampler:
           out["top_ids"] = write(out["top_ids"], top_ids_BxK)
           out["top_logprobs"] = write(out["top_logprobs"], top_vals_BxK - lse_B[:, None])
         hit_stop_B = live_B & jnp.any(token_B[:, None] == stop_ids_S[None, :], axis=-1)
-        done_B = c["done"] | hit_stop_B | (step + 1 >= max_new)
+        done_B = c["done"] | hit_stop_B | (step + 1 >= jnp.minimum(limits_B, max_new))
         return dict(step=step + 1, token=token_B, done=done_B, stopped=c["stopped"] | hit_stop_B,
                     length=jnp.where(live_B, step + 1, c["length"]),
                     outputs=jax.tree.map(batch, out), cache=self._constrain_cache(cache))
@@ -678,7 +678,8 @@ class Sampler:
     return out  # type: ignore[return-value]
 
   def sample_on_device(self, weights: dict, tokens_BpxP, lengths_Bp, seeds_Bp, sampling: SamplingParams, *,
-                       active_Bp=None, edit: transformer.ResidualEdit | None = None) -> dict[str, jax.Array]:
+                       active_Bp=None, edit: transformer.ResidualEdit | None = None,
+                       limits_Bp=None) -> dict[str, jax.Array]:
     """Prefill + decode of already left-padded prompts; the outputs stay on the devices.
 
     `tokens_BpxP` [Bp, P] with P one of the prompt buckets, `lengths_Bp` the prompts' lengths,
@@ -688,13 +689,16 @@ class Sampler:
     over the batch: what an on-policy batch is built from without a trip through the host.
     Every process passes the same (global) prompts. `edit` steers or ablates a direction of the
     residual stream in prefill and decode alike (`transformer.residual_edit`; its values are runtime
-    inputs: a new alpha, direction or layer reuses the compiled code).
+    inputs: a new alpha, direction or layer reuses the compiled code). `limits_Bp`: each prompt's own
+    most new tokens (at most `sampling.max_new_tokens`; None = that for every prompt).
     """
     n = sampling.n
     tokens_BpxP, lengths_Bp = np.asarray(tokens_BpxP, np.int32), np.asarray(lengths_Bp, np.int32)
     num_prompts = tokens_BpxP.shape[0]
     if active_Bp is None:
       active_Bp = np.ones((num_prompts,), bool)
+    if limits_Bp is None:
+      limits_Bp = np.full((num_prompts,), sampling.max_new_tokens, np.int32)
     stop_ids_S = np.full((_padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
     stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
     knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
@@ -714,12 +718,14 @@ class Sampler:
         weights, cache, per_row(tokens_BpxP[:, -1]), per_row(lengths_Bp), per_row(np.asarray(active_Bp)),
         per_row(np.asarray(seeds_Bp, np.uint32)),
         self._put_batch(np.tile(np.arange(n, dtype=np.uint32), num_prompts)), self._put_replicated(stop_ids_S),
-        {k: self._put_replicated(v) for k, v in knobs.items()}, edit, rules=sampling.rules)
+        {k: self._put_replicated(v) for k, v in knobs.items()}, per_row(np.asarray(limits_Bp, np.int32)), edit,
+        rules=sampling.rules)
     return outputs
 
   def generate(self, params: dict, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                *, prompt_seeds: Sequence[int] | None = None, pad_batch_to: int = 0,
-               edit: transformer.ResidualEdit | None = None, **overrides) -> SampleOutput:
+               edit: transformer.ResidualEdit | None = None, max_new_tokens_per_prompt: Sequence[int] | None = None,
+               **overrides) -> SampleOutput:
     """Samples `sampling.n` continuations of each prompt (lists of token ids) with `params`.
 
     All prompts go in one batch, left-padded to the bucket of the longest. `prompt_seeds`
@@ -727,7 +733,8 @@ class Sampler:
     a prompt id) to get the same samples whatever the batching. `pad_batch_to` pads the batch with
     dummy prompts to a fixed size so that smaller batches reuse the compiled code. Keyword
     `overrides` replace fields of `sampling` (e.g. `temperature=0.0`). `edit`: steering or
-    directional ablation (`sample_on_device`).
+    directional ablation (`sample_on_device`). `max_new_tokens_per_prompt`: each prompt's own limit
+    (at most `sampling.max_new_tokens`, the outputs' width).
 
     `params` may be the trained (stacked) tree, re-laid out on every call, or the result of
     `prepare_weights(params)`, which saves that copy when sampling repeatedly with the same weights.
@@ -765,9 +772,12 @@ class Sampler:
     seeds_Bp[:num_real] = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(num_real),
                                      dtype=np.int64) % 2**32
     active_Bp = np.arange(num_prompts) < num_real
+    limits_Bp = np.full((num_prompts,), sampling.max_new_tokens, np.int32)
+    if max_new_tokens_per_prompt is not None:
+      limits_Bp[:num_real] = check_limits(max_new_tokens_per_prompt, num_real, sampling.max_new_tokens)
 
     outputs = self.sample_on_device(self.prepare_weights(params), tokens_BpxP, lengths_Bp, seeds_Bp, sampling,
-                                    active_Bp=active_Bp, edit=edit)
+                                    active_Bp=active_Bp, edit=edit, limits_Bp=limits_Bp)
     host = jax.device_get(outputs)
     steps = sampling.max_new_tokens
 
@@ -785,6 +795,15 @@ class Sampler:
         top_ids=per_prompt(host["top_ids"])[:, :, :steps] if self.top_logprobs else None,
         top_logprobs=per_prompt(host["top_logprobs"])[:, :, :steps] if self.top_logprobs else None,
     )
+
+
+def check_limits(limits: Sequence[int], count: int, most: int) -> np.ndarray:
+  """Per-prompt new-token limits as an array, each in [1, `most`]."""
+  out = np.asarray(limits, np.int64)
+  if out.shape != (count,) or np.any(out < 1) or np.any(out > most):
+    raise ValueError(f"max_new_tokens_per_prompt: {count} limits, each in [1, max_new_tokens={most}], got "
+                     f"{list(out.reshape(-1)[:5])}{' ...' if out.size > 5 else ''} (shape {out.shape})")
+  return out.astype(np.int32)
 
 
 # XLA:CPU hands dots, and by default also reductions and elementwise ops, to the YNNPACK library.
