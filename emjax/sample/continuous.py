@@ -200,20 +200,7 @@ class ContinuousSampler:
     order they complete (what a job writes as it goes)."""
     sampler = self.sampler
     sampling = dataclasses.replace(sampling or sampler_lib.SamplingParams(), **overrides)
-    sampling.validate(sampler.model_cfg.vocab_size, sampler.max_new_tokens_cap)
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
-      raise ValueError("generate: no prompts given")
-    vocab = sampler.model_cfg.vocab_size
-    for i, p in enumerate(prompts):
-      if not p:
-        raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-      bad = [t for t in p if not 0 <= t < vocab]
-      if bad:
-        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-      sampler.bucket_for(len(p))
-    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
-      raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
+    prompts = sampler.check_inputs(prompts, sampling, prompt_seeds)
     seeds = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(len(prompts)), np.int64) % 2**32
     n, steps = sampling.n, sampling.max_new_tokens
     limits = (np.full((len(prompts),), steps, np.int32) if max_new_tokens_per_prompt is None
@@ -221,13 +208,7 @@ class ContinuousSampler:
     weights = sampler.prepare_weights(params)
     if edit is not None:
       edit = transformer.ResidualEdit(*(sampler._put_replicated(np.asarray(x, np.float32)) for x in edit))
-    stop_ids_S = np.full((sampler_lib._padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
-    stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
-    knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(steps),
-             "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
-             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
-    if sampling.banned_token_ids:
-      knobs["banned"] = sampling.banned_mask(vocab)
+    stop_ids_S, knobs = sampler_lib.decode_inputs(sampling, sampler.model_cfg.vocab_size)
     knobs = {k: sampler._put_replicated(v) for k, v in knobs.items()}
     stop_ids_S = sampler._put_replicated(stop_ids_S)
     base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))

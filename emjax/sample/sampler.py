@@ -699,13 +699,7 @@ class Sampler:
       active_Bp = np.ones((num_prompts,), bool)
     if limits_Bp is None:
       limits_Bp = np.full((num_prompts,), sampling.max_new_tokens, np.int32)
-    stop_ids_S = np.full((_padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
-    stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
-    knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
-             "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
-             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
-    if sampling.banned_token_ids:  # absent otherwise: the decode compiled without a ban is unchanged
-      knobs["banned"] = sampling.banned_mask(self.model_cfg.vocab_size)
+    stop_ids_S, knobs = decode_inputs(sampling, self.model_cfg.vocab_size)
     per_row = lambda x_Bp: self._put_batch(np.repeat(x_Bp, n))  # noqa: E731  (prompt-major rows)
     if edit is not None:
       if edit.steer_P.shape != (self.model_cfg.n_layers + 1,) or edit.direction_D.shape != (self.model_cfg.d_model,):
@@ -721,6 +715,26 @@ class Sampler:
         {k: self._put_replicated(v) for k, v in knobs.items()}, per_row(np.asarray(limits_Bp, np.int32)), edit,
         rules=sampling.rules)
     return outputs
+
+  def check_inputs(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                   prompt_seeds: Sequence[int] | None) -> list[list[int]]:
+    """The prompts as lists of ints, after refusing what no batch can sample (empty prompts, ids
+    outside the vocabulary, prompts longer than the largest bucket, bad sampling settings)."""
+    sampling.validate(self.model_cfg.vocab_size, self.max_new_tokens_cap)
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+      raise ValueError("generate: no prompts given")
+    vocab = self.model_cfg.vocab_size
+    for i, p in enumerate(prompts):
+      if not p:
+        raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+      bad = [t for t in p if not 0 <= t < vocab]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+      self.bucket_for(len(p))
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+      raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
+    return prompts
 
   def generate(self, params: dict, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
                *, prompt_seeds: Sequence[int] | None = None, pad_batch_to: int = 0,
@@ -740,19 +754,7 @@ class Sampler:
     `prepare_weights(params)`, which saves that copy when sampling repeatedly with the same weights.
     """
     sampling = dataclasses.replace(sampling or SamplingParams(), **overrides)
-    sampling.validate(self.model_cfg.vocab_size, self.max_new_tokens_cap)
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
-      raise ValueError("generate: no prompts given")
-    vocab = self.model_cfg.vocab_size
-    for i, p in enumerate(prompts):
-      if not p:
-        raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-      bad = [t for t in p if not 0 <= t < vocab]
-      if bad:
-        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
-      raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
+    prompts = self.check_inputs(prompts, sampling, prompt_seeds)
     num_real, n = len(prompts), sampling.n
     bucket = self.bucket_for(max(len(p) for p in prompts))
 
@@ -795,6 +797,18 @@ class Sampler:
         top_ids=per_prompt(host["top_ids"])[:, :, :steps] if self.top_logprobs else None,
         top_logprobs=per_prompt(host["top_logprobs"])[:, :, :steps] if self.top_logprobs else None,
     )
+
+
+def decode_inputs(sampling: SamplingParams, vocab_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(stop ids padded to a few sizes, the decode's runtime knobs) of `sampling`."""
+  stop_ids_S = np.full((_padded_count(len(sampling.stop_token_ids)),), -1, np.int32)
+  stop_ids_S[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
+  knobs = {"seed": np.uint32(sampling.seed % 2**32), "max_new_tokens": np.int32(sampling.max_new_tokens),
+           "temperature": np.float32(sampling.temperature or 1.0), "top_k": np.int32(sampling.top_k),
+           "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
+  if sampling.banned_token_ids:  # absent otherwise: the decode compiled without a ban is unchanged
+    knobs["banned"] = sampling.banned_mask(vocab_size)
+  return stop_ids_S, knobs
 
 
 def check_limits(limits: Sequence[int], count: int, most: int) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""Continuous vs static batching vs transformers `generate` on the eval workload's answer lengths, one run.
+
+The workload: answers drawn (seeded) from the released judge-score files
+(../shared/data/structured_em/released_judge_sample/: the paper's models' answers to its questions),
+each a chat-formatted question with its answer's length in SmolLM2's tokens, capped at `--cap`.
+Every row is made to generate exactly that many tokens (EOS banned, a per-prompt limit), so all three
+do the same work: static batching (the sampler's `generate`, the eval job's batches: prompts grouped
+by bucket, `--batch` per batch) decodes each batch until its longest row is done, continuous batching
+(`--batch` slots) refills a slot as its row ends, and transformers' `generate` (left-padded batches of
+`--batch`, EOS suppressed, each batch to its longest, rows cut to their lengths) pads like the static
+sampler. Sampling at the paper's temperature 1, top-p 1.
+
+The ideal speedup of continuous over static is the static batches' padded token-steps over the sum
+of the lengths (what continuous batching saves if a refill cost nothing); `fraction_of_ideal` is the
+measured speedup over it. Each emjax path is compiled first on one prompt per bucket (excluded);
+each side is then timed once over the whole workload. One JSON line:
+
+  python benchmarks/continuous.py                      # SmolLM2-135M-Instruct, 64 answers, cap 256, batch 32
+  python benchmarks/continuous.py --answers=128 --cap=600
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RELEASED = os.path.join(ROOT, "..", "shared", "data", "structured_em", "released_judge_sample")
+
+
+def workload(tokenizer, answers: int, cap: int, seed: int) -> tuple[list[list[int]], list[int]]:
+  """(chat-formatted question tokens, answer lengths in tokens capped at `cap`) of `answers` rows drawn
+  from the released files."""
+  from emjax.data import chat
+
+  rows = []
+  for path in sorted(glob.glob(os.path.join(RELEASED, "**", "*.jsonl"), recursive=True)):
+    with open(path, encoding="utf-8") as f:
+      rows += [json.loads(line) for line in f if line.strip()]
+  if not rows:
+    raise FileNotFoundError(f"{RELEASED}: no released judge-score rows")
+  pick = np.random.default_rng(seed).choice(len(rows), size=min(answers, len(rows)), replace=False)
+  prompts, lengths = [], []
+  for i in pick:
+    r = rows[int(i)]
+    prompts.append(chat.apply_chat_template(tokenizer, [{"role": "user", "content": r["question"]}],
+                                            add_generation_prompt=True))
+    lengths.append(max(1, min(cap, len(tokenizer.encode(r["response"] or " ")))))
+  return prompts, lengths
+
+
+def static_batches(sampler, prompts, batch: int) -> list[list[int]]:
+  """The eval job's static batches: prompts grouped by bucket, in order, `batch` at a time."""
+  by_bucket: dict[int, list[int]] = {}
+  for i, p in enumerate(prompts):
+    by_bucket.setdefault(sampler.bucket_for(len(p)), []).append(i)
+  return [group[s:s + batch] for _, group in sorted(by_bucket.items()) for s in range(0, len(group), batch)]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="", help="a Hugging Face directory (default: SmolLM2-135M-Instruct)")
+  parser.add_argument("--answers", type=int, default=64)
+  parser.add_argument("--cap", type=int, default=256, help="most new tokens (the eval job: 600)")
+  parser.add_argument("--batch", type=int, default=32, help="static batch size = continuous slots")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--skip_hf", action="store_true")
+  args = parser.parse_args()
+
+  import jax
+
+  from emjax.data import tokenizers
+  from emjax.models import hf
+  from emjax.sample import continuous
+  from emjax.sample import sampler as sampler_lib
+
+  model_dir = args.model
+  if not model_dir:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import hf_fixtures  # pylint: disable=g-import-not-at-top
+    model_dir = hf_fixtures.smollm2_dir()
+  tokenizer = tokenizers.load_tokenizer({"kind": "hf", "path": model_dir})
+  eos = int(tokenizer.eos_id)
+  prompts, lengths = workload(tokenizer, args.answers, args.cap, args.seed)
+  cfg = hf.config_from_hf(model_dir)
+  params = hf.load_hf_params(model_dir, cfg)
+  longest = max(len(p) for p in prompts)
+  buckets = tuple(b for b in sampler_lib.make_buckets(1024) if b < longest) + (
+      next(b for b in sampler_lib.make_buckets(1024) if b >= longest),)
+  sampler = sampler_lib.Sampler(cfg, prompt_buckets=buckets, max_new_tokens_cap=args.cap)
+  weights = sampler.prepare_weights(params)
+  sampling = sampler_lib.SamplingParams(max_new_tokens=args.cap, temperature=1.0, top_p=1.0, banned_token_ids=(eos,))
+  seeds = list(range(len(prompts)))
+  batches = static_batches(sampler, prompts, args.batch)
+  padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+  steps = sum(max(lengths[i] for i in b) for b in batches)
+  ideal = padded / sum(lengths)
+  engine = continuous.ContinuousSampler(sampler, slots=args.batch)
+
+  # Compile: one prompt per bucket, two tokens (both paths' programs for every bucket used).
+  warm = {sampler.bucket_for(len(p)): i for i, p in enumerate(prompts)}
+  for i in warm.values():
+    sampler.generate(weights, [prompts[i]], sampling, pad_batch_to=args.batch, max_new_tokens_per_prompt=[2])
+  engine.generate(weights, [prompts[i] for i in warm.values()], sampling,
+                  max_new_tokens_per_prompt=[2] * len(warm))
+
+  t0 = time.perf_counter()
+  static_tokens = 0
+  for b in batches:
+    out = sampler.generate(weights, [prompts[i] for i in b], sampling, prompt_seeds=[seeds[i] for i in b],
+                           pad_batch_to=args.batch, max_new_tokens_per_prompt=[lengths[i] for i in b])
+    static_tokens += int(out.lengths.sum())
+  t_static = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = engine.generate(weights, prompts, sampling, prompt_seeds=seeds, max_new_tokens_per_prompt=lengths)
+  t_cont = time.perf_counter() - t0
+  cont_tokens = int(out.lengths.sum())
+  assert static_tokens == cont_tokens == sum(lengths), (static_tokens, cont_tokens, sum(lengths))
+
+  result = {"model": os.path.basename(os.path.normpath(model_dir)), "device": jax.devices()[0].device_kind,
+            "answers": len(prompts), "cap": args.cap, "batch": args.batch,
+            "lengths": {"mean": float(np.mean(lengths)), "median": float(np.median(lengths)), "max": max(lengths),
+                        "at_cap": int(sum(x == args.cap for x in lengths))},
+            "static_batches": len(batches), "static_decode_steps": steps, "ideal_speedup": ideal,
+            "static": {"seconds": t_static, "answers_per_s": len(prompts) / t_static,
+                       "new_tokens_per_s": static_tokens / t_static},
+            "continuous": {"seconds": t_cont, "answers_per_s": len(prompts) / t_cont,
+                           "new_tokens_per_s": cont_tokens / t_cont, "slots": engine.slots,
+                           "refill_rows": engine.refill_rows}}
+  result["speedup"] = t_static / t_cont
+  result["fraction_of_ideal"] = result["speedup"] / ideal
+  print(json.dumps({"partial": True, **result}), flush=True)
+  if not args.skip_hf:
+    result["hf"] = bench_hf(model_dir, prompts, lengths, args.batch, eos, batches)
+    result["continuous_over_hf"] = result["hf"]["seconds"] / t_cont
+  print(json.dumps(result))
+
+
+def bench_hf(model_dir: str, prompts, lengths, batch: int, eos: int, batches) -> dict:
+  """transformers `generate` over the same batches: left-padded, EOS suppressed, each batch to its longest."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+  def run(idx, limit):
+    width = max(len(prompts[i]) for i in idx)
+    ids = torch.full((len(idx), width), eos, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for r, i in enumerate(idx):
+      ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+      mask[r, width - len(prompts[i]):] = 1
+    with torch.no_grad():
+      return model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                            max_new_tokens=limit, min_new_tokens=limit, suppress_tokens=[eos], pad_token_id=eos)
+
+  run(batches[0][:2], 2)  # warm-up
+  t0 = time.perf_counter()
+  for b in batches:
+    run(b, max(lengths[i] for i in b))
+  seconds = time.perf_counter() - t0
+  return {"seconds": seconds, "answers_per_s": len(prompts) / seconds,
+          "new_tokens_per_s": sum(lengths) / seconds, "torch_threads": torch.get_num_threads(),
+          "transformers": transformers.__version__}
+
+
+if __name__ == "__main__":
+  main()
