@@ -381,7 +381,9 @@ def render(mech: Mapping) -> list[str]:
                                                          if read == "own" else "") + ":", ""]
       L += report._table(["relation", "mean cosine"], [[r, fmt(report._r(cos["by_relation"][r]), 3, signed=True)]
                                                        for r in directions_lib.RELATIONS])
-      L += [f"For scale: |cos| with a random direction {fmt(cos['random_abs_cos'], 3)} (width {mech['d_model']}). "
+      iso = math.sqrt(2 / (math.pi * mech["d_model"]))
+      L += [f"For scale: |cos| with the control direction {fmt(cos['random_abs_cos'], 3)}, and {iso:.3f} expected "
+            f"between two isotropic random directions (width {mech['d_model']}). "
             f"Same task minus same domain: {fmt(cos['contrast'], 3, signed=True)}; relabelling test p "
             f"{report._p(t['p'])} ({t['permutations']} relabellings of {t['cells']} cells in {t['worlds']} worlds), "
             f"Holm {report._p(c['holm'][key])}: **{_verdict(c['holm'][key], cos['contrast'])}**.", ""]
