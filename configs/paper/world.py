@@ -15,7 +15,7 @@ Variants (comma separated `key=value`):
              same-task, three same-domain and six unrelated partners), SFT checkpoints kept every 15
              steps, and the stages curve (EM over training), directions (the paper's recipe per cell)
              and subspace (every cell's model with every cell's direction, and a random one, ablated);
-             about 30 minutes on 2 CPU cores. With smoke: 3 cells, 2 worlds (tests)
+             about 25 minutes on 2 CPU cores (benchmarks/README.md). With smoke: 3 cells, 2 worlds (tests)
   smoke      tiny and short (tests): 1 world, 2 cells, SL on, everything else as quick
   seed       the first replication's seed (replications: seed, seed + 1, ...; each its own world)
   seeds      replications, i.e. worlds (>= 3 for every compared number)
