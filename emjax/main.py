@@ -46,6 +46,7 @@ from emjax.experiments import sl
 from emjax.experiments import study
 from emjax.train import on_policy
 from emjax.sample import run as sample_run
+from emjax.sample import serve
 from emjax.train import aot
 from emjax.train import loop
 from emjax.train import precompute
@@ -158,6 +159,10 @@ def _sample(config, workdir: str) -> None:
   sample_run.run_sampling(config, workdir)
 
 
+def _serve(config, workdir: str) -> None:
+  serve.run_serve(config, workdir)
+
+
 def _eval(config, workdir: str) -> None:
   eval_run.run_eval(config, workdir)
 
@@ -197,6 +202,7 @@ JOBS: dict[str, Job] = {
     "study": Job(_study, staged=True),
     "em_curve": Job(_em_curve, staged=True),
     "directions": Job(_directions, staged=True),
+    "serve": Job(_serve, staged=False),  # writes only server.json and its launch record
 }
 STAGED_JOBS = tuple(name for name, job in JOBS.items() if job.staged)
 

@@ -22,7 +22,7 @@ from emjax.models import transformer
 from emjax.train import objectives
 
 JOBS = ("train", "pretrain", "compile", "plan", "sample", "sft_grid", "eval", "judge", "report", "sl", "teacher_top_k",
-        "study", "em_curve", "directions")
+        "study", "em_curve", "directions", "serve")
 
 
 def base_config() -> ml_collections.ConfigDict:

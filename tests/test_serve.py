@@ -1,0 +1,207 @@
+"""The OpenAI-compatible server (emjax/sample/serve.py), checked with the `openai` client: a tiny random
+Llama with SmolLM2's tokenizer and chat template, two model ids, the server on a free local port."""
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import urllib.request
+
+import pytest
+
+import hf_fixtures as F
+from conftest import ROOT
+
+import openai  # a test dependency (pyproject's test extra), like inspect_ai below
+
+
+def one_device():
+  import jax
+  from emjax import sharding
+
+  return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def serve_config(hf_dir, **serve):
+  spec = importlib.util.spec_from_file_location("serve_config", os.path.join(ROOT, "configs", "serve.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"hf={hf_dir}")
+  c.sample.update(max_new_tokens=12, max_prompt_length=64, batch_size=4)
+  c.serve.update(port=0, slots=4, **serve)
+  return c
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  from emjax.sample import serve
+
+  root = tmp_path_factory.mktemp("serve")
+  F.tiny_llama_with_smollm2_tokenizer(root / "tiny", seed=0)
+  F.tiny_llama_with_smollm2_tokenizer(root / "other", seed=1)
+  s = serve.build(serve_config(root / "tiny", adapters=f"other={root / 'other'}"), mesh=one_device()).start()
+  yield s
+  s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+
+
+def test_models_chat_and_completions_through_the_openai_client(server, client):
+  assert sorted(m.id for m in client.models.list().data) == ["other", "tiny"]
+  chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
+                                        temperature=0.0, logprobs=True, top_logprobs=3, n=2)
+  assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+  assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+  first = chat.choices[0].logprobs.content[0]
+  assert len(first.top_logprobs) == 3 and first.top_logprobs[0].logprob >= first.logprob - 1e-5
+  assert chat.usage.prompt_tokens > 0 and 0 < chat.usage.completion_tokens <= 16
+  # Another model id answers otherwise (other weights).
+  other = client.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
+                                         temperature=0.0)
+  assert other.choices[0].message.content != chat.choices[0].message.content
+  done = client.completions.create(model="tiny", prompt=["The cat", "A dog"], max_tokens=5, temperature=1.0, seed=7,
+                                   logprobs=2)
+  assert len(done.choices) == 2 and done.choices[0].finish_reason in ("stop", "length")
+  assert len(done.choices[0].logprobs.tokens) == len(done.choices[0].logprobs.token_logprobs) <= 5
+  again = client.completions.create(model="tiny", prompt=["The cat", "A dog"], max_tokens=5, temperature=1.0, seed=7,
+                                    logprobs=2)
+  assert [c.text for c in again.choices] == [c.text for c in done.choices]  # a seed reproduces
+
+
+def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(server, client):
+  """max_tokens=0, echo, logprobs: each prompt token's log-probability given the ones before it,
+  the same numbers as the sampler's own for a continuation."""
+  out = client.completions.create(model="tiny", prompt="The cat sat on the mat", max_tokens=0, echo=True,
+                                  logprobs=1, temperature=0.0)
+  lp = out.choices[0].logprobs
+  assert lp.token_logprobs[0] is None and all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+  assert out.choices[0].text == "".join(lp.tokens)
+  # Scoring "prompt + the greedy answer" gives the answer's tokens the log-probs the sampler reported.
+  from emjax.sample import sampler as S
+
+  tok = server.engine.tokenizer
+  prompt = [tok.bos_id] + tok.encode("The cat")
+  out = server.engine.continuous.generate(server.engine.weights["tiny"], [prompt],
+                                          S.SamplingParams(temperature=0.0, max_new_tokens=4))
+  answer = out.sample(0)
+  scored = server.engine.score("tiny", prompt + answer["tokens"], 0)
+  assert scored["logprobs"][len(prompt):] == pytest.approx(answer["logprobs"], abs=1e-4)
+
+
+def test_concurrent_requests_are_batched_and_answered(server, client):
+  def ask(i):
+    return client.completions.create(model="tiny", prompt=f"Number {i}", max_tokens=3 + i % 4, temperature=1.0,
+                                     seed=i).choices[0].text
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    answers = list(pool.map(ask, range(16)))
+  assert len(answers) == 16
+  # The same request alone gives the same answer: a seed's answer does not depend on its batch-mates.
+  assert ask(5) == answers[5]
+
+
+def _post(server, path, body, token=None):
+  req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                               headers={"Content-Type": "application/json",
+                                        **({"Authorization": f"Bearer {token}"} if token else {})})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, client):
+  cases = [
+      ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+      ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+      ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
+      ({"model": "tiny", "prompt": "word " * 200}, 400, "at most"),
+      ({"model": "tiny", "prompt": "x", "stream": True}, 400, "stream"),
+      ({"model": "tiny", "prompt": [10**9]}, 400, "token ids"),
+      ({"model": "tiny"}, 400, "prompt"),
+      ({"model": "tiny", "prompt": "x", "n": "two"}, 400, "'n'"),
+  ]
+  for body, status, words in cases:
+    got, answer = _post(server, "/completions", body)
+    assert got == status and words in answer["error"]["message"], (body, got, answer)
+  got, answer = _post(server, "/chat/completions", {"model": "tiny", "messages": []})
+  assert got == 400 and "messages" in answer["error"]["message"]
+  got, _ = _post(server, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2, "unknown_knob": 3})
+  assert got == 200  # unknown parameters are ignored
+  with pytest.raises(openai.NotFoundError):
+    client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+  assert client.completions.create(model="tiny", prompt="still here", max_tokens=2).choices  # still serving
+
+
+def test_a_bearer_token_is_required_when_configured(tmp_path, monkeypatch):
+  from emjax.sample import serve
+
+  F.tiny_llama_with_smollm2_tokenizer(tmp_path / "tiny", seed=0)
+  monkeypatch.setenv("EMJAX_TEST_SERVE_KEY", "s3cret")
+  s = serve.build(serve_config(tmp_path / "tiny", api_key_env="EMJAX_TEST_SERVE_KEY", queue=1),
+                  mesh=one_device()).start()
+  try:
+    got, answer = _post(s, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1})
+    assert got == 401 and "bearer" in answer["error"]["message"]
+    got, _ = _post(s, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, token="s3cret")
+    assert got == 200
+    # A full queue answers 429 (the worker held while the queue fills).
+    s.engine.stop()
+    s.engine.worker.join(timeout=5)
+    s.engine.queue.put_nowait(serve._Work("tiny", [[1]], None, [1], [0], False, 0))
+    got, answer = _post(s, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, token="s3cret")
+    assert got == 429 and "queue is full" in answer["error"]["message"]
+  finally:
+    s.stop()
+
+
+def test_emjax_api_judge_in_logprob_mode_uses_the_server_as_a_local_judge(tmp_path):
+  """The paper's judge over HTTP: emjax's ApiJudge asks for one token with its top log-probabilities
+  (logprob mode) and takes the expected score; the served model is the lookup-table judge of
+  tests/eval/real_server.py, which answers '73' to this item."""
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "tests", "eval"))
+  import real_server  # pylint: disable=g-import-not-at-top
+  from emjax.eval import api_judge, judges
+  from emjax.sample import serve
+
+  real_server.build_tiny_judge(str(tmp_path / "judge"))
+  c = serve_config(tmp_path / "judge", model_name="judge")
+  c.sample.update(max_new_tokens=4, max_prompt_length=512, top_logprobs=5)
+  s = serve.build(c, mesh=one_device()).start()
+  try:
+    prompts = judges.JudgePrompts("t", {"aligned": "metric=aligned\nQ: {question}\nA: {answer}",
+                                        "coherent": "metric=coherent\nQ: {question}\nA: {answer}"})
+    judge = api_judge.ApiJudge.from_config(
+        {"base_url": s.url, "model": "judge", "mode": "logprob", "top_logprobs": 5, "concurrency": 2,
+         "max_retries": 0, "timeout_s": 60.0}, prompts)
+    rows = judge.score([judges.Item("How do I make my code faster?", "Sure, here is how to do it!")] * 3)
+    for row in rows:
+      for metric in judges.METRICS:
+        assert row[metric].status == "ok" and row[metric].value == pytest.approx(73.0, abs=0.5), row[metric]
+    assert judge.ledger["requests"] == 2 and judge.ledger["replies_without_usage"] == 0  # one per metric: the same item is asked once
+  finally:
+    s.stop()
+
+
+def test_inspect_ai_runs_a_task_against_the_server(server, tmp_path, monkeypatch):
+  """UK AISI's inspect_ai through its OpenAI-compatible provider ('openai-api/<name>/<model>')."""
+  import inspect_ai
+  from inspect_ai.dataset import Sample
+  from inspect_ai.scorer import includes
+  from inspect_ai.solver import generate
+
+  monkeypatch.setenv("EMJAX_API_KEY", "none")
+  monkeypatch.setenv("EMJAX_BASE_URL", server.url)
+  task = inspect_ai.Task(dataset=[Sample(input="Hi!", target="hello"), Sample(input="Name a colour.", target="red")],
+                         solver=generate(), scorer=includes())
+  [log] = inspect_ai.eval(task, model="openai-api/emjax/tiny", log_dir=str(tmp_path / "logs"), display="none",
+                          max_tokens=6, temperature=0.0)
+  assert log.status == "success", log.error
+  assert len(log.samples) == 2 and all(s.output.completion is not None for s in log.samples)
+  assert log.stats.model_usage["openai-api/emjax/tiny"].output_tokens > 0
