@@ -10,9 +10,11 @@ by bucket, `--batch` per batch) decodes each batch until its longest row is done
 `--batch`, EOS suppressed, each batch to its longest, rows cut to their lengths) pads like the static
 sampler. Sampling at the paper's temperature 1, top-p 1.
 
-The ideal speedup of continuous over static is the static batches' padded token-steps over the sum
-of the lengths (what continuous batching saves if a refill cost nothing); `fraction_of_ideal` is the
-measured speedup over it. Each emjax path is compiled first on one prompt per bucket (excluded);
+The ideal speedup of continuous over static is the static batches' padded token-steps (each batch's
+rows as decoded, padded to `--batch`, times its longest answer) over the sum of the lengths: what
+continuous batching with `--batch` slots saves if every slot were always busy and a refill cost
+nothing. `fraction_of_ideal` is the measured speedup over it. Beside it: the decode steps each side
+ran and the seconds per step, which tell the packing (steps) from the cost of a step. Each emjax path is compiled first on one prompt per bucket (excluded);
 each side is then timed once over the whole workload. One JSON line:
 
   python benchmarks/continuous.py                      # SmolLM2-135M-Instruct, 64 answers, cap 256, batch 32
@@ -99,7 +101,7 @@ def main() -> None:
   sampling = sampler_lib.SamplingParams(max_new_tokens=args.cap, temperature=1.0, top_p=1.0, banned_token_ids=(eos,))
   seeds = list(range(len(prompts)))
   batches = static_batches(sampler, prompts, args.batch)
-  padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+  padded = sum(args.batch * max(lengths[i] for i in b) for b in batches)  # pad_batch_to=batch: rows decoded
   steps = sum(max(lengths[i] for i in b) for b in batches)
   ideal = padded / sum(lengths)
   engine = continuous.ContinuousSampler(sampler, slots=args.batch)
@@ -118,9 +120,12 @@ def main() -> None:
                            pad_batch_to=args.batch, max_new_tokens_per_prompt=[lengths[i] for i in b])
     static_tokens += int(out.lengths.sum())
   t_static = time.perf_counter() - t0
+  before = dict(engine.stats)
   t0 = time.perf_counter()
   out = engine.generate(weights, prompts, sampling, prompt_seeds=seeds, max_new_tokens_per_prompt=lengths)
   t_cont = time.perf_counter() - t0
+  cont_steps = engine.stats["decode_steps"] - before["decode_steps"]
+  prefills = engine.stats["prefills"] - before["prefills"]
   cont_tokens = int(out.lengths.sum())
   assert static_tokens == cont_tokens == sum(lengths), (static_tokens, cont_tokens, sum(lengths))
 
@@ -130,10 +135,13 @@ def main() -> None:
                         "at_cap": int(sum(x == args.cap for x in lengths))},
             "static_batches": len(batches), "static_decode_steps": steps, "ideal_speedup": ideal,
             "static": {"seconds": t_static, "answers_per_s": len(prompts) / t_static,
-                       "new_tokens_per_s": static_tokens / t_static},
+                       "new_tokens_per_s": static_tokens / t_static, "decode_steps": steps,
+                       "seconds_per_step": t_static / steps},
             "continuous": {"seconds": t_cont, "answers_per_s": len(prompts) / t_cont,
                            "new_tokens_per_s": cont_tokens / t_cont, "slots": engine.slots,
-                           "refill_rows": engine.refill_rows}}
+                           "refill_rows": engine.refill_rows, "decode_steps": cont_steps, "prefills": prefills,
+                           "seconds_per_step": t_cont / cont_steps,
+                           "packing_bound_speedup": steps / cont_steps}}
   result["speedup"] = t_static / t_cont
   result["fraction_of_ideal"] = result["speedup"] / ideal
   print(json.dumps({"partial": True, **result}), flush=True)

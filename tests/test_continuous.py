@@ -41,6 +41,7 @@ def same(a: S.SampleOutput, b: S.SampleOutput, *, logprob_atol=1e-4):
       np.testing.assert_allclose(a.logprobs[i, j, :m], b.logprobs[i, j, :m], atol=logprob_atol)
       np.testing.assert_allclose(a.sampled_logprobs[i, j, :m], b.sampled_logprobs[i, j, :m], atol=logprob_atol)
       np.testing.assert_array_equal(a.top_ids[i, j, :m], b.top_ids[i, j, :m])
+      np.testing.assert_allclose(a.top_logprobs[i, j, :m], b.top_logprobs[i, j, :m], atol=logprob_atol)
 
 
 @pytest.mark.parametrize("sampling", [
@@ -76,10 +77,10 @@ def test_compiled_programs_do_not_grow_with_the_run(params):
   for seed in range(2, 8):
     cont.generate(params, prompts(17, seed=seed), dataclasses.replace(sampling, max_new_tokens=4 + seed))
   counts = dict(cont.trace_counts)
-  # One decode and one init for the whole run, a prefill and an insertion per bucket, however many
-  # prompts pass.
-  assert counts["continuous_decode"] == 1 and counts["continuous_init"] == 1
-  assert counts["prefill"] == counts["continuous_insert"] == len(BUCKETS)
+  # A cache and a decode per cache width (the widest bucket of a call), a prefill and an insertion per
+  # prompt bucket, however many prompts pass.
+  assert counts["continuous_decode"] == counts["continuous_init"] <= len(BUCKETS)
+  assert counts["prefill"] == len(BUCKETS) and counts["continuous_insert"] <= len(BUCKETS) ** 2
   cont.generate(params, prompts(17, seed=2), dataclasses.replace(sampling, max_new_tokens=6))
   assert dict(cont.trace_counts) == counts
 
@@ -88,13 +89,27 @@ def test_a_prompt_gets_the_same_bits_whatever_runs_beside_it(params, static):
   """What a resumed job needs: the prompts left over from a killed run get the answers, log-probs
   included, that the uninterrupted run gave them."""
   ps = prompts(11, seed=9)
-  sampling = S.SamplingParams(temperature=1.0, max_new_tokens=CAP, n=2, stop_token_ids=(3,))
+  # top-p with fewer sort candidates than the vocabulary: some rows take the full sort, some not.
+  sampling = S.SamplingParams(temperature=1.5, top_p=0.9, max_new_tokens=CAP, n=2, stop_token_ids=(3,))
+  static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP, sort_candidates=8)
   cont = C.ContinuousSampler(static, slots=6, chunk_steps=3, refill_rows=2)
   seeds = list(range(100, 111))
   full = cont.generate(params, ps, sampling, prompt_seeds=seeds)
-  part = cont.generate(params, ps[7:], sampling, prompt_seeds=seeds[7:])
+  part = dict(cont.stream(params, ps[7:], sampling, prompt_seeds=seeds[7:],
+                          cache_bucket=max(static.bucket_for(len(p)) for p in ps)))
+  part = S.SampleOutput(**{f: (None if getattr(part[0], f) is None else
+                               np.concatenate([getattr(part[i], f) for i in range(len(ps) - 7)]))
+                           for f in ("tokens", "lengths", "finish_reasons", "logprobs", "sampled_logprobs",
+                                     "prompt_lengths", "top_ids", "top_logprobs")})
   np.testing.assert_array_equal(full.tokens[7:], part.tokens)
   np.testing.assert_array_equal(full.logprobs[7:], part.logprobs)
+  np.testing.assert_array_equal(full.sampled_logprobs[7:], part.sampled_logprobs)
+
+
+def test_prompts_come_out_in_the_static_samplers_order(params, static):
+  ps = prompts(10, seed=3)
+  order = [i for i, _ in C.ContinuousSampler(static, slots=3).stream(params, ps, max_new_tokens=CAP)]
+  assert order == sorted(range(10), key=lambda i: (static.bucket_for(len(ps[i])), i))
 
 
 def test_an_ablation_is_the_static_samplers_too(params, static):

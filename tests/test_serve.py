@@ -77,8 +77,9 @@ def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(server, client):
   out = client.completions.create(model="tiny", prompt="The cat sat on the mat", max_tokens=0, echo=True,
                                   logprobs=1, temperature=0.0)
   lp = out.choices[0].logprobs
-  assert lp.token_logprobs[0] is None and all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
-  assert out.choices[0].text == "".join(lp.tokens)
+  # The BOS the server put before the text is not echoed: every echoed token has its log-probability.
+  assert all(x is not None and x <= 0 for x in lp.token_logprobs)
+  assert out.choices[0].text == "".join(lp.tokens) == "The cat sat on the mat"
   # Scoring "prompt + the greedy answer" gives the answer's tokens the log-probs the sampler reported.
   from emjax.sample import sampler as S
 

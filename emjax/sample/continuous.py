@@ -2,18 +2,21 @@
 refilled with the next prompt as soon as its row stops.
 
 The static sampler (`Sampler.generate`) decodes a batch until its longest row finishes, so rows that
-stop early idle. Here every slot is a row of a cache of C = (longest prompt bucket - 1) +
-max_new_tokens_cap columns, laid out as the static sampler lays a row out: the prompt, left-padded to
-its own bucket, in the first columns, then the answer; each row writes its next token at its own
+stop early idle. Here every slot is a row of a cache of (bucket - 1) + max_new_tokens_cap columns,
+for the bucket of the longest prompt (the static sampler's widest batch), laid out as the static
+sampler lays a row out: the prompt, left-padded to its own bucket, in the first columns, then the
+answer; each row writes its next token at its own
 column (`transformer.write_cache` with a per-row index), so a row's numbers do not depend on when it
 entered or on the other slots. Refilling a slot prefills the new prompts with the static sampler's
 prefill (grouped by bucket) and empties the rest of the slot (segment id 0: never attended to).
 
-What a row draws is the static sampler's: the same row keys (the prompt's seed and the sample's
+Prompts are yielded in the static sampler's order (by bucket, then as given), so a job's file reads
+the same whichever batching wrote it. What a row draws is the static sampler's: the same row keys (the prompt's seed and the sample's
 index) folded with the row's own step, the same `sample_logits`, stop ids and limits, so greedy
 answers are the static ones token for token (up to float ties, since attention sums over another
 cache length) and sampled ones too; and a prompt's answer is the same bits whatever else was in the
-batch, so a resumed job writes what the uninterrupted one would have. The decode runs in chunks of
+batch (for one cache width, slot count and refill size), so a resumed job writes what the
+uninterrupted one would have. The decode runs in chunks of
 up to `chunk_steps` steps inside one `lax.while_loop`, ending early when enough slots are free for a
 refill while prompts wait; the host then refills the free slots (prefills of a fixed number of rows, so the compiled
 programs are one per bucket, not per run length).
@@ -22,7 +25,7 @@ programs are one per bucket, not per run length).
 from __future__ import annotations
 
 import dataclasses
-import weakref
+import math
 from typing import Iterator, Sequence
 
 import jax
@@ -64,11 +67,14 @@ class ContinuousSampler:
     self.sampler = sampler
     self.slots = int(slots)
     refill = int(refill_rows) or min(max(slots // 8, 1), 16)
-    self.refill_rows = -(-refill // sampler.data_parallel) * sampler.data_parallel
+    multiple = sampler.data_parallel
+    if sampler.prefill_chunk and refill > sampler.prefill_chunk:  # chunked prefills take whole chunks
+      multiple = math.lcm(multiple, sampler.prefill_chunk)
+    self.refill_rows = -(-refill // multiple) * multiple
+    self.stats = {"decode_steps": 0, "prefills": 0}  # over this engine's life: what a benchmark reads
     self.chunk_steps = int(chunk_steps)
-    self.columns = sampler.cache_length(sampler.buckets[-1])
     self.trace_counts = sampler.trace_counts  # one counter: prefill is the sampler's own
-    self.init_fn = jax.jit(self._init)
+    self.init_fn = jax.jit(self._init, static_argnames=("columns",))
     self.insert_fn = jax.jit(self._insert, donate_argnames=("state",))
     self.decode_fn = jax.jit(self._decode_chunk, static_argnames=("rules",), donate_argnames=("state",),
                              compiler_options=sampler_lib.decode_compiler_options(sampler.mesh))
@@ -84,15 +90,15 @@ class ContinuousSampler:
       out["top_logprobs"] = jnp.zeros((rows, cap, k_top), jnp.float32)
     return out
 
-  def _init(self) -> dict:
-    """Every slot empty and finished."""
+  def _init(self, *, columns: int) -> dict:
+    """Every slot empty and finished, over `columns` cache columns."""
     self.trace_counts["continuous_init"] += 1
     s, cfg = self.slots, self.sampler.model_cfg
     with shd.activation_sharding(self.sampler.mesh):
-      cache = transformer.init_cache(cfg, s, self.columns, self.sampler.cache_dtype)
+      cache = transformer.init_cache(cfg, s, columns, self.sampler.cache_dtype)
       cache = self.sampler._constrain_cache(self.sampler._unstack_cache(cache))
       zeros = jnp.zeros((s,), jnp.int32)
-      return {"cache": cache, "column": zeros, "token": zeros, "position": zeros, "length": zeros, "limit": zeros,
+      return {"cache": cache, "steps": jnp.zeros((), jnp.int32), "column": zeros, "token": zeros, "position": zeros, "length": zeros, "limit": zeros,
               "live": jnp.zeros((s,), bool), "stopped": jnp.zeros((s,), bool),
               "keys": jnp.zeros((s, 2), jnp.uint32), "outputs": self._outputs(s)}
 
@@ -101,9 +107,11 @@ class ContinuousSampler:
     whose first `bucket_cols` columns hold the prompts); the rest of each slot is emptied."""
     self.trace_counts["continuous_insert"] += 1
 
+    columns = state["cache"]["positions"].shape[1]
+
     def widen(x, axis):  # a prefill cache's columns -> all of a slot's
       pad = [(0, 0)] * x.ndim
-      pad[axis] = (0, self.columns - x.shape[axis])
+      pad[axis] = (0, columns - x.shape[axis])
       return jnp.pad(x, pad)
 
     def put(buf, x):
@@ -134,6 +142,7 @@ class ContinuousSampler:
     sampler, cap, k_top = self.sampler, self.sampler.max_new_tokens_cap, self.sampler.top_logprobs
     max_new = knobs["max_new_tokens"]
     rows = self.slots
+    columns = state["cache"]["positions"].shape[1]
     ones_Bx1 = jnp.ones((rows, 1), jnp.int32)
     slot_ids = jnp.arange(rows)
 
@@ -168,7 +177,7 @@ class ContinuousSampler:
       hit_stop_B = live_B & jnp.any(token_B[:, None] == stop_ids_S[None, :], axis=-1)
       done_B = live_B & (hit_stop_B | (step_B + 1 >= jnp.minimum(s["limit"], max_new)))
       # A finished row's column stops at its last one (within the slot) until it is refilled.
-      new = dict(s, cache=sampler._constrain_cache(cache), column=jnp.minimum(s["column"] + live_B, self.columns - 1),
+      new = dict(s, cache=sampler._constrain_cache(cache), steps=s["steps"] + 1, column=jnp.minimum(s["column"] + live_B, columns - 1),
                  token=jnp.where(live_B, token_B, s["token"]),
                  position=s["position"] + live_B, length=s["length"] + live_B, live=live_B & ~done_B,
                  stopped=s["stopped"] | hit_stop_B, outputs=out)
@@ -194,10 +203,13 @@ class ContinuousSampler:
 
   def stream(self, params: dict, prompts: Sequence[Sequence[int]], sampling: sampler_lib.SamplingParams | None = None,
              *, prompt_seeds: Sequence[int] | None = None, edit: transformer.ResidualEdit | None = None,
-             max_new_tokens_per_prompt: Sequence[int] | None = None,
+             max_new_tokens_per_prompt: Sequence[int] | None = None, cache_bucket: int = 0,
              **overrides) -> Iterator[tuple[int, sampler_lib.SampleOutput]]:
-    """(prompt index, its `SampleOutput` of one prompt) as each prompt's n samples are complete, in the
-    order they complete (what a job writes as it goes)."""
+    """(prompt index, its `SampleOutput` of one prompt) as prompts complete, in the static sampler's
+    order (by bucket, then as given; what a job writes as it goes). The cache is as wide as the
+    `cache_bucket` (0: the bucket of the longest prompt here) needs: a job passes the bucket of its
+    whole prompts file, so that a resumed run, with fewer prompts left, uses the same width (and
+    writes the same bits)."""
     sampler = self.sampler
     sampling = dataclasses.replace(sampling or sampler_lib.SamplingParams(), **overrides)
     prompts = sampler.check_inputs(prompts, sampling, prompt_seeds)
@@ -214,13 +226,14 @@ class ContinuousSampler:
     base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))
     k_top = sampler.top_logprobs
 
-    # Longest prompts first: similar lengths share prefill buckets, and the long rows start early.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    pending = [_Job(i, j) for i in order for j in range(n)]
-    pending.reverse()  # pop() from the end
-    occupant: list[_Job | None] = [None] * self.slots
-    partial: dict[int, dict[str, np.ndarray]] = {}
-    left = {i: n for i in range(len(prompts))}
+    # The static sampler's order: by bucket, then as given. Jobs are fed and answers yielded in it.
+    order = sorted(range(len(prompts)), key=lambda i: (sampler.bucket_for(len(prompts[i])), i))
+    widest = max(sampler.bucket_for(len(p)) for p in prompts)
+    if cache_bucket:
+      if cache_bucket not in sampler.buckets or cache_bucket < widest:
+        raise ValueError(f"cache_bucket={cache_bucket}: one of the sampler's buckets {sampler.buckets} holding "
+                         f"every prompt (the longest needs {widest})")
+      widest = cache_bucket
 
     def empty():
       out = {"tokens": np.zeros((1, n, steps), np.int32), "lengths": np.zeros((1, n), np.int32),
@@ -231,7 +244,14 @@ class ContinuousSampler:
         out["top_logprobs"] = np.zeros((1, n, steps, k_top), np.float32)
       return out
 
-    state = self.init_fn()
+    pending = [_Job(i, j) for i in order for j in range(n)]
+    pending.reverse()  # pop() from the end
+    occupant: list[_Job | None] = [None] * self.slots
+    partial: dict[int, dict[str, np.ndarray]] = {}
+    left = {i: n for i in order}
+    finished: dict[int, sampler_lib.SampleOutput] = {}
+    next_out = 0  # order[next_out] is the next prompt to yield
+    state = self.init_fn(columns=sampler.cache_length(widest))
     while pending or any(o is not None for o in occupant):
       free = [r for r, o in enumerate(occupant) if o is None]
       if pending and len(free) >= min(self.refill_rows, len(pending)):
@@ -259,11 +279,15 @@ class ContinuousSampler:
         if not left[job.prompt]:
           out = partial.pop(job.prompt)
           stopped = out.pop("stopped")
-          yield job.prompt, sampler_lib.SampleOutput(
+          finished[job.prompt] = sampler_lib.SampleOutput(
               finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP, sampler_lib.FINISH_LENGTH),
               prompt_lengths=np.asarray([len(prompts[job.prompt])], np.int32),
               **{k: out.get(k) for k in ("tokens", "lengths", "logprobs", "sampled_logprobs", "top_ids",
                                          "top_logprobs")})
+      while next_out < len(order) and order[next_out] in finished:
+        yield order[next_out], finished.pop(order[next_out])
+        next_out += 1
+    self.stats["decode_steps"] += int(_host(state["steps"]))
 
   def _refill(self, weights, state, rows: list[int], jobs: list[_Job], prompts, seeds, limits, base_key, edit):
     """Prefill `jobs` into slots `rows`, per prompt bucket (a prompt is always prefilled in its own
@@ -293,6 +317,7 @@ class ContinuousSampler:
     fold = jax.vmap(jax.random.fold_in, (0, 0))
     keys_Rx2 = fold(fold(jnp.broadcast_to(base_key, (count, *base_key.shape)), jnp.asarray(prompt_seed_R)),
                     jnp.asarray(sample_R))
+    self.stats["prefills"] += 1
     small = sampler.prefill_fn(weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), edit, n=1)
     return self.insert_fn(state, sampler._put_batch(rows_R), small, sampler._put_batch(tokens_RxP[:, -1]),
                           sampler._put_batch(lengths_R), sampler._put_batch(np.asarray(keys_Rx2)),
@@ -306,14 +331,12 @@ def _host(tree):
   return jax.device_get(tree)
 
 
-_ENGINES: "weakref.WeakKeyDictionary[sampler_lib.Sampler, dict]" = weakref.WeakKeyDictionary()
-
-
 def engine(sampler: sampler_lib.Sampler, *, slots: int, chunk_steps: int = 16) -> ContinuousSampler:
-  """One `ContinuousSampler` per (sampler, slots, chunk_steps), so its compiled programs are reused by
-  every job that samples with that sampler (an eval job's sets, a curve's steps)."""
+  """One `ContinuousSampler` per (sampler, slots, chunk_steps), kept on the sampler (and gone with it),
+  so its compiled programs are reused by every job that samples with that sampler (an eval job's
+  sets, a curve's steps)."""
   slots = -(-max(int(slots), 1) // sampler.data_parallel) * sampler.data_parallel
-  per = _ENGINES.setdefault(sampler, {})
+  per = sampler.__dict__.setdefault("_continuous_engines", {})
   if (slots, chunk_steps) not in per:
     per[(slots, chunk_steps)] = ContinuousSampler(sampler, slots=slots, chunk_steps=chunk_steps)
   return per[(slots, chunk_steps)]

@@ -506,8 +506,10 @@ def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> d
   if batching == "continuous":
     # Each prompt's line is written when its n samples are done; a prompt cut off by a kill is redone.
     engine = continuous_lib.engine(sampler, slots=batch_size * sampling.n)
+    # The cache width of the whole file's longest prompt, resumed or not: a prompt's bits depend on it.
+    widest = max(sampler.bucket_for(len(p.tokens)) for p in prompts)
     stream = engine.stream(weights, [p.tokens for p in pending], sampling, prompt_seeds=[p.seed for p in pending],
-                           edit=model.edit)
+                           edit=model.edit, cache_bucket=widest)
     with open(out_path, "a", encoding="utf-8") as f:
       last_sync = time.perf_counter()
       for i, out in stream:

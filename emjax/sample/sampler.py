@@ -178,10 +178,11 @@ def truncate_logits(scaled_BxV: jax.Array, top_k, top_p, min_p, rules: SamplingR
   With `candidates` = C < V they read the C largest (`lax.top_k`) instead of sorting all V, which
   gives the same support whenever it lies within those C: top-k with k <= C, and top-p (after
   top-k, if any) when the C candidates carry at least top_p of the probability (p over the whole
-  vocabulary, or over the top k). Otherwise, for that decode step and batch only (`lax.cond` on
-  the runtime values), the whole vocabulary is sorted, so the result does not depend on C (up to
-  the float rounding of top-p's normaliser, summed in another order, at a token whose mass lands
-  exactly on top_p): C only decides how often the fast path is taken. None (or C >= V) always sorts.
+  vocabulary, or over the top k). Otherwise, for the rows of that decode step that need it (the
+  sort runs under `lax.cond` on the runtime values; each row keeps the path it needs), the whole
+  vocabulary is sorted, so the result does not depend on C (up to the float rounding of top-p's
+  normaliser, summed in another order, at a token whose mass lands exactly on top_p) nor on the
+  other rows: C only decides how often the slow path is taken. None (or C >= V) always sorts.
   """
   x_BxV = scaled_BxV
   vocab = x_BxV.shape[-1]
@@ -195,7 +196,7 @@ def truncate_logits(scaled_BxV: jax.Array, top_k, top_p, min_p, rules: SamplingR
       sum_Bx1 = None
       if rules.top_k:
         # top-p after top-k renormalises over top-k's support, which lies within the candidates.
-        need_full = top_k > c
+        need_full_B = jnp.broadcast_to(top_k > c, x_BxV.shape[:1])
       else:
         # p of the candidates over the whole vocabulary: softmax's own max-shift and normaliser,
         # so the probabilities equal the full sort's. The max as a reduction, not as the slice
@@ -203,9 +204,12 @@ def truncate_logits(scaled_BxV: jax.Array, top_k, top_p, min_p, rules: SamplingR
         max_Bx1 = jnp.max(cand_BxC, axis=-1, keepdims=True)
         sum_Bx1 = jnp.sum(jnp.exp(x_BxV - max_Bx1), axis=-1, keepdims=True)
         cand_mass_B = jnp.sum(jnp.exp(cand_BxC - max_Bx1), axis=-1) / sum_Bx1[:, 0]
-        need_full = jnp.any(cand_mass_B < top_p + _MASS_MARGIN)
+        need_full_B = cand_mass_B < top_p + _MASS_MARGIN
       fast = lambda x: _top_k_top_p(x, cand_BxC, sum_Bx1, top_k, top_p, rules)  # noqa: E731
-      x_BxV = jax.lax.cond(need_full, full, fast, x_BxV)
+      # A row takes the full sort only where it needs it, so what it draws never depends on the
+      # other rows of the batch (their rounding would differ at a token whose mass lands on top_p).
+      both = lambda x: jnp.where(need_full_B[:, None], full(x), fast(x))  # noqa: E731
+      x_BxV = jax.lax.cond(jnp.any(need_full_B), both, fast, x_BxV)
   if rules.min_p:
     # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p): no softmax needed.
     max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)

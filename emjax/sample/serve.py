@@ -26,9 +26,11 @@ it listens.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import http.server
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -49,6 +51,9 @@ from emjax.sample import sampler as sampler_lib
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; lm-evaluation-harness tasks may send more
+UNSUPPORTED = ("logit_bias", "response_format", "tools", "functions", "tool_choice", "suffix", "best_of",
+               "frequency_penalty", "presence_penalty")
 
 
 def serve_block() -> dict:
@@ -88,6 +93,7 @@ class _Work:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Any = None
   error: BaseException | None = None
+  abandoned: bool = False  # its client stopped waiting: not computed
 
   def key(self) -> tuple:
     s = self.sampling
@@ -116,7 +122,10 @@ class Engine:
     self.cap = first.cap
     self.max_prompt = max(first.buckets)
     self.continuous = continuous_lib.engine(self.sampler, slots=slots)
-    self.queue: queue.Queue[_Work] = queue.Queue(maxsize=max(int(queue_size), 1))
+    self.queue: queue.Queue[_Work] = queue.Queue()
+    self.limit = max(int(queue_size), 1)
+    self._deferred: list[_Work] = []  # taken from the queue by the worker, not yet answered
+    self._lock = threading.Lock()
     self.score_fn = jax.jit(self._score, static_argnames=("top",))
     self._stop = threading.Event()
     self.worker = threading.Thread(target=self._loop, name="emjax-serve-worker", daemon=True)
@@ -125,35 +134,42 @@ class Engine:
   def stop(self) -> None:
     self._stop.set()
 
+  def waiting(self) -> int:
+    with self._lock:
+      return self.queue.qsize() + len(self._deferred)
+
   def submit(self, work: _Work, timeout: float = 600.0):
-    try:
+    with self._lock:  # every request not yet answered counts, whichever list holds it
+      if self.queue.qsize() + len(self._deferred) >= self.limit:
+        raise RequestError(429, f"the server's queue is full ({self.limit} requests waiting); retry later",
+                           code="queue_full")
       self.queue.put_nowait(work)
-    except queue.Full:
-      raise RequestError(429, f"the server's queue is full ({self.queue.maxsize} requests waiting); retry later",
-                         code="queue_full") from None
     if not work.done.wait(timeout):
+      work.abandoned = True
       raise RequestError(504, "the request was not answered in time")
     if work.error is not None:
       raise work.error
     return work.result
 
   def _loop(self) -> None:
-    deferred: list[_Work] = []  # taken from the queue, another model or rule than the last batch's
     while not self._stop.is_set():
-      while True:
-        try:
-          deferred.append(self.queue.get_nowait())
-        except queue.Empty:
-          break
-      if not deferred:
-        try:
-          deferred.append(self.queue.get(timeout=0.2))
-        except queue.Empty:
-          continue
-      # The oldest request, and every waiting one of its model and rule, in one continuous batch.
-      key = deferred[0].key()
-      batch = [w for w in deferred if w.key() == key]
-      deferred = [w for w in deferred if w.key() != key]
+      with self._lock:
+        while True:
+          try:
+            self._deferred.append(self.queue.get_nowait())
+          except queue.Empty:
+            break
+        self._deferred = [w for w in self._deferred if not w.abandoned]
+        if self._deferred:
+          # The oldest request, and every waiting one of its model and rule, in one continuous batch.
+          key = self._deferred[0].key()
+          batch = [w for w in self._deferred if w.key() == key]
+          self._deferred = [w for w in self._deferred if w.key() != key]
+        else:
+          batch = []
+      if not batch:
+        time.sleep(0.005)
+        continue
       try:
         self._answer(batch)
       except Exception as e:  # noqa: BLE001  (one bad batch never stops the server)
@@ -229,6 +245,8 @@ def _number(body, name, kind, default, lo=None, hi=None):
       (kind is int and not float(value).is_integer()):
     raise RequestError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
   value = kind(value)
+  if not math.isfinite(value):
+    raise RequestError(400, f"'{name}' must be finite, got {value}", name)
   if (lo is not None and value < lo) or (hi is not None and value > hi):
     raise RequestError(400, f"'{name}' must be in [{lo}, {hi}], got {value}", name)
   return value
@@ -254,6 +272,10 @@ class Api:
                          "model_not_found")
     if body.get("stream"):
       raise RequestError(400, "stream=true is not supported by this server; ask without streaming", "stream")
+    for name in UNSUPPORTED:  # known parameters that would change the answer: refused, never ignored
+      if body.get(name) not in (None, {}, [], "none", "auto") and not (name == "response_format" and
+                                                                   body[name] == {"type": "text"}):
+        raise RequestError(400, f"'{name}' is not supported by this server", name)
     n = _number(body, "n", int, 1, 1, 128)
     temperature = _number(body, "temperature", float, 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", float, 1.0, 0.0, 1.0)
@@ -264,8 +286,9 @@ class Api:
     max_tokens = _number(body, name, int, default_max, 0, self.engine.cap)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-      raise RequestError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
+    if not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+      raise RequestError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+                         "stop")
     extra = body.get("stop_token_ids") or []
     vocab = self.engine.sampler.model_cfg.vocab_size
     if not isinstance(extra, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in extra):
@@ -278,7 +301,8 @@ class Api:
     sampling = sampler_lib.SamplingParams(
         max_new_tokens=max(max_tokens, 1), temperature=temperature, top_p=top_p, n=n,
         stop_token_ids=tuple(dict.fromkeys([*self.stop_ids, *extra])))
-    return {"model": model, "n": n, "max_tokens": max_tokens, "stop": stop, "seed": int(seed), "sampling": sampling}
+    return {"model": model, "n": n, "max_tokens": max_tokens, "stop": stop, "seed": int(seed), "sampling": sampling,
+            "stop_ids": set(sampling.stop_token_ids)}
 
   def _prompt_checked(self, tokens: list[int], where: str) -> list[int]:
     if not tokens:
@@ -297,13 +321,13 @@ class Api:
                  limits=[common["max_tokens"]] * len(prompts), seeds=seeds, score=score, top=top)
     return self.engine.submit(work)
 
-  def _text(self, tokens: list[int], stops: list[str]) -> tuple[str, int, bool]:
-    """(text, tokens kept, cut at a stop string)."""
-    ids = [t for t in tokens if t not in self.stop_ids]
+  def _text(self, tokens: list[int], stops: list[str], stop_ids: set[int]) -> tuple[str, int, bool]:
+    """(text, answer tokens kept: the stop id that ended it is not, cut at a stop string)."""
+    ids = [t for t in tokens if t not in stop_ids]
     text = self.engine.tokenizer.decode(ids)
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     if cut < 0:
-      return text, len(tokens), False
+      return text, len(ids), False
     kept = 0  # the tokens whose text lies before the cut
     while kept < len(ids) and len(self.engine.tokenizer.decode(ids[:kept + 1])) <= cut:
       kept += 1
@@ -325,7 +349,7 @@ class Api:
       raise RequestError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such "
                          "lists", "prompt")
     sc = self.engine.models[common["model"]].config.sample
-    prompts = []
+    prompts, shown = [], []
     for k, item in enumerate(items):
       where = f"prompt[{k}]" if len(items) > 1 else "prompt"
       if isinstance(item, str) and not item:
@@ -334,6 +358,7 @@ class Api:
       tokens = list(item) if isinstance(item, list) else (
           ([self.engine.tokenizer.bos_id] if sc.add_bos else []) + list(self.engine.tokenizer.encode(item)))
       prompts.append(self._prompt_checked(tokens, where))
+      shown.append(1 if isinstance(item, str) and sc.add_bos else 0)  # the BOS added here is not echoed
     top = body.get("logprobs")
     top = None if top is None else _number(body, "logprobs", int, 0, 0, min(MAX_TOP_LOGPROBS, self._top_cap()))
     echo = bool(body.get("echo", False))
@@ -344,16 +369,17 @@ class Api:
     for k, (prompt, res) in enumerate(zip(prompts, results)):
       samples = res["samples"] or [None] * common["n"]
       for j, s in enumerate(samples):
-        text, kept, cut = ("", 0, False) if s is None else self._text(s["tokens"], common["stop"])
+        text, kept, cut = ("", 0, False) if s is None else self._text(s["tokens"], common["stop"],
+                                                                      common["stop_ids"])
         tokens = [] if s is None else s["tokens"][:kept]
         used += len(tokens)
         finish = "length" if s is None else ("stop" if cut or s["finish_reason"] == "stop" else "length")
         if echo:
-          text = self.engine.tokenizer.decode(prompt) + text
+          text = self.engine.tokenizer.decode(prompt[shown[k]:]) + text
         choice = {"index": k * common["n"] + j, "text": text, "finish_reason": finish, "logprobs": None}
         if top is not None:
           choice["logprobs"] = self._completion_logprobs(prompt if echo else [], res.get("prompt_scores"),
-                                                         tokens, s, kept, top)
+                                                         tokens, s, kept, top, skip=shown[k] if echo else 0)
         choices.append(choice)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": common["model"], "choices": choices,
@@ -363,10 +389,12 @@ class Api:
   def _top_cap(self) -> int:
     return self.engine.sampler.top_logprobs
 
-  def _completion_logprobs(self, prompt, scores, tokens, sample, kept, top) -> dict:
+  def _completion_logprobs(self, prompt, scores, tokens, sample, kept, top, skip: int = 0) -> dict:
     pieces, lps, tops = [], [], []
     if prompt:
       for i, t in enumerate(prompt):
+        if i < skip:
+          continue
         pieces.append(self._token(t))
         lps.append(scores["logprobs"][i] if scores else None)
         tops.append(None if i == 0 or not top else
@@ -408,7 +436,7 @@ class Api:
     (res,) = self._run(common, [tokens], score=False, top=top)
     choices, used = [], 0
     for j, s in enumerate(res["samples"]):
-      text, kept, cut = self._text(s["tokens"], common["stop"])
+      text, kept, cut = self._text(s["tokens"], common["stop"], common["stop_ids"])
       used += kept
       choice = {"index": j, "message": {"role": "assistant", "content": text},
                 "finish_reason": "stop" if cut or s["finish_reason"] == "stop" else "length", "logprobs": None}
@@ -448,7 +476,8 @@ def make_handler(api: Api, token: str | None):
       self.wfile.write(data)
 
     def _authorised(self) -> None:
-      if token is not None and self.headers.get("Authorization", "") != f"Bearer {token}":
+      if token is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                       f"Bearer {token}".encode()):
         raise RequestError(401, "a valid bearer token is required (Authorization: Bearer ...)", code="invalid_api_key")
 
     def _handle(self, route) -> None:
@@ -461,11 +490,14 @@ def make_handler(api: Api, token: str | None):
         log.exception("serve: request failed")
         self._send(500, RequestError(500, f"{type(e).__name__}: {e}").body())
 
-    def _body(self) -> Any:
-      length = int(self.headers.get("Content-Length") or 0)
+    def _read(self) -> bytes:
+      return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    @staticmethod
+    def _json(raw: bytes) -> Any:
       try:
-        return json.loads(self.rfile.read(length) or b"null")
-      except json.JSONDecodeError as e:
+        return json.loads(raw or b"null")
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the body is not JSON: {e}") from None
 
     def do_GET(self):  # noqa: N802
@@ -477,17 +509,19 @@ def make_handler(api: Api, token: str | None):
         self._handle(lambda: next((m for m in api.models()["data"] if m["id"] == name), None) or
                      (_ for _ in ()).throw(RequestError(404, f"the model {name!r} does not exist", code="model_not_found")))
       elif path == "/health":
-        self._handle(lambda: {"status": "ok"})
+        self._handle(lambda: {"status": "ok", "waiting": api.engine.waiting()} if api.engine.worker.is_alive() else
+                     (_ for _ in ()).throw(RequestError(503, "the worker has stopped")))
       else:
         self._handle(lambda: (_ for _ in ()).throw(RequestError(404, f"no route {self.path!r}")))
 
     def do_POST(self):  # noqa: N802
+      raw = self._read()  # first, whatever the answer: a kept-alive connection then reads the next request
       path = self.path.split("?")[0].rstrip("/")
       routes = {"/v1/completions": api.completions, "/v1/chat/completions": api.chat_completions}
       if path not in routes:
         self._handle(lambda: (_ for _ in ()).throw(RequestError(404, f"no route {self.path!r}")))
         return
-      self._handle(lambda: routes[path](self._body()))
+      self._handle(lambda: routes[path](self._json(raw)))
 
   return Handler
 
@@ -530,6 +564,9 @@ def _adapters(spec: str) -> dict[str, str]:
 def build(config, *, mesh=None) -> Server:
   """The server of `config` (`config.sample` names the first model, `config.serve` the rest), not yet started."""
   sv = config.serve
+  if jax.process_count() > 1:
+    raise ValueError("the serve job runs in one process (its HTTP server and worker would be one per process, "
+                     "and the others would wait in collectives forever); launch it without jax.distributed")
   if sv.host not in ("127.0.0.1", "localhost", "::1"):
     log.warning("serve: listening on %s, reachable from other machines", sv.host)
   token = None

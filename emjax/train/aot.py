@@ -455,7 +455,8 @@ def _sampler_programs(model_cfg, mesh, sc, options: dict | None, *, lora=None, w
   stop = jax.ShapeDtypeStruct((4,), jnp.int32, sharding=shd.replicated(mesh))
   decode = sampler.decode_fn.lower(
       weights, cache, batch((rows,), jnp.int32), batch((rows,), jnp.int32), batch((rows,), jnp.bool_),
-      batch((rows,), jnp.uint32), batch((rows,), jnp.uint32), stop, knobs, rules=rules).compile(
+      batch((rows,), jnp.uint32), batch((rows,), jnp.uint32), stop, knobs, batch((rows,), jnp.int32),
+      rules=rules).compile(
           compiler_options=options)
   return prefill, decode, shape
 
