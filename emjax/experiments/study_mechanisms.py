@@ -463,16 +463,7 @@ def _range(r: Sequence[int]) -> str:
 
 
 def write_figures(mech: Mapping, directory: str) -> list[str]:
-  plt = report._plt()
-  os.makedirs(directory, exist_ok=True)
-  written = []
-
-  def save(fig, name):
-    path = os.path.join(directory, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+  plt, save, written = report.figure_saver(directory)
 
   cells = mech["cells"]
   for comp, c in mech["compositions"].items():

@@ -1033,11 +1033,11 @@ def _bars(ax, groups: Sequence[str], series: Mapping[str, Sequence[Mapping]], yl
   ax.grid(axis="y", alpha=0.3)
 
 
-def write_figures(res: Mapping, directory: str) -> list[str]:
+def figure_saver(directory: str):
+  """(pyplot, save(fig, name), the paths written): every study figure is written the same way."""
   plt = _plt()
   os.makedirs(directory, exist_ok=True)
-  comps, agg = res["compositions"], res["aggregate"]
-  written = []
+  written: list[str] = []
 
   def save(fig, name):
     path = os.path.join(directory, name)
@@ -1045,6 +1045,13 @@ def write_figures(res: Mapping, directory: str) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+
+  return plt, save, written
+
+
+def write_figures(res: Mapping, directory: str) -> list[str]:
+  plt, save, written = figure_saver(directory)
+  comps, agg = res["compositions"], res["aggregate"]
 
   fig, ax = plt.subplots(figsize=(7, 3.6))
   _bars(ax, list(FOUR_WAY), {c: [agg[c]["four_way"][k] for k in FOUR_WAY] for c in comps}, "EM (%)")

@@ -503,48 +503,44 @@ def write_samples(model: Model, prompts_path: str, workdir: str, *, n: int) -> d
   log.info("sampling %d prompts (%d already written) with %s (%s batching)", len(pending), len(done), source,
            batching)
   batch_size, t0 = int(sc.batch_size), time.perf_counter()
-  if batching == "continuous":
-    # Each prompt's line is written when its n samples are done; a prompt cut off by a kill is redone.
-    engine = continuous_lib.engine(sampler, slots=batch_size * sampling.n)
-    # The cache width of the whole file's longest prompt, resumed or not: a prompt's bits depend on it.
-    widest = max(sampler.bucket_for(len(p.tokens)) for p in prompts)
-    stream = engine.stream(weights, [p.tokens for p in pending], sampling, prompt_seeds=[p.seed for p in pending],
-                           edit=model.edit, cache_bucket=widest)
-    with open(out_path, "a", encoding="utf-8") as f:
-      last_sync = time.perf_counter()
-      for i, out in stream:
-        if jax.process_index() == 0:
-          f.write("".join(output_lines([pending[i]], out, model.tokenizer)))
-        summary["sampled"] += 1
-        summary["new_tokens"] += int(np.sum(out.lengths))
-        if time.perf_counter() - last_sync > 5.0 or summary["sampled"] == len(pending):
-          f.flush()
-          os.fsync(f.fileno())
-          last_sync = time.perf_counter()
-          log.info("sampled %d/%d prompts (%.0f new tokens/s)", summary["sampled"], len(pending),
-                   summary["new_tokens"] / (time.perf_counter() - t0))
-    by_bucket: dict[int, list[Prompt]] = {}
-  else:
+  prompt_tokens = [p.tokens for p in pending]
+
+  def answered():
+    """(prompts, their SampleOutput) in the order they are written."""
+    if batching == "continuous":
+      # Each prompt's line is written when its n samples are done; a prompt cut off by a kill is redone.
+      engine = continuous_lib.engine(sampler, slots=batch_size * sampling.n)
+      # The cache width of the whole file's longest prompt, resumed or not: a prompt's bits depend on it.
+      widest = max(sampler.bucket_for(len(p.tokens)) for p in prompts)
+      for i, out in engine.stream(weights, prompt_tokens, sampling, prompt_seeds=[p.seed for p in pending],
+                                  edit=model.edit, cache_bucket=widest):
+        yield [pending[i]], out
+      return
     # Batches of prompts sharing a bucket, so each batch pads to the smallest shape that holds it.
-    by_bucket = {}
+    by_bucket: dict[int, list[Prompt]] = {}
     for p in pending:
       by_bucket.setdefault(sampler.bucket_for(len(p.tokens)), []).append(p)
-  with open(out_path, "a", encoding="utf-8") as f:
     for bucket in sorted(by_bucket):
       group = by_bucket[bucket]
       for start in range(0, len(group), batch_size):
         batch = group[start:start + batch_size]
-        out = sampler.generate(weights, [p.tokens for p in batch], sampling, prompt_seeds=[p.seed for p in batch],
-                               pad_batch_to=batch_size, edit=model.edit)
-        if jax.process_index() == 0:
-          f.write("".join(output_lines(batch, out, model.tokenizer)))
-          f.flush()
-          os.fsync(f.fileno())
-        summary["sampled"] += len(batch)
-        summary["new_tokens"] += int(np.sum(out.lengths))
-        elapsed = time.perf_counter() - t0
+        yield batch, sampler.generate(weights, [p.tokens for p in batch], sampling,
+                                      prompt_seeds=[p.seed for p in batch], pad_batch_to=batch_size, edit=model.edit)
+
+  with open(out_path, "a", encoding="utf-8") as f:
+    last_sync = time.perf_counter()
+    for batch, out in answered():
+      if jax.process_index() == 0:
+        f.write("".join(output_lines(batch, out, model.tokenizer)))
+      summary["sampled"] += len(batch)
+      summary["new_tokens"] += int(np.sum(out.lengths))
+      # A static batch is synced as written; continuous answers (one prompt each) every few seconds.
+      if batching == "static" or time.perf_counter() - last_sync > 5.0 or summary["sampled"] == len(pending):
+        f.flush()
+        os.fsync(f.fileno())
+        last_sync = time.perf_counter()
         log.info("sampled %d/%d prompts (%.0f new tokens/s)", summary["sampled"], len(pending),
-                 summary["new_tokens"] / elapsed)
+                 summary["new_tokens"] / (time.perf_counter() - t0))
   summary["seconds"] = time.perf_counter() - t0
   summary["checkpoint_step"] = restored_step
   summary["model"] = source
