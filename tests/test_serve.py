@@ -104,6 +104,38 @@ def test_concurrent_requests_are_batched_and_answered(server, client):
   assert ask(5) == answers[5]
 
 
+def test_a_request_joins_the_running_batch_and_is_answered_before_it_drains(tmp_path):
+  """Continuous batching across requests: a short request that arrives while a long one decodes takes a
+  free slot at once and comes back while the long one is still decoding (batched per request, it would
+  wait for the long one to end)."""
+  import threading
+  import time
+
+  from emjax.sample import serve
+  from emjax.sample import sampler as sampler_lib
+
+  F.tiny_llama_with_smollm2_tokenizer(tmp_path / "tiny", seed=0)
+  c = serve_config(tmp_path / "tiny")
+  c.sample.max_new_tokens = 160
+  s = serve.build(c, mesh=one_device()).start()
+  try:
+    engine = s.engine
+    rule = sampler_lib.SamplingParams(max_new_tokens=160, temperature=1.0, stop_token_ids=())
+    long = serve._Work("tiny", [[1, 2, 3]], rule, [160], [0], False, 0)
+    threading.Thread(target=engine.submit, args=(long,), daemon=True).start()
+    deadline = time.time() + 60
+    while engine.waiting() and time.time() < deadline:  # until the long one has joined the batch
+      time.sleep(0.001)
+    short = serve._Work("tiny", [[4, 5]], rule, [1], [1], False, 0)
+    (answer,) = engine.submit(short)
+    assert len(answer["samples"][0]["tokens"]) == 1
+    assert not long.done.is_set(), "the short request waited for the long one's batch to drain"
+    assert long.done.wait(120) and long.error is None
+    assert len(long.result[0]["samples"][0]["tokens"]) == 160
+  finally:
+    s.stop()
+
+
 def _post(server, path, body, token=None):
   req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
                                headers={"Content-Type": "application/json",

@@ -24,9 +24,10 @@ programs are one per bucket, not per run length).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,11 @@ from emjax.sample import sampler as sampler_lib
 
 @dataclasses.dataclass
 class _Job:
-  prompt: int  # index of the prompt
+  key: Any  # the prompt's key (a job's index, a server's request)
   sample: int  # index of the sample (0 .. n-1)
+  tokens: list[int]
+  seed: int
+  limit: int
 
 
 class ContinuousSampler:
@@ -214,19 +218,9 @@ class ContinuousSampler:
     sampling = dataclasses.replace(sampling or sampler_lib.SamplingParams(), **overrides)
     prompts = sampler.check_inputs(prompts, sampling, prompt_seeds)
     seeds = np.asarray(prompt_seeds if prompt_seeds is not None else np.arange(len(prompts)), np.int64) % 2**32
-    n, steps = sampling.n, sampling.max_new_tokens
-    limits = (np.full((len(prompts),), steps, np.int32) if max_new_tokens_per_prompt is None
-              else sampler_lib.check_limits(max_new_tokens_per_prompt, len(prompts), steps))
-    weights = sampler.prepare_weights(params)
-    if edit is not None:
-      edit = transformer.ResidualEdit(*(sampler._put_replicated(np.asarray(x, np.float32)) for x in edit))
-    stop_ids_S, knobs = sampler_lib.decode_inputs(sampling, sampler.model_cfg.vocab_size)
-    knobs = {k: sampler._put_replicated(v) for k, v in knobs.items()}
-    stop_ids_S = sampler._put_replicated(stop_ids_S)
-    base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))
-    k_top = sampler.top_logprobs
-
-    # The static sampler's order: by bucket, then as given. Jobs are fed and answers yielded in it.
+    limits = (np.full((len(prompts),), sampling.max_new_tokens, np.int32) if max_new_tokens_per_prompt is None
+              else sampler_lib.check_limits(max_new_tokens_per_prompt, len(prompts), sampling.max_new_tokens))
+    # The static sampler's order: by bucket, then as given. Prompts join and answers are yielded in it.
     order = sorted(range(len(prompts)), key=lambda i: (sampler.bucket_for(len(prompts[i])), i))
     widest = max(sampler.bucket_for(len(p)) for p in prompts)
     if cache_bucket:
@@ -234,94 +228,155 @@ class ContinuousSampler:
         raise ValueError(f"cache_bucket={cache_bucket}: one of the sampler's buckets {sampler.buckets} holding "
                          f"every prompt (the longest needs {widest})")
       widest = cache_bucket
-
-    def empty():
-      out = {"tokens": np.zeros((1, n, steps), np.int32), "lengths": np.zeros((1, n), np.int32),
-             "logprobs": np.zeros((1, n, steps), np.float32), "sampled_logprobs": np.zeros((1, n, steps), np.float32),
-             "stopped": np.zeros((1, n), bool)}
-      if k_top:
-        out["top_ids"] = np.zeros((1, n, steps, k_top), np.int32)
-        out["top_logprobs"] = np.zeros((1, n, steps, k_top), np.float32)
-      return out
-
-    pending = [_Job(i, j) for i in order for j in range(n)]
-    pending.reverse()  # pop() from the end
-    occupant: list[_Job | None] = [None] * self.slots
-    partial: dict[int, dict[str, np.ndarray]] = {}
-    left = {i: n for i in order}
+    batch = Batch(self, params, sampling, cache_bucket=widest, edit=edit)
+    for i in order:
+      batch.add(i, prompts[i], int(seeds[i]), int(limits[i]))
     finished: dict[int, sampler_lib.SampleOutput] = {}
     next_out = 0  # order[next_out] is the next prompt to yield
-    state = self.init_fn(columns=sampler.cache_length(widest))
-    while pending or any(o is not None for o in occupant):
-      free = [r for r, o in enumerate(occupant) if o is None]
-      if pending and len(free) >= min(self.refill_rows, len(pending)):
-        jobs = [pending.pop() for _ in range(min(len(free), len(pending)))]
-        state = self._refill(weights, state, free[:len(jobs)], jobs, prompts, seeds, limits, base_key, edit)
-        for r, job in zip(free, jobs):
-          occupant[r] = job
-      refill_at = min(self.refill_rows, len(pending)) if pending else 0
-      state = self.decode_fn(weights, state, stop_ids_S, knobs, sampler._put_replicated(np.int32(refill_at)),
-                             edit, rules=sampling.rules)
-      live = np.asarray(_host(state["live"]))
-      done = [r for r, o in enumerate(occupant) if o is not None and not live[r]]
-      if not done:
-        continue
-      host = _host({"length": state["length"], "stopped": state["stopped"], **state["outputs"]})
-      for r in done:
-        job, m = occupant[r], int(host["length"][r])
-        occupant[r] = None
-        out = partial.setdefault(job.prompt, empty())
-        for name in ("tokens", "logprobs", "sampled_logprobs", *(("top_ids", "top_logprobs") if k_top else ())):
-          out[name][0, job.sample, :m] = host[name][r, :m]
-        out["lengths"][0, job.sample] = m
-        out["stopped"][0, job.sample] = bool(host["stopped"][r])
-        left[job.prompt] -= 1
-        if not left[job.prompt]:
-          out = partial.pop(job.prompt)
-          stopped = out.pop("stopped")
-          finished[job.prompt] = sampler_lib.SampleOutput(
-              finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP, sampler_lib.FINISH_LENGTH),
-              prompt_lengths=np.asarray([len(prompts[job.prompt])], np.int32),
-              **{k: out.get(k) for k in ("tokens", "lengths", "logprobs", "sampled_logprobs", "top_ids",
-                                         "top_logprobs")})
+    while not batch.idle:
+      finished.update(batch.step())
       while next_out < len(order) and order[next_out] in finished:
         yield order[next_out], finished.pop(order[next_out])
         next_out += 1
-    self.stats["decode_steps"] += int(_host(state["steps"]))
 
-  def _refill(self, weights, state, rows: list[int], jobs: list[_Job], prompts, seeds, limits, base_key, edit):
+
+class Batch:
+  """A continuous batch in progress: prompts join (`add`) at any time, and each `step` refills the free
+  slots with waiting ones and decodes a chunk; what a server keeps open while requests arrive.
+
+  Every prompt of one `Batch` shares its sampling rule and knobs, its weights, its edit and its cache
+  width (`cache_bucket`: the widest prompt bucket it takes); a prompt's answer depends on its own
+  tokens, seed and limit, not on when it joined or on what else was decoded beside it.
+  """
+
+  def __init__(self, engine: ContinuousSampler, params: dict, sampling: sampler_lib.SamplingParams, *,
+               cache_bucket: int, edit: transformer.ResidualEdit | None = None):
+    sampler = engine.sampler
+    if cache_bucket not in sampler.buckets:
+      raise ValueError(f"cache_bucket={cache_bucket}: one of the sampler's buckets {sampler.buckets}")
+    sampling.validate(sampler.model_cfg.vocab_size, sampler.max_new_tokens_cap)
+    self.engine, self.sampling, self.cache_bucket = engine, sampling, int(cache_bucket)
+    self.weights = sampler.prepare_weights(params)
+    self.edit = None if edit is None else transformer.ResidualEdit(
+        *(sampler._put_replicated(np.asarray(x, np.float32)) for x in edit))
+    stop_ids_S, knobs = sampler_lib.decode_inputs(sampling, sampler.model_cfg.vocab_size)
+    self.knobs = {k: sampler._put_replicated(v) for k, v in knobs.items()}
+    self.stop_ids_S = sampler._put_replicated(stop_ids_S)
+    self.base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))
+    self.pending: collections.deque[_Job] = collections.deque()
+    self.occupant: list[_Job | None] = [None] * engine.slots
+    self.partial: dict[Any, dict[str, np.ndarray]] = {}
+    self.left: dict[Any, int] = {}
+    self.steps_counted = 0  # decode steps already added to the engine's stats
+    self.state = engine.init_fn(columns=sampler.cache_length(self.cache_bucket))
+
+  @property
+  def idle(self) -> bool:
+    """Nothing waiting and nothing decoding."""
+    return not self.pending and all(o is None for o in self.occupant)
+
+  def fits(self, tokens: Sequence[int]) -> bool:
+    """Whether a prompt of these tokens can join (its bucket within this batch's cache width)."""
+    return 0 < len(tokens) and self.engine.sampler.bucket_for(len(tokens)) <= self.cache_bucket
+
+  def add(self, key, tokens: Sequence[int], seed: int, limit: int) -> None:
+    """Queue `n` samples of one prompt under `key` (returned by `step` with its answer); `limit`: its
+    most new tokens (at most the sampling's)."""
+    if key in self.left:
+      raise ValueError(f"prompt key {key!r} is already in this batch")
+    if not self.fits(tokens):
+      raise ValueError(f"a prompt of {len(tokens)} tokens does not fit this batch's cache (bucket "
+                       f"{self.cache_bucket})")
+    if not 1 <= limit <= self.sampling.max_new_tokens:
+      raise ValueError(f"limit={limit}: 1 .. max_new_tokens={self.sampling.max_new_tokens}")
+    self.left[key] = self.sampling.n
+    self.pending.extend(_Job(key, j, list(tokens), int(seed) % 2**32, int(limit)) for j in range(self.sampling.n))
+
+  def step(self) -> dict[Any, sampler_lib.SampleOutput]:
+    """Refill free slots, decode one chunk; the prompts completed by it (every sample done)."""
+    engine, sampler = self.engine, self.engine.sampler
+    free = [r for r, o in enumerate(self.occupant) if o is None]
+    if self.pending and len(free) >= min(engine.refill_rows, len(self.pending)):
+      jobs = [self.pending.popleft() for _ in range(min(len(free), len(self.pending)))]
+      self._refill(free[:len(jobs)], jobs)
+      for r, job in zip(free, jobs):
+        self.occupant[r] = job
+    if all(o is None for o in self.occupant):
+      return {}
+    refill_at = min(engine.refill_rows, len(self.pending)) if self.pending else 0
+    self.state = engine.decode_fn(self.weights, self.state, self.stop_ids_S, self.knobs,
+                                  sampler._put_replicated(np.int32(refill_at)), self.edit,
+                                  rules=self.sampling.rules)
+    live = np.asarray(_host(self.state["live"]))
+    done = [r for r, o in enumerate(self.occupant) if o is not None and not live[r]]
+    if not done:
+      return {}
+    k_top = sampler.top_logprobs
+    host = _host({"length": self.state["length"], "stopped": self.state["stopped"], "steps": self.state["steps"],
+                  **self.state["outputs"]})
+    engine.stats["decode_steps"] += int(host["steps"]) - self.steps_counted
+    self.steps_counted = int(host["steps"])
+    finished = {}
+    for r in done:
+      job, m = self.occupant[r], int(host["length"][r])
+      self.occupant[r] = None
+      out = self.partial.setdefault(job.key, self._empty())
+      for name in ("tokens", "logprobs", "sampled_logprobs", *(("top_ids", "top_logprobs") if k_top else ())):
+        out[name][0, job.sample, :m] = host[name][r, :m]
+      out["lengths"][0, job.sample] = m
+      out["stopped"][0, job.sample] = bool(host["stopped"][r])
+      self.left[job.key] -= 1
+      if not self.left[job.key]:
+        del self.left[job.key]
+        out = self.partial.pop(job.key)
+        stopped = out.pop("stopped")
+        finished[job.key] = sampler_lib.SampleOutput(
+            finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP, sampler_lib.FINISH_LENGTH),
+            prompt_lengths=np.asarray([len(job.tokens)], np.int32),
+            **{k: out.get(k) for k in ("tokens", "lengths", "logprobs", "sampled_logprobs", "top_ids", "top_logprobs")})
+    return finished
+
+  def _empty(self) -> dict[str, np.ndarray]:
+    n, steps, k_top = self.sampling.n, self.sampling.max_new_tokens, self.engine.sampler.top_logprobs
+    out = {"tokens": np.zeros((1, n, steps), np.int32), "lengths": np.zeros((1, n), np.int32),
+           "logprobs": np.zeros((1, n, steps), np.float32), "sampled_logprobs": np.zeros((1, n, steps), np.float32),
+           "stopped": np.zeros((1, n), bool)}
+    if k_top:
+      out["top_ids"] = np.zeros((1, n, steps, k_top), np.int32)
+      out["top_logprobs"] = np.zeros((1, n, steps, k_top), np.float32)
+    return out
+
+  def _refill(self, rows: list[int], jobs: list[_Job]) -> None:
     """Prefill `jobs` into slots `rows`, per prompt bucket (a prompt is always prefilled in its own
     bucket, as the static sampler does) in prefills of exactly `refill_rows` rows."""
+    sampler, count = self.engine.sampler, self.engine.refill_rows
     groups: dict[int, list[tuple[int, _Job]]] = {}
     for r, job in zip(rows, jobs):
-      groups.setdefault(self.sampler.bucket_for(len(prompts[job.prompt])), []).append((r, job))
+      groups.setdefault(sampler.bucket_for(len(job.tokens)), []).append((r, job))
     for bucket, whole in sorted(groups.items()):
-      for start in range(0, len(whole), self.refill_rows):
-        state = self._prefill_into(weights, state, bucket, whole[start:start + self.refill_rows], prompts, seeds,
-                                   limits, base_key, edit)
-    return state
+      for start in range(0, len(whole), count):
+        self._prefill_into(bucket, whole[start:start + count])
 
-  def _prefill_into(self, weights, state, bucket: int, group: list[tuple[int, _Job]], prompts, seeds, limits,
-                    base_key, edit):
-    sampler, count = self.sampler, self.refill_rows
+  def _prefill_into(self, bucket: int, group: list[tuple[int, _Job]]) -> None:
+    engine, sampler, count = self.engine, self.engine.sampler, self.engine.refill_rows
     tokens_RxP = np.zeros((count, bucket), np.int32)
     lengths_R = np.ones((count,), np.int32)
-    rows_R = np.full((count,), self.slots, np.int32)  # padding rows are dropped by the insertion
+    rows_R = np.full((count,), engine.slots, np.int32)  # padding rows are dropped by the insertion
     prompt_seed_R, sample_R = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
     limits_R = np.ones((count,), np.int32)
     for i, (r, job) in enumerate(group):
-      p = prompts[job.prompt]
-      tokens_RxP[i, bucket - len(p):] = p
-      lengths_R[i], rows_R[i], limits_R[i] = len(p), r, limits[job.prompt]
-      prompt_seed_R[i], sample_R[i] = seeds[job.prompt], job.sample
+      tokens_RxP[i, bucket - len(job.tokens):] = job.tokens
+      lengths_R[i], rows_R[i], limits_R[i] = len(job.tokens), r, job.limit
+      prompt_seed_R[i], sample_R[i] = job.seed, job.sample
     fold = jax.vmap(jax.random.fold_in, (0, 0))
-    keys_Rx2 = fold(fold(jnp.broadcast_to(base_key, (count, *base_key.shape)), jnp.asarray(prompt_seed_R)),
+    keys_Rx2 = fold(fold(jnp.broadcast_to(self.base_key, (count, *self.base_key.shape)), jnp.asarray(prompt_seed_R)),
                     jnp.asarray(sample_R))
-    self.stats["prefills"] += 1
-    small = sampler.prefill_fn(weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), edit, n=1)
-    return self.insert_fn(state, sampler._put_batch(rows_R), small, sampler._put_batch(tokens_RxP[:, -1]),
-                          sampler._put_batch(lengths_R), sampler._put_batch(np.asarray(keys_Rx2)),
-                          sampler._put_batch(limits_R), jnp.int32(bucket - 1))
+    engine.stats["prefills"] += 1
+    small = sampler.prefill_fn(self.weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), self.edit,
+                               n=1)
+    self.state = engine.insert_fn(self.state, sampler._put_batch(rows_R), small, sampler._put_batch(tokens_RxP[:, -1]),
+                                  sampler._put_batch(lengths_R), sampler._put_batch(np.asarray(keys_Rx2)),
+                                  sampler._put_batch(limits_R), jnp.int32(bucket - 1))
 
 
 def _host(tree):

@@ -12,10 +12,12 @@ what lm-evaluation-harness asks for). Unknown parameters are ignored; `stream=tr
 a 400. Several models side by side (`serve.adapters`: 'name=DIR,...', e.g. LoRA or PEFT adapters of
 one base, merged) are model ids; they must share the first model's architecture.
 
-Requests go into a bounded queue (`serve.queue`; full: 429) read by one worker thread, which answers
-every waiting request of the same model and sampling rule in one continuous batch (`max_tokens`
-and `seed` are per request: a request's answer depends on its seed, not on what was batched beside
-it). A request without `seed` gets a fresh one. Stop strings cut the text after generation (the
+Requests go into a bounded queue (`serve.queue`; full: 429) read by one worker thread, which keeps one
+continuous batch open: requests of the oldest one's model and sampling rule join it as they arrive (in
+arrival order, while their prompts fit its cache), each prompt taking a decode slot as soon as one is
+free, and each answered as soon as its own rows stop; a request of another model or rule waits until
+the batch drains (`max_tokens` and `seed` are per request). A batch's cache is as wide as the
+widest prompt bucket the server has seen so far needs. A request without `seed` gets a fresh one. Stop strings cut the text after generation (the
 stop ids end it early). Bad requests get 400 (404: unknown model; 401: a missing or wrong bearer
 token when `serve.api_key_env` names one), with OpenAI's error body; the server keeps serving.
 
@@ -93,7 +95,8 @@ class _Work:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Any = None
   error: BaseException | None = None
-  abandoned: bool = False  # its client stopped waiting: not computed
+  abandoned: bool = False  # its client stopped waiting before it joined a batch: not computed
+  remaining: int = 0  # its prompts still decoding
 
   def key(self) -> tuple:
     s = self.sampling
@@ -124,7 +127,8 @@ class Engine:
     self.continuous = continuous_lib.engine(self.sampler, slots=slots)
     self.queue: queue.Queue[_Work] = queue.Queue()
     self.limit = max(int(queue_size), 1)
-    self._deferred: list[_Work] = []  # taken from the queue by the worker, not yet answered
+    self._deferred: list[_Work] = []  # taken from the queue by the worker, not yet in a batch
+    self._width = 0  # the widest prompt bucket of any batch so far: the next batch's cache width
     self._lock = threading.Lock()
     self.score_fn = jax.jit(self._score, static_argnames=("top",))
     self._stop = threading.Event()
@@ -152,7 +156,11 @@ class Engine:
     return work.result
 
   def _loop(self) -> None:
+    batch: continuous_lib.Batch | None = None  # the open continuous batch, and the key of its requests
+    key = None
+    owners: dict[tuple[int, int], tuple[_Work, int]] = {}  # a prompt in the batch -> its request, index
     while not self._stop.is_set():
+      admitted = []
       with self._lock:
         while True:
           try:
@@ -160,53 +168,64 @@ class Engine:
           except queue.Empty:
             break
         self._deferred = [w for w in self._deferred if not w.abandoned]
-        if self._deferred:
-          # The oldest request, and every waiting one of its model and rule, in one continuous batch.
+        if batch is None and self._deferred:
+          # The oldest request's model and rule; the cache as wide as the widest prompt of its run.
           key = self._deferred[0].key()
-          batch = [w for w in self._deferred if w.key() == key]
-          self._deferred = [w for w in self._deferred if w.key() != key]
-        else:
-          batch = []
-      if not batch:
-        time.sleep(0.005)
-        continue
+          run = []
+          for w in self._deferred:
+            if w.key() != key:
+              break
+            run.append(w)
+          # Never narrower than any batch before it: a mixed stream of prompt lengths settles on one
+          # width instead of draining the batch whenever a longer prompt arrives.
+          self._width = max([self._width, *(self.sampler.bucket_for(len(p)) for w in run for p in w.prompts)])
+          first = self._deferred[0]
+          batch = continuous_lib.Batch(self.continuous, self.weights[first.model],
+                                       dataclasses.replace(first.sampling, max_new_tokens=self.cap, seed=0),
+                                       cache_bucket=self._width)
+        # Requests join in arrival order while they fit (same model and rule, prompts within the cache)
+        # and few enough prompts wait inside the batch (the rest wait in the bounded queue).
+        while (batch is not None and self._deferred and self._deferred[0].key() == key
+               and len(batch.pending) < self.continuous.slots
+               and all(batch.fits(p) for p in self._deferred[0].prompts)):
+          admitted.append(self._deferred.pop(0))
       try:
-        self._answer(batch)
+        for w in admitted:
+          w.result = [{"samples": [], "prompt_scores": None} for _ in w.prompts]
+          w.remaining = 0
+          for i, (p, limit, seed) in enumerate(zip(w.prompts, w.limits, w.seeds)):
+            if limit > 0:
+              batch.add((id(w), i), p, seed, limit)
+              owners[(id(w), i)] = (w, i)
+              w.remaining += 1
+          if not w.remaining:
+            self._finish(w)
+        if batch is None or batch.idle:
+          batch = None
+          time.sleep(0.005)
+          continue
+        for k, out in batch.step().items():
+          w, i = owners.pop(k)
+          w.result[i]["samples"] = [out.sample(0, j) for j in range(w.sampling.n)]
+          w.remaining -= 1
+          if not w.remaining:
+            self._finish(w)
       except Exception as e:  # noqa: BLE001  (one bad batch never stops the server)
         log.exception("serve: a batch failed")
-        for w in batch:
+        failed = [w for w, _ in owners.values()] + admitted
+        owners.clear()
+        batch = None
+        for w in failed:
           if not w.done.is_set():
             w.error = RequestError(500, f"the server failed on this request: {type(e).__name__}: {e}")
             w.done.set()
 
-  def _answer(self, batch: list[_Work]) -> None:
-    first = batch[0]
-    weights = self.weights[first.model]
-    prompts, limits, seeds, owner = [], [], [], []
-    for k, w in enumerate(batch):
-      for p, limit, seed in zip(w.prompts, w.limits, w.seeds):
-        if limit > 0:
-          prompts.append(p)
-          limits.append(limit)
-          seeds.append(seed)
-          owner.append(k)
-    out = None
-    if prompts:
-      steps = max(limits)
-      out = self.continuous.generate(weights, prompts, dataclasses.replace(first.sampling, max_new_tokens=steps, seed=0),
-                                     prompt_seeds=seeds, max_new_tokens_per_prompt=limits)
-    row = 0
-    for k, w in enumerate(batch):
-      results = []
-      for p, limit in zip(w.prompts, w.limits):
-        samples = []
-        if limit > 0:
-          samples = [out.sample(row, j) for j in range(w.sampling.n)]
-          row += 1
-        results.append({"samples": samples,
-                        "prompt_scores": self.score(first.model, p, w.top) if w.score else None})
-      w.result = results
-      w.done.set()
+  def _finish(self, w: _Work) -> None:
+    """A request whose prompts are all answered: its prompts scored when it asks (echo), and handed back."""
+    if w.score:
+      for i, p in enumerate(w.prompts):
+        w.result[i]["prompt_scores"] = self.score(w.model, p, w.top)
+    w.done.set()
 
   # Scoring a prompt (echo): each token's log-probability given the ones before it, and the top ones.
 
@@ -530,7 +549,7 @@ class Server:
   """The HTTP server and its engine; `start()` serves in a thread, `serve_forever()` in this one."""
 
   def __init__(self, engine: Engine, api: Api, *, host: str, port: int, token: str | None):
-    self.engine = engine
+    self.engine, self.api = engine, api
     self.httpd = http.server.ThreadingHTTPServer((host, int(port)), make_handler(api, token))
     self.httpd.daemon_threads = True
     self.host, self.port = host, self.httpd.server_address[1]
