@@ -55,7 +55,7 @@ class ContinuousSampler:
     sampler: the static sampler whose architecture, buckets and cap are used.
     slots: decode rows (a multiple of the data-parallel size).
     chunk_steps: most decode steps between two visits of the host.
-    refill_rows: prompts prefilled together (0 = slots // 8, 1 to 16): a chunk ends once this many
+    refill_rows: prompts prefilled together (0 = slots // 16, 1 to 16): a chunk ends once this many
       slots are free (or every waiting prompt fits), and every prefill has exactly this many rows, so
       a prompt's numbers never depend on how many were refilled beside it (XLA's results for a row
       can change with the batch's shape, not with the other rows).
@@ -70,7 +70,7 @@ class ContinuousSampler:
       raise ValueError(f"refill_rows={refill_rows}: 0 (automatic) or at most slots={slots}")
     self.sampler = sampler
     self.slots = int(slots)
-    refill = int(refill_rows) or min(max(slots // 8, 1), 16)
+    refill = int(refill_rows) or min(max(slots // 16, 1), 16)
     multiple = sampler.data_parallel
     if sampler.prefill_chunk and refill > sampler.prefill_chunk:  # chunked prefills take whole chunks
       multiple = math.lcm(multiple, sampler.prefill_chunk)
