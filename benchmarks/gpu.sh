@@ -13,8 +13,12 @@
 #   EXPECT=gpu      (default) the figures must come from the GPU; EXPECT=cpu is the dry run on a CPU
 #                   (JAX_PLATFORMS=cpu, the CPU presets, a few minutes on 2 cores)
 #   MODE=first      (default) one sampler batch size (64 on the GPU, 1 in the dry run): what fits the first
-#                   session's device time; MODE=full: the presets' batch sizes (1 and 64)
-#   PY, OUT, SAMPLER_ARGS, TRAIN_ARGS, SMOKE_TIMEOUT, SAMPLER_TIMEOUT, TRAIN_TIMEOUT override the rest.
+#                   session's device time; MODE=full: the presets' batch sizes (1 and 64); MODE=eval: the
+#                   smoke check, then benchmarks/continuous.py alone (the eval workload's answer lengths:
+#                   continuous vs static batching vs transformers `generate`, Qwen2.5-0.5B shape, 256
+#                   answers capped at 600 tokens, 64 slots), a second call
+#   PY, OUT, SAMPLER_ARGS, TRAIN_ARGS, CONTINUOUS_ARGS, SMOKE_TIMEOUT, SAMPLER_TIMEOUT, TRAIN_TIMEOUT,
+#   CONTINUOUS_TIMEOUT override the rest.
 # Exit codes: 0 everything ran; 1 a benchmark failed (its stderr tail is printed); 2 bad settings;
 #   3 jax is not on the expected backend (nothing was timed); 4 emjax does not import on this jax;
 #   6 an emjax model did not run; 7 the smoke check crashed or timed out.
@@ -30,23 +34,29 @@ OUT=${OUT:-/tmp/emjax_gpu_out}
 EXPECT=${EXPECT:-gpu}
 MODE=${MODE:-first}
 mkdir -p "$OUT"
+if [ "$MODE" = eval ] && [ ! -f benchmarks/eval_lengths.json ]; then
+  echo "gpu.sh: MODE=eval needs benchmarks/eval_lengths.json (python benchmarks/continuous.py --write_lengths)" >&2
+  exit 2
+fi
 case "$EXPECT" in
   gpu) export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} ;;
   cpu) export JAX_PLATFORMS=cpu ;;
   *) echo "gpu.sh: EXPECT=$EXPECT: expected gpu (the device run) or cpu (the dry run)" >&2; exit 2 ;;
 esac
 case "$MODE" in
-  first|full) ;;
-  *) echo "gpu.sh: MODE=$MODE: expected first (one sampler batch size) or full" >&2; exit 2 ;;
+  first|full|eval) ;;
+  *) echo "gpu.sh: MODE=$MODE: expected first (one sampler batch size), full or eval" >&2; exit 2 ;;
 esac
 if [ "$EXPECT" = cpu ]; then
   batches=$([ "$MODE" = first ] && echo "--batches=1" || echo "")
   SAMPLER_ARGS=${SAMPLER_ARGS:---preset=cpu-tiny --prompt=64 --new_tokens=32 --repeats=1 $batches}
   TRAIN_ARGS=${TRAIN_ARGS:---preset=cpu-small --steps=1 --warmup=1 --rounds=1}
+  CONTINUOUS_ARGS=${CONTINUOUS_ARGS:---preset=cpu-tiny --answers=16 --cap=32 --batch=8}
 else
   batches=$([ "$MODE" = first ] && echo "--batches=64" || echo "")
   SAMPLER_ARGS=${SAMPLER_ARGS:---preset=qwen2.5-0.5b --repeats=2 $batches}
   TRAIN_ARGS=${TRAIN_ARGS:---preset=qwen2.5-0.5b}
+  CONTINUOUS_ARGS=${CONTINUOUS_ARGS:---preset=qwen2.5-0.5b --answers=256 --cap=600 --batch=64}
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch shares the GPU
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -80,6 +90,15 @@ esac
 echo "== smoke done at $((SECONDS - t0)) s"
 
 status=0
+if [ "$MODE" = eval ]; then
+  echo "== continuous (benchmarks/continuous.py $CONTINUOUS_ARGS)"
+  timeout "${CONTINUOUS_TIMEOUT:-420}" "$PY" benchmarks/continuous.py $CONTINUOUS_ARGS \
+    2>"$OUT/continuous.err" | tee "$OUT/continuous.jsonl"
+  [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "continuous benchmark failed: tail of continuous.err:"
+                                  tail -n 20 "$OUT/continuous.err"; }
+  echo "== all done at $((SECONDS - t0)) s, exit $status"
+  exit $status
+fi
 echo "== sampler (benchmarks/sampler.py $SAMPLER_ARGS)"
 timeout "${SAMPLER_TIMEOUT:-240}" "$PY" benchmarks/sampler.py $SAMPLER_ARGS \
   2>"$OUT/sampler.err" | tee "$OUT/sampler.jsonl"

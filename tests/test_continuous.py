@@ -95,6 +95,8 @@ def test_a_prompt_gets_the_same_bits_whatever_runs_beside_it(params, static):
   cont = C.ContinuousSampler(static, slots=6, chunk_steps=3, refill_rows=2)
   seeds = list(range(100, 111))
   full = cont.generate(params, ps, sampling, prompt_seeds=seeds)
+  # The n samples of a prompt share its prefill: fewer prefills than 2-row groups of 22 sample rows.
+  assert cont.stats["prefills"] < 11, cont.stats
   part = dict(cont.stream(params, ps[7:], sampling, prompt_seeds=seeds[7:],
                           cache_bucket=max(static.bucket_for(len(p)) for p in ps)))
   part = S.SampleOutput(**{f: (None if getattr(part[0], f) is None else
@@ -104,6 +106,40 @@ def test_a_prompt_gets_the_same_bits_whatever_runs_beside_it(params, static):
   np.testing.assert_array_equal(full.tokens[7:], part.tokens)
   np.testing.assert_array_equal(full.logprobs[7:], part.logprobs)
   np.testing.assert_array_equal(full.sampled_logprobs[7:], part.sampled_logprobs)
+
+
+def test_a_prompt_joining_a_running_batch_gets_the_bits_it_gets_alone(params):
+  """What the server relies on (`continuous.Batch`): a prompt added between decode chunks, beside rows
+  already part-way through, is answered with the same bits as in a batch of its own."""
+  sampling = S.SamplingParams(temperature=1.0, max_new_tokens=CAP, stop_token_ids=())
+  static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP)
+  cont = C.ContinuousSampler(static, slots=4, chunk_steps=2, refill_rows=1)
+  ps = prompts(6, seed=4)
+  busy = C.Batch(cont, params, sampling, cache_bucket=16)
+  for i in range(3):
+    busy.add(("early", i), ps[i], seed=i, limit=CAP)
+  got = dict(busy.step())
+  assert not got and not busy.idle  # the early rows are part-way through
+  for i in range(3, 6):
+    busy.add(i, ps[i], seed=i, limit=CAP - i)
+  while not busy.idle:
+    got.update(busy.step())
+  assert set(got) == {("early", 0), ("early", 1), ("early", 2), 3, 4, 5}
+  for i in range(3, 6):
+    alone = C.Batch(cont, params, sampling, cache_bucket=16)
+    alone.add("x", ps[i], seed=i, limit=CAP - i)
+    ref = {}
+    while not alone.idle:
+      ref.update(alone.step())
+    assert got[i].lengths[0, 0] == CAP - i
+    np.testing.assert_array_equal(got[i].tokens, ref["x"].tokens)
+    np.testing.assert_array_equal(got[i].logprobs, ref["x"].logprobs)
+  twice = C.Batch(cont, params, sampling, cache_bucket=16)
+  twice.add("x", ps[0], seed=0, limit=1)
+  with pytest.raises(ValueError, match="already in this batch"):
+    twice.add("x", ps[1], seed=1, limit=1)
+  with pytest.raises(ValueError, match="does not fit"):
+    C.Batch(cont, params, sampling, cache_bucket=8).add("y", [1] * 9, seed=0, limit=1)
 
 
 def test_prompts_come_out_in_the_static_samplers_order(params, static):

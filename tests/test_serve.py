@@ -5,6 +5,7 @@ import concurrent.futures
 import importlib.util
 import json
 import os
+import threading
 import urllib.request
 
 import pytest
@@ -108,7 +109,6 @@ def test_a_request_joins_the_running_batch_and_is_answered_before_it_drains(tmp_
   """Continuous batching across requests: a short request that arrives while a long one decodes takes a
   free slot at once and comes back while the long one is still decoding (batched per request, it would
   wait for the long one to end)."""
-  import threading
   import time
 
   from emjax.sample import serve
@@ -124,14 +124,34 @@ def test_a_request_joins_the_running_batch_and_is_answered_before_it_drains(tmp_
     long = serve._Work("tiny", [[1, 2, 3]], rule, [160], [0], False, 0)
     threading.Thread(target=engine.submit, args=(long,), daemon=True).start()
     deadline = time.time() + 60
-    while engine.waiting() and time.time() < deadline:  # until the long one has joined the batch
+    while not long.remaining and time.time() < deadline:  # until the long one is decoding in the batch
       time.sleep(0.001)
+    assert long.remaining and not long.done.is_set()
     short = serve._Work("tiny", [[4, 5]], rule, [1], [1], False, 0)
     (answer,) = engine.submit(short)
     assert len(answer["samples"][0]["tokens"]) == 1
     assert not long.done.is_set(), "the short request waited for the long one's batch to drain"
+    # A request that only scores its prompt (echo, max_tokens=0) does not wait for the batch either,
+    # whatever its sampling rule.
+    other_rule = sampler_lib.SamplingParams(max_new_tokens=1, temperature=0.0, stop_token_ids=())
+    (scored,) = engine.submit(serve._Work("tiny", [[6, 7, 8]], other_rule, [0], [2], True, 2))
+    assert scored["samples"] == [] and len(scored["prompt_scores"]["logprobs"]) == 3
+    assert not long.done.is_set(), "the scoring request waited for the batch to drain"
     assert long.done.wait(120) and long.error is None
     assert len(long.result[0]["samples"][0]["tokens"]) == 160
+    # A batch that fails answers its requests with 500, and the next request is served.
+    decode = engine.continuous.decode_fn
+
+    def broken(*args, **kwargs):
+      engine.continuous.decode_fn = decode
+      raise RuntimeError("a decode step failed")
+
+    engine.continuous.decode_fn = broken
+    with pytest.raises(serve.RequestError) as failed:
+      engine.submit(serve._Work("tiny", [[1, 2]], rule, [4], [3], False, 0), timeout=60)
+    assert failed.value.status == 500 and "a decode step failed" in str(failed.value)
+    (again,) = engine.submit(serve._Work("tiny", [[1, 2]], rule, [4], [3], False, 0), timeout=60)
+    assert len(again["samples"][0]["tokens"]) == 4
   finally:
     s.stop()
 
@@ -182,12 +202,21 @@ def test_a_bearer_token_is_required_when_configured(tmp_path, monkeypatch):
     assert got == 401 and "bearer" in answer["error"]["message"]
     got, _ = _post(s, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, token="s3cret")
     assert got == 200
-    # A full queue answers 429 (the worker held while the queue fills).
+    # A full queue answers 429: the worker held (a stand-in that takes nothing) while the queue fills.
     s.engine.stop()
     s.engine.worker.join(timeout=5)
+    release = threading.Event()
+    s.engine.worker = threading.Thread(target=release.wait, daemon=True)
+    s.engine.worker.start()
+    s.engine._stop.clear()
     s.engine.queue.put_nowait(serve._Work("tiny", [[1]], None, [1], [0], False, 0))
     got, answer = _post(s, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, token="s3cret")
     assert got == 429 and "queue is full" in answer["error"]["message"]
+    # A server whose worker has stopped says so at once (503), instead of queueing to time out.
+    release.set()
+    s.engine.worker.join(timeout=5)
+    got, answer = _post(s, "/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, token="s3cret")
+    assert got == 503, answer
   finally:
     s.stop()
 

@@ -66,7 +66,7 @@ class ContinuousSampler:
       raise ValueError(f"slots={slots}: a positive multiple of the data-parallel size ({sampler.data_parallel})")
     if chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
-    if refill_rows < 0 or refill_rows > slots:
+    if refill_rows < 0:
       raise ValueError(f"refill_rows={refill_rows}: 0 (automatic) or at most slots={slots}")
     self.sampler = sampler
     self.slots = int(slots)
@@ -75,6 +75,9 @@ class ContinuousSampler:
     if sampler.prefill_chunk and refill > sampler.prefill_chunk:  # chunked prefills take whole chunks
       multiple = math.lcm(multiple, sampler.prefill_chunk)
     self.refill_rows = -(-refill // multiple) * multiple
+    if self.refill_rows > slots:
+      raise ValueError(f"refill_rows={refill_rows}: {self.refill_rows} once a multiple of the data-parallel size and "
+                       f"the sampler's prefill_chunk, more than slots={slots}")
     self.stats = {"decode_steps": 0, "prefills": 0}  # over this engine's life: what a benchmark reads
     self.chunk_steps = int(chunk_steps)
     self.trace_counts = sampler.trace_counts  # one counter: prefill is the sampler's own
@@ -106,9 +109,11 @@ class ContinuousSampler:
               "live": jnp.zeros((s,), bool), "stopped": jnp.zeros((s,), bool),
               "keys": jnp.zeros((s, 2), jnp.uint32), "outputs": self._outputs(s)}
 
-  def _insert(self, state, rows_R, small, last_tokens_R, prompt_lengths_R, keys_Rx2, limits_R, bucket_cols):
-    """Slots `rows_R` (== slots: padding, dropped) take the prefilled rows of `small` (a prefill cache
-    whose first `bucket_cols` columns hold the prompts); the rest of each slot is emptied."""
+  def _insert(self, state, rows_I, source_I, small, last_tokens_I, prompt_lengths_I, base_key, prompt_seeds_I, samples_I,
+              limits_I, bucket_cols):
+    """Slots `rows_I` (== slots: padding, dropped) take row `source_I` of `small` (a prefill cache whose
+    first `bucket_cols` columns hold the prompts; one prefilled row may fill the slots of several
+    samples); the rest of each slot is emptied."""
     self.trace_counts["continuous_insert"] += 1
 
     columns = state["cache"]["positions"].shape[1]
@@ -119,25 +124,27 @@ class ContinuousSampler:
       return jnp.pad(x, pad)
 
     def put(buf, x):
-      return buf.at[rows_R].set(x.astype(buf.dtype), mode="drop")
+      return buf.at[rows_I].set(x.astype(buf.dtype), mode="drop")
 
+    fold = jax.vmap(jax.random.fold_in, (0, 0))  # the static sampler's row keys
+    keys_Ix2 = fold(fold(jnp.broadcast_to(base_key, (*rows_I.shape, *base_key.shape)), prompt_seeds_I), samples_I)
     with shd.activation_sharding(self.sampler.mesh):
       cache = dict(state["cache"])
       for name in ("k", "v"):
         axis = transformer.CACHE_LOGICAL_AXES[name].index("length") - 1  # per layer: no layers axis
         layers = small[name] if isinstance(small[name], (list, tuple)) else list(small[name])
-        new = [put(buf, widen(x, axis)) for buf, x in zip(cache[name], layers)]
+        new = [put(buf, widen(x[source_I], axis)) for buf, x in zip(cache[name], layers)]
         cache[name] = new if isinstance(cache[name], (list, tuple)) else jnp.stack(new)
-      cache["positions"] = put(cache["positions"], widen(small["positions"], 1))
-      cache["segment_ids"] = put(cache["segment_ids"], widen(small["segment_ids"], 1))
-      r = rows_R.shape[0]
+      cache["positions"] = put(cache["positions"], widen(small["positions"][source_I], 1))
+      cache["segment_ids"] = put(cache["segment_ids"], widen(small["segment_ids"][source_I], 1))
+      r = rows_I.shape[0]
       out = {k: put(v, jnp.zeros((r, *v.shape[1:]), v.dtype)) for k, v in state["outputs"].items()}
       return dict(state, cache=self.sampler._constrain_cache(cache), outputs=out,
                   column=put(state["column"], jnp.full((r,), bucket_cols, jnp.int32)),
-                  token=put(state["token"], last_tokens_R), position=put(state["position"], prompt_lengths_R - 1),
-                  length=put(state["length"], jnp.zeros_like(rows_R)), limit=put(state["limit"], limits_R),
+                  token=put(state["token"], last_tokens_I), position=put(state["position"], prompt_lengths_I - 1),
+                  length=put(state["length"], jnp.zeros_like(rows_I)), limit=put(state["limit"], limits_I),
                   live=put(state["live"], jnp.ones(r, bool)),
-                  stopped=put(state["stopped"], jnp.zeros(r, bool)), keys=put(state["keys"], keys_Rx2))
+                  stopped=put(state["stopped"], jnp.zeros(r, bool)), keys=put(state["keys"], keys_Ix2))
 
   def _decode_chunk(self, weights, state, stop_ids_S, knobs, refill_at, edit=None, *,
                     rules: sampler_lib.SamplingRules):
@@ -262,7 +269,7 @@ class Batch:
     stop_ids_S, knobs = sampler_lib.decode_inputs(sampling, sampler.model_cfg.vocab_size)
     self.knobs = {k: sampler._put_replicated(v) for k, v in knobs.items()}
     self.stop_ids_S = sampler._put_replicated(stop_ids_S)
-    self.base_key = jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))
+    self.base_key = sampler._put_replicated(np.asarray(jax.random.PRNGKey(np.uint32(sampling.seed % 2**32))))
     self.pending: collections.deque[_Job] = collections.deque()
     self.occupant: list[_Job | None] = [None] * engine.slots
     self.partial: dict[Any, dict[str, np.ndarray]] = {}
@@ -292,6 +299,19 @@ class Batch:
     self.left[key] = self.sampling.n
     self.pending.extend(_Job(key, j, list(tokens), int(seed) % 2**32, int(limit)) for j in range(self.sampling.n))
 
+  def cancel(self, drop) -> int:
+    """Drop the waiting samples of the prompts whose key `drop(key)` is true (rows already decoding
+    finish); returns how many were dropped. A prompt with dropped samples is never returned."""
+    kept = collections.deque(j for j in self.pending if not drop(j.key))
+    dropped = len(self.pending) - len(kept)
+    if dropped:
+      self.pending = kept
+      decoding = {o.key for o in self.occupant if o is not None}
+      for key in [k for k in self.left if drop(k) and k not in decoding]:
+        del self.left[key]
+        self.partial.pop(key, None)
+    return dropped
+
   def step(self) -> dict[Any, sampler_lib.SampleOutput]:
     """Refill free slots, decode one chunk; the prompts completed by it (every sample done)."""
     engine, sampler = self.engine, self.engine.sampler
@@ -307,15 +327,14 @@ class Batch:
     self.state = engine.decode_fn(self.weights, self.state, self.stop_ids_S, self.knobs,
                                   sampler._put_replicated(np.int32(refill_at)), self.edit,
                                   rules=self.sampling.rules)
-    live = np.asarray(_host(self.state["live"]))
-    done = [r for r, o in enumerate(self.occupant) if o is not None and not live[r]]
+    small = _host({"live": self.state["live"], "steps": self.state["steps"]})
+    engine.stats["decode_steps"] += int(small["steps"]) - self.steps_counted
+    self.steps_counted = int(small["steps"])
+    done = [r for r, o in enumerate(self.occupant) if o is not None and not small["live"][r]]
     if not done:
       return {}
     k_top = sampler.top_logprobs
-    host = _host({"length": self.state["length"], "stopped": self.state["stopped"], "steps": self.state["steps"],
-                  **self.state["outputs"]})
-    engine.stats["decode_steps"] += int(host["steps"]) - self.steps_counted
-    self.steps_counted = int(host["steps"])
+    host = _host({"length": self.state["length"], "stopped": self.state["stopped"], **self.state["outputs"]})
     finished = {}
     for r in done:
       job, m = self.occupant[r], int(host["length"][r])
@@ -348,35 +367,45 @@ class Batch:
 
   def _refill(self, rows: list[int], jobs: list[_Job]) -> None:
     """Prefill `jobs` into slots `rows`, per prompt bucket (a prompt is always prefilled in its own
-    bucket, as the static sampler does) in prefills of exactly `refill_rows` rows."""
+    bucket, as the static sampler does), in prefills of exactly `refill_rows` prompts; the samples of
+    one prompt share its prefilled row."""
     sampler, count = self.engine.sampler, self.engine.refill_rows
-    groups: dict[int, list[tuple[int, _Job]]] = {}
+    groups: dict[int, dict[Any, list[tuple[int, _Job]]]] = {}  # bucket -> prompt -> its (slot, job)s
     for r, job in zip(rows, jobs):
-      groups.setdefault(sampler.bucket_for(len(job.tokens)), []).append((r, job))
-    for bucket, whole in sorted(groups.items()):
+      groups.setdefault(sampler.bucket_for(len(job.tokens)), {}).setdefault(job.key, []).append((r, job))
+    for bucket, by_prompt in sorted(groups.items()):
+      whole = list(by_prompt.values())
       for start in range(0, len(whole), count):
         self._prefill_into(bucket, whole[start:start + count])
 
-  def _prefill_into(self, bucket: int, group: list[tuple[int, _Job]]) -> None:
+  def _prefill_into(self, bucket: int, group: list[list[tuple[int, _Job]]]) -> None:
+    """One prefill of `refill_rows` rows (the group's prompts, then padding) into the slots of every
+    sample of those prompts (`refill_rows * n` insertions, the unused ones dropped)."""
     engine, sampler, count = self.engine, self.engine.sampler, self.engine.refill_rows
+    inserts = count * self.sampling.n
     tokens_RxP = np.zeros((count, bucket), np.int32)
     lengths_R = np.ones((count,), np.int32)
-    rows_R = np.full((count,), engine.slots, np.int32)  # padding rows are dropped by the insertion
-    prompt_seed_R, sample_R = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
-    limits_R = np.ones((count,), np.int32)
-    for i, (r, job) in enumerate(group):
-      tokens_RxP[i, bucket - len(job.tokens):] = job.tokens
-      lengths_R[i], rows_R[i], limits_R[i] = len(job.tokens), r, job.limit
-      prompt_seed_R[i], sample_R[i] = job.seed, job.sample
-    fold = jax.vmap(jax.random.fold_in, (0, 0))
-    keys_Rx2 = fold(fold(jnp.broadcast_to(self.base_key, (count, *self.base_key.shape)), jnp.asarray(prompt_seed_R)),
-                    jnp.asarray(sample_R))
+    rows_I = np.full((inserts,), engine.slots, np.int32)  # padding insertions are dropped
+    source_I = np.zeros((inserts,), np.int32)
+    prompt_seed_I, sample_I = np.zeros((inserts,), np.uint32), np.zeros((inserts,), np.uint32)
+    limits_I, lengths_I = np.ones((inserts,), np.int32), np.ones((inserts,), np.int32)
+    last_I = np.zeros((inserts,), np.int32)
+    i = 0
+    for p, samples in enumerate(group):
+      tokens = samples[0][1].tokens
+      tokens_RxP[p, bucket - len(tokens):] = tokens
+      lengths_R[p] = len(tokens)
+      for r, job in samples:
+        rows_I[i], source_I[i], limits_I[i], lengths_I[i], last_I[i] = r, p, job.limit, len(tokens), tokens[-1]
+        prompt_seed_I[i], sample_I[i] = job.seed, job.sample
+        i += 1
     engine.stats["prefills"] += 1
     small = sampler.prefill_fn(self.weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), self.edit,
                                n=1)
-    self.state = engine.insert_fn(self.state, sampler._put_batch(rows_R), small, sampler._put_batch(tokens_RxP[:, -1]),
-                                  sampler._put_batch(lengths_R), sampler._put_batch(np.asarray(keys_Rx2)),
-                                  sampler._put_batch(limits_R), jnp.int32(bucket - 1))
+    put = sampler._put_batch
+    self.state = engine.insert_fn(self.state, put(rows_I), put(source_I), small, put(last_I), put(lengths_I),
+                                  self.base_key, put(prompt_seed_I), put(sample_I), put(limits_I),
+                                  jnp.int32(bucket - 1))
 
 
 def _host(tree):

@@ -15,9 +15,12 @@ one base, merged) are model ids; they must share the first model's architecture.
 Requests go into a bounded queue (`serve.queue`; full: 429) read by one worker thread, which keeps one
 continuous batch open: requests of the oldest one's model and sampling rule join it as they arrive (in
 arrival order, while their prompts fit its cache), each prompt taking a decode slot as soon as one is
-free, and each answered as soon as its own rows stop; a request of another model or rule waits until
-the batch drains (`max_tokens` and `seed` are per request). A batch's cache is as wide as the
-widest prompt bucket the server has seen so far needs. A request without `seed` gets a fresh one. Stop strings cut the text after generation (the
+free, and each answered at the end of the decode chunk in which its own rows stop; a request of
+another model or rule waits until the batch drains, and once it has waited `serve.switch_after_s`
+no request joins, so the batch drains for it (`max_tokens` and `seed` are per request). Echo-only
+requests (`max_tokens=0`) are scored at once, outside the batch. A batch's cache is as wide as
+`serve.cache_bucket` asks, else as the widest prompt bucket the server has seen so far needs (a
+fixed width makes a seed's answer independent of earlier traffic too). A stopped worker answers 503. A request without `seed` gets a fresh one. Stop strings cut the text after generation (the
 stop ids end it early). Bad requests get 400 (404: unknown model; 401: a missing or wrong bearer
 token when `serve.api_key_env` names one), with OpenAI's error body; the server keeps serving.
 
@@ -53,7 +56,8 @@ from emjax.sample import sampler as sampler_lib
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-MAX_STOP_STRINGS = 16  # OpenAI takes 4; lm-evaluation-harness tasks may send more
+MAX_STOP_STRINGS = 16
+MAX_ROWS_PER_REQUEST = 1024  # prompts x n  # OpenAI takes 4; lm-evaluation-harness tasks may send more
 UNSUPPORTED = ("logit_bias", "response_format", "tools", "functions", "tool_choice", "suffix", "best_of",
                "frequency_penalty", "presence_penalty")
 
@@ -66,6 +70,8 @@ def serve_block() -> dict:
       adapters="",  # 'name=DIR[,name=DIR]': more models of the same architecture served beside it
       queue=64,  # requests waiting at most; a full queue answers 429
       slots=32,  # continuous-batching decode slots
+      cache_bucket=0,  # a batch's cache width as a prompt bucket (0: the widest the server has seen so far)
+      switch_after_s=2.0,  # a request of another model or rule waiting this long stops admissions
       api_key_env="",  # an environment variable holding the bearer token clients must send ('' = none)
   )
 
@@ -95,8 +101,9 @@ class _Work:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Any = None
   error: BaseException | None = None
-  abandoned: bool = False  # its client stopped waiting before it joined a batch: not computed
+  abandoned: bool = False  # its client stopped waiting: its prompts not yet decoding are dropped
   remaining: int = 0  # its prompts still decoding
+  arrived: float = 0.0  # time.monotonic() when it was queued
 
   def key(self) -> tuple:
     s = self.sampling
@@ -109,7 +116,8 @@ class _Work:
 class Engine:
   """The models, one sampler and its continuous batcher, a bounded queue and the worker that drains it."""
 
-  def __init__(self, models: Mapping[str, sample_run.Model], *, slots: int, queue_size: int):
+  def __init__(self, models: Mapping[str, sample_run.Model], *, slots: int, queue_size: int, cache_bucket: int = 0,
+               switch_after_s: float = 2.0):
     if not models:
       raise ValueError("serve: no model")
     self.models = dict(models)
@@ -128,6 +136,10 @@ class Engine:
     self.queue: queue.Queue[_Work] = queue.Queue()
     self.limit = max(int(queue_size), 1)
     self._deferred: list[_Work] = []  # taken from the queue by the worker, not yet in a batch
+    if cache_bucket and cache_bucket not in first.buckets:
+      raise ValueError(f"config.serve.cache_bucket={cache_bucket}: 0 or one of the prompt buckets {first.buckets}")
+    self.cache_bucket = int(cache_bucket)
+    self.switch_after_s = float(switch_after_s)
     self._width = 0  # the widest prompt bucket of any batch so far: the next batch's cache width
     self._lock = threading.Lock()
     self.score_fn = jax.jit(self._score, static_argnames=("top",))
@@ -144,9 +156,12 @@ class Engine:
 
   def submit(self, work: _Work, timeout: float = 600.0):
     with self._lock:  # every request not yet answered counts, whichever list holds it
+      if self._stop.is_set() or not self.worker.is_alive():
+        raise RequestError(503, "the server is shutting down or its worker has stopped", code="unavailable")
       if self.queue.qsize() + len(self._deferred) >= self.limit:
         raise RequestError(429, f"the server's queue is full ({self.limit} requests waiting); retry later",
                            code="queue_full")
+      work.arrived = time.monotonic()
       self.queue.put_nowait(work)
     if not work.done.wait(timeout):
       work.abandoned = True
@@ -156,69 +171,116 @@ class Engine:
     return work.result
 
   def _loop(self) -> None:
-    batch: continuous_lib.Batch | None = None  # the open continuous batch, and the key of its requests
-    key = None
+    batch: continuous_lib.Batch | None = None  # the open continuous batch
+    key = None  # the model and sampling rule of its requests
     owners: dict[tuple[int, int], tuple[_Work, int]] = {}  # a prompt in the batch -> its request, index
+    live: dict[int, _Work] = {}  # the requests in the batch, not yet answered
     while not self._stop.is_set():
-      admitted = []
-      with self._lock:
-        while True:
-          try:
-            self._deferred.append(self.queue.get_nowait())
-          except queue.Empty:
-            break
-        self._deferred = [w for w in self._deferred if not w.abandoned]
-        if batch is None and self._deferred:
-          # The oldest request's model and rule; the cache as wide as the widest prompt of its run.
-          key = self._deferred[0].key()
-          run = []
-          for w in self._deferred:
-            if w.key() != key:
+      scored, admitted, new_batch = [], [], None
+      try:
+        with self._lock:
+          while True:
+            try:
+              self._deferred.append(self.queue.get_nowait())
+            except queue.Empty:
               break
-            run.append(w)
-          # Never narrower than any batch before it: a mixed stream of prompt lengths settles on one
-          # width instead of draining the batch whenever a longer prompt arrives.
-          self._width = max([self._width, *(self.sampler.bucket_for(len(p)) for w in run for p in w.prompts)])
-          first = self._deferred[0]
+          self._deferred = [w for w in self._deferred if not w.abandoned]
+          # A request with nothing to decode (echo of the prompt alone) never waits for a batch.
+          scored = [w for w in self._deferred if not any(limit > 0 for limit in w.limits)]
+          self._deferred = [w for w in self._deferred if any(limit > 0 for limit in w.limits)]
+          if batch is None and self._deferred:
+            key = self._deferred[0].key()
+            new_batch = [w for w in self._deferred if w.key() == key]
+        for w in scored:
+          w.result = [{"samples": [], "prompt_scores": None} for _ in w.prompts]
+          self._finish(w)
+        if new_batch:
+          # The cache as wide as asked, else never narrower than any batch before it: a mixed stream of
+          # prompt lengths settles on one width instead of draining whenever a longer prompt arrives.
+          widest = max(self.sampler.bucket_for(len(p)) for w in new_batch for p in w.prompts)
+          width = self.cache_bucket or max(self._width, widest)
+          first = new_batch[0]
           batch = continuous_lib.Batch(self.continuous, self.weights[first.model],
                                        dataclasses.replace(first.sampling, max_new_tokens=self.cap, seed=0),
-                                       cache_bucket=self._width)
-        # Requests join in arrival order while they fit (same model and rule, prompts within the cache)
-        # and few enough prompts wait inside the batch (the rest wait in the bounded queue).
-        while (batch is not None and self._deferred and self._deferred[0].key() == key
-               and len(batch.pending) < self.continuous.slots
-               and all(batch.fits(p) for p in self._deferred[0].prompts)):
-          admitted.append(self._deferred.pop(0))
-      try:
+                                       cache_bucket=max(width, widest))
+          self._width, new_batch = max(self._width, widest), None
+        with self._lock:
+          # Requests of the batch's model and rule join it in arrival order while their prompts fit its
+          # cache and few prompts wait inside it (the rest wait in the bounded queue); once a request of
+          # another model or rule has waited `switch_after_s`, none joins, so the batch drains for it.
+          now = time.monotonic()
+          blocked = any(w.key() != key and now - w.arrived > self.switch_after_s for w in self._deferred)
+          while batch is not None and not blocked and len(batch.pending) < self.continuous.slots:
+            w = next((w for w in self._deferred if w.key() == key), None)
+            if w is None:
+              break
+            if not all(batch.fits(p) for p, limit in zip(w.prompts, w.limits) if limit > 0):
+              break  # a longer prompt: the batch drains, and the next one is wider
+            self._deferred.remove(w)
+            admitted.append(w)
         for w in admitted:
           w.result = [{"samples": [], "prompt_scores": None} for _ in w.prompts]
-          w.remaining = 0
+          live[id(w)] = w
           for i, (p, limit, seed) in enumerate(zip(w.prompts, w.limits, w.seeds)):
             if limit > 0:
               batch.add((id(w), i), p, seed, limit)
               owners[(id(w), i)] = (w, i)
               w.remaining += 1
-          if not w.remaining:
-            self._finish(w)
+        admitted = []
+        for w in list(live.values()):
+          if w.abandoned:  # its client gave up: its prompts not yet decoding are dropped
+            batch.cancel(lambda k, w=w: k[0] == id(w))
         if batch is None or batch.idle:
           batch = None
-          time.sleep(0.005)
+          for w in live.values():  # cancelled ones
+            if not w.done.is_set():
+              w.error = RequestError(504, "the request was not answered in time")
+              w.done.set()
+          live.clear()
+          owners.clear()
+          if not scored:
+            time.sleep(0.005)
           continue
         for k, out in batch.step().items():
-          w, i = owners.pop(k)
+          w, i = owners[k]
           w.result[i]["samples"] = [out.sample(0, j) for j in range(w.sampling.n)]
           w.remaining -= 1
           if not w.remaining:
             self._finish(w)
+            live.pop(id(w), None)
+          del owners[k]
       except Exception as e:  # noqa: BLE001  (one bad batch never stops the server)
         log.exception("serve: a batch failed")
-        failed = [w for w, _ in owners.values()] + admitted
-        owners.clear()
-        batch = None
-        for w in failed:
+        # The requests it held, and those a batch could not be built for (the oldest, at least).
+        head = new_batch or ([self._deferred[0]] if batch is None and self._deferred else [])
+        for w in [*live.values(), *admitted, *scored, *head]:
+          with self._lock:
+            if w in self._deferred:
+              self._deferred.remove(w)
           if not w.done.is_set():
             w.error = RequestError(500, f"the server failed on this request: {type(e).__name__}: {e}")
             w.done.set()
+        live.clear()
+        owners.clear()
+        batch, self._width = None, 0
+    self._fail_waiting(RequestError(503, "the server is shutting down", code="unavailable"))
+    for w in live.values():
+      if not w.done.is_set():
+        w.error = RequestError(503, "the server is shutting down", code="unavailable")
+        w.done.set()
+
+  def _fail_waiting(self, error: RequestError) -> None:
+    with self._lock:
+      waiting = self._deferred
+      self._deferred = []
+      while True:
+        try:
+          waiting.append(self.queue.get_nowait())
+        except queue.Empty:
+          break
+    for w in waiting:
+      w.error = error
+      w.done.set()
 
   def _finish(self, w: _Work) -> None:
     """A request whose prompts are all answered: its prompts scored when it asks (echo), and handed back."""
@@ -335,6 +397,9 @@ class Api:
     return tokens
 
   def _run(self, common: dict, prompts: list[list[int]], *, score: bool, top: int):
+    if len(prompts) * common["n"] > MAX_ROWS_PER_REQUEST:
+      raise RequestError(400, f"{len(prompts)} prompts x n={common['n']} answers in one request; this server takes at "
+                         f"most {MAX_ROWS_PER_REQUEST} (the queue bounds requests, not their size)", "prompt")
     seeds = [(common["seed"] * 1_000_003 + i) % 2**31 for i in range(len(prompts))]
     work = _Work(model=common["model"], prompts=prompts, sampling=common["sampling"],
                  limits=[common["max_tokens"]] * len(prompts), seeds=seeds, score=score, top=top)
@@ -603,7 +668,8 @@ def build(config, *, mesh=None) -> Server:
     with c.unlocked():  # an emjax run (its checkpoints/), else a Hugging Face directory or PEFT adapter
       c.sample.hf, c.sample.checkpoint = ("", path) if os.path.isdir(os.path.join(path, "checkpoints")) else (path, "")
     models[adapter] = sample_run.load_model(c, mesh=first.mesh or mesh)
-  engine = Engine(models, slots=int(sv.slots), queue_size=int(sv.queue))
+  engine = Engine(models, slots=int(sv.slots), queue_size=int(sv.queue), cache_bucket=int(sv.cache_bucket),
+                  switch_after_s=float(sv.switch_after_s))
   stops = sample_run.sampling_params(config.sample, first.tokenizer, first.mask).stop_token_ids
   return Server(engine, Api(engine, stop_ids=stops), host=str(sv.host), port=int(sv.port), token=token)
 
