@@ -21,6 +21,20 @@ import pytest
 
 from conftest import ROOT
 
+
+@pytest.fixture(autouse=True)
+def sigint_reaches_the_jobs():
+  """The jobs these tests start are stopped with SIGINT, as stop.sh stops a real one. A test process that
+  ignores SIGINT (a library earlier in the same pytest worker may leave it so) would pass that on to every
+  child, which then outlives its stop command: here SIGINT is caught while a test runs, and an exec
+  resets a caught signal to its default."""
+  before = signal.getsignal(signal.SIGINT)
+  if before == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  if before == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, before)
+
 TPU, GPU = os.path.join(ROOT, "launch", "tpu"), os.path.join(ROOT, "launch", "gpu")
 EMJAX = ["--config=configs/pretrain/tiny.py", "--workdir=gs://bkt/runs/tiny"]
 V5E = ["--name=emjax-v5e", "--zone=us-west4-a"]
