@@ -25,9 +25,9 @@ from conftest import ROOT
 @pytest.fixture(autouse=True)
 def sigint_reaches_the_jobs():
   """The jobs these tests start are stopped with SIGINT, as stop.sh stops a real one. A test process that
-  ignores SIGINT (a library earlier in the same pytest worker may leave it so) would pass that on to every
-  child, which then outlives its stop command: here SIGINT is caught while a test runs, and an exec
-  resets a caught signal to its default."""
+  ignores SIGINT (the suite started with `cmd &` from a non-interactive shell inherits it so) would pass
+  that on to every child, which then outlives its stop command: here SIGINT is caught while a test runs,
+  and an exec resets a caught signal to its default."""
   before = signal.getsignal(signal.SIGINT)
   if before == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
