@@ -18,8 +18,9 @@ each side ran and the seconds per step, which tell the packing (steps) from the 
 each side's prefill seconds (timed at each call, which waits for the result: a small cost, larger on
 the continuous side, which prefills more often; continuous's include its insertions into the slots and
 the padding rows of its fixed-size prefills). `decode_only_speedup` leaves them out of both sides: the
-decode alone, without continuous batching's refill overhead (the headline is the end-to-end speedup). Each emjax path is compiled first on one prompt per bucket (excluded);
-each side is then timed once over the whole workload. One JSON line:
+decode alone, without continuous batching's refill overhead (the headline is the end-to-end speedup).
+Each emjax path is compiled first on one prompt per bucket (excluded); each side is then timed once
+over the whole workload. One JSON line:
 
   python benchmarks/continuous.py                      # SmolLM2-135M-Instruct, 64 answers, cap 256, batch 32
   python benchmarks/continuous.py --answers=512                       # the README's figures
@@ -128,6 +129,8 @@ def main() -> None:
   from emjax.sample import sampler as sampler_lib
 
   hf_model = None  # () -> the transformers model, on the side that times it
+  if args.preset and args.write_lengths:
+    raise SystemExit("--write_lengths reads SmolLM2's tokenizer: leave out --preset")
   if args.preset:
     import sampler as sampler_bench  # benchmarks/sampler.py: its presets and random weights
 
@@ -166,8 +169,8 @@ def main() -> None:
   steps = sum(max(lengths[i] for i in b) for b in batches)
   ideal = padded / sum(lengths)
   engine = continuous.ContinuousSampler(sampler, slots=args.batch, refill_rows=args.refill_rows)
-  # Prefill time on each side, timed at each call (both sides wait for a prefill's result anyway):
-  # the work continuous batching cannot shorten, printed beside the decode-only speedup.
+  # Prefill (and, continuous, insertion) time on each side, timed at each call: what the decode-only
+  # speedup leaves out.
   spent = {"prefill": 0.0}
   prefill_fn, insert_fn = sampler.prefill_fn, engine.insert_fn
 
@@ -255,8 +258,9 @@ def bench_hf(model_fn, prompts, lengths, batch: int, eos: int, batches) -> dict:
       ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
       mask[r, width - len(prompts[i]):] = 1
     with torch.no_grad():
-      return model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                            max_new_tokens=limit, min_new_tokens=limit, suppress_tokens=[eos], pad_token_id=eos)
+      return model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=1.0,
+                            top_p=1.0, top_k=0, max_new_tokens=limit, min_new_tokens=limit, suppress_tokens=[eos],
+                            pad_token_id=eos)
 
   run(batches[0][:2], 2)  # warm-up
   sync()

@@ -105,6 +105,33 @@ def test_concurrent_requests_are_batched_and_answered(server, client):
   assert ask(5) == answers[5]
 
 
+def test_requests_of_two_rules_are_both_answered_when_one_has_waited_long(server):
+  """A request of another sampling rule that has waited `switch_after_s` stops later requests from
+  joining, never the oldest one: both are answered (the oldest was once refused its own batch)."""
+  import time
+
+  from emjax.sample import serve
+  from emjax.sample import sampler as sampler_lib
+
+  engine = server.engine
+  hot = sampler_lib.SamplingParams(max_new_tokens=4, temperature=1.0, stop_token_ids=())
+  cold = sampler_lib.SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=())
+  first = serve._Work("tiny", [[1, 2]], hot, [3], [0], False, 0)
+  other = serve._Work("tiny", [[3, 4]], cold, [3], [1], False, 0)
+  before = engine.switch_after_s
+  engine.switch_after_s = 0.0
+  try:
+    with engine._lock:  # the worker takes both at once, the other one already overdue
+      first.arrived, other.arrived = time.monotonic() - 2, time.monotonic() - 1
+      engine.queue.put_nowait(first)
+      engine.queue.put_nowait(other)
+    assert first.done.wait(60) and other.done.wait(60), "a request was never answered"
+    assert first.error is None and other.error is None
+    assert len(first.result[0]["samples"][0]["tokens"]) == 3 == len(other.result[0]["samples"][0]["tokens"])
+  finally:
+    engine.switch_after_s = before
+
+
 def test_a_request_joins_the_running_batch_and_is_answered_before_it_drains(tmp_path):
   """Continuous batching across requests: a short request that arrives while a long one decodes takes a
   free slot at once and comes back while the long one is still decoding (batched per request, it would

@@ -11,15 +11,16 @@ entered or on the other slots. Refilling a slot prefills the new prompts with th
 prefill (grouped by bucket) and empties the rest of the slot (segment id 0: never attended to).
 
 Prompts are yielded in the static sampler's order (by bucket, then as given), so a job's file reads
-the same whichever batching wrote it. What a row draws is the static sampler's: the same row keys (the prompt's seed and the sample's
-index) folded with the row's own step, the same `sample_logits`, stop ids and limits, so greedy
-answers are the static ones token for token (up to float ties, since attention sums over another
-cache length) and sampled ones too; and a prompt's answer is the same bits whatever else was in the
-batch (for one cache width, slot count and refill size), so a resumed job writes what the
-uninterrupted one would have. The decode runs in chunks of
-up to `chunk_steps` steps inside one `lax.while_loop`, ending early when enough slots are free for a
-refill while prompts wait; the host then refills the free slots (prefills of a fixed number of rows, so the compiled
-programs are one per bucket, not per run length).
+the same whichever batching wrote it. What a row draws is the static sampler's: the same row keys (the
+prompt's seed and the sample's index) folded with the row's own step, the same `sample_logits`, stop
+ids and limits, so greedy answers are the static ones token for token (up to float ties, since
+attention sums over another cache length) and sampled ones too; and a prompt's answer is the same
+bits whatever else was in the batch (for one cache width, slot count and refill size), so a resumed
+job writes what the uninterrupted one would have. The n samples of a prompt share its prefill. The
+decode runs in chunks of up to `chunk_steps` steps inside one `lax.while_loop`, ending early when
+enough slots are free for a refill while prompts wait; the host then refills the free slots
+(prefills of a fixed number of rows, so the compiled programs are one per bucket, not per run
+length). `Batch` is a batch in progress that prompts join between chunks (the server's).
 """
 
 from __future__ import annotations
@@ -105,12 +106,13 @@ class ContinuousSampler:
       cache = transformer.init_cache(cfg, s, columns, self.sampler.cache_dtype)
       cache = self.sampler._constrain_cache(self.sampler._unstack_cache(cache))
       zeros = jnp.zeros((s,), jnp.int32)
-      return {"cache": cache, "steps": jnp.zeros((), jnp.int32), "column": zeros, "token": zeros, "position": zeros, "length": zeros, "limit": zeros,
+      return {"cache": cache, "steps": jnp.zeros((), jnp.int32), "column": zeros, "token": zeros,
+              "position": zeros, "length": zeros, "limit": zeros,
               "live": jnp.zeros((s,), bool), "stopped": jnp.zeros((s,), bool),
               "keys": jnp.zeros((s, 2), jnp.uint32), "outputs": self._outputs(s)}
 
-  def _insert(self, state, rows_I, source_I, small, last_tokens_I, prompt_lengths_I, base_key, prompt_seeds_I, samples_I,
-              limits_I, bucket_cols):
+  def _insert(self, state, rows_I, source_I, small, last_tokens_I, prompt_lengths_I, base_key, prompt_seeds_I,
+              samples_I, limits_I, bucket_cols):
     """Slots `rows_I` (== slots: padding, dropped) take row `source_I` of `small` (a prefill cache whose
     first `bucket_cols` columns hold the prompts; one prefilled row may fill the slots of several
     samples); the rest of each slot is emptied."""
@@ -188,7 +190,8 @@ class ContinuousSampler:
       hit_stop_B = live_B & jnp.any(token_B[:, None] == stop_ids_S[None, :], axis=-1)
       done_B = live_B & (hit_stop_B | (step_B + 1 >= jnp.minimum(s["limit"], max_new)))
       # A finished row's column stops at its last one (within the slot) until it is refilled.
-      new = dict(s, cache=sampler._constrain_cache(cache), steps=s["steps"] + 1, column=jnp.minimum(s["column"] + live_B, columns - 1),
+      new = dict(s, cache=sampler._constrain_cache(cache), steps=s["steps"] + 1,
+                 column=jnp.minimum(s["column"] + live_B, columns - 1),
                  token=jnp.where(live_B, token_B, s["token"]),
                  position=s["position"] + live_B, length=s["length"] + live_B, live=live_B & ~done_B,
                  stopped=s["stopped"] | hit_stop_B, outputs=out)
@@ -297,7 +300,8 @@ class Batch:
     if not 1 <= limit <= self.sampling.max_new_tokens:
       raise ValueError(f"limit={limit}: 1 .. max_new_tokens={self.sampling.max_new_tokens}")
     self.left[key] = self.sampling.n
-    self.pending.extend(_Job(key, j, list(tokens), int(seed) % 2**32, int(limit)) for j in range(self.sampling.n))
+    tokens = list(tokens)  # one copy, shared by the prompt's samples
+    self.pending.extend(_Job(key, j, tokens, int(seed) % 2**32, int(limit)) for j in range(self.sampling.n))
 
   def cancel(self, drop) -> int:
     """Drop the waiting samples of the prompts whose key `drop(key)` is true (rows already decoding

@@ -20,8 +20,9 @@ another model or rule waits until the batch drains, and once it has waited `serv
 no request joins, so the batch drains for it (`max_tokens` and `seed` are per request). Echo-only
 requests (`max_tokens=0`) are scored at once, outside the batch. A batch's cache is as wide as
 `serve.cache_bucket` asks, else as the widest prompt bucket the server has seen so far needs (a
-fixed width makes a seed's answer independent of earlier traffic too). A stopped worker answers 503. A request without `seed` gets a fresh one. Stop strings cut the text after generation (the
-stop ids end it early). Bad requests get 400 (404: unknown model; 401: a missing or wrong bearer
+fixed width makes a seed's answer independent of earlier traffic too). A stopped worker answers 503.
+A request without `seed` gets a fresh one. Stop strings cut the text after generation (the stop ids
+end it early). Bad requests get 400 (404: unknown model; 401: a missing or wrong bearer
 token when `serve.api_key_env` names one), with OpenAI's error body; the server keeps serving.
 
 It binds to 127.0.0.1 unless `serve.host` says otherwise. WORKDIR/server.json holds the address once
@@ -206,18 +207,22 @@ class Engine:
           self._width, new_batch = max(self._width, widest), None
         with self._lock:
           # Requests of the batch's model and rule join it in arrival order while their prompts fit its
-          # cache and few prompts wait inside it (the rest wait in the bounded queue); once a request of
-          # another model or rule has waited `switch_after_s`, none joins, so the batch drains for it.
-          now = time.monotonic()
-          blocked = any(w.key() != key and now - w.arrived > self.switch_after_s for w in self._deferred)
-          while batch is not None and not blocked and len(batch.pending) < self.continuous.slots:
-            w = next((w for w in self._deferred if w.key() == key), None)
-            if w is None:
+          # cache and few samples wait inside it (the rest wait in the bounded queue). A request of
+          # another model or rule that has waited `switch_after_s` stops the ones that came after it,
+          # so the batch drains for it; the oldest request (the batch's own rule) always joins.
+          now, waiting = time.monotonic(), len(batch.pending) if batch is not None else 0
+          for w in list(self._deferred) if batch is not None else []:
+            if waiting >= self.continuous.slots:
               break
+            if w.key() != key:
+              if now - w.arrived > self.switch_after_s:
+                break
+              continue
             if not all(batch.fits(p) for p, limit in zip(w.prompts, w.limits) if limit > 0):
               break  # a longer prompt: the batch drains, and the next one is wider
             self._deferred.remove(w)
             admitted.append(w)
+            waiting += sum(limit > 0 for limit in w.limits) * w.sampling.n
         for w in admitted:
           w.result = [{"samples": [], "prompt_scores": None} for _ in w.prompts]
           live[id(w)] = w
