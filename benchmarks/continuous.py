@@ -113,7 +113,9 @@ def main() -> None:
   parser.add_argument("--cap", type=int, default=256, help="most new tokens (the eval job: 600)")
   parser.add_argument("--batch", type=int, default=32, help="static batch size = continuous slots")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--refill_rows", type=int, default=0, help="continuous refills (0: the engine's default)")
+  parser.add_argument("--prefill_rows", type=int, default=0, help="prompts per continuous prefill (0: the engine's "
+                      "default)")
+  parser.add_argument("--refill_at", type=int, default=1, help="free slots that end a continuous decode chunk")
   parser.add_argument("--skip_hf", action="store_true")
   parser.add_argument("--preset", default="", help="a random-weight model of benchmarks/sampler.py's presets "
                       "(on a GPU: qwen2.5-0.5b) on the workload's lengths (eval_lengths.json), instead of SmolLM2")
@@ -168,7 +170,8 @@ def main() -> None:
   padded = sum(args.batch * max(lengths[i] for i in b) for b in batches)  # pad_batch_to=batch: rows decoded
   steps = sum(max(lengths[i] for i in b) for b in batches)
   ideal = padded / sum(lengths)
-  engine = continuous.ContinuousSampler(sampler, slots=args.batch, refill_rows=args.refill_rows)
+  engine = continuous.ContinuousSampler(sampler, slots=args.batch, prefill_rows=args.prefill_rows,
+                                       refill_at=args.refill_at)
   # Prefill (and, continuous, insertion) time on each side, timed at each call: what the decode-only
   # speedup leaves out.
   spent = {"prefill": 0.0}
@@ -221,7 +224,8 @@ def main() -> None:
                        "decode_seconds_per_step": (t_static - p_static) / steps},
             "continuous": {"seconds": t_cont, "answers_per_s": len(prompts) / t_cont,
                            "new_tokens_per_s": cont_tokens / t_cont, "slots": engine.slots,
-                           "refill_rows": engine.refill_rows, "decode_steps": cont_steps, "prefills": prefills,
+                           "prefill_rows": engine.prefill_rows, "refill_at": engine.refill_at,
+                           "decode_steps": cont_steps, "prefills": prefills,
                            "seconds_per_step": t_cont / cont_steps, "prefill_seconds": p_cont,
                            "decode_seconds_per_step": (t_cont - p_cont) / cont_steps,
                            "packing_bound_speedup": steps / cont_steps}}

@@ -57,6 +57,18 @@ def test_the_answers_are_the_static_samplers_row_for_row(params, static, samplin
   same(got, ref)
 
 
+def test_a_prefill_of_several_prompts_waits_for_free_slots(params, static):
+  """Prompts are prefilled `prefill_rows` at a time (the weights read once for several) and their rows
+  wait for slots that free one by one: one prefill per 4 prompts of a bucket, and the static answers."""
+  ps = prompts(13, seed=6)
+  sampling = S.SamplingParams(temperature=1.0, max_new_tokens=CAP, stop_token_ids=(3, 7), n=2, seed=2)
+  cont = C.ContinuousSampler(static, slots=4, chunk_steps=2, prefill_rows=4)
+  got = cont.generate(params, ps, sampling)
+  per_bucket = np.bincount([BUCKETS.index(static.bucket_for(len(p))) for p in ps])
+  assert cont.stats["prefills"] == sum(-(-int(c) // 4) for c in per_bucket), (cont.stats, per_bucket)
+  same(got, static.generate(params, ps, sampling))
+
+
 def test_per_prompt_limits_end_each_row_at_its_own_length(params, static):
   ps = prompts(9, seed=4)
   limits = [1 + (i * 5) % CAP for i in range(9)]
@@ -92,7 +104,7 @@ def test_a_prompt_gets_the_same_bits_whatever_runs_beside_it(params, static):
   # top-p with fewer sort candidates than the vocabulary: some rows take the full sort, some not.
   sampling = S.SamplingParams(temperature=1.5, top_p=0.9, max_new_tokens=CAP, n=2, stop_token_ids=(3,))
   static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP, sort_candidates=8)
-  cont = C.ContinuousSampler(static, slots=6, chunk_steps=3, refill_rows=2)
+  cont = C.ContinuousSampler(static, slots=6, chunk_steps=3, prefill_rows=2)
   seeds = list(range(100, 111))
   full = cont.generate(params, ps, sampling, prompt_seeds=seeds)
   # The n samples of a prompt share its prefill: fewer prefills than 2-row groups of 22 sample rows.
@@ -113,7 +125,7 @@ def test_a_prompt_joining_a_running_batch_gets_the_bits_it_gets_alone(params):
   already part-way through, is answered with the same bits as in a batch of its own."""
   sampling = S.SamplingParams(temperature=1.0, max_new_tokens=CAP, stop_token_ids=())
   static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP)
-  cont = C.ContinuousSampler(static, slots=4, chunk_steps=2, refill_rows=1)
+  cont = C.ContinuousSampler(static, slots=4, chunk_steps=2, prefill_rows=1)
   ps = prompts(6, seed=4)
   busy = C.Batch(cont, params, sampling, cache_bucket=16)
   for i in range(3):
@@ -163,8 +175,8 @@ def test_an_ablation_is_the_static_samplers_too(params, static):
 def test_bad_arguments_are_refused(params, static):
   with pytest.raises(ValueError, match="slots"):
     C.ContinuousSampler(static, slots=0)
-  with pytest.raises(ValueError, match="refill_rows"):
-    C.ContinuousSampler(static, slots=2, refill_rows=3)
+  with pytest.raises(ValueError, match="prefill_rows"):
+    C.ContinuousSampler(static, slots=2, prefill_rows=3)
   cont = C.ContinuousSampler(static, slots=2)
   with pytest.raises(ValueError, match="longer than the cache allows"):
     cont.generate(params, [[1] * 17], max_new_tokens=CAP)

@@ -15,12 +15,14 @@ the same whichever batching wrote it. What a row draws is the static sampler's: 
 prompt's seed and the sample's index) folded with the row's own step, the same `sample_logits`, stop
 ids and limits, so greedy answers are the static ones token for token (up to float ties, since
 attention sums over another cache length) and sampled ones too; and a prompt's answer is the same
-bits whatever else was in the batch (for one cache width, slot count and refill size), so a resumed
-job writes what the uninterrupted one would have. The n samples of a prompt share its prefill. The
-decode runs in chunks of up to `chunk_steps` steps inside one `lax.while_loop`, ending early when
-enough slots are free for a refill while prompts wait; the host then refills the free slots
-(prefills of a fixed number of rows, so the compiled programs are one per bucket, not per run
-length). `Batch` is a batch in progress that prompts join between chunks (the server's).
+bits whatever else was in the batch (for one cache width, slot count and prefill size), so a resumed
+job writes what the uninterrupted one would have. The decode runs in chunks of up to `chunk_steps`
+steps inside one `lax.while_loop`, ending early once a slot is free while prompts wait; the host then
+refills the free slots from the staged prefill: the prompts at the head of the queue are prefilled
+`prefill_rows` at a time (a fixed shape, so the compiled programs are one per bucket, not per run
+length, and the weights are read once for several prompts), and each waits there for a free slot;
+the n samples of a prompt share its prefilled row. `Batch` is a batch in progress that prompts join
+between chunks (the server's).
 """
 
 from __future__ import annotations
@@ -56,29 +58,36 @@ class ContinuousSampler:
     sampler: the static sampler whose architecture, buckets and cap are used.
     slots: decode rows (a multiple of the data-parallel size).
     chunk_steps: most decode steps between two visits of the host.
-    refill_rows: prompts prefilled together (0 = slots // 16, 1 to 16): a chunk ends once this many
-      slots are free (or every waiting prompt fits), and every prefill has exactly this many rows, so
-      a prompt's numbers never depend on how many were refilled beside it (XLA's results for a row
-      can change with the batch's shape, not with the other rows).
+    prefill_rows: prompts prefilled together (0 = slots // 8, 1 to 16, rounded up to a multiple of the
+      data-parallel size): every prefill has exactly this many rows, so a prompt's numbers never depend
+      on how many were prefilled beside it (XLA's results for a row can change with the batch's shape,
+      not with the other rows). The prefilled rows wait (staged) for free slots, so a prefill reads the
+      weights once for several prompts while slots are still refilled one at a time.
+    refill_at: a chunk ends once this many slots are free while samples wait (1 to slots).
   """
 
-  def __init__(self, sampler: sampler_lib.Sampler, *, slots: int = 32, chunk_steps: int = 16, refill_rows: int = 0):
+  def __init__(self, sampler: sampler_lib.Sampler, *, slots: int = 32, chunk_steps: int = 16, prefill_rows: int = 0,
+               refill_at: int = 1):
     if slots < 1 or slots % sampler.data_parallel:
       raise ValueError(f"slots={slots}: a positive multiple of the data-parallel size ({sampler.data_parallel})")
     if chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
-    if refill_rows < 0:
-      raise ValueError(f"refill_rows={refill_rows}: 0 (automatic) or at most slots={slots}")
+    if prefill_rows < 0:
+      raise ValueError(f"prefill_rows={prefill_rows}: 0 (automatic) or at most slots={slots}")
+    if not 1 <= refill_at <= slots:
+      raise ValueError(f"refill_at={refill_at}: 1 .. slots={slots}")
     self.sampler = sampler
     self.slots = int(slots)
-    refill = int(refill_rows) or min(max(slots // 16, 1), 16)
+    rows = int(prefill_rows) or min(max(slots // 8, 1), 16)
     multiple = sampler.data_parallel
-    if sampler.prefill_chunk and refill > sampler.prefill_chunk:  # chunked prefills take whole chunks
+    if sampler.prefill_chunk and rows > sampler.prefill_chunk:  # chunked prefills take whole chunks
       multiple = math.lcm(multiple, sampler.prefill_chunk)
-    self.refill_rows = -(-refill // multiple) * multiple
-    if self.refill_rows > slots:
-      raise ValueError(f"refill_rows={refill_rows}: {self.refill_rows} once a multiple of the data-parallel size and "
-                       f"the sampler's prefill_chunk, more than slots={slots}")
+    self.prefill_rows = -(-rows // multiple) * multiple
+    if self.prefill_rows > slots:
+      raise ValueError(f"prefill_rows={prefill_rows}: {self.prefill_rows} once a multiple of the data-parallel size "
+                       f"and the sampler's prefill_chunk, more than slots={slots}")
+    self.refill_at = int(refill_at)
+    self.insert_rows = sampler.data_parallel  # slots filled per insertion (the batch axis is split that way)
     self.stats = {"decode_steps": 0, "prefills": 0}  # over this engine's life: what a benchmark reads
     self.chunk_steps = int(chunk_steps)
     self.trace_counts = sampler.trace_counts  # one counter: prefill is the sampler's own
@@ -278,6 +287,7 @@ class Batch:
     self.partial: dict[Any, dict[str, np.ndarray]] = {}
     self.left: dict[Any, int] = {}
     self.steps_counted = 0  # decode steps already added to the engine's stats
+    self.stage: dict | None = None  # the last prefill: its cache, bucket and {prompt key: row}
     self.state = engine.init_fn(columns=sampler.cache_length(self.cache_bucket))
 
   @property
@@ -314,20 +324,19 @@ class Batch:
       for key in [k for k in self.left if drop(k) and k not in decoding]:
         del self.left[key]
         self.partial.pop(key, None)
+        if self.stage is not None:  # a key added again later is prefilled again
+          self.stage["rows"].pop(key, None)
     return dropped
 
   def step(self) -> dict[Any, sampler_lib.SampleOutput]:
     """Refill free slots, decode one chunk; the prompts completed by it (every sample done)."""
     engine, sampler = self.engine, self.engine.sampler
     free = [r for r, o in enumerate(self.occupant) if o is None]
-    if self.pending and len(free) >= min(engine.refill_rows, len(self.pending)):
-      jobs = [self.pending.popleft() for _ in range(min(len(free), len(self.pending)))]
-      self._refill(free[:len(jobs)], jobs)
-      for r, job in zip(free, jobs):
-        self.occupant[r] = job
+    if self.pending and len(free) >= min(engine.refill_at, len(self.pending)):
+      self._refill(free)
     if all(o is None for o in self.occupant):
       return {}
-    refill_at = min(engine.refill_rows, len(self.pending)) if self.pending else 0
+    refill_at = min(engine.refill_at, len(self.pending)) if self.pending else 0
     self.state = engine.decode_fn(self.weights, self.state, self.stop_ids_S, self.knobs,
                                   sampler._put_replicated(np.int32(refill_at)), self.edit,
                                   rules=self.sampling.rules)
@@ -369,47 +378,53 @@ class Batch:
       out["top_logprobs"] = np.zeros((1, n, steps, k_top), np.float32)
     return out
 
-  def _refill(self, rows: list[int], jobs: list[_Job]) -> None:
-    """Prefill `jobs` into slots `rows`, per prompt bucket (a prompt is always prefilled in its own
-    bucket, as the static sampler does), in prefills of exactly `refill_rows` prompts; the samples of
-    one prompt share its prefilled row."""
-    sampler, count = self.engine.sampler, self.engine.refill_rows
-    groups: dict[int, dict[Any, list[tuple[int, _Job]]]] = {}  # bucket -> prompt -> its (slot, job)s
-    for r, job in zip(rows, jobs):
-      groups.setdefault(sampler.bucket_for(len(job.tokens)), {}).setdefault(job.key, []).append((r, job))
-    for bucket, by_prompt in sorted(groups.items()):
-      whole = list(by_prompt.values())
-      for start in range(0, len(whole), count):
-        self._prefill_into(bucket, whole[start:start + count])
+  def _refill(self, free: list[int]) -> None:
+    """Waiting samples, in order, into the `free` slots: from the staged prefill, and when the next
+    sample's prompt is not staged, from a new prefill of the prompts at the head of the queue."""
+    engine, sampler = self.engine, self.engine.sampler
+    free = list(free)
+    while free and self.pending:
+      if self.stage is None or self.pending[0].key not in self.stage["rows"]:
+        self._prefill_stage()
+      take = []  # (slot, job, staged row), at most one insertion's worth, all from this stage
+      while free and self.pending and len(take) < engine.insert_rows and self.pending[0].key in self.stage["rows"]:
+        job = self.pending.popleft()
+        take.append((free.pop(0), job, self.stage["rows"][job.key]))
+      count = engine.insert_rows
+      rows_I = np.full((count,), engine.slots, np.int32)  # padding insertions are dropped
+      source_I, limits_I, lengths_I, last_I = (np.zeros((count,), np.int32) for _ in range(4))
+      prompt_seed_I, sample_I = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
+      for i, (r, job, source) in enumerate(take):
+        rows_I[i], source_I[i], limits_I[i], lengths_I[i], last_I[i] = r, source, job.limit, len(job.tokens), job.tokens[-1]
+        prompt_seed_I[i], sample_I[i] = job.seed, job.sample
+        self.occupant[r] = job
+      put = sampler._put_batch
+      self.state = engine.insert_fn(self.state, put(rows_I), put(source_I), self.stage["cache"], put(last_I),
+                                    put(lengths_I), self.base_key, put(prompt_seed_I), put(sample_I), put(limits_I),
+                                    jnp.int32(self.stage["bucket"] - 1))
 
-  def _prefill_into(self, bucket: int, group: list[list[tuple[int, _Job]]]) -> None:
-    """One prefill of `refill_rows` rows (the group's prompts, then padding) into the slots of every
-    sample of those prompts (`refill_rows * n` insertions, the unused ones dropped)."""
-    engine, sampler, count = self.engine, self.engine.sampler, self.engine.refill_rows
-    inserts = count * self.sampling.n
+  def _prefill_stage(self) -> None:
+    """One prefill of `prefill_rows` rows: the distinct prompts at the head of the queue that share the
+    first one's bucket (a prompt is always prefilled in its own bucket, as the static sampler does),
+    then padding; their samples are inserted from it as slots free up, all n sharing its row."""
+    engine, sampler, count = self.engine, self.engine.sampler, self.engine.prefill_rows
+    bucket = sampler.bucket_for(len(self.pending[0].tokens))
+    rows: dict[Any, int] = {}
     tokens_RxP = np.zeros((count, bucket), np.int32)
     lengths_R = np.ones((count,), np.int32)
-    rows_I = np.full((inserts,), engine.slots, np.int32)  # padding insertions are dropped
-    source_I = np.zeros((inserts,), np.int32)
-    prompt_seed_I, sample_I = np.zeros((inserts,), np.uint32), np.zeros((inserts,), np.uint32)
-    limits_I, lengths_I = np.ones((inserts,), np.int32), np.ones((inserts,), np.int32)
-    last_I = np.zeros((inserts,), np.int32)
-    i = 0
-    for p, samples in enumerate(group):
-      tokens = samples[0][1].tokens
-      tokens_RxP[p, bucket - len(tokens):] = tokens
-      lengths_R[p] = len(tokens)
-      for r, job in samples:
-        rows_I[i], source_I[i], limits_I[i], lengths_I[i], last_I[i] = r, p, job.limit, len(tokens), tokens[-1]
-        prompt_seed_I[i], sample_I[i] = job.seed, job.sample
-        i += 1
+    for job in self.pending:
+      if job.key in rows:
+        continue
+      if len(rows) == count or sampler.bucket_for(len(job.tokens)) != bucket:
+        break
+      tokens_RxP[len(rows), bucket - len(job.tokens):] = job.tokens
+      lengths_R[len(rows)] = len(job.tokens)
+      rows[job.key] = len(rows)
     engine.stats["prefills"] += 1
-    small = sampler.prefill_fn(self.weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), self.edit,
+    self.stage = None  # the previous staged cache is freed before the next one is made
+    cache = sampler.prefill_fn(self.weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), self.edit,
                                n=1)
-    put = sampler._put_batch
-    self.state = engine.insert_fn(self.state, put(rows_I), put(source_I), small, put(last_I), put(lengths_I),
-                                  self.base_key, put(prompt_seed_I), put(sample_I), put(limits_I),
-                                  jnp.int32(bucket - 1))
+    self.stage = {"cache": cache, "bucket": bucket, "rows": rows}
 
 
 def _host(tree):
