@@ -154,6 +154,64 @@ def test_a_prompt_joining_a_running_batch_gets_the_bits_it_gets_alone(params):
     C.Batch(cont, params, sampling, cache_bucket=8).add("y", [1] * 9, seed=0, limit=1)
 
 
+def test_staged_prompts_keep_their_own_answers_through_cancels_reused_keys_and_mixed_buckets(params):
+  """The server's use of a `Batch` with prefills of 4 prompts: prompts of two buckets arrive interleaved,
+  one is cancelled and its key added again with another prompt, and a finished prompt's key is reused
+  while the prefill that held it still feeds slots; each answer is the one its own prompt gets alone."""
+  sampling = S.SamplingParams(temperature=1.0, max_new_tokens=CAP, stop_token_ids=(), n=2, seed=4)
+  static = S.Sampler(CFG, prompt_buckets=BUCKETS, max_new_tokens_cap=CAP)
+  cont = C.ContinuousSampler(static, slots=4, chunk_steps=2, prefill_rows=4)
+  rng = np.random.default_rng(11)
+  make = lambda size: rng.integers(1, CFG.vocab_size, size=size).tolist()  # noqa: E731
+  asked = {}  # key -> (tokens, seed, limit) of the prompt the key holds last
+
+  def add(batch, key, tokens, seed, limit):
+    batch.add(key, tokens, seed=seed, limit=limit)
+    asked[key] = (tokens, seed, limit)
+
+  def alone(tokens, seed, limit):
+    b = C.Batch(cont, params, sampling, cache_bucket=16)
+    b.add("x", tokens, seed=seed, limit=limit)
+    out = {}
+    while not b.idle:
+      out.update(b.step())
+    return out["x"]
+
+  batch = C.Batch(cont, params, sampling, cache_bucket=16)
+  add(batch, "s0", make(5), 0, 1)  # done after one step: its key comes back while its prefill still feeds slots
+  for i in range(1, 4):
+    add(batch, f"s{i}", make(3 + i), i, CAP)
+  got = dict(batch.step())
+  assert set(got) == {"s0"} and batch.stage is not None and "s0" in batch.stage["rows"]
+  add(batch, "s0", make(6), 10, 3)  # the same key, another prompt: prefilled anew, never the staged one
+  add(batch, "l0", make(12), 11, 4)  # another bucket between prompts of the first
+  add(batch, "s4", make(2), 12, 5)
+  assert batch.cancel(lambda k: k == "s3") == 2
+  add(batch, "s3", make(14), 13, 2)  # a cancelled key, added again with a longer prompt
+  while not batch.idle:
+    got.update(batch.step())
+  assert set(got) == set(asked)
+  assert not batch.cancelled and not batch.left
+  for key, (tokens, seed, limit) in asked.items():
+    ref = alone(tokens, seed, limit)
+    np.testing.assert_array_equal(got[key].lengths, ref.lengths, err_msg=key)
+    np.testing.assert_array_equal(got[key].tokens, ref.tokens, err_msg=key)
+    np.testing.assert_array_equal(got[key].logprobs, ref.logprobs, err_msg=key)
+  # A prompt cancelled with one sample decoding and one waiting: never returned, and its key free again
+  # once that row ends.
+  odd = C.Batch(C.ContinuousSampler(static, slots=3, chunk_steps=2), params, sampling, cache_bucket=16)
+  odd.add("q0", make(4), seed=0, limit=CAP)
+  odd.add("q1", make(4), seed=1, limit=CAP)
+  assert not odd.step() and len(odd.pending) == 1
+  assert odd.cancel(lambda k: k == "q1") == 1 and odd.cancelled == {"q1"}
+  with pytest.raises(ValueError, match="already in this batch"):
+    odd.add("q1", make(4), seed=1, limit=CAP)
+  done = {}
+  while not odd.idle:
+    done.update(odd.step())
+  assert set(done) == {"q0"} and not odd.cancelled and not odd.left and not odd.partial
+
+
 def test_prompts_come_out_in_the_static_samplers_order(params, static):
   ps = prompts(10, seed=3)
   order = [i for i, _ in C.ContinuousSampler(static, slots=3).stream(params, ps, max_new_tokens=CAP)]

@@ -1,26 +1,26 @@
-"""Continuous batching: a fixed number of decode slots over one preallocated KV cache, each slot
-refilled with the next prompt as soon as its row stops.
+"""Continuous batching: a fixed number of decode slots over one preallocated KV cache, each slot refilled
+with the next prompt as soon as its row stops.
 
 The static sampler (`Sampler.generate`) decodes a batch until its longest row finishes, so rows that
-stop early idle. Here every slot is a row of a cache of (bucket - 1) + max_new_tokens_cap columns,
-for the bucket of the longest prompt (the static sampler's widest batch), laid out as the static
-sampler lays a row out: the prompt, left-padded to its own bucket, in the first columns, then the
-answer; each row writes its next token at its own
-column (`transformer.write_cache` with a per-row index), so a row's numbers do not depend on when it
-entered or on the other slots. Refilling a slot prefills the new prompts with the static sampler's
-prefill (grouped by bucket) and empties the rest of the slot (segment id 0: never attended to).
+stop early idle. Here every slot is a row of a cache of (bucket - 1) + max_new_tokens_cap columns, for
+the bucket of the longest prompt (the static sampler's widest batch), laid out as the static sampler
+lays a row out: the prompt, left-padded to its own bucket, in the first columns, then the answer; each
+row writes its next token at its own column (`transformer.write_cache` with a per-row index), so a row's
+numbers do not depend on when it entered or on the other slots. Refilling a slot copies a prompt's
+prefilled row (the static sampler's prefill, in the prompt's own bucket) into it and empties the rest of
+the slot (segment id 0: never attended to).
 
-Prompts are yielded in the static sampler's order (by bucket, then as given), so a job's file reads
-the same whichever batching wrote it. What a row draws is the static sampler's: the same row keys (the
-prompt's seed and the sample's index) folded with the row's own step, the same `sample_logits`, stop
-ids and limits, so greedy answers are the static ones token for token (up to float ties, since
-attention sums over another cache length) and sampled ones too; and a prompt's answer is the same
-bits whatever else was in the batch (for one cache width, slot count and prefill size), so a resumed
-job writes what the uninterrupted one would have. The decode runs in chunks of up to `chunk_steps`
-steps inside one `lax.while_loop`, ending early once a slot is free while prompts wait; the host then
-refills the free slots from the staged prefill: the prompts at the head of the queue are prefilled
-`prefill_rows` at a time (a fixed shape, so the compiled programs are one per bucket, not per run
-length, and the weights are read once for several prompts), and each waits there for a free slot;
+Prompts are yielded in the static sampler's order (by bucket, then as given), so a job's file reads the
+same whichever batching wrote it. What a row draws is the static sampler's: the same row keys (the
+prompt's seed and the sample's index) folded with the row's own step, the same `sample_logits`, stop ids
+and limits, so greedy answers are the static ones token for token (up to float ties, since attention
+sums over another cache length) and sampled ones too; and a prompt's answer is the same bits whatever
+else was in the batch (for one cache width, slot count and prefill size), so a resumed job writes what
+the uninterrupted one would have. The decode runs in chunks of up to `chunk_steps` steps inside one
+`lax.while_loop`, ending early once `refill_at` slots (one by default) are free while prompts wait; the
+host then refills the free slots from the staged prefill: the prompts at the head of the queue are
+prefilled `prefill_rows` at a time (a fixed shape, so the compiled programs are one per bucket, not per
+run length, and the weights are read once for several prompts), and each waits there for a free slot;
 the n samples of a prompt share its prefilled row. `Batch` is a batch in progress that prompts join
 between chunks (the server's).
 """
@@ -58,8 +58,8 @@ class ContinuousSampler:
     sampler: the static sampler whose architecture, buckets and cap are used.
     slots: decode rows (a multiple of the data-parallel size).
     chunk_steps: most decode steps between two visits of the host.
-    prefill_rows: prompts prefilled together (0 = slots // 8, 1 to 16, rounded up to a multiple of the
-      data-parallel size): every prefill has exactly this many rows, so a prompt's numbers never depend
+    prefill_rows: prompts prefilled together (0 = slots // 8 and at most 16, else 1 to slots; rounded up
+      to a multiple of the data-parallel size): every prefill has exactly this many rows, so a prompt's numbers never depend
       on how many were prefilled beside it (XLA's results for a row can change with the batch's shape,
       not with the other rows). The prefilled rows wait (staged) for free slots, so a prefill reads the
       weights once for several prompts while slots are still refilled one at a time.
@@ -287,7 +287,8 @@ class Batch:
     self.partial: dict[Any, dict[str, np.ndarray]] = {}
     self.left: dict[Any, int] = {}
     self.steps_counted = 0  # decode steps already added to the engine's stats
-    self.stage: dict | None = None  # the last prefill: its cache, bucket and {prompt key: row}
+    self.stage: dict | None = None  # the prefill being inserted: its cache, bucket and {key: (row, tokens)}
+    self.cancelled: set = set()  # prompts with dropped samples whose other rows still decode
     self.state = engine.init_fn(columns=sampler.cache_length(self.cache_bucket))
 
   @property
@@ -310,23 +311,29 @@ class Batch:
     if not 1 <= limit <= self.sampling.max_new_tokens:
       raise ValueError(f"limit={limit}: 1 .. max_new_tokens={self.sampling.max_new_tokens}")
     self.left[key] = self.sampling.n
-    tokens = list(tokens)  # one copy, shared by the prompt's samples
+    tokens = list(tokens)  # one copy, shared by the prompt's samples (and what the stage checks them by)
     self.pending.extend(_Job(key, j, tokens, int(seed) % 2**32, int(limit)) for j in range(self.sampling.n))
 
   def cancel(self, drop) -> int:
     """Drop the waiting samples of the prompts whose key `drop(key)` is true (rows already decoding
-    finish); returns how many were dropped. A prompt with dropped samples is never returned."""
-    kept = collections.deque(j for j in self.pending if not drop(j.key))
-    dropped = len(self.pending) - len(kept)
-    if dropped:
-      self.pending = kept
-      decoding = {o.key for o in self.occupant if o is not None}
-      for key in [k for k in self.left if drop(k) and k not in decoding]:
+    finish); returns how many were dropped. A prompt with dropped samples is never returned, and its
+    key may be added again once none of its rows decode."""
+    kept: collections.deque[_Job] = collections.deque()
+    dropped = collections.Counter()
+    for job in self.pending:
+      if drop(job.key):
+        dropped[job.key] += 1
+      else:
+        kept.append(job)
+    self.pending = kept
+    for key, count in dropped.items():
+      self.left[key] -= count
+      if self.left[key]:
+        self.cancelled.add(key)  # its decoding rows finish, unreturned
+      else:
         del self.left[key]
         self.partial.pop(key, None)
-        if self.stage is not None:  # a key added again later is prefilled again
-          self.stage["rows"].pop(key, None)
-    return dropped
+    return sum(dropped.values())
 
   def step(self) -> dict[Any, sampler_lib.SampleOutput]:
     """Refill free slots, decode one chunk; the prompts completed by it (every sample done)."""
@@ -361,6 +368,9 @@ class Batch:
       if not self.left[job.key]:
         del self.left[job.key]
         out = self.partial.pop(job.key)
+        if job.key in self.cancelled:
+          self.cancelled.discard(job.key)
+          continue
         stopped = out.pop("stopped")
         finished[job.key] = sampler_lib.SampleOutput(
             finish_reasons=np.where(stopped, sampler_lib.FINISH_STOP, sampler_lib.FINISH_LENGTH),
@@ -384,24 +394,35 @@ class Batch:
     engine, sampler = self.engine, self.engine.sampler
     free = list(free)
     while free and self.pending:
-      if self.stage is None or self.pending[0].key not in self.stage["rows"]:
+      if self._staged_row(self.pending[0]) is None:
         self._prefill_stage()
       take = []  # (slot, job, staged row), at most one insertion's worth, all from this stage
-      while free and self.pending and len(take) < engine.insert_rows and self.pending[0].key in self.stage["rows"]:
-        job = self.pending.popleft()
-        take.append((free.pop(0), job, self.stage["rows"][job.key]))
+      while free and self.pending and len(take) < engine.insert_rows:
+        row = self._staged_row(self.pending[0])
+        if row is None:
+          break
+        take.append((free.pop(0), self.pending.popleft(), row))
       count = engine.insert_rows
       rows_I = np.full((count,), engine.slots, np.int32)  # padding insertions are dropped
       source_I, limits_I, lengths_I, last_I = (np.zeros((count,), np.int32) for _ in range(4))
       prompt_seed_I, sample_I = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
       for i, (r, job, source) in enumerate(take):
-        rows_I[i], source_I[i], limits_I[i], lengths_I[i], last_I[i] = r, source, job.limit, len(job.tokens), job.tokens[-1]
+        rows_I[i], source_I[i], limits_I[i] = r, source, job.limit
+        lengths_I[i], last_I[i] = len(job.tokens), job.tokens[-1]
         prompt_seed_I[i], sample_I[i] = job.seed, job.sample
         self.occupant[r] = job
       put = sampler._put_batch
       self.state = engine.insert_fn(self.state, put(rows_I), put(source_I), self.stage["cache"], put(last_I),
                                     put(lengths_I), self.base_key, put(prompt_seed_I), put(sample_I), put(limits_I),
                                     jnp.int32(self.stage["bucket"] - 1))
+    if not self.pending or self._staged_row(self.pending[0]) is None:
+      self.stage = None  # used up (it covers the head of the queue): its cache is not held while decoding
+
+  def _staged_row(self, job: _Job) -> int | None:
+    """The staged prefill's row of `job`'s prompt, if staged: the same key and the same token list (a
+    key reused for another prompt, as a server may, is prefilled anew)."""
+    entry = None if self.stage is None else self.stage["rows"].get(job.key)
+    return entry[0] if entry is not None and entry[1] is job.tokens else None
 
   def _prefill_stage(self) -> None:
     """One prefill of `prefill_rows` rows: the distinct prompts at the head of the queue that share the
@@ -409,7 +430,7 @@ class Batch:
     then padding; their samples are inserted from it as slots free up, all n sharing its row."""
     engine, sampler, count = self.engine, self.engine.sampler, self.engine.prefill_rows
     bucket = sampler.bucket_for(len(self.pending[0].tokens))
-    rows: dict[Any, int] = {}
+    rows: dict[Any, tuple[int, list[int]]] = {}
     tokens_RxP = np.zeros((count, bucket), np.int32)
     lengths_R = np.ones((count,), np.int32)
     for job in self.pending:
@@ -419,7 +440,7 @@ class Batch:
         break
       tokens_RxP[len(rows), bucket - len(job.tokens):] = job.tokens
       lengths_R[len(rows)] = len(job.tokens)
-      rows[job.key] = len(rows)
+      rows[job.key] = (len(rows), job.tokens)
     engine.stats["prefills"] += 1
     self.stage = None  # the previous staged cache is freed before the next one is made
     cache = sampler.prefill_fn(self.weights, sampler._put_batch(tokens_RxP), sampler._put_batch(lengths_R), self.edit,
@@ -434,12 +455,14 @@ def _host(tree):
   return jax.device_get(tree)
 
 
-def engine(sampler: sampler_lib.Sampler, *, slots: int, chunk_steps: int = 16) -> ContinuousSampler:
-  """One `ContinuousSampler` per (sampler, slots, chunk_steps), kept on the sampler (and gone with it),
-  so its compiled programs are reused by every job that samples with that sampler (an eval job's
-  sets, a curve's steps)."""
+def engine(sampler: sampler_lib.Sampler, *, slots: int, chunk_steps: int = 16,
+           prefill_rows: int = 0) -> ContinuousSampler:
+  """One `ContinuousSampler` per (sampler, slots, chunk_steps, prefill_rows), kept on the sampler (and
+  gone with it), so its compiled programs are reused by every job that samples with that sampler (an
+  eval job's sets, a curve's steps)."""
   slots = -(-max(int(slots), 1) // sampler.data_parallel) * sampler.data_parallel
   per = sampler.__dict__.setdefault("_continuous_engines", {})
-  if (slots, chunk_steps) not in per:
-    per[(slots, chunk_steps)] = ContinuousSampler(sampler, slots=slots, chunk_steps=chunk_steps)
-  return per[(slots, chunk_steps)]
+  key = (slots, chunk_steps, prefill_rows)
+  if key not in per:
+    per[key] = ContinuousSampler(sampler, slots=slots, chunk_steps=chunk_steps, prefill_rows=prefill_rows)
+  return per[key]

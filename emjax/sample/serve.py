@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import http.server
+import itertools
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ def serve_block() -> dict:
       adapters="",  # 'name=DIR[,name=DIR]': more models of the same architecture served beside it
       queue=64,  # requests waiting at most; a full queue answers 429
       slots=32,  # continuous-batching decode slots
+      prefill_rows=1,  # prompts per prefill (a fixed shape): requests mostly arrive one at a time
       cache_bucket=0,  # a batch's cache width as a prompt bucket (0: the widest the server has seen so far)
       switch_after_s=2.0,  # a request of another model or rule waiting this long stops admissions
       api_key_env="",  # an environment variable holding the bearer token clients must send ('' = none)
@@ -104,6 +106,7 @@ class _Work:
   error: BaseException | None = None
   abandoned: bool = False  # its client stopped waiting: its prompts not yet decoding are dropped
   remaining: int = 0  # its prompts still decoding
+  serial: int = 0  # its number in the worker's batches (never reused, as an id() may be)
   arrived: float = 0.0  # time.monotonic() when it was queued
 
   def key(self) -> tuple:
@@ -118,7 +121,7 @@ class Engine:
   """The models, one sampler and its continuous batcher, a bounded queue and the worker that drains it."""
 
   def __init__(self, models: Mapping[str, sample_run.Model], *, slots: int, queue_size: int, cache_bucket: int = 0,
-               switch_after_s: float = 2.0):
+               switch_after_s: float = 2.0, prefill_rows: int = 1):
     if not models:
       raise ValueError("serve: no model")
     self.models = dict(models)
@@ -133,7 +136,7 @@ class Engine:
       _, self.weights[name], _, _ = model.weights()
     self.cap = first.cap
     self.max_prompt = max(first.buckets)
-    self.continuous = continuous_lib.engine(self.sampler, slots=slots)
+    self.continuous = continuous_lib.engine(self.sampler, slots=slots, prefill_rows=prefill_rows)
     self.queue: queue.Queue[_Work] = queue.Queue()
     self.limit = max(int(queue_size), 1)
     self._deferred: list[_Work] = []  # taken from the queue by the worker, not yet in a batch
@@ -176,6 +179,7 @@ class Engine:
     key = None  # the model and sampling rule of its requests
     owners: dict[tuple[int, int], tuple[_Work, int]] = {}  # a prompt in the batch -> its request, index
     live: dict[int, _Work] = {}  # the requests in the batch, not yet answered
+    serials = itertools.count()
     while not self._stop.is_set():
       scored, admitted, new_batch = [], [], None
       try:
@@ -225,16 +229,17 @@ class Engine:
             waiting += sum(limit > 0 for limit in w.limits) * w.sampling.n
         for w in admitted:
           w.result = [{"samples": [], "prompt_scores": None} for _ in w.prompts]
-          live[id(w)] = w
+          w.serial = next(serials)
+          live[w.serial] = w
           for i, (p, limit, seed) in enumerate(zip(w.prompts, w.limits, w.seeds)):
             if limit > 0:
-              batch.add((id(w), i), p, seed, limit)
-              owners[(id(w), i)] = (w, i)
+              batch.add((w.serial, i), p, seed, limit)
+              owners[(w.serial, i)] = (w, i)
               w.remaining += 1
         admitted = []
         for w in list(live.values()):
           if w.abandoned:  # its client gave up: its prompts not yet decoding are dropped
-            batch.cancel(lambda k, w=w: k[0] == id(w))
+            batch.cancel(lambda k, w=w: k[0] == w.serial)
         if batch is None or batch.idle:
           batch = None
           for w in live.values():  # cancelled ones
@@ -252,7 +257,7 @@ class Engine:
           w.remaining -= 1
           if not w.remaining:
             self._finish(w)
-            live.pop(id(w), None)
+            live.pop(w.serial, None)
           del owners[k]
       except Exception as e:  # noqa: BLE001  (one bad batch never stops the server)
         log.exception("serve: a batch failed")
@@ -674,7 +679,7 @@ def build(config, *, mesh=None) -> Server:
       c.sample.hf, c.sample.checkpoint = ("", path) if os.path.isdir(os.path.join(path, "checkpoints")) else (path, "")
     models[adapter] = sample_run.load_model(c, mesh=first.mesh or mesh)
   engine = Engine(models, slots=int(sv.slots), queue_size=int(sv.queue), cache_bucket=int(sv.cache_bucket),
-                  switch_after_s=float(sv.switch_after_s))
+                  switch_after_s=float(sv.switch_after_s), prefill_rows=int(sv.prefill_rows))
   stops = sample_run.sampling_params(config.sample, first.tokenizer, first.mask).stop_token_ids
   return Server(engine, Api(engine, stop_ids=stops), host=str(sv.host), port=int(sv.port), token=token)
 
