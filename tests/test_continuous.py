@@ -197,6 +197,21 @@ def test_staged_prompts_keep_their_own_answers_through_cancels_reused_keys_and_m
     np.testing.assert_array_equal(got[key].lengths, ref.lengths, err_msg=key)
     np.testing.assert_array_equal(got[key].tokens, ref.tokens, err_msg=key)
     np.testing.assert_array_equal(got[key].logprobs, ref.logprobs, err_msg=key)
+  assert batch.stage is None  # freed once used up
+  # A key cancelled and added again with another prompt while the prefill that held it still feeds slots.
+  again = C.Batch(cont, params, sampling, cache_bucket=16)
+  asked = {}
+  for i in range(4):
+    add(again, f"t{i}", make(2 + i), 20 + i, CAP)
+  assert not again.step() and "t3" in again.stage["rows"]  # t0, t1 decode; t2, t3 wait in the stage
+  assert again.cancel(lambda k: k == "t3") == 2
+  add(again, "t3", make(7), 30, 6)
+  got, prefills = {}, cont.stats["prefills"]
+  while not again.idle:
+    got.update(again.step())
+  assert cont.stats["prefills"] == prefills + 1 and again.stage is None
+  for key, (tokens, seed, limit) in asked.items():
+    np.testing.assert_array_equal(got[key].tokens, alone(tokens, seed, limit).tokens, err_msg=key)
   # A prompt cancelled with one sample decoding and one waiting: never returned, and its key free again
   # once that row ends.
   odd = C.Batch(C.ContinuousSampler(static, slots=3, chunk_steps=2), params, sampling, cache_bucket=16)

@@ -164,6 +164,19 @@ def test_a_request_joins_the_running_batch_and_is_answered_before_it_drains(tmp_
     (scored,) = engine.submit(serve._Work("tiny", [[6, 7, 8]], other_rule, [0], [2], True, 2))
     assert scored["samples"] == [] and len(scored["prompt_scores"]["logprobs"]) == 3
     assert not long.done.is_set(), "the scoring request waited for the batch to drain"
+    # A request whose client gave up: its prompts not yet decoding are dropped, the decoding ones end,
+    # and it is let go while the batch runs on (not when the batch drains).
+    gone = serve._Work("tiny", [[9, 10, 11 + i] for i in range(6)], rule, [20] * 6, list(range(6)), False, 0)
+    def give_up():
+      with pytest.raises(serve.RequestError):
+        engine.submit(gone)
+
+    threading.Thread(target=give_up, daemon=True).start()
+    while not gone.remaining and time.time() < deadline:
+      time.sleep(0.001)
+    gone.abandoned = True  # what `submit` does when its wait times out
+    assert gone.done.wait(60) and gone.error.status == 504
+    assert not long.done.is_set(), "an abandoned request was held until the batch drained"
     assert long.done.wait(120) and long.error is None
     assert len(long.result[0]["samples"][0]["tokens"]) == 160
     # A batch that fails answers its requests with 500, and the next request is served.

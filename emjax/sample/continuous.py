@@ -333,6 +333,8 @@ class Batch:
       else:
         del self.left[key]
         self.partial.pop(key, None)
+    if self.stage is not None and (not self.pending or self._staged_row(self.pending[0]) is None):
+      self.stage = None  # nothing waiting is in it any more
     return sum(dropped.values())
 
   def step(self) -> dict[Any, sampler_lib.SampleOutput]:

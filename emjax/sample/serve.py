@@ -179,7 +179,7 @@ class Engine:
     key = None  # the model and sampling rule of its requests
     owners: dict[tuple[int, int], tuple[_Work, int]] = {}  # a prompt in the batch -> its request, index
     live: dict[int, _Work] = {}  # the requests in the batch, not yet answered
-    serials = itertools.count()
+    serials = itertools.count(1)
     while not self._stop.is_set():
       scored, admitted, new_batch = [], [], None
       try:
@@ -240,6 +240,14 @@ class Engine:
         for w in list(live.values()):
           if w.abandoned:  # its client gave up: its prompts not yet decoding are dropped
             batch.cancel(lambda k, w=w: k[0] == w.serial)
+            for k in [k for k in owners if k[0] == w.serial and k not in batch.left]:  # dropped, or cut short
+              del owners[k]
+              w.remaining -= 1
+            if not w.remaining:
+              live.pop(w.serial)
+              if not w.done.is_set():
+                w.error = RequestError(504, "the request was not answered in time")
+                w.done.set()
         if batch is None or batch.idle:
           batch = None
           for w in live.values():  # cancelled ones
@@ -256,8 +264,12 @@ class Engine:
           w.result[i]["samples"] = [out.sample(0, j) for j in range(w.sampling.n)]
           w.remaining -= 1
           if not w.remaining:
-            self._finish(w)
             live.pop(w.serial, None)
+            if w.abandoned:  # some of its prompts were dropped: nobody waits for it
+              w.error = RequestError(504, "the request was not answered in time")
+              w.done.set()
+            else:
+              self._finish(w)
           del owners[k]
       except Exception as e:  # noqa: BLE001  (one bad batch never stops the server)
         log.exception("serve: a batch failed")
