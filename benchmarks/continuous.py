@@ -17,8 +17,9 @@ nothing. `fraction_of_ideal` is the measured (end-to-end) speedup over it. Besid
 each side ran and the seconds per step, which tell the packing (steps) from the cost of a step, and
 each side's prefill seconds (timed at each call, which waits for the result: a small cost, larger on
 the continuous side, which prefills more often and waits after each insertion into a slot, one per
-refilled slot; continuous's include those insertions and the padding rows of its fixed-size prefills). `decode_only_speedup` leaves them out of both sides: the
-decode alone, without continuous batching's refill overhead (the headline is the end-to-end speedup).
+refilled slot; continuous's include those insertions and the padding rows of its fixed-size prefills).
+`decode_only_speedup` leaves them out of both sides: the decode alone, without continuous batching's
+refill overhead (the headline is the end-to-end speedup).
 Each emjax path is compiled first on one prompt per bucket (excluded); each side is then timed once
 over the whole workload. One JSON line:
 

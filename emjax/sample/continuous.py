@@ -59,10 +59,11 @@ class ContinuousSampler:
     slots: decode rows (a multiple of the data-parallel size).
     chunk_steps: most decode steps between two visits of the host.
     prefill_rows: prompts prefilled together (0 = slots // 8 and at most 16, else 1 to slots; rounded up
-      to a multiple of the data-parallel size): every prefill has exactly this many rows, so a prompt's numbers never depend
-      on how many were prefilled beside it (XLA's results for a row can change with the batch's shape,
-      not with the other rows). The prefilled rows wait (staged) for free slots, so a prefill reads the
-      weights once for several prompts while slots are still refilled one at a time.
+      to a multiple of the data-parallel size): every prefill has exactly this many rows, so a prompt's
+      numbers never depend on how many were prefilled beside it (XLA's results for a row can change
+      with the batch's shape, not with the other rows). The prefilled rows wait (staged) for free
+      slots, so a prefill reads the weights once for several prompts while slots are still refilled
+      one at a time.
     refill_at: a chunk ends once this many slots are free while samples wait (1 to slots).
   """
 
@@ -333,8 +334,7 @@ class Batch:
       else:
         del self.left[key]
         self.partial.pop(key, None)
-    if self.stage is not None and (not self.pending or self._staged_row(self.pending[0]) is None):
-      self.stage = None  # nothing waiting is in it any more
+    self._release_used_stage()
     return sum(dropped.values())
 
   def step(self) -> dict[Any, sampler_lib.SampleOutput]:
@@ -417,8 +417,13 @@ class Batch:
       self.state = engine.insert_fn(self.state, put(rows_I), put(source_I), self.stage["cache"], put(last_I),
                                     put(lengths_I), self.base_key, put(prompt_seed_I), put(sample_I), put(limits_I),
                                     jnp.int32(self.stage["bucket"] - 1))
+    self._release_used_stage()
+
+  def _release_used_stage(self) -> None:
+    """Drops the staged prefill once nothing waiting is in it (it covers the head of the queue): its
+    cache is not held while decoding."""
     if not self.pending or self._staged_row(self.pending[0]) is None:
-      self.stage = None  # used up (it covers the head of the queue): its cache is not held while decoding
+      self.stage = None
 
   def _staged_row(self, job: _Job) -> int | None:
     """The staged prefill's row of `job`'s prompt, if staged: the same key and the same token list (a

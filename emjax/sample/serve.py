@@ -90,6 +90,10 @@ class RequestError(Exception):
     return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+def _timed_out() -> RequestError:
+  return RequestError(504, "the request was not answered in time")
+
+
 @dataclasses.dataclass
 class _Work:
   """One request's prompts for the worker, and where its answer goes."""
@@ -115,6 +119,13 @@ class _Work:
 
 
 # ----------------------------------------------------------------------------- the engine
+
+
+def _let_go(w: _Work) -> None:
+  """A request whose client stopped waiting, or whose batch ended without it: 504, if not yet answered."""
+  if not w.done.is_set():
+    w.error = _timed_out()
+    w.done.set()
 
 
 class Engine:
@@ -169,7 +180,7 @@ class Engine:
       self.queue.put_nowait(work)
     if not work.done.wait(timeout):
       work.abandoned = True
-      raise RequestError(504, "the request was not answered in time")
+      raise _timed_out()
     if work.error is not None:
       raise work.error
     return work.result
@@ -245,15 +256,11 @@ class Engine:
               w.remaining -= 1
             if not w.remaining:
               live.pop(w.serial)
-              if not w.done.is_set():
-                w.error = RequestError(504, "the request was not answered in time")
-                w.done.set()
+              _let_go(w)
         if batch is None or batch.idle:
           batch = None
           for w in live.values():  # cancelled ones
-            if not w.done.is_set():
-              w.error = RequestError(504, "the request was not answered in time")
-              w.done.set()
+            _let_go(w)
           live.clear()
           owners.clear()
           if not scored:
@@ -266,8 +273,7 @@ class Engine:
           if not w.remaining:
             live.pop(w.serial, None)
             if w.abandoned:  # some of its prompts were dropped: nobody waits for it
-              w.error = RequestError(504, "the request was not answered in time")
-              w.done.set()
+              _let_go(w)
             else:
               self._finish(w)
           del owners[k]
